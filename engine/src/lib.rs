@@ -1,0 +1,7 @@
+//! kvroute's inference engine.
+//!
+//! A pure core (`kv`, `sched`) that accounts for every KV-cache block and decides what runs each
+//! step, and the model side (loading, tokenizing, the forward pass, sampling) that a backend runs.
+//! This crate does no network I/O; the agent and gateway binaries own that.
+
+pub mod kv;

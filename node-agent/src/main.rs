@@ -1,0 +1,5 @@
+//! `kvroute-agent`: thin entry point; everything testable lives in the library.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("kvroute-agent: no subcommands yet")
+}
