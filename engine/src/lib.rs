@@ -4,4 +4,8 @@
 //! step, and the model side (loading, tokenizing, the forward pass, sampling) that a backend runs.
 //! This crate does no network I/O; the agent and gateway binaries own that.
 
+pub mod api;
+pub mod config;
 pub mod kv;
+pub mod quant;
+pub mod weights;

@@ -71,7 +71,9 @@ async fn watch_and_get_over_loopback() {
             .add_service(AgentServer::new(Fake))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let mut client = AgentClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut client = AgentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
     let one = client.get_capacity(GetCapacityRequest {}).await.unwrap();
     assert_eq!(one.into_inner().free_blocks, 42);
     let mut stream = client

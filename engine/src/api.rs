@@ -1,0 +1,135 @@
+//! The engine's public request/response types: what the agent hands in and gets back.
+//!
+//! This module is the contract between the engine and its callers (the agent's HTTP layer, the
+//! CLI, tests). It holds plain data only; the step loop that produces these events lives in
+//! `engine::runtime`. It must never depend on an async runtime: events are delivered through a
+//! caller-supplied sink, so the agent can bridge them into tokio channels.
+
+/// Engine-assigned id of a request, unique for the engine's lifetime.
+pub type RequestId = u64;
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Raw text, tokenized with the model's tokenizer (special tokens recognised; BOS added if
+    /// the model asks for it).
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+/// Sampling settings with OpenAI semantics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Most tokens to generate (≥ 1).
+    pub max_tokens: u32,
+    /// 0.0 means greedy; otherwise 0.0 < t ≤ 2.0.
+    pub temperature: f32,
+    /// Nucleus sampling mass, 0.0 < p ≤ 1.0 (1.0 = off).
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: u32,
+    /// Seed for reproducible sampling; `None` draws one per request.
+    pub seed: Option<u64>,
+    /// Stop strings: generation ends before the first occurrence; the stop string is not output.
+    pub stop: Vec<String>,
+    /// Token ids that end generation (in addition to the model's EOS unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past EOS (benchmarks).
+    pub ignore_eos: bool,
+    /// Return the log-probability of each sampled token and this many alternatives (0..=20).
+    pub logprobs: Option<u32>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 16,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+    /// Extra key mixed into the prefix-cache block hashes (a LoRA name or a cache salt), so
+    /// requests with different keys never share cached blocks.
+    pub cache_key: Option<String>,
+}
+
+/// Why a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS, a stop token id or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the model's context is full.
+    Length,
+    /// Aborted by the caller (or its event sink went away).
+    Abort,
+}
+
+impl FinishReason {
+    /// The OpenAI `finish_reason` string.
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
+}
+
+/// A candidate token with its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub text: String,
+    pub logprob: f32,
+}
+
+/// One generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub token: u32,
+    /// Text this token adds to the output. Never ends inside a multi-byte character: bytes of
+    /// an incomplete character are held back until it completes (so it may be empty). Text held
+    /// back because it might start a stop string is released once it cannot.
+    pub text: String,
+    /// Log-probability of the sampled token (when logprobs were asked for).
+    pub logprob: Option<f32>,
+    /// The top alternatives, most likely first (when logprobs were asked for).
+    pub top_logprobs: Vec<TokenLogprob>,
+}
+
+/// What the engine tells the caller about one request, in order: `Started` once, any number of
+/// `Token`s, then exactly one `Finished` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    Started { id: RequestId, prompt_tokens: u32 },
+    Token(TokenEvent),
+    Finished { reason: FinishReason, usage: Usage },
+    Error(String),
+}
+
+/// Receives a request's events on the engine thread. Returns `false` when the receiver is gone
+/// (client disconnected): the engine then aborts the request and frees its blocks.
+pub type EventSink = Box<dyn FnMut(EngineEvent) -> bool + Send>;
