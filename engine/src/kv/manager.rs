@@ -348,10 +348,10 @@ impl KvManager {
                     .get_mut(b as usize)
                     .ok_or(format!("slot {slot} names bad block {b}"))?;
                 *r += 1;
-                // A block holding a hash was either a hit or registered by this sequence: both
-                // happen only below num_cached, and under this sequence's own hash.
+                // A block holding a hash was a hit or registered by this sequence or by another
+                // one sharing it (after a cache reset): always under this sequence's own hash.
                 if let Some(h) = self.pool.block_hash(b) {
-                    if i >= t.num_cached || t.hashes.get(i) != Some(&h) {
+                    if t.hashes.get(i) != Some(&h) {
                         return Err(format!("slot {slot} block {i} holds a foreign hash"));
                     }
                 }

@@ -175,6 +175,10 @@ impl<'a> StepView<'a> {
     pub fn tokens(&self, s: &ScheduledSeq) -> &'a [u32] {
         self.sched.step_tokens(s)
     }
+    /// All known tokens of `s`'s sequence (prompt then generated, `0 .. start + len` at least).
+    pub fn all_tokens(&self, s: &ScheduledSeq) -> &'a [u32] {
+        self.sched.scheduled(s).map_or(&[], |q| &q.tokens[..])
+    }
     /// Block table of `s` (block `i` holds positions `i * block_size ..`); it covers at least
     /// `s.start + s.len` positions.
     pub fn block_table(&self, s: &ScheduledSeq) -> &'a [BlockId] {
