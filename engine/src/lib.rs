@@ -8,4 +8,5 @@ pub mod api;
 pub mod config;
 pub mod kv;
 pub mod quant;
+pub mod sched;
 pub mod weights;
