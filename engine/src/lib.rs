@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod gguf;
 pub mod kv;
 pub mod quant;
 pub mod weights;
