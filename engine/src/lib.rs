@@ -9,4 +9,5 @@ pub mod config;
 pub mod gguf;
 pub mod kv;
 pub mod quant;
+pub mod tokenizer;
 pub mod weights;

@@ -104,6 +104,36 @@ impl GgufWriter {
         self.tensor_raw(name, GgmlType::F16, shape, data)
     }
 
+    /// Adds a complete GPT-2 style byte-level BPE tokenizer (`tokenizer.ggml.*`): the `specials`
+    /// first (control tokens, ids 0..), then the 256 byte symbols, then one token per merge
+    /// (`"a b"` makes `ab`), with `tokenizer.ggml.pre` = `pre`, BOS = id 0 and EOS = id 1 when
+    /// there are that many specials. Synthetic models get a real tokenizer this way.
+    pub fn byte_level_tokenizer(self, pre: &str, specials: &[&str], merges: &[&str]) -> Self {
+        let mut tokens: Vec<String> = specials.iter().map(|s| (*s).to_owned()).collect();
+        let mut types = vec![3i32; specials.len()];
+        tokens.extend(byte_level_alphabet().into_iter().map(String::from));
+        for m in merges {
+            let merged = m.replacen(' ', "", 1);
+            if !tokens.contains(&merged) {
+                tokens.push(merged);
+            }
+        }
+        types.resize(tokens.len(), 1);
+        let mut w = self
+            .meta("tokenizer.ggml.model", "gpt2")
+            .meta("tokenizer.ggml.pre", pre)
+            .meta_strings("tokenizer.ggml.tokens", &tokens)
+            .meta_i32s("tokenizer.ggml.token_type", &types)
+            .meta_strings("tokenizer.ggml.merges", merges);
+        if !specials.is_empty() {
+            w = w.meta("tokenizer.ggml.bos_token_id", 0u32);
+        }
+        if specials.len() > 1 {
+            w = w.meta("tokenizer.ggml.eos_token_id", 1u32);
+        }
+        w
+    }
+
     fn alignment(&self) -> u64 {
         self.metadata
             .iter()
@@ -183,4 +213,26 @@ fn write_value(out: &mut Vec<u8>, value: &Value) {
             }
         }
     }
+}
+
+/// GPT-2's printable stand-ins for the 256 byte values, indexed by byte (`' '` is `Ġ`).
+pub fn byte_level_alphabet() -> Vec<char> {
+    let printable = |b: u32| {
+        (u32::from('!')..=u32::from('~')).contains(&b)
+            || (0xA1..=0xAC).contains(&b)
+            || (0xAE..=0xFF).contains(&b)
+    };
+    let mut next = 256u32;
+    (0u32..256)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            // Every value here is below 0x200, a valid scalar value.
+            char::from_u32(c).unwrap_or('?')
+        })
+        .collect()
 }
