@@ -4,6 +4,7 @@
 
 mod common;
 
+use kvroute_engine::chat::{ChatMessage, ChatTemplate};
 use kvroute_engine::gguf::Gguf;
 use kvroute_engine::tokenizer::Tokenizer;
 use proptest::prelude::*;
@@ -95,6 +96,31 @@ fn greedy_reference_texts_stream_like_they_decode() {
         // llama.cpp's detokenized continuation (it may stop mid-character at 32 tokens, which
         // it shows as U+FFFD like we do).
         assert_eq!(out, g["greedy_text"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn chat_prompts_match_llama_cpp_byte_for_byte() {
+    let t = tokenizer();
+    let fixture = common::fixture();
+    // The template in the model file is the one the fixture was rendered with.
+    assert_eq!(t.chat_template(), fixture["chat_template"].as_str());
+    let template = ChatTemplate::from_tokenizer(t).unwrap();
+    let cases = fixture["chat"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let messages = ChatMessage::from_openai(&case["messages"]).unwrap();
+        let add = case["add_generation_prompt"].as_bool().unwrap();
+        let rendered = template.render(&messages, add).unwrap();
+        assert_eq!(rendered, case["rendered"].as_str().unwrap());
+        // The rendered prompt tokenizes with its markers as single special tokens.
+        let ids = t.encode(&rendered, true).unwrap();
+        assert_eq!(ids[0], 1, "starts with <|im_start|>");
+        assert_eq!(
+            ids.iter().filter(|&&i| i == 2).count(),
+            messages.len() + usize::from(messages[0].role != "system")
+        );
+        assert_eq!(t.decode_with_special(&ids), rendered);
     }
 }
 
