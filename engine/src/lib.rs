@@ -7,6 +7,7 @@
 pub mod api;
 pub mod chat;
 pub mod config;
+pub mod fetch;
 pub mod gguf;
 pub mod kv;
 pub mod quant;

@@ -64,3 +64,29 @@ fn default_model_config() {
     assert!(cfg.tie_word_embeddings);
     assert!((cfg.rms_norm_eps - 1e-5).abs() < 1e-9);
 }
+
+#[test]
+fn resolve_default_verifies_the_real_model_against_its_published_sha256() {
+    use kvroute_engine::fetch::{self, ModelFormat, ModelRef, NoProgress};
+    let cache = tempfile::tempdir().unwrap();
+    let models = cache.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    // A link to the real file: resolve must hash it (no marker yet) and accept it, so no fetch.
+    std::os::unix::fs::symlink(common::model_path(), models.join(fetch::DEFAULT_MODEL_FILE))
+        .unwrap();
+    let r = fetch::resolve(&ModelRef::Default, cache.path(), &NoProgress).unwrap();
+    assert_eq!(r.format, ModelFormat::Gguf);
+    assert_eq!(r.path, models.join(fetch::DEFAULT_MODEL_FILE));
+    let marker =
+        std::fs::read_to_string(models.join(format!("{}.sha256-ok", fetch::DEFAULT_MODEL_FILE)))
+            .unwrap();
+    assert!(marker.starts_with(fetch::DEFAULT_MODEL_SHA256));
+    // And `--model PATH` to the same file is sniffed as GGUF.
+    let r = fetch::resolve(
+        &ModelRef::Path(common::model_path()),
+        cache.path(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(r.format, ModelFormat::Gguf);
+}
