@@ -11,5 +11,6 @@ pub mod fetch;
 pub mod gguf;
 pub mod kv;
 pub mod quant;
+pub mod safetensors;
 pub mod tokenizer;
 pub mod weights;
