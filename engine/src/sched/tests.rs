@@ -30,7 +30,10 @@ fn fake_token(id: u64, pos: usize) -> u32 {
 
 /// One fake model step: samples for every `sample` entry, completes, finishes capped
 /// sequences. Returns the plan's (id, start, len, sample) and the ids finished.
-fn step(s: &mut Scheduler) -> (Vec<(u64, usize, usize, bool)>, Vec<u64>) {
+/// A plan entry as (id, start, len, sample).
+type Planned = (u64, usize, usize, bool);
+
+fn step(s: &mut Scheduler) -> (Vec<Planned>, Vec<u64>) {
     let view = s.schedule();
     let mut planned = Vec::new();
     let mut sampled = Vec::new();
