@@ -153,6 +153,17 @@ impl KvManager {
         KvSeq { slot }
     }
 
+    /// Reserves table room for a sequence of `num_tokens` tokens, so growing to that length
+    /// does not allocate.
+    pub fn reserve(&mut self, seq: &KvSeq, num_tokens: usize) {
+        let n = num_tokens.div_ceil(self.block_size);
+        let t = &mut self.tables[seq.slot as usize];
+        t.blocks.reserve(n.saturating_sub(t.blocks.len()));
+        if self.prefix_caching {
+            t.hashes.reserve(n.saturating_sub(t.hashes.len()));
+        }
+    }
+
     /// Frees the sequence's blocks and forgets it.
     pub fn close(&mut self, seq: KvSeq) {
         self.free(&seq);

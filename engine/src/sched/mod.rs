@@ -239,6 +239,10 @@ struct Seq {
     preemptions: u32,
 }
 
+/// Most generated tokens a sequence reserves room for at `add` (beyond this its buffers grow
+/// by doubling).
+const RESERVE_OUTPUT_TOKENS: usize = 4096;
+
 /// The sequence in a slot named by the running list, the waiting queue or the index. Those
 /// only ever name live slots (a slot is emptied only in `remove`, which unlinks it from all
 /// three first), so an empty slot here is a bug in this module, not bad input.
@@ -382,7 +386,15 @@ impl Scheduler {
                 pool_tokens: self.cfg.block_size.saturating_mul(self.cfg.num_blocks),
             });
         }
+        // Reserve room for the whole sequence up front (bounded, for very long limits), so
+        // decode steps do not reallocate its token list or block table.
+        let expect = (prompt.len() + max_tokens as usize)
+            .min(self.max_len)
+            .min(prompt.len() + RESERVE_OUTPUT_TOKENS);
+        let mut prompt = prompt;
+        prompt.reserve_exact(expect - prompt.len());
         let kv = self.kv.open(&extra_key);
+        self.kv.reserve(&kv, expect);
         self.kv.update_hashes(&kv, &prompt);
         let seq = Seq {
             id,
