@@ -784,6 +784,12 @@ impl Scheduler {
         self.kv.take_events()
     }
 
+    /// Every hash in the prefix cache now (for a subscriber's snapshot; the events taken after
+    /// it continue from exactly this state).
+    pub fn cached_hashes(&self) -> impl Iterator<Item = crate::kv::BlockHash> + '_ {
+        self.kv.pool().cached_hashes()
+    }
+
     /// Empties the prefix cache.
     pub fn reset_prefix_cache(&mut self) {
         self.kv.reset_prefix_cache();

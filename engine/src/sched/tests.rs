@@ -484,8 +484,14 @@ fn block_events_follow_the_cache() {
     step(&mut s);
     let ev = s.take_events();
     assert_eq!(ev[0], BlockEvent::Removed(hs));
+    let mut snapshot: Vec<_> = s.cached_hashes().collect();
+    snapshot.sort_unstable();
+    let mut want = crate::kv::block_hashes(&[9, 9, 9, 9, 9], 2, b"");
+    want.sort_unstable();
+    assert_eq!(snapshot, want);
     s.reset_prefix_cache();
     assert_eq!(s.take_events(), vec![BlockEvent::AllCleared]);
+    assert_eq!(s.cached_hashes().count(), 0);
     assert_eq!(s.stats().capacity.cached_evictable, 0);
 }
 
