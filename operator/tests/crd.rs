@@ -15,7 +15,10 @@ use kvroute_operator::crd::{crd_yaml, ModelDeployment};
 use serde_json::Value;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn read(p: &Path) -> String {
@@ -25,7 +28,10 @@ fn read(p: &Path) -> String {
 #[test]
 fn committed_crd_yaml_matches_the_rust_types() {
     let generated = crd_yaml().unwrap();
-    for rel in ["deploy/crd.yaml", "charts/kvroute/crds/modeldeployments.yaml"] {
+    for rel in [
+        "deploy/crd.yaml",
+        "charts/kvroute/crds/modeldeployments.yaml",
+    ] {
         let committed = read(&root().join(rel));
         assert!(
             committed == generated,
@@ -36,8 +42,15 @@ fn committed_crd_yaml_matches_the_rust_types() {
 
 #[test]
 fn kvroute_crd_command_prints_the_same_yaml() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvroute")).arg("crd").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .arg("crd")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), crd_yaml().unwrap());
 }
 
@@ -88,7 +101,11 @@ fn check_schema(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
                 if path.is_empty() && matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
                     continue;
                 }
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 if let Some(s) = props.and_then(|m| m.get(k)) {
                     check_schema(s, child, &p, errs);
                 } else if extra.is_object() {
@@ -124,7 +141,11 @@ fn check_schema(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
             None => errs.push(format!("{path}: expected string")),
         },
         Some(t @ ("integer" | "number")) => {
-            let ok = if t == "integer" { v.is_i64() || v.is_u64() } else { v.is_number() };
+            let ok = if t == "integer" {
+                v.is_i64() || v.is_u64()
+            } else {
+                v.is_number()
+            };
             if !ok {
                 errs.push(format!("{path}: expected {t}"));
                 return;
@@ -149,7 +170,11 @@ fn problems(doc: &Value) -> Vec<String> {
     check_schema(&schema, doc, "", &mut errs);
     if errs.is_empty() {
         if let Err(cel) = kube::core::cel::Validator::new().validate(&schema, doc, None) {
-            errs.extend(cel.as_slice().iter().map(|e| format!("{}: {}", e.rule, e.message)));
+            errs.extend(
+                cel.as_slice()
+                    .iter()
+                    .map(|e| format!("{}: {}", e.rule, e.message)),
+            );
         }
     }
     errs
@@ -175,7 +200,9 @@ fn good_samples_pass_schema_and_cel_and_deserialize() {
         let errs = problems(&doc);
         assert!(errs.is_empty(), "{}: {errs:#?}", f.display());
         let md: ModelDeployment = serde_yaml::from_str(&text).unwrap();
-        md.spec.validate().unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        md.spec
+            .validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
     }
 }
 
@@ -203,7 +230,11 @@ fn invalid_samples_are_rejected_with_the_expected_message() {
             continue;
         }
         if let Ok(md) = serde_yaml::from_str::<ModelDeployment>(&text) {
-            assert!(md.spec.validate().is_err(), "{}: spec.validate() accepted it", f.display());
+            assert!(
+                md.spec.validate().is_err(),
+                "{}: spec.validate() accepted it",
+                f.display()
+            );
         }
     }
 }
@@ -220,7 +251,11 @@ fn cel_rules_are_evaluated_not_just_present() {
     for (field, good, bad) in [
         ("blockSize", 32.into(), Value::from(24)),
         ("gpuMemoryUtilization", Value::from(1), Value::from(-0.5)),
-        ("gpuMemoryUtilization", Value::from(0.25), Value::from(1.0001)),
+        (
+            "gpuMemoryUtilization",
+            Value::from(0.25),
+            Value::from(1.0001),
+        ),
     ] {
         let mut ok = base.clone();
         ok["spec"]["engine"][field] = good;
