@@ -378,7 +378,7 @@ async fn create_applies_children_and_writes_status() {
 #[tokio::test]
 async fn spec_change_updates_the_deployment_and_emits_not_ready() {
     let ready_before = {
-        let (ctx, verifier, _) = context(FakeCapacity::default());
+        let (ctx, verifier, _) = context(two_agents());
         let md = ModelDeployment::test().with_replicas(1);
         let (_, written) =
             converse(md.clone(), ctx, verifier, Scenario::StatusWithCapacity(md)).await;
@@ -395,21 +395,26 @@ async fn spec_change_updates_the_deployment_and_emits_not_ready() {
     assert_eq!(cond(&written[0], "Ready").reason, "AgentsNotReady");
 }
 
-#[tokio::test]
-async fn status_aggregates_capacity_of_ready_agents() {
+/// Agents at 10.0.0.1 and 10.0.0.2 with 1000 blocks each, 250 and 750 free.
+fn two_agents() -> FakeCapacity {
     let report = |total, free| CapacityReport {
         block_size: 16,
         total_blocks: total,
         free_blocks: free,
         ..Default::default()
     };
-    let fake = FakeCapacity {
+    FakeCapacity {
         reports: HashMap::from([
             ("http://10.0.0.1:50051".to_string(), report(1000, 250)),
             ("http://10.0.0.2:50051".to_string(), report(1000, 750)),
         ]),
         ..Default::default()
-    };
+    }
+}
+
+#[tokio::test]
+async fn status_aggregates_capacity_of_ready_agents() {
+    let fake = two_agents();
     let md = ModelDeployment::test().with_replicas(2);
     let (ctx, verifier, capacity) = context(fake);
     let (res, written) = converse(
