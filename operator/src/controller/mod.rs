@@ -6,6 +6,7 @@
 //! [`desired::desired`]; status from the pure [`status`]. Must never delete what it does not own
 //! (owner references let the garbage collector remove children of a deleted ModelDeployment).
 
+pub mod app;
 pub mod capacity;
 pub mod desired;
 pub mod metrics;
