@@ -59,6 +59,8 @@ impl SpecError {
 }
 
 /// A model served by a fleet of kvroute agents; the gateway routes to them by KV headroom.
+// Each `printcolumn(...)` repeats `type_`/`json_path`; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "kvroute.dev",

@@ -12,7 +12,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the ModelDeployment controller.
-    Operator(kvroute_operator::controller::app::OperatorArgs),
+    Operator(Box<kvroute_operator::controller::app::OperatorArgs>),
     /// Print the ModelDeployment CRD as YAML (what deploy/crd.yaml holds).
     Crd,
 }
@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(kvroute_operator::controller::app::serve(args))?;
+            rt.block_on(kvroute_operator::controller::app::serve(*args))?;
             Ok(())
         }
         Command::Crd => {

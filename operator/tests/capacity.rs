@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The controller's real edges on loopback: `GrpcCapacity` against a real tonic `Agent` server,
 //! and the metrics HTTP server.
 

@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The CRD as committed, and samples checked against it without a cluster.
 //!
 //! - drift: `kvroute crd` (the Rust types) must equal `deploy/crd.yaml` and the chart's copy;

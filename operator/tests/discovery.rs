@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `k8s::discovery::watch` (what `kvroute gateway --kubernetes` uses) against a fake API server
 //! on 127.0.0.1: initial LIST, live WATCH events, and a `410 Gone` that forces a re-list which
 //! reveals an object the watch never announced.

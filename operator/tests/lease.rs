@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Leader election rounds (`LeaseLock::try_acquire`) against a mocked API server: create when
 //! absent, follow a live holder without writing, take over an expired lease with optimistic
 //! concurrency (the `resourceVersion` read is the one written), lose a race on 409, surface other

@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Offline validation of the chart and the plain manifests with real tools:
 //! `helm lint --strict`, `helm template`, and `kubernetes-validate --strict` against the
 //! Kubernetes version that kubernetes-validate ships as its default (1.37).

@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The whole controller (`controller::run`: kube's Controller with its watches of
 //! ModelDeployments and owned Deployments / DaemonSets / Services) against a fake API server on
 //! 127.0.0.1: it reconciles what the first LIST shows, re-lists after a `410 Gone` and

@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `reconcile` and `error_policy` against a mocked API server (kube-rs's `tower_test::mock`
 //! pattern): each [`Scenario`] names the exact conversation the controller must have, and the
 //! [`ApiServerVerifier`] answers it step by step, asserting method, path and body. A missing or

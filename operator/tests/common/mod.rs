@@ -43,7 +43,9 @@ pub struct FakeApiServer {
 }
 
 /// (plural, namespace, name, subresource) of a request path.
-fn parse(path: &str) -> Option<(String, Option<String>, Option<String>, Option<String>)> {
+type Target = (String, Option<String>, Option<String>, Option<String>);
+
+fn parse(path: &str) -> Option<Target> {
     let rest = if let Some(r) = path.strip_prefix("/api/v1/") {
         r.to_string()
     } else {
