@@ -364,3 +364,40 @@ fn notes_show_a_sample_and_how_to_call_the_gateway() {
     );
     assert!(notes.contains("/v1/chat/completions"), "{notes}");
 }
+
+fn hadolint() -> PathBuf {
+    tool("KVROUTE_HADOLINT", "venv-kubernetes-validate/bin/hadolint")
+}
+
+#[test]
+fn dockerfiles_pass_hadolint_and_a_bad_one_does_not() {
+    for f in ["deploy/Dockerfile.kvroute", "deploy/Dockerfile.agent"] {
+        let out = run(Command::new(hadolint())
+            .arg("--no-color")
+            .arg(root().join(f)));
+        assert!(out.status.success(), "hadolint {f}: {}", text(&out));
+    }
+    let agent = std::fs::read_to_string(root().join("deploy/Dockerfile.agent")).unwrap();
+    assert!(
+        agent.contains("--features cuda"),
+        "the agent image builds the CUDA backend"
+    );
+    let kvroute = std::fs::read_to_string(root().join("deploy/Dockerfile.kvroute")).unwrap();
+    assert!(
+        kvroute.contains("USER 65532:65532") && agent.contains("USER 65532:65532"),
+        "images run as non-root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("Dockerfile");
+    std::fs::write(
+        &bad,
+        "FROM debian:latest\nRUN cd /tmp && apt-get install curl\n",
+    )
+    .unwrap();
+    let out = run(Command::new(hadolint()).arg("--no-color").arg(&bad));
+    assert!(
+        !out.status.success(),
+        "hadolint accepted a bad Dockerfile: {}",
+        text(&out)
+    );
+}

