@@ -463,6 +463,7 @@ pub struct ModelDeploymentStatus {
     pub observed_generation: Option<i64>,
     /// `Ready`, `Progressing` and `Degraded`, each with a reason and a message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Agents that exist (scale subresource's status replicas).
     #[serde(default)]

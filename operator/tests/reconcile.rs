@@ -76,6 +76,9 @@ enum Scenario {
     PerNodeSwitch(ModelDeployment),
     /// Invalid spec: no children touched; status Degraded/InvalidSpec and a warning Event.
     InvalidSpec(ModelDeployment),
+    /// A periodic resync that observes nothing new: children re-applied (idempotent), no
+    /// status write and no Event.
+    Unchanged,
     /// The API server fails the first apply with a 500.
     ApiError,
 }
@@ -310,6 +313,15 @@ impl ApiServerVerifier {
             Scenario::InvalidSpec(md) => {
                 written.push(self.status(&md).await);
                 self.event("Warning", "InvalidSpec").await;
+            }
+            Scenario::Unchanged => {
+                self.service().await;
+                self.deployment(json!({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2}))
+                    .await;
+                self.no_stale("/apis/apps/v1/namespaces/default/daemonsets/smollm-agent")
+                    .await;
+                self.pods(vec![pod("a", "10.0.0.1", true), pod("b", "10.0.0.2", true)])
+                    .await;
             }
             Scenario::ApiError => {
                 let (_, send) = self
@@ -550,4 +562,24 @@ async fn a_success_resets_the_backoff() {
         error_policy(Arc::new(md), &err, ctx),
         Action::requeue(Duration::from_secs(1))
     );
+}
+
+#[tokio::test]
+async fn an_unchanged_status_is_not_rewritten() {
+    let md = ModelDeployment::test().with_replicas(2);
+    let (ctx, verifier, _) = context(two_agents());
+    let (_, written) = converse(
+        md.clone(),
+        ctx,
+        verifier,
+        Scenario::StatusWithCapacity(md.clone()),
+    )
+    .await;
+    let mut settled = md;
+    settled.status = Some(written[0].clone());
+    let (ctx, verifier, _) = context(two_agents());
+    let (res, written) =
+        converse(settled.clone(), ctx.clone(), verifier, Scenario::Unchanged).await;
+    assert_eq!(res.unwrap(), Action::requeue(ctx.timing.resync));
+    assert!(written.is_empty());
 }

@@ -295,6 +295,10 @@ async fn patch_status(
     st: &crate::crd::ModelDeploymentStatus,
     ctx: &Context,
 ) -> Result<()> {
+    if md.status.as_ref() == Some(st) {
+        // Nothing changed: no write, so no watch event that would trigger another reconcile.
+        return Ok(());
+    }
     let previous = md
         .status
         .as_ref()
