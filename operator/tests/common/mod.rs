@@ -191,6 +191,28 @@ impl FakeApiServer {
             .unwrap_or(0)
     }
 
+    /// A stored object, if any.
+    pub fn get(&self, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        self.inner
+            .lock()
+            .unwrap()
+            .objects
+            .get(plural)
+            .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
+            .map(|st| st.obj.clone())
+    }
+
+    /// A kubeconfig file that points kube clients (and `kvroute` processes) at this server.
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\n",
+            self.addr
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     pub fn log(&self) -> Vec<String> {
         self.inner.lock().unwrap().log.clone()
     }
@@ -255,10 +277,55 @@ async fn handle(State(s): State<FakeApiServer>, req: Request) -> Response {
         }
         (Method::POST, None) => {
             let mut obj: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let mut g = s.inner.lock().unwrap();
+            g.resource_version += 1;
             if obj["metadata"]["name"].is_null() {
-                obj["metadata"]["name"] = json!("generated");
+                obj["metadata"]["name"] = json!(format!("generated-{}", g.resource_version));
             }
+            obj["metadata"]["resourceVersion"] = json!(g.resource_version.to_string());
+            let key = (
+                ns.unwrap_or_default(),
+                obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            );
+            let m = g.objects.entry(plural).or_default();
+            if m.contains_key(&key) {
+                return respond(StatusCode::CONFLICT, &status(409, "AlreadyExists", &key.1));
+            }
+            m.insert(
+                key,
+                Stored {
+                    obj: obj.clone(),
+                    visible_from_list: 1,
+                },
+            );
             respond(StatusCode::CREATED, &obj)
+        }
+        (Method::PUT, Some(name)) => {
+            // Replace with optimistic concurrency, as the API server does.
+            let mut obj: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let mut g = s.inner.lock().unwrap();
+            g.resource_version += 1;
+            let rv = g.resource_version.to_string();
+            let key = (ns.unwrap_or_default(), name.clone());
+            let m = g.objects.entry(plural).or_default();
+            let Some(current) = m.get(&key) else {
+                return respond(StatusCode::NOT_FOUND, &status(404, "NotFound", &name));
+            };
+            if obj["metadata"]["resourceVersion"] != current.obj["metadata"]["resourceVersion"] {
+                return respond(
+                    StatusCode::CONFLICT,
+                    &status(409, "Conflict", "the object has been modified"),
+                );
+            }
+            obj["metadata"]["resourceVersion"] = json!(rv);
+            m.insert(
+                key,
+                Stored {
+                    obj: obj.clone(),
+                    visible_from_list: 1,
+                },
+            );
+            respond(StatusCode::OK, &obj)
         }
         (Method::DELETE, Some(name)) => {
             let mut g = s.inner.lock().unwrap();
