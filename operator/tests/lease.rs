@@ -186,3 +186,49 @@ async fn renewing_keeps_transitions_and_a_lost_race_is_not_an_error() {
     assert!(lock.try_acquire(now()).await.is_err(), "a 500 is an error");
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn release_clears_only_our_own_holder() {
+    let (lock, mut h) = lock();
+    let server = tokio::spawn(async move {
+        expect(
+            &mut h,
+            Method::GET,
+            PATH,
+            200,
+            lease("me", "2026-01-01T00:00:50Z", "3"),
+        )
+        .await;
+        let sent = expect(
+            &mut h,
+            Method::PUT,
+            PATH,
+            200,
+            lease("", "2026-01-01T00:00:50Z", "4"),
+        )
+        .await;
+        assert!(
+            sent["spec"]
+                .get("holderIdentity")
+                .is_none_or(|h| h.is_null()),
+            "{sent}"
+        );
+        assert_eq!(sent["metadata"]["resourceVersion"], "3");
+        // Held by someone else: released without a write (a write would hang, failing the guard).
+        expect(
+            &mut h,
+            Method::GET,
+            PATH,
+            200,
+            lease("other", "2026-01-01T00:00:50Z", "5"),
+        )
+        .await;
+        h
+    });
+    lock.release().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), lock.release())
+        .await
+        .expect("wrote a lease it does not hold")
+        .unwrap();
+    server.await.unwrap();
+}

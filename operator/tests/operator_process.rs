@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Two real `kvroute operator --leader-election` processes against one fake API server on
 //! 127.0.0.1: exactly one takes the Lease and reconciles; the other stays a follower; each says
-//! so on its `/metrics`.
+//! so on its `/metrics`. On SIGTERM the leader releases the Lease and the follower takes over at
+//! once (the Lease lasts an hour here, so only a release can explain the takeover).
 
 mod common;
 
@@ -30,7 +31,7 @@ fn free_port() -> SocketAddr {
 
 fn start(kubeconfig: &std::path::Path, pod: &str, metrics: SocketAddr) -> Operator {
     let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-        .args(["operator", "--leader-election", "--lease-seconds", "15"])
+        .args(["operator", "--leader-election", "--lease-seconds", "3600"])
         .arg(format!("--metrics-addr={metrics}"))
         .env("KUBECONFIG", kubeconfig)
         .env("POD_NAME", pod)
@@ -65,7 +66,7 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: imp
         .unwrap_or_else(|_| panic!("never: {what}"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_one_leader() {
     let api = FakeApiServer::start().await;
     api.insert_silently(
@@ -76,8 +77,8 @@ async fn two_replicas_one_leader() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.kubeconfig(dir.path());
     let (m1, m2) = (free_port(), free_port());
-    let _p1 = start(&kubeconfig, "operator-1", m1);
-    let _p2 = start(&kubeconfig, "operator-2", m2);
+    let mut p1 = start(&kubeconfig, "operator-1", m1);
+    let mut p2 = start(&kubeconfig, "operator-2", m2);
 
     until("a reconciled", || {
         let log = api.log();
@@ -99,6 +100,11 @@ async fn two_replicas_one_leader() {
     } else {
         (m2, m1)
     };
+    let (leader_proc, follower_name) = if holder == "operator-1" {
+        (&mut p1, "operator-2")
+    } else {
+        (&mut p2, "operator-1")
+    };
     assert!(holder == "operator-1" || holder == "operator-2", "{holder}");
 
     until("both metrics servers up", || async move {
@@ -117,6 +123,32 @@ async fn two_replicas_one_leader() {
         metrics(leader)
             .await
             .is_some_and(|m| !m.contains("kvroute_operator_reconciles_total 0"))
+    })
+    .await;
+
+    // Graceful shutdown of the leader: it exits 0 and hands the Lease over.
+    let pid = leader_proc.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::block_in_place(|| leader_proc.0.wait()).unwrap();
+    assert!(
+        status.success(),
+        "the leader did not shut down cleanly: {status:?}"
+    );
+    until("the follower takes over", || {
+        let holder = api
+            .get("leases", "kvroute", "kvroute-operator")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(String::from));
+        async move { holder.as_deref() == Some(follower_name) }
+    })
+    .await;
+    until("the new leader says so", || async move {
+        metrics(follower)
+            .await
+            .is_some_and(|m| m.contains("kvroute_operator_leader 1"))
     })
     .await;
 }

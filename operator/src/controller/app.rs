@@ -174,7 +174,12 @@ pub async fn serve(args: OperatorArgs) -> Result<(), AppError> {
     // Renew at a third of the lease duration: two renewals may fail before the lease lapses.
     let renew = Duration::from_secs((args.lease_seconds / 3).max(1));
     tokio::select! {
-        _ = super::run(ctx, args.namespace.clone()) => Ok(()),
+        _ = super::run(ctx, args.namespace.clone()) => {
+            // Graceful shutdown (SIGTERM): hand the lease over now rather than after it lapses.
+            metrics.set_leader(false);
+            lock.release().await?;
+            Ok(())
+        }
         lost = lock.keep(renew) => {
             metrics.set_leader(false);
             Err(lost.into())
