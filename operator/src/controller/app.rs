@@ -30,8 +30,12 @@ pub struct OperatorArgs {
         default_value = "kvroute-agent:latest"
     )]
     pub agent_image: String,
-    /// Image of the init container that downloads `spec.model.url` (needs wget).
-    #[arg(long, env = "KVROUTE_FETCH_IMAGE", default_value = "busybox:1.37")]
+    /// Image of the init container that downloads `spec.model.url` (needs curl).
+    #[arg(
+        long,
+        env = "KVROUTE_FETCH_IMAGE",
+        default_value = "curlimages/curl:8.11.1"
+    )]
     pub fetch_image: String,
     /// Gateway base URL written into each ModelDeployment's `status.endpoint`.
     #[arg(long, env = "KVROUTE_GATEWAY_ENDPOINT")]

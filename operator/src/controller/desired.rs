@@ -6,13 +6,16 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec, DeploymentStrategy,
+    RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    Toleration, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -30,7 +33,7 @@ use crate::k8s::{
 pub struct AgentDefaults {
     /// Agent image when the spec names none.
     pub agent_image: String,
-    /// Image of the init container that downloads `spec.model.url` (needs `wget`).
+    /// Image of the init container that downloads `spec.model.url` (needs `curl`).
     pub fetch_image: String,
     /// Gateway base URL written into `status.endpoint`.
     pub gateway_endpoint: Option<String>,
@@ -40,7 +43,7 @@ impl Default for AgentDefaults {
     fn default() -> Self {
         Self {
             agent_image: "kvroute-agent:latest".into(),
-            fetch_image: "busybox:1.37".into(),
+            fetch_image: "curlimages/curl:8.11.1".into(),
             gateway_endpoint: None,
         }
     }
@@ -146,6 +149,7 @@ pub fn desired(md: &ModelDeployment, defaults: &AgentDefaults) -> Result<Desired
                 replicas: Some(md.spec.replicas),
                 selector,
                 template,
+                strategy: Some(rollout_strategy(md)),
                 ..Default::default()
             },
             ..Default::default()
@@ -165,6 +169,20 @@ pub fn desired(md: &ModelDeployment, defaults: &AgentDefaults) -> Result<Desired
         ..Default::default()
     };
     Ok(Desired { workload, service })
+}
+
+/// GPU agents roll one at a time without a surge pod (a surge pod would need a free GPU that
+/// usually does not exist); CPU agents surge one so capacity never dips.
+fn rollout_strategy(md: &ModelDeployment) -> DeploymentStrategy {
+    let gpus = md.spec.resources.as_ref().and_then(|r| r.gpus).unwrap_or(0);
+    let (surge, unavailable) = if gpus > 0 { (0, 1) } else { (1, 0) };
+    DeploymentStrategy {
+        type_: Some("RollingUpdate".into()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(surge)),
+            max_unavailable: Some(IntOrString::Int(unavailable)),
+        }),
+    }
 }
 
 /// Owner reference of `md` (used by tests and by `reconcile` to check ownership).
@@ -244,7 +262,18 @@ fn pod_template(
                 name: "fetch-model".into(),
                 image: Some(defaults.fetch_image.clone()),
                 // No shell: the URL is one argv entry, never interpreted.
-                command: Some(vec!["wget".into(), "-O".into(), target.clone(), url.into()]),
+                command: Some(vec![
+                    "curl".into(),
+                    "--fail".into(),
+                    "--silent".into(),
+                    "--show-error".into(),
+                    "--location".into(),
+                    "--retry".into(),
+                    "5".into(),
+                    "--output".into(),
+                    target.clone(),
+                    url.into(),
+                ]),
                 volume_mounts: Some(vec![VolumeMount {
                     name: MODEL_VOLUME.into(),
                     mount_path: MODEL_DIR.into(),
@@ -416,6 +445,19 @@ fn pod_template(
             volumes: Some(volumes),
             node_selector: (!placement.node_selector.is_empty()).then_some(placement.node_selector),
             tolerations,
+            // Spread agents over nodes when possible, so one node failing loses one agent.
+            topology_spread_constraints: (!spec.per_node()).then(|| {
+                vec![TopologySpreadConstraint {
+                    max_skew: 1,
+                    topology_key: "kubernetes.io/hostname".into(),
+                    when_unsatisfiable: "ScheduleAnyway".into(),
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(selector_labels(name)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]
+            }),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             security_context: Some(PodSecurityContext {
@@ -458,6 +500,17 @@ fn container_security() -> SecurityContext {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+impl Desired {
+    /// The agent pod spec of the workload.
+    pub fn workload_pod(&self) -> Option<&PodSpec> {
+        let t = match &self.workload {
+            Workload::Deployment(d) => &d.spec.template,
+            Workload::DaemonSet(d) => &d.spec.template,
+        };
+        t.spec.as_ref()
     }
 }
 
@@ -668,6 +721,39 @@ mod tests {
         assert_eq!(env_of(c, "KVROUTE_KV_MEMORY"), None);
         let tol = tpl.spec.as_ref().unwrap().tolerations.as_ref().unwrap();
         assert_eq!(tol[0].key.as_deref(), Some("nvidia.com/gpu"));
+        let ru = deployment(&d)
+            .spec
+            .strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (ru.max_surge, ru.max_unavailable),
+            (Some(IntOrString::Int(0)), Some(IntOrString::Int(1))),
+            "no GPU surge"
+        );
+        let cpu = desired(&ModelDeployment::test(), &AgentDefaults::default()).unwrap();
+        let ru = deployment(&cpu)
+            .spec
+            .strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (ru.max_surge, ru.max_unavailable),
+            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
+        );
+        let spread = &cpu
+            .workload_pod()
+            .unwrap()
+            .topology_spread_constraints
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(spread.topology_key, "kubernetes.io/hostname");
     }
 
     #[test]
