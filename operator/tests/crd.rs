@@ -270,3 +270,59 @@ fn cel_rules_are_evaluated_not_just_present() {
     zero["spec"]["replicas"] = (-3).into();
     assert!(!problems(&zero).is_empty());
 }
+
+/// Every `x-kubernetes-validations` rule in `schema`, with the sub-schema it sits on.
+fn rules(schema: &Value, out: &mut Vec<(String, Value)>) {
+    if let Some(vs) = schema["x-kubernetes-validations"].as_array() {
+        for v in vs {
+            out.push((v["rule"].as_str().unwrap().to_string(), schema.clone()));
+        }
+    }
+    for key in ["properties"] {
+        if let Some(m) = schema[key].as_object() {
+            for child in m.values() {
+                rules(child, out);
+            }
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if schema[key].is_object() {
+            rules(&schema[key], out);
+        }
+    }
+}
+
+#[test]
+fn cel_rules_compile_and_stay_in_crd_scope() {
+    use kube::core::cel::{analyze_rule, compile_schema, ScopeContext};
+    let schema = committed_schema();
+    let compiled = compile_schema(&schema);
+    assert!(
+        !compiled.has_errors(),
+        "{:?}",
+        compiled.compilation_errors()
+    );
+    let mut found = Vec::new();
+    rules(&schema, &mut found);
+    assert_eq!(
+        found.len(),
+        5,
+        "the five CEL rules of the CRD: {:?}",
+        found.iter().map(|(r, _)| r).collect::<Vec<_>>()
+    );
+    for (rule, at) in found {
+        let warnings = analyze_rule(&rule, &compile_schema(&at), ScopeContext::CrdValidation);
+        assert!(warnings.is_empty(), "{rule}: {warnings:?}");
+    }
+    // The analysis does flag what the API server would refuse (an admission-policy variable).
+    let bad = analyze_rule(
+        "object.spec.replicas >= 0",
+        &compiled,
+        ScopeContext::CrdValidation,
+    );
+    assert!(!bad.is_empty(), "scope analysis flagged nothing");
+    assert!(compile_schema(
+        &serde_json::json!({"type": "integer", "x-kubernetes-validations": [{"rule": "self >="}]})
+    )
+    .has_errors());
+}

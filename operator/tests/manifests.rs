@@ -401,3 +401,50 @@ fn dockerfiles_pass_hadolint_and_a_bad_one_does_not() {
         text(&out)
     );
 }
+
+#[test]
+fn objects_the_operator_creates_validate_strictly() {
+    use kvroute_operator::controller::desired::{desired, AgentDefaults, Workload};
+    use kvroute_operator::crd::ModelDeployment;
+    let mut yaml = String::new();
+    let mut kinds = Vec::new();
+    let samples = std::fs::read_dir(root().join("deploy/samples")).unwrap();
+    for f in samples {
+        let f = f.unwrap().path();
+        let mut md: ModelDeployment =
+            serde_yaml::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        md.metadata.uid = Some("0b6d3f0e-1111-4222-8333-444455556666".into());
+        let d = desired(&md, &AgentDefaults::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        match &d.workload {
+            Workload::Deployment(w) => {
+                kinds.push("Deployment");
+                yaml.push_str(&serde_yaml::to_string(w.as_ref()).unwrap());
+            }
+            Workload::DaemonSet(w) => {
+                kinds.push("DaemonSet");
+                yaml.push_str(&serde_yaml::to_string(w.as_ref()).unwrap());
+            }
+        }
+        yaml.push_str("---\n");
+        yaml.push_str(&serde_yaml::to_string(&d.service).unwrap());
+        yaml.push_str("---\n");
+    }
+    assert!(
+        kinds.contains(&"Deployment") && kinds.contains(&"DaemonSet"),
+        "samples cover both workload kinds"
+    );
+    let (ok, out) = validate(&yaml);
+    assert!(
+        ok,
+        "kubernetes-validate --strict rejected the operator's objects:\n{out}\n{yaml}"
+    );
+    assert!(
+        out.contains("passed for resource daemonset/per-node-agent"),
+        "{out}"
+    );
+    assert!(
+        out.contains("passed for resource service/smollm2-agents"),
+        "{out}"
+    );
+}
