@@ -244,8 +244,12 @@ impl KvManager {
         hit: Option<PrefixHit>,
     ) -> Result<usize, KvError> {
         let slot = seq.slot as usize;
-        let hit_blocks = hit.map_or(0, |h| h.blocks);
         let have = self.tables[slot].blocks.len();
+        // The common decode case: the table already covers the positions (no division).
+        if hit.is_none() && num_tokens <= have * self.block_size {
+            return Ok(0);
+        }
+        let hit_blocks = hit.map_or(0, |h| h.blocks);
         let want = num_tokens.div_ceil(self.block_size);
         if hit_blocks > 0 {
             let t = &self.tables[slot];
@@ -297,6 +301,10 @@ impl KvManager {
         }
         let slot = seq.slot as usize;
         let t = &mut self.tables[slot];
+        // The common case: no new block became full (no division).
+        if num_computed < (t.num_cached + 1) * self.block_size {
+            return;
+        }
         let full = (num_computed.min(tokens.len()) / self.block_size).min(t.blocks.len());
         if full <= t.num_cached {
             return;
