@@ -47,6 +47,22 @@ fn token_ids_match_llama_cpp_for_every_fixture_string() {
 }
 
 #[test]
+fn generation_prompts_tokenize_like_llama_cpp() {
+    // The prompts llama.cpp generated from (one is a rendered chat prompt) tokenize to the ids it
+    // fed the model.
+    let t = tokenizer();
+    let fixture = common::fixture();
+    for g in fixture["generate"].as_array().unwrap() {
+        let prompt = g["prompt"].as_str().unwrap();
+        assert_eq!(
+            t.encode(prompt, true).unwrap(),
+            ids(&g["prompt_ids"]),
+            "{prompt:?}"
+        );
+    }
+}
+
+#[test]
 fn default_model_tokenizer_facts() {
     let t = tokenizer();
     assert_eq!(t.vocab_size(), 49152);
