@@ -7,5 +7,6 @@
 pub mod api;
 pub mod config;
 pub mod kv;
+pub mod model;
 pub mod quant;
 pub mod weights;
