@@ -9,4 +9,5 @@ pub mod config;
 pub mod kv;
 pub mod model;
 pub mod quant;
+pub mod sample;
 pub mod weights;
