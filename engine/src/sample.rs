@@ -169,10 +169,10 @@ impl Sampler {
         }
         let total: f32 = self.probs[..keep].iter().sum();
         let mut u = rng.next_f64() as f32 * total;
-        for j in 0..keep {
-            u -= self.probs[j];
+        for (&tok, &e) in cand.iter().zip(&self.probs[..keep]) {
+            u -= e;
             if u < 0.0 {
-                return cand[j];
+                return tok;
             }
         }
         cand[keep - 1]
