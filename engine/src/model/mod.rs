@@ -686,7 +686,7 @@ fn par(pool: &ThreadPool, n: usize, f: &(dyn Fn(usize, usize) + Sync)) {
     }
 }
 
-/// `y = x / sqrt(mean(x²) + eps) · w`, row by row (sums in f64, as ggml does).
+/// `y = x / sqrt(mean(x²) + eps) · w`, row by row (f32 squares summed in f64, as ggml does).
 fn rms_norm_rows(pool: &ThreadPool, x: &[f32], y: &mut [f32], w: &[f32], d: usize, eps: f32) {
     let n = x.len() / d;
     let yp = SyncPtr::new(y);
@@ -694,7 +694,7 @@ fn rms_norm_rows(pool: &ThreadPool, x: &[f32], y: &mut [f32], w: &[f32], d: usiz
         let xr = &x[t * d..(t + 1) * d];
         // SAFETY: item t writes only row t.
         let yr = unsafe { yp.slice(t * d, d) };
-        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let ss: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
         let scale = 1.0 / ((ss / d as f64) as f32 + eps).sqrt();
         for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
             *o = v * scale * g;

@@ -53,16 +53,18 @@ fn round_f16(x: f32) -> f32 {
 }
 
 /// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks), as ggml's
-/// `quantize_row_q8_1` does: `d = max|x| / 127`, `q = round(x / d)`.
+/// `quantize_row_q8_1` does on x86: `d = max|x| / 127`, `q = round_ties_even(x · 127 / max|x|)`.
 pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
     debug_assert_eq!(x.len(), out.len() * 32);
     for (xb, yb) in x.chunks_exact(32).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        // `127 / max` rather than `1 / d`, and ties to even: what llama.cpp's SIMD quantizers do,
+        // so the same activations round to the same integers (the model is sensitive to it).
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in yb.qs.iter_mut().zip(xb) {
-            let r = (v * id).round() as i32;
+            let r = (v * id).round_ties_even() as i32;
             *q = r as i8;
             sum += r;
         }

@@ -261,7 +261,7 @@ pub fn f32_to_f16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// Quantizes to [`BlockQ8`] like the scalar `quantize_row_q8` (same rounding: half away from 0).
+/// Quantizes to [`BlockQ8`] exactly like the scalar `quantize_row_q8` (ties to even).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
     let sign = _mm256_set1_ps(-0.0);
@@ -284,15 +284,13 @@ pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
         let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         let amax = _mm_cvtss_f32(m4);
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let vid = _mm256_set1_ps(id);
-        let half_ = _mm256_set1_ps(0.5);
         let mut ints = [_mm256_setzero_si256(); 4];
         for k in 0..4 {
             let s = _mm256_mul_ps(v[k], vid);
-            // round half away from zero: trunc(s + copysign(0.5, s))
-            let r = _mm256_add_ps(s, _mm256_or_ps(_mm256_and_ps(s, sign), half_));
-            ints[k] = _mm256_cvttps_epi32(r);
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(s);
+            ints[k] = _mm256_cvtps_epi32(r);
         }
         let sum = _mm256_add_epi32(
             _mm256_add_epi32(ints[0], ints[1]),
