@@ -5,9 +5,15 @@
 //! This crate does no network I/O; the agent and gateway binaries own that.
 
 pub mod api;
+pub mod chat;
 pub mod config;
+pub mod fetch;
+pub mod gguf;
 pub mod kv;
 pub mod model;
 pub mod quant;
+pub mod safetensors;
 pub mod sample;
+pub mod sched;
+pub mod tokenizer;
 pub mod weights;
