@@ -4,7 +4,7 @@
 
 use half::f16;
 use kvroute_engine::config::{Arch, ModelConfig, RopeStyle};
-use kvroute_engine::model::{CpuRunner, Model, ModelError, SeqInput};
+use kvroute_engine::model::{AttnPrecision, CpuRunner, Model, ModelError, SeqInput};
 use kvroute_engine::quant::{dequantize_row, GgmlType, Isa};
 use kvroute_engine::weights::{TensorView, WeightSource};
 use std::collections::HashMap;
@@ -309,12 +309,13 @@ fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
 
 /// Runs two sequences through the paged runner — interleaved, prefill in uneven chunks, blocks
 /// shuffled — and checks every logits row against the dense reference.
-fn paged_matches_dense(cfg: ModelConfig, src: MemSource, isa: Isa, rel: f32) {
+fn paged_matches_dense(cfg: ModelConfig, src: MemSource, isa: Isa, prec: AttnPrecision, rel: f32) {
     let reference = Reference::new(&src, &cfg);
     let model = Arc::new(
         Model::new(Arc::new(src), cfg.clone())
             .unwrap()
-            .with_isa(isa),
+            .with_isa(isa)
+            .with_attention(prec),
     );
     let mut runner = CpuRunner::new(model, 4, 32, 64, 2).unwrap();
     let a: Vec<u32> = vec![3, 17, 42, 8, 8, 1, 0, 49, 23, 5, 11];
@@ -397,7 +398,24 @@ fn llama_f32_weights_paged_equals_dense_reference() {
             cfg.clone(),
             build(&cfg, 1, GgmlType::F32, GgmlType::F32, true),
             isa,
+            AttnPrecision::F32,
             1e-4,
+        );
+    }
+}
+
+/// llama.cpp-style attention keeps its V accumulator in f16 (11-bit mantissa): close to the f32
+/// reference, not equal to it.
+#[test]
+fn llamacpp_attention_rounding_stays_close_to_the_dense_reference() {
+    let cfg = tiny(Arch::Llama, RopeStyle::Interleaved, true);
+    for isa in Isa::available() {
+        paged_matches_dense(
+            cfg.clone(),
+            build(&cfg, 1, GgmlType::F32, GgmlType::F32, true),
+            isa,
+            AttnPrecision::LlamaCpp,
+            5e-3,
         );
     }
 }
@@ -410,6 +428,7 @@ fn qwen2_biases_neox_f16_untied_paged_equals_dense_reference() {
             cfg.clone(),
             build(&cfg, 2, GgmlType::F16, GgmlType::F16, false),
             isa,
+            AttnPrecision::F32,
             1e-4,
         );
     }
@@ -425,6 +444,7 @@ fn quantized_weights_are_close_to_the_reference_on_every_isa() {
             cfg.clone(),
             build(&cfg, 3, GgmlType::Q4_1, GgmlType::Q8_0, true),
             isa,
+            AttnPrecision::LlamaCpp,
             0.05,
         );
     }

@@ -73,7 +73,26 @@ pub struct Model {
     output_norm: Vec<f32>,
     /// `None` when the output projection is the token embedding (tied).
     output: Option<Mat>,
-    inv_freq: Vec<f64>,
+    /// `theta_base^(-2/head_dim)`: RoPE angles are `pos · theta_scale^k`, built by repeated f32
+    /// multiplication exactly as llama.cpp builds its rope cache.
+    theta_scale: f32,
+    attn: AttnPrecision,
+}
+
+/// How attention rounds.
+///
+/// The default model is numerically chaotic: its 8-bit activation rounding turns a last-bit
+/// difference anywhere into visibly different logits a few layers later (the scalar and SIMD
+/// kernels, which differ only in float summation order, disagree by a few tenths of a logit).
+/// So to reproduce llama.cpp's greedy output kvroute also rounds where llama.cpp rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnPrecision {
+    /// As llama.cpp's CPU flash attention over an f16 cache: Q rounded to f16, the V
+    /// accumulator kept in f16, keys visited one by one with an online softmax.
+    #[default]
+    LlamaCpp,
+    /// Everything in f32 (blockwise online softmax).
+    F32,
 }
 
 fn vector(src: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
@@ -180,10 +199,7 @@ impl Model {
         } else {
             return Err(ModelError::MissingTensor("output.weight".into()));
         };
-        let hd = c.head_dim;
-        let inv_freq = (0..hd / 2)
-            .map(|k| (c.rope_theta as f64).powf(-2.0 * k as f64 / hd as f64))
-            .collect();
+        let theta_scale = c.rope_theta.powf(-2.0 / c.head_dim as f32);
         Ok(Model {
             cfg,
             isa: Isa::detect(),
@@ -191,13 +207,20 @@ impl Model {
             layers,
             output_norm,
             output,
-            inv_freq,
+            theta_scale,
+            attn: AttnPrecision::default(),
         })
     }
 
     /// Uses these kernels instead of the detected best (tests: the scalar reference).
     pub fn with_isa(mut self, isa: Isa) -> Model {
         self.isa = isa;
+        self
+    }
+
+    /// Uses this attention rounding (tests: [`AttnPrecision::F32`] against an f32 reference).
+    pub fn with_attention(mut self, attn: AttnPrecision) -> Model {
+        self.attn = attn;
         self
     }
 
@@ -306,6 +329,7 @@ struct Scratch {
     seq_offsets: Vec<usize>,
     logit_tokens: Vec<usize>,
     items: Vec<(u32, u32, u32, u32)>,
+    f16_tmp: Vec<u16>,
     attn_scratch: Vec<Mutex<AttnScratch>>,
 }
 
@@ -369,6 +393,7 @@ impl CpuRunner {
             seq_offsets: Vec::with_capacity(t),
             logit_tokens: Vec::with_capacity(t),
             items: Vec::with_capacity(t * c.num_kv_heads),
+            f16_tmp: vec![0; 1024],
             attn_scratch,
         };
         Ok(CpuRunner { model, kv, s, pool })
@@ -472,7 +497,7 @@ impl CpuRunner {
                 batch[si].tokens[t - s.seq_offsets[si]]
             };
             let pos = &s.pos;
-            let inv_freq = &model.inv_freq;
+            let theta_scale = model.theta_scale;
             let job = |t: usize, _: usize| {
                 // SAFETY: item t writes only row t of each buffer.
                 let (xr, cr, sr) = unsafe {
@@ -485,11 +510,11 @@ impl CpuRunner {
                 let tok = tokens_of(t) as usize;
                 // Sizes were validated when the model was built; a failure here is impossible.
                 let _ = dequantize_row(model.tok_embd.dtype, model.tok_embd.row(tok), xr);
-                let p = pos[t] as f64;
+                let mut theta = pos[t] as f32;
                 for k in 0..half {
-                    let a = p * inv_freq[k];
-                    cr[k] = a.cos() as f32;
-                    sr[k] = a.sin() as f32;
+                    cr[k] = theta.cos();
+                    sr[k] = theta.sin();
+                    theta *= theta_scale;
                 }
             };
             par(pool, n, &job);
@@ -541,10 +566,19 @@ impl CpuRunner {
             }
             rope(c.rope_style, &mut s.q[..n * qd], &s.cos, &s.sin, hd, n);
             rope(c.rope_style, &mut s.k[..n * kvd], &s.cos, &s.sin, hd, n);
+            if model.attn == AttnPrecision::LlamaCpp {
+                // llama.cpp converts Q to the cache type (f16) for its K·Q dot products.
+                for chunk in s.q[..n * qd].chunks_mut(s.f16_tmp.len()) {
+                    let tmp = &mut s.f16_tmp[..chunk.len()];
+                    isa.f32_to_f16(chunk, tmp);
+                    isa.f16_to_f32(tmp, chunk);
+                }
+            }
             write_kv(&mut self.kv, layer, batch, &s.seq_offsets, &s.k, &s.v, isa);
             attention(
                 pool,
                 isa,
+                model.attn,
                 c,
                 &self.kv,
                 layer,
@@ -716,15 +750,16 @@ fn rope(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32], hd: usize, n:
                 RopeStyle::Interleaved => {
                     for k in 0..half {
                         let (a, b) = (head[2 * k], head[2 * k + 1]);
-                        head[2 * k] = a * c[k] - b * s[k];
-                        head[2 * k + 1] = a * s[k] + b * c[k];
+                        // FMA where a C compiler contracts llama.cpp's rotation.
+                        head[2 * k] = a.mul_add(c[k], -(b * s[k]));
+                        head[2 * k + 1] = a.mul_add(s[k], b * c[k]);
                     }
                 }
                 RopeStyle::Neox => {
                     for k in 0..half {
                         let (a, b) = (head[k], head[k + half]);
-                        head[k] = a * c[k] - b * s[k];
-                        head[k + half] = a * s[k] + b * c[k];
+                        head[k] = a.mul_add(c[k], -(b * s[k]));
+                        head[k + half] = a.mul_add(s[k], b * c[k]);
                     }
                 }
             }
@@ -739,6 +774,7 @@ fn rope(style: RopeStyle, x: &mut [f32], cos: &[f32], sin: &[f32], hd: usize, n:
 fn attention(
     pool: &ThreadPool,
     isa: Isa,
+    prec: AttnPrecision,
     c: &ModelConfig,
     kv: &KvStorage,
     layer: usize,
@@ -799,6 +835,31 @@ fn attention(
                     let r = (qi - q0) * group + hh;
                     let head = g * group + hh;
                     let qv = &q[(base + qi) * qd + head * hd..(base + qi) * qd + (head + 1) * hd];
+                    if prec == AttnPrecision::LlamaCpp {
+                        // Key by key, as ggml's flash attention: a new maximum rescales the f16
+                        // accumulator, every key adds `exp(s - max) · v` rounded to f16.
+                        let acc = &mut sc.acc[r * hd..(r + 1) * hd];
+                        let mut m = sc.m[r];
+                        let mut l = sc.l[r];
+                        for j in 0..jmax {
+                            let sj = isa.dot_f32(qv, &sc.k[j * hd..(j + 1) * hd]) * scale;
+                            let vj = &sc.v[j * hd..(j + 1) * hd];
+                            if sj > m {
+                                let ms = (m - sj).exp();
+                                m = sj;
+                                isa.f16_scale_round(acc, ms);
+                                isa.f16_fma_round(acc, vj, 1.0);
+                                l = l * ms + 1.0;
+                            } else {
+                                let vs = (sj - m).exp();
+                                isa.f16_fma_round(acc, vj, vs);
+                                l += vs;
+                            }
+                        }
+                        sc.m[r] = m;
+                        sc.l[r] = l;
+                        continue;
+                    }
                     let mut mb = f32::NEG_INFINITY;
                     for j in 0..jmax {
                         let sj = isa.dot_f32(qv, &sc.k[j * hd..(j + 1) * hd]) * scale;

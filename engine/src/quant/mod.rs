@@ -176,6 +176,35 @@ impl Isa {
         }
     }
 
+    /// `acc[i] = f16(fma(v[i], s, acc[i]))` (an f16 accumulator, as llama.cpp's flash attention
+    /// keeps with an f16 cache), values held as f32.
+    #[inline]
+    pub fn f16_fma_round(self, acc: &mut [f32], v: &[f32], s: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            unsafe { x86::f16_fma_round(acc, v, s) };
+            return;
+        }
+        for (a, x) in acc.iter_mut().zip(v) {
+            *a = half::f16::from_f32(x.mul_add(s, *a)).to_f32();
+        }
+    }
+
+    /// `acc[i] = f16(acc[i] · s)`.
+    #[inline]
+    pub fn f16_scale_round(self, acc: &mut [f32], s: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            unsafe { x86::f16_scale_round(acc, s) };
+            return;
+        }
+        for a in acc.iter_mut() {
+            *a = half::f16::from_f32(*a * s).to_f32();
+        }
+    }
+
     /// f16 bits → f32 (`min(len)` elements).
     #[inline]
     pub fn f16_to_f32(self, src: &[u16], dst: &mut [f32]) {
@@ -691,6 +720,14 @@ mod kernel_tests {
                 isa.f32_to_f16(&a, &mut h1);
                 s.f32_to_f16(&a, &mut h2);
                 assert_eq!(h1, h2);
+                let mut y1 = a.clone();
+                let mut y2 = a.clone();
+                isa.f16_fma_round(&mut y1, &b, 0.37);
+                s.f16_fma_round(&mut y2, &b, 0.37);
+                assert_eq!(y1, y2);
+                isa.f16_scale_round(&mut y1, 1.7);
+                s.f16_scale_round(&mut y2, 1.7);
+                assert_eq!(y1, y2);
                 let mut f1 = vec![0f32; n];
                 let mut f2 = vec![0f32; n];
                 isa.f16_to_f32(&h1, &mut f1);

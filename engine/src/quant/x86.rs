@@ -94,7 +94,8 @@ macro_rules! q8_kernels {
                             _mm256_set1_ps(d * ab.d),
                             acc[t],
                         );
-                        mins[t] += m * ab.s;
+                        // FMA, as the C compiler contracts llama.cpp's `summs += m * s`.
+                        mins[t] = m.mul_add(ab.s, mins[t]);
                     }
                 }
                 for t in 0..N {
@@ -318,5 +319,49 @@ pub fn quantize_row_q8(x: &[f32], out: &mut [BlockQ8]) {
         )));
         yb.d = dh;
         yb.s = sh;
+    }
+}
+
+/// `acc[i] = f16(fma(v[i], s, acc[i]))`: llama.cpp's `ggml_vec_mad_f16` on an f16 accumulator.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn f16_fma_round(acc: &mut [f32], v: &[f32], s: f32) {
+    let n = acc.len().min(v.len());
+    let vs = _mm256_set1_ps(s);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n bounds both slices.
+        unsafe {
+            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+            let x = _mm256_loadu_ps(v.as_ptr().add(i));
+            let r = _mm256_fmadd_ps(x, vs, a);
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r);
+            _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    while i < n {
+        acc[i] = half::f16::from_f32(v[i].mul_add(s, acc[i])).to_f32();
+        i += 1;
+    }
+}
+
+/// `acc[i] = f16(acc[i] · s)`: llama.cpp's `ggml_vec_scale_f16`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn f16_scale_round(acc: &mut [f32], s: f32) {
+    let n = acc.len();
+    let vs = _mm256_set1_ps(s);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n bounds the slice.
+        unsafe {
+            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(a, vs));
+            _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    while i < n {
+        acc[i] = half::f16::from_f32(acc[i] * s).to_f32();
+        i += 1;
     }
 }
