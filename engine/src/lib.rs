@@ -5,6 +5,7 @@
 //! This crate does no network I/O; the agent and gateway binaries own that.
 
 pub mod api;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod fetch;

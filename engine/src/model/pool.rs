@@ -1,8 +1,9 @@
-//! A small persistent thread pool for the forward pass: `run(f)` calls `f(thread_index)` on every
-//! thread (the caller is thread 0) and returns when all are done, so `f` may borrow from the
-//! caller's stack. Workers spin briefly between jobs (a decode step issues a few hundred jobs a
-//! few microseconds apart, and a sleeping thread takes tens of microseconds to wake), then sleep
-//! on a condvar when the engine is idle.
+//! A small persistent thread pool for the forward pass. [`ThreadPool::for_each`] hands items of
+//! a job to whichever threads show up; the caller always works too and, once the items run out,
+//! closes the job so a worker that has not joined yet (descheduled on a busy machine) never
+//! delays the step: it simply skips that job. Workers spin briefly between jobs (a decode step
+//! issues a few hundred jobs microseconds apart, and a sleeping thread takes tens of
+//! microseconds to wake), then sleep on a condvar when the engine is idle.
 
 use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -11,16 +12,22 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 /// Spins a worker makes waiting for the next job before it sleeps.
-const SPINS_BEFORE_SLEEP: u32 = 1 << 16;
+const SPINS_BEFORE_SLEEP: u32 = 1 << 15;
+/// `claims` bit that closes a job to late joiners.
+const CLOSED: u64 = 1 << 31;
+const COUNT_MASK: u64 = CLOSED - 1;
 
 type Job<'a> = &'a (dyn Fn(usize) + Sync);
 
 struct Shared {
-    /// The current job; written by the caller before `generation` is bumped (Release), read by
-    /// workers after they see the bump (Acquire).
+    /// The current job; written by the caller before `claims`/`generation` are published
+    /// (Release), read by a worker only after it joined the job (a successful CAS on `claims`).
     job: UnsafeCell<Option<Job<'static>>>,
     generation: AtomicU64,
-    pending: AtomicUsize,
+    /// `generation << 32 | CLOSED? | workers joined`.
+    claims: AtomicU64,
+    /// Workers that joined the current job and finished it.
+    done: AtomicUsize,
     sleepers: AtomicUsize,
     shutdown: AtomicBool,
     panicked: AtomicBool,
@@ -28,9 +35,9 @@ struct Shared {
     wake: Condvar,
 }
 
-// SAFETY: `job` is only written by the thread inside `ThreadPool::run` (serialised by `busy`)
-// while no worker reads it (all workers have finished the previous generation), and only read
-// by workers between seeing a new generation and decrementing `pending`.
+// SAFETY: `job` is written only inside `ThreadPool::for_each` (serialised by `busy`) while no
+// worker can be running a job (every joiner of the previous job finished and the job was closed
+// to new joiners), and read only by workers that joined the current job.
 unsafe impl Sync for Shared {}
 // SAFETY: see above; the job reference itself is `Sync`.
 unsafe impl Send for Shared {}
@@ -39,7 +46,7 @@ unsafe impl Send for Shared {}
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    busy: Mutex<()>,
+    busy: Mutex<u32>,
     n: usize,
 }
 
@@ -50,7 +57,8 @@ impl ThreadPool {
         let shared = Arc::new(Shared {
             job: UnsafeCell::new(None),
             generation: AtomicU64::new(0),
-            pending: AtomicUsize::new(0),
+            claims: AtomicU64::new(CLOSED),
+            done: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
@@ -75,7 +83,7 @@ impl ThreadPool {
         ThreadPool {
             shared,
             workers,
-            busy: Mutex::new(()),
+            busy: Mutex::new(0),
             n,
         }
     }
@@ -85,50 +93,8 @@ impl ThreadPool {
         self.n
     }
 
-    /// Runs `f(i)` for every thread index `i` in `0..threads()` (0 on the calling thread) and
-    /// waits for all of them.
-    pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
-        if self.n == 1 {
-            f(0);
-            return;
-        }
-        let _busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        let s = &*self.shared;
-        // SAFETY: the lifetime is erased only for the duration of this call: we wait below until
-        // every worker has finished with the job (pending == 0) and clear it before returning,
-        // so no worker can observe `f` after it goes out of scope.
-        let job: Job<'static> = unsafe { std::mem::transmute::<Job<'_>, Job<'static>>(f) };
-        // SAFETY: no worker reads `job` now: all finished the previous generation (pending was
-        // 0 when the previous run returned), and `busy` excludes other callers.
-        unsafe { *s.job.get() = Some(job) };
-        s.pending.store(self.n - 1, Ordering::SeqCst);
-        s.generation.fetch_add(1, Ordering::SeqCst);
-        if s.sleepers.load(Ordering::SeqCst) > 0 {
-            let _g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
-            s.wake.notify_all();
-        }
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
-        let mut spins = 0u32;
-        while s.pending.load(Ordering::Acquire) != 0 {
-            spins += 1;
-            if spins < 4096 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        // SAFETY: all workers are done with this generation.
-        unsafe { *s.job.get() = None };
-        if let Err(p) = mine {
-            std::panic::resume_unwind(p);
-        }
-        if s.panicked.swap(false, Ordering::SeqCst) {
-            panic!("a CPU worker thread panicked (a kernel invariant was broken)");
-        }
-    }
-
-    /// Calls `f(item, thread)` for every item in `0..n_items`, items handed out dynamically so a
-    /// thread slowed by other load does not hold the others up.
+    /// Calls `f(item, thread)` for every item in `0..n_items` exactly once, items handed out
+    /// dynamically to the caller (thread 0) and whichever workers join; returns when all are done.
     pub fn for_each(&self, n_items: usize, f: &(dyn Fn(usize, usize) + Sync)) {
         if n_items == 0 {
             return;
@@ -140,13 +106,55 @@ impl ThreadPool {
             return;
         }
         let next = AtomicUsize::new(0);
-        self.run(&|thread| loop {
+        let body = |thread: usize| loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= n_items {
                 break;
             }
             f(i, thread);
-        });
+        };
+        self.run(&body);
+    }
+
+    /// Runs `f` on the caller (index 0) and on every worker that joins before the caller is done
+    /// with its own call; `f` must itself share out the work (see `for_each`).
+    fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+        let mut gen_guard = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        *gen_guard = gen_guard.wrapping_add(1).max(1);
+        let gen = *gen_guard as u64;
+        let s = &*self.shared;
+        // SAFETY: the lifetime is erased only while this call runs: the job is closed to new
+        // joiners and every joiner has finished before we clear it and return.
+        let job: Job<'static> = unsafe { std::mem::transmute::<Job<'_>, Job<'static>>(f) };
+        // SAFETY: no worker reads `job` now (the previous job was closed and all its joiners
+        // finished), and `busy` excludes other callers.
+        unsafe { *s.job.get() = Some(job) };
+        s.done.store(0, Ordering::Relaxed);
+        s.claims.store(gen << 32, Ordering::Release);
+        s.generation.store(gen, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = s.lock.lock().unwrap_or_else(|p| p.into_inner());
+            s.wake.notify_all();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
+        let joined = (s.claims.fetch_or(CLOSED, Ordering::AcqRel) & COUNT_MASK) as usize;
+        let mut spins = 0u32;
+        while s.done.load(Ordering::Acquire) < joined {
+            spins += 1;
+            if spins < 1024 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        // SAFETY: closed, and every joiner finished.
+        unsafe { *s.job.get() = None };
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.swap(false, Ordering::SeqCst) {
+            panic!("a CPU worker thread panicked (a kernel invariant was broken)");
+        }
     }
 }
 
@@ -154,14 +162,13 @@ fn worker(s: Arc<Shared>, idx: usize) {
     let mut seen = 0u64;
     loop {
         let mut spins = 0u32;
-        loop {
+        let gen = loop {
             if s.shutdown.load(Ordering::Acquire) {
                 return;
             }
             let g = s.generation.load(Ordering::Acquire);
             if g != seen {
-                seen = g;
-                break;
+                break g;
             }
             spins += 1;
             if spins < SPINS_BEFORE_SLEEP {
@@ -176,16 +183,34 @@ fn worker(s: Arc<Shared>, idx: usize) {
             }
             s.sleepers.fetch_sub(1, Ordering::SeqCst);
             spins = 0;
+        };
+        seen = gen;
+        // Join the job unless it is already closed (or a newer one replaced it).
+        let mut c = s.claims.load(Ordering::Acquire);
+        let joined = loop {
+            if c >> 32 != gen || c & CLOSED != 0 {
+                break false;
+            }
+            match s
+                .claims
+                .compare_exchange_weak(c, c + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break true,
+                Err(now) => c = now,
+            }
+        };
+        if !joined {
+            continue;
         }
-        // SAFETY: the caller wrote the job before bumping the generation we just observed, and
-        // keeps it alive until we decrement `pending`.
+        // SAFETY: we joined the open job: the caller wrote it before publishing `claims` and
+        // keeps it alive until we increment `done`.
         let job = unsafe { *s.job.get() };
         if let Some(f) = job {
             if catch_unwind(AssertUnwindSafe(|| f(idx))).is_err() {
                 s.panicked.store(true, Ordering::SeqCst);
             }
         }
-        s.pending.fetch_sub(1, Ordering::Release);
+        s.done.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -245,39 +270,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_thread_runs_and_borrows_work() {
-        let pool = ThreadPool::new(3);
-        let hits: Vec<AtomicUsize> = (0..pool.threads()).map(|_| AtomicUsize::new(0)).collect();
-        for _ in 0..1000 {
-            pool.run(&|i| {
-                hits[i].fetch_add(1, Ordering::Relaxed);
-            });
+    fn every_item_runs_exactly_once_and_borrows_work() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for n in [0usize, 1, 2, 7, 1000] {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                for _ in 0..200 {
+                    pool.for_each(n, &|i, t| {
+                        assert!(t < pool.threads());
+                        hits[i].fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+                for h in &hits {
+                    assert_eq!(h.load(Ordering::Relaxed), 200);
+                }
+            }
         }
-        for h in &hits {
-            assert_eq!(h.load(Ordering::Relaxed), 1000);
-        }
-        let sum = AtomicUsize::new(0);
-        pool.for_each(10_000, &|i, _| {
-            sum.fetch_add(i, Ordering::Relaxed);
-        });
-        assert_eq!(sum.load(Ordering::Relaxed), 10_000 * 9_999 / 2);
     }
 
     #[test]
     fn a_worker_panic_reaches_the_caller_and_the_pool_survives() {
         let pool = ThreadPool::new(2);
         let r = catch_unwind(AssertUnwindSafe(|| {
-            pool.run(&|i| {
-                if i == 1 {
+            pool.for_each(64, &|i, _| {
+                if i == 33 {
                     panic!("boom");
                 }
             })
         }));
         assert!(r.is_err());
         let n = AtomicUsize::new(0);
-        pool.run(&|_| {
+        pool.for_each(10, &|_, _| {
             n.fetch_add(1, Ordering::Relaxed);
         });
-        assert_eq!(n.load(Ordering::Relaxed), 2);
+        assert_eq!(n.load(Ordering::Relaxed), 10);
     }
 }
