@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let path = args.get(1).ok_or("usage: bench_cpu MODEL.gguf [prompt gen batch threads]")?;
+    let path = args
+        .get(1)
+        .ok_or("usage: bench_cpu MODEL.gguf [prompt gen batch threads]")?;
     let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let g = Gguf::open(path)?;
     let cfg = ModelConfig::from_gguf(&g)?;

@@ -59,7 +59,13 @@ pub fn run(model: Arc<Model>, cfg: BenchConfig) -> Result<BenchResult, ModelErro
     let vocab = model.config().vocab_size as u32;
     let per_seq_blocks = (cfg.prompt_tokens + cfg.gen_tokens).div_ceil(BLOCK_SIZE);
     let max_step = PREFILL_STEP_TOKENS.max(cfg.batch).max(cfg.prompt_tokens);
-    let mut runner = CpuRunner::new(model, BLOCK_SIZE, per_seq_blocks * cfg.batch, max_step, threads)?;
+    let mut runner = CpuRunner::new(
+        model,
+        BLOCK_SIZE,
+        per_seq_blocks * cfg.batch,
+        max_step,
+        threads,
+    )?;
     let tables: Vec<Vec<u32>> = (0..cfg.batch)
         .map(|s| ((s * per_seq_blocks) as u32..((s + 1) * per_seq_blocks) as u32).collect())
         .collect();

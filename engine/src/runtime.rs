@@ -165,7 +165,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("info", &self.shared.info).finish()
+        f.debug_struct("Engine")
+            .field("info", &self.shared.info)
+            .finish()
     }
 }
 
@@ -313,7 +315,9 @@ impl Engine {
                 .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize: {e}")))?,
             Prompt::Tokens(t) => {
                 if let Some(bad_id) = t.iter().find(|&&id| id as usize >= vocab) {
-                    return bad(format!("token id {bad_id} is outside the vocabulary ({vocab})"));
+                    return bad(format!(
+                        "token id {bad_id} is outside the vocabulary ({vocab})"
+                    ));
                 }
                 t
             }
@@ -561,6 +565,7 @@ impl Loop {
     fn end_aborted(&mut self, id: RequestId, req: Option<Req>) {
         let usage = self.sched.abort(id).ok();
         self.pending.fetch_sub(1, Ordering::SeqCst);
+        self.refresh();
         if let Some(mut r) = req {
             let usage = Usage {
                 prompt_tokens: r.prompt_tokens,
@@ -623,7 +628,6 @@ impl Loop {
             }
             Err(e) => {
                 drop(inputs);
-                drop(view);
                 let _ = self.sched.complete_step(&[]);
                 tracing::error!(error = %e, "model step failed; ending the step's requests");
                 let ids = std::mem::take(&mut self.logit_ids);
@@ -638,7 +642,6 @@ impl Loop {
             }
         }
         drop(inputs);
-        drop(view);
         if let Err(e) = self.sched.complete_step(&self.sampled) {
             tracing::warn!(error = %e, "scheduler refused a sampled token");
         }
@@ -718,6 +721,8 @@ impl Loop {
         };
         let usage = self.sched.finish(id).ok();
         self.pending.fetch_sub(1, Ordering::SeqCst);
+        // Stats show the freed blocks by the time the client sees the end.
+        self.refresh();
         (r.sink)(EngineEvent::Finished {
             reason,
             usage: Usage {
@@ -744,10 +749,16 @@ impl Loop {
         }
     }
 
-    /// Refreshes the shared stats and tells the observer (with the block events since last time).
-    fn publish(&mut self, notify: bool) {
+    /// Updates the stats [`Engine::stats`] returns.
+    fn refresh(&self) -> EngineStats {
         let stats = self.current_stats();
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+        stats
+    }
+
+    /// Refreshes the shared stats and tells the observer (with the block events since last time).
+    fn publish(&mut self, notify: bool) {
+        let stats = self.refresh();
         let events = self.sched.take_events();
         if notify {
             if let Some(o) = self.observer.as_mut() {
