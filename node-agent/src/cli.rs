@@ -1,0 +1,168 @@
+//! The `kvroute-agent` subcommands behind the thin `main`: `serve`, and the by-hand checks
+//! `run`, `tokenize` and `bench`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::config::{DeviceArg, ServeConfig};
+use crate::engine_backend;
+use crate::gpu::GpuMonitor;
+use crate::server::{self, println_flush, ServeOptions};
+use crate::state::AgentState;
+
+/// `kvroute-agent serve`.
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let gpu = GpuMonitor::start(Duration::from_secs(1));
+    let state = AgentState::new(config.agent_id.clone(), config.max_body_bytes, gpu);
+    let opts = ServeOptions {
+        http: config.http,
+        grpc: config.grpc,
+        drain_timeout: config.drain_timeout,
+    };
+    tracing::info!(model = %config.model, device = ?config.device, agent_id = %config.agent_id, "starting");
+    let load_cfg = config.clone();
+    server::serve(
+        state,
+        opts,
+        move || engine_backend::load(&load_cfg).map_err(|e| e.to_string()),
+        server::shutdown_signal(),
+        |b| {
+            println_flush(&format!(
+                "kvroute-agent listening http={} grpc={}",
+                b.http, b.grpc
+            ))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Flags shared by the by-hand subcommands.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// `default` or a path to a GGUF file or model folder.
+    #[arg(long, env = "KVROUTE_MODEL", default_value = "default")]
+    pub model: String,
+    /// Compute device.
+    #[arg(long, env = "KVROUTE_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// Where `--model default` is downloaded to.
+    #[arg(long, env = "KVROUTE_CACHE")]
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+impl ModelArgs {
+    /// A serve configuration for loading the model with defaults elsewhere.
+    fn serve_config(&self, kv_memory: Option<String>) -> anyhow::Result<ServeConfig> {
+        let args = crate::config::ServeArgs {
+            model: self.model.clone(),
+            http: "127.0.0.1:0".into(),
+            grpc: "127.0.0.1:0".into(),
+            device: self.device,
+            kv_memory,
+            gpu_memory_utilization: None,
+            block_size: "16".into(),
+            max_num_seqs: "256".into(),
+            max_model_len: None,
+            served_model_name: None,
+            agent_id: Some("cli".into()),
+            max_body_bytes: "4MiB".into(),
+            drain_timeout: "1s".into(),
+            cache_dir: self.cache_dir.clone(),
+            log_format: crate::config::LogFormat::Text,
+        };
+        Ok(args.validate()?)
+    }
+}
+
+/// `kvroute-agent run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt.
+    #[arg(long, short)]
+    pub prompt: String,
+    /// Render the prompt as one user message with the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: u32,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// `kvroute-agent tokenize`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text.
+    pub text: String,
+    /// Do not add the BOS token.
+    #[arg(long)]
+    pub no_special: bool,
+}
+
+/// `kvroute-agent bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Concurrent requests.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u32,
+    /// Requests in all.
+    #[arg(long, default_value_t = 32)]
+    pub requests: u32,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: u32,
+    /// Output length in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub output_tokens: u32,
+    /// KV-cache memory.
+    #[arg(long, default_value = "1GiB")]
+    pub kv_memory: String,
+}
+
+/// `kvroute-agent run`: loads the model, generates, prints text as it arrives.
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = args.model.serve_config(None)?;
+    let backend = engine_backend::load(&cfg)?;
+    engine_backend::run_once(
+        backend.as_ref(),
+        &args.prompt,
+        args.chat,
+        args.max_tokens,
+        args.temperature,
+        args.seed,
+    )
+}
+
+/// `kvroute-agent tokenize`: prints the token ids, one line, space separated.
+pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
+    let cfg = args.model.serve_config(Some("64MiB".into()))?;
+    let backend = engine_backend::load(&cfg)?;
+    let ids = backend.tokenize(&args.text, !args.no_special)?;
+    let line: Vec<String> = ids.iter().map(u32::to_string).collect();
+    println_flush(&line.join(" "));
+    backend.shutdown();
+    Ok(())
+}
+
+/// `kvroute-agent bench`: synthetic load straight on the engine.
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let cfg = args.model.serve_config(Some(args.kv_memory.clone()))?;
+    let backend: Arc<dyn crate::backend::InferenceBackend> = engine_backend::load(&cfg)?;
+    let report = engine_backend::bench(backend.clone(), &args)?;
+    println_flush(&report);
+    backend.shutdown();
+    Ok(())
+}
