@@ -146,14 +146,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     )
 }
 
-/// `kvroute-agent tokenize`: prints the token ids, one line, space separated.
+/// `kvroute-agent tokenize`: prints the token ids, one line, space separated. Needs only the
+/// tokenizer, not the engine.
 pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
-    let cfg = args.model.serve_config(Some("64MiB".into()))?;
-    let backend = engine_backend::load(&cfg)?;
-    let ids = backend.tokenize(&args.text, !args.no_special)?;
+    let resolved = engine_backend::resolve(&args.model.model, args.model.cache_dir.as_deref())?;
+    let text = engine_backend::ModelText::load(&resolved)?;
+    let ids = text.tokenize(&args.text, !args.no_special)?;
     let line: Vec<String> = ids.iter().map(u32::to_string).collect();
     println_flush(&line.join(" "));
-    backend.shutdown();
     Ok(())
 }
 

@@ -1,24 +1,191 @@
-//! [`InferenceBackend`] for kvroute's own engine, and model loading for the subcommands.
+//! kvroute's own engine behind [`InferenceBackend`], and model loading for the subcommands.
 //!
-//! Waiting on `engine::runtime` / `engine::load`: until they are merged this module reports a
-//! clear error instead of loading.
+//! Loading: `--model default|PATH` is resolved by `engine::fetch` (the default model is fetched
+//! and verified into the cache, with a progress bar on a terminal), then the tokenizer and chat
+//! template are read ([`ModelText`]). The step loop (`engine::runtime`) is not merged yet: until
+//! it is, `load` stops after the text side with [`LoadError::NoRuntime`], and only `tokenize`
+//! works end to end.
 
-use std::sync::Arc;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use crate::backend::InferenceBackend;
+use indicatif::{ProgressBar, ProgressStyle};
+use kvroute_engine::chat::{ChatMessage as EngineChatMessage, ChatTemplate};
+use kvroute_engine::fetch::{self, ModelFormat, ModelRef, Progress, ResolvedModel};
+use kvroute_engine::gguf::Gguf;
+use kvroute_engine::tokenizer::Tokenizer;
+
+use crate::backend::{ChatMessage, InferenceBackend, TextError};
 use crate::cli::BenchArgs;
 use crate::config::ServeConfig;
 
 /// Loading failures.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("this build has no engine runtime yet; cannot load {0}")]
+    #[error("--model {model:?}: {cause}")]
+    Fetch {
+        model: String,
+        cause: fetch::FetchError,
+    },
+    #[error("reading {path}: {why}")]
+    Read { path: PathBuf, why: String },
+    #[error("the tokenizer of {path}: {cause}")]
+    Tokenizer {
+        path: PathBuf,
+        cause: kvroute_engine::tokenizer::TokenizerError,
+    },
+    #[error(
+        "this build has no engine runtime yet (engine::runtime is not merged); cannot serve {0}"
+    )]
     NoRuntime(String),
+}
+
+/// Renders fetch progress: an indicatif bar on a terminal, log lines otherwise.
+struct FetchProgress {
+    bar: Mutex<Option<ProgressBar>>,
+    terminal: bool,
+}
+
+impl FetchProgress {
+    fn new() -> Self {
+        Self {
+            bar: Mutex::new(None),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for FetchProgress {
+    fn stage(&self, name: &str) {
+        tracing::info!(stage = name, "model");
+        if self.terminal {
+            let mut slot = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(b) = slot.take() {
+                b.finish_and_clear();
+            }
+            let b = ProgressBar::new(0);
+            let style = ProgressStyle::with_template(
+                "{msg:>24} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+            )
+            .map(|s| s.progress_chars("=> "));
+            if let Ok(style) = style {
+                b.set_style(style);
+            }
+            b.set_message(name.to_string());
+            *slot = Some(b);
+        }
+    }
+
+    fn message(&self, line: &str) {
+        tracing::debug!(line, "fetch");
+    }
+
+    fn bytes(&self, done: u64, total: Option<u64>) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if let Some(t) = total {
+                b.set_length(t);
+            }
+            b.set_position(done);
+        }
+    }
+}
+
+/// Finds the model `--model` names, fetching the default model into the cache if needed.
+pub fn resolve(model: &str, cache_dir: Option<&Path>) -> Result<ResolvedModel, LoadError> {
+    let fetch_err = |cause| LoadError::Fetch {
+        model: model.to_string(),
+        cause,
+    };
+    let r: ModelRef = model.parse().map_err(fetch_err)?;
+    let cache = match cache_dir {
+        Some(c) => c.to_path_buf(),
+        None => fetch::cache_dir().map_err(fetch_err)?,
+    };
+    let progress = FetchProgress::new();
+    let resolved = fetch::resolve(&r, &cache, &progress);
+    progress.finish();
+    resolved.map_err(fetch_err)
+}
+
+/// The text side of a model: tokenizer and chat template.
+pub struct ModelText {
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+}
+
+impl ModelText {
+    pub fn load(model: &ResolvedModel) -> Result<Self, LoadError> {
+        let tok_err = |cause| LoadError::Tokenizer {
+            path: model.path.clone(),
+            cause,
+        };
+        let tokenizer = match model.format {
+            ModelFormat::Gguf => {
+                let g = Gguf::open(&model.path).map_err(|e| LoadError::Read {
+                    path: model.path.clone(),
+                    why: e.to_string(),
+                })?;
+                Tokenizer::from_gguf(&g).map_err(tok_err)?
+            }
+            ModelFormat::Safetensors => {
+                let cfg = model.path.join("tokenizer_config.json");
+                Tokenizer::from_hf_files(
+                    &model.path.join("tokenizer.json"),
+                    cfg.exists().then_some(cfg.as_path()),
+                )
+                .map_err(tok_err)?
+            }
+        };
+        let template = match ChatTemplate::from_tokenizer(&tokenizer) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "no usable chat template; /v1/chat/completions will answer 400");
+                None
+            }
+        };
+        Ok(Self {
+            tokenizer,
+            template,
+        })
+    }
+
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TextError> {
+        self.tokenizer
+            .encode(text, add_special)
+            .map_err(|e| TextError::Tokenize(e.to_string()))
+    }
+
+    /// The chat prompt's token ids: the rendered template with special tokens recognised; a BOS
+    /// the template already wrote is not doubled.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TextError> {
+        let t = self.template.as_ref().ok_or_else(|| {
+            TextError::ChatTemplate("the model has no chat template; use /v1/completions".into())
+        })?;
+        let msgs: Vec<EngineChatMessage> = messages
+            .iter()
+            .map(|m| EngineChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect();
+        t.render(&msgs, add_generation_prompt)
+            .map_err(|e| TextError::ChatTemplate(e.to_string()))
+    }
 }
 
 /// Loads `cfg.model` and starts the engine.
 pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
-    Err(LoadError::NoRuntime(cfg.model.clone()))
+    let resolved = resolve(&cfg.model, cfg.cache_dir.as_deref())?;
+    let _text = ModelText::load(&resolved)?;
+    Err(LoadError::NoRuntime(resolved.path.display().to_string()))
 }
 
 /// Generates once and prints the text as it comes.

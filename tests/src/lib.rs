@@ -247,12 +247,7 @@ pub fn run_py(script: &str, args: &[&str]) -> Value {
 }
 
 /// Opens one HTTP/1.1 connection and sends one request; the body is left unread.
-pub async fn send(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Vec<u8>,
-) -> Response<Incoming> {
+pub async fn send(addr: SocketAddr, method: &str, path: &str, body: Vec<u8>) -> Response<Incoming> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -271,7 +266,12 @@ pub async fn send(
 }
 
 /// One request with its whole body read.
-pub async fn call(addr: SocketAddr, method: &str, path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+pub async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
     let resp = tokio::time::timeout(GUARD, send(addr, method, path, body))
         .await
         .unwrap();

@@ -47,23 +47,10 @@ impl Default for FakeConfig {
     }
 }
 
-/// The chained block hash the fake uses (FNV-1a over parent hash and token ids). Only full
-/// blocks are hashed.
+/// The chained block hashes of `tokens` (full blocks only), with the engine's public hash
+/// function, so capacity events carry the same hashes a router computes.
 pub fn fake_block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    let mut parent: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut out = Vec::new();
-    for block in tokens.chunks_exact(block_size) {
-        let mut h = parent;
-        for t in block {
-            for b in t.to_le_bytes() {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        out.push(h);
-        parent = h;
-    }
-    out
+    kvroute_engine::kv::hash::block_hashes(tokens, block_size, &[])
 }
 
 /// The fake model's greedy continuation: token i of the output.

@@ -1,0 +1,65 @@
+//! The official `openai` Python client against a real `kvroute-agent serve` with the default
+//! model: completions and chat, plain and streamed, greedy. Streamed text equals the plain
+//! text, and the plain greedy completion continues the prompt as llama.cpp does (reference
+//! fixture).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use kvroute_tests::{run_py, Agent, AgentOpts};
+use serde_json::Value;
+
+fn fixture() -> Value {
+    let path = std::env::var("KVROUTE_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+        })
+        .join("smollm2-reference.json");
+    serde_json::from_slice(
+        &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+#[test]
+fn openai_client_completions_and_chat_plain_and_streamed() {
+    let agent = Agent::spawn(AgentOpts::default());
+    let reference = &fixture()["generate"][0];
+    let prompt = reference["prompt"].as_str().unwrap();
+    let out = run_py(
+        "openai_roundtrip.py",
+        &[&agent.base_url(), &agent.model, prompt, "16"],
+    );
+    assert_eq!(out["models"], serde_json::json!([agent.model]));
+
+    let c = &out["completion"];
+    let text = c["text"].as_str().unwrap();
+    assert_eq!(c["completion_tokens"], 16, "{out}");
+    assert_eq!(
+        c["prompt_tokens"],
+        reference["prompt_ids"].as_array().unwrap().len()
+    );
+    assert_eq!(c["finish_reason"], "length");
+    let greedy = reference["greedy_text"].as_str().unwrap();
+    assert!(
+        greedy.starts_with(text) && text.len() > 8,
+        "greedy completion {text:?} is not a prefix of llama.cpp's {greedy:?}"
+    );
+    assert_eq!(out["completion_stream"]["text"], c["text"]);
+    assert_eq!(out["completion_stream"]["finish_reason"], "length");
+    assert_eq!(out["completion_stream"]["completion_tokens"], 16);
+
+    let chat = &out["chat"];
+    assert_eq!(chat["role"], "assistant");
+    assert!(!chat["text"].as_str().unwrap().is_empty(), "{out}");
+    assert_eq!(out["chat_stream"]["text"], chat["text"]);
+    assert_eq!(out["chat_stream"]["role"], "assistant");
+    assert_eq!(out["chat_stream"]["finish_reason"], chat["finish_reason"]);
+    assert_eq!(
+        out["chat_stream"]["completion_tokens"],
+        chat["completion_tokens"]
+    );
+
+    assert_eq!(out["bad_model"]["status"], 404);
+    assert_eq!(out["bad_model"]["code"], "model_not_found");
+    assert_eq!(out["bad_model"]["param"], "model");
+}
