@@ -109,3 +109,29 @@ fn sample(nvml: &nvml_wrapper::Nvml, index: u32) -> Option<GpuSample> {
         utilization_percent: util.min(100),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With NVML and a GPU the monitor has a plausible sample; without, it is empty (absent
+    /// fields), never an error or a panic.
+    #[test]
+    fn sample_present_exactly_when_nvml_sees_a_gpu() {
+        let gpu_seen = nvml_wrapper::Nvml::init()
+            .ok()
+            .and_then(|n| n.device_count().ok())
+            .is_some_and(|c| c > gpu_index());
+        let m = GpuMonitor::start(Duration::from_millis(50));
+        match m.sample() {
+            Some(s) => {
+                assert!(gpu_seen);
+                assert!(s.memory_total_bytes > 0);
+                assert!(s.memory_used_bytes <= s.memory_total_bytes);
+                assert!(s.utilization_percent <= 100);
+            }
+            None => assert!(!gpu_seen),
+        }
+        assert!(GpuMonitor::absent().sample().is_none());
+    }
+}
