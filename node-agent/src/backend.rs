@@ -105,6 +105,11 @@ pub trait InferenceBackend: Send + Sync + 'static {
     /// Token ids of `text`; `add_special` adds BOS when the model wants it and recognises special
     /// tokens written in the text.
     fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TextError>;
+    /// Token ids of a rendered chat prompt: special tokens written by the template are
+    /// recognised, and a BOS the template already wrote is not added twice.
+    fn tokenize_chat(&self, rendered: &str) -> Result<Vec<u32>, TextError> {
+        self.tokenize(rendered, true)
+    }
     /// Text of `ids`.
     fn detokenize(&self, ids: &[u32]) -> Result<String, TextError>;
     /// The prompt text for a chat, rendered with the model's chat template.

@@ -65,6 +65,7 @@ impl ModelArgs {
             gpu_memory_utilization: None,
             block_size: "16".into(),
             max_num_seqs: "256".into(),
+            threads: None,
             max_model_len: None,
             served_model_name: None,
             agent_id: Some("cli".into()),

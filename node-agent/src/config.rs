@@ -77,6 +77,9 @@ pub struct ServeArgs {
     /// Most requests computed at once.
     #[arg(long, env = "KVROUTE_MAX_NUM_SEQS", default_value = "256")]
     pub max_num_seqs: String,
+    /// Compute threads of the CPU backend; default: every core this process may use.
+    #[arg(long, env = "KVROUTE_THREADS")]
+    pub threads: Option<String>,
     /// Longest request (prompt + output tokens); default: the model's context length.
     #[arg(long, env = "KVROUTE_MAX_MODEL_LEN")]
     pub max_model_len: Option<String>,
@@ -125,6 +128,8 @@ pub struct ServeConfig {
     pub kv_budget: KvBudget,
     pub block_size: u32,
     pub max_num_seqs: u32,
+    /// CPU compute threads (≥ 1).
+    pub threads: usize,
     pub max_model_len: Option<u32>,
     pub served_model_name: Option<String>,
     pub agent_id: String,
@@ -237,6 +242,16 @@ impl ServeArgs {
                 "must be at least 1",
             ));
         }
+        let threads = match &self.threads {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(s) => {
+                let v = parse_u32("--threads", s)?;
+                if v == 0 || v > 1024 {
+                    return Err(ConfigError::invalid("--threads", s, "must be in 1..=1024"));
+                }
+                v as usize
+            }
+        };
         let max_model_len = match &self.max_model_len {
             None => None,
             Some(s) => {
@@ -292,6 +307,7 @@ impl ServeArgs {
             kv_budget,
             block_size,
             max_num_seqs,
+            threads,
             max_model_len,
             served_model_name,
             agent_id,
@@ -475,6 +491,7 @@ mod tests {
             (&["--block-size", "0"], "--block-size", "0"),
             (&["--block-size", "sixteen"], "--block-size", "sixteen"),
             (&["--max-num-seqs", "0"], "--max-num-seqs", "0"),
+            (&["--threads", "0"], "--threads", "0"),
             (&["--max-model-len", "1"], "--max-model-len", "1"),
             (&["--max-body-bytes", "4Q"], "--max-body-bytes", "4Q"),
             (

@@ -162,8 +162,19 @@ impl ModelText {
             .map_err(|e| TextError::Tokenize(e.to_string()))
     }
 
-    /// The chat prompt's token ids: the rendered template with special tokens recognised; a BOS
-    /// the template already wrote is not doubled.
+    /// The token ids of a rendered chat prompt: special tokens recognised; a BOS the template
+    /// already wrote is not doubled.
+    pub fn tokenize_chat(&self, rendered: &str) -> Result<Vec<u32>, TextError> {
+        let mut ids = self.tokenize(rendered, true)?;
+        if let (Some(bos), Some(bos_text)) = (self.tokenizer.bos_id(), self.tokenizer.bos_token()) {
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos && rendered.starts_with(&bos_text) {
+                ids.remove(0);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The chat prompt rendered with the model's template.
     pub fn render_chat(
         &self,
         messages: &[ChatMessage],

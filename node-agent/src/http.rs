@@ -377,7 +377,7 @@ fn prompt_tokens(backend: &dyn InferenceBackend, input: Input) -> Result<Vec<u32
                 .render_chat(&messages, add_generation_prompt)
                 .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
             backend
-                .tokenize(&text, false)
+                .tokenize_chat(&text)
                 .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))
         }
     }
