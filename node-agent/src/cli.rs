@@ -9,7 +9,7 @@ use clap::Args;
 use crate::config::{DeviceArg, ServeConfig};
 use crate::engine_backend;
 use crate::gpu::GpuMonitor;
-use crate::server::{self, println_flush, ServeOptions};
+use crate::server::{self, println_flush, ServeEvent, ServeOptions};
 use crate::state::AgentState;
 
 /// `kvroute-agent serve`.
@@ -28,11 +28,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         opts,
         move || engine_backend::load(&load_cfg).map_err(|e| e.to_string()),
         server::shutdown_signal(),
-        |b| {
-            println_flush(&format!(
+        |ev| match ev {
+            ServeEvent::Bound(b) => println_flush(&format!(
                 "kvroute-agent listening http={} grpc={}",
                 b.http, b.grpc
-            ))
+            )),
+            ServeEvent::Ready(model) => {
+                println_flush(&format!("kvroute-agent ready model={model}"))
+            }
         },
     )
     .await?;

@@ -43,6 +43,15 @@ pub struct BoundAddrs {
     pub grpc: SocketAddr,
 }
 
+/// Milestones `serve` reports to its caller (the binary prints them on stdout).
+#[derive(Debug, Clone)]
+pub enum ServeEvent {
+    /// Both listeners are bound.
+    Bound(BoundAddrs),
+    /// The model is loaded and the agent is ready; the served model name.
+    Ready(String),
+}
+
 /// Serving settings beyond the shared state.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -52,13 +61,13 @@ pub struct ServeOptions {
 }
 
 /// Runs the agent until `shutdown` resolves, then drains. `load` runs on a blocking thread.
-/// `on_bound` is called once both listeners are bound.
+/// `on_event` hears when the listeners are bound and when the model is ready.
 pub async fn serve<L, S>(
     state: Arc<AgentState>,
     opts: ServeOptions,
     load: L,
     shutdown: S,
-    on_bound: impl FnOnce(BoundAddrs),
+    mut on_event: impl FnMut(ServeEvent),
 ) -> Result<(), ServeError>
 where
     L: FnOnce() -> Result<Arc<dyn InferenceBackend>, String> + Send + 'static,
@@ -83,7 +92,7 @@ where
         grpc: grpc_listener.local_addr().map_err(ServeError::Http)?,
     };
     tracing::info!(http = %bound.http, grpc = %bound.grpc, "listening");
-    on_bound(bound);
+    on_event(ServeEvent::Bound(bound));
 
     // HTTP: stops accepting when `stop_http` fires; open connections finish their requests.
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
@@ -133,7 +142,7 @@ where
                 .set_serving::<kvroute_proto::AgentServer<AgentService>>()
                 .await;
             tracing::info!(model = %info.name, block_size = info.block_size, max_model_len = info.max_model_len, "ready");
-            println_flush(&format!("kvroute-agent ready model={}", info.name));
+            on_event(ServeEvent::Ready(info.name.clone()));
             shutdown.await;
             Ok(())
         }

@@ -176,3 +176,126 @@ async fn drain_timeout_aborts_what_remains_and_still_exits_ok() {
         .unwrap()
         .unwrap();
 }
+
+/// While the model loads: liveness 200, readiness and generation 503 `loading`, gRPC
+/// UNAVAILABLE; once loaded, all serve.
+#[tokio::test]
+async fn loading_state_then_ready() {
+    use kvroute_agent::backend::fake::FakeBackend;
+    use kvroute_agent::backend::InferenceBackend;
+    use kvroute_agent::gpu::GpuMonitor;
+    use kvroute_agent::server::{serve, ServeEvent, ServeOptions};
+    use kvroute_agent::state::AgentState;
+    use std::sync::Arc;
+
+    let state = AgentState::new("loading".into(), 1 << 20, GpuMonitor::absent());
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = ServeOptions {
+        http: "127.0.0.1:0".parse().unwrap(),
+        grpc: "127.0.0.1:0".parse().unwrap(),
+        drain_timeout: Duration::from_secs(5),
+    };
+    let st = state.clone();
+    let task = tokio::spawn(async move {
+        serve(
+            st,
+            opts,
+            move || {
+                // A slow load: blocks until the test lets it finish.
+                let _ = release_rx.recv();
+                let b: Arc<dyn InferenceBackend> = FakeBackend::start(cfg());
+                Ok(b)
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+            {
+                let mut addr_tx = Some(addr_tx);
+                move |ev| {
+                    if let (ServeEvent::Bound(a), Some(tx)) = (ev, addr_tx.take()) {
+                        let _ = tx.send(a);
+                    }
+                }
+            },
+        )
+        .await
+    });
+    let addrs = addr_rx.await.unwrap();
+    assert_eq!(
+        call(addrs.http, "GET", "/health", None).await.0,
+        StatusCode::OK
+    );
+    let (s, b) = call(addrs.http, "GET", "/ready", None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["code"], "loading");
+    let (s, v) = post_json(
+        addrs.http,
+        "/v1/completions",
+        &json!({"model": "fake-model", "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["error"]["code"], "loading");
+    let err = AgentClient::connect(format!("http://{}", addrs.grpc))
+        .await
+        .unwrap()
+        .watch_capacity(WatchCapacityRequest {
+            subscriber: "t".into(),
+            include_block_events: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+
+    release_tx.send(()).unwrap();
+    while !state.is_ready() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        call(addrs.http, "GET", "/ready", None).await.0,
+        StatusCode::OK
+    );
+    let (s, v) = post_json(
+        addrs.http,
+        "/v1/completions",
+        &json!({"model": "fake-model", "prompt": "x", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(GUARD, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// A model that fails to load ends `serve` with the loader's error (the binary exits non-zero).
+#[tokio::test]
+async fn load_failure_is_an_error() {
+    use kvroute_agent::gpu::GpuMonitor;
+    use kvroute_agent::server::{serve, ServeError, ServeOptions};
+    use kvroute_agent::state::AgentState;
+
+    let state = AgentState::new("broken".into(), 1 << 20, GpuMonitor::absent());
+    let opts = ServeOptions {
+        http: "127.0.0.1:0".parse().unwrap(),
+        grpc: "127.0.0.1:0".parse().unwrap(),
+        drain_timeout: Duration::from_secs(5),
+    };
+    let r = serve(
+        state,
+        opts,
+        || Err("no such model file".to_string()),
+        std::future::pending(),
+        |_| {},
+    )
+    .await;
+    match r {
+        Err(ServeError::Load(m)) => assert!(m.contains("no such model file")),
+        other => panic!("{other:?}"),
+    }
+}

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use kvroute_agent::backend::fake::{FakeBackend, FakeConfig};
 use kvroute_agent::backend::InferenceBackend;
 use kvroute_agent::gpu::GpuMonitor;
-use kvroute_agent::server::{serve, ServeError, ServeOptions};
+use kvroute_agent::server::{serve, ServeError, ServeEvent, ServeOptions};
 use kvroute_agent::state::AgentState;
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -55,8 +55,13 @@ pub async fn start_with(cfg: FakeConfig, max_body: usize, drain: Duration) -> Te
             async move {
                 let _ = stop_rx.await;
             },
-            move |a| {
-                let _ = addr_tx.send(a);
+            {
+                let mut addr_tx = Some(addr_tx);
+                move |ev| {
+                    if let (ServeEvent::Bound(a), Some(tx)) = (ev, addr_tx.take()) {
+                        let _ = tx.send(a);
+                    }
+                }
             },
         )
         .await
