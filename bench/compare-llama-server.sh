@@ -9,13 +9,15 @@
 #
 # usage: bench/compare-llama-server.sh [--cores 2] [--concurrency 8] [--requests 32]
 #                                      [--prompt-words 128] [--max-tokens 64]
+#        bench/compare-llama-server.sh --build-only   (just build llama-server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 export KVROUTE_CACHE="${KVROUTE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvroute}"
-CORES=2 CONC=8 REQS=32 PWORDS=128 MAXTOK=64
+CORES=2 CONC=8 REQS=32 PWORDS=128 MAXTOK=64 BUILD_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --build-only) BUILD_ONLY=1; shift ;;
     --cores) CORES="$2"; shift 2 ;;
     --concurrency) CONC="$2"; shift 2 ;;
     --requests) REQS="$2"; shift 2 ;;
@@ -47,6 +49,7 @@ if [ ! -x "$SERVER" ]; then
     -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
   cmake --build "$BUILD" --target llama-server -j "$(nproc)"
 fi
+if [ "$BUILD_ONLY" = 1 ]; then echo "built $SERVER"; exit 0; fi
 
 cargo build --release -p kvroute-agent
 AGENT="${CARGO_TARGET_DIR:-$ROOT/target}/release/kvroute-agent"

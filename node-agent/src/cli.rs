@@ -1,7 +1,6 @@
 //! The `kvroute-agent` subcommands behind the thin `main`: `serve`, and the by-hand checks
 //! `run`, `tokenize` and `bench`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -9,6 +8,7 @@ use clap::Args;
 use crate::config::{DeviceArg, ServeConfig};
 use crate::engine_backend;
 use crate::gpu::GpuMonitor;
+use crate::oneshot;
 use crate::server::{self, println_flush, ServeEvent, ServeOptions};
 use crate::state::AgentState;
 
@@ -136,18 +136,34 @@ pub struct BenchArgs {
     pub kv_memory: String,
 }
 
-/// `kvroute-agent run`: loads the model, generates, prints text as it arrives.
+/// `kvroute-agent run`: loads the model, generates, prints text as it arrives, then a summary
+/// on stderr.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = args.model.serve_config(None)?;
     let backend = engine_backend::load(&cfg)?;
-    engine_backend::run_once(
+    let started = std::time::Instant::now();
+    let out = oneshot::run_once(
         backend.as_ref(),
         &args.prompt,
         args.chat,
-        args.max_tokens,
-        args.temperature,
-        args.seed,
-    )
+        kvroute_engine::api::SamplingParams {
+            max_tokens: args.max_tokens.max(1),
+            temperature: args.temperature,
+            seed: args.seed,
+            ..Default::default()
+        },
+        &mut std::io::stdout().lock(),
+    )?;
+    println_flush("");
+    eprintln!(
+        "prompt_tokens={} completion_tokens={} finish_reason={} seconds={:.3}",
+        out.prompt_tokens,
+        out.completion_tokens,
+        out.finish_reason,
+        started.elapsed().as_secs_f64()
+    );
+    backend.shutdown();
+    Ok(())
 }
 
 /// `kvroute-agent tokenize`: prints the token ids, one line, space separated. Needs only the
@@ -161,12 +177,20 @@ pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kvroute-agent bench`: synthetic load straight on the engine.
+/// `kvroute-agent bench`: synthetic load straight on the engine (no HTTP); prints one JSON line.
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let cfg = args.model.serve_config(Some(args.kv_memory.clone()))?;
-    let backend: Arc<dyn crate::backend::InferenceBackend> = engine_backend::load(&cfg)?;
-    let report = engine_backend::bench(backend.clone(), &args)?;
-    println_flush(&report);
+    let backend = engine_backend::load(&cfg)?;
+    let report = oneshot::bench(
+        backend.clone(),
+        oneshot::BenchShape {
+            requests: args.requests,
+            concurrency: args.concurrency,
+            prompt_tokens: args.prompt_tokens,
+            output_tokens: args.output_tokens,
+        },
+    )?;
+    println_flush(&report.to_json());
     backend.shutdown();
     Ok(())
 }

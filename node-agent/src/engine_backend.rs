@@ -17,7 +17,6 @@ use kvroute_engine::gguf::Gguf;
 use kvroute_engine::tokenizer::Tokenizer;
 
 use crate::backend::{ChatMessage, InferenceBackend, TextError};
-use crate::cli::BenchArgs;
 use crate::config::ServeConfig;
 
 /// Loading failures.
@@ -197,21 +196,4 @@ pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
     let resolved = resolve(&cfg.model, cfg.cache_dir.as_deref())?;
     let _text = ModelText::load(&resolved)?;
     Err(LoadError::NoRuntime(resolved.path.display().to_string()))
-}
-
-/// Generates once and prints the text as it comes.
-pub fn run_once(
-    _backend: &dyn InferenceBackend,
-    _prompt: &str,
-    _chat: bool,
-    _max_tokens: u32,
-    _temperature: f32,
-    _seed: Option<u64>,
-) -> anyhow::Result<()> {
-    anyhow::bail!("no engine runtime")
-}
-
-/// Runs the synthetic benchmark and returns its report.
-pub fn bench(_backend: Arc<dyn InferenceBackend>, _args: &BenchArgs) -> anyhow::Result<String> {
-    anyhow::bail!("no engine runtime")
 }

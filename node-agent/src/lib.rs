@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod oneshot;
 pub mod openai;
 pub mod server;
 pub mod state;
