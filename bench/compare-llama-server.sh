@@ -41,7 +41,7 @@ if [ ! -x "$SERVER" ]; then
   command -v cmake >/dev/null || { echo "cmake missing: apt-get install -y cmake" >&2; exit 1; }
   SRC="$KVROUTE_CACHE/llama-cpp-python-src"
   rm -rf "$SRC" && mkdir -p "$SRC"
-  python3 -m pip download --quiet --no-binary :all: --no-deps \
+  python3 -m pip download --quiet --no-binary llama-cpp-python --no-deps \
     "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$SRC"
   tar -xzf "$SRC"/llama_cpp_python-*.tar.gz -C "$SRC"
   LLAMA_DIR="$(echo "$SRC"/llama_cpp_python-*/vendor/llama.cpp)"
