@@ -374,3 +374,50 @@ async fn full_engine_queue_is_503() {
     assert_eq!(v["error"]["code"], "overloaded");
     agent.stop().await.unwrap();
 }
+
+/// An engine error is a 500 with an OpenAI error body; mid-stream it is an error event followed
+/// by `[DONE]`, never a silently cut stream.
+#[tokio::test]
+async fn engine_errors_are_answered() {
+    let agent = start(FakeConfig {
+        fail_after: Some(3),
+        ..cfg()
+    })
+    .await;
+    let body = json!({"model": "fake-model", "prompt": "abc", "max_tokens": 10});
+    let (s, v) = post_json(agent.http, "/v1/completions", &body).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(v["error"]["type"], "server_error");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("injected fault"));
+
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let resp = send(
+        agent.http,
+        "POST",
+        "/v1/completions",
+        Some(serde_json::to_vec(&sbody).unwrap()),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let events = read_sse(resp).await;
+    assert_eq!(events.len(), 5, "{events:?}");
+    let text: String = events[..3]
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, fake_text(3, 3));
+    assert!(events[3]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("injected fault"));
+    assert_eq!(events[4], "[DONE]");
+    // Both requests ended: nothing left in flight, every block free again.
+    tokio::time::timeout(GUARD, agent.state.lifecycle.wait_idle())
+        .await
+        .unwrap();
+    agent.stop().await.unwrap();
+}

@@ -31,6 +31,8 @@ pub struct FakeConfig {
     pub max_waiting: usize,
     /// Time per decode step.
     pub step: Duration,
+    /// Fail every request with an engine error after this many tokens (fault injection).
+    pub fail_after: Option<u32>,
 }
 
 impl Default for FakeConfig {
@@ -43,6 +45,7 @@ impl Default for FakeConfig {
             max_num_seqs: 8,
             max_waiting: 16,
             step: Duration::from_millis(2),
+            fail_after: None,
         }
     }
 }
@@ -366,6 +369,11 @@ fn step_loop(shared: Arc<(Mutex<State>, Condvar)>, cfg: FakeConfig) {
                     continue;
                 }
                 seq.blocks += 1;
+            }
+            if cfg.fail_after == Some(seq.generated) {
+                s.release(&seq, bs, false);
+                (seq.sink)(EngineEvent::Error("injected fault".into()));
+                continue;
             }
             let token = fake_next_token(seq.prompt.len(), seq.generated as usize);
             seq.generated += 1;
