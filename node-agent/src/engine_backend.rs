@@ -197,3 +197,40 @@ pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
     let _text = ModelText::load(&resolved)?;
     Err(LoadError::NoRuntime(resolved.path.display().to_string()))
 }
+
+/// The name clients use: `--served-model-name`, else the model file's name without `.gguf`
+/// (or the folder's name).
+pub fn served_name(flag: Option<&str>, model_path: &Path) -> String {
+    if let Some(n) = flag {
+        return n.to_string();
+    }
+    let file = model_path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    file.strip_suffix(".gguf")
+        .map(str::to_string)
+        .unwrap_or(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_names() {
+        let p = Path::new("/cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert_eq!(served_name(None, p), "SmolLM2-135M-Instruct.Q4_1");
+        assert_eq!(served_name(Some("smol"), p), "smol");
+        assert_eq!(served_name(None, Path::new("/m/Qwen2-0.5B/")), "Qwen2-0.5B");
+    }
+
+    #[test]
+    fn missing_model_path_is_a_clear_error() {
+        let e = match resolve("/no/such/model.gguf", None) {
+            Err(e) => e.to_string(),
+            Ok(r) => panic!("{r:?}"),
+        };
+        assert!(e.starts_with("--model \"/no/such/model.gguf\""), "{e}");
+    }
+}

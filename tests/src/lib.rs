@@ -74,6 +74,17 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// The reference data (`smollm2-reference.json`): `$KVROUTE_FIXTURES`, else `shared/fixtures`
+/// beside the repository.
+pub fn fixture() -> Value {
+    let dir = std::env::var("KVROUTE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+    let path = dir.join("smollm2-reference.json");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 /// Folder of the Python snippets (`tests/py`).
 pub fn py_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("py")

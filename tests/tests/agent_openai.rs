@@ -4,21 +4,7 @@
 //! fixture).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use kvroute_tests::{run_py, Agent, AgentOpts};
-use serde_json::Value;
-
-fn fixture() -> Value {
-    let path = std::env::var("KVROUTE_FIXTURES")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
-        })
-        .join("smollm2-reference.json");
-    serde_json::from_slice(
-        &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap()
-}
+use kvroute_tests::{fixture, run_py, Agent, AgentOpts};
 
 #[test]
 fn openai_client_completions_and_chat_plain_and_streamed() {
@@ -62,4 +48,33 @@ fn openai_client_completions_and_chat_plain_and_streamed() {
     assert_eq!(out["bad_model"]["status"], 404);
     assert_eq!(out["bad_model"]["code"], "model_not_found");
     assert_eq!(out["bad_model"]["param"], "model");
+}
+
+/// What a gateway fetches once per model: the serialized tokenizer rebuilds to the same ids as
+/// the reference, and the chat template is the model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_info_carries_a_working_tokenizer_and_template() {
+    let agent = Agent::spawn(AgentOpts::default());
+    let (s, b) = kvroute_tests::call(agent.http, "GET", "/v1/kvroute/model", Vec::new()).await;
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    let f = fixture();
+    assert_eq!(v["model"], agent.model.as_str());
+    assert_eq!(v["block_size"], 16);
+    assert_eq!(v["chat_template"], f["chat_template"]);
+    let tok =
+        kvroute_engine::tokenizer::Tokenizer::from_json(v["tokenizer_json"].as_str().unwrap())
+            .unwrap();
+    for c in f["tokenize"].as_array().unwrap() {
+        let ids = tok
+            .encode(c["text"].as_str().unwrap(), c["special"] != false)
+            .unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids, want, "{}", c["text"]);
+    }
 }
