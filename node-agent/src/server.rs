@@ -149,7 +149,10 @@ where
     };
 
     // Drain.
-    tracing::info!(inflight = state.lifecycle.inflight(), "draining");
+    tracing::info!(
+        inflight = state.lifecycle.inflight(),
+        "draining: not ready, no new connections"
+    );
     state.lifecycle.start_draining();
     health_reporter
         .set_not_serving::<kvroute_proto::AgentServer<AgentService>>()

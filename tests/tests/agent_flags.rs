@@ -117,3 +117,22 @@ fn help_lists_the_subcommands() {
         assert!(text.contains(sub), "{text}");
     }
 }
+
+#[test]
+fn a_missing_model_file_stops_the_agent_with_the_flag_named() {
+    let out = run_agent(&[
+        "serve",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--http",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--model \"/nonexistent/model.gguf\""),
+        "{stderr}"
+    );
+}
