@@ -166,14 +166,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kvroute-agent tokenize`: prints the token ids, one line, space separated. Needs only the
+/// `kvroute-agent tokenize`: prints the token ids as a JSON array on one line. Needs only the
 /// tokenizer, not the engine.
 pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
     let resolved = engine_backend::resolve(&args.model.model, args.model.cache_dir.as_deref())?;
     let text = engine_backend::ModelText::load(&resolved)?;
     let ids = text.tokenize(&args.text, !args.no_special)?;
-    let line: Vec<String> = ids.iter().map(u32::to_string).collect();
-    println_flush(&line.join(" "));
+    println_flush(&serde_json::to_string(&ids)?);
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! `kvroute-agent tokenize` with the default model gives the reference token ids (llama.cpp's,
+//! `kvroute-agent tokenize` with the default model prints, as a JSON array, the reference token ids (llama.cpp's,
 //! from the fixture) for every reference text.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,11 +24,7 @@ fn tokenize_matches_the_reference_ids() {
             "{text:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let ids: Vec<u64> = String::from_utf8(out.stdout)
-            .unwrap()
-            .split_whitespace()
-            .map(|t| t.parse().unwrap())
-            .collect();
+        let ids: Vec<u64> = serde_json::from_slice(&out.stdout).unwrap();
         let want: Vec<u64> = c["ids"]
             .as_array()
             .unwrap()
