@@ -6,6 +6,9 @@
 
 pub mod api;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod kernels;
 pub mod kv;
 pub mod quant;
 pub mod weights;
