@@ -6,8 +6,8 @@
 //! that each kernel compiles for the target GPUs and that the launch and layout arithmetic holds.
 //! This module never calls the CUDA driver; `crate::cuda` (feature `cuda`) does, using this.
 
-pub mod layout;
 pub mod launch;
+pub mod layout;
 pub mod nvrtc;
 pub mod ptx_cache;
 pub mod reference;
@@ -180,11 +180,22 @@ pub enum ConfigError {
 
 impl KernelConfig {
     /// The config for a model with these attention shapes.
-    pub fn new(head_dim: usize, num_heads: usize, num_kv_heads: usize) -> Result<Self, ConfigError> {
+    pub fn new(
+        head_dim: usize,
+        num_heads: usize,
+        num_kv_heads: usize,
+    ) -> Result<Self, ConfigError> {
         if num_kv_heads == 0 || num_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
-            return Err(ConfigError::Gqa { heads: num_heads, kv_heads: num_kv_heads });
+            return Err(ConfigError::Gqa {
+                heads: num_heads,
+                kv_heads: num_kv_heads,
+            });
         }
-        let cfg = KernelConfig { head_dim, gqa: num_heads / num_kv_heads, max_partition: 512 };
+        let cfg = KernelConfig {
+            head_dim,
+            gqa: num_heads / num_kv_heads,
+            max_partition: 512,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -227,7 +238,11 @@ impl KernelConfig {
 
 /// The full NVRTC option list for `arch` and `cfg`.
 pub fn compile_options(arch: Arch, cfg: &KernelConfig) -> Vec<String> {
-    let mut o = vec![arch.nvrtc_option(), "--std=c++17".to_string(), "-lineinfo".to_string()];
+    let mut o = vec![
+        arch.nvrtc_option(),
+        "--std=c++17".to_string(),
+        "-lineinfo".to_string(),
+    ];
     o.extend(cfg.defines());
     o
 }
@@ -238,7 +253,12 @@ pub fn full_source(src: &KernelSource) -> String {
 }
 
 /// Cache key: a hash of the full source, the options, the architecture and NVRTC's version.
-pub fn cache_key(src: &KernelSource, options: &[String], arch: Arch, nvrtc_version: (i32, i32)) -> String {
+pub fn cache_key(
+    src: &KernelSource,
+    options: &[String],
+    arch: Arch,
+    nvrtc_version: (i32, i32),
+) -> String {
     let mut h = Sha256::new();
     h.update(full_source(src).as_bytes());
     for o in options {
@@ -284,7 +304,10 @@ mod tests {
     fn nvrtc() -> &'static Nvrtc {
         match Nvrtc::global() {
             Ok(n) => n,
-            Err(e) => panic!("{e} (scripts/test.sh unpacks NVRTC and sets {})", nvrtc::LIB_DIR_ENV),
+            Err(e) => panic!(
+                "{e} (scripts/test.sh unpacks NVRTC and sets {})",
+                nvrtc::LIB_DIR_ENV
+            ),
         }
     }
 
@@ -292,7 +315,10 @@ mod tests {
     fn every_kernel_compiles_to_ptx_for_sm80_and_sm90_with_its_entries() {
         let nvrtc = nvrtc();
         // Llama-3-8B-like and SmolLM2-135M-like attention shapes.
-        let configs = [KernelConfig::new(128, 32, 8).unwrap(), KernelConfig::new(64, 9, 3).unwrap()];
+        let configs = [
+            KernelConfig::new(128, 32, 8).unwrap(),
+            KernelConfig::new(64, 9, 3).unwrap(),
+        ];
         for arch in [Arch::SM80, Arch::SM90] {
             for cfg in &configs {
                 for src in SOURCES {
@@ -300,7 +326,11 @@ mod tests {
                         .compile(src.name, &full_source(src), &compile_options(arch, cfg))
                         .unwrap_or_else(|e| panic!("{e}"));
                     let target = format!(".target sm_{}{}", arch.major, arch.minor);
-                    assert!(ptx.text.contains(&target), "{} for {arch}: no `{target}`", src.name);
+                    assert!(
+                        ptx.text.contains(&target),
+                        "{} for {arch}: no `{target}`",
+                        src.name
+                    );
                     let mut got = ptx.entries();
                     got.sort_unstable();
                     let mut want = src.entries.to_vec();

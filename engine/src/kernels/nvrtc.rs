@@ -24,11 +24,19 @@ pub enum NvrtcError {
     #[error("NVRTC library not found (tried: {tried}); set {LIB_DIR_ENV} to the folder holding libnvrtc.so.13")]
     NotFound { tried: String },
     #[error("NVRTC library {path} lacks symbol {symbol}: {source}")]
-    Symbol { path: String, symbol: &'static str, source: libloading::Error },
+    Symbol {
+        path: String,
+        symbol: &'static str,
+        source: libloading::Error,
+    },
     #[error("NVRTC {call} failed: {message}")]
     Call { call: &'static str, message: String },
     #[error("NVRTC could not compile {program} for {arch}:\n{log}")]
-    Compile { program: String, arch: String, log: String },
+    Compile {
+        program: String,
+        arch: String,
+        log: String,
+    },
     #[error("kernel source or option contains a NUL byte")]
     Nul,
 }
@@ -69,7 +77,10 @@ pub struct Nvrtc {
 
 impl std::fmt::Debug for Nvrtc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Nvrtc").field("path", &self.path).field("version", &self.version).finish()
+        f.debug_struct("Nvrtc")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .finish()
     }
 }
 
@@ -100,7 +111,9 @@ impl Nvrtc {
         static LIB: OnceLock<Result<Nvrtc, String>> = OnceLock::new();
         match LIB.get_or_init(|| Nvrtc::load().map_err(|e| e.to_string())) {
             Ok(n) => Ok(n),
-            Err(tried) => Err(NvrtcError::NotFound { tried: tried.clone() }),
+            Err(tried) => Err(NvrtcError::NotFound {
+                tried: tried.clone(),
+            }),
         }
     }
 
@@ -115,7 +128,9 @@ impl Nvrtc {
                 Err(e) => tried.push(format!("{} ({e})", candidate.display())),
             }
         }
-        Err(NvrtcError::NotFound { tried: tried.join("; ") })
+        Err(NvrtcError::NotFound {
+            tried: tried.join("; "),
+        })
     }
 
     fn from_library(
@@ -129,9 +144,13 @@ impl Nvrtc {
             name: &'static str,
         ) -> Result<T, NvrtcError> {
             // SAFETY: each symbol is looked up with the C signature from nvrtc.h that `T` spells.
-            unsafe { lib.get::<T>(name.as_bytes()) }.map(|s| *s).map_err(|source| {
-                NvrtcError::Symbol { path: path.display().to_string(), symbol: name, source }
-            })
+            unsafe { lib.get::<T>(name.as_bytes()) }
+                .map(|s| *s)
+                .map_err(|source| NvrtcError::Symbol {
+                    path: path.display().to_string(),
+                    symbol: name,
+                    source,
+                })
         }
         let api = Api {
             version: sym(&lib, &path, "nvrtcVersion")?,
@@ -144,7 +163,13 @@ impl Nvrtc {
             log: sym(&lib, &path, "nvrtcGetProgramLog")?,
             destroy: sym(&lib, &path, "nvrtcDestroyProgram")?,
         };
-        let mut n = Nvrtc { api, path, version: (0, 0), _lib: lib, _builtins: builtins };
+        let mut n = Nvrtc {
+            api,
+            path,
+            version: (0, 0),
+            _lib: lib,
+            _builtins: builtins,
+        };
         let (mut major, mut minor) = (0, 0);
         // SAFETY: both pointers are valid for writes.
         let r = unsafe { (n.api.version)(&mut major, &mut minor) };
@@ -188,8 +213,10 @@ impl Nvrtc {
             .map(|o| CString::new(o.as_str()).map_err(|_| NvrtcError::Nul))
             .collect::<Result<Vec<_>, _>>()?;
         let opt_ptrs: Vec<*const c_char> = c_opts.iter().map(|o| o.as_ptr()).collect();
-        let n_opts = c_int::try_from(opt_ptrs.len())
-            .map_err(|_| NvrtcError::Call { call: "nvrtcCompileProgram", message: "too many options".into() })?;
+        let n_opts = c_int::try_from(opt_ptrs.len()).map_err(|_| NvrtcError::Call {
+            call: "nvrtcCompileProgram",
+            message: "too many options".into(),
+        })?;
 
         let mut prog: Prog = std::ptr::null_mut();
         // SAFETY: the strings outlive the call; zero headers are passed as null arrays.
@@ -204,7 +231,10 @@ impl Nvrtc {
             )
         };
         self.check("nvrtcCreateProgram", r)?;
-        let program = Program { api: &self.api, prog };
+        let program = Program {
+            api: &self.api,
+            prog,
+        };
 
         // SAFETY: `prog` is a live program; the option pointers are valid for the call.
         let compiled = unsafe { (self.api.compile)(program.prog, n_opts, opt_ptrs.as_ptr()) };
@@ -215,15 +245,26 @@ impl Nvrtc {
                 .find_map(|o| o.strip_prefix("--gpu-architecture="))
                 .unwrap_or("default")
                 .to_string();
-            return Err(NvrtcError::Compile { program: name.to_string(), arch, log });
+            return Err(NvrtcError::Compile {
+                program: name.to_string(),
+                arch,
+                log,
+            });
         }
         let mut size = 0usize;
         // SAFETY: valid program and out-pointer.
-        self.check("nvrtcGetPTXSize", unsafe { (self.api.ptx_size)(program.prog, &mut size) })?;
+        self.check("nvrtcGetPTXSize", unsafe {
+            (self.api.ptx_size)(program.prog, &mut size)
+        })?;
         let mut buf = vec![0u8; size.max(1)];
         // SAFETY: `buf` holds `size` bytes, as NVRTC asked for.
-        self.check("nvrtcGetPTX", unsafe { (self.api.ptx)(program.prog, buf.as_mut_ptr().cast()) })?;
-        Ok(Ptx { text: c_buf_to_string(buf), log })
+        self.check("nvrtcGetPTX", unsafe {
+            (self.api.ptx)(program.prog, buf.as_mut_ptr().cast())
+        })?;
+        Ok(Ptx {
+            text: c_buf_to_string(buf),
+            log,
+        })
     }
 }
 
@@ -283,7 +324,10 @@ fn load_builtins(dir: &Path) -> Option<libloading::Library> {
         .collect();
     found.sort();
     // SAFETY: as for NVRTC itself: its initializers have no preconditions.
-    found.iter().rev().find_map(|p| unsafe { libloading::Library::new(p) }.ok())
+    found
+        .iter()
+        .rev()
+        .find_map(|p| unsafe { libloading::Library::new(p) }.ok())
 }
 
 /// Paths to try, in order.

@@ -21,7 +21,11 @@ impl PtxCache {
     /// `$KVROUTE_CACHE/ptx`, else `$XDG_CACHE_HOME/kvroute/ptx`, else `~/.cache/kvroute/ptx`;
     /// `None` when none of these can be named.
     pub fn default_dir() -> Option<PathBuf> {
-        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let root = env("KVROUTE_CACHE")
             .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("kvroute")))
             .or_else(|| env("HOME").map(|d| d.join(".cache").join("kvroute")))?;
@@ -38,7 +42,9 @@ impl PtxCache {
 
     /// The cached PTX for `key`, if present and readable.
     pub fn get(&self, key: &str) -> Option<String> {
-        std::fs::read_to_string(self.path(key)).ok().filter(|s| s.contains(".entry"))
+        std::fs::read_to_string(self.path(key))
+            .ok()
+            .filter(|s| s.contains(".entry"))
     }
 
     /// Stores `ptx` under `key`.
