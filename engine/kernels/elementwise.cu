@@ -44,14 +44,17 @@ static __device__ void add_rms_norm(u16* __restrict__ out, u16* __restrict__ res
 // Rotary embeddings in place on q and k. cos_sin [max_pos][head_dim]: head_dim / 2 cosines then
 // head_dim / 2 sines for each position (computed on the host in f64). neox = 0: pairs (2i, 2i+1)
 // (llama.cpp's GGUF llama); neox = 1: pairs (i, i + head_dim / 2) (Hugging Face, qwen2).
-// Grid (num_tokens), any block size.
+// A position outside the table [0, max_pos) leaves its token unrotated rather than read past it
+// (the host checks positions before launch). Grid (num_tokens), any block size.
 template <typename T>
 static __device__ void rope(u16* __restrict__ q, u16* __restrict__ k, const float* __restrict__ cos_sin,
-                            const i32* __restrict__ positions, int num_heads, int num_kv_heads,
-                            int head_dim, int q_stride, int k_stride, int neox) {
+                            const i32* __restrict__ positions, int max_pos, int num_heads,
+                            int num_kv_heads, int head_dim, int q_stride, int k_stride, int neox) {
     const int t = blockIdx.x;
     const int half = head_dim / 2;
-    const float* cs = cos_sin + (i64)positions[t] * head_dim;
+    const int pos = positions[t];
+    if (pos < 0 || pos >= max_pos) return;
+    const float* cs = cos_sin + (i64)pos * head_dim;
     const int total = (num_heads + num_kv_heads) * half;
     for (int i = threadIdx.x; i < total; i += blockDim.x) {
         const int h = i / half, p = i % half;
@@ -98,11 +101,11 @@ static __device__ void add_inplace(u16* __restrict__ x, const u16* __restrict__ 
         add_rms_norm<T>(out, residual, x, weight, hidden, eps);                                  \
     }                                                                                            \
     extern "C" __global__ void rope_##NAME(u16* q, u16* k, const float* cos_sin,                 \
-                                           const i32* positions, int num_heads,                  \
+                                           const i32* positions, int max_pos, int num_heads,     \
                                            int num_kv_heads, int head_dim, int q_stride,         \
                                            int k_stride, int neox) {                             \
-        rope<T>(q, k, cos_sin, positions, num_heads, num_kv_heads, head_dim, q_stride, k_stride, \
-                neox);                                                                           \
+        rope<T>(q, k, cos_sin, positions, max_pos, num_heads, num_kv_heads, head_dim, q_stride,  \
+                k_stride, neox);                                                                 \
     }                                                                                            \
     extern "C" __global__ void swiglu_##NAME(u16* out, const u16* gate, const u16* up, int rows, \
                                              int width, int in_stride) {                         \

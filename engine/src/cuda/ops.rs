@@ -348,8 +348,8 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// RoPE in place on q and k; `cos_sin` from `reference::rope_cos_sin`, with rows for every
-    /// position in `positions` (checked by the caller against the table it built).
+    /// RoPE in place on q and k; `cos_sin` from `reference::rope_cos_sin`. A position outside the
+    /// table leaves its token unrotated (the caller checks positions against the table it built).
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
@@ -372,6 +372,7 @@ impl CudaDevice {
         check_len(q, (num_tokens - 1) * qs + nh * head_dim, "q")?;
         check_len(k, (num_tokens - 1) * ks + nkv * head_dim, "k")?;
         check_len(positions, num_tokens, "positions")?;
+        let max_pos = int(cos_sin.len() / head_dim.max(1), "rope table rows")?;
         let args = (
             int(nh, "heads")?,
             int(nkv, "kv heads")?,
@@ -393,6 +394,7 @@ impl CudaDevice {
                 .arg(k)
                 .arg(cos_sin)
                 .arg(positions)
+                .arg(&max_pos)
                 .arg(&args.0)
                 .arg(&args.1)
                 .arg(&args.2)

@@ -97,6 +97,32 @@ pub const SOURCES: &[KernelSource] = &[
     },
 ];
 
+/// Each entry's parameter types, one letter per parameter (`p`: pointer or i64, `i`: i32, `f`:
+/// f32), as the launches in `crate::cuda::ops` pass them. The compile test checks the PTX against
+/// this, so a kernel signature and its launch cannot drift apart unnoticed.
+pub fn signature(entry: &str) -> Option<&'static str> {
+    let stem = entry
+        .strip_suffix("_bf16")
+        .or_else(|| entry.strip_suffix("_f16"))
+        .unwrap_or(entry);
+    Some(match stem {
+        "reshape_and_cache" => "pppppiiii",
+        "paged_attention_decode" => "ppppppppfiiiiii",
+        "paged_attention_reduce" => "pppppii",
+        "prefill_attention" => "pppppppfiiii",
+        "rms_norm" => "pppif",
+        "add_rms_norm" => "ppppif",
+        "rope" => "ppppiiiiiii",
+        "swiglu" => "pppiii",
+        "add_inplace" | "cast_f32" => "ppp",
+        "embedding" => "pppii",
+        "argmax_f32" => "ppi",
+        "topk_f32" => "pppii",
+        s if s.starts_with("dequant_") => "ppp",
+        _ => return None,
+    })
+}
+
 /// The source called `name`.
 pub fn source(name: &str) -> Option<&'static KernelSource> {
     SOURCES.iter().find(|s| s.name == name)
@@ -336,6 +362,15 @@ mod tests {
                     let mut want = src.entries.to_vec();
                     want.sort_unstable();
                     assert_eq!(got, want, "{} for {arch}", src.name);
+                    for entry in src.entries {
+                        let sig =
+                            signature(entry).unwrap_or_else(|| panic!("no signature for {entry}"));
+                        assert_eq!(
+                            ptx.params(entry).as_deref(),
+                            Some(sig),
+                            "{entry} parameters"
+                        );
+                    }
                 }
             }
         }

@@ -105,6 +105,32 @@ impl Ptx {
     }
 }
 
+impl Ptx {
+    /// The parameter types of kernel `entry` as PTX declares them, one letter each: `p` for 8
+    /// bytes (a pointer or an i64), `i` for a 32-bit integer, `f` for an f32; `None` if the PTX has
+    /// no such entry.
+    pub fn params(&self, entry: &str) -> Option<String> {
+        let head = format!(".entry {entry}(");
+        let start = self.text.find(&head)? + head.len();
+        let body = &self.text[start..];
+        let body = &body[..body.find(')')?];
+        Some(
+            body.lines()
+                .filter_map(|l| {
+                    let l = l.trim();
+                    let ty = l.strip_prefix(".param ")?.split_whitespace().next()?;
+                    Some(match ty {
+                        ".u64" | ".s64" | ".b64" => 'p',
+                        ".u32" | ".s32" | ".b32" => 'i',
+                        ".f32" => 'f',
+                        _ => '?',
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
 impl Nvrtc {
     /// The process-wide library, loaded on first use.
     pub fn global() -> Result<&'static Nvrtc, NvrtcError> {

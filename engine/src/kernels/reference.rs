@@ -388,7 +388,7 @@ mod tests {
         b[128] = 0b1100_0011; // element 0 high 3; element 96 high 3
         let x = dequant(GgmlType::Q6K, &b, 256).unwrap();
         assert_eq!(x[0], 0.5 * 2.0 * ((0xF | 3 << 4) - 32) as f32);
-        assert_eq!(x[96], 0.5 * -1.0 * ((3 << 4) - 32) as f32);
+        assert_eq!(x[96], -0.5 * ((3 << 4) - 32) as f32);
         assert!(dequant(GgmlType::Q6K, &b[..209], 256).is_err());
         assert!(dequant(GgmlType::Q5K, &[0u8; 176], 256).is_err());
     }
@@ -414,7 +414,7 @@ mod tests {
 
     fn cache(l: &PagedKvLayout, blocks: usize, seed: u32) -> Vec<f32> {
         (0..l.layer_elems(blocks).unwrap())
-            .map(|i| ((i as u32 * 2_654_435_761 ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
     }
 
