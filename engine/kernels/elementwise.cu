@@ -91,6 +91,15 @@ static __device__ void add_inplace(u16* __restrict__ x, const u16* __restrict__ 
     }
 }
 
+// x[r] += bias for `rows` rows of `width` (q/k/v biases of qwen2). Grid-stride.
+template <typename T>
+static __device__ void add_bias(u16* __restrict__ x, const u16* __restrict__ bias, int rows, int width) {
+    const i64 n = (i64)rows * width;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        x[i] = Conv<T>::from_f32(Conv<T>::to_f32(x[i]) + Conv<T>::to_f32(bias[i % width]));
+    }
+}
+
 #define KVR_ELEMENTWISE_ENTRIES(NAME, T)                                                         \
     extern "C" __global__ void rms_norm_##NAME(u16* out, const u16* x, const u16* weight,        \
                                                int hidden, float eps) {                          \
@@ -113,6 +122,9 @@ static __device__ void add_inplace(u16* __restrict__ x, const u16* __restrict__ 
     }                                                                                            \
     extern "C" __global__ void add_inplace_##NAME(u16* x, const u16* y, i64 n) {                 \
         add_inplace<T>(x, y, n);                                                                 \
+    }                                                                                            \
+    extern "C" __global__ void add_bias_##NAME(u16* x, const u16* bias, int rows, int width) {   \
+        add_bias<T>(x, bias, rows, width);                                                       \
     }
 
 KVR_ELEMENTWISE_ENTRIES(bf16, bf16_t)

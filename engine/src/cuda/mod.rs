@@ -6,6 +6,7 @@
 //! [`CudaError::NoDriver`] / [`CudaError::NoDevice`] from [`CudaDevice::open`], never a panic:
 //! cudarc panics when a library it is asked to use is missing, so presence is checked first.
 
+pub mod model;
 pub mod ops;
 
 use std::collections::HashMap;

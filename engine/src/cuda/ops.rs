@@ -445,6 +445,62 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// `x[r] += bias` for `rows` rows of `width`.
+    pub fn add_bias(
+        &self,
+        dtype: Dtype,
+        x: &mut CudaSlice<u16>,
+        bias: &CudaSlice<u16>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        check_len(x, rows * width, "x")?;
+        check_len(bias, width, "bias")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r, w) = (int(rows, "rows")?, int(width, "width")?);
+        let f = self.entry("add_bias", dtype)?;
+        // SAFETY: types match the kernel; lengths checked above.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(x)
+                .arg(bias)
+                .arg(&r)
+                .arg(&w)
+                .launch(launch_cfg(launch::grid_stride(rows * width, self.sm_count)))?;
+        }
+        Ok(())
+    }
+
+    /// `x += y` over `n` elements.
+    pub fn add_inplace(
+        &self,
+        dtype: Dtype,
+        x: &mut CudaSlice<u16>,
+        y: &CudaSlice<u16>,
+        n: usize,
+    ) -> Result<()> {
+        check_len(x, n, "x")?;
+        check_len(y, n, "y")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let count = i64::try_from(n).map_err(|_| CudaError::Invalid("tensor too large".into()))?;
+        let f = self.entry("add_inplace", dtype)?;
+        // SAFETY: types match the kernel; lengths checked above.
+        unsafe {
+            self.stream
+                .launch_builder(f)
+                .arg(x)
+                .arg(y)
+                .arg(&count)
+                .launch(launch_cfg(launch::grid_stride(n, self.sm_count)))?;
+        }
+        Ok(())
+    }
+
     /// `out[t] = table[ids[t]]`; ids outside the vocabulary give zero rows.
     pub fn embedding(
         &self,

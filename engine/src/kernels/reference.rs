@@ -2,7 +2,9 @@
 //! compares the kernels against these on random inputs, and the tests here pin down the layouts
 //! (block formats, paged cache, RoPE pairing) the kernels must share with them.
 
+use crate::config::ModelConfig;
 use crate::quant::GgmlType;
+use crate::weights::{TensorView, WeightSource};
 use half::{bf16, f16};
 
 use super::layout::PagedKvLayout;
@@ -332,6 +334,269 @@ pub fn topk(row: &[f32], k: usize) -> Vec<(f32, usize)> {
     v
 }
 
+/// Weights made up from a seed, in memory, for a model of any shape: what the GPU check and the
+/// tests run the forward pass on when no model file is at hand. Matrices are stored as `matrix`
+/// (F32, F16, BF16, Q8_0 or Q4_0), norms as F32, like a GGUF file.
+pub struct SyntheticWeights {
+    tensors: std::collections::BTreeMap<String, (GgmlType, Vec<usize>, Vec<u8>)>,
+}
+
+impl SyntheticWeights {
+    pub fn new(cfg: &ModelConfig, seed: u64, matrix: GgmlType) -> Self {
+        let mut state = seed;
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let mut tensors = std::collections::BTreeMap::new();
+        let (hid, d, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+        let mut add = |name: String, ty: GgmlType, shape: Vec<usize>, scale: f32, offset: f32| {
+            let n: usize = shape.iter().product();
+            let vals: Vec<f32> = (0..n).map(|_| offset + scale * next()).collect();
+            tensors.insert(name, (ty, shape, encode(ty, &vals)));
+        };
+        let ws = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+        add(
+            "token_embd.weight".into(),
+            matrix,
+            vec![hid, cfg.vocab_size],
+            1.0,
+            0.0,
+        );
+        for i in 0..cfg.num_layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            add(n("attn_norm.weight"), GgmlType::F32, vec![hid], 0.2, 1.0);
+            add(n("attn_q.weight"), matrix, vec![hid, qd], ws(hid), 0.0);
+            add(n("attn_k.weight"), matrix, vec![hid, kvd], ws(hid), 0.0);
+            add(n("attn_v.weight"), matrix, vec![hid, kvd], ws(hid), 0.0);
+            if cfg.arch == crate::config::Arch::Qwen2 {
+                add(n("attn_q.bias"), GgmlType::F32, vec![qd], 0.1, 0.0);
+                add(n("attn_k.bias"), GgmlType::F32, vec![kvd], 0.1, 0.0);
+                add(n("attn_v.bias"), GgmlType::F32, vec![kvd], 0.1, 0.0);
+            }
+            add(n("attn_output.weight"), matrix, vec![qd, hid], ws(qd), 0.0);
+            add(n("ffn_norm.weight"), GgmlType::F32, vec![hid], 0.2, 1.0);
+            add(n("ffn_gate.weight"), matrix, vec![hid, inter], ws(hid), 0.0);
+            add(n("ffn_up.weight"), matrix, vec![hid, inter], ws(hid), 0.0);
+            add(
+                n("ffn_down.weight"),
+                matrix,
+                vec![inter, hid],
+                ws(inter),
+                0.0,
+            );
+        }
+        add(
+            "output_norm.weight".into(),
+            GgmlType::F32,
+            vec![hid],
+            0.2,
+            1.0,
+        );
+        if !cfg.tie_word_embeddings {
+            add(
+                "output.weight".into(),
+                matrix,
+                vec![hid, cfg.vocab_size],
+                ws(hid),
+                0.0,
+            );
+        }
+        SyntheticWeights { tensors }
+    }
+
+    /// Total bytes of the stored tensors.
+    pub fn bytes(&self) -> usize {
+        self.tensors.values().map(|t| t.2.len()).sum()
+    }
+}
+
+/// `vals` in type `ty` (F32, F16, BF16, Q8_0 or Q4_0; anything else is stored as F32).
+fn encode(ty: GgmlType, vals: &[f32]) -> Vec<u8> {
+    match ty {
+        GgmlType::F16 => vals
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => vals
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect(),
+        GgmlType::Q8_0 | GgmlType::Q4_0 if vals.len().is_multiple_of(32) => {
+            let mut out = Vec::new();
+            for b in vals.chunks_exact(32) {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                if ty == GgmlType::Q8_0 {
+                    let d = amax / 127.0;
+                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(f16::from_f32(d).to_bits().to_le_bytes());
+                    out.extend(
+                        b.iter()
+                            .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+                    );
+                } else {
+                    let d = amax / 7.0;
+                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(f16::from_f32(d).to_bits().to_le_bytes());
+                    let q = |v: f32| ((v * inv).round() + 8.0).clamp(0.0, 15.0) as u8;
+                    out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+                }
+            }
+            out
+        }
+        _ => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+impl WeightSource for SyntheticWeights {
+    fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
+        let (dtype, shape, data) = self.tensors.get(name)?;
+        let dtype = match dtype {
+            GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0 => *dtype,
+            _ => GgmlType::F32,
+        };
+        Some(TensorView { dtype, shape, data })
+    }
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("weight {0} missing")]
+    Missing(String),
+    #[error(transparent)]
+    Dequant(#[from] DequantError),
+}
+
+/// The logits after the last of `tokens`, by a plain f32 Llama forward pass over the whole
+/// sequence (no cache). With `round` set, weights and every stored activation are rounded to that
+/// type where the CUDA kernels store them, so the two can be compared closely.
+pub fn forward_logits(
+    cfg: &ModelConfig,
+    w: &dyn WeightSource,
+    tokens: &[u32],
+    round_to: Option<Dtype>,
+) -> Result<Vec<f32>, ForwardError> {
+    let rd = |v: &mut Vec<f32>| {
+        if let Some(dt) = round_to {
+            v.iter_mut().for_each(|x| *x = round(dt, *x));
+        }
+    };
+    let get = |name: &str| -> Result<Vec<f32>, ForwardError> {
+        let t = w
+            .tensor(name)
+            .ok_or_else(|| ForwardError::Missing(name.to_string()))?;
+        let mut v = dequant(t.dtype, t.data, t.elems())?;
+        rd(&mut v);
+        Ok(v)
+    };
+    // y[rows][n_out] = x[rows][n_in] · wᵀ
+    let mm = |x: &[f32], w: &[f32], n_in: usize| -> Vec<f32> {
+        x.chunks_exact(n_in)
+            .flat_map(|row| {
+                w.chunks_exact(n_in)
+                    .map(move |wr| row.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>())
+            })
+            .collect()
+    };
+    let (hid, d, n) = (cfg.hidden_size, cfg.head_dim, tokens.len());
+    let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+    let (qd, kvd) = (nh * d, nkv * d);
+    let embed = get("token_embd.weight")?;
+    let mut h: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&t| embed[t as usize * hid..(t as usize + 1) * hid].to_vec())
+        .collect();
+    let cs = rope_cos_sin(n, d, cfg.rope_theta);
+    let positions: Vec<usize> = (0..n).collect();
+    let neox = cfg.rope_style == crate::config::RopeStyle::Neox;
+    for i in 0..cfg.num_layers {
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let mut x = rms_norm(&h, &get(&p("attn_norm.weight"))?, hid, cfg.rms_norm_eps);
+        rd(&mut x);
+        let mut q = mm(&x, &get(&p("attn_q.weight"))?, hid);
+        let mut k = mm(&x, &get(&p("attn_k.weight"))?, hid);
+        let mut v = mm(&x, &get(&p("attn_v.weight"))?, hid);
+        rd(&mut q);
+        rd(&mut k);
+        rd(&mut v);
+        if cfg.arch == crate::config::Arch::Qwen2 {
+            for (t, w) in [
+                (&mut q, "attn_q.bias"),
+                (&mut k, "attn_k.bias"),
+                (&mut v, "attn_v.bias"),
+            ] {
+                let b = get(&p(w))?;
+                t.iter_mut()
+                    .zip(b.iter().cycle())
+                    .for_each(|(x, b)| *x += b);
+                rd(t);
+            }
+        }
+        rope(&mut q, &positions, d, &cs, neox);
+        rope(&mut k, &positions, d, &cs, neox);
+        rd(&mut q);
+        rd(&mut k);
+        let mut attn = vec![0f32; n * qd];
+        let scale = 1.0 / (d as f32).sqrt();
+        for t in 0..n {
+            for head in 0..nh {
+                let kh = head / (nh / nkv);
+                let qv = &q[t * qd + head * d..t * qd + (head + 1) * d];
+                let s: Vec<f32> = (0..=t)
+                    .map(|u| {
+                        qv.iter()
+                            .zip(&k[u * kvd + kh * d..u * kvd + (kh + 1) * d])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for (u, wgt) in e.iter().enumerate() {
+                    for j in 0..d {
+                        attn[t * qd + head * d + j] += wgt / z * v[u * kvd + kh * d + j];
+                    }
+                }
+            }
+        }
+        rd(&mut attn);
+        let mut o = mm(&attn, &get(&p("attn_output.weight"))?, qd);
+        rd(&mut o);
+        h.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        rd(&mut h);
+        let mut x = rms_norm(&h, &get(&p("ffn_norm.weight"))?, hid, cfg.rms_norm_eps);
+        rd(&mut x);
+        let mut g = mm(&x, &get(&p("ffn_gate.weight"))?, hid);
+        let mut u = mm(&x, &get(&p("ffn_up.weight"))?, hid);
+        rd(&mut g);
+        rd(&mut u);
+        let mut a = swiglu(&g, &u);
+        rd(&mut a);
+        let mut dn = mm(&a, &get(&p("ffn_down.weight"))?, cfg.intermediate_size);
+        rd(&mut dn);
+        h.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
+        rd(&mut h);
+    }
+    let last = &h[(n - 1) * hid..n * hid];
+    let mut x = rms_norm(last, &get("output_norm.weight")?, hid, cfg.rms_norm_eps);
+    rd(&mut x);
+    let head = if cfg.tie_word_embeddings || w.tensor("output.weight").is_none() {
+        embed
+    } else {
+        get("output.weight")?
+    };
+    Ok(mm(&x, &head, hid))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,5 +738,78 @@ mod tests {
         assert_eq!(swiglu(&[0.0], &[5.0]), vec![0.0]);
         assert_eq!(round(Dtype::Bf16, 1.0 + 1.0 / 512.0), 1.0);
         assert_eq!(from_bits(Dtype::F16, to_bits(Dtype::F16, 0.5)), 0.5);
+    }
+
+    pub(crate) fn tiny(arch: crate::config::Arch) -> ModelConfig {
+        ModelConfig {
+            arch,
+            vocab_size: 96,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rope_theta: 10_000.0,
+            rope_style: if arch == crate::config::Arch::Qwen2 {
+                crate::config::RopeStyle::Neox
+            } else {
+                crate::config::RopeStyle::Interleaved
+            },
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            tie_word_embeddings: arch == crate::config::Arch::Qwen2,
+        }
+    }
+
+    #[test]
+    fn synthetic_weights_cover_every_tensor_the_forward_pass_reads() {
+        for arch in [crate::config::Arch::Llama, crate::config::Arch::Qwen2] {
+            let cfg = tiny(arch);
+            for ty in [
+                GgmlType::F32,
+                GgmlType::Q8_0,
+                GgmlType::Q4_0,
+                GgmlType::BF16,
+            ] {
+                let w = SyntheticWeights::new(&cfg, 1, ty);
+                let logits = forward_logits(&cfg, &w, &[1, 5, 9], None).unwrap();
+                assert_eq!(logits.len(), cfg.vocab_size);
+                assert!(logits.iter().all(|x| x.is_finite()));
+                let t = w.tensor("blk.1.ffn_down.weight").unwrap();
+                assert_eq!(t.shape, &[96, 64]);
+                assert_eq!(t.dtype, ty);
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_synthetic_weights_decode_close_to_their_values() {
+        let vals: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        for (ty, tol) in [
+            (GgmlType::Q8_0, 0.005),
+            (GgmlType::Q4_0, 0.08),
+            (GgmlType::F16, 1e-3),
+        ] {
+            let back = dequant(ty, &encode(ty, &vals), 64).unwrap();
+            assert!(
+                vals.iter().zip(&back).all(|(a, b)| (a - b).abs() <= tol),
+                "{ty}"
+            );
+        }
+    }
+
+    #[test]
+    fn forward_is_deterministic_depends_on_every_token_and_rounding_stays_close() {
+        let cfg = tiny(crate::config::Arch::Llama);
+        let w = SyntheticWeights::new(&cfg, 3, GgmlType::F32);
+        let a = forward_logits(&cfg, &w, &[4, 8, 15, 16], None).unwrap();
+        let b = forward_logits(&cfg, &w, &[4, 8, 15, 16], None).unwrap();
+        assert_eq!(a, b);
+        let c = forward_logits(&cfg, &w, &[4, 8, 15], None).unwrap();
+        assert_ne!(a, c);
+        let r = forward_logits(&cfg, &w, &[4, 8, 15, 16], Some(Dtype::Bf16)).unwrap();
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(a.iter().zip(&r).all(|(x, y)| (x - y).abs() <= 0.05 * scale));
     }
 }
