@@ -5,10 +5,16 @@
 //! This crate does no network I/O; the agent and gateway binaries own that.
 
 pub mod api;
+pub mod chat;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod fetch;
+pub mod gguf;
 pub mod kernels;
 pub mod kv;
 pub mod quant;
+pub mod safetensors;
+pub mod tokenizer;
+pub mod sched;
 pub mod weights;
