@@ -5,22 +5,24 @@
 #   engine/gpu-check.sh             on the GPU machine: run the check (no Rust or network needed)
 #   engine/gpu-check.sh --dry-run   everything up to opening the GPU, then stop (exit 0)
 #
-# Writes into $OUT (default ./gpu-check-out): gpu_check.json (numerics of every kernel against
-# the CPU references, paged-attention decode bandwidth against a device-to-device copy),
+# Writes into $OUT (default target/gpu-check-out): gpu_check.json (numerics of every kernel and of the
+# forward pass against the CPU references, the default model's first-step logits against the CPU
+# and llama.cpp when its GGUF is at hand, paged-attention decode bandwidth against a
+# device-to-device copy, decode tokens/s at batch 1/16/64),
 # sdpa.json (PyTorch scaled_dot_product_attention on the same shape, K/V contiguous),
 # summary.json (the headline figures), log.txt. Ends within about 10 minutes by construction:
 # each step runs under `timeout`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${GPU_CHECK_BIN:-target/release/examples/gpu_check}"
-OUT="${OUT:-$PWD/gpu-check-out}"
+OUT="${OUT:-$PWD/target/gpu-check-out}"
 DRY=0
 BUILD=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
     --build) BUILD=1 ;;
-    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument '$a' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -73,6 +75,31 @@ if blas_dir="$(find_dir 'libcublas.so.1[23]*')"; then
   echo "gpu-check: cuBLAS from $blas_dir"
 elif [ "$DRY" = 0 ]; then
   echo "gpu-check: cuBLAS (libcublas.so.13) not found; the check will say so if it needs it" >&2
+fi
+
+# The default model, for its logits check and tokens/s: $KVROUTE_MODEL_PATH, else
+# target/gpu-check-model/ (git-ignored) holding the GGUF whole or split in parts (`split -b 40M`), since
+# the 98 MB file is larger than what one device call carries. Without it the check runs a
+# synthetic model of the same shape.
+MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SHA="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MODEL_DIR="${GPU_CHECK_MODEL_DIR:-target/gpu-check-model}"
+if [ -z "${KVROUTE_MODEL_PATH:-}" ]; then
+  if [ -f "$MODEL_DIR/$MODEL_FILE" ]; then
+    export KVROUTE_MODEL_PATH="$PWD/$MODEL_DIR/$MODEL_FILE"
+  elif compgen -G "$MODEL_DIR/$MODEL_FILE.part-*" > /dev/null; then
+    cat "$MODEL_DIR/$MODEL_FILE".part-* > "/tmp/$MODEL_FILE"
+    export KVROUTE_MODEL_PATH="/tmp/$MODEL_FILE"
+  fi
+fi
+if [ -n "${KVROUTE_MODEL_PATH:-}" ]; then
+  if [ "$(sha256sum "$KVROUTE_MODEL_PATH" | cut -d' ' -f1)" = "$MODEL_SHA" ]; then
+    echo "gpu-check: default model at $KVROUTE_MODEL_PATH (sha256 verified)"
+  else
+    echo "gpu-check: $KVROUTE_MODEL_PATH is not the default model (sha256 differs); using it anyway" >&2
+  fi
+else
+  echo "gpu-check: no default model (set KVROUTE_MODEL_PATH or fill $MODEL_DIR/); synthetic weights instead"
 fi
 
 SDPA="engine/gpu-check-sdpa.py"

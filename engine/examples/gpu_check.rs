@@ -3,7 +3,9 @@
 //!
 //! Run by `engine/gpu-check.sh` on the accelerator machine (built here with
 //! `cargo build --release -p kvroute-engine --features cuda --example gpu_check`).
-//! `--dry-run` does what needs no GPU (loads NVRTC, compiles every kernel for sm_90, writes the
+//! `--model PATH` (or `$KVROUTE_MODEL_PATH`): the default model's GGUF, for its first-step logits
+//! against the CPU reference and llama.cpp, and for the tokens/s figures (else a synthetic model
+//! of its shape). `--dry-run` does what needs no GPU (loads NVRTC, compiles every kernel for sm_90, writes the
 //! JSON) and stops before opening the device. `--out DIR` (default `$OUT`, else `.`) is
 //! where `gpu_check.json` goes.
 
@@ -16,6 +18,7 @@ use kvroute_engine::config::{Arch as ModelArch, ModelConfig, RopeStyle};
 use kvroute_engine::cuda::model::{CudaKvCache, CudaModel, SeqStep};
 use kvroute_engine::cuda::ops::{AttnBatch, DecodeScratch};
 use kvroute_engine::cuda::{self, CudaDevice, CudaError};
+use kvroute_engine::gguf::Gguf;
 use kvroute_engine::kernels::layout::PagedKvLayout;
 use kvroute_engine::kernels::reference::{self as r, PagedKv};
 use kvroute_engine::kernels::{self, launch, Arch, Dtype, KernelConfig, Nvrtc};
@@ -743,26 +746,77 @@ fn forward_numerics(dev: &CudaDevice, rep: &mut Report) -> Res<()> {
     Ok(())
 }
 
-/// Decode tokens/s at batch 1, 16, 64 on synthetic Q8_0 weights with SmolLM2-135M's shapes:
-/// a 128-token prompt per sequence, then 32 greedy decode steps (argmax on the GPU, ids back to
-/// the host each step, as a serving loop does).
-fn e2e_decode(dev: &CudaDevice) -> Res<Value> {
-    let cfg = model_cfg(ModelArch::Llama, 49_152, 576, 1536, 30, (9, 3), 64);
-    let t = Instant::now();
-    let w = r::SyntheticWeights::new(&cfg, 3, GgmlType::Q8_0);
-    let model = CudaModel::load(dev, &cfg, &w, DT)?;
-    println!(
-        "synthetic SmolLM2-135M-shaped model loaded in {:.1} s",
-        t.elapsed().as_secs_f32()
+/// The default model's prompt "The capital of France is" and llama.cpp's first-step top-10
+/// (token id, logit), from the shared fixture `smollm2-reference.json` (llama-cpp-python 0.3.36).
+const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
+const LLAMA_CPP_TOP: [(u32, f32); 5] = [
+    (7042, 17.344_099),
+    (260, 14.804_186),
+    (4528, 13.207_772),
+    (1315, 13.149_427),
+    (5145, 13.120_67),
+];
+
+/// The default model (a GGUF file at `path`): its first-step logits on the GPU against the f32
+/// reference forward pass on the CPU and against llama.cpp's.
+fn default_model_logits(
+    dev: &CudaDevice,
+    model: &CudaModel,
+    gguf: &Gguf,
+    rep: &mut Report,
+) -> Res<()> {
+    let cfg = &model.cfg;
+    let table: Vec<u32> = (0..4).collect();
+    let mut cache = CudaKvCache::new(dev, model.kv_layout(16), 4)?;
+    let seqs = [SeqStep {
+        tokens: &PROMPT,
+        context_len: PROMPT.len(),
+        block_table: &table,
+    }];
+    let got = down(dev, &model.forward(dev, &mut cache, &seqs)?)?;
+    let want = r::forward_logits(cfg, gguf, &PROMPT, None)
+        .map_err(|e| CudaError::Invalid(e.to_string()))?;
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    rep.add(
+        "default_model_logits_vs_cpu_f32",
+        compare(&got, &want, 0.05 * scale, 0.0),
+        "abs 0.05 × max|logit|",
     );
+    let vs_llama: Vec<f32> = LLAMA_CPP_TOP
+        .iter()
+        .map(|&(i, _)| got[i as usize])
+        .collect();
+    let llama: Vec<f32> = LLAMA_CPP_TOP.iter().map(|p| p.1).collect();
+    rep.add(
+        "default_model_top5_vs_llama_cpp",
+        compare(&vs_llama, &llama, 0.5, 0.0),
+        "abs 0.5",
+    );
+    let top1 = r::argmax(&got) as u32 == LLAMA_CPP_TOP[0].0;
+    rep.add(
+        "default_model_greedy_token",
+        (if top1 { 0.0 } else { f32::INFINITY }, top1),
+        "equal to llama.cpp's",
+    );
+    Ok(())
+}
+
+/// Decode tokens/s at batch 1, 16, 64: a 128-token prompt per sequence, then 32 greedy decode
+/// steps (argmax on the GPU, ids back to the host each step, as a serving loop does).
+fn e2e_decode(dev: &CudaDevice, model: &CudaModel, label: &str) -> Res<Value> {
+    let cfg = &model.cfg;
     let mut rng = Rng(9);
     let (prompt, steps) = (128usize, 32usize);
-    let mut out = json!({"model": "synthetic Q8_0 weights, SmolLM2-135M shapes (30 layers, hidden 576, 9/3 heads, head_dim 64, vocab 49152)", "prompt": prompt, "decode_steps": steps});
+    let mut out = json!({"model": label, "prompt": prompt, "decode_steps": steps});
     for batch in [1usize, 16, 64] {
         let (tabs, nblocks) = tables(&mut rng, batch, prompt + steps + 1, 16);
         let mut cache = CudaKvCache::new(dev, model.kv_layout(16), nblocks)?;
         let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|_| (0..prompt).map(|_| rng.below(49_152) as u32).collect())
+            .map(|_| {
+                (0..prompt)
+                    .map(|_| rng.below(cfg.vocab_size) as u32)
+                    .collect()
+            })
             .collect();
         let seqs: Vec<SeqStep<'_>> = (0..batch)
             .map(|i| SeqStep {
@@ -803,6 +857,28 @@ fn e2e_decode(dev: &CudaDevice) -> Res<Value> {
     Ok(out)
 }
 
+fn model_run(path: Option<&str>, rep: &mut Report) -> Res<Value> {
+    let inv = |e: String| CudaError::Invalid(e);
+    if let Some(p) = path {
+        let gguf = Gguf::open(p).map_err(|e| inv(format!("{p}: {e}")))?;
+        let cfg = ModelConfig::from_gguf(&gguf).map_err(|e| inv(e.to_string()))?;
+        let dev = CudaDevice::open(
+            0,
+            &KernelConfig::new(cfg.head_dim, cfg.num_heads, cfg.num_kv_heads)?,
+        )?;
+        let model = CudaModel::load(&dev, &cfg, &gguf, DT)?;
+        default_model_logits(&dev, &model, &gguf, rep)?;
+        e2e_decode(&dev, &model, &format!("{p} (weights dequantized to bf16)"))
+    } else {
+        let cfg = model_cfg(ModelArch::Llama, 49_152, 576, 1536, 30, (9, 3), 64);
+        let dev = CudaDevice::open(0, &KernelConfig::new(64, 9, 3)?)?;
+        let w = r::SyntheticWeights::new(&cfg, 3, GgmlType::Q8_0);
+        let model = CudaModel::load(&dev, &cfg, &w, DT)?;
+        rep.checks.push(json!({"check": "default_model_logits", "pass": null, "note": "not run: no --model GGUF given"}));
+        e2e_decode(&dev, &model, "synthetic Q8_0 weights, SmolLM2-135M shapes (30 layers, hidden 576, 9/3 heads, head_dim 64, vocab 49152)")
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dry = args.iter().any(|a| a == "--dry-run");
@@ -812,8 +888,17 @@ fn main() -> ExitCode {
         .and_then(|i| args.get(i + 1).cloned())
         .or_else(|| std::env::var("OUT").ok())
         .unwrap_or_else(|| ".".into());
-    let mut result = json!({"tool": "kvroute gpu_check", "dry_run": dry});
-    let code = run(dry, &mut result);
+    let model_path = args
+        .iter()
+        .position(|a| a == "--model")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| {
+            std::env::var("KVROUTE_MODEL_PATH")
+                .ok()
+                .filter(|p| !p.is_empty())
+        });
+    let mut result = json!({"tool": "kvroute gpu_check", "dry_run": dry, "model": model_path});
+    let code = run(dry, model_path, &mut result);
     let path = std::path::Path::new(&out_dir).join("gpu_check.json");
     match serde_json::to_string_pretty(&result).map(|s| std::fs::write(&path, s)) {
         Ok(Ok(())) => println!("wrote {}", path.display()),
@@ -822,7 +907,7 @@ fn main() -> ExitCode {
     code
 }
 
-fn run(dry: bool, result: &mut Value) -> ExitCode {
+fn run(dry: bool, model_path: Option<String>, result: &mut Value) -> ExitCode {
     // 1. NVRTC, for Hopper: needs no GPU.
     let nvrtc = match Nvrtc::global() {
         Ok(n) => n,
@@ -853,6 +938,23 @@ fn run(dry: bool, result: &mut Value) -> ExitCode {
         t.elapsed().as_secs_f32()
     );
     result["nvrtc"] = json!({"version": format!("{}.{}", nvrtc.version().0, nvrtc.version().1), "path": nvrtc.path().display().to_string()});
+
+    // The model file, read and checked on the host.
+    if let Some(p) = model_path.as_deref() {
+        let checked = Gguf::open(p).map_err(|e| e.to_string()).and_then(|g| {
+            let c = ModelConfig::from_gguf(&g).map_err(|e| e.to_string())?;
+            KernelConfig::new(c.head_dim, c.num_heads, c.num_kv_heads)
+                .map_err(|e| e.to_string())?;
+            Ok(c)
+        });
+        match checked {
+            Ok(c) => println!(
+                "model {p}: {} layers, hidden {}, {}/{} heads, head_dim {}",
+                c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+            ),
+            Err(e) => return fail(result, &format!("model {p}: {e}")),
+        }
+    }
 
     // 2. The GPU.
     if dry {
@@ -892,15 +994,17 @@ fn run(dry: bool, result: &mut Value) -> ExitCode {
         Ok(v) => result["decode_bandwidth"] = v,
         Err(e) => return fail(result, &format!("bandwidth: {e}")),
     }
-    // The forward pass for head_dim 64 / GQA 3 needs kernels compiled for that shape.
-    let e2e = KernelConfig::new(64, 9, 3)
-        .map_err(CudaError::from)
-        .and_then(|c| CudaDevice::open(0, &c))
-        .and_then(|d| e2e_decode(&d));
-    result["e2e_decode"] = match e2e {
-        Ok(v) => v,
-        Err(e) => json!({"error": e.to_string()}),
-    };
+    // The default model (when its GGUF is given) or a synthetic model of its shape, with kernels
+    // compiled for head_dim 64 / GQA 3.
+    match model_run(model_path.as_deref(), &mut rep) {
+        Ok(v) => result["e2e_decode"] = v,
+        Err(e) => {
+            eprintln!("gpu_check: model run: {e}");
+            result["e2e_decode"] = json!({"error": e.to_string()});
+            rep.failed += 1;
+        }
+    }
+    result["numerics"] = json!(rep.checks);
     result["numerics_failed"] = json!(rep.failed);
     if rep.failed > 0 {
         eprintln!("gpu_check: {} numerics check(s) failed", rep.failed);

@@ -15,6 +15,6 @@ pub mod kernels;
 pub mod kv;
 pub mod quant;
 pub mod safetensors;
-pub mod tokenizer;
 pub mod sched;
+pub mod tokenizer;
 pub mod weights;
