@@ -2,12 +2,13 @@
 //
 // Grid (max_splits, num_kv_heads, num_seqs), KVR_DECODE_THREADS threads. A block covers one
 // partition of `partition` (at most KVR_PARTITION) tokens of one sequence's context for one KV
-// head and all KVR_GQA query heads that share it, so each K/V byte is read from memory once per step. Threads in groups of
-// head_dim / 8 lanes each take one token at a time and read its head vector with 16-byte loads
-// (KVR_UNROLL tokens in flight per thread). Pass 1 puts the scaled scores of the partition in
-// shared memory, the block takes their max and exp-sum in fp32, pass 2 reads V and accumulates the
-// weighted sum. Each block writes its normalized partial output, max and exp-sum; the reduce kernel
-// merges the partitions with the usual log-sum-exp rescaling (the online-softmax merge).
+// head and all KVR_GQA query heads that share it, so each K/V byte is read from memory once per
+// step. Threads in groups of head_dim / 8 lanes each take one token at a time and read its head
+// vector with 16-byte loads (KVR_UNROLL tokens in flight per thread). Pass 1 puts the scaled
+// scores of the partition in shared memory, the block takes their max and exp-sum in fp32, pass 2
+// reads V and accumulates the weighted sum. Each block writes its normalized partial output, max
+// and exp-sum; the reduce kernel merges the partitions with the usual log-sum-exp rescaling (the
+// online-softmax merge).
 //
 // Layouts: q [num_seqs] rows `q_stride` elements apart, head h at h * head_dim; caches
 // [num_blocks][num_kv_heads][block_size][head_dim]; block_tables [num_seqs][max_blocks_per_seq];

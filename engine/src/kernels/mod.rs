@@ -6,6 +6,7 @@
 //! that each kernel compiles for the target GPUs and that the launch and layout arithmetic holds.
 //! This module never calls the CUDA driver; `crate::cuda` (feature `cuda`) does, using this.
 
+pub mod device;
 pub mod launch;
 pub mod layout;
 pub mod nvrtc;
