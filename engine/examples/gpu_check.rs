@@ -857,6 +857,36 @@ fn e2e_decode(dev: &CudaDevice, model: &CudaModel, label: &str) -> Res<Value> {
     Ok(out)
 }
 
+/// KV blocks the way the agent sizes them: free memory before loading × 0.9 − weights − the
+/// activation peak of a 2,048-token prefill step, ÷ block bytes (block size 16).
+fn kv_sizing(dev: &CudaDevice, model: &CudaModel, free_before: u64) -> Res<Value> {
+    let layout = model.kv_layout(16);
+    let tokens = 2048;
+    let table: Vec<u32> = (0..(tokens / 16) as u32).collect();
+    let mut cache = CudaKvCache::new(dev, layout, table.len())?;
+    let peak = model.measure_activation_peak(dev, &mut cache, tokens, &table)?;
+    drop(cache);
+    let budget = kvroute_engine::kernels::layout::MemoryBudget {
+        free_bytes: free_before,
+        utilization: 0.9,
+        weight_bytes: model.weight_bytes,
+        activation_peak_bytes: peak,
+    };
+    let blocks = kvroute_engine::kernels::layout::kv_blocks(&budget, &layout)
+        .map_err(|e| CudaError::Invalid(e.to_string()))?;
+    println!(
+        "KV sizing: free {} MiB, weights {} MiB, activation peak {} MiB ({tokens} tokens) -> {blocks} blocks of {} KiB",
+        free_before >> 20,
+        model.weight_bytes >> 20,
+        peak >> 20,
+        layout.block_bytes() >> 10
+    );
+    Ok(
+        json!({"free_before_load": free_before, "utilization": 0.9, "weight_bytes": model.weight_bytes,
+        "activation_peak_bytes": peak, "peak_step_tokens": tokens, "block_bytes": layout.block_bytes(), "blocks": blocks}),
+    )
+}
+
 fn model_run(path: Option<&str>, rep: &mut Report) -> Res<Value> {
     let inv = |e: String| CudaError::Invalid(e);
     if let Some(p) = path {
@@ -866,16 +896,25 @@ fn model_run(path: Option<&str>, rep: &mut Report) -> Res<Value> {
             0,
             &KernelConfig::new(cfg.head_dim, cfg.num_heads, cfg.num_kv_heads)?,
         )?;
+        let (free_before, _) = dev.mem_info()?;
         let model = CudaModel::load(&dev, &cfg, &gguf, DT)?;
         default_model_logits(&dev, &model, &gguf, rep)?;
-        e2e_decode(&dev, &model, &format!("{p} (weights dequantized to bf16)"))
+        let sizing = kv_sizing(&dev, &model, free_before as u64)?;
+        let mut v = e2e_decode(&dev, &model, &format!("{p} (weights dequantized to bf16)"))?;
+        v["kv_sizing"] = sizing;
+        Ok(v)
     } else {
         let cfg = model_cfg(ModelArch::Llama, 49_152, 576, 1536, 30, (9, 3), 64);
         let dev = CudaDevice::open(0, &KernelConfig::new(64, 9, 3)?)?;
+        let (free_before, _) = dev.mem_info()?;
         let w = r::SyntheticWeights::new(&cfg, 3, GgmlType::Q8_0);
         let model = CudaModel::load(&dev, &cfg, &w, DT)?;
         rep.checks.push(json!({"check": "default_model_logits", "pass": null, "note": "not run: no --model GGUF given"}));
-        e2e_decode(&dev, &model, "synthetic Q8_0 weights, SmolLM2-135M shapes (30 layers, hidden 576, 9/3 heads, head_dim 64, vocab 49152)")
+        let sizing = kv_sizing(&dev, &model, free_before as u64)?;
+        let label = "synthetic Q8_0 weights, SmolLM2-135M shapes (30 layers, hidden 576, 9/3 heads, head_dim 64, vocab 49152)";
+        let mut v = e2e_decode(&dev, &model, label)?;
+        v["kv_sizing"] = sizing;
+        Ok(v)
     }
 }
 

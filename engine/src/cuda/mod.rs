@@ -136,6 +136,46 @@ impl CudaDevice {
     pub fn mem_info(&self) -> Result<(usize, usize)> {
         Ok(self.ctx.mem_get_info()?)
     }
+
+    fn pool_attr(
+        &self,
+        attr: cudarc::driver::sys::CUmemPool_attribute,
+        set: Option<u64>,
+    ) -> Result<u64> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: valid out-pointer and the context's own device.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) }.result()?;
+        let mut v: u64 = set.unwrap_or(0);
+        // SAFETY: these attributes are cuuint64_t values, read into / written from `v`.
+        unsafe {
+            match set {
+                Some(_) => sys::cuMemPoolSetAttribute(pool, attr, (&mut v as *mut u64).cast()),
+                None => sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()),
+            }
+        }
+        .result()?;
+        Ok(v)
+    }
+
+    /// Bytes the stream-ordered allocator (which all of kvroute's buffers come from) has handed
+    /// out now, and the most since [`CudaDevice::reset_memory_high`].
+    pub fn memory_used(&self) -> Result<(u64, u64)> {
+        use cudarc::driver::sys::CUmemPool_attribute as A;
+        Ok((
+            self.pool_attr(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, None)?,
+            self.pool_attr(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)?,
+        ))
+    }
+
+    /// Resets the high-water mark of [`CudaDevice::memory_used`] to the current use.
+    pub fn reset_memory_high(&self) -> Result<()> {
+        use cudarc::driver::sys::CUmemPool_attribute as A;
+        self.stream.synchronize()?;
+        self.pool_attr(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0))
+            .map(|_| ())
+    }
 }
 
 /// Every kernel entry point, loaded into one context.

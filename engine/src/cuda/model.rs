@@ -182,6 +182,32 @@ impl CudaModel {
         }
     }
 
+    /// Measures the activation peak of a forward step over `tokens` new tokens of one sequence
+    /// (the largest step the scheduler will build): the device memory a step allocates on top of
+    /// what is already held, read from the allocator's high-water mark. Writes into `cache`
+    /// blocks `block_table` (which must cover `tokens` positions); run it before serving.
+    pub fn measure_activation_peak(
+        &self,
+        dev: &CudaDevice,
+        cache: &mut CudaKvCache,
+        tokens: usize,
+        block_table: &[u32],
+    ) -> Result<u64> {
+        let ids = vec![0u32; tokens.max(1)];
+        let seqs = [SeqStep {
+            tokens: &ids,
+            context_len: ids.len(),
+            block_table,
+        }];
+        dev.reset_memory_high()?;
+        let (before, _) = dev.memory_used()?;
+        let logits = self.forward(dev, cache, &seqs)?;
+        dev.stream.synchronize()?;
+        drop(logits);
+        let (_, high) = dev.memory_used()?;
+        Ok(high.saturating_sub(before))
+    }
+
     /// Runs one step: writes the new tokens' K/V into `cache` and returns the logits of each
     /// sequence's last new token, `[seqs.len()][vocab]` f32, on the device.
     pub fn forward(
