@@ -379,4 +379,61 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn compiled_ptx_is_cached_on_disk_under_a_key_of_source_options_and_arch() {
+        let nvrtc = nvrtc();
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ptx_cache::PtxCache::new(dir.path());
+        let cfg = KernelConfig::new(64, 9, 3).unwrap();
+        let src = source("sampling").unwrap();
+        let first = compile_cached(nvrtc, Some(&cache), src, Arch::SM90, &cfg).unwrap();
+        let key = cache_key(
+            src,
+            &compile_options(Arch::SM90, &cfg),
+            Arch::SM90,
+            nvrtc.version(),
+        );
+        assert_eq!(cache.get(&key).as_deref(), Some(first.as_str()));
+        // A hit is served from disk: plant a marker and get it back.
+        cache.put(&key, ".visible .entry planted()").unwrap();
+        let second = compile_cached(nvrtc, Some(&cache), src, Arch::SM90, &cfg).unwrap();
+        assert_eq!(second, ".visible .entry planted()");
+        // Another architecture or config is another key.
+        assert_ne!(
+            key,
+            cache_key(
+                src,
+                &compile_options(Arch::SM80, &cfg),
+                Arch::SM80,
+                nvrtc.version()
+            )
+        );
+        let other = KernelConfig::new(128, 32, 8).unwrap();
+        assert_ne!(
+            key,
+            cache_key(
+                src,
+                &compile_options(Arch::SM90, &other),
+                Arch::SM90,
+                nvrtc.version()
+            )
+        );
+    }
+
+    #[test]
+    fn configs_outside_the_kernels_limits_are_errors() {
+        assert_eq!(KernelConfig::new(96, 8, 8), Err(ConfigError::HeadDim(96)));
+        assert!(matches!(
+            KernelConfig::new(128, 10, 4),
+            Err(ConfigError::Gqa { .. })
+        ));
+        assert!(matches!(
+            KernelConfig::new(128, 64, 1),
+            Err(ConfigError::Shared(_))
+        ));
+        let c = KernelConfig::new(128, 32, 8).unwrap();
+        assert_eq!(c.gqa, 4);
+        assert!(c.defines().contains(&"-DKVR_GQA=4".to_string()));
+    }
 }
