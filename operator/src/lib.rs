@@ -2,3 +2,4 @@
 //! routes and admits requests by free KV blocks.
 
 pub mod gateway;
+pub mod up;

@@ -9,6 +9,31 @@
 //! server and the simulator feed it, so tests drive exactly the code that runs in production.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hasher for block hashes, which are already well-mixed 64-bit values: one multiply-rotate
+/// instead of SipHash keeps the prefix walk cheap at 1,000 agents.
+#[derive(Default, Clone, Copy)]
+pub struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ self.0)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
+type BlockSet = HashSet<u64, BuildHasherDefault<BlockHasher>>;
 
 /// Index of an agent in a [`Cluster`]; stable for the cluster's lifetime.
 pub type Slot = usize;
@@ -182,7 +207,7 @@ pub struct AgentState {
     pub last_report_ms: Option<u64>,
     /// Its last report (without events); `epoch` there is the epoch everything below belongs to.
     pub report: Report,
-    cached: HashSet<u64>,
+    cached: BlockSet,
     reservations: VecDeque<Reservation>,
     reserved_blocks: u64,
 }
@@ -251,9 +276,15 @@ pub enum Reject {
     /// No agent has ever reported serving this model.
     UnknownModel,
     /// The prompt alone needs more blocks than the largest pool serving the model.
-    PromptTooLarge { prompt_blocks: u64, largest_pool: u64 },
+    PromptTooLarge {
+        prompt_blocks: u64,
+        largest_pool: u64,
+    },
     /// The prompt is longer than every agent's `max_model_len`.
-    PromptTooLong { prompt_tokens: u64, max_model_len: u32 },
+    PromptTooLong {
+        prompt_tokens: u64,
+        max_model_len: u32,
+    },
 }
 
 /// The policy's answer.
@@ -275,7 +306,7 @@ fn blocks_for(tokens: u64, block_size: u32) -> u64 {
 pub struct Cluster {
     agents: Vec<AgentState>,
     /// Block hash → agents caching it.
-    index: HashMap<u64, Vec<Slot>>,
+    index: BlockMap<Vec<u32>>,
     rr_next: Slot,
     next_reservation_id: u64,
 }
@@ -335,7 +366,7 @@ impl Cluster {
 
     fn unindex(&mut self, hash: u64, slot: Slot) {
         if let Some(slots) = self.index.get_mut(&hash) {
-            if let Some(pos) = slots.iter().position(|&s| s == slot) {
+            if let Some(pos) = slots.iter().position(|&s| s as usize == slot) {
                 slots.swap_remove(pos);
             }
             if slots.is_empty() {
@@ -371,7 +402,7 @@ impl Cluster {
                 CacheEvent::Stored(hashes) => {
                     for h in hashes {
                         if self.agents[slot].cached.insert(h) {
-                            self.index.entry(h).or_default().push(slot);
+                            self.index.entry(h).or_default().push(slot as u32);
                         }
                     }
                 }
@@ -449,17 +480,17 @@ impl Cluster {
         true
     }
 
-    /// Leading blocks of `hashes` cached per agent (only agents with a non-zero overlap).
-    fn prefix_overlap(&self, hashes: &[u64]) -> HashMap<Slot, u64> {
-        let mut overlap: HashMap<Slot, u64> = HashMap::new();
+    /// Leading blocks of `hashes` cached on each agent, by slot.
+    fn prefix_overlap(&self, hashes: &[u64]) -> Vec<u32> {
+        let mut overlap = vec![0u32; self.agents.len()];
         for (i, h) in hashes.iter().enumerate() {
             let Some(slots) = self.index.get(h) else {
                 break;
             };
-            let i = i as u64;
+            let i = i as u32;
             let mut advanced = false;
             for &s in slots {
-                let o = overlap.entry(s).or_insert(0);
+                let o = &mut overlap[s as usize];
                 if *o == i {
                     *o = i + 1;
                     advanced = true;
@@ -480,52 +511,10 @@ impl Cluster {
         now_ms: u64,
         rng: &mut dyn RandomSource,
     ) -> Decision {
-        // Requests that can never be served get an answer at once, judged on every agent that
-        // ever reported the model (stale ones included: their pool size does not go stale).
-        let known: Vec<&AgentState> = self
-            .agents
-            .iter()
-            .filter(|a| a.active && a.last_report_ms.is_some() && a.report.model == req.model)
-            .collect();
-        if known.is_empty() {
-            return if self.agents.iter().any(|a| a.active && a.last_report_ms.is_none()) {
-                // Agents still starting up might serve it.
-                Decision::Wait
-            } else {
-                Decision::Reject(Reject::UnknownModel)
-            };
-        }
-        let max_len = known
-            .iter()
-            .map(|a| a.report.max_model_len)
-            .max()
-            .unwrap_or(0);
-        if max_len > 0 && req.prompt_tokens >= u64::from(max_len) {
-            return Decision::Reject(Reject::PromptTooLong {
-                prompt_tokens: req.prompt_tokens,
-                max_model_len: max_len,
-            });
-        }
-        if !known
-            .iter()
-            .any(|a| blocks_for(req.prompt_tokens + 1, a.report.block_size) <= a.report.total_blocks)
-        {
-            let largest = known
-                .iter()
-                .map(|a| a.report.total_blocks)
-                .max()
-                .unwrap_or(0);
-            let bs = known.first().map_or(1, |a| a.report.block_size);
-            return Decision::Reject(Reject::PromptTooLarge {
-                prompt_blocks: blocks_for(req.prompt_tokens + 1, bs),
-                largest_pool: largest,
-            });
-        }
-
         let overlap = if cfg.kind == PolicyKind::Kv {
             self.prefix_overlap(req.block_hashes)
         } else {
-            HashMap::new()
+            Vec::new()
         };
         let prompt_blocks = req.block_hashes.len().max(1) as f64;
 
@@ -555,7 +544,7 @@ impl Cluster {
                 continue;
             }
             let cached = if r.block_size == req.block_size {
-                overlap.get(&slot).copied().unwrap_or(0)
+                overlap.get(slot).copied().map_or(0, u64::from)
             } else {
                 0
             };
@@ -629,8 +618,50 @@ impl Cluster {
         }
         match best {
             Some(route) => Decision::Route(route),
-            None => Decision::Wait,
+            None => self.why_not(req),
         }
+    }
+
+    /// No agent was picked: a request that can never be served is rejected (judged on every
+    /// agent that ever reported the model, stale ones included: pool sizes do not go stale);
+    /// anything else waits for capacity.
+    fn why_not(&self, req: &RouteRequest<'_>) -> Decision {
+        let known = || {
+            self.agents
+                .iter()
+                .filter(|a| a.active && a.last_report_ms.is_some() && a.report.model == req.model)
+        };
+        if known().next().is_none() {
+            return if self
+                .agents
+                .iter()
+                .any(|a| a.active && a.last_report_ms.is_none())
+            {
+                // Agents still starting up might serve it.
+                Decision::Wait
+            } else {
+                Decision::Reject(Reject::UnknownModel)
+            };
+        }
+        let max_len = known().map(|a| a.report.max_model_len).max().unwrap_or(0);
+        if max_len > 0 && req.prompt_tokens >= u64::from(max_len) {
+            return Decision::Reject(Reject::PromptTooLong {
+                prompt_tokens: req.prompt_tokens,
+                max_model_len: max_len,
+            });
+        }
+        let fits = |a: &AgentState| {
+            blocks_for(req.prompt_tokens + 1, a.report.block_size) <= a.report.total_blocks
+        };
+        if !known().any(fits) {
+            let largest = known().map(|a| a.report.total_blocks).max().unwrap_or(0);
+            let bs = known().next().map_or(1, |a| a.report.block_size);
+            return Decision::Reject(Reject::PromptTooLarge {
+                prompt_blocks: blocks_for(req.prompt_tokens + 1, bs),
+                largest_pool: largest,
+            });
+        }
+        Decision::Wait
     }
 
     /// Checks the bookkeeping invariants (tests and debug assertions).
@@ -647,18 +678,25 @@ impl Cluster {
             if keys.windows(2).any(|w| w[0] >= w[1]) {
                 return Err(format!("agent {slot}: keys not increasing: {keys:?}"));
             }
-            if keys.first().is_some_and(|&k| k <= a.report.requests_received) {
+            if keys
+                .first()
+                .is_some_and(|&k| k <= a.report.requests_received)
+            {
                 return Err(format!("agent {slot}: covered reservation kept: {keys:?}"));
             }
             for h in &a.cached {
-                if !self.index.get(h).is_some_and(|s| s.contains(&slot)) {
+                if !self
+                    .index
+                    .get(h)
+                    .is_some_and(|s| s.contains(&(slot as u32)))
+                {
                     return Err(format!("agent {slot}: hash {h} missing from index"));
                 }
             }
         }
         for (h, slots) in &self.index {
             for &s in slots {
-                if !self.agents[s].cached.contains(h) {
+                if !self.agents[s as usize].cached.contains(h) {
                     return Err(format!("index: hash {h} on {s} not cached there"));
                 }
             }
@@ -709,7 +747,12 @@ mod tests {
     #[test]
     fn picks_agent_with_most_headroom() {
         let c = cluster(&[(100, 10), (100, 80), (100, 40)]);
-        let d = c.decide(&PolicyConfig::default(), &req(64, 16, &[]), 0, &mut SplitMix64(1));
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &req(64, 16, &[]),
+            0,
+            &mut SplitMix64(1),
+        );
         let Decision::Route(r) = d else {
             panic!("{d:?}")
         };
@@ -730,7 +773,12 @@ mod tests {
             },
             1,
         );
-        let d = c.decide(&PolicyConfig::default(), &req(70, 16, &hashes), 1, &mut SplitMix64(1));
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &req(70, 16, &hashes),
+            1,
+            &mut SplitMix64(1),
+        );
         let Decision::Route(r) = d else {
             panic!("{d:?}")
         };
@@ -751,9 +799,12 @@ mod tests {
             },
             0,
         );
-        let Decision::Route(r) =
-            c.decide(&PolicyConfig::default(), &req(64, 0, &[11, 12, 13, 14]), 0, &mut SplitMix64(1))
-        else {
+        let Decision::Route(r) = c.decide(
+            &PolicyConfig::default(),
+            &req(64, 0, &[11, 12, 13, 14]),
+            0,
+            &mut SplitMix64(1),
+        ) else {
             panic!()
         };
         assert_eq!(r.cached_blocks, 0);
@@ -763,10 +814,16 @@ mod tests {
     fn waits_when_no_room_and_rejects_never_fitting() {
         let c = cluster(&[(10, 2), (10, 3)]);
         let cfg = PolicyConfig::default();
-        assert_eq!(c.decide(&cfg, &req(64, 16, &[]), 0, &mut SplitMix64(1)), Decision::Wait);
+        assert_eq!(
+            c.decide(&cfg, &req(64, 16, &[]), 0, &mut SplitMix64(1)),
+            Decision::Wait
+        );
         assert!(matches!(
             c.decide(&cfg, &req(16 * 10, 1, &[]), 0, &mut SplitMix64(1)),
-            Decision::Reject(Reject::PromptTooLarge { largest_pool: 10, .. })
+            Decision::Reject(Reject::PromptTooLarge {
+                largest_pool: 10,
+                ..
+            })
         ));
         let mut other = req(1, 1, &[]);
         other.model = "other";
@@ -929,19 +986,26 @@ mod tests {
                 prop::collection::vec(0..40u64, 0..3),
                 prop::bool::weighted(0.1)
             )
-                .prop_map(|(agent, epoch_bump, free, received_step, store, remove, snapshot)| {
-                    Op::Report {
-                        agent,
-                        epoch_bump,
-                        free,
-                        received_step,
-                        store,
-                        remove,
-                        snapshot,
+                .prop_map(
+                    |(agent, epoch_bump, free, received_step, store, remove, snapshot)| {
+                        Op::Report {
+                            agent,
+                            epoch_bump,
+                            free,
+                            received_step,
+                            store,
+                            remove,
+                            snapshot,
+                        }
                     }
-                }),
-            (1..3000u64, 0..500u64, prop::collection::vec(0..40u64, 0..8))
-                .prop_map(|(prompt, output, hashes)| Op::Route { prompt, output, hashes }),
+                ),
+            (1..3000u64, 0..500u64, prop::collection::vec(0..40u64, 0..8)).prop_map(
+                |(prompt, output, hashes)| Op::Route {
+                    prompt,
+                    output,
+                    hashes
+                }
+            ),
             (0..64usize).prop_map(Op::Cancel),
             (0..5usize).prop_map(Op::Disconnect),
             (0..2000u64).prop_map(Op::Tick),
