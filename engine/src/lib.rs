@@ -5,7 +5,13 @@
 //! This crate does no network I/O; the agent and gateway binaries own that.
 
 pub mod api;
+pub mod chat;
 pub mod config;
+pub mod fetch;
+pub mod gguf;
 pub mod kv;
 pub mod quant;
+pub mod safetensors;
+pub mod tokenizer;
+pub mod sched;
 pub mod weights;

@@ -1,0 +1,370 @@
+//! The KV-cache manager: per-request block tables over the [`BlockPool`], prefix-cache lookups
+//! and registration, and the capacity snapshot.
+//!
+//! It owns which blocks each open sequence holds, the sequence's chained block hashes and its
+//! extra key, and the prefix-cache counters. It decides nothing about scheduling (that is
+//! `engine::sched`) and never sees a model. Sequence state lives in slots that are reused, so in
+//! steady state opening, growing, freeing and closing sequences do not allocate.
+//!
+//! Rules it keeps:
+//! - a prefix hit never covers a sequence's last known token (that token must be computed to
+//!   produce logits);
+//! - a block is registered in the cache only once the caller says its tokens are computed
+//!   ([`KvManager::cache_computed`]), so a hit always finds a block whose KV is in memory;
+//! - a sequence's blocks are freed tail first, so its chain's tail is evicted before its head.
+
+use super::hash::{extend_block_hashes, BlockHash};
+use super::pool::{BlockEvent, BlockId, BlockPool};
+
+/// Settings of a [`KvManager`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvConfig {
+    /// Tokens per block (≥ 1).
+    pub block_size: usize,
+    /// Blocks in the pool (< `u32::MAX`).
+    pub num_blocks: usize,
+    /// Look up and register full blocks in the prefix cache.
+    pub enable_prefix_caching: bool,
+    /// Record [`BlockEvent`]s for [`KvManager::take_events`]. Leave off when nobody drains them:
+    /// they accumulate until drained.
+    pub enable_events: bool,
+}
+
+/// Errors of the KV manager.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    /// Not enough free blocks for this allocation (nothing was changed).
+    #[error("does not fit: {needed} new blocks needed, {available} available")]
+    DoesNotFit { needed: usize, available: usize },
+    /// A prefix hit was passed for a sequence that already holds blocks, or its blocks are no
+    /// longer cached (the pool changed between the lookup and the allocation).
+    #[error("stale or misplaced prefix hit ({blocks} blocks)")]
+    StaleHit { blocks: usize },
+    /// Bad settings.
+    #[error("invalid kv config: {0}")]
+    Config(String),
+}
+
+/// Capacity of the pool, as reported to routers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CapacitySnapshot {
+    /// Tokens per block.
+    pub block_size: u32,
+    /// Blocks in the pool.
+    pub total: u64,
+    /// Blocks referenced by no request (includes `cached_evictable`).
+    pub free: u64,
+    /// Free blocks that still hold a cached prefix (hittable until reallocated).
+    pub cached_evictable: u64,
+    /// Blocks referenced by at least one request (`total - free`).
+    pub used: u64,
+    /// Tokens looked up in the prefix cache at admissions.
+    pub prefix_query_tokens: u64,
+    /// Of those, tokens found cached.
+    pub prefix_hit_tokens: u64,
+}
+
+/// An open sequence's handle. Not `Clone`: [`KvManager::close`] consumes it, so a sequence
+/// cannot be closed twice.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KvSeq {
+    slot: u32,
+}
+
+/// Result of a prefix lookup, to pass back to [`KvManager::allocate_slots`] on admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PrefixHit {
+    /// Leading full blocks found in the cache.
+    pub blocks: usize,
+    /// Tokens the lookup was for (the sequence's known tokens).
+    pub query_tokens: usize,
+}
+
+#[derive(Default)]
+struct SeqTable {
+    blocks: Vec<BlockId>,
+    hashes: Vec<BlockHash>,
+    /// Blocks `0..num_cached` were hits or have been offered to the cache.
+    num_cached: usize,
+    extra_key: Vec<u8>,
+    open: bool,
+}
+
+/// See the module docs.
+pub struct KvManager {
+    block_size: usize,
+    prefix_caching: bool,
+    pool: BlockPool,
+    tables: Vec<SeqTable>,
+    free_slots: Vec<u32>,
+    prefix_query_tokens: u64,
+    prefix_hit_tokens: u64,
+}
+
+impl KvManager {
+    /// A manager with every block free.
+    pub fn new(cfg: &KvConfig) -> Result<Self, KvError> {
+        if cfg.block_size == 0 {
+            return Err(KvError::Config("block_size must be at least 1".into()));
+        }
+        if cfg.num_blocks >= u32::MAX as usize {
+            return Err(KvError::Config(format!(
+                "num_blocks {} is too large",
+                cfg.num_blocks
+            )));
+        }
+        Ok(Self {
+            block_size: cfg.block_size,
+            prefix_caching: cfg.enable_prefix_caching,
+            pool: BlockPool::new(cfg.num_blocks, cfg.enable_events),
+            tables: Vec::new(),
+            free_slots: Vec::new(),
+            prefix_query_tokens: 0,
+            prefix_hit_tokens: 0,
+        })
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// The pool (read-only).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Opens a sequence with no blocks. `extra_key` is mixed into its block hashes.
+    pub fn open(&mut self, extra_key: &[u8]) -> KvSeq {
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None => {
+                self.tables.push(SeqTable::default());
+                (self.tables.len() - 1) as u32
+            }
+        };
+        let t = &mut self.tables[slot as usize];
+        debug_assert!(!t.open && t.blocks.is_empty());
+        t.open = true;
+        t.hashes.clear();
+        t.num_cached = 0;
+        t.extra_key.clear();
+        t.extra_key.extend_from_slice(extra_key);
+        KvSeq { slot }
+    }
+
+    /// Frees the sequence's blocks and forgets it.
+    pub fn close(&mut self, seq: KvSeq) {
+        self.free(&seq);
+        let t = &mut self.tables[seq.slot as usize];
+        t.open = false;
+        self.free_slots.push(seq.slot);
+    }
+
+    #[inline]
+    fn table(&self, seq: &KvSeq) -> &SeqTable {
+        &self.tables[seq.slot as usize]
+    }
+
+    /// The sequence's block table: block `i` holds positions `i * block_size ..`.
+    #[inline]
+    pub fn block_table(&self, seq: &KvSeq) -> &[BlockId] {
+        &self.table(seq).blocks
+    }
+
+    /// The chained hashes known for the sequence's full blocks.
+    pub fn block_hashes(&self, seq: &KvSeq) -> &[BlockHash] {
+        &self.table(seq).hashes
+    }
+
+    /// Frees the sequence's blocks, last block first, keeping its hashes (its tokens are
+    /// unchanged, so a later admission can hit its own cached prefix). Used for preemption.
+    pub fn free(&mut self, seq: &KvSeq) {
+        let t = &mut self.tables[seq.slot as usize];
+        for &b in t.blocks.iter().rev() {
+            self.pool.release(b);
+        }
+        t.blocks.clear();
+        t.num_cached = 0;
+    }
+
+    /// Computes the hashes of the full blocks of `tokens` (the sequence's known tokens) not yet
+    /// hashed. Cheap when nothing new is full. No-op without prefix caching.
+    pub fn update_hashes(&mut self, seq: &KvSeq, tokens: &[u32]) {
+        if !self.prefix_caching {
+            return;
+        }
+        let t = &mut self.tables[seq.slot as usize];
+        if tokens.len() / self.block_size > t.hashes.len() {
+            extend_block_hashes(&mut t.hashes, tokens, self.block_size, &t.extra_key);
+        }
+    }
+
+    /// How many leading blocks of a sequence with `num_tokens` known tokens are cached (call
+    /// [`Self::update_hashes`] first). Capped so the hit never covers the last token.
+    pub fn lookup_prefix(&self, seq: &KvSeq, num_tokens: usize) -> PrefixHit {
+        let mut hit = PrefixHit {
+            blocks: 0,
+            query_tokens: num_tokens,
+        };
+        if !self.prefix_caching || num_tokens == 0 {
+            return hit;
+        }
+        let t = self.table(seq);
+        let max = ((num_tokens - 1) / self.block_size).min(t.hashes.len());
+        while hit.blocks < max && self.pool.lookup(t.hashes[hit.blocks]).is_some() {
+            hit.blocks += 1;
+        }
+        hit
+    }
+
+    /// Makes the sequence's block table cover `num_tokens` positions.
+    ///
+    /// On admission pass the [`PrefixHit`] from [`Self::lookup_prefix`] (the sequence must hold
+    /// no blocks): its blocks are shared first (taken off the free list if they sit there), then
+    /// new blocks are allocated. Returns the number of newly allocated blocks, or
+    /// [`KvError::DoesNotFit`] (changing nothing) when the free list cannot supply them; hit
+    /// blocks that sit in the free list count against what is available, since sharing them
+    /// takes them off it.
+    pub fn allocate_slots(
+        &mut self,
+        seq: &KvSeq,
+        num_tokens: usize,
+        hit: Option<PrefixHit>,
+    ) -> Result<usize, KvError> {
+        let slot = seq.slot as usize;
+        let hit_blocks = hit.map_or(0, |h| h.blocks);
+        let have = self.tables[slot].blocks.len();
+        let want = num_tokens.div_ceil(self.block_size);
+        if hit_blocks > 0 {
+            let t = &self.tables[slot];
+            if have != 0 || hit_blocks > t.hashes.len() {
+                return Err(KvError::StaleHit { blocks: hit_blocks });
+            }
+        }
+        let needed = want.saturating_sub(have + hit_blocks);
+        let mut hits_in_free = 0;
+        for &h in &self.tables[slot].hashes[..hit_blocks] {
+            match self.pool.lookup(h) {
+                Some(b) => hits_in_free += usize::from(self.pool.ref_count(b) == 0),
+                None => return Err(KvError::StaleHit { blocks: hit_blocks }),
+            }
+        }
+        let available = self.pool.free() - hits_in_free;
+        if needed > available {
+            return Err(KvError::DoesNotFit { needed, available });
+        }
+        let t = &mut self.tables[slot];
+        for i in 0..hit_blocks {
+            // Looked up above and the pool has not changed since.
+            let Some(b) = self.pool.lookup(t.hashes[i]) else {
+                unreachable!("hit checked above")
+            };
+            self.pool.touch(b);
+            t.blocks.push(b);
+        }
+        if let Some(h) = hit {
+            t.num_cached = hit_blocks;
+            self.prefix_query_tokens += h.query_tokens as u64;
+            self.prefix_hit_tokens += (hit_blocks * self.block_size) as u64;
+        }
+        for _ in 0..needed {
+            let Some(b) = self.pool.allocate() else {
+                unreachable!("free count checked above")
+            };
+            t.blocks.push(b);
+        }
+        Ok(needed)
+    }
+
+    /// Registers in the prefix cache every full block of the sequence whose tokens are now
+    /// computed (`num_computed` positions; `tokens` are the sequence's known tokens). Blocks
+    /// already cached (hits) and blocks whose hash another block already caches are skipped.
+    pub fn cache_computed(&mut self, seq: &KvSeq, tokens: &[u32], num_computed: usize) {
+        if !self.prefix_caching {
+            return;
+        }
+        let slot = seq.slot as usize;
+        let t = &mut self.tables[slot];
+        let full = (num_computed.min(tokens.len()) / self.block_size).min(t.blocks.len());
+        if full <= t.num_cached {
+            return;
+        }
+        if t.hashes.len() < full {
+            extend_block_hashes(&mut t.hashes, tokens, self.block_size, &t.extra_key);
+        }
+        for i in t.num_cached..full {
+            self.pool.register(t.blocks[i], t.hashes[i]);
+        }
+        t.num_cached = full;
+    }
+
+    /// Empties the prefix cache (emits `AllCleared`).
+    pub fn reset_prefix_cache(&mut self) {
+        self.pool.reset_cache();
+        for t in &mut self.tables {
+            // Nothing is cached any more. The blocks in use still hold valid KV, so they are
+            // offered to the cache again at the sequence's next `cache_computed`.
+            t.num_cached = 0;
+        }
+    }
+
+    /// The capacity now.
+    pub fn snapshot(&self) -> CapacitySnapshot {
+        let total = self.pool.total() as u64;
+        let free = self.pool.free() as u64;
+        CapacitySnapshot {
+            block_size: self.block_size as u32,
+            total,
+            free,
+            cached_evictable: self.pool.cached_evictable() as u64,
+            used: total - free,
+            prefix_query_tokens: self.prefix_query_tokens,
+            prefix_hit_tokens: self.prefix_hit_tokens,
+        }
+    }
+
+    /// Block events since the last call (empty unless events are enabled).
+    pub fn take_events(&mut self) -> Vec<BlockEvent> {
+        self.pool.take_events()
+    }
+
+    /// Checks every invariant of the pool and the tables (tests; O(total + table sizes)):
+    /// each block's reference count equals the number of table entries naming it, a block is
+    /// free iff unreferenced, every cached hash maps to a block holding it, and each table
+    /// covers no fewer hashes than the blocks it offered to the cache.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.pool.check()?;
+        let mut refs = vec![0u32; self.pool.total()];
+        for (slot, t) in self.tables.iter().enumerate() {
+            if !t.open && !t.blocks.is_empty() {
+                return Err(format!("closed slot {slot} holds blocks"));
+            }
+            if t.num_cached > t.blocks.len() {
+                return Err(format!("slot {slot}: num_cached beyond its blocks"));
+            }
+            for (i, &b) in t.blocks.iter().enumerate() {
+                let r = refs
+                    .get_mut(b as usize)
+                    .ok_or(format!("slot {slot} names bad block {b}"))?;
+                *r += 1;
+                // A block holding a hash was a hit or registered by this sequence or by another
+                // one sharing it (after a cache reset): always under this sequence's own hash.
+                if let Some(h) = self.pool.block_hash(b) {
+                    if t.hashes.get(i) != Some(&h) {
+                        return Err(format!("slot {slot} block {i} holds a foreign hash"));
+                    }
+                }
+            }
+        }
+        for (b, &r) in refs.iter().enumerate() {
+            if self.pool.ref_count(b as u32) != r {
+                return Err(format!(
+                    "block {b}: ref count {} but {r} table entries",
+                    self.pool.ref_count(b as u32)
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,529 @@
+//! Scheduler unit tests, driven by a fake model that "samples" a deterministic token.
+
+use super::*;
+
+fn cfg(block_size: usize, num_blocks: usize) -> SchedConfig {
+    SchedConfig {
+        block_size,
+        num_blocks,
+        max_num_seqs: 16,
+        max_num_batched_tokens: 64,
+        max_model_len: 1024,
+        enable_chunked_prefill: true,
+        enable_prefix_caching: true,
+        enable_events: true,
+    }
+}
+
+fn spec(id: u64, prompt: Vec<u32>, max_tokens: u32) -> SeqSpec {
+    SeqSpec {
+        id,
+        prompt,
+        max_tokens,
+        extra_key: Vec::new(),
+    }
+}
+
+fn fake_token(id: u64, pos: usize) -> u32 {
+    (id as u32).wrapping_mul(1000).wrapping_add(pos as u32)
+}
+
+/// One fake model step: samples for every `sample` entry, completes, finishes capped
+/// sequences. Returns the plan's (id, start, len, sample) and the ids finished.
+fn step(s: &mut Scheduler) -> (Vec<(u64, usize, usize, bool)>, Vec<u64>) {
+    let view = s.schedule();
+    let mut planned = Vec::new();
+    let mut sampled = Vec::new();
+    for e in view.seqs() {
+        assert_eq!(view.tokens(e).len(), e.len, "tokens slice matches len");
+        assert!(view.block_table(e).len() * view.sched.cfg.block_size >= e.start + e.len);
+        planned.push((e.id, e.start, e.len, e.sample));
+        if e.sample {
+            sampled.push((e.id, fake_token(e.id, e.start + e.len)));
+        }
+    }
+    s.complete_step(&sampled).unwrap();
+    let mut done = Vec::new();
+    for &(id, _) in &sampled {
+        if s.is_length_capped(id) == Some(true) {
+            s.finish(id).unwrap();
+            done.push(id);
+        }
+    }
+    s.check_invariants().unwrap();
+    (planned, done)
+}
+
+#[test]
+fn one_request_prefills_decodes_and_frees() {
+    let mut s = Scheduler::new(cfg(4, 8)).unwrap();
+    s.add(spec(1, (0..10).collect(), 3)).unwrap();
+    assert_eq!(s.stats().waiting_prompt_blocks, 3);
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(1, 0, 10, true)]);
+    assert_eq!(s.stats().running, 1);
+    assert_eq!(s.stats().waiting_prompt_blocks, 0);
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(1, 10, 1, true)]);
+    let (p, done) = step(&mut s);
+    assert_eq!(p, vec![(1, 11, 1, true)]);
+    assert_eq!(done, vec![1]);
+    let st = s.stats();
+    assert_eq!(
+        (
+            st.running,
+            st.waiting,
+            st.requests_received,
+            st.requests_finished
+        ),
+        (0, 0, 1, 1)
+    );
+    assert_eq!(st.capacity.free, 8);
+    // 12 positions were computed... the 13th token was sampled but never computed: 3 full
+    // blocks (12 tokens) are cached.
+    assert_eq!(st.capacity.cached_evictable, 3);
+    assert!(s.is_empty());
+}
+
+#[test]
+fn chunked_prefill_splits_by_budget_and_samples_only_at_the_end() {
+    let mut c = cfg(4, 64);
+    c.max_num_batched_tokens = 32;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, (0..100).collect(), 1)).unwrap();
+    let lens: Vec<_> = (0..4).map(|_| step(&mut s).0[0]).collect();
+    assert_eq!(
+        lens,
+        vec![
+            (1, 0, 32, false),
+            (1, 32, 32, false),
+            (1, 64, 32, false),
+            (1, 96, 4, true)
+        ]
+    );
+    assert!(
+        s.is_empty(),
+        "max_tokens 1: finished after the first sample"
+    );
+}
+
+#[test]
+fn budget_is_shared_running_first_then_waiting() {
+    let mut c = cfg(4, 64);
+    c.max_num_batched_tokens = 10;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, (0..8).collect(), 100)).unwrap();
+    assert_eq!(step(&mut s).0, vec![(1, 0, 8, true)]);
+    s.add(spec(2, (100..120).collect(), 100)).unwrap();
+    // The decode of 1 comes first, 2 gets the 9 tokens left.
+    assert_eq!(step(&mut s).0, vec![(1, 8, 1, true), (2, 0, 9, false)]);
+    assert_eq!(step(&mut s).0, vec![(1, 9, 1, true), (2, 9, 9, false)]);
+    assert_eq!(step(&mut s).0, vec![(1, 10, 1, true), (2, 18, 2, true)]);
+}
+
+#[test]
+fn prefix_hit_starts_after_the_cached_blocks() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    let shared: Vec<u32> = (0..12).collect();
+    let mut p1 = shared.clone();
+    p1.extend([50, 51]);
+    s.add(spec(1, p1, 1)).unwrap();
+    step(&mut s);
+    let mut p2 = shared.clone();
+    p2.extend([60, 61, 62]);
+    s.add(spec(2, p2, 1)).unwrap();
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(2, 12, 3, true)]);
+    let c = s.stats().capacity;
+    assert_eq!(c.prefix_hit_tokens, 12);
+    assert_eq!(c.prefix_query_tokens, 14 + 15);
+}
+
+#[test]
+fn hit_never_covers_the_last_prompt_token() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    let prompt: Vec<u32> = (0..8).collect();
+    s.add(spec(1, prompt.clone(), 1)).unwrap();
+    step(&mut s);
+    s.add(spec(2, prompt.clone(), 1)).unwrap();
+    // Both blocks are cached but the last token must be computed: only block 0 is a hit.
+    assert_eq!(step(&mut s).0, vec![(2, 4, 4, true)]);
+    s.add(spec(3, prompt[..5].to_vec(), 1)).unwrap();
+    assert_eq!(step(&mut s).0, vec![(3, 4, 1, true)]);
+}
+
+#[test]
+fn running_sequences_share_hit_blocks() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    let prompt: Vec<u32> = (0..9).collect();
+    s.add(spec(1, prompt.clone(), 10)).unwrap();
+    step(&mut s);
+    s.add(spec(2, prompt.clone(), 10)).unwrap();
+    step(&mut s);
+    let t1 = s.kv().block_table(&s.seq(s.index[&1]).kv).to_vec();
+    let t2 = s.kv().block_table(&s.seq(s.index[&2]).kv).to_vec();
+    assert_eq!(t1[..2], t2[..2]);
+    assert_ne!(t1[2], t2[2]);
+    assert_eq!(s.kv().pool().ref_count(t1[0]), 2);
+}
+
+#[test]
+fn extra_keys_do_not_share() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    let prompt: Vec<u32> = (0..9).collect();
+    s.add(SeqSpec {
+        id: 1,
+        prompt: prompt.clone(),
+        max_tokens: 1,
+        extra_key: b"a".to_vec(),
+    })
+    .unwrap();
+    step(&mut s);
+    s.add(SeqSpec {
+        id: 2,
+        prompt: prompt.clone(),
+        max_tokens: 1,
+        extra_key: b"b".to_vec(),
+    })
+    .unwrap();
+    assert_eq!(step(&mut s).0, vec![(2, 0, 9, true)]);
+    s.add(SeqSpec {
+        id: 3,
+        prompt,
+        max_tokens: 1,
+        extra_key: b"a".to_vec(),
+    })
+    .unwrap();
+    assert_eq!(step(&mut s).0, vec![(3, 8, 1, true)]);
+}
+
+#[test]
+fn preempts_newest_and_admits_nothing_in_that_step_then_resumes_from_own_prefix() {
+    // 6 blocks of 4: two sequences of 8 prompt tokens use 2 blocks each (+1 each at their
+    // first decode position 8), then they grow until the pool is full.
+    let mut c = cfg(4, 6);
+    c.max_model_len = 24;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, (0..8).collect(), 100)).unwrap();
+    s.add(spec(2, (100..108).collect(), 100)).unwrap();
+    assert_eq!(step(&mut s).0, vec![(1, 0, 8, true), (2, 0, 8, true)]);
+    s.add(spec(3, (200..204).collect(), 100)).unwrap();
+    // Step 2: positions 8 need a third block each: 6 blocks, all used. 3 cannot be admitted.
+    assert_eq!(step(&mut s).0, vec![(1, 8, 1, true), (2, 8, 1, true)]);
+    assert_eq!(s.stats().waiting, 1);
+    for _ in 0..3 {
+        step(&mut s);
+    }
+    // Positions 9..11 fit; now position 12 needs a 4th block each: 1 is served by preempting 2.
+    let view = s.schedule();
+    assert_eq!(view.preempted(), &[2]);
+    assert_eq!(
+        view.seqs().len(),
+        1,
+        "no admission in a step that preempted"
+    );
+    assert_eq!((view.seqs()[0].id, view.seqs()[0].start), (1, 12));
+    let e = view.seqs()[0];
+    s.complete_step(&[(1, fake_token(1, 13))]).unwrap();
+    assert_eq!(s.stats().preemptions, 1);
+    assert_eq!(s.is_running(2), Some(false));
+    assert_eq!(s.num_computed(2), Some(0));
+    // 2's 3 full blocks were freed tail first and stay cached while free, except the chain's
+    // tail, which was the first reused (for 1's position 12).
+    assert_eq!(s.stats().capacity.cached_evictable, 2);
+    assert_eq!(e.len, 1);
+    // Finish 1: 2 comes back first (front of the queue) and hits its own cached prefix.
+    s.finish(1).unwrap();
+    let view = s.schedule();
+    let e2 = view.seqs()[0];
+    assert_eq!(e2.id, 2);
+    // 2 knows 13 tokens (8 prompt + 5 generated); its first 2 blocks are still cached.
+    assert_eq!((e2.start, e2.len, e2.sample), (8, 5, true));
+    assert_eq!(s.stats().capacity.prefix_hit_tokens, 8);
+    s.complete_step(&[(2, 7)]).unwrap();
+    assert_eq!(s.seq(s.index[&2]).preemptions, 1);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn lone_sequence_preempts_itself_when_pool_is_exhausted_by_others() {
+    // Pool of 3 blocks of 2: seq 1 (older) takes 2 blocks, seq 2 one; when 2 needs a second
+    // block it is the newest, so it preempts itself and 1 keeps running.
+    let mut c = cfg(2, 3);
+    c.max_model_len = 6;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, vec![1, 2, 3], 10)).unwrap();
+    s.add(spec(2, vec![4], 10)).unwrap();
+    assert_eq!(step(&mut s).0, vec![(1, 0, 3, true), (2, 0, 1, true)]);
+    // 1 at position 3 (block 1, held), 2 at position 1 (block 0, held): fits.
+    assert_eq!(step(&mut s).0, vec![(1, 3, 1, true), (2, 1, 1, true)]);
+    // 1 at position 4 needs a 3rd block: preempts 2.
+    let view = s.schedule();
+    assert_eq!(view.preempted(), &[2]);
+    s.complete_step(&[(1, 0)]).unwrap();
+    // 1 has 6 tokens = max_len: capped, caller finishes it.
+    assert_eq!(s.is_length_capped(1), Some(true));
+    s.finish(1).unwrap();
+    // 2 resumes from scratch: its only cached block was the one 1 took.
+    assert_eq!(step(&mut s).0, vec![(2, 0, 3, true)]);
+}
+
+#[test]
+fn max_num_seqs_limits_admissions() {
+    let mut c = cfg(4, 64);
+    c.max_num_seqs = 2;
+    let mut s = Scheduler::new(c).unwrap();
+    for id in 0..3 {
+        s.add(spec(id, vec![id as u32; 3], 5)).unwrap();
+    }
+    assert_eq!(step(&mut s).0.len(), 2);
+    assert_eq!(s.stats().waiting, 1);
+    s.finish(0).unwrap();
+    let p = step(&mut s).0;
+    assert_eq!(p.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2]);
+}
+
+#[test]
+fn without_chunking_a_prefill_waits_for_a_whole_budget() {
+    let mut c = cfg(4, 64);
+    c.enable_chunked_prefill = false;
+    c.max_num_batched_tokens = 40;
+    c.max_model_len = 40;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, (0..10).collect(), 10)).unwrap();
+    s.add(spec(2, (0..35).map(|t| t + 500).collect(), 2))
+        .unwrap();
+    s.add(spec(3, vec![9], 2)).unwrap();
+    // 1 (10) fits; 2 (35) does not fit in the 30 left, and FCFS keeps 3 behind it.
+    assert_eq!(step(&mut s).0, vec![(1, 0, 10, true)]);
+    // 1 decodes (1), 2 still needs 35 > 39? no: 39 left, so 2 runs whole; 3 (1) fits in 4.
+    assert_eq!(
+        step(&mut s).0,
+        vec![(1, 10, 1, true), (2, 0, 35, true), (3, 0, 1, true)]
+    );
+}
+
+#[test]
+fn rejects_requests_that_can_never_run() {
+    let mut c = cfg(4, 4); // pool of 16 tokens
+    c.max_model_len = 100;
+    let mut s = Scheduler::new(c).unwrap();
+    assert_eq!(s.max_len(), 16);
+    assert_eq!(
+        s.add(spec(1, vec![], 1)),
+        Err(SchedError::EmptyPrompt { id: 1 })
+    );
+    assert_eq!(
+        s.add(spec(1, vec![1], 0)),
+        Err(SchedError::ZeroMaxTokens { id: 1 })
+    );
+    assert!(matches!(
+        s.add(spec(1, vec![0; 16], 1)),
+        Err(SchedError::PromptTooLong {
+            len: 16,
+            max: 15,
+            ..
+        })
+    ));
+    s.add(spec(1, vec![0; 15], 5)).unwrap();
+    assert_eq!(
+        s.add(spec(1, vec![1], 1)),
+        Err(SchedError::DuplicateId { id: 1 })
+    );
+    assert_eq!(s.stats().requests_received, 1);
+    // At the boundary: the 15-token prompt generates exactly one token, then is capped.
+    let (_, done) = step(&mut s);
+    assert_eq!(done, vec![1]);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn max_model_len_caps_before_max_tokens() {
+    let mut c = cfg(4, 64);
+    c.max_model_len = 10;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, (0..7).collect(), 100)).unwrap();
+    let mut steps = 0;
+    while !s.is_empty() {
+        step(&mut s);
+        steps += 1;
+        assert!(steps < 10);
+    }
+    assert_eq!(steps, 3, "7 + 3 generated = 10 = max_model_len");
+}
+
+#[test]
+fn invalid_configs_are_rejected() {
+    let bad = [
+        SchedConfig {
+            block_size: 0,
+            ..cfg(4, 4)
+        },
+        SchedConfig {
+            num_blocks: 0,
+            ..cfg(4, 4)
+        },
+        SchedConfig {
+            max_num_seqs: 0,
+            ..cfg(4, 4)
+        },
+        SchedConfig {
+            max_num_batched_tokens: 0,
+            ..cfg(4, 4)
+        },
+        SchedConfig {
+            max_model_len: 1,
+            ..cfg(4, 4)
+        },
+        SchedConfig {
+            block_size: 1,
+            num_blocks: 1,
+            ..cfg(4, 4)
+        },
+        SchedConfig {
+            enable_chunked_prefill: false,
+            max_num_batched_tokens: 8,
+            ..cfg(4, 4)
+        },
+    ];
+    for c in bad {
+        assert!(
+            matches!(Scheduler::new(c.clone()), Err(SchedError::Config(_))),
+            "{c:?}"
+        );
+    }
+    // The smallest useful pool: one block of two tokens (prompt 1 + one generated token).
+    let mut s = Scheduler::new(SchedConfig::new(2, 1)).unwrap();
+    s.add(spec(1, vec![3], 9)).unwrap();
+    assert_eq!(s.schedule().seqs().len(), 1);
+    s.complete_step(&[(1, 4)]).unwrap();
+    assert_eq!(s.is_length_capped(1), Some(true));
+    assert!(
+        s.schedule().is_empty(),
+        "a capped sequence is not scheduled"
+    );
+    s.complete_step(&[(1, 5)]).unwrap_err();
+    assert_eq!(s.tokens(1), Some(&[3, 4][..]));
+    s.finish(1).unwrap();
+}
+
+#[test]
+fn complete_step_rejects_misplaced_samples() {
+    let mut s = Scheduler::new(cfg(4, 16)).unwrap();
+    assert_eq!(s.complete_step(&[]), Err(SchedError::NoPendingStep));
+    let mut c = cfg(4, 16);
+    c.max_num_batched_tokens = 4;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, (0..6).collect(), 5)).unwrap();
+    s.add(spec(2, vec![1], 5)).unwrap();
+    s.schedule();
+    // 1 is mid-prefill (no sample), 9 is unknown; 2 was not scheduled this step.
+    assert_eq!(
+        s.complete_step(&[(1, 5), (9, 5)]),
+        Err(SchedError::UnexpectedSample { id: 1 })
+    );
+    assert_eq!(s.tokens(1).unwrap().len(), 6, "nothing appended");
+    assert_eq!(s.num_computed(1), Some(4), "the step itself was applied");
+    assert_eq!(s.complete_step(&[]), Err(SchedError::NoPendingStep));
+    let v = s.schedule();
+    assert_eq!(v.seqs().len(), 2);
+    // Two samples for one sequence: the second is refused.
+    assert_eq!(
+        s.complete_step(&[(1, 5), (1, 6), (2, 1)]),
+        Err(SchedError::UnexpectedSample { id: 1 })
+    );
+    assert_eq!(s.output_tokens(1), Some(&[5][..]));
+    assert_eq!(s.output_tokens(2), Some(&[1][..]));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn abort_between_schedule_and_complete_is_safe() {
+    let mut s = Scheduler::new(cfg(4, 16)).unwrap();
+    s.add(spec(1, (0..6).collect(), 5)).unwrap();
+    s.add(spec(2, (0..6).collect(), 5)).unwrap();
+    let view = s.schedule();
+    let e = view.seqs()[0];
+    assert_eq!(e.id, 1);
+    let u = s.abort(1).unwrap();
+    assert_eq!(
+        u,
+        SeqUsage {
+            prompt_tokens: 6,
+            output_tokens: 0,
+            cached_tokens: 0,
+            preemptions: 0
+        }
+    );
+    assert!(s.step_tokens(&e).is_empty());
+    assert!(s.step_block_table(&e).is_empty());
+    // A new sequence reuses the slot; the stale entry still does not resolve to it.
+    s.add(spec(3, vec![1, 2], 5)).unwrap();
+    assert!(s.step_tokens(&e).is_empty());
+    s.complete_step(&[(1, 9), (2, 9)]).unwrap_err();
+    assert_eq!(s.output_tokens(2), Some(&[9][..]));
+    assert_eq!(s.abort(1), Err(SchedError::UnknownSeq { id: 1 }));
+    assert_eq!(s.stats().requests_aborted, 1);
+    s.abort(3).unwrap();
+    assert_eq!(s.stats().waiting_prompt_blocks, 0);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn block_events_follow_the_cache() {
+    let mut s = Scheduler::new(cfg(2, 3)).unwrap();
+    s.add(spec(1, vec![1, 2, 3], 1)).unwrap();
+    step(&mut s);
+    let hs = crate::kv::block_hashes(&[1, 2, 3], 2, b"");
+    assert_eq!(s.take_events(), vec![BlockEvent::Stored(hs.clone())]);
+    // A new 6-token prompt needs all 3 blocks: the cached one is evicted.
+    s.add(spec(2, vec![9, 9, 9, 9, 9], 1)).unwrap();
+    step(&mut s);
+    let ev = s.take_events();
+    assert_eq!(ev[0], BlockEvent::Removed(hs));
+    s.reset_prefix_cache();
+    assert_eq!(s.take_events(), vec![BlockEvent::AllCleared]);
+    assert_eq!(s.stats().capacity.cached_evictable, 0);
+}
+
+#[test]
+fn block_size_one() {
+    let mut s = Scheduler::new(cfg(1, 8)).unwrap();
+    s.add(spec(1, vec![5, 6, 7], 3)).unwrap();
+    while !s.is_empty() {
+        step(&mut s);
+    }
+    s.add(spec(2, vec![5, 6, 7, 8], 1)).unwrap();
+    // Tokens 5, 6, 7 are cached one block each; the last prompt token (8) is computed.
+    assert_eq!(step(&mut s).0, vec![(2, 3, 1, true)]);
+}
+
+#[test]
+fn prefix_caching_off_never_hits() {
+    let mut c = cfg(4, 16);
+    c.enable_prefix_caching = false;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, (0..9).collect(), 1)).unwrap();
+    step(&mut s);
+    s.add(spec(2, (0..9).collect(), 1)).unwrap();
+    assert_eq!(step(&mut s).0, vec![(2, 0, 9, true)]);
+    assert_eq!(s.stats().capacity.cached_evictable, 0);
+    assert!(s.take_events().is_empty());
+}
+
+#[test]
+fn steady_state_decode_does_not_reallocate_plan_buffers() {
+    let mut s = Scheduler::new(SchedConfig::new(16, 4096)).unwrap();
+    for id in 0..64 {
+        s.add(spec(id, vec![id as u32; 20], 10_000)).unwrap();
+    }
+    step(&mut s);
+    let (cap_seqs, ptr) = (s.plan.seqs.capacity(), s.plan.seqs.as_ptr());
+    for _ in 0..50 {
+        step(&mut s);
+    }
+    assert_eq!(
+        (s.plan.seqs.capacity(), s.plan.seqs.as_ptr()),
+        (cap_seqs, ptr)
+    );
+}

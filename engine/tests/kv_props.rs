@@ -1,0 +1,407 @@
+//! Property tests of the KV block pool and manager over random operation sequences.
+//!
+//! A shadow model records which tokens (and extra key) were written into each block, so the
+//! tests check not just the bookkeeping invariants (free + used = total, ref counts equal table
+//! references, free iff unreferenced, every cached hash maps to a block holding it) but that a
+//! prefix hit always hands out blocks holding exactly the requested tokens, and that nothing is
+//! ever written into a block someone else also references.
+#![allow(clippy::unwrap_used)]
+
+use kvroute_engine::kv::{
+    block_hashes, extend_block_hashes, hash_block, BlockEvent, KvConfig, KvError, KvManager, KvSeq,
+};
+use proptest::prelude::*;
+use std::collections::HashSet;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Open a sequence with a prompt over a tiny alphabet (so prefixes are shared) and one of
+    /// two extra keys.
+    Open {
+        prompt: Vec<u32>,
+        key: u8,
+    },
+    /// Admit sequence `i` (if it holds no blocks) computing up to `chunk` tokens past its hit.
+    Admit {
+        i: usize,
+        chunk: usize,
+    },
+    /// Grow running sequence `i` by `n` tokens (sampling one first if all are computed).
+    Step {
+        i: usize,
+        n: usize,
+        tok: u32,
+    },
+    /// Preempt: free its blocks, keep its tokens.
+    Free {
+        i: usize,
+    },
+    Close {
+        i: usize,
+    },
+    Reset,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (prop::collection::vec(0u32..3, 0..24), 0u8..2).prop_map(|(prompt, key)| Op::Open { prompt, key }),
+        4 => (0usize..8, 1usize..24).prop_map(|(i, chunk)| Op::Admit { i, chunk }),
+        4 => (0usize..8, 1usize..6, 0u32..3).prop_map(|(i, n, tok)| Op::Step { i, n, tok }),
+        1 => (0usize..8).prop_map(|i| Op::Free { i }),
+        2 => (0usize..8).prop_map(|i| Op::Close { i }),
+        1 => Just(Op::Reset),
+    ]
+}
+
+struct SimSeq {
+    h: KvSeq,
+    key: Vec<u8>,
+    tokens: Vec<u32>,
+    computed: usize,
+}
+
+struct Sim {
+    kv: KvManager,
+    bs: usize,
+    seqs: Vec<SimSeq>,
+    /// What each block holds: the writer's extra key and token per offset (None = unwritten).
+    shadow: Vec<(Vec<u8>, Vec<Option<u32>>)>,
+    cached: HashSet<u64>,
+    events_ok: bool,
+}
+
+impl Sim {
+    fn check(&self) {
+        self.kv.check_invariants().unwrap();
+        let snap = self.kv.snapshot();
+        assert_eq!(snap.free + snap.used, snap.total);
+        assert!(snap.cached_evictable <= snap.free);
+        let held: usize = self
+            .seqs
+            .iter()
+            .map(|s| self.kv.block_table(&s.h).len())
+            .sum();
+        // Every used block is held by someone; shared blocks make `held` larger.
+        assert!(held as u64 >= snap.used);
+        for s in &self.seqs {
+            let t = self.kv.block_table(&s.h);
+            assert!(t.len() * self.bs >= s.computed);
+            // The KV a sequence would attend to is its own tokens.
+            for p in 0..s.computed {
+                let (key, content) = &self.shadow[t[p / self.bs] as usize];
+                assert_eq!(key, &s.key);
+                assert_eq!(content[p % self.bs], Some(s.tokens[p]), "position {p}");
+            }
+        }
+    }
+
+    fn compute(&mut self, i: usize, upto: usize) {
+        let s = &mut self.seqs[i];
+        let t = self.kv.block_table(&s.h);
+        for p in s.computed..upto {
+            let b = t[p / self.bs];
+            assert_eq!(
+                self.kv.pool().ref_count(b),
+                1,
+                "writing into a shared block {b}"
+            );
+            let (key, content) = &mut self.shadow[b as usize];
+            if p % self.bs == 0 {
+                key.clone_from(&s.key);
+                content.iter_mut().for_each(|c| *c = None);
+            }
+            assert_eq!(key, &s.key);
+            content[p % self.bs] = Some(s.tokens[p]);
+        }
+        s.computed = upto;
+        self.kv.cache_computed(&s.h, &s.tokens, upto);
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Open { prompt, key } => {
+                if self.seqs.len() < 8 {
+                    let key = vec![key; key as usize];
+                    let h = self.kv.open(&key);
+                    self.kv.update_hashes(&h, &prompt);
+                    self.seqs.push(SimSeq {
+                        h,
+                        key,
+                        tokens: prompt,
+                        computed: 0,
+                    });
+                }
+            }
+            Op::Admit { i, chunk } => {
+                let Some(s) = self.seqs.get(i) else { return };
+                if !self.kv.block_table(&s.h).is_empty() || s.tokens.is_empty() {
+                    return;
+                }
+                self.kv.update_hashes(&s.h, &s.tokens);
+                let hit = self.kv.lookup_prefix(&s.h, s.tokens.len());
+                assert!(
+                    hit.blocks * self.bs < s.tokens.len(),
+                    "hit covers the last token"
+                );
+                let start = hit.blocks * self.bs;
+                let upto = (start + chunk).min(s.tokens.len());
+                let before = self.kv.snapshot();
+                match self.kv.allocate_slots(&s.h, upto, Some(hit)) {
+                    Ok(new) => {
+                        let t = self.kv.block_table(&s.h);
+                        assert_eq!(t.len(), upto.div_ceil(self.bs));
+                        assert_eq!(new, t.len() - hit.blocks);
+                        // Hit blocks hold exactly this sequence's tokens and key.
+                        for (j, &b) in t[..hit.blocks].iter().enumerate() {
+                            let (key, content) = &self.shadow[b as usize];
+                            assert_eq!(key, &s.key);
+                            for o in 0..self.bs {
+                                assert_eq!(content[o], Some(s.tokens[j * self.bs + o]));
+                            }
+                        }
+                        let after = self.kv.snapshot();
+                        assert_eq!(
+                            after.prefix_hit_tokens - before.prefix_hit_tokens,
+                            start as u64
+                        );
+                        self.seqs[i].computed = start;
+                        self.compute(i, upto);
+                    }
+                    Err(KvError::DoesNotFit { needed, available }) => {
+                        assert!(needed > available);
+                        assert!(available as u64 <= before.free);
+                        assert_eq!(
+                            self.kv.snapshot(),
+                            before,
+                            "a failed allocation changes nothing"
+                        );
+                        assert!(self.kv.block_table(&s.h).is_empty());
+                    }
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            Op::Step { i, n, tok } => {
+                let Some(s) = self.seqs.get_mut(i) else {
+                    return;
+                };
+                if self.kv.block_table(&s.h).is_empty() {
+                    return;
+                }
+                if s.computed == s.tokens.len() {
+                    s.tokens.push(tok);
+                }
+                let upto = (s.computed + n).min(s.tokens.len());
+                let before = self.kv.snapshot();
+                let had = self.kv.block_table(&s.h).len();
+                match self.kv.allocate_slots(&s.h, upto, None) {
+                    Ok(new) => {
+                        assert_eq!(new, upto.div_ceil(self.bs).saturating_sub(had));
+                        self.compute(i, upto);
+                    }
+                    Err(KvError::DoesNotFit { needed, available }) => {
+                        assert_eq!(available as u64, before.free);
+                        assert!(needed > available);
+                        assert_eq!(self.kv.snapshot(), before);
+                    }
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            Op::Free { i } => {
+                if let Some(s) = self.seqs.get_mut(i) {
+                    self.kv.free(&s.h);
+                    s.computed = 0;
+                }
+            }
+            Op::Close { i } => {
+                if i < self.seqs.len() {
+                    let s = self.seqs.swap_remove(i);
+                    self.kv.close(s.h);
+                }
+            }
+            Op::Reset => self.kv.reset_prefix_cache(),
+        }
+        // Replaying the events gives exactly the cached set.
+        for e in self.kv.take_events() {
+            match e {
+                BlockEvent::Stored(hs) => {
+                    for h in hs {
+                        self.events_ok &= self.cached.insert(h);
+                    }
+                }
+                BlockEvent::Removed(hs) => {
+                    for h in hs {
+                        self.events_ok &= self.cached.remove(&h);
+                    }
+                }
+                BlockEvent::AllCleared => self.cached.clear(),
+            }
+        }
+        assert!(
+            self.events_ok,
+            "an event stored a cached hash or removed an unknown one"
+        );
+        let now: HashSet<u64> = self.kv.pool().cached_hashes().collect();
+        assert_eq!(now, self.cached, "events replay to the cache's contents");
+        self.check();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_operations_keep_every_invariant(
+        bs in 1usize..5,
+        num_blocks in 1usize..24,
+        caching in prop::bool::weighted(0.85),
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        let kv = KvManager::new(&KvConfig {
+            block_size: bs,
+            num_blocks,
+            enable_prefix_caching: caching,
+            enable_events: true,
+        })
+        .unwrap();
+        let mut sim = Sim {
+            kv,
+            bs,
+            seqs: Vec::new(),
+            shadow: vec![(Vec::new(), vec![None; bs]); num_blocks],
+            cached: HashSet::new(),
+            events_ok: true,
+        };
+        for o in ops {
+            sim.apply(o);
+        }
+        // Closing everything frees the whole pool.
+        while let Some(s) = sim.seqs.pop() {
+            sim.kv.close(s.h);
+        }
+        let snap = sim.kv.snapshot();
+        prop_assert_eq!(snap.free, snap.total);
+        prop_assert_eq!(snap.cached_evictable as usize, sim.kv.pool().cached());
+        sim.kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn hashes_chain_and_extend_incrementally(
+        tokens in prop::collection::vec(any::<u32>(), 0..200),
+        bs in 1usize..20,
+        key in prop::collection::vec(any::<u8>(), 0..12),
+        cut in 0usize..200,
+    ) {
+        let all = block_hashes(&tokens, bs, &key);
+        prop_assert_eq!(all.len(), tokens.len() / bs);
+        let mut parent = None;
+        for (i, &h) in all.iter().enumerate() {
+            prop_assert_eq!(h, hash_block(parent, &key, &tokens[i * bs..(i + 1) * bs]));
+            parent = Some(h);
+        }
+        let mut out = block_hashes(&tokens[..cut.min(tokens.len())], bs, &key);
+        extend_block_hashes(&mut out, &tokens, bs, &key);
+        prop_assert_eq!(out, all);
+    }
+
+    #[test]
+    fn hash_matches_the_documented_byte_encoding(
+        parent in prop::option::of(any::<u64>()),
+        tokens in prop::collection::vec(any::<u32>(), 0..70),
+        key in prop::collection::vec(any::<u8>(), 0..70),
+    ) {
+        let mut bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        bytes.extend_from_slice(&key);
+        bytes.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        let seed = parent.unwrap_or(kvroute_engine::kv::hash::ROOT_SEED);
+        prop_assert_eq!(hash_block(parent, &key, &tokens), kvroute_engine::kv::hash::xxh64(&bytes, seed));
+    }
+}
+
+#[test]
+fn pool_of_one_block() {
+    let mut kv = KvManager::new(&KvConfig {
+        block_size: 4,
+        num_blocks: 1,
+        enable_prefix_caching: true,
+        enable_events: false,
+    })
+    .unwrap();
+    let a = kv.open(b"");
+    let b = kv.open(b"");
+    assert_eq!(kv.allocate_slots(&a, 4, None), Ok(1));
+    assert_eq!(
+        kv.allocate_slots(&a, 5, None),
+        Err(KvError::DoesNotFit {
+            needed: 1,
+            available: 0
+        })
+    );
+    assert_eq!(
+        kv.allocate_slots(&b, 1, None),
+        Err(KvError::DoesNotFit {
+            needed: 1,
+            available: 0
+        })
+    );
+    kv.cache_computed(&a, &[1, 2, 3, 4], 4);
+    kv.close(a);
+    // b's 5-token prompt hits the cached block; sharing it takes it off the free list, so the
+    // second block it needs does not fit, and nothing changes.
+    kv.update_hashes(&b, &[1, 2, 3, 4, 5]);
+    let hit = kv.lookup_prefix(&b, 5);
+    assert_eq!(hit.blocks, 1);
+    assert_eq!(
+        kv.allocate_slots(&b, 5, Some(hit)),
+        Err(KvError::DoesNotFit {
+            needed: 1,
+            available: 0
+        })
+    );
+    assert_eq!(kv.snapshot().cached_evictable, 1);
+    // Covering only the hit works.
+    assert_eq!(kv.allocate_slots(&b, 4, Some(hit)), Ok(0));
+    assert_eq!(kv.snapshot().free, 0);
+    kv.check_invariants().unwrap();
+}
+
+#[test]
+fn zero_tokens_and_misplaced_hits() {
+    let mut kv = KvManager::new(&KvConfig {
+        block_size: 2,
+        num_blocks: 4,
+        enable_prefix_caching: true,
+        enable_events: false,
+    })
+    .unwrap();
+    let a = kv.open(b"");
+    assert_eq!(kv.lookup_prefix(&a, 0).blocks, 0);
+    assert_eq!(kv.allocate_slots(&a, 0, None), Ok(0));
+    assert!(kv.block_table(&a).is_empty());
+    kv.update_hashes(&a, &[1, 2, 3]);
+    assert_eq!(kv.allocate_slots(&a, 3, None), Ok(2));
+    kv.cache_computed(&a, &[1, 2, 3], 3);
+    // A hit for a sequence that already holds blocks is refused.
+    let hit = kv.lookup_prefix(&a, 3);
+    assert_eq!(hit.blocks, 1);
+    assert_eq!(
+        kv.allocate_slots(&a, 3, Some(hit)),
+        Err(KvError::StaleHit { blocks: 1 })
+    );
+    // A hit whose block was evicted since the lookup is refused too.
+    let b = kv.open(b"");
+    kv.update_hashes(&b, &[1, 2, 3]);
+    let hit = kv.lookup_prefix(&b, 3);
+    kv.reset_prefix_cache();
+    assert_eq!(
+        kv.allocate_slots(&b, 3, Some(hit)),
+        Err(KvError::StaleHit { blocks: 1 })
+    );
+    kv.check_invariants().unwrap();
+    assert!(KvManager::new(&KvConfig {
+        block_size: 0,
+        num_blocks: 4,
+        enable_prefix_caching: true,
+        enable_events: false
+    })
+    .is_err());
+}
