@@ -12,6 +12,6 @@ pub mod gguf;
 pub mod kv;
 pub mod quant;
 pub mod safetensors;
-pub mod tokenizer;
 pub mod sched;
+pub mod tokenizer;
 pub mod weights;

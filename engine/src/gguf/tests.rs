@@ -470,7 +470,10 @@ fn fuzz_seed_is_a_complete_model_file() {
     let seed = include_bytes!("../../fuzz/corpus/gguf/seed-llama.gguf");
     let g = Gguf::from_bytes(seed.to_vec()).unwrap();
     assert_eq!(g.tensor_infos().len(), 3);
-    assert_eq!(g.tensor("blk.0.attn_q.weight").unwrap().dtype, GgmlType::Q8_0);
+    assert_eq!(
+        g.tensor("blk.0.attn_q.weight").unwrap().dtype,
+        GgmlType::Q8_0
+    );
     let cfg = crate::config::ModelConfig::from_gguf(&g).unwrap();
     assert_eq!((cfg.hidden_size, cfg.vocab_size), (64, 4));
     let t = crate::tokenizer::Tokenizer::from_gguf(&g).unwrap();

@@ -12,7 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use kvroute_engine::chat::{ChatMessage, ChatTemplate};
+use kvroute_engine::tokenizer::Tokenizer;
+
 use super::router::PromptPlan;
+
+pub use kvroute_engine::kv::hash::block_hashes;
 
 /// How many output tokens to reserve KV room for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +40,8 @@ pub struct ModelInfo {
     pub model: String,
     pub block_size: u32,
     pub max_model_len: u32,
-    pub tokenizer: Option<tokenizers::Tokenizer>,
-    pub chat_template: Option<String>,
-    pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
-    pub add_bos: bool,
+    pub tokenizer: Option<Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
 }
 
 impl std::fmt::Debug for ModelInfo {
@@ -74,6 +76,8 @@ pub enum ModelInfoError {
     Json(#[from] serde_json::Error),
     #[error("model info: tokenizer: {0}")]
     Tokenizer(String),
+    #[error("model info: chat template: {0}")]
+    Template(String),
 }
 
 impl ModelInfo {
@@ -97,7 +101,8 @@ impl ModelInfo {
             add_bos: bool,
         }
         let w: Wire = serde_json::from_slice(body)?;
-        // Accept the tokenizer as an embedded JSON string or as a JSON object.
+        // The tokenizer comes as an embedded JSON string or as a JSON object, in the engine's
+        // serialized form (`Tokenizer::to_json`) or as a plain Hugging Face tokenizer.json.
         let tok_text = match w.tokenizer_json {
             Value::String(s) => Some(s),
             Value::Null => None,
@@ -105,52 +110,43 @@ impl ModelInfo {
         };
         let tokenizer = match tok_text {
             Some(t) => Some(
-                t.parse::<tokenizers::Tokenizer>()
+                Tokenizer::from_json(&t)
+                    .or_else(|_| Tokenizer::from_hf_json(&t, None))
                     .map_err(|e| ModelInfoError::Tokenizer(e.to_string()))?,
             ),
             None => None,
         };
+        let bos = w
+            .bos_token
+            .or_else(|| tokenizer.as_ref().and_then(Tokenizer::bos_token))
+            .unwrap_or_default();
+        let eos = w
+            .eos_token
+            .or_else(|| tokenizer.as_ref().and_then(Tokenizer::eos_token))
+            .unwrap_or_default();
+        let source = w.chat_template.filter(|t| !t.is_empty()).or_else(|| {
+            tokenizer
+                .as_ref()
+                .and_then(|t| t.chat_template().map(str::to_string))
+        });
+        let chat_template = match source {
+            Some(src) => Some(
+                ChatTemplate::new(&src, &bos, &eos)
+                    .map_err(|e| ModelInfoError::Template(e.to_string()))?,
+            ),
+            None => None,
+        };
+        // BOS is added by the engine's `encode(text, true)` when the model's config asks for
+        // it, exactly as the agent tokenizes; `add_bos` is informational here.
+        let _ = w.add_bos;
         Ok(Self {
             model: w.model,
             block_size: w.block_size.max(1),
             max_model_len: w.max_model_len,
             tokenizer,
-            chat_template: w.chat_template.filter(|t| !t.is_empty()),
-            bos_token: w.bos_token,
-            eos_token: w.eos_token,
-            add_bos: w.add_bos,
+            chat_template,
         })
     }
-}
-
-/// Chained block hashes of the full blocks of `tokens`.
-///
-/// Each block's hash covers its parent's hash, its token ids and `extra_key`, so equal hashes mean
-/// equal prefixes. This is the gateway's copy of the engine's function; both sides must agree bit
-/// for bit (see `engine::kv::hash`).
-pub fn block_hashes(tokens: &[u32], block_size: usize, extra_key: &[u8]) -> Vec<u64> {
-    const PRIME: u64 = 0x0000_0100_0000_01B3;
-    let bs = block_size.max(1);
-    let mut parent: u64 = 0xCBF2_9CE4_8422_2325;
-    let mut out = Vec::with_capacity(tokens.len() / bs);
-    for block in tokens.chunks_exact(bs) {
-        let mut h = parent;
-        for &t in block {
-            for b in t.to_le_bytes() {
-                h = (h ^ u64::from(b)).wrapping_mul(PRIME);
-            }
-        }
-        for &b in extra_key {
-            h = (h ^ u64::from(b)).wrapping_mul(PRIME);
-        }
-        // Final avalanche so block hashes are well mixed for the router's hash tables.
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-        h ^= h >> 33;
-        out.push(h);
-        parent = h;
-    }
-    out
 }
 
 /// Model infos by model name, fetched lazily; failures are retried after a pause.
@@ -256,62 +252,16 @@ fn completion_prompt(body: &Value) -> Result<Vec<PromptInput>, BadRequest> {
     }
 }
 
-/// Messages as the chat template sees them (content parts flattened to text).
-fn chat_messages(body: &Value) -> Result<Vec<Value>, BadRequest> {
+/// The request's chat messages (OpenAI JSON, content parts joined as the engine does).
+fn chat_messages(body: &Value) -> Result<Vec<ChatMessage>, BadRequest> {
     let msgs = body
         .get("messages")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("'messages' must be an array", Some("messages")))?;
-    if msgs.is_empty() {
+        .ok_or_else(|| bad("'messages' is required", Some("messages")))?;
+    let list = ChatMessage::from_openai(msgs).map_err(|e| bad(e.to_string(), Some("messages")))?;
+    if list.is_empty() {
         return Err(bad("'messages' must not be empty", Some("messages")));
     }
-    msgs.iter()
-        .map(|m| {
-            let role = m
-                .get("role")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("each message needs a string 'role'", Some("messages")))?;
-            let content = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join(""),
-                Some(_) => {
-                    return Err(bad(
-                        "message 'content' must be a string or an array of parts",
-                        Some("messages"),
-                    ))
-                }
-            };
-            Ok(serde_json::json!({ "role": role, "content": content }))
-        })
-        .collect()
-}
-
-fn render_chat(info: &ModelInfo, messages: &[Value]) -> Option<String> {
-    let template = info.chat_template.as_deref()?;
-    let mut env = minijinja::Environment::new();
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
-    env.add_template("chat", template).ok()?;
-    let tmpl = env.get_template("chat").ok()?;
-    tmpl.render(minijinja::context! {
-        messages => messages,
-        add_generation_prompt => true,
-        bos_token => info.bos_token.clone().unwrap_or_default(),
-        eos_token => info.eos_token.clone().unwrap_or_default(),
-    })
-    .ok()
+    Ok(list)
 }
 
 /// Estimated tokens of text without a tokenizer: one per 3 bytes, rounded up (over-estimates
@@ -331,10 +281,8 @@ pub fn plan(
     let mut prompt_tokens: u64 = 0;
     let mut first_ids: Option<Vec<u32>> = None;
     let mut texts: Vec<String> = Vec::new();
-    let mut add_bos = false;
     match endpoint {
         Endpoint::Completions => {
-            add_bos = info.is_some_and(|i| i.add_bos);
             for p in completion_prompt(body)? {
                 match p {
                     PromptInput::Text(t) => texts.push(t),
@@ -347,39 +295,29 @@ pub fn plan(
         }
         Endpoint::ChatCompletions => {
             let messages = chat_messages(body)?;
-            let rendered = info.and_then(|i| render_chat(i, &messages));
+            let rendered = info
+                .and_then(|i| i.chat_template.as_ref())
+                .and_then(|t| t.render(&messages, true).ok());
             texts.push(rendered.unwrap_or_else(|| {
                 messages
                     .iter()
-                    .map(|m| {
-                        format!(
-                            "{}: {}\n",
-                            m["role"].as_str().unwrap_or_default(),
-                            m["content"].as_str().unwrap_or_default()
-                        )
-                    })
+                    .map(|m| format!("{}: {}\n", m.role, m.content))
                     .collect()
             }));
         }
     }
     for t in &texts {
-        match info.and_then(|i| i.tokenizer.as_ref().map(|tok| (i, tok))) {
-            Some((i, tok)) => match tok.encode(t.as_str(), false) {
-                Ok(enc) => {
-                    let mut ids = enc.get_ids().to_vec();
-                    if add_bos {
-                        if let Some(bos) = i.bos_token.as_deref().and_then(|b| tok.token_to_id(b)) {
-                            if ids.first() != Some(&bos) {
-                                ids.insert(0, bos);
-                            }
-                        }
-                    }
-                    prompt_tokens += ids.len() as u64;
-                    first_ids.get_or_insert(ids);
-                }
-                Err(_) => prompt_tokens += estimate_tokens(t),
-            },
-            None => prompt_tokens += estimate_tokens(t),
+        // As the agent does: special tokens in the text are recognised and BOS is added when
+        // the model's config asks for it.
+        match info
+            .and_then(|i| i.tokenizer.as_ref())
+            .map(|tok| tok.encode(t, true))
+        {
+            Some(Ok(ids)) => {
+                prompt_tokens += ids.len() as u64;
+                first_ids.get_or_insert(ids);
+            }
+            _ => prompt_tokens += estimate_tokens(t),
         }
     }
     let max_tokens_field = match endpoint {
