@@ -143,7 +143,7 @@ fn spawn_agent(
     id: &str,
     args: &UpArgs,
     kv_bytes: u64,
-    threads: usize,
+    threads: Option<usize>,
 ) -> Result<AgentProcess, UpError> {
     let http = format!("127.0.0.1:{}", free_port()?);
     let grpc = format!("127.0.0.1:{}", free_port()?);
@@ -154,9 +154,11 @@ fn spawn_agent(
         .args(["--grpc", &grpc])
         .args(["--kv-memory", &format!("{}MiB", (kv_bytes >> 20).max(1))])
         .args(["--block-size", &args.block_size.to_string()])
-        .args(["--agent-id", id])
-        .args(["--threads", &threads.to_string()])
-        .args(&args.agent_args)
+        .args(["--agent-id", id]);
+    if let Some(t) = threads {
+        cmd.args(["--threads", &t.to_string()]);
+    }
+    cmd.args(&args.agent_args)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         // Its own process group: a terminal's Ctrl-C reaches only `kvroute up`, which then
@@ -182,6 +184,19 @@ fn spawn_agent(
         child,
         pid,
     })
+}
+
+/// Whether `kvroute-agent serve` accepts `--threads` (read from its `--help`).
+async fn agent_takes_threads(bin: &PathBuf) -> bool {
+    let out = Command::new(bin)
+        .args(["serve", "--help"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), out).await {
+        Ok(Ok(o)) => String::from_utf8_lossy(&o.stdout).contains("--threads"),
+        _ => false,
+    }
 }
 
 async fn http_ok(client: &crate::gateway::proxy::HttpClient, url: &str) -> bool {
@@ -248,6 +263,9 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let threads = args.threads.unwrap_or((cores / n).max(1));
+    // Split cores only with an agent that takes --threads; otherwise each agent's runtime
+    // sizes itself.
+    let threads = agent_takes_threads(&bin).await.then_some(threads);
     let mut agents = Vec::new();
     for i in 0..n {
         let id = format!("agent-{}", i + 1);
