@@ -301,10 +301,32 @@ fn blocks_for(tokens: u64, block_size: u32) -> u64 {
     tokens.div_ceil(bs)
 }
 
+/// The fields a decision reads, packed per agent so a scan over 1,000 agents stays in cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Hot {
+    /// Listed, connected and reported at least once in this epoch.
+    live: bool,
+    last_report_ms: u64,
+    /// Index into `Cluster::models`.
+    model: u32,
+    block_size: u32,
+    max_model_len: u32,
+    running: u32,
+    waiting: u32,
+    pending: u32,
+    gpu_util: Option<u32>,
+    total: u64,
+    free: u64,
+    reserved: u64,
+}
+
 /// The agents, their caches and the gateway's reservations.
 #[derive(Debug, Default)]
 pub struct Cluster {
     agents: Vec<AgentState>,
+    hot: Vec<Hot>,
+    /// Interned model names (`Hot::model` indexes this).
+    models: Vec<String>,
     /// Block hash → agents caching it.
     index: BlockMap<Vec<u32>>,
     rr_next: Slot,
@@ -325,6 +347,7 @@ impl Cluster {
     pub fn upsert_agent(&mut self, endpoint: &str) -> Slot {
         if let Some(slot) = self.agents.iter().position(|a| a.endpoint == endpoint) {
             self.agents[slot].active = true;
+            self.sync_hot(slot);
             return slot;
         }
         self.agents.push(AgentState {
@@ -332,7 +355,49 @@ impl Cluster {
             active: true,
             ..AgentState::default()
         });
-        self.agents.len() - 1
+        let slot = self.agents.len() - 1;
+        self.sync_hot(slot);
+        slot
+    }
+
+    fn model_id(&mut self, model: &str) -> u32 {
+        match self.models.iter().position(|m| m == model) {
+            Some(i) => i as u32,
+            None => {
+                self.models.push(model.to_string());
+                (self.models.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The packed view of one agent.
+    fn hot_of(a: &AgentState, model: u32) -> Hot {
+        let r = &a.report;
+        Hot {
+            live: a.active && a.connected && a.last_report_ms.is_some(),
+            last_report_ms: a.last_report_ms.unwrap_or(0),
+            model,
+            block_size: r.block_size.max(1),
+            max_model_len: r.max_model_len,
+            running: r.running_requests,
+            waiting: r.waiting_requests,
+            pending: u32::try_from(a.reservations.len()).unwrap_or(u32::MAX),
+            gpu_util: r.gpu_utilization_percent,
+            total: r.total_blocks,
+            free: r.free_blocks,
+            reserved: a.reserved_blocks,
+        }
+    }
+
+    /// Copies the agent's decision-relevant fields into the packed array.
+    fn sync_hot(&mut self, slot: Slot) {
+        let model = self.model_id(&self.agents[slot].report.model.clone());
+        let hot = Self::hot_of(&self.agents[slot], model);
+        if slot < self.hot.len() {
+            self.hot[slot] = hot;
+        } else {
+            self.hot.push(hot);
+        }
     }
 
     /// The agent left the source: not eligible, and what we knew of it is dropped.
@@ -343,6 +408,7 @@ impl Cluster {
             a.active = false;
             a.connected = false;
             a.last_report_ms = None;
+            self.sync_hot(slot);
         }
     }
 
@@ -350,6 +416,7 @@ impl Cluster {
     pub fn set_disconnected(&mut self, slot: Slot) {
         if let Some(a) = self.agents.get_mut(slot) {
             a.connected = false;
+            self.sync_hot(slot);
         }
     }
 
@@ -434,6 +501,7 @@ impl Cluster {
         a.report = report;
         a.connected = true;
         a.last_report_ms = Some(now_ms);
+        self.sync_hot(slot);
         new_epoch
     }
 
@@ -449,10 +517,12 @@ impl Cluster {
             blocks: route.need_blocks,
         });
         a.reserved_blocks += route.need_blocks;
+        let epoch = a.report.epoch;
         self.rr_next = route.slot + 1;
+        self.sync_hot(route.slot);
         Some(ReservationHandle {
             slot: route.slot,
-            epoch: a.report.epoch,
+            epoch,
             id,
             blocks: route.need_blocks,
         })
@@ -477,6 +547,7 @@ impl Cluster {
         for r in a.reservations.iter_mut().skip(pos) {
             r.key -= 1;
         }
+        self.sync_hot(handle.slot);
         true
     }
 
@@ -520,7 +591,14 @@ impl Cluster {
 
         let mut best: Option<Route> = None;
         let mut ties = 0u64;
-        let n = self.agents.len();
+        let n = self.hot.len();
+        let Some(model) = self.models.iter().position(|m| m == req.model) else {
+            return self.why_not(req);
+        };
+        let model = model as u32;
+        let total_tokens = req.prompt_tokens + req.output_tokens;
+        // Block counts for the last block size seen (agents of a model share one in practice).
+        let mut sized = (0u32, 0u64, 0u64);
         for k in 0..n {
             // Round-robin walks from the cursor; the others scan in slot order.
             let slot = if cfg.kind == PolicyKind::RoundRobin {
@@ -528,37 +606,45 @@ impl Cluster {
             } else {
                 k
             };
-            let a = &self.agents[slot];
-            if !a.eligible(req.model, now_ms, cfg.stale_after_ms) || req.exclude.contains(&slot) {
+            let h = &self.hot[slot];
+            if !h.live
+                || h.model != model
+                || now_ms.saturating_sub(h.last_report_ms) > cfg.stale_after_ms
+                || (h.max_model_len > 0 && req.prompt_tokens >= u64::from(h.max_model_len))
+                || req.exclude.contains(&slot)
+            {
                 continue;
             }
-            let r = &a.report;
-            if r.max_model_len > 0 && req.prompt_tokens >= u64::from(r.max_model_len) {
+            if sized.0 != h.block_size {
+                sized = (
+                    h.block_size,
+                    blocks_for(total_tokens, h.block_size),
+                    blocks_for(req.prompt_tokens + 1, h.block_size),
+                );
+            }
+            let (_, all_blocks, prompt_min) = sized;
+            if prompt_min > h.total {
                 continue;
             }
-            let total_tokens = req.prompt_tokens + req.output_tokens;
             // A request whose reserved output would not fit even in an empty pool is clamped to
             // the pool: it can still run when the agent is idle.
-            let blocks = blocks_for(total_tokens, r.block_size).min(r.total_blocks);
-            if blocks_for(req.prompt_tokens + 1, r.block_size) > r.total_blocks {
-                continue;
-            }
-            let cached = if r.block_size == req.block_size {
+            let blocks = all_blocks.min(h.total);
+            let cached = if h.block_size == req.block_size {
                 overlap.get(slot).copied().map_or(0, u64::from)
             } else {
                 0
             };
             let need = blocks.saturating_sub(cached);
-            let headroom = r.free_blocks as i128 - a.reserved_blocks as i128 - need as i128;
+            let headroom = h.free as i128 - h.reserved as i128 - need as i128;
             let score = match cfg.kind {
                 PolicyKind::Kv => {
                     if headroom < 0 {
                         continue;
                     }
                     let prefix = cached as f64 / prompt_blocks;
-                    let room = headroom as f64 / r.total_blocks.max(1) as f64;
-                    let queued = u64::from(r.waiting_requests) + a.pending_requests() as u64;
-                    let all = queued + u64::from(r.running_requests) + 1;
+                    let room = headroom as f64 / h.total.max(1) as f64;
+                    let queued = u64::from(h.waiting) + u64::from(h.pending);
+                    let all = queued + u64::from(h.running) + 1;
                     let pressure = queued as f64 / all as f64;
                     cfg.weights.prefix * prefix + cfg.weights.headroom * room
                         - cfg.weights.queue * pressure
@@ -574,17 +660,14 @@ impl Cluster {
                     break;
                 }
                 PolicyKind::LeastRequests => {
-                    let load = u64::from(r.running_requests)
-                        + u64::from(r.waiting_requests)
-                        + a.pending_requests() as u64;
+                    let load = u64::from(h.running) + u64::from(h.waiting) + u64::from(h.pending);
                     -(load as f64)
                 }
                 PolicyKind::GpuUtilization => {
-                    let util = match r.gpu_utilization_percent {
+                    let util = match h.gpu_util {
                         Some(u) => f64::from(u),
-                        None if r.total_blocks > 0 => {
-                            100.0 * (r.total_blocks - r.free_blocks.min(r.total_blocks)) as f64
-                                / r.total_blocks as f64
+                        None if h.total > 0 => {
+                            100.0 * (h.total - h.free.min(h.total)) as f64 / h.total as f64
                         }
                         None => 0.0,
                     };
@@ -692,6 +775,13 @@ impl Cluster {
                 {
                     return Err(format!("agent {slot}: hash {h} missing from index"));
                 }
+            }
+        }
+        for (slot, a) in self.agents.iter().enumerate() {
+            let model = self.models.iter().position(|m| *m == a.report.model);
+            let want = model.map(|m| Self::hot_of(a, m as u32));
+            if want.is_none() || self.hot.get(slot).copied() != want {
+                return Err(format!("agent {slot}: packed view out of date"));
             }
         }
         for (h, slots) in &self.index {
