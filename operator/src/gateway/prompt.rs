@@ -295,9 +295,19 @@ pub fn plan(
         }
         Endpoint::ChatCompletions => {
             let messages = chat_messages(body)?;
+            let add_generation_prompt = match body.get("add_generation_prompt") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(bad(
+                        "'add_generation_prompt' must be a boolean",
+                        Some("add_generation_prompt"),
+                    ))
+                }
+            };
             let rendered = info
                 .and_then(|i| i.chat_template.as_ref())
-                .and_then(|t| t.render(&messages, true).ok());
+                .and_then(|t| t.render(&messages, add_generation_prompt).ok());
             texts.push(rendered.unwrap_or_else(|| {
                 messages
                     .iter()
