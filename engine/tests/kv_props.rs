@@ -155,9 +155,8 @@ impl Sim {
                         for (j, &b) in t[..hit.blocks].iter().enumerate() {
                             let (key, content) = &self.shadow[b as usize];
                             assert_eq!(key, &s.key);
-                            for o in 0..self.bs {
-                                assert_eq!(content[o], Some(s.tokens[j * self.bs + o]));
-                            }
+                            let want = &s.tokens[j * self.bs..(j + 1) * self.bs];
+                            assert!(content.iter().zip(want).all(|(c, t)| *c == Some(*t)));
                         }
                         let after = self.kv.snapshot();
                         assert_eq!(

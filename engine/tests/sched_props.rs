@@ -98,6 +98,10 @@ impl Harness {
             extra_key,
         }) {
             Ok(()) => {
+                assert!(
+                    len >= 1 && len < self.s.max_len(),
+                    "accepted a prompt of {len}"
+                );
                 self.live.insert(id, key);
             }
             Err(SchedError::EmptyPrompt { .. }) => assert_eq!(len, 0),

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use kvroute_operator::gateway::GatewayArgs;
 use kvroute_operator::up::UpArgs;
 
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(
     name = "kvroute",
     version,
@@ -15,30 +15,40 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum Command {
     /// Run the gateway: admit and route OpenAI requests to agents by free KV blocks.
-    Gateway(GatewayArgs),
+    Gateway(Box<GatewayArgs>),
     /// Start N agents and a gateway on this machine; Ctrl-C stops them all.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
+    /// Run the ModelDeployment controller.
+    Operator(Box<kvroute_operator::controller::app::OperatorArgs>),
+    /// Print the ModelDeployment CRD as YAML (what deploy/crd.yaml holds).
+    Crd,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        match cli.command {
-            Command::Gateway(args) => {
-                let config = args.into_config()?;
+    match cli.command {
+        Command::Gateway(args) => {
+            init_tracing();
+            let config = args.into_config()?;
+            runtime()?.block_on(async move {
                 let gw = kvroute_operator::gateway::start(config).await?;
                 tracing::info!(addr = %gw.addr, "gateway listening");
                 tokio::select! {
@@ -46,10 +56,23 @@ fn main() -> anyhow::Result<()> {
                     _ = shutdown_signal() => tracing::info!("shutting down"),
                 }
                 Ok(())
-            }
-            Command::Up(args) => Ok(kvroute_operator::up::run(args).await?),
+            })
         }
-    })
+        Command::Up(args) => {
+            init_tracing();
+            runtime()?.block_on(kvroute_operator::up::run(*args))?;
+            Ok(())
+        }
+        Command::Operator(args) => {
+            init_tracing();
+            runtime()?.block_on(kvroute_operator::controller::app::serve(*args))?;
+            Ok(())
+        }
+        Command::Crd => {
+            print!("{}", kvroute_operator::crd::crd_yaml()?);
+            Ok(())
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -153,6 +153,17 @@ impl KvManager {
         KvSeq { slot }
     }
 
+    /// Reserves table room for a sequence of `num_tokens` tokens, so growing to that length
+    /// does not allocate.
+    pub fn reserve(&mut self, seq: &KvSeq, num_tokens: usize) {
+        let n = num_tokens.div_ceil(self.block_size);
+        let t = &mut self.tables[seq.slot as usize];
+        t.blocks.reserve(n.saturating_sub(t.blocks.len()));
+        if self.prefix_caching {
+            t.hashes.reserve(n.saturating_sub(t.hashes.len()));
+        }
+    }
+
     /// Frees the sequence's blocks and forgets it.
     pub fn close(&mut self, seq: KvSeq) {
         self.free(&seq);
@@ -233,8 +244,12 @@ impl KvManager {
         hit: Option<PrefixHit>,
     ) -> Result<usize, KvError> {
         let slot = seq.slot as usize;
-        let hit_blocks = hit.map_or(0, |h| h.blocks);
         let have = self.tables[slot].blocks.len();
+        // The common decode case: the table already covers the positions (no division).
+        if hit.is_none() && num_tokens <= have * self.block_size {
+            return Ok(0);
+        }
+        let hit_blocks = hit.map_or(0, |h| h.blocks);
         let want = num_tokens.div_ceil(self.block_size);
         if hit_blocks > 0 {
             let t = &self.tables[slot];
@@ -286,6 +301,10 @@ impl KvManager {
         }
         let slot = seq.slot as usize;
         let t = &mut self.tables[slot];
+        // The common case: no new block became full (no division).
+        if num_computed < (t.num_cached + 1) * self.block_size {
+            return;
+        }
         let full = (num_computed.min(tokens.len()) / self.block_size).min(t.blocks.len());
         if full <= t.num_cached {
             return;
@@ -366,5 +385,140 @@ impl KvManager {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::block_hashes;
+
+    fn mgr(block_size: usize, num_blocks: usize) -> KvManager {
+        KvManager::new(&KvConfig {
+            block_size,
+            num_blocks,
+            enable_prefix_caching: true,
+            enable_events: true,
+        })
+        .unwrap()
+    }
+
+    /// Opens a sequence, computes all of `tokens` and caches its full blocks.
+    fn run(kv: &mut KvManager, tokens: &[u32]) -> KvSeq {
+        let s = kv.open(b"");
+        kv.update_hashes(&s, tokens);
+        let hit = kv.lookup_prefix(&s, tokens.len());
+        kv.allocate_slots(&s, tokens.len(), Some(hit)).unwrap();
+        kv.cache_computed(&s, tokens, tokens.len());
+        s
+    }
+
+    #[test]
+    fn freeing_is_tail_first_so_chain_tails_are_evicted_first() {
+        let mut kv = mgr(2, 4);
+        let a = run(&mut kv, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let table = kv.block_table(&a).to_vec();
+        kv.close(a);
+        assert_eq!(kv.snapshot().cached_evictable, 4);
+        // Reuse order: last block of the chain first.
+        let b = kv.open(b"");
+        kv.allocate_slots(&b, 2, None).unwrap();
+        assert_eq!(kv.block_table(&b), &table[3..4]);
+        // The head of the chain is still a hit (3 blocks), the tail is gone.
+        let c = kv.open(b"");
+        kv.update_hashes(&c, &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(kv.lookup_prefix(&c, 9).blocks, 3);
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn unhashed_blocks_are_reused_before_cached_ones() {
+        let mut kv = mgr(4, 3);
+        // 6 tokens: one full (cached) block and one partial (unhashed) block.
+        let a = run(&mut kv, &[1, 2, 3, 4, 5, 6]);
+        let t = kv.block_table(&a).to_vec();
+        kv.close(a);
+        let b = kv.open(b"");
+        kv.allocate_slots(&b, 4, None).unwrap();
+        assert_eq!(
+            kv.block_table(&b),
+            &t[1..2],
+            "the partial block is reused first"
+        );
+        assert_eq!(kv.snapshot().cached_evictable, 1);
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn concurrent_computation_of_one_prefix_caches_it_once() {
+        let mut kv = mgr(2, 8);
+        let p = [1, 2, 3, 4, 5];
+        let a = kv.open(b"");
+        let b = kv.open(b"");
+        for s in [&a, &b] {
+            kv.update_hashes(s, &p);
+            let hit = kv.lookup_prefix(s, p.len());
+            assert_eq!(hit.blocks, 0, "nothing cached yet");
+            kv.allocate_slots(s, p.len(), Some(hit)).unwrap();
+        }
+        kv.cache_computed(&a, &p, 5);
+        kv.cache_computed(&b, &p, 5);
+        assert_eq!(kv.pool().cached(), 2);
+        let ev = kv.take_events();
+        assert_eq!(ev, vec![BlockEvent::Stored(block_hashes(&p, 2, b""))]);
+        kv.close(a);
+        kv.close(b);
+        let s = kv.snapshot();
+        assert_eq!((s.free, s.cached_evictable, s.used), (8, 2, 0));
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn snapshot_counts_queries_and_hits_on_admission_only() {
+        let mut kv = mgr(4, 8);
+        let a = run(&mut kv, &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let b = kv.open(b"");
+        kv.update_hashes(&b, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        let hit = kv.lookup_prefix(&b, 10);
+        // A lookup alone counts nothing.
+        assert_eq!(kv.snapshot().prefix_query_tokens, 9);
+        kv.allocate_slots(&b, 10, Some(hit)).unwrap();
+        let s = kv.snapshot();
+        assert_eq!((s.prefix_query_tokens, s.prefix_hit_tokens), (19, 8));
+        assert_eq!((s.block_size, s.total, s.used), (4, 8, 4));
+        kv.close(a);
+        kv.close(b);
+    }
+
+    #[test]
+    fn prefix_caching_off_never_hits_or_registers() {
+        let mut kv = KvManager::new(&KvConfig {
+            block_size: 2,
+            num_blocks: 4,
+            enable_prefix_caching: false,
+            enable_events: true,
+        })
+        .unwrap();
+        let a = run(&mut kv, &[1, 2, 3, 4]);
+        kv.close(a);
+        assert_eq!(kv.pool().cached(), 0);
+        assert!(kv.take_events().is_empty());
+        let b = kv.open(b"");
+        kv.update_hashes(&b, &[1, 2, 3, 4, 5]);
+        assert_eq!(kv.lookup_prefix(&b, 5).blocks, 0);
+        assert!(kv.block_hashes(&b).is_empty());
+    }
+
+    #[test]
+    fn slots_are_reused() {
+        let mut kv = mgr(2, 4);
+        let a = kv.open(b"x");
+        let slot = a.slot;
+        kv.close(a);
+        let b = kv.open(b"");
+        assert_eq!(b.slot, slot);
+        assert!(kv.block_hashes(&b).is_empty());
+        kv.close(b);
+        kv.check_invariants().unwrap();
     }
 }

@@ -83,8 +83,12 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
-    /// A pool of `num_blocks` free, empty blocks (`num_blocks < u32::MAX`). With
-    /// `events_enabled`, every cache change is recorded until [`Self::take_events`] drains it.
+    /// A pool of `num_blocks` free, empty blocks. With `events_enabled`, every cache change is
+    /// recorded until [`Self::take_events`] drains it.
+    ///
+    /// # Panics
+    /// If `num_blocks >= u32::MAX` (block ids are `u32`; [`super::KvManager::new`] checks this
+    /// and returns an error instead).
     pub fn new(num_blocks: usize, events_enabled: bool) -> Self {
         assert!(
             num_blocks < NIL as usize,

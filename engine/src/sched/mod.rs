@@ -239,10 +239,27 @@ struct Seq {
     preemptions: u32,
 }
 
+/// Most generated tokens a sequence reserves room for at `add` (beyond this its buffers grow
+/// by doubling).
+const RESERVE_OUTPUT_TOKENS: usize = 4096;
+
+/// The sequence in a slot named by the running list, the waiting queue or the index. Those
+/// only ever name live slots (a slot is emptied only in `remove`, which unlinks it from all
+/// three first), so an empty slot here is a bug in this module, not bad input.
 #[inline]
+#[allow(clippy::expect_used)]
 fn live(seqs: &[Option<Seq>], slot: u32) -> &Seq {
     seqs[slot as usize]
         .as_ref()
+        .expect("slots in queues and plans hold live sequences")
+}
+
+/// Mutable form of [`live`] (same invariant).
+#[inline]
+#[allow(clippy::expect_used)]
+fn live_mut(seqs: &mut [Option<Seq>], slot: u32) -> &mut Seq {
+    seqs[slot as usize]
+        .as_mut()
         .expect("slots in queues and plans hold live sequences")
 }
 
@@ -369,7 +386,15 @@ impl Scheduler {
                 pool_tokens: self.cfg.block_size.saturating_mul(self.cfg.num_blocks),
             });
         }
+        // Reserve room for the whole sequence up front (bounded, for very long limits), so
+        // decode steps do not reallocate its token list or block table.
+        let expect = (prompt.len() + max_tokens as usize)
+            .min(self.max_len)
+            .min(prompt.len() + RESERVE_OUTPUT_TOKENS);
+        let mut prompt = prompt;
+        prompt.reserve_exact(expect - prompt.len());
         let kv = self.kv.open(&extra_key);
+        self.kv.reserve(&kv, expect);
         self.kv.update_hashes(&kv, &prompt);
         let seq = Seq {
             id,
@@ -407,9 +432,7 @@ impl Scheduler {
 
     #[inline]
     fn seq_mut(&mut self, slot: u32) -> &mut Seq {
-        self.seqs[slot as usize]
-            .as_mut()
-            .expect("slots in queues and plans hold live sequences")
+        live_mut(&mut self.seqs, slot)
     }
 
     fn enqueue(&mut self, slot: u32, front: bool) {
@@ -466,7 +489,11 @@ impl Scheduler {
                 match self.kv.allocate_slots(&s.kv, start + len, None) {
                     Ok(_) => break,
                     Err(_) => {
-                        let victim = self.running.pop().expect("running holds at least `slot`");
+                        // `running` holds at least `slot` itself, so a victim always exists.
+                        let Some(victim) = self.running.pop() else {
+                            scheduled = false;
+                            break;
+                        };
                         self.preempt(victim);
                         if victim == slot {
                             scheduled = false;
@@ -550,9 +577,7 @@ impl Scheduler {
     }
 
     fn preempt(&mut self, slot: u32) {
-        let s = self.seqs[slot as usize]
-            .as_mut()
-            .expect("running slots hold live sequences");
+        let s = live_mut(&mut self.seqs, slot);
         self.kv.free(&s.kv);
         s.num_computed = 0;
         s.preemptions += 1;
@@ -611,9 +636,26 @@ impl Scheduler {
             self.kv.cache_computed(&s.kv, &s.tokens, s.num_computed);
         }
         let mut first_err = None;
+        // Samples usually come in plan order: follow the plan to find their slots without a
+        // map lookup, and fall back to the map otherwise.
+        let mut cursor = 0;
         for &(id, tok) in sampled {
-            let ok = match self.index.get(&id) {
-                Some(&slot) => {
+            let mut slot = None;
+            while cursor < self.plan.seqs.len() {
+                let e = &self.plan.seqs[cursor];
+                cursor += 1;
+                if e.sample {
+                    if e.id == id {
+                        slot = Some(e.slot);
+                    }
+                    break;
+                }
+            }
+            let slot = slot
+                .filter(|&sl| matches!(&self.seqs[sl as usize], Some(q) if q.id == id))
+                .or_else(|| self.index.get(&id).copied());
+            let ok = match slot {
+                Some(slot) => {
                     let max_len = self.max_len;
                     let s = self.seq_mut(slot);
                     let ready = s.state == State::Running
@@ -653,9 +695,9 @@ impl Scheduler {
             .index
             .remove(&id)
             .ok_or(SchedError::UnknownSeq { id })?;
-        let s = self.seqs[slot as usize]
-            .take()
-            .expect("indexed slots hold live sequences");
+        let Some(s) = self.seqs[slot as usize].take() else {
+            return Err(SchedError::UnknownSeq { id });
+        };
         match s.state {
             State::Running => {
                 if let Some(p) = self.running.iter().position(|&x| x == slot) {
@@ -740,6 +782,12 @@ impl Scheduler {
     /// Block events since the last call (needs `enable_events`).
     pub fn take_events(&mut self) -> Vec<BlockEvent> {
         self.kv.take_events()
+    }
+
+    /// Every hash in the prefix cache now (for a subscriber's snapshot; the events taken after
+    /// it continue from exactly this state).
+    pub fn cached_hashes(&self) -> impl Iterator<Item = crate::kv::BlockHash> + '_ {
+        self.kv.pool().cached_hashes()
     }
 
     /// Empties the prefix cache.

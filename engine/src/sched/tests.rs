@@ -30,7 +30,10 @@ fn fake_token(id: u64, pos: usize) -> u32 {
 
 /// One fake model step: samples for every `sample` entry, completes, finishes capped
 /// sequences. Returns the plan's (id, start, len, sample) and the ids finished.
-fn step(s: &mut Scheduler) -> (Vec<(u64, usize, usize, bool)>, Vec<u64>) {
+/// A plan entry as (id, start, len, sample).
+type Planned = (u64, usize, usize, bool);
+
+fn step(s: &mut Scheduler) -> (Vec<Planned>, Vec<u64>) {
     let view = s.schedule();
     let mut planned = Vec::new();
     let mut sampled = Vec::new();
@@ -481,8 +484,14 @@ fn block_events_follow_the_cache() {
     step(&mut s);
     let ev = s.take_events();
     assert_eq!(ev[0], BlockEvent::Removed(hs));
+    let mut snapshot: Vec<_> = s.cached_hashes().collect();
+    snapshot.sort_unstable();
+    let mut want = crate::kv::block_hashes(&[9, 9, 9, 9, 9], 2, b"");
+    want.sort_unstable();
+    assert_eq!(snapshot, want);
     s.reset_prefix_cache();
     assert_eq!(s.take_events(), vec![BlockEvent::AllCleared]);
+    assert_eq!(s.cached_hashes().count(), 0);
     assert_eq!(s.stats().capacity.cached_evictable, 0);
 }
 
@@ -526,4 +535,85 @@ fn steady_state_decode_does_not_reallocate_plan_buffers() {
         (s.plan.seqs.capacity(), s.plan.seqs.as_ptr()),
         (cap_seqs, ptr)
     );
+}
+
+#[test]
+fn replanning_without_completion_is_safe() {
+    let mut s = Scheduler::new(cfg(4, 16)).unwrap();
+    s.add(spec(1, (0..6).collect(), 5)).unwrap();
+    let first: Vec<_> = s.schedule().seqs().to_vec();
+    let second: Vec<_> = s.schedule().seqs().to_vec();
+    assert_eq!(first, second);
+    s.complete_step(&[(1, 3)]).unwrap();
+    assert_eq!(s.num_computed(1), Some(6));
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn samples_in_any_order_are_accepted() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    for id in 0..4 {
+        s.add(spec(id, vec![id as u32; 3], 5)).unwrap();
+    }
+    s.schedule();
+    s.complete_step(&[(3, 30), (1, 10), (0, 0), (2, 20)])
+        .unwrap();
+    for id in 0..4u64 {
+        assert_eq!(s.output_tokens(id), Some(&[id as u32 * 10][..]));
+    }
+}
+
+#[test]
+fn generated_tokens_fill_blocks_that_become_cached() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    s.add(spec(1, vec![1, 2, 3], 10)).unwrap();
+    let mut stored = Vec::new();
+    for _ in 0..6 {
+        step(&mut s);
+        for e in s.take_events() {
+            if let BlockEvent::Stored(h) = e {
+                stored.extend(h);
+            }
+        }
+    }
+    // 3 prompt + 6 generated = 9 known, 8 computed: two full blocks, hashed over the prompt and
+    // the generated tokens.
+    let tokens = s.tokens(1).unwrap().to_vec();
+    assert_eq!(tokens.len(), 9);
+    assert_eq!(stored, crate::kv::block_hashes(&tokens[..8], 4, b""));
+}
+
+#[test]
+fn usage_reports_cached_prompt_tokens() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    s.add(spec(1, (0..10).collect(), 1)).unwrap();
+    step(&mut s);
+    s.add(spec(2, (0..10).collect(), 2)).unwrap();
+    step(&mut s);
+    let u = s.finish(2).unwrap();
+    assert_eq!(
+        u,
+        SeqUsage {
+            prompt_tokens: 10,
+            output_tokens: 1,
+            cached_tokens: 8,
+            preemptions: 0
+        }
+    );
+}
+
+#[test]
+fn waiting_prompt_blocks_tracks_the_queue() {
+    let mut c = cfg(4, 4);
+    c.max_num_seqs = 1;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, vec![1; 5], 1)).unwrap();
+    s.add(spec(2, vec![2; 9], 1)).unwrap();
+    assert_eq!(s.stats().waiting_prompt_blocks, 2 + 3);
+    s.schedule();
+    assert_eq!(s.stats().waiting_prompt_blocks, 3);
+    s.complete_step(&[(1, 0)]).unwrap();
+    s.abort(2).unwrap();
+    assert_eq!(s.stats().waiting_prompt_blocks, 0);
+    s.check_invariants().unwrap();
 }

@@ -313,3 +313,34 @@ proptest! {
         prop_assert_eq!(out, text);
     }
 }
+
+#[test]
+fn llama3_and_qwen2_pre_tokenizers_split_like_llama_cpp() {
+    let merges = &[
+        "1 2", "12 3", "4 5", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "' s",
+    ];
+    let build = |pre: &str| {
+        Tokenizer::from_gguf(&gguf(
+            GgufWriter::new().byte_level_tokenizer(pre, SPECIALS, merges),
+        ))
+        .unwrap()
+    };
+    let l3 = build("llama-bpe");
+    let t = |tok: &Tokenizer, s: &str| -> Vec<String> {
+        tok.encode(s, false)
+            .unwrap()
+            .iter()
+            .map(|&i| tok.token_text(i).unwrap())
+            .collect()
+    };
+    // Digits in runs of up to three.
+    assert_eq!(t(&l3, "12345"), vec!["123", "45"]);
+    assert_eq!(t(&l3, " world's"), vec!["Ġworld", "'s"]);
+    // Qwen2: digits one at a time.
+    let q = build("qwen2");
+    assert_eq!(t(&q, "12345"), vec!["1", "2", "3", "4", "5"]);
+    assert_eq!(t(&q, " world"), vec!["Ġworld"]);
+    // GPT-2: digit runs stay whole and merge.
+    let g = build("gpt2");
+    assert_eq!(t(&g, "12345"), vec!["123", "45"]);
+}

@@ -1,0 +1,881 @@
+//! Desired state: the objects a `ModelDeployment` should own, as a pure function of its spec
+//! and the operator's settings.
+//!
+//! Owns how an agent pod looks (flags as `KVROUTE_*` env, probes, ports, volumes, GPUs, security
+//! context). Must never talk to the API server; `reconcile` applies what this returns.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec, DeploymentStrategy,
+    RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    Toleration, TopologySpreadConstraint, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::{Device, ModelDeployment, ModelFormat, ModelSource, SpecError};
+use crate::k8s::{
+    service_name, workload_name, COMPONENT_AGENT, GRPC_PORT, GRPC_PORT_NAME, HTTP_PORT,
+    HTTP_PORT_NAME, LABEL_DEPLOYMENT, MAX_NAME_LEN, PART_OF,
+};
+
+/// Operator-wide settings that shape every agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentDefaults {
+    /// Agent image when the spec names none.
+    pub agent_image: String,
+    /// Image of the init container that downloads `spec.model.url` (needs `curl`).
+    pub fetch_image: String,
+    /// Gateway base URL written into `status.endpoint`.
+    pub gateway_endpoint: Option<String>,
+}
+
+impl Default for AgentDefaults {
+    fn default() -> Self {
+        Self {
+            agent_image: "kvroute-agent:latest".into(),
+            fetch_image: "curlimages/curl:8.11.1".into(),
+            gateway_endpoint: None,
+        }
+    }
+}
+
+/// Why desired state could not be computed.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DesiredError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("metadata.name {0:?} is longer than {MAX_NAME_LEN} characters")]
+    NameTooLong(String),
+    #[error("object has no {0} (not read from the API server?)")]
+    MissingMeta(&'static str),
+}
+
+/// The agent workload: a Deployment, or a DaemonSet when `placement.perNode`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Workload {
+    Deployment(Box<Deployment>),
+    DaemonSet(Box<DaemonSet>),
+}
+
+/// Everything one ModelDeployment owns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub workload: Workload,
+    pub service: Service,
+}
+
+/// Labels selecting the agent pods of one ModelDeployment.
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/component".into(), COMPONENT_AGENT.into()),
+        ("app.kubernetes.io/part-of".into(), PART_OF.into()),
+        (LABEL_DEPLOYMENT.into(), name.into()),
+    ])
+}
+
+/// Selector labels as a selector string (`status.selector`, pod lists).
+pub fn selector_string(name: &str) -> String {
+    selector_labels(name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn object_labels(name: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(name);
+    l.insert("app.kubernetes.io/name".into(), "kvroute-agent".into());
+    l.insert("app.kubernetes.io/instance".into(), name.into());
+    l.insert(
+        "app.kubernetes.io/managed-by".into(),
+        crate::k8s::FIELD_MANAGER.into(),
+    );
+    l
+}
+
+/// Computes the objects `md` should own.
+pub fn desired(md: &ModelDeployment, defaults: &AgentDefaults) -> Result<Desired, DesiredError> {
+    md.spec.validate()?;
+    let name = md
+        .metadata
+        .name
+        .clone()
+        .ok_or(DesiredError::MissingMeta("name"))?;
+    if name.len() > MAX_NAME_LEN {
+        return Err(DesiredError::NameTooLong(name));
+    }
+    let namespace = md
+        .namespace()
+        .ok_or(DesiredError::MissingMeta("namespace"))?;
+    let owner = md
+        .controller_owner_ref(&())
+        .ok_or(DesiredError::MissingMeta("uid"))?;
+    let meta = |obj_name: String| ObjectMeta {
+        name: Some(obj_name),
+        namespace: Some(namespace.clone()),
+        labels: Some(object_labels(&name)),
+        owner_references: Some(vec![owner.clone()]),
+        ..Default::default()
+    };
+    let template = pod_template(md, &name, defaults)?;
+    let selector = LabelSelector {
+        match_labels: Some(selector_labels(&name)),
+        ..Default::default()
+    };
+    let workload = if md.spec.per_node() {
+        Workload::DaemonSet(Box::new(DaemonSet {
+            metadata: meta(workload_name(&name)),
+            spec: DaemonSetSpec {
+                selector,
+                template,
+                ..Default::default()
+            },
+            ..Default::default()
+        }))
+    } else {
+        Workload::Deployment(Box::new(Deployment {
+            metadata: meta(workload_name(&name)),
+            spec: DeploymentSpec {
+                replicas: Some(md.spec.replicas),
+                selector,
+                template,
+                strategy: Some(rollout_strategy(md)),
+                ..Default::default()
+            },
+            ..Default::default()
+        }))
+    };
+    let service = Service {
+        metadata: meta(service_name(&name)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![
+                service_port(HTTP_PORT_NAME, HTTP_PORT),
+                service_port(GRPC_PORT_NAME, GRPC_PORT),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(Desired { workload, service })
+}
+
+/// GPU agents roll one at a time without a surge pod (a surge pod would need a free GPU that
+/// usually does not exist); CPU agents surge one so capacity never dips.
+fn rollout_strategy(md: &ModelDeployment) -> DeploymentStrategy {
+    let gpus = md.spec.resources.as_ref().and_then(|r| r.gpus).unwrap_or(0);
+    let (surge, unavailable) = if gpus > 0 { (0, 1) } else { (1, 0) };
+    DeploymentStrategy {
+        type_: Some("RollingUpdate".into()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(surge)),
+            max_unavailable: Some(IntOrString::Int(unavailable)),
+        }),
+    }
+}
+
+/// Owner reference of `md` (used by tests and by `reconcile` to check ownership).
+pub fn owner_ref(md: &ModelDeployment) -> Option<OwnerReference> {
+    md.controller_owner_ref(&())
+}
+
+fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(HTTP_PORT_NAME.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+const MODEL_VOLUME: &str = "model";
+const MODEL_DIR: &str = "/models";
+
+fn pod_template(
+    md: &ModelDeployment,
+    name: &str,
+    defaults: &AgentDefaults,
+) -> Result<PodTemplateSpec, DesiredError> {
+    let spec = &md.spec;
+    let model = &spec.model;
+    let engine = spec.engine.clone().unwrap_or_default();
+    let gpus = spec.resources.as_ref().and_then(|r| r.gpus).unwrap_or(0);
+    let file = match model.format {
+        ModelFormat::Gguf => "model.gguf",
+        ModelFormat::Safetensors => "model",
+    };
+
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..Default::default()
+    }];
+    let mut init_containers = Vec::new();
+    let model_path = match model.source()? {
+        ModelSource::Url(url) => {
+            volumes.push(Volume {
+                name: MODEL_VOLUME.into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            });
+            let target = format!("{MODEL_DIR}/{file}");
+            init_containers.push(Container {
+                name: "fetch-model".into(),
+                image: Some(defaults.fetch_image.clone()),
+                // No shell: the URL is one argv entry, never interpreted.
+                command: Some(vec![
+                    "curl".into(),
+                    "--fail".into(),
+                    "--silent".into(),
+                    "--show-error".into(),
+                    "--location".into(),
+                    "--retry".into(),
+                    "5".into(),
+                    "--output".into(),
+                    target.clone(),
+                    url.into(),
+                ]),
+                volume_mounts: Some(vec![VolumeMount {
+                    name: MODEL_VOLUME.into(),
+                    mount_path: MODEL_DIR.into(),
+                    ..Default::default()
+                }]),
+                security_context: Some(container_security()),
+                ..Default::default()
+            });
+            mounts.push(read_only_mount(MODEL_DIR));
+            target
+        }
+        ModelSource::Pvc(pvc) => {
+            volumes.push(Volume {
+                name: MODEL_VOLUME.into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: pvc.claim_name.clone(),
+                    read_only: Some(true),
+                }),
+                ..Default::default()
+            });
+            mounts.push(read_only_mount(MODEL_DIR));
+            format!("{MODEL_DIR}/{}", pvc.path)
+        }
+        ModelSource::HostPath(path) => {
+            let kind = match model.format {
+                ModelFormat::Gguf => "File",
+                ModelFormat::Safetensors => "Directory",
+            };
+            volumes.push(Volume {
+                name: MODEL_VOLUME.into(),
+                host_path: Some(HostPathVolumeSource {
+                    path: path.into(),
+                    type_: Some(kind.into()),
+                }),
+                ..Default::default()
+            });
+            let target = format!("{MODEL_DIR}/{file}");
+            mounts.push(read_only_mount(&target));
+            target
+        }
+        ModelSource::Image(image) => {
+            volumes.push(Volume {
+                name: MODEL_VOLUME.into(),
+                image: Some(ImageVolumeSource {
+                    reference: Some(image.reference.clone()),
+                    pull_policy: Some("IfNotPresent".into()),
+                }),
+                ..Default::default()
+            });
+            mounts.push(read_only_mount(MODEL_DIR));
+            format!("{MODEL_DIR}/{}", image.path)
+        }
+    };
+
+    let device = engine
+        .device
+        .unwrap_or(if gpus > 0 { Device::Cuda } else { Device::Cpu });
+    let mut envs = vec![
+        env("KVROUTE_MODEL", model_path),
+        env("KVROUTE_SERVED_MODEL_NAME", model.name.clone()),
+        env("KVROUTE_HTTP", format!("0.0.0.0:{HTTP_PORT}")),
+        env("KVROUTE_GRPC", format!("0.0.0.0:{GRPC_PORT}")),
+        env("KVROUTE_DEVICE", device.as_flag()),
+        EnvVar {
+            name: "KVROUTE_AGENT_ID".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    if let Some(b) = engine.block_size {
+        envs.push(env("KVROUTE_BLOCK_SIZE", b.to_string()));
+    }
+    if let Some(u) = engine.gpu_memory_utilization {
+        envs.push(env("KVROUTE_GPU_MEMORY_UTILIZATION", u.to_string()));
+    }
+    if let Some(m) = &engine.kv_memory {
+        envs.push(env("KVROUTE_KV_MEMORY", m.clone()));
+    }
+    if let Some(n) = engine.max_model_len {
+        envs.push(env("KVROUTE_MAX_MODEL_LEN", n.to_string()));
+    }
+    if let Some(n) = engine.max_num_seqs {
+        envs.push(env("KVROUTE_MAX_NUM_SEQS", n.to_string()));
+    }
+
+    let mut limits = BTreeMap::new();
+    let mut requests = BTreeMap::new();
+    if gpus > 0 {
+        limits.insert("nvidia.com/gpu".to_string(), Quantity(gpus.to_string()));
+        requests.insert("nvidia.com/gpu".to_string(), Quantity(gpus.to_string()));
+    }
+    if let Some(r) = &spec.resources {
+        if let Some(m) = &r.memory {
+            limits.insert("memory".into(), m.clone());
+            requests.insert("memory".into(), m.clone());
+        }
+        if let Some(c) = &r.cpu {
+            requests.insert("cpu".into(), c.clone());
+        }
+    }
+    let resources = (!limits.is_empty() || !requests.is_empty()).then(|| ResourceRequirements {
+        limits: (!limits.is_empty()).then_some(limits),
+        requests: (!requests.is_empty()).then_some(requests),
+        ..Default::default()
+    });
+
+    let container = Container {
+        name: "agent".into(),
+        image: Some(
+            spec.agent_image
+                .clone()
+                .unwrap_or_else(|| defaults.agent_image.clone()),
+        ),
+        args: Some(vec!["serve".into()]),
+        env: Some(envs),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(HTTP_PORT_NAME.into()),
+                container_port: HTTP_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some(GRPC_PORT_NAME.into()),
+                container_port: GRPC_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        // Loading a model can take minutes: the startup probe holds liveness off until then.
+        startup_probe: Some(http_probe("/health", 5, 120)),
+        liveness_probe: Some(http_probe("/health", 10, 3)),
+        readiness_probe: Some(http_probe("/ready", 5, 2)),
+        resources,
+        volume_mounts: Some(mounts),
+        security_context: Some(container_security()),
+        ..Default::default()
+    };
+
+    let placement = spec.placement.clone().unwrap_or_default();
+    let tolerations = (gpus > 0).then(|| {
+        vec![Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        }]
+    });
+    let mut pod_labels = object_labels(name);
+    pod_labels.remove("app.kubernetes.io/managed-by");
+    Ok(PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: Some(BTreeMap::from([(
+                "kvroute.dev/served-model".to_string(),
+                model.name.clone(),
+            )])),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            init_containers: (!init_containers.is_empty()).then_some(init_containers),
+            volumes: Some(volumes),
+            node_selector: (!placement.node_selector.is_empty()).then_some(placement.node_selector),
+            tolerations,
+            // Spread agents over nodes when possible, so one node failing loses one agent.
+            topology_spread_constraints: (!spec.per_node()).then(|| {
+                vec![TopologySpreadConstraint {
+                    max_skew: 1,
+                    topology_key: "kubernetes.io/hostname".into(),
+                    when_unsatisfiable: "ScheduleAnyway".into(),
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(selector_labels(name)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]
+            }),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(65532),
+                run_as_group: Some(65532),
+                fs_group: Some(65532),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            termination_grace_period_seconds: Some(30),
+            ..Default::default()
+        }),
+    })
+}
+
+fn read_only_mount(path: &str) -> VolumeMount {
+    VolumeMount {
+        name: MODEL_VOLUME.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+impl Desired {
+    /// The agent pod spec of the workload.
+    pub fn workload_pod(&self) -> Option<&PodSpec> {
+        let t = match &self.workload {
+            Workload::Deployment(d) => &d.spec.template,
+            Workload::DaemonSet(d) => &d.spec.template,
+        };
+        t.spec.as_ref()
+    }
+}
+
+/// Returns the Kubernetes kind name of a workload (for logs and the stale-kind cleanup).
+pub fn workload_kind(w: &Workload) -> &'static str {
+    match w {
+        Workload::Deployment(_) => "Deployment",
+        Workload::DaemonSet(_) => "DaemonSet",
+    }
+}
+
+/// Test fixtures: `ModelDeployment::test().with_replicas(2)`.
+pub mod fixtures {
+    use super::*;
+    use crate::crd::{EngineSpec, ModelDeploymentSpec, ModelSpec, Placement};
+
+    /// Builder-style fixtures for tests (here and in `operator/tests/`).
+    pub trait ModelDeploymentFixture: Sized {
+        /// A valid CPU deployment `smollm` in namespace `default` with one replica.
+        fn test() -> Self;
+        fn with_replicas(self, n: i32) -> Self;
+        fn with_gpus(self, n: u32) -> Self;
+        fn with_per_node(self, node_selector: &[(&str, &str)]) -> Self;
+        fn with_engine(self, engine: EngineSpec) -> Self;
+        fn with_generation(self, g: i64) -> Self;
+        fn with_model(self, model: ModelSpec) -> Self;
+    }
+
+    impl ModelDeploymentFixture for ModelDeployment {
+        fn test() -> Self {
+            let mut md = ModelDeployment::new(
+                "smollm",
+                ModelDeploymentSpec {
+                    model: ModelSpec {
+                        name: "smollm2-135m".into(),
+                        pvc: Some(crate::crd::PvcSource {
+                            claim_name: "models".into(),
+                            path: "smollm2/model.gguf".into(),
+                        }),
+                        ..Default::default()
+                    },
+                    replicas: 1,
+                    placement: None,
+                    resources: None,
+                    engine: None,
+                    routing: None,
+                    admission: None,
+                    agent_image: None,
+                },
+            );
+            md.metadata.namespace = Some("default".into());
+            md.metadata.uid = Some("6f0c2c4e-0000-4000-8000-000000000001".into());
+            md.metadata.generation = Some(1);
+            md
+        }
+        fn with_replicas(mut self, n: i32) -> Self {
+            self.spec.replicas = n;
+            self
+        }
+        fn with_gpus(mut self, n: u32) -> Self {
+            let mut r = self.spec.resources.take().unwrap_or_default();
+            r.gpus = Some(n);
+            self.spec.resources = Some(r);
+            self
+        }
+        fn with_per_node(mut self, node_selector: &[(&str, &str)]) -> Self {
+            self.spec.placement = Some(Placement {
+                per_node: true,
+                node_selector: node_selector
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            });
+            self
+        }
+        fn with_engine(mut self, engine: EngineSpec) -> Self {
+            self.spec.engine = Some(engine);
+            self
+        }
+        fn with_generation(mut self, g: i64) -> Self {
+            self.metadata.generation = Some(g);
+            self
+        }
+        fn with_model(mut self, model: ModelSpec) -> Self {
+            self.spec.model = model;
+            self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::ModelDeploymentFixture;
+    use super::*;
+    use crate::crd::{EngineSpec, ImageSource, ModelSpec};
+
+    fn deployment(d: &Desired) -> &Deployment {
+        match &d.workload {
+            Workload::Deployment(d) => d,
+            Workload::DaemonSet(_) => panic!("expected a Deployment"),
+        }
+    }
+
+    fn agent(t: &PodTemplateSpec) -> &Container {
+        &t.spec.as_ref().unwrap().containers[0]
+    }
+
+    fn env_of(c: &Container, name: &str) -> Option<String> {
+        c.env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn cpu_deployment_with_owner_probes_and_service() {
+        let md = ModelDeployment::test().with_replicas(3);
+        let d = desired(&md, &AgentDefaults::default()).unwrap();
+        let dep = deployment(&d);
+        assert_eq!(dep.metadata.name.as_deref(), Some("smollm-agent"));
+        assert_eq!(dep.metadata.namespace.as_deref(), Some("default"));
+        let owner = &dep.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.kind, "ModelDeployment");
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(owner.uid, md.metadata.uid.clone().unwrap());
+        let spec = &dep.spec;
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(spec.selector.match_labels, Some(selector_labels("smollm")));
+        let tpl_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .clone()
+            .unwrap();
+        for (k, v) in selector_labels("smollm") {
+            assert_eq!(
+                tpl_labels.get(&k),
+                Some(&v),
+                "template misses selector label {k}"
+            );
+        }
+        let c = agent(&spec.template);
+        assert_eq!(
+            env_of(c, "KVROUTE_MODEL").as_deref(),
+            Some("/models/smollm2/model.gguf")
+        );
+        assert_eq!(
+            env_of(c, "KVROUTE_SERVED_MODEL_NAME").as_deref(),
+            Some("smollm2-135m")
+        );
+        assert_eq!(env_of(c, "KVROUTE_DEVICE").as_deref(), Some("cpu"));
+        assert_eq!(env_of(c, "KVROUTE_HTTP").as_deref(), Some("0.0.0.0:8000"));
+        let probe_path =
+            |p: &Option<Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone();
+        assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/ready"));
+        assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/health"));
+        assert!(c.resources.is_none(), "no GPU asked, no resources set");
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_string()])
+        );
+
+        let svc = d.service.spec.as_ref().unwrap();
+        assert_eq!(d.service.metadata.name.as_deref(), Some("smollm-agents"));
+        assert_eq!(svc.cluster_ip.as_deref(), Some("None"));
+        let ports: Vec<_> = svc.ports.as_ref().unwrap().iter().map(|p| p.port).collect();
+        assert_eq!(ports, [8000, 50051]);
+        assert_eq!(
+            d.service
+                .metadata
+                .labels
+                .as_ref()
+                .unwrap()
+                .get(LABEL_DEPLOYMENT)
+                .map(String::as_str),
+            Some("smollm")
+        );
+    }
+
+    #[test]
+    fn gpus_become_resource_requests_and_cuda() {
+        let md = ModelDeployment::test()
+            .with_gpus(2)
+            .with_engine(EngineSpec {
+                block_size: Some(32),
+                gpu_memory_utilization: Some(0.85),
+                max_num_seqs: Some(64),
+                ..Default::default()
+            });
+        let d = desired(&md, &AgentDefaults::default()).unwrap();
+        let tpl = &deployment(&d).spec.template;
+        let c = agent(tpl);
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits.get("nvidia.com/gpu"), Some(&Quantity("2".into())));
+        assert_eq!(env_of(c, "KVROUTE_DEVICE").as_deref(), Some("cuda"));
+        assert_eq!(env_of(c, "KVROUTE_BLOCK_SIZE").as_deref(), Some("32"));
+        assert_eq!(
+            env_of(c, "KVROUTE_GPU_MEMORY_UTILIZATION").as_deref(),
+            Some("0.85")
+        );
+        assert_eq!(env_of(c, "KVROUTE_MAX_NUM_SEQS").as_deref(), Some("64"));
+        assert_eq!(env_of(c, "KVROUTE_KV_MEMORY"), None);
+        let tol = tpl.spec.as_ref().unwrap().tolerations.as_ref().unwrap();
+        assert_eq!(tol[0].key.as_deref(), Some("nvidia.com/gpu"));
+        let ru = deployment(&d)
+            .spec
+            .strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (ru.max_surge, ru.max_unavailable),
+            (Some(IntOrString::Int(0)), Some(IntOrString::Int(1))),
+            "no GPU surge"
+        );
+        let cpu = desired(&ModelDeployment::test(), &AgentDefaults::default()).unwrap();
+        let ru = deployment(&cpu)
+            .spec
+            .strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (ru.max_surge, ru.max_unavailable),
+            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
+        );
+        let spread = &cpu
+            .workload_pod()
+            .unwrap()
+            .topology_spread_constraints
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(spread.topology_key, "kubernetes.io/hostname");
+    }
+
+    #[test]
+    fn per_node_is_a_daemonset_with_node_selector() {
+        let md = ModelDeployment::test().with_per_node(&[("gpu", "h200")]);
+        let d = desired(&md, &AgentDefaults::default()).unwrap();
+        let Workload::DaemonSet(ds) = &d.workload else {
+            panic!("perNode must give a DaemonSet")
+        };
+        assert_eq!(workload_kind(&d.workload), "DaemonSet");
+        let pod = ds.spec.template.spec.as_ref().unwrap();
+        assert_eq!(
+            pod.node_selector
+                .as_ref()
+                .unwrap()
+                .get("gpu")
+                .map(String::as_str),
+            Some("h200")
+        );
+    }
+
+    #[test]
+    fn each_source_mounts_the_model() {
+        let base = ModelSpec {
+            name: "m".into(),
+            ..Default::default()
+        };
+        let cases = [
+            (
+                ModelSpec {
+                    url: Some("https://example.invalid/x.gguf".into()),
+                    ..base.clone()
+                },
+                "/models/model.gguf",
+            ),
+            (
+                ModelSpec {
+                    host_path: Some("/data/x.gguf".into()),
+                    ..base.clone()
+                },
+                "/models/model.gguf",
+            ),
+            (
+                ModelSpec {
+                    image: Some(ImageSource {
+                        reference: "registry.invalid/models:1".into(),
+                        path: "x.gguf".into(),
+                    }),
+                    ..base.clone()
+                },
+                "/models/x.gguf",
+            ),
+        ];
+        for (model, path) in cases {
+            let md = ModelDeployment::test().with_model(model.clone());
+            let d = desired(&md, &AgentDefaults::default()).unwrap();
+            let tpl = &deployment(&d).spec.template;
+            assert_eq!(
+                env_of(agent(tpl), "KVROUTE_MODEL").as_deref(),
+                Some(path),
+                "{model:?}"
+            );
+            let pod = tpl.spec.as_ref().unwrap();
+            let vol = pod
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == MODEL_VOLUME)
+                .unwrap();
+            if model.url.is_some() {
+                let init = &pod.init_containers.as_ref().unwrap()[0];
+                assert_eq!(init.command.as_ref().unwrap().last(), model.url.as_ref());
+                assert!(vol.empty_dir.is_some());
+            } else if model.host_path.is_some() {
+                assert_eq!(
+                    vol.host_path.as_ref().unwrap().type_.as_deref(),
+                    Some("File")
+                );
+            } else {
+                assert!(vol.image.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_specs_are_errors_not_objects() {
+        let two_sources = ModelDeployment::test().with_model(ModelSpec {
+            name: "m".into(),
+            url: Some("https://example.invalid/x".into()),
+            host_path: Some("/x".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            desired(&two_sources, &AgentDefaults::default()),
+            Err(DesiredError::Spec(SpecError::ModelSource(2)))
+        );
+        let mut long = ModelDeployment::test();
+        long.metadata.name = Some("x".repeat(MAX_NAME_LEN + 1));
+        assert!(matches!(
+            desired(&long, &AgentDefaults::default()),
+            Err(DesiredError::NameTooLong(_))
+        ));
+        let mut no_uid = ModelDeployment::test();
+        no_uid.metadata.uid = None;
+        assert_eq!(
+            desired(&no_uid, &AgentDefaults::default()),
+            Err(DesiredError::MissingMeta("uid"))
+        );
+    }
+
+    #[test]
+    fn desired_is_deterministic_and_follows_the_spec() {
+        let a = desired(&ModelDeployment::test(), &AgentDefaults::default()).unwrap();
+        let b = desired(&ModelDeployment::test(), &AgentDefaults::default()).unwrap();
+        assert_eq!(a, b);
+        let c = desired(
+            &ModelDeployment::test().with_replicas(5),
+            &AgentDefaults::default(),
+        )
+        .unwrap();
+        assert_ne!(a, c);
+        assert_eq!(a.service, c.service, "replicas do not change the Service");
+    }
+}

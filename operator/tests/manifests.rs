@@ -1,0 +1,450 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Offline validation of the chart and the plain manifests with real tools:
+//! `helm lint --strict`, `helm template`, and `kubernetes-validate --strict` against the
+//! Kubernetes version that kubernetes-validate ships as its default (1.37).
+//!
+//! The tools are installed by `scripts/test.d/30-helm.sh`, which exports `KVROUTE_HELM` and
+//! `KVROUTE_KUBE_VALIDATE`; without them these tests fail and say so (run `scripts/test.sh`).
+//! Each tool is also shown a deliberately broken input that it must reject, so a tool that
+//! accepts everything (or is not really run) fails the test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_yaml::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn chart() -> PathBuf {
+    root().join("charts/kvroute")
+}
+
+fn tool(var: &str, cached: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
+    // The same place scripts/test.d/30-helm.sh installs to, for `cargo test` run by hand.
+    let cache = std::env::var_os("KVROUTE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|c| c.join("kvroute"))
+        });
+    let p = cache.map(|c| c.join(cached));
+    match p {
+        Some(p) if p.exists() => p,
+        _ => panic!("{var} is not set and {cached} is not in the kvroute cache: run scripts/test.sh (its step 30-helm.sh installs it)"),
+    }
+}
+
+fn helm() -> PathBuf {
+    tool("KVROUTE_HELM", "helm/helm")
+}
+
+fn kube_validate() -> PathBuf {
+    tool(
+        "KVROUTE_KUBE_VALIDATE",
+        "venv-kubernetes-validate/bin/kubernetes-validate",
+    )
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    out
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn template(args: &[&str]) -> String {
+    let out = run(Command::new(helm())
+        .args(["template", "kvroute"])
+        .arg(chart())
+        .args(["--namespace", "kvroute"])
+        .args(args));
+    assert!(
+        out.status.success(),
+        "helm template {args:?}: {}",
+        text(&out)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs kubernetes-validate --strict on `yaml` (written to a temp file); returns (ok, output).
+fn validate(yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("manifests.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let out = run(Command::new(kube_validate()).arg("--strict").arg(&f));
+    (out.status.success(), text(&out))
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+use serde::Deserialize;
+
+fn kind_of(v: &Value) -> &str {
+    v["kind"].as_str().unwrap_or("")
+}
+
+#[test]
+fn helm_lint_passes_and_catches_a_broken_chart() {
+    let out = run(Command::new(helm()).args(["lint", "--strict"]).arg(chart()));
+    assert!(out.status.success(), "helm lint: {}", text(&out));
+
+    // A copy of the chart with an unclosed action must fail lint.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("kvroute");
+    copy_dir(&chart(), &copy);
+    let gw = copy.join("templates/gateway.yaml");
+    let broken = std::fs::read_to_string(&gw).unwrap().replacen(
+        "{{ .Values.gateway.port }}",
+        "{{ .Values.gateway.port ",
+        1,
+    );
+    std::fs::write(&gw, broken).unwrap();
+    let out = run(Command::new(helm()).args(["lint", "--strict"]).arg(&copy));
+    assert!(
+        !out.status.success(),
+        "helm lint accepted a broken template: {}",
+        text(&out)
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn rendered_chart_validates_strictly_in_every_configuration() {
+    let variants: [&[&str]; 5] = [
+        &[],
+        &[
+            "--set",
+            "ingress.enabled=true",
+            "--set",
+            "gateway.service.type=LoadBalancer",
+        ],
+        &["--set", "operator.watchNamespace=models"],
+        &[
+            "--set",
+            "gateway.enabled=false",
+            "--set",
+            "operator.leaderElection=false",
+        ],
+        &[
+            "--set",
+            "gateway.service.type=NodePort",
+            "--set",
+            "operator.replicas=1",
+        ],
+    ];
+    for args in variants {
+        let yaml = template(args);
+        let (ok, out) = validate(&yaml);
+        assert!(
+            ok,
+            "kubernetes-validate --strict rejected helm template {args:?}:\n{out}"
+        );
+        assert!(
+            out.contains("passed for resource deployment/kvroute-operator"),
+            "{out}"
+        );
+    }
+    let ingress = template(&["--set", "ingress.enabled=true"]);
+    assert!(docs(&ingress).iter().any(|d| kind_of(d) == "Ingress"));
+    assert!(
+        !docs(&template(&[])).iter().any(|d| kind_of(d) == "Ingress"),
+        "ingress is off by default"
+    );
+    let ns = docs(&template(&["--set", "operator.watchNamespace=models"]));
+    assert!(ns
+        .iter()
+        .any(|d| kind_of(d) == "Role" && d["metadata"]["namespace"] == "models"));
+    assert!(
+        !ns.iter().any(|d| kind_of(d) == "ClusterRole"),
+        "namespaced install needs no ClusterRole"
+    );
+}
+
+#[test]
+fn kubernetes_validate_rejects_a_broken_manifest() {
+    let broken = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: x\nspec:\n  replica: 2\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec:\n      containers: [{name: c, image: i}]\n";
+    let (ok, out) = validate(broken);
+    assert!(!ok, "kubernetes-validate accepted an unknown field: {out}");
+    assert!(out.contains("replica"), "{out}");
+}
+
+#[test]
+fn crd_validates_and_a_broken_crd_does_not() {
+    let crd = std::fs::read_to_string(root().join("deploy/crd.yaml")).unwrap();
+    let (ok, out) = validate(&crd);
+    assert!(
+        ok && out.contains("customresourcedefinition/modeldeployments.kvroute.dev"),
+        "{out}"
+    );
+    let broken = crd.replacen(
+        "  scope: Namespaced\n",
+        "  scope: Namespaced\n  scopes: Namespaced\n",
+        1,
+    );
+    assert_ne!(broken, crd);
+    let (ok, out) = validate(&broken);
+    assert!(!ok, "a CRD with an unknown field passed: {out}");
+}
+
+#[test]
+fn every_container_is_locked_down() {
+    for d in docs(&template(&[])) {
+        if !matches!(kind_of(&d), "Deployment" | "DaemonSet") {
+            continue;
+        }
+        let pod = &d["spec"]["template"]["spec"];
+        let name = d["metadata"]["name"].as_str().unwrap().to_string();
+        assert_eq!(
+            pod["securityContext"]["runAsNonRoot"],
+            Value::Bool(true),
+            "{name}"
+        );
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+            "{name}"
+        );
+        for c in pod["containers"].as_sequence().unwrap() {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["runAsNonRoot"], Value::Bool(true), "{name}");
+            assert_eq!(sc["readOnlyRootFilesystem"], Value::Bool(true), "{name}");
+            assert_eq!(sc["allowPrivilegeEscalation"], Value::Bool(false), "{name}");
+            assert_eq!(sc["capabilities"]["drop"][0], "ALL", "{name}");
+            assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{name}");
+            assert!(
+                c["resources"]["requests"].is_mapping(),
+                "{name} has resource requests"
+            );
+        }
+    }
+}
+
+/// (apiGroup, resource) → verbs granted by the rendered RBAC to one component.
+fn grants(
+    yaml: &str,
+    component: &str,
+) -> std::collections::BTreeMap<(String, String), Vec<String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for d in docs(yaml) {
+        if !matches!(kind_of(&d), "Role" | "ClusterRole")
+            || d["metadata"]["labels"]["app.kubernetes.io/component"] != component
+        {
+            continue;
+        }
+        for rule in d["rules"].as_sequence().unwrap() {
+            for g in rule["apiGroups"].as_sequence().unwrap() {
+                for r in rule["resources"].as_sequence().unwrap() {
+                    let verbs: Vec<String> = rule["verbs"]
+                        .as_sequence()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap().to_string())
+                        .collect();
+                    out.insert(
+                        (
+                            g.as_str().unwrap().to_string(),
+                            r.as_str().unwrap().to_string(),
+                        ),
+                        verbs,
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let yaml = template(&[]);
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let k = |g: &str, r: &str| (g.to_string(), r.to_string());
+    let operator = grants(&yaml, "operator");
+    let expected = std::collections::BTreeMap::from([
+        (
+            k("kvroute.dev", "modeldeployments"),
+            s(&["get", "list", "watch"]),
+        ),
+        (k("kvroute.dev", "modeldeployments/status"), s(&["patch"])),
+        (
+            k("apps", "deployments"),
+            s(&["get", "list", "watch", "create", "patch", "delete"]),
+        ),
+        (
+            k("apps", "daemonsets"),
+            s(&["get", "list", "watch", "create", "patch", "delete"]),
+        ),
+        (
+            k("", "services"),
+            s(&["get", "list", "watch", "create", "patch"]),
+        ),
+        (k("", "pods"), s(&["list"])),
+        (k("events.k8s.io", "events"), s(&["create", "patch"])),
+        (
+            k("coordination.k8s.io", "leases"),
+            s(&["get", "create", "update"]),
+        ),
+    ]);
+    assert_eq!(operator, expected);
+    let gateway = grants(&yaml, "gateway");
+    let expected = std::collections::BTreeMap::from([
+        (k("kvroute.dev", "modeldeployments"), s(&["list", "watch"])),
+        (
+            k("discovery.k8s.io", "endpointslices"),
+            s(&["list", "watch"]),
+        ),
+    ]);
+    assert_eq!(gateway, expected);
+    assert!(!yaml.contains("\"*\""), "no wildcard grants");
+}
+
+const PLAIN_HEADER: &str = "# Generated by `helm template kvroute charts/kvroute --namespace kvroute`; do not edit by hand.\n";
+
+#[test]
+fn plain_manifests_equal_the_rendered_chart() {
+    let committed = std::fs::read_to_string(root().join("deploy/kvroute.yaml")).unwrap();
+    let rendered = format!("{PLAIN_HEADER}{}", template(&[]));
+    assert!(
+        committed == rendered,
+        "deploy/kvroute.yaml drifted from the chart; regenerate it with scripts/render-manifests.sh"
+    );
+}
+
+#[test]
+fn notes_show_a_sample_and_how_to_call_the_gateway() {
+    let out = run(Command::new(helm())
+        .args([
+            "install",
+            "kvroute",
+            "--dry-run=client",
+            "--namespace",
+            "kvroute",
+        ])
+        .arg(chart()));
+    assert!(out.status.success(), "{}", text(&out));
+    let notes = text(&out);
+    assert!(notes.contains("kind: ModelDeployment"), "{notes}");
+    assert!(
+        notes.contains("kubectl -n kvroute port-forward svc/kvroute-gateway"),
+        "{notes}"
+    );
+    assert!(notes.contains("/v1/chat/completions"), "{notes}");
+}
+
+fn hadolint() -> PathBuf {
+    tool("KVROUTE_HADOLINT", "venv-kubernetes-validate/bin/hadolint")
+}
+
+#[test]
+fn dockerfiles_pass_hadolint_and_a_bad_one_does_not() {
+    for f in ["deploy/Dockerfile.kvroute", "deploy/Dockerfile.agent"] {
+        let out = run(Command::new(hadolint())
+            .arg("--no-color")
+            .arg(root().join(f)));
+        assert!(out.status.success(), "hadolint {f}: {}", text(&out));
+    }
+    let agent = std::fs::read_to_string(root().join("deploy/Dockerfile.agent")).unwrap();
+    assert!(
+        agent.contains("--features cuda"),
+        "the agent image builds the CUDA backend"
+    );
+    let kvroute = std::fs::read_to_string(root().join("deploy/Dockerfile.kvroute")).unwrap();
+    assert!(
+        kvroute.contains("USER 65532:65532") && agent.contains("USER 65532:65532"),
+        "images run as non-root"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("Dockerfile");
+    std::fs::write(
+        &bad,
+        "FROM debian:latest\nRUN cd /tmp && apt-get install curl\n",
+    )
+    .unwrap();
+    let out = run(Command::new(hadolint()).arg("--no-color").arg(&bad));
+    assert!(
+        !out.status.success(),
+        "hadolint accepted a bad Dockerfile: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn objects_the_operator_creates_validate_strictly() {
+    use kvroute_operator::controller::desired::{desired, AgentDefaults, Workload};
+    use kvroute_operator::crd::ModelDeployment;
+    let mut yaml = String::new();
+    let mut kinds = Vec::new();
+    let samples = std::fs::read_dir(root().join("deploy/samples")).unwrap();
+    for f in samples {
+        let f = f.unwrap().path();
+        let mut md: ModelDeployment =
+            serde_yaml::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        md.metadata.uid = Some("0b6d3f0e-1111-4222-8333-444455556666".into());
+        let d = desired(&md, &AgentDefaults::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        match &d.workload {
+            Workload::Deployment(w) => {
+                kinds.push("Deployment");
+                yaml.push_str(&serde_yaml::to_string(w.as_ref()).unwrap());
+            }
+            Workload::DaemonSet(w) => {
+                kinds.push("DaemonSet");
+                yaml.push_str(&serde_yaml::to_string(w.as_ref()).unwrap());
+            }
+        }
+        yaml.push_str("---\n");
+        yaml.push_str(&serde_yaml::to_string(&d.service).unwrap());
+        yaml.push_str("---\n");
+    }
+    assert!(
+        kinds.contains(&"Deployment") && kinds.contains(&"DaemonSet"),
+        "samples cover both workload kinds"
+    );
+    let (ok, out) = validate(&yaml);
+    assert!(
+        ok,
+        "kubernetes-validate --strict rejected the operator's objects:\n{out}\n{yaml}"
+    );
+    assert!(
+        out.contains("passed for resource daemonset/per-node-agent"),
+        "{out}"
+    );
+    assert!(
+        out.contains("passed for resource service/smollm2-agents"),
+        "{out}"
+    );
+}
