@@ -23,6 +23,9 @@ pub struct GatewayArgs {
     /// Discover agents from Kubernetes (ModelDeployment EndpointSlices) instead of --agent.
     #[arg(long, conflicts_with = "agents")]
     pub kubernetes: bool,
+    /// With --kubernetes: only this namespace (default: every namespace the client may list).
+    #[arg(long, env = "KVROUTE_NAMESPACE", requires = "kubernetes")]
+    pub namespace: Option<String>,
     /// Routing policy: kv, round-robin, least-requests or gpu-utilization.
     #[arg(long, default_value = "kv", env = "KVROUTE_POLICY")]
     pub policy: PolicyKind,
@@ -83,6 +86,7 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     pub agents: Vec<AgentEndpoint>,
     pub kubernetes: bool,
+    pub namespace: Option<String>,
     pub policy: PolicyConfig,
     pub max_queue: usize,
     pub queue_timeout: Duration,
@@ -171,6 +175,7 @@ impl GatewayArgs {
             listen: self.listen,
             agents: self.agents,
             kubernetes: self.kubernetes,
+            namespace: self.namespace,
             policy: PolicyConfig {
                 kind: self.policy,
                 weights: Weights {
@@ -199,6 +204,7 @@ impl GatewayConfig {
             listen,
             agents,
             kubernetes: false,
+            namespace: None,
             policy: PolicyConfig::default(),
             max_queue: 1024,
             queue_timeout: Duration::from_secs(30),

@@ -28,7 +28,7 @@ use super::metrics::Metrics;
 use super::prompt::{self, Endpoint, ModelCatalog, ModelInfo};
 use super::proxy::{self, HttpClient};
 use super::router::{AdmitError, Router};
-use super::source::{track_agents, AgentSource, StaticAgents};
+use super::source::{track_agents, AgentSource, KubernetesAgents, StaticAgents};
 
 /// Shared state of a running gateway.
 pub struct Gateway {
@@ -46,8 +46,8 @@ pub enum ServeError {
     Bind(SocketAddr, std::io::Error),
     #[error("serve: {0}")]
     Serve(std::io::Error),
-    #[error("--kubernetes: agent discovery is not part of this build yet; use --agent")]
-    KubernetesUnavailable,
+    #[error("--kubernetes: no Kubernetes client configuration: {0}")]
+    Kubernetes(String),
 }
 
 /// A gateway started in this process.
@@ -407,12 +407,19 @@ pub fn start_with(
 
 /// Binds `config.listen` and starts a gateway for its agents.
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> {
-    if config.kubernetes {
-        return Err(ServeError::KubernetesUnavailable);
-    }
+    let source: Box<dyn AgentSource> = if config.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| ServeError::Kubernetes(e.to_string()))?;
+        Box::new(KubernetesAgents {
+            client,
+            namespace: config.namespace.clone(),
+        })
+    } else {
+        Box::new(StaticAgents(config.agents.clone()))
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServeError::Bind(config.listen, e))?;
-    let source = Box::new(StaticAgents(config.agents.clone()));
     start_with(config, listener, source)
 }

@@ -99,6 +99,55 @@ impl AgentSource for StaticAgents {
     }
 }
 
+/// Agents discovered in Kubernetes: the ready endpoints of every ModelDeployment's agent
+/// Service (`k8s::discovery`), for `kvroute gateway --kubernetes`.
+pub struct KubernetesAgents {
+    pub client: kube::Client,
+    /// Only this namespace (`None`: all the client may list).
+    pub namespace: Option<String>,
+}
+
+/// The gateway's agent set from a discovery snapshot (every model's ready agents).
+pub fn endpoints_of(snap: &crate::k8s::discovery::Snapshot) -> Vec<AgentEndpoint> {
+    let mut out: Vec<AgentEndpoint> = snap
+        .models
+        .values()
+        .flat_map(|m| m.agents.iter())
+        .map(|a| AgentEndpoint {
+            http: a
+                .http
+                .strip_prefix("http://")
+                .unwrap_or(&a.http)
+                .trim_end_matches('/')
+                .to_string(),
+            grpc: a.grpc.clone(),
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+impl AgentSource for KubernetesAgents {
+    fn run(
+        self: Box<Self>,
+        tx: watch::Sender<Vec<AgentEndpoint>>,
+    ) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(async move {
+            let (stx, mut srx) =
+                watch::channel(Arc::new(crate::k8s::discovery::Snapshot::default()));
+            let task = tokio::spawn(crate::k8s::discovery::run(self.client, self.namespace, stx));
+            // The first (empty) snapshot is skipped: it means "not listed yet", not "no agents".
+            while srx.changed().await.is_ok() {
+                let snap = srx.borrow_and_update().clone();
+                let _ = tx.send(endpoints_of(&snap));
+            }
+            task.abort();
+            Err(SourceError::Discovery("the Kubernetes watch ended".into()))
+        })
+    }
+}
+
 /// Keeps the router's agents and their capacity streams in step with the source's set.
 pub async fn track_agents(
     router: Arc<Router>,
