@@ -3,7 +3,7 @@
 //! first-step logits in the shared fixture. Runs without a GPU.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+mod model_fixture;
 
 use kvroute_engine::config::ModelConfig;
 use kvroute_engine::gguf::Gguf;
@@ -11,9 +11,9 @@ use kvroute_engine::kernels::reference::{forward_logits, topk};
 
 #[test]
 fn reference_forward_matches_llama_cpp_first_step_logits() {
-    let g = Gguf::open(common::model_path()).unwrap();
+    let g = Gguf::open(model_fixture::model_path()).unwrap();
     let cfg = ModelConfig::from_gguf(&g).unwrap();
-    let fx = common::fixture();
+    let fx = model_fixture::fixture();
     let case = &fx["generate"][0];
     let prompt: Vec<u32> = case["prompt_ids"]
         .as_array()
