@@ -234,15 +234,15 @@ impl Isa {
     }
 }
 
-/// One weight row (raw blocks) against 1..=4 activation rows of [`BlockQ8`]; one result each.
+/// One weight row (raw blocks) against 1..=8 activation rows of [`BlockQ8`]; one result each.
 pub type Q8Kernel = fn(&[u8], &[&[BlockQ8]], &mut [f32]);
-/// One weight row against 1..=4 activation rows of [`BlockQ8K`].
+/// One weight row against 1..=8 activation rows of [`BlockQ8K`].
 pub type Q8KKernel = fn(&[u8], &[&[BlockQ8K]], &mut [f32]);
-/// One float weight row against 1..=4 f32 activation rows.
+/// One float weight row against 1..=8 f32 activation rows.
 pub type F32Kernel = fn(&[u8], &[&[f32]], &mut [f32]);
 
 /// Most activation rows a kernel takes at once.
-pub const KERNEL_ROWS: usize = 4;
+pub const KERNEL_ROWS: usize = 8;
 
 /// How a weight type wants its activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,20 +280,18 @@ mod simd {
                 // SAFETY: reachable only through an Isa detected with this kernel's features
                 // (see Isa::q8_kernel); the const N matches acts.len() (checked by the match).
                 unsafe {
-                    match acts.len() {
-                        0 => {}
-                        1 => x86::$m::$k::<1>(w, acts, out),
-                        2 => x86::$m::$k::<2>(w, acts, out),
-                        3 => x86::$m::$k::<3>(w, acts, out),
-                        _ => {
-                            for (a4, o4) in acts.chunks(4).zip(out.chunks_mut(4)) {
-                                match a4.len() {
-                                    4 => x86::$m::$k::<4>(w, a4, o4),
-                                    3 => x86::$m::$k::<3>(w, a4, o4),
-                                    2 => x86::$m::$k::<2>(w, a4, o4),
-                                    _ => x86::$m::$k::<1>(w, a4, o4),
-                                }
-                            }
+                    // Weight blocks are unpacked once per call and reused for every row, so
+                    // calls take as many rows as possible (up to 8).
+                    for (a8, o8) in acts.chunks(8).zip(out.chunks_mut(8)) {
+                        match a8.len() {
+                            8 => x86::$m::$k::<8>(w, a8, o8),
+                            7 => x86::$m::$k::<7>(w, a8, o8),
+                            6 => x86::$m::$k::<6>(w, a8, o8),
+                            5 => x86::$m::$k::<5>(w, a8, o8),
+                            4 => x86::$m::$k::<4>(w, a8, o8),
+                            3 => x86::$m::$k::<3>(w, a8, o8),
+                            2 => x86::$m::$k::<2>(w, a8, o8),
+                            _ => x86::$m::$k::<1>(w, a8, o8),
                         }
                     }
                 }
@@ -587,12 +585,12 @@ mod kernel_tests {
                 let w = random_row(&mut rng, t, n / t.block_elems());
                 let mut wf = vec![0.0f32; n];
                 dequantize_row(t, &w, &mut wf).unwrap();
-                let xs: Vec<Vec<f32>> = (0..5)
+                let xs: Vec<Vec<f32>> = (0..10)
                     .map(|_| (0..n).map(|_| rng.f32()).collect())
                     .collect();
                 for isa in Isa::available() {
-                    let mut got = [0.0f32; 5];
-                    let mut want = [0.0f32; 5];
+                    let mut got = [0.0f32; 10];
+                    let mut want = [0.0f32; 10];
                     match t.act_format().unwrap() {
                         ActFormat::Q8 => {
                             let qs: Vec<Vec<BlockQ8>> = xs
@@ -628,7 +626,7 @@ mod kernel_tests {
                                 };
                             }
                             let k = isa.q8_kernel(t).unwrap();
-                            for rows in 1..=5 {
+                            for rows in 1..=10 {
                                 let refs: Vec<&[BlockQ8]> =
                                     qs[..rows].iter().map(|v| v.as_slice()).collect();
                                 k(&w, &refs, &mut got[..rows]);
@@ -664,7 +662,7 @@ mod kernel_tests {
                                 want[i] = s;
                             }
                             let k = isa.q8k_kernel(t).unwrap();
-                            for rows in 1..=5 {
+                            for rows in 1..=10 {
                                 let refs: Vec<&[BlockQ8K]> =
                                     qs[..rows].iter().map(|v| v.as_slice()).collect();
                                 k(&w, &refs, &mut got[..rows]);
@@ -684,7 +682,7 @@ mod kernel_tests {
                                 want[i] = wf.iter().zip(x).map(|(a, b)| a * b).sum();
                             }
                             let k = isa.f32_kernel(t).unwrap();
-                            for rows in 1..=5 {
+                            for rows in 1..=10 {
                                 let refs: Vec<&[f32]> =
                                     xs[..rows].iter().map(|v| v.as_slice()).collect();
                                 k(&w, &refs, &mut got[..rows]);

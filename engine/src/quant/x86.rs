@@ -29,6 +29,15 @@ fn f16_bits_to_f32(lo: u8, hi: u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
 }
 
+/// The two f16 values in `b[0..4]` (a Q4_1 block's `d` and `m`), one conversion for both.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn f16_pair_to_f32(b: &[u8]) -> (f32, f32) {
+    let bits = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
 /// `Σ u8 × i8` over 4-byte groups into 8 i32 lanes, AVX2 flavour.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -82,8 +91,7 @@ macro_rules! q8_kernels {
                 let mut acc = [_mm256_setzero_ps(); N];
                 let mut mins = [0.0f32; N];
                 for (b, blk) in w.chunks_exact(20).enumerate() {
-                    let d = f16_bits_to_f32(blk[0], blk[1]);
-                    let m = f16_bits_to_f32(blk[2], blk[3]);
+                    let (d, m) = f16_pair_to_f32(&blk[..4]);
                     let raw = load16(&blk[4..]);
                     let x = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
                     for t in 0..N {
