@@ -25,7 +25,7 @@ REPO="$PWD"
 
 CLIENTS=8 REQUESTS="" PP=128 MAXTOK=64 THREADS="$(nproc 2>/dev/null || echo 2)" ROUNDS=3
 KVMEM=1GiB CPUS="" DEADLINE=600 OUT="" ONLY_LLAMA=0
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --clients) CLIENTS="$2"; shift 2 ;;

@@ -22,7 +22,7 @@ REPO="$PWD"
 . "$REPO/bench/llamacpp.sh"
 
 ROUNDS=5 THREADS="$(nproc 2>/dev/null || echo 2)" BATCH=1,4,16 PP=128 TG=64 CPUS="" OUT="" ONLY_LLAMA=0
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
