@@ -8,8 +8,9 @@
 #![allow(clippy::expect_used)]
 
 use std::hint::black_box;
+use std::time::Instant;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use kvroute_engine::kv::{extend_block_hashes, BlockPool, KvConfig, KvManager};
 
 const BLOCK: usize = 16;
@@ -130,4 +131,69 @@ fn prefix_lookup(c: &mut Criterion) {
 }
 
 criterion_group!(benches, alloc_free, hashing, prefix_lookup);
-criterion_main!(benches);
+
+/// The fastest of `n` timed runs, in µs. Criterion reports means, which a shared, loaded
+/// machine inflates; the minimum shows what the code costs when it gets the core.
+fn min_us(n: usize, mut f: impl FnMut()) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..n {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best * 1e6
+}
+
+fn min_figures() {
+    let mut pool = BlockPool::new(4096, false);
+    let mut held = Vec::with_capacity(64);
+    let us = min_us(20_000, || {
+        for _ in 0..64 {
+            held.push(pool.allocate().expect("pool has free blocks"));
+        }
+        for &id in held.iter().rev() {
+            pool.release(id);
+        }
+        held.clear();
+    });
+    println!(
+        "min: kv/alloc_free_pool_64x2: {us:.3} µs ({:.0} M ops/s)",
+        128.0 / us
+    );
+    let p = prompt(4096);
+    let mut out = Vec::with_capacity(4096 / BLOCK);
+    for (name, key) in [("", &b""[..]), ("_salted", b"salt")] {
+        let us = min_us(5_000, || {
+            out.clear();
+            extend_block_hashes(&mut out, black_box(&p), BLOCK, key);
+            black_box(out.last().copied());
+        });
+        println!("min: kv/hash_4096_tokens_block16{name}: {us:.2} µs");
+    }
+    let mut kv = KvManager::new(&KvConfig {
+        block_size: BLOCK,
+        num_blocks: 8192,
+        enable_prefix_caching: true,
+        enable_events: false,
+    })
+    .expect("valid config");
+    let s = kv.open(b"");
+    kv.update_hashes(&s, &p);
+    kv.allocate_slots(&s, p.len(), None).expect("fits");
+    kv.cache_computed(&s, &p, p.len());
+    kv.close(s);
+    let q = kv.open(b"");
+    kv.update_hashes(&q, &p);
+    let us = min_us(5_000, || {
+        black_box(kv.lookup_prefix(&q, black_box(p.len())).blocks);
+    });
+    println!("min: kv/prefix_lookup_4096_tokens: {us:.2} µs");
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    if !std::env::args().any(|a| a == "--list") {
+        min_figures();
+    }
+}

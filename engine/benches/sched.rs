@@ -9,7 +9,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use kvroute_engine::sched::{SchedConfig, Scheduler, SeqSpec};
 
 const SEQS: u64 = 256;
@@ -87,4 +87,30 @@ fn step_256(c: &mut Criterion) {
 }
 
 criterion_group!(benches, step_256);
-criterion_main!(benches);
+
+/// The fastest of 2,000 steps and the mean over them, in µs. Criterion reports means, which a
+/// shared, loaded machine inflates; the minimum shows what a step costs when it gets the core.
+fn min_figures() {
+    let (mut s, mut sampled) = setup();
+    let mut best = f64::MAX;
+    let t0 = Instant::now();
+    for _ in 0..2_000 {
+        let t = Instant::now();
+        fake_step(&mut s, &mut sampled);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let mean = t0.elapsed().as_secs_f64() / 2_000.0;
+    println!(
+        "min: sched/step_256_running_decode: {:.2} µs (mean of the same 2,000 steps {:.2} µs)",
+        best * 1e6,
+        mean * 1e6
+    );
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    if !std::env::args().any(|a| a == "--list") {
+        min_figures();
+    }
+}

@@ -5,13 +5,18 @@
 //! This crate does no network I/O; the agent and gateway binaries own that.
 
 pub mod api;
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod fetch;
 pub mod gguf;
 pub mod kv;
+pub mod load;
+pub mod model;
 pub mod quant;
+pub mod runtime;
 pub mod safetensors;
+pub mod sample;
 pub mod sched;
 pub mod tokenizer;
 pub mod weights;

@@ -293,6 +293,10 @@ impl Tokenizer {
         let mut specials = Vec::new();
         let mut user = Vec::new();
         for (i, &t) in types.iter().enumerate() {
+            // An empty added token would match everywhere; no real vocabulary has one.
+            if tokens[i].is_empty() {
+                continue;
+            }
             match t {
                 TOKEN_TYPE_CONTROL => specials.push(AddedToken::from(tokens[i], true)),
                 TOKEN_TYPE_USER_DEFINED => {

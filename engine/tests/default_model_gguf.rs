@@ -1,7 +1,7 @@
 //! The GGUF reader and config against the real default model file.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod model_fixture;
 
 use kvroute_engine::config::{Arch, ModelConfig, RopeStyle};
 use kvroute_engine::gguf::Gguf;
@@ -10,7 +10,7 @@ use kvroute_engine::weights::WeightSource;
 
 #[test]
 fn reads_every_tensor_of_the_default_model() {
-    let g = Gguf::open(common::model_path()).unwrap();
+    let g = Gguf::open(model_fixture::model_path()).unwrap();
     assert_eq!(g.version(), 3);
     assert_eq!(
         g.get("general.architecture").unwrap().as_str(),
@@ -51,7 +51,7 @@ fn reads_every_tensor_of_the_default_model() {
 
 #[test]
 fn default_model_config() {
-    let g = Gguf::open(common::model_path()).unwrap();
+    let g = Gguf::open(model_fixture::model_path()).unwrap();
     let cfg = ModelConfig::from_gguf(&g).unwrap();
     assert_eq!(cfg.arch, Arch::Llama);
     assert_eq!(cfg.num_layers, 30);
@@ -72,8 +72,11 @@ fn resolve_default_verifies_the_real_model_against_its_published_sha256() {
     let models = cache.path().join("models");
     std::fs::create_dir_all(&models).unwrap();
     // A link to the real file: resolve must hash it (no marker yet) and accept it, so no fetch.
-    std::os::unix::fs::symlink(common::model_path(), models.join(fetch::DEFAULT_MODEL_FILE))
-        .unwrap();
+    std::os::unix::fs::symlink(
+        model_fixture::model_path(),
+        models.join(fetch::DEFAULT_MODEL_FILE),
+    )
+    .unwrap();
     let r = fetch::resolve(&ModelRef::Default, cache.path(), &NoProgress).unwrap();
     assert_eq!(r.format, ModelFormat::Gguf);
     assert_eq!(r.path, models.join(fetch::DEFAULT_MODEL_FILE));
@@ -83,7 +86,7 @@ fn resolve_default_verifies_the_real_model_against_its_published_sha256() {
     assert!(marker.starts_with(fetch::DEFAULT_MODEL_SHA256));
     // And `--model PATH` to the same file is sniffed as GGUF.
     let r = fetch::resolve(
-        &ModelRef::Path(common::model_path()),
+        &ModelRef::Path(model_fixture::model_path()),
         cache.path(),
         &NoProgress,
     )

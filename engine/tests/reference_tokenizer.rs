@@ -2,7 +2,7 @@
 //! (`shared/fixtures/smollm2-reference.json`).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod model_fixture;
 
 use kvroute_engine::chat::{ChatMessage, ChatTemplate};
 use kvroute_engine::gguf::Gguf;
@@ -12,7 +12,9 @@ use std::sync::OnceLock;
 
 fn tokenizer() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
-    T.get_or_init(|| Tokenizer::from_gguf(&Gguf::open(common::model_path()).unwrap()).unwrap())
+    T.get_or_init(|| {
+        Tokenizer::from_gguf(&Gguf::open(model_fixture::model_path()).unwrap()).unwrap()
+    })
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
@@ -26,7 +28,7 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 #[test]
 fn token_ids_match_llama_cpp_for_every_fixture_string() {
     let t = tokenizer();
-    let fixture = common::fixture();
+    let fixture = model_fixture::fixture();
     let cases = fixture["tokenize"].as_array().unwrap();
     assert!(cases.len() >= 20);
     let mut failures = Vec::new();
@@ -44,6 +46,22 @@ fn token_ids_match_llama_cpp_for_every_fixture_string() {
         assert_eq!(t.decode_with_special(&got), text);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn generation_prompts_tokenize_like_llama_cpp() {
+    // The prompts llama.cpp generated from (one is a rendered chat prompt) tokenize to the ids it
+    // fed the model.
+    let t = tokenizer();
+    let fixture = model_fixture::fixture();
+    for g in fixture["generate"].as_array().unwrap() {
+        let prompt = g["prompt"].as_str().unwrap();
+        assert_eq!(
+            t.encode(prompt, true).unwrap(),
+            ids(&g["prompt_ids"]),
+            "{prompt:?}"
+        );
+    }
 }
 
 #[test]
@@ -66,7 +84,7 @@ fn serialized_tokenizer_rebuilds_identically() {
     let t = tokenizer();
     let json = t.to_json().unwrap();
     let back = Tokenizer::from_json(&json).unwrap();
-    let fixture = common::fixture();
+    let fixture = model_fixture::fixture();
     for case in fixture["tokenize"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         for special in [true, false] {
@@ -83,7 +101,7 @@ fn serialized_tokenizer_rebuilds_identically() {
 #[test]
 fn greedy_reference_texts_stream_like_they_decode() {
     let t = tokenizer();
-    let fixture = common::fixture();
+    let fixture = model_fixture::fixture();
     for g in fixture["generate"].as_array().unwrap() {
         let gen = ids(&g["greedy_ids"]);
         let mut s = t.stream_decoder();
@@ -102,7 +120,7 @@ fn greedy_reference_texts_stream_like_they_decode() {
 #[test]
 fn chat_prompts_match_llama_cpp_byte_for_byte() {
     let t = tokenizer();
-    let fixture = common::fixture();
+    let fixture = model_fixture::fixture();
     // The template in the model file is the one the fixture was rendered with.
     assert_eq!(t.chat_template(), fixture["chat_template"].as_str());
     let template = ChatTemplate::from_tokenizer(t).unwrap();

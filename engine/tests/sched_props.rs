@@ -315,3 +315,104 @@ proptest! {
         prop_assert_eq!(firsts, (0..n as u64).collect::<Vec<_>>());
     }
 }
+
+/// Runs `reqs` (arriving at the given steps) through a scheduler with a fake model that reads
+/// its context from the KV blocks the plan names (a shadow of the pool), and returns every
+/// request's output. The model's next token is a function of the context it read, so any wrong
+/// block (a bad prefix hit, a stale block after preemption) changes the output.
+fn run_to_completion(cfg: SchedConfig, reqs: &[(usize, Vec<u32>, u32)]) -> BTreeMap<u64, Vec<u32>> {
+    let bs = cfg.block_size;
+    let mut shadow = vec![vec![u32::MAX; bs]; cfg.num_blocks];
+    let mut s = Scheduler::new(cfg).unwrap();
+    let mut outputs = BTreeMap::new();
+    let mut next = 0;
+    let mut step_no = 0;
+    while next < reqs.len() || !s.is_empty() {
+        while next < reqs.len() && reqs[next].0 <= step_no {
+            let (_, prompt, max_tokens) = &reqs[next];
+            let r = s.add(SeqSpec {
+                id: next as u64,
+                prompt: prompt.clone(),
+                max_tokens: *max_tokens,
+                extra_key: Vec::new(),
+            });
+            if r.is_err() {
+                outputs.insert(next as u64, vec![u32::MAX]);
+            }
+            next += 1;
+        }
+        let v = s.schedule();
+        let mut sampled = Vec::new();
+        for e in v.seqs() {
+            let table = v.block_table(e);
+            for (k, &t) in v.tokens(e).iter().enumerate() {
+                let p = e.start + k;
+                shadow[table[p / bs] as usize][p % bs] = t;
+            }
+            if e.sample {
+                // FNV-1a over the context as read from the KV blocks.
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for p in 0..e.start + e.len {
+                    h = (h ^ u64::from(shadow[table[p / bs] as usize][p % bs]))
+                        .wrapping_mul(0x100_0000_01b3);
+                }
+                sampled.push((e.id, (h % 5) as u32));
+            }
+        }
+        s.complete_step(&sampled).unwrap();
+        for (id, tok) in sampled {
+            if tok == 4 || s.is_length_capped(id) == Some(true) {
+                outputs.insert(id, s.output_tokens(id).unwrap().to_vec());
+                s.finish(id).unwrap();
+            }
+        }
+        s.check_invariants().unwrap();
+        step_no += 1;
+        assert!(step_no < 20_000, "did not drain");
+    }
+    outputs
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Scheduling is invisible in the results: with a model that reads its context from the KV
+    /// blocks, every request's output is the same under a tight pool (preemptions), a small
+    /// token budget (chunked prefill), prefix caching on or off, as under a roomy reference.
+    #[test]
+    fn outputs_do_not_depend_on_scheduling(
+        bs in 1usize..5,
+        nb in 8usize..24,
+        seqs in 1usize..6,
+        budget in 1usize..24,
+        caching in any::<bool>(),
+        reqs in prop::collection::vec(
+            (0usize..12, prop::collection::vec(0u32..3, 1..20), 1u32..12), 1..10),
+    ) {
+        let mut reqs = reqs;
+        reqs.sort_by_key(|r| r.0);
+        // The same length cap in both runs: the tight pool's size, at most 24 tokens.
+        let max_len = (bs * nb).min(24);
+        let reference = SchedConfig {
+            block_size: bs,
+            // Room for every request at once (10 × 24 tokens at block size 1): no preemption.
+            num_blocks: 256,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 4096,
+            max_model_len: max_len,
+            enable_chunked_prefill: true,
+            enable_prefix_caching: false,
+            enable_events: false,
+        };
+        let tight = SchedConfig {
+            num_blocks: nb,
+            max_num_seqs: seqs,
+            max_num_batched_tokens: budget,
+            enable_prefix_caching: caching,
+            ..reference.clone()
+        };
+        let want = run_to_completion(reference, &reqs);
+        let got = run_to_completion(tight, &reqs);
+        prop_assert_eq!(got, want);
+    }
+}

@@ -1,2 +1,304 @@
 //! Helpers for kvroute's cross-crate process tests: locating the built binaries, spawning them on
-//! loopback, and waiting for readiness.
+//! loopback, waiting for readiness, talking HTTP to them, running the Python `openai` client.
+//!
+//! Binaries are looked up next to the running test executable (`<target>/debug/`), so
+//! `CARGO_TARGET_DIR` is honoured; `scripts/test.sh` builds them first (`cargo build --bins`).
+//! Processes are spawned with `127.0.0.1:0` listen addresses and report the bound ports on
+//! stdout, so tests never race for ports. Every spawned process is killed when its handle drops.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// Long enough for any healthy step on a loaded 2-core machine; a guard against hangs, never a
+/// performance assertion.
+pub const GUARD: Duration = Duration::from_secs(300);
+
+/// The folder holding the workspace's built binaries (`<target>/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe is known for a test binary");
+    // <target>/debug/deps/<test-binary>
+    let deps = exe.parent().expect("test binary has a folder");
+    let dir = if deps.ends_with("deps") {
+        deps.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    };
+    dir
+}
+
+/// Path of a workspace binary; panics with the build command when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo build --workspace --bins`, or scripts/test.sh)",
+        p.display()
+    );
+    p
+}
+
+/// The model the process tests serve: `$KVROUTE_MODEL_PATH` (set by scripts/test.d), else
+/// `default` (the agent fetches it into its cache).
+pub fn model_arg() -> String {
+    std::env::var("KVROUTE_MODEL_PATH").unwrap_or_else(|_| "default".into())
+}
+
+/// The Python with the `openai` package: `$KVROUTE_PYTHON` (scripts/test.d/20-python.sh), else
+/// the venv that script makes under the cache folder.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("KVROUTE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("KVROUTE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/kvroute")
+        });
+    let p = cache.join("venv-openai/bin/python");
+    assert!(
+        p.exists(),
+        "no Python with the openai package: run scripts/test.sh (its step 20-python.sh sets KVROUTE_PYTHON)"
+    );
+    p
+}
+
+/// The reference data (`smollm2-reference.json`): `$KVROUTE_FIXTURES`, else `shared/fixtures`
+/// beside the repository.
+pub fn fixture() -> Value {
+    let dir = std::env::var("KVROUTE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+    let path = dir.join("smollm2-reference.json");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Folder of the Python snippets (`tests/py`).
+pub fn py_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("py")
+}
+
+/// A running `kvroute-agent serve`.
+pub struct Agent {
+    child: Child,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub model: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// Extra flags for [`Agent::spawn`].
+pub struct AgentOpts<'a> {
+    pub kv_memory: &'a str,
+    pub extra: Vec<String>,
+}
+
+impl Default for AgentOpts<'_> {
+    fn default() -> Self {
+        Self {
+            kv_memory: "64MiB",
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl Agent {
+    /// Starts `kvroute-agent serve` with the test model on free loopback ports and waits until it
+    /// says it is ready.
+    pub fn spawn(opts: AgentOpts<'_>) -> Agent {
+        let mut cmd = Command::new(bin("kvroute-agent"));
+        cmd.arg("serve")
+            .args(["--model", &model_arg()])
+            .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+            .args(["--kv-memory", opts.kv_memory])
+            .args(["--device", "cpu", "--agent-id", "process-test"])
+            .args(&opts.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn kvroute-agent");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut http = None;
+        let mut grpc = None;
+        let mut model = None;
+        while model.is_none() {
+            let line = match rx.recv_timeout(GUARD) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "kvroute-agent did not become ready; stderr:\n{}",
+                        stderr.lock().unwrap()
+                    );
+                }
+            };
+            if let Some(rest) = line.strip_prefix("kvroute-agent listening ") {
+                for kv in rest.split_whitespace() {
+                    if let Some(a) = kv.strip_prefix("http=") {
+                        http = Some(a.parse().unwrap());
+                    } else if let Some(a) = kv.strip_prefix("grpc=") {
+                        grpc = Some(a.parse().unwrap());
+                    }
+                }
+            } else if let Some(rest) = line.strip_prefix("kvroute-agent ready model=") {
+                model = Some(rest.to_string());
+            }
+        }
+        Agent {
+            child,
+            http: http.expect("listening line before ready"),
+            grpc: grpc.expect("listening line before ready"),
+            model: model.unwrap_or_default(),
+            stderr,
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.http)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.child.wait().expect("wait for kvroute-agent")
+    }
+
+    /// Everything the agent logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `kvroute-agent` with `args` to completion (for flag-validation tests).
+pub fn run_agent(args: &[&str]) -> std::process::Output {
+    Command::new(bin("kvroute-agent"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kvroute-agent")
+}
+
+/// Runs a snippet from `tests/py` with the openai-enabled Python; returns its stdout parsed as
+/// JSON. Panics with the script's stderr on failure.
+pub fn run_py(script: &str, args: &[&str]) -> Value {
+    let out = Command::new(python())
+        .arg(py_dir().join(script))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Opens one HTTP/1.1 connection and sends one request; the body is left unread.
+pub async fn send(addr: SocketAddr, method: &str, path: &str, body: Vec<u8>) -> Response<Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    sender.send_request(req).await.unwrap()
+}
+
+/// One request with its whole body read.
+pub async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
+    let resp = tokio::time::timeout(GUARD, send(addr, method, path, body))
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = tokio::time::timeout(GUARD, resp.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    (status, bytes.to_vec())
+}
+
+/// POSTs JSON and parses the JSON answer.
+pub async fn post_json(addr: SocketAddr, path: &str, body: &Value) -> (StatusCode, Value) {
+    let (s, b) = call(addr, "POST", path, serde_json::to_vec(body).unwrap()).await;
+    let v = serde_json::from_slice(&b)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&b)));
+    (s, v)
+}

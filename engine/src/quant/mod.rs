@@ -1,9 +1,312 @@
 //! Tensor element types as GGUF/ggml defines them, and the quantized block formats.
 //!
-//! Owns the type table (ids, elements per block, bytes per block). Dequantization and dot products
-//! on quantized blocks live beside it in this module. Never allocates per call in hot paths.
+//! Owns the type table (ids, elements per block, bytes per block), scalar dequantization
+//! (`dequant`), activation quantization (`q8`), and dot products on quantized blocks: a scalar
+//! reference (`scalar`) and SIMD kernels chosen at run time through [`Isa`]. Never allocates per
+//! call in hot paths.
+
+pub mod dequant;
+pub mod q8;
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use dequant::dequantize_row;
+pub use q8::{BlockQ8, BlockQ8K};
 
 use std::fmt;
+
+/// Errors from the quantization routines (bad sizes or types; never a panic).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantError {
+    #[error("{elems} elements is not a whole number of {dtype} blocks")]
+    RowLength { dtype: GgmlType, elems: usize },
+    #[error("{bytes} bytes do not hold exactly {elems} {dtype} elements")]
+    DataLength {
+        dtype: GgmlType,
+        elems: usize,
+        bytes: usize,
+    },
+    #[error("tensor type {0} is not supported by kvroute's kernels")]
+    Unsupported(GgmlType),
+}
+
+/// Which instruction set the kernels use. Only constructible through detection (or as the scalar
+/// fallback), so a SIMD kernel can never run on a CPU without its features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Isa(IsaKind);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IsaKind {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The portable reference kernels.
+    pub fn scalar() -> Isa {
+        Isa(IsaKind::Scalar)
+    }
+
+    /// The best kernels this CPU supports; scalar if env `KVROUTE_FORCE_SCALAR` is set to
+    /// anything but `0`.
+    pub fn detect() -> Isa {
+        if std::env::var("KVROUTE_FORCE_SCALAR").is_ok_and(|v| v != "0") {
+            return Isa::scalar();
+        }
+        Isa::available().last().copied().unwrap_or(Isa::scalar())
+    }
+
+    /// Every instruction set usable here, scalar first and best last (tests run them all).
+    pub fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut v = vec![Isa(IsaKind::Scalar)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 {
+                v.push(Isa(IsaKind::Avx2));
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    v.push(Isa(IsaKind::Avx512Vnni));
+                }
+            }
+        }
+        v
+    }
+
+    /// A short name for logs (`scalar`, `avx2`, `avx512vnni`).
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            IsaKind::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            IsaKind::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            IsaKind::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2(self) -> bool {
+        !matches!(self.0, IsaKind::Scalar)
+    }
+
+    /// The kernel for `wtype` weights against [`BlockQ8`] activations, if that pairing exists.
+    pub fn q8_kernel(self, wtype: GgmlType) -> Option<Q8Kernel> {
+        match (self.0, wtype) {
+            (IsaKind::Scalar, GgmlType::Q4_0) => Some(scalar::q4_0),
+            (IsaKind::Scalar, GgmlType::Q4_1) => Some(scalar::q4_1),
+            (IsaKind::Scalar, GgmlType::Q8_0) => Some(scalar::q8_0),
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx2, GgmlType::Q4_0) => Some(simd::q4_0_avx2),
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx2, GgmlType::Q4_1) => Some(simd::q4_1_avx2),
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx2, GgmlType::Q8_0) => Some(simd::q8_0_avx2),
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx512Vnni, GgmlType::Q4_0) => Some(simd::q4_0_vnni),
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx512Vnni, GgmlType::Q4_1) => Some(simd::q4_1_vnni),
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx512Vnni, GgmlType::Q8_0) => Some(simd::q8_0_vnni),
+            _ => None,
+        }
+    }
+
+    /// The kernel for `wtype` weights against [`BlockQ8K`] activations (K-quants).
+    pub fn q8k_kernel(self, wtype: GgmlType) -> Option<Q8KKernel> {
+        match wtype {
+            GgmlType::Q4K => Some(scalar::q4k),
+            GgmlType::Q6K => Some(scalar::q6k),
+            _ => None,
+        }
+    }
+
+    /// The kernel for float weights against f32 activations.
+    pub fn f32_kernel(self, wtype: GgmlType) -> Option<F32Kernel> {
+        match wtype {
+            GgmlType::F32 => Some(scalar::f32w),
+            GgmlType::F16 => Some(scalar::f16w),
+            GgmlType::BF16 => Some(scalar::bf16w),
+            _ => None,
+        }
+    }
+
+    /// Quantizes activations to [`BlockQ8`].
+    pub fn quantize_q8(self, x: &[f32], out: &mut [BlockQ8]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            unsafe { x86::quantize_row_q8(x, out) };
+            return;
+        }
+        q8::quantize_row_q8(x, out)
+    }
+
+    /// `Σ a·b` over f32.
+    #[inline]
+    pub fn dot_f32(self, a: &[f32], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            return unsafe { x86::dot_f32(a, b) };
+        }
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// `y = y·scale + p·x`.
+    #[inline]
+    pub fn scale_axpy(self, y: &mut [f32], scale: f32, p: f32, x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            unsafe { x86::scale_axpy(y, scale, p, x) };
+            return;
+        }
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi = *yi * scale + p * xi;
+        }
+    }
+
+    /// `acc[i] = f16(fma(v[i], s, acc[i]))` (an f16 accumulator, as llama.cpp's flash attention
+    /// keeps with an f16 cache), values held as f32.
+    #[inline]
+    pub fn f16_fma_round(self, acc: &mut [f32], v: &[f32], s: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            unsafe { x86::f16_fma_round(acc, v, s) };
+            return;
+        }
+        for (a, x) in acc.iter_mut().zip(v) {
+            *a = half::f16::from_f32(x.mul_add(s, *a)).to_f32();
+        }
+    }
+
+    /// `acc[i] = f16(acc[i] · s)`.
+    #[inline]
+    pub fn f16_scale_round(self, acc: &mut [f32], s: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            unsafe { x86::f16_scale_round(acc, s) };
+            return;
+        }
+        for a in acc.iter_mut() {
+            *a = half::f16::from_f32(*a * s).to_f32();
+        }
+    }
+
+    /// f16 bits → f32 (`min(len)` elements).
+    #[inline]
+    pub fn f16_to_f32(self, src: &[u16], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            unsafe { x86::f16_to_f32(src, dst) };
+            return;
+        }
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_bits(*s).to_f32();
+        }
+    }
+
+    /// f32 → f16 bits, round to nearest even (`min(len)` elements).
+    #[inline]
+    pub fn f32_to_f16(self, src: &[f32], dst: &mut [u16]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            unsafe { x86::f32_to_f16(src, dst) };
+            return;
+        }
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_f32(*s).to_bits();
+        }
+    }
+}
+
+/// One weight row (raw blocks) against 1..=4 activation rows of [`BlockQ8`]; one result each.
+pub type Q8Kernel = fn(&[u8], &[&[BlockQ8]], &mut [f32]);
+/// One weight row against 1..=4 activation rows of [`BlockQ8K`].
+pub type Q8KKernel = fn(&[u8], &[&[BlockQ8K]], &mut [f32]);
+/// One float weight row against 1..=4 f32 activation rows.
+pub type F32Kernel = fn(&[u8], &[&[f32]], &mut [f32]);
+
+/// Most activation rows a kernel takes at once.
+pub const KERNEL_ROWS: usize = 4;
+
+/// How a weight type wants its activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActFormat {
+    Q8,
+    Q8K,
+    F32,
+}
+
+impl GgmlType {
+    /// The activation format kvroute's kernels pair with this weight type, or `None` if there is
+    /// no kernel for it.
+    pub fn act_format(self) -> Option<ActFormat> {
+        use GgmlType::*;
+        match self {
+            Q4_0 | Q4_1 | Q8_0 => Some(ActFormat::Q8),
+            Q4K | Q6K => Some(ActFormat::Q8K),
+            F32 | F16 | BF16 => Some(ActFormat::F32),
+            _ => None,
+        }
+    }
+}
+
+/// Safe wrappers that pick the const-generic row count; only handed out by [`Isa::q8_kernel`]
+/// for an `Isa` whose detection saw the kernels' features.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::x86;
+    use super::BlockQ8;
+
+    macro_rules! wrap {
+        ($name:ident, $m:ident :: $k:ident) => {
+            pub fn $name(w: &[u8], acts: &[&[BlockQ8]], out: &mut [f32]) {
+                assert!(out.len() >= acts.len(), "one output per activation row");
+                // SAFETY: reachable only through an Isa detected with this kernel's features
+                // (see Isa::q8_kernel); the const N matches acts.len() (checked by the match).
+                unsafe {
+                    match acts.len() {
+                        0 => {}
+                        1 => x86::$m::$k::<1>(w, acts, out),
+                        2 => x86::$m::$k::<2>(w, acts, out),
+                        3 => x86::$m::$k::<3>(w, acts, out),
+                        _ => {
+                            for (a4, o4) in acts.chunks(4).zip(out.chunks_mut(4)) {
+                                match a4.len() {
+                                    4 => x86::$m::$k::<4>(w, a4, o4),
+                                    3 => x86::$m::$k::<3>(w, a4, o4),
+                                    2 => x86::$m::$k::<2>(w, a4, o4),
+                                    _ => x86::$m::$k::<1>(w, a4, o4),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+    }
+    wrap!(q4_0_avx2, avx2::q4_0);
+    wrap!(q4_1_avx2, avx2::q4_1);
+    wrap!(q8_0_avx2, avx2::q8_0);
+    wrap!(q4_0_vnni, vnni::q4_0);
+    wrap!(q4_1_vnni, vnni::q4_1);
+    wrap!(q8_0_vnni, vnni::q8_0);
+}
 
 /// A ggml tensor type. The discriminants are the ids stored in GGUF files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,5 +445,338 @@ mod tests {
         assert_eq!(GgmlType::Q6K.bytes_for(512), Some(420));
         assert_eq!(GgmlType::F16.bytes_for(3), Some(6));
         assert_eq!(GgmlType::Q8_0.bytes_for(u64::MAX - 31), None);
+    }
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+    use half::f16;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn f32(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// A random but valid row of `blocks` blocks of `t` (scales are sane f16 values).
+    fn random_row(rng: &mut Rng, t: GgmlType, blocks: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..blocks {
+            let mut b = rng.bytes(t.block_bytes());
+            let put_f16 = |b: &mut Vec<u8>, at: usize, v: f32| {
+                b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            };
+            match t {
+                GgmlType::Q4_0 | GgmlType::Q8_0 => put_f16(&mut b, 0, rng.f32() * 0.1),
+                GgmlType::Q4_1 => {
+                    put_f16(&mut b, 0, rng.f32() * 0.1);
+                    put_f16(&mut b, 2, rng.f32() * 0.5);
+                }
+                GgmlType::Q4K => {
+                    put_f16(&mut b, 0, rng.f32() * 0.01);
+                    put_f16(&mut b, 2, rng.f32() * 0.01);
+                }
+                GgmlType::Q6K => put_f16(&mut b, 208, rng.f32() * 0.01),
+                GgmlType::F16 => {
+                    b.clear();
+                    for _ in 0..1 {
+                        b.extend_from_slice(&f16::from_f32(rng.f32()).to_le_bytes());
+                    }
+                }
+                GgmlType::BF16 => {
+                    b.clear();
+                    b.extend_from_slice(&half::bf16::from_f32(rng.f32()).to_le_bytes());
+                }
+                GgmlType::F32 => {
+                    b.clear();
+                    b.extend_from_slice(&rng.f32().to_le_bytes());
+                }
+                _ => unreachable!(),
+            }
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+
+    fn close(a: f32, b: f32, tol: f32) -> bool {
+        (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs()))
+    }
+
+    #[test]
+    fn simd_quantize_matches_scalar_exactly() {
+        let mut rng = Rng(7);
+        for isa in Isa::available() {
+            for _ in 0..50 {
+                let x: Vec<f32> = (0..256).map(|_| rng.f32() * 3.0).collect();
+                let mut a = vec![BlockQ8::ZERO; 8];
+                let mut b = vec![BlockQ8::ZERO; 8];
+                q8::quantize_row_q8(&x, &mut a);
+                isa.quantize_q8(&x, &mut b);
+                assert_eq!(a, b, "isa {}", isa.name());
+            }
+            let zeros = vec![0.0f32; 32];
+            let mut b = vec![BlockQ8::ZERO; 1];
+            isa.quantize_q8(&zeros, &mut b);
+            assert_eq!(b[0], BlockQ8::ZERO);
+        }
+    }
+
+    #[test]
+    fn quantized_activations_reconstruct_their_input() {
+        let mut rng = Rng(3);
+        let x: Vec<f32> = (0..512).map(|_| rng.f32()).collect();
+        let mut q = vec![BlockQ8::ZERO; 16];
+        q8::quantize_row_q8(&x, &mut q);
+        for (xb, b) in x.chunks(32).zip(&q) {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (v, &qi) in xb.iter().zip(&b.qs) {
+                assert!((v - qi as f32 * b.d).abs() <= amax / 127.0 * 0.51 + 1e-3 * amax);
+            }
+            let sum: i32 = b.qs.iter().map(|&v| v as i32).sum();
+            assert!(close(b.s, sum as f32 * b.d, 1e-2));
+        }
+        let mut k = vec![BlockQ8K::ZERO; 2];
+        q8::quantize_row_q8k(&x, &mut k);
+        for (xb, b) in x.chunks(256).zip(&k) {
+            for (v, &qi) in xb.iter().zip(&b.qs) {
+                assert!((v - qi as f32 * b.d).abs() <= b.d.abs() * 0.51);
+            }
+            for (j, s) in b.bsums.iter().enumerate() {
+                assert_eq!(
+                    *s,
+                    b.qs[j * 16..j * 16 + 16]
+                        .iter()
+                        .map(|&v| v as i16)
+                        .sum::<i16>()
+                );
+            }
+        }
+    }
+
+    /// Every kernel (scalar and SIMD, every row count) against f32 dot products of the
+    /// dequantized weights and dequantized activations: they compute the same sum, so they must
+    /// agree to float rounding.
+    #[test]
+    fn every_kernel_matches_the_dequantized_reference() {
+        let mut rng = Rng(11);
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ];
+        for t in types {
+            let n = 512;
+            for _ in 0..20 {
+                let w = random_row(&mut rng, t, n / t.block_elems());
+                let mut wf = vec![0.0f32; n];
+                dequantize_row(t, &w, &mut wf).unwrap();
+                let xs: Vec<Vec<f32>> = (0..5)
+                    .map(|_| (0..n).map(|_| rng.f32()).collect())
+                    .collect();
+                for isa in Isa::available() {
+                    let mut got = [0.0f32; 5];
+                    let mut want = [0.0f32; 5];
+                    match t.act_format().unwrap() {
+                        ActFormat::Q8 => {
+                            let qs: Vec<Vec<BlockQ8>> = xs
+                                .iter()
+                                .map(|x| {
+                                    let mut q = vec![BlockQ8::ZERO; n / 32];
+                                    q8::quantize_row_q8(x, &mut q);
+                                    q
+                                })
+                                .collect();
+                            for (i, q) in qs.iter().enumerate() {
+                                let mut xf = vec![0.0f32; n];
+                                for (b, xb) in q.iter().zip(xf.chunks_mut(32)) {
+                                    for (v, &qi) in xb.iter_mut().zip(&b.qs) {
+                                        *v = qi as f32 * b.d;
+                                    }
+                                }
+                                // Q4_1's min term uses the f16-rounded block sum.
+                                want[i] = if t == GgmlType::Q4_1 {
+                                    let mut s = 0.0;
+                                    for ((blk, b), wb) in w.chunks(20).zip(q).zip(wf.chunks(32)) {
+                                        let m = dequant::f16_at(blk, 2);
+                                        let dot: f32 = wb
+                                            .iter()
+                                            .zip(&b.qs)
+                                            .map(|(wv, &qi)| (wv - m) * qi as f32 * b.d)
+                                            .sum();
+                                        s += dot + m * b.s;
+                                    }
+                                    s
+                                } else {
+                                    wf.iter().zip(&xf).map(|(a, b)| a * b).sum()
+                                };
+                            }
+                            let k = isa.q8_kernel(t).unwrap();
+                            for rows in 1..=5 {
+                                let refs: Vec<&[BlockQ8]> =
+                                    qs[..rows].iter().map(|v| v.as_slice()).collect();
+                                k(&w, &refs, &mut got[..rows]);
+                                for r in 0..rows {
+                                    assert!(
+                                        close(got[r], want[r], 1e-4),
+                                        "{t} {} rows {rows}: {} vs {}",
+                                        isa.name(),
+                                        got[r],
+                                        want[r]
+                                    );
+                                }
+                            }
+                        }
+                        ActFormat::Q8K => {
+                            let qs: Vec<Vec<BlockQ8K>> = xs
+                                .iter()
+                                .map(|x| {
+                                    let mut q = vec![BlockQ8K::ZERO; n / 256];
+                                    q8::quantize_row_q8k(x, &mut q);
+                                    q
+                                })
+                                .collect();
+                            for (i, q) in qs.iter().enumerate() {
+                                let mut s = 0.0f32;
+                                for (b, wb) in q.iter().zip(wf.chunks(256)) {
+                                    s += wb
+                                        .iter()
+                                        .zip(&b.qs)
+                                        .map(|(wv, &qi)| wv * qi as f32 * b.d)
+                                        .sum::<f32>();
+                                }
+                                want[i] = s;
+                            }
+                            let k = isa.q8k_kernel(t).unwrap();
+                            for rows in 1..=5 {
+                                let refs: Vec<&[BlockQ8K]> =
+                                    qs[..rows].iter().map(|v| v.as_slice()).collect();
+                                k(&w, &refs, &mut got[..rows]);
+                                for r in 0..rows {
+                                    assert!(
+                                        close(got[r], want[r], 1e-4),
+                                        "{t} {} rows {rows}: {} vs {}",
+                                        isa.name(),
+                                        got[r],
+                                        want[r]
+                                    );
+                                }
+                            }
+                        }
+                        ActFormat::F32 => {
+                            for (i, x) in xs.iter().enumerate() {
+                                want[i] = wf.iter().zip(x).map(|(a, b)| a * b).sum();
+                            }
+                            let k = isa.f32_kernel(t).unwrap();
+                            for rows in 1..=5 {
+                                let refs: Vec<&[f32]> =
+                                    xs[..rows].iter().map(|v| v.as_slice()).collect();
+                                k(&w, &refs, &mut got[..rows]);
+                                for r in 0..rows {
+                                    assert!(close(got[r], want[r], 1e-4), "{t} {}", isa.name());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_vector_helpers_match_scalar() {
+        let mut rng = Rng(5);
+        let s = Isa::scalar();
+        for isa in Isa::available() {
+            for n in [0usize, 1, 7, 8, 31, 64, 100] {
+                let a: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+                let b: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+                assert!(close(isa.dot_f32(&a, &b), s.dot_f32(&a, &b), 1e-5));
+                let mut y1 = a.clone();
+                let mut y2 = a.clone();
+                isa.scale_axpy(&mut y1, 0.7, 1.3, &b);
+                s.scale_axpy(&mut y2, 0.7, 1.3, &b);
+                for (p, q) in y1.iter().zip(&y2) {
+                    assert!(close(*p, *q, 1e-6));
+                }
+                let mut h1 = vec![0u16; n];
+                let mut h2 = vec![0u16; n];
+                isa.f32_to_f16(&a, &mut h1);
+                s.f32_to_f16(&a, &mut h2);
+                assert_eq!(h1, h2);
+                let mut y1 = a.clone();
+                let mut y2 = a.clone();
+                isa.f16_fma_round(&mut y1, &b, 0.37);
+                s.f16_fma_round(&mut y2, &b, 0.37);
+                assert_eq!(y1, y2);
+                isa.f16_scale_round(&mut y1, 1.7);
+                s.f16_scale_round(&mut y2, 1.7);
+                assert_eq!(y1, y2);
+                let mut f1 = vec![0f32; n];
+                let mut f2 = vec![0f32; n];
+                isa.f16_to_f32(&h1, &mut f1);
+                s.f16_to_f32(&h2, &mut f2);
+                assert_eq!(f1, f2);
+            }
+        }
+    }
+
+    #[test]
+    fn dequantize_rejects_bad_lengths_and_types() {
+        let mut out = vec![0.0f32; 32];
+        assert!(matches!(
+            dequantize_row(GgmlType::Q4_1, &[0u8; 19], &mut out),
+            Err(QuantError::DataLength { .. })
+        ));
+        let mut out = vec![0.0f32; 33];
+        assert!(matches!(
+            dequantize_row(GgmlType::Q4_1, &[0u8; 20], &mut out),
+            Err(QuantError::RowLength { .. })
+        ));
+        let mut out = vec![0.0f32; 32];
+        assert!(matches!(
+            dequantize_row(GgmlType::Q5_0, &[0u8; 22], &mut out),
+            Err(QuantError::Unsupported(GgmlType::Q5_0))
+        ));
+    }
+
+    #[test]
+    fn dequantize_known_blocks() {
+        // Q4_1: d = 0.5, m = -1, nibbles 0..15 / 15..0.
+        let mut b = Vec::new();
+        b.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        b.extend_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+        for j in 0..16u8 {
+            b.push(j | ((15 - j) << 4));
+        }
+        let mut out = vec![0.0f32; 32];
+        dequantize_row(GgmlType::Q4_1, &b, &mut out).unwrap();
+        for j in 0..16 {
+            assert_eq!(out[j], j as f32 * 0.5 - 1.0);
+            assert_eq!(out[j + 16], (15 - j) as f32 * 0.5 - 1.0);
+        }
+        // Q8_0: d = 0.25, values -16..16.
+        let mut b = f16::from_f32(0.25).to_le_bytes().to_vec();
+        b.extend((0..32).map(|j| (j as i8 - 16) as u8));
+        dequantize_row(GgmlType::Q8_0, &b, &mut out).unwrap();
+        for (j, v) in out.iter().enumerate() {
+            assert_eq!(*v, (j as f32 - 16.0) * 0.25);
+        }
     }
 }

@@ -455,7 +455,9 @@ impl Scheduler {
     }
 
     /// Plans the next step (see the module docs) and returns it. Call
-    /// [`Self::complete_step`] once the step has run, before planning the next one.
+    /// [`Self::complete_step`] once the step has run, before planning the next one. If the step
+    /// could not run, just call `schedule` again: progress only advances in `complete_step`, so
+    /// the same positions are planned again (the blocks already allocated for them are kept).
     pub fn schedule(&mut self) -> StepView<'_> {
         self.plan.seqs.clear();
         self.plan.preempted.clear();

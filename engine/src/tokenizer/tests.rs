@@ -344,3 +344,17 @@ fn llama3_and_qwen2_pre_tokenizers_split_like_llama_cpp() {
     let g = build("gpt2");
     assert_eq!(t(&g, "12345"), vec!["123", "45"]);
 }
+
+#[test]
+fn empty_control_tokens_are_ignored() {
+    let t = Tokenizer::from_gguf(&gguf(GgufWriter::new().byte_level_tokenizer(
+        "gpt2",
+        &["", "<|x|>"],
+        MERGES,
+    )))
+    .unwrap();
+    assert_eq!(
+        t.encode("hello<|x|>", true).unwrap(),
+        vec![id(&t, "hello"), 1]
+    );
+}

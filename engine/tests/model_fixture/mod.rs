@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const MODEL_FILE: &str = kvroute_engine::fetch::DEFAULT_MODEL_FILE;
 
 /// The default model: `$KVROUTE_MODEL_PATH`, else the cache directory's copy.
 pub fn model_path() -> PathBuf {
@@ -18,10 +18,7 @@ pub fn model_path() -> PathBuf {
         );
         return p;
     }
-    let cache = std::env::var_os("KVROUTE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("kvroute")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kvroute")))
+    let cache = kvroute_engine::fetch::cache_dir()
         .expect("neither KVROUTE_CACHE, XDG_CACHE_HOME nor HOME is set");
     let p = cache.join("models").join(MODEL_FILE);
     assert!(

@@ -1,0 +1,329 @@
+//! Matrix products `out[t][r] = W[r] · x[t]` with weights kept in their quantized file format and
+//! activations quantized once per step (the format the weight type pairs with), threads over
+//! output rows.
+
+use super::pool::{SyncPtr, ThreadPool};
+use super::ModelError;
+use crate::quant::{ActFormat, BlockQ8, BlockQ8K, GgmlType, Isa, KERNEL_ROWS};
+use crate::weights::{TensorView, WeightSource};
+use std::sync::Arc;
+
+/// A weight matrix: `rows` output rows of `cols` inputs each, stored as raw ggml rows.
+///
+/// Points into the memory of the weight source (usually a memory map) that the owning `Model`
+/// keeps alive through an `Arc`: no copy of the weights is ever made.
+pub struct Mat {
+    pub dtype: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    row_bytes: usize,
+    ptr: *const u8,
+    len: usize,
+    /// Keeps the bytes alive (the weight source).
+    _owner: Arc<dyn WeightSource>,
+}
+
+// SAFETY: `Mat` is a read-only view into immutable memory owned by `_owner`, which is itself
+// Send + Sync.
+unsafe impl Send for Mat {}
+// SAFETY: as above.
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    /// Wraps a tensor of shape `[cols, rows]` (ggml order).
+    ///
+    /// `owner` must be the source `view` was borrowed from: its tensor data stays at the same
+    /// address, unchanged, for as long as it lives (a memory map, or heap buffers never mutated).
+    pub(crate) fn new(
+        name: &str,
+        view: TensorView<'_>,
+        owner: Arc<dyn WeightSource>,
+    ) -> Result<Mat, ModelError> {
+        let (cols, rows) = match view.shape {
+            [c, r] => (*c, *r),
+            [c] => (*c, 1),
+            other => {
+                return Err(ModelError::Shape {
+                    name: name.to_string(),
+                    detail: format!("expected a matrix, got shape {other:?}"),
+                })
+            }
+        };
+        if view.dtype.act_format().is_none() {
+            return Err(ModelError::UnsupportedType {
+                name: name.to_string(),
+                dtype: view.dtype,
+            });
+        }
+        let row_bytes = view
+            .dtype
+            .bytes_for(cols as u64)
+            .ok_or_else(|| ModelError::Shape {
+                name: name.to_string(),
+                detail: format!(
+                    "{cols} columns is not a whole number of {} blocks",
+                    view.dtype
+                ),
+            })? as usize;
+        if row_bytes.checked_mul(rows) != Some(view.data.len()) {
+            return Err(ModelError::Shape {
+                name: name.to_string(),
+                detail: format!(
+                    "{} bytes of data for {rows} rows of {row_bytes} bytes",
+                    view.data.len()
+                ),
+            });
+        }
+        Ok(Mat {
+            dtype: view.dtype,
+            rows,
+            cols,
+            row_bytes,
+            ptr: view.data.as_ptr(),
+            len: view.data.len(),
+            _owner: owner,
+        })
+    }
+
+    /// The raw bytes of the whole matrix.
+    #[inline]
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: ptr/len came from a slice borrowed from `_owner`, which we keep alive and which
+        // never moves or mutates that memory (the contract of `Mat::new`).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The raw bytes of row `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> &[u8] {
+        &self.data()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+}
+
+/// Activations of one step, quantized on demand into each format a weight type asks for.
+pub struct Acts {
+    cols: usize,
+    n: usize,
+    f32s: Vec<f32>,
+    q8: Vec<BlockQ8>,
+    q8k: Vec<BlockQ8K>,
+    have_q8: bool,
+    have_q8k: bool,
+}
+
+impl Acts {
+    /// Room for `max_tokens` rows of up to `max_cols` values.
+    pub fn new(max_tokens: usize, max_cols: usize) -> Acts {
+        Acts {
+            cols: 0,
+            n: 0,
+            f32s: vec![0.0; max_tokens * max_cols],
+            q8: vec![BlockQ8::ZERO; max_tokens * max_cols.div_ceil(32)],
+            q8k: Vec::new(),
+            have_q8: false,
+            have_q8k: false,
+        }
+    }
+
+    /// Takes `n` rows of `cols` values from `x` (row-major); quantization happens lazily.
+    pub fn set(&mut self, x: &[f32], n: usize, cols: usize) {
+        self.cols = cols;
+        self.n = n;
+        self.f32s[..n * cols].copy_from_slice(&x[..n * cols]);
+        self.have_q8 = false;
+        self.have_q8k = false;
+    }
+
+    /// Makes sure the format `fmt` is ready.
+    pub fn prepare(&mut self, fmt: ActFormat, isa: Isa, pool: &ThreadPool) {
+        let (n, cols) = (self.n, self.cols);
+        match fmt {
+            ActFormat::F32 => {}
+            ActFormat::Q8 if !self.have_q8 => {
+                let nb = cols / 32;
+                let src = &self.f32s;
+                let dst = SyncPtr::new(&mut self.q8[..n * nb]);
+                let job = |t: usize, _th: usize| {
+                    // SAFETY: each item writes its own row t.
+                    let out = unsafe { dst.slice(t * nb, nb) };
+                    isa.quantize_q8(&src[t * cols..(t + 1) * cols], out);
+                };
+                if n >= 8 {
+                    pool.for_each(n, &job);
+                } else {
+                    for t in 0..n {
+                        job(t, 0);
+                    }
+                }
+                self.have_q8 = true;
+            }
+            ActFormat::Q8K if !self.have_q8k => {
+                let nb = cols / 256;
+                if self.q8k.len() < n * nb {
+                    // First K-quant model step only: sized once, then reused.
+                    let cap = self.f32s.len() / 256;
+                    self.q8k.resize(cap.max(n * nb), BlockQ8K::ZERO);
+                }
+                for t in 0..n {
+                    crate::quant::q8::quantize_row_q8k(
+                        &self.f32s[t * cols..(t + 1) * cols],
+                        &mut self.q8k[t * nb..(t + 1) * nb],
+                    );
+                }
+                self.have_q8k = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One product of a matmul call: `out[t * w.rows + r]`.
+pub struct MatJob<'a> {
+    pub w: &'a Mat,
+    pub out: &'a mut [f32],
+}
+
+/// Rows per work item.
+const ROW_CHUNK: usize = 16;
+/// Tokens per tile (activations of a tile stay in L2 while a chunk's rows stream).
+const TOKEN_TILE: usize = 64;
+
+/// Runs every job on the same `n` activation rows. All weights must have `acts.cols` columns
+/// (checked when the model is built).
+pub fn matmul(pool: &ThreadPool, isa: Isa, acts: &mut Acts, jobs: &mut [MatJob<'_>]) {
+    for j in jobs.iter() {
+        if let Some(fmt) = j.w.dtype.act_format() {
+            acts.prepare(fmt, isa, pool);
+        }
+    }
+    let acts = &*acts;
+    let n = acts.n;
+    struct Prepared<'a> {
+        w: &'a Mat,
+        out: SyncPtr<f32>,
+        chunks: usize,
+    }
+    let mut prepared: [Option<Prepared<'_>>; 4] = [None, None, None, None];
+    let mut total = 0;
+    for (slot, j) in prepared.iter_mut().zip(jobs.iter_mut()) {
+        debug_assert!(j.out.len() >= n * j.w.rows);
+        let chunks = j.w.rows.div_ceil(ROW_CHUNK);
+        total += chunks;
+        *slot = Some(Prepared {
+            w: j.w,
+            out: SyncPtr::new(j.out),
+            chunks,
+        });
+    }
+    assert!(
+        jobs.len() <= 4,
+        "at most four products share one matmul call"
+    );
+    let run_chunk = |mut c: usize, _thread: usize| {
+        for p in prepared.iter().flatten() {
+            if c >= p.chunks {
+                c -= p.chunks;
+                continue;
+            }
+            let r0 = c * ROW_CHUNK;
+            let r1 = (r0 + ROW_CHUNK).min(p.w.rows);
+            rows_product(isa, acts, p.w, r0..r1, n, &p.out);
+            return;
+        }
+    };
+    pool.for_each(total, &run_chunk);
+}
+
+fn rows_product(
+    isa: Isa,
+    acts: &Acts,
+    w: &Mat,
+    rows: std::ops::Range<usize>,
+    n: usize,
+    out: &SyncPtr<f32>,
+) {
+    let wrows = w.rows;
+    let mut res = [0.0f32; KERNEL_ROWS];
+    let write = |t: usize, r: usize, v: f32| {
+        // SAFETY: this work item owns rows `rows` of every token's output.
+        unsafe { out.write(t * wrows + r, v) };
+    };
+    match w.dtype.act_format() {
+        Some(ActFormat::Q8) => {
+            let Some(k) = isa.q8_kernel(w.dtype).or(Isa::scalar().q8_kernel(w.dtype)) else {
+                return;
+            };
+            let nb = acts.cols / 32;
+            for tt in (0..n).step_by(TOKEN_TILE) {
+                let tend = (tt + TOKEN_TILE).min(n);
+                for r in rows.clone() {
+                    let wr = w.row(r);
+                    let mut t = tt;
+                    while t < tend {
+                        let m = (tend - t).min(KERNEL_ROWS);
+                        let mut a: [&[BlockQ8]; KERNEL_ROWS] = [&[]; KERNEL_ROWS];
+                        for (i, slot) in a.iter_mut().enumerate().take(m) {
+                            *slot = &acts.q8[(t + i) * nb..(t + i + 1) * nb];
+                        }
+                        k(wr, &a[..m], &mut res[..m]);
+                        for (i, v) in res.iter().enumerate().take(m) {
+                            write(t + i, r, *v);
+                        }
+                        t += m;
+                    }
+                }
+            }
+        }
+        Some(ActFormat::Q8K) => {
+            let Some(k) = isa
+                .q8k_kernel(w.dtype)
+                .or(Isa::scalar().q8k_kernel(w.dtype))
+            else {
+                return;
+            };
+            let nb = acts.cols / 256;
+            for r in rows {
+                let wr = w.row(r);
+                let mut t = 0;
+                while t < n {
+                    let m = (n - t).min(KERNEL_ROWS);
+                    let mut a: [&[BlockQ8K]; KERNEL_ROWS] = [&[]; KERNEL_ROWS];
+                    for (i, slot) in a.iter_mut().enumerate().take(m) {
+                        *slot = &acts.q8k[(t + i) * nb..(t + i + 1) * nb];
+                    }
+                    k(wr, &a[..m], &mut res[..m]);
+                    for (i, v) in res.iter().enumerate().take(m) {
+                        write(t + i, r, *v);
+                    }
+                    t += m;
+                }
+            }
+        }
+        Some(ActFormat::F32) => {
+            let Some(k) = isa
+                .f32_kernel(w.dtype)
+                .or(Isa::scalar().f32_kernel(w.dtype))
+            else {
+                return;
+            };
+            let cols = acts.cols;
+            for r in rows {
+                let wr = w.row(r);
+                let mut t = 0;
+                while t < n {
+                    let m = (n - t).min(KERNEL_ROWS);
+                    let mut a: [&[f32]; KERNEL_ROWS] = [&[]; KERNEL_ROWS];
+                    for (i, slot) in a.iter_mut().enumerate().take(m) {
+                        *slot = &acts.f32s[(t + i) * cols..(t + i + 1) * cols];
+                    }
+                    k(wr, &a[..m], &mut res[..m]);
+                    for (i, v) in res.iter().enumerate().take(m) {
+                        write(t + i, r, *v);
+                    }
+                    t += m;
+                }
+            }
+        }
+        None => {}
+    }
+}

@@ -1,0 +1,813 @@
+//! The engine runtime: a step loop on its own thread that admits requests into the scheduler,
+//! runs the model on each step's batch, samples, streams text, and ends requests on EOS, stop
+//! ids, stop strings, `max_tokens` or the context length.
+//!
+//! [`Engine`] is a cheap handle (`Clone + Send + Sync`) the agent shares between its HTTP
+//! handlers. Requests go to the loop through a channel; their events come back through each
+//! request's [`EventSink`], called on the engine thread (it must not block). A sink returning
+//! `false` (client gone) aborts the request and frees its blocks.
+//!
+//! Never blocks the step loop on callers; never panics on request input.
+
+use crate::api::{
+    EngineEvent, EventSink, FinishReason, GenerateRequest, Prompt, RequestId, SamplingParams,
+    TokenEvent, TokenLogprob, Usage,
+};
+use crate::chat::ChatTemplate;
+use crate::config::ModelConfig;
+use crate::kv::{BlockEvent, CapacitySnapshot};
+use crate::load::LoadedModel;
+use crate::model::{CpuRunner, KvStorage, Model, ModelError, SeqInput};
+use crate::sample::{Rng, Sampler};
+use crate::sched::{SchedConfig, SchedError, Scheduler, SeqSpec};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Runtime settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Memory for the KV cache; blocks = this / block bytes.
+    pub kv_memory_bytes: u64,
+    /// Most requests running at once.
+    pub max_num_seqs: usize,
+    /// Most tokens in one step (prefill chunks plus decodes).
+    pub max_num_batched_tokens: usize,
+    /// Longest request (prompt + output); `None` = the model's context length.
+    pub max_model_len: Option<usize>,
+    /// CPU threads; 0 = every available core.
+    pub threads: usize,
+    /// Most requests admitted but not finished before [`EngineError::Overloaded`].
+    pub max_pending: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            block_size: 16,
+            kv_memory_bytes: 256 << 20,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 512,
+            max_model_len: None,
+            threads: 0,
+            max_pending: 4096,
+        }
+    }
+}
+
+/// Errors of the engine API.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("engine overloaded: too many requests pending")]
+    Overloaded,
+    #[error("engine is shut down")]
+    Shutdown,
+    #[error("invalid engine config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+impl EngineError {
+    /// A short label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            EngineError::InvalidRequest(_) => "invalid_request",
+            EngineError::Overloaded => "overloaded",
+            EngineError::Shutdown => "shutdown",
+            EngineError::Config(_) => "config",
+            EngineError::Model(_) => "model",
+        }
+    }
+}
+
+/// What the engine is running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub vocab_size: usize,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// Bytes one KV block takes (all layers, K and V).
+    pub block_bytes: usize,
+    pub threads: usize,
+    /// Kernel instruction set (`avx512vnni`, `avx2`, `scalar`).
+    pub kernels: &'static str,
+}
+
+/// Counters and capacity of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EngineStats {
+    pub capacity: CapacitySnapshot,
+    pub running: usize,
+    pub waiting: usize,
+    /// Requests the engine thread has taken into its scheduler (accepted or rejected there).
+    pub requests_received: u64,
+    pub preemptions: u64,
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    /// Blocks the waiting queue needs for its prompts.
+    pub waiting_prompt_blocks: usize,
+    pub max_model_len: usize,
+    pub block_bytes: usize,
+}
+
+/// What a capacity observer is told after every change, with the prefix-cache block events
+/// since the last update, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapacityUpdate {
+    pub stats: EngineStats,
+    pub events: Vec<BlockEvent>,
+}
+
+/// Called on the engine thread after each step, admission or abort that changed anything.
+pub type CapacityObserver = Box<dyn FnMut(&CapacityUpdate) + Send>;
+
+enum Cmd {
+    Add {
+        id: RequestId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        cache_key: Option<String>,
+        sink: EventSink,
+    },
+    Abort(RequestId),
+    Observer(CapacityObserver),
+    Shutdown,
+}
+
+struct Shared {
+    tx: Mutex<Option<Sender<Cmd>>>,
+    next_id: AtomicU64,
+    pending: Arc<AtomicUsize>,
+    stats: Arc<Mutex<EngineStats>>,
+    info: ModelInfo,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    config: ModelConfig,
+    max_pending: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A handle to a running engine; clone it freely.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("info", &self.shared.info)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Sizes the KV cache, starts the step-loop thread and returns the handle.
+    pub fn start(model: LoadedModel, config: EngineConfig) -> Result<Engine, EngineError> {
+        let mc = model.model.config().clone();
+        if config.block_size == 0 {
+            return Err(EngineError::Config("block size must be at least 1".into()));
+        }
+        let block_bytes = KvStorage::block_bytes(&mc, config.block_size);
+        let num_blocks = (config.kv_memory_bytes / block_bytes as u64) as usize;
+        if num_blocks == 0 {
+            return Err(EngineError::Config(format!(
+                "--kv-memory {} bytes holds no KV block ({block_bytes} bytes each for block size {})",
+                config.kv_memory_bytes, config.block_size
+            )));
+        }
+        let max_model_len = config
+            .max_model_len
+            .unwrap_or(mc.max_position_embeddings)
+            .min(mc.max_position_embeddings.max(2));
+        let threads = if config.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.threads
+        };
+        let mut sc = SchedConfig::new(config.block_size, num_blocks);
+        sc.max_num_seqs = config.max_num_seqs.max(1);
+        sc.max_num_batched_tokens = config.max_num_batched_tokens.max(1);
+        sc.max_model_len = max_model_len;
+        sc.enable_events = true;
+        let sched = Scheduler::new(sc).map_err(|e| EngineError::Config(e.to_string()))?;
+        let max_len = sched.max_len();
+        let runner = CpuRunner::new(
+            model.model.clone(),
+            config.block_size,
+            num_blocks,
+            config.max_num_batched_tokens.max(1),
+            threads,
+        )?;
+        tracing::info!(
+            blocks = num_blocks,
+            block_size = config.block_size,
+            block_bytes,
+            kv_cache_tokens = num_blocks * config.block_size,
+            max_model_len = max_len,
+            max_concurrency = format!(
+                "{:.2}",
+                (num_blocks * config.block_size) as f64 / max_len as f64
+            ),
+            threads = runner.threads(),
+            kernels = model.model.isa().name(),
+            "KV cache sized"
+        );
+        let info = ModelInfo {
+            name: model.name.clone(),
+            vocab_size: mc.vocab_size,
+            max_model_len: max_len,
+            block_size: config.block_size,
+            num_blocks,
+            block_bytes,
+            threads: runner.threads(),
+            kernels: model.model.isa().name(),
+        };
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let pending = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut lp = Loop {
+            rx,
+            sched,
+            runner,
+            tokenizer: model.tokenizer.clone(),
+            stop_ids: model.tokenizer.stop_ids(),
+            reqs: HashMap::new(),
+            sampler: Sampler::new(),
+            observer: None,
+            stats: stats.clone(),
+            pending: pending.clone(),
+            rejected: 0,
+            block_bytes,
+            top: Vec::new(),
+            sampled: Vec::new(),
+            logit_ids: Vec::new(),
+            model: model.model.clone(),
+        };
+        lp.publish(false);
+        let handle = std::thread::Builder::new()
+            .name("kvroute-engine".into())
+            .spawn(move || lp.run())
+            .map_err(|e| EngineError::Config(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine {
+            shared: Arc::new(Shared {
+                tx: Mutex::new(Some(tx)),
+                next_id: AtomicU64::new(1),
+                pending,
+                stats,
+                info,
+                tokenizer: model.tokenizer,
+                chat_template: model.chat_template,
+                config: mc,
+                max_pending: config.max_pending.max(1),
+                thread: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), EngineError> {
+        let tx = self.shared.tx.lock().unwrap_or_else(|p| p.into_inner());
+        match tx.as_ref() {
+            Some(tx) => tx.send(cmd).map_err(|_| EngineError::Shutdown),
+            None => Err(EngineError::Shutdown),
+        }
+    }
+
+    /// Queues a request; its events go to `sink` (on the engine thread).
+    pub fn add_request(
+        &self,
+        req: GenerateRequest,
+        sink: EventSink,
+    ) -> Result<RequestId, EngineError> {
+        let p = &req.params;
+        let bad = |m: String| Err(EngineError::InvalidRequest(m));
+        if p.max_tokens == 0 {
+            return bad("max_tokens must be at least 1".into());
+        }
+        if !(0.0..=2.0).contains(&p.temperature) || p.temperature.is_nan() {
+            return bad(format!("temperature {} is outside 0..=2", p.temperature));
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return bad(format!("top_p {} is outside (0, 1]", p.top_p));
+        }
+        if p.logprobs.is_some_and(|n| n > 20) {
+            return bad("logprobs must be at most 20".into());
+        }
+        if p.stop.iter().any(|s| s.is_empty()) {
+            return bad("stop strings must not be empty".into());
+        }
+        let vocab = self.shared.info.vocab_size;
+        let prompt = match req.prompt {
+            Prompt::Text(t) => self
+                .shared
+                .tokenizer
+                .encode(&t, true)
+                .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize: {e}")))?,
+            Prompt::Tokens(t) => {
+                if let Some(bad_id) = t.iter().find(|&&id| id as usize >= vocab) {
+                    return bad(format!(
+                        "token id {bad_id} is outside the vocabulary ({vocab})"
+                    ));
+                }
+                t
+            }
+        };
+        if prompt.is_empty() {
+            return bad("the prompt is empty".into());
+        }
+        let info = &self.shared.info;
+        if prompt.len() >= info.max_model_len {
+            return bad(format!(
+                "the prompt has {} tokens; this model accepts at most {} (max_model_len {} leaves room for one generated token)",
+                prompt.len(),
+                info.max_model_len - 1,
+                info.max_model_len
+            ));
+        }
+        let need_blocks = (prompt.len() + 1).div_ceil(info.block_size);
+        if need_blocks > info.num_blocks {
+            return bad(format!(
+                "the prompt needs {need_blocks} KV blocks; the cache has {} in all",
+                info.num_blocks
+            ));
+        }
+        let pending = self.shared.pending.fetch_add(1, Ordering::SeqCst);
+        if pending >= self.shared.max_pending {
+            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded);
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let sent = self.send(Cmd::Add {
+            id,
+            prompt,
+            params: req.params,
+            cache_key: req.cache_key,
+            sink,
+        });
+        if sent.is_err() {
+            self.shared.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        sent.map(|()| id)
+    }
+
+    /// Ends a request early (its sink gets `Finished { reason: Abort }`); frees its blocks.
+    /// Unknown or finished ids are ignored.
+    pub fn abort(&self, id: RequestId) {
+        let _ = self.send(Cmd::Abort(id));
+    }
+
+    /// Counters and capacity as of the last step.
+    pub fn stats(&self) -> EngineStats {
+        *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs the capacity observer (replacing any previous one); it is called once right away
+    /// with the current state, then after every change.
+    pub fn set_capacity_observer(&self, observer: CapacityObserver) {
+        let _ = self.send(Cmd::Observer(observer));
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.shared.tokenizer
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.shared.chat_template.as_ref()
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.shared.info
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.shared.config
+    }
+
+    /// Stops the step loop: running and waiting requests end with `Finished { Abort }`. Waits for
+    /// the thread; later calls (and calls on clones) do nothing.
+    pub fn shutdown(&self) {
+        let tx = self
+            .shared
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(tx) = tx {
+            let _ = tx.send(Cmd::Shutdown);
+        }
+        let handle = self
+            .shared
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("the engine thread panicked");
+            }
+        }
+    }
+}
+
+/// Per-request state on the engine thread.
+struct Req {
+    params: SamplingParams,
+    sink: EventSink,
+    rng: Rng,
+    decoder: StreamDecoder,
+    /// Decoded text not yet sent because it could be the start of a stop string.
+    held: String,
+    prompt_tokens: u32,
+    generated: u32,
+    /// Log-probability of the token just sampled and its alternatives (when asked for).
+    held_logprob: Option<f32>,
+    top: Vec<(u32, f32)>,
+}
+
+struct Loop {
+    rx: Receiver<Cmd>,
+    sched: Scheduler,
+    runner: CpuRunner,
+    model: Arc<Model>,
+    tokenizer: Tokenizer,
+    stop_ids: Vec<u32>,
+    reqs: HashMap<RequestId, Req>,
+    sampler: Sampler,
+    observer: Option<CapacityObserver>,
+    stats: Arc<Mutex<EngineStats>>,
+    pending: Arc<AtomicUsize>,
+    rejected: u64,
+    block_bytes: usize,
+    top: Vec<(u32, f32)>,
+    sampled: Vec<(u64, u32)>,
+    logit_ids: Vec<u64>,
+}
+
+/// How a request ends after a token.
+enum Outcome {
+    Continue,
+    Finish(FinishReason),
+}
+
+impl Loop {
+    fn run(mut self) {
+        loop {
+            let mut changed = false;
+            // Take commands: block while idle, otherwise just drain.
+            if self.sched.is_empty() {
+                match self.rx.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd, &mut changed) {
+                            return self.stop_all();
+                        }
+                    }
+                    Err(_) => return self.stop_all(),
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd, &mut changed) {
+                            return self.stop_all();
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return self.stop_all(),
+                }
+            }
+            if !self.sched.is_empty() {
+                self.step();
+                changed = true;
+            }
+            if changed {
+                self.publish(true);
+            }
+        }
+    }
+
+    /// Applies a command; false on shutdown.
+    fn handle(&mut self, cmd: Cmd, changed: &mut bool) -> bool {
+        match cmd {
+            Cmd::Add {
+                id,
+                prompt,
+                params,
+                cache_key,
+                mut sink,
+            } => {
+                *changed = true;
+                let prompt_tokens = prompt.len() as u32;
+                let spec = SeqSpec {
+                    id,
+                    prompt,
+                    max_tokens: params.max_tokens,
+                    extra_key: cache_key.map(String::into_bytes).unwrap_or_default(),
+                };
+                if let Err(e) = self.sched.add(spec) {
+                    self.rejected += 1;
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
+                    let msg = match e {
+                        SchedError::PromptTooLong { .. } => e.to_string(),
+                        other => format!("request rejected: {other}"),
+                    };
+                    sink(EngineEvent::Error(msg));
+                    return true;
+                }
+                if !sink(EngineEvent::Started { id, prompt_tokens }) {
+                    self.end_aborted(id, None);
+                    return true;
+                }
+                let seed = params.seed.unwrap_or_else(Rng::random_seed);
+                self.reqs.insert(
+                    id,
+                    Req {
+                        rng: Rng::new(seed),
+                        decoder: self.tokenizer.stream_decoder(),
+                        held: String::new(),
+                        prompt_tokens,
+                        generated: 0,
+                        held_logprob: None,
+                        top: Vec::new(),
+                        params,
+                        sink,
+                    },
+                );
+            }
+            Cmd::Abort(id) => {
+                if let Some(r) = self.reqs.remove(&id) {
+                    *changed = true;
+                    self.end_aborted(id, Some(r));
+                }
+            }
+            Cmd::Observer(mut o) => {
+                o(&CapacityUpdate {
+                    stats: self.current_stats(),
+                    events: Vec::new(),
+                });
+                self.observer = Some(o);
+            }
+            Cmd::Shutdown => return false,
+        }
+        true
+    }
+
+    /// Aborts `id` in the scheduler and tells its sink (if it still has one).
+    fn end_aborted(&mut self, id: RequestId, req: Option<Req>) {
+        let usage = self.sched.abort(id).ok();
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        self.refresh();
+        if let Some(mut r) = req {
+            let usage = Usage {
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.generated,
+                cached_tokens: usage.map_or(0, |u| u.cached_tokens as u32),
+            };
+            (r.sink)(EngineEvent::Finished {
+                reason: FinishReason::Abort,
+                usage,
+            });
+        }
+    }
+
+    fn stop_all(mut self) {
+        let ids: Vec<RequestId> = self.reqs.keys().copied().collect();
+        for id in ids {
+            let r = self.reqs.remove(&id);
+            self.end_aborted(id, r);
+        }
+        self.publish(true);
+    }
+
+    fn step(&mut self) {
+        let view = self.sched.schedule();
+        if view.is_empty() {
+            return;
+        }
+        let seqs = view.plan().seqs();
+        let mut inputs = Vec::with_capacity(seqs.len());
+        self.logit_ids.clear();
+        for s in seqs {
+            inputs.push(SeqInput {
+                tokens: view.tokens(s),
+                start_pos: s.start,
+                block_table: view.block_table(s),
+                want_logits: s.sample,
+            });
+            if s.sample {
+                self.logit_ids.push(s.id);
+            }
+        }
+        let vocab = self.model.config().vocab_size;
+        self.sampled.clear();
+        match self.runner.step(&inputs) {
+            Ok(logits) => {
+                for (row, &id) in logits.chunks_exact(vocab).zip(&self.logit_ids) {
+                    let Some(r) = self.reqs.get_mut(&id) else {
+                        continue;
+                    };
+                    let tok = self.sampler.sample(row, &r.params, &mut r.rng);
+                    self.sampled.push((id, tok));
+                    if let Some(n) = r.params.logprobs {
+                        let lp = self.sampler.logprobs(row, tok, n as usize, &mut self.top);
+                        // Stashed until the token event is built below.
+                        r.held_logprob = Some(lp);
+                        r.top.clear();
+                        r.top.extend_from_slice(&self.top);
+                    }
+                }
+            }
+            Err(e) => {
+                drop(inputs);
+                let _ = self.sched.complete_step(&[]);
+                tracing::error!(error = %e, "model step failed; ending the step's requests");
+                let ids = std::mem::take(&mut self.logit_ids);
+                for id in ids {
+                    if let Some(mut r) = self.reqs.remove(&id) {
+                        (r.sink)(EngineEvent::Error(format!("model error: {e}")));
+                        let _ = self.sched.abort(id);
+                        self.pending.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                return;
+            }
+        }
+        drop(inputs);
+        if let Err(e) = self.sched.complete_step(&self.sampled) {
+            tracing::warn!(error = %e, "scheduler refused a sampled token");
+        }
+        let sampled = std::mem::take(&mut self.sampled);
+        for &(id, tok) in &sampled {
+            self.emit(id, tok);
+        }
+        self.sampled = sampled;
+    }
+
+    /// Streams one sampled token and ends the request when it should.
+    fn emit(&mut self, id: RequestId, tok: u32) {
+        let capped = self.sched.is_length_capped(id).unwrap_or(true);
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        r.generated += 1;
+        let is_stop_token = r.params.stop_token_ids.contains(&tok)
+            || (!r.params.ignore_eos && self.stop_ids.contains(&tok));
+        let mut text = String::new();
+        let mut outcome = Outcome::Continue;
+        if is_stop_token {
+            // The stop token's own text is not output; what was held back is.
+            text.push_str(&std::mem::take(&mut r.held));
+            outcome = Outcome::Finish(FinishReason::Stop);
+        } else {
+            let delta = r.decoder.push(tok);
+            r.held.push_str(&delta);
+            if let Some(at) = find_stop(&r.held, &r.params.stop) {
+                text.push_str(&r.held[..at]);
+                r.held.clear();
+                outcome = Outcome::Finish(FinishReason::Stop);
+            } else if capped {
+                text.push_str(&std::mem::take(&mut r.held));
+                text.push_str(&r.decoder.finish());
+                outcome = Outcome::Finish(FinishReason::Length);
+            } else {
+                let keep = stop_prefix_len(&r.held, &r.params.stop);
+                let cut = r.held.len() - keep;
+                text.push_str(&r.held[..cut]);
+                r.held.drain(..cut);
+            }
+        }
+        let (logprob, top_logprobs) = match r.held_logprob.take() {
+            Some(lp) => (
+                Some(lp),
+                r.top
+                    .iter()
+                    .map(|&(t, l)| TokenLogprob {
+                        token: t,
+                        text: self.tokenizer.decode(&[t]),
+                        logprob: l,
+                    })
+                    .collect(),
+            ),
+            None => (None, Vec::new()),
+        };
+        let alive = (r.sink)(EngineEvent::Token(TokenEvent {
+            token: tok,
+            text,
+            logprob,
+            top_logprobs,
+        }));
+        match outcome {
+            Outcome::Finish(reason) => self.finish(id, reason),
+            Outcome::Continue if !alive => {
+                let r = self.reqs.remove(&id);
+                self.end_aborted(id, r);
+            }
+            Outcome::Continue => {}
+        }
+    }
+
+    fn finish(&mut self, id: RequestId, reason: FinishReason) {
+        let Some(mut r) = self.reqs.remove(&id) else {
+            return;
+        };
+        let usage = self.sched.finish(id).ok();
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        // Stats show the freed blocks by the time the client sees the end.
+        self.refresh();
+        (r.sink)(EngineEvent::Finished {
+            reason,
+            usage: Usage {
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.generated,
+                cached_tokens: usage.map_or(0, |u| u.cached_tokens as u32),
+            },
+        });
+    }
+
+    fn current_stats(&self) -> EngineStats {
+        let s = self.sched.stats();
+        EngineStats {
+            capacity: s.capacity,
+            running: s.running,
+            waiting: s.waiting,
+            requests_received: s.requests_received + self.rejected,
+            preemptions: s.preemptions,
+            prefix_query_tokens: s.capacity.prefix_query_tokens,
+            prefix_hit_tokens: s.capacity.prefix_hit_tokens,
+            waiting_prompt_blocks: s.waiting_prompt_blocks,
+            max_model_len: self.sched.max_len(),
+            block_bytes: self.block_bytes,
+        }
+    }
+
+    /// Updates the stats [`Engine::stats`] returns.
+    fn refresh(&self) -> EngineStats {
+        let stats = self.current_stats();
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+        stats
+    }
+
+    /// Refreshes the shared stats and tells the observer (with the block events since last time).
+    fn publish(&mut self, notify: bool) {
+        let stats = self.refresh();
+        let events = self.sched.take_events();
+        if notify {
+            if let Some(o) = self.observer.as_mut() {
+                o(&CapacityUpdate { stats, events });
+            }
+        }
+    }
+}
+
+/// Byte offset of the earliest occurrence of any stop string in `text`.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of some stop string (text that
+/// must be held back because the next token could complete a stop string).
+fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for s in stops {
+        let max = (s.len() - 1).min(text.len());
+        for k in (best + 1..=max).rev() {
+            let start = text.len() - k;
+            if text.is_char_boundary(start) && s.starts_with(&text[start..]) {
+                best = k;
+                break;
+            }
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_helpers() {
+        let stops = vec!["\n\n".to_string(), "END".to_string()];
+        assert_eq!(find_stop("abc\n\nx", &stops), Some(3));
+        assert_eq!(find_stop("abENDc\n\n", &stops), Some(2));
+        assert_eq!(find_stop("abc", &stops), None);
+        assert_eq!(stop_prefix_len("abc\n", &stops), 1);
+        assert_eq!(stop_prefix_len("abcEN", &stops), 2);
+        assert_eq!(stop_prefix_len("abcE", &stops), 1);
+        assert_eq!(stop_prefix_len("abc", &stops), 0);
+        assert_eq!(stop_prefix_len("é", &["éa".to_string()]), 2);
+    }
+}

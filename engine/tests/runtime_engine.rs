@@ -1,0 +1,322 @@
+#![allow(clippy::unwrap_used)]
+//! The engine runtime on the default model: batching, preemption, aborts, stop strings, seeds,
+//! request validation and capacity reports.
+
+mod common;
+
+use kvroute_engine::api::{
+    EngineEvent, FinishReason, GenerateRequest, Prompt, SamplingParams, Usage,
+};
+use kvroute_engine::load::load_path;
+use kvroute_engine::model::KvStorage;
+use kvroute_engine::runtime::{CapacityUpdate, Engine, EngineConfig, EngineError};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Generous guard so a bug shows as a failure, not a hung test (never a timing assertion).
+const GUARD: Duration = Duration::from_secs(600);
+
+fn engine(blocks: usize, max_batched: usize) -> Engine {
+    let m = load_path(&common::model_path()).unwrap();
+    let block_bytes = KvStorage::block_bytes(&m.config, 16);
+    Engine::start(
+        m,
+        EngineConfig {
+            block_size: 16,
+            kv_memory_bytes: (blocks * block_bytes) as u64,
+            max_num_batched_tokens: max_batched,
+            threads: 2,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        max_tokens,
+        temperature: 0.0,
+        ..SamplingParams::default()
+    }
+}
+
+fn submit(e: &Engine, prompt: &str, params: SamplingParams) -> (u64, Receiver<EngineEvent>) {
+    let (tx, rx) = channel();
+    let id = e
+        .add_request(
+            GenerateRequest {
+                prompt: Prompt::Text(prompt.into()),
+                params,
+                cache_key: None,
+            },
+            Box::new(move |ev| tx.send(ev).is_ok()),
+        )
+        .unwrap();
+    (id, rx)
+}
+
+struct Done {
+    text: String,
+    tokens: Vec<u32>,
+    reason: FinishReason,
+    usage: Usage,
+}
+
+fn collect(rx: &Receiver<EngineEvent>) -> Done {
+    let mut d = Done {
+        text: String::new(),
+        tokens: Vec::new(),
+        reason: FinishReason::Abort,
+        usage: Usage::default(),
+    };
+    let mut started = false;
+    loop {
+        match rx.recv_timeout(GUARD).unwrap() {
+            EngineEvent::Started { .. } => started = true,
+            EngineEvent::Token(t) => {
+                assert!(started, "token before Started");
+                d.text.push_str(&t.text);
+                d.tokens.push(t.token);
+            }
+            EngineEvent::Finished { reason, usage } => {
+                d.reason = reason;
+                d.usage = usage;
+                return d;
+            }
+            EngineEvent::Error(e) => panic!("request failed: {e}"),
+        }
+    }
+}
+
+const PROMPTS: [&str; 4] = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "def fibonacci(n):",
+];
+
+#[test]
+fn concurrent_requests_match_one_at_a_time_and_preemption_keeps_outputs() {
+    let solo = engine(64, 512);
+    let expected: Vec<Done> = PROMPTS
+        .iter()
+        .map(|p| {
+            let (_, rx) = submit(&solo, p, greedy(24));
+            collect(&rx)
+        })
+        .collect();
+    for d in &expected {
+        assert_eq!(d.tokens.len(), 24);
+        assert_eq!(d.reason, FinishReason::Length);
+        assert_eq!(d.usage.completion_tokens, 24);
+    }
+    assert_eq!(solo.stats().capacity.free, solo.stats().capacity.total);
+    solo.shutdown();
+
+    // All at once, with a step budget that forces chunked prefill alongside decodes.
+    let batched = engine(64, 8);
+    let rxs: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| submit(&batched, p, greedy(24)).1)
+        .collect();
+    for (rx, want) in rxs.iter().zip(&expected) {
+        let got = collect(rx);
+        assert_eq!(got.tokens, want.tokens);
+        assert_eq!(got.text, want.text);
+    }
+    batched.shutdown();
+
+    // A pool too small for all four at once: the scheduler preempts and recomputes.
+    let tiny = engine(7, 64);
+    let rxs: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| submit(&tiny, p, greedy(24)).1)
+        .collect();
+    for (rx, want) in rxs.iter().zip(&expected) {
+        assert_eq!(collect(rx).tokens, want.tokens);
+    }
+    let st = tiny.stats();
+    assert!(st.preemptions > 0, "the tiny pool never preempted: {st:?}");
+    assert_eq!(st.capacity.free, st.capacity.total);
+    tiny.shutdown();
+}
+
+#[test]
+fn stop_strings_end_generation_before_the_match_and_seeds_reproduce() {
+    let e = engine(64, 512);
+    let (_, rx) = submit(&e, PROMPTS[0], greedy(24));
+    let full = collect(&rx);
+    // Stop on a piece of the greedy output that starts after the first few characters.
+    let start = full.text.char_indices().nth(4).unwrap().0;
+    let stop: String = full.text[start..].chars().take(3).collect();
+    let at = full.text.find(&stop).unwrap();
+    let mut p = greedy(24);
+    p.stop = vec!["zzz-not-there".into(), stop.clone()];
+    let (_, rx) = submit(&e, PROMPTS[0], p);
+    let cut = collect(&rx);
+    assert_eq!(cut.reason, FinishReason::Stop);
+    assert_eq!(cut.text, full.text[..at]);
+
+    let sampled = |seed: u64| {
+        let p = SamplingParams {
+            max_tokens: 16,
+            temperature: 1.0,
+            top_p: 0.95,
+            seed: Some(seed),
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        let (_, rx) = submit(&e, PROMPTS[1], p);
+        collect(&rx).tokens
+    };
+    let a = sampled(7);
+    assert_eq!(a, sampled(7));
+    assert_ne!(a, sampled(8));
+    e.shutdown();
+}
+
+#[test]
+fn abort_and_a_gone_client_free_their_blocks() {
+    let e = engine(64, 512);
+    let (id, rx) = submit(&e, PROMPTS[1], greedy(2000));
+    // Wait until it is generating, then abort.
+    loop {
+        if let EngineEvent::Token(_) = rx.recv_timeout(GUARD).unwrap() {
+            break;
+        }
+    }
+    e.abort(id);
+    loop {
+        match rx.recv_timeout(GUARD).unwrap() {
+            EngineEvent::Finished { reason, .. } => {
+                assert_eq!(reason, FinishReason::Abort);
+                break;
+            }
+            EngineEvent::Token(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A client that goes away: its sink returns false after three tokens.
+    let seen = Arc::new(Mutex::new(0));
+    let s2 = seen.clone();
+    e.add_request(
+        GenerateRequest {
+            prompt: Prompt::Text(PROMPTS[2].into()),
+            params: greedy(2000),
+            cache_key: None,
+        },
+        Box::new(move |ev| {
+            let mut n = s2.lock().unwrap();
+            if matches!(ev, EngineEvent::Token(_)) {
+                *n += 1;
+            }
+            *n < 3
+        }),
+    )
+    .unwrap();
+    // Then a normal request: once it is done, the engine has processed the abort too.
+    let (_, rx) = submit(&e, PROMPTS[0], greedy(4));
+    collect(&rx);
+    let mut tries = 0;
+    while e.stats().running + e.stats().waiting > 0 {
+        tries += 1;
+        assert!(tries < 60_000, "requests never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = e.stats();
+    assert_eq!(st.capacity.free, st.capacity.total, "{st:?}");
+    assert_eq!(*seen.lock().unwrap(), 3);
+    assert_eq!(st.requests_received, 3);
+    e.shutdown();
+}
+
+#[test]
+fn invalid_requests_are_rejected_with_reasons() {
+    let e = engine(8, 512);
+    let req = |prompt: Prompt, params: SamplingParams| GenerateRequest {
+        prompt,
+        params,
+        cache_key: None,
+    };
+    let err = |r: GenerateRequest| e.add_request(r, Box::new(|_| true)).unwrap_err();
+    assert!(matches!(
+        err(req(Prompt::Tokens(vec![]), greedy(4))),
+        EngineError::InvalidRequest(_)
+    ));
+    assert!(matches!(
+        err(req(Prompt::Text(String::new()), greedy(4))),
+        EngineError::InvalidRequest(_)
+    ));
+    // 8 blocks of 16 tokens: the longest request is 128 tokens, so a 200-token prompt can
+    // never fit.
+    let e200 = err(req(Prompt::Tokens(vec![42; 200]), greedy(4)));
+    assert!(
+        matches!(&e200, EngineError::InvalidRequest(m) if m.contains("at most 127")),
+        "{e200}"
+    );
+    assert!(matches!(
+        err(req(Prompt::Tokens(vec![49152]), greedy(4))),
+        EngineError::InvalidRequest(_)
+    ));
+    let mut p = greedy(0);
+    assert!(matches!(
+        err(req(Prompt::Tokens(vec![1]), p.clone())),
+        EngineError::InvalidRequest(_)
+    ));
+    p.max_tokens = 4;
+    p.logprobs = Some(21);
+    assert!(matches!(
+        err(req(Prompt::Tokens(vec![1]), p)),
+        EngineError::InvalidRequest(_)
+    ));
+    let info = e.info();
+    assert_eq!(info.num_blocks, 8);
+    assert_eq!(info.block_size, 16);
+    assert_eq!(info.max_model_len, 128);
+    e.shutdown();
+    assert!(matches!(
+        e.add_request(req(Prompt::Tokens(vec![1]), greedy(1)), Box::new(|_| true)),
+        Err(EngineError::Shutdown)
+    ));
+}
+
+#[test]
+fn capacity_observer_sees_admissions_steps_and_prefix_blocks() {
+    let e = engine(64, 512);
+    let updates: Arc<Mutex<Vec<CapacityUpdate>>> = Arc::default();
+    let u2 = updates.clone();
+    e.set_capacity_observer(Box::new(move |u| u2.lock().unwrap().push(u.clone())));
+    // A prompt longer than one block, so a full block gets hashed and stored.
+    let prompt = "In the beginning the universe was created. This has made a lot of people very angry and been widely regarded as a bad move.";
+    let mut p = greedy(3);
+    p.logprobs = Some(2);
+    let (_, rx) = submit(&e, prompt, p);
+    let mut saw_logprobs = false;
+    loop {
+        match rx.recv_timeout(GUARD).unwrap() {
+            EngineEvent::Token(t) => {
+                assert_eq!(t.top_logprobs.len(), 2);
+                assert!(t.logprob.unwrap() <= 0.0);
+                saw_logprobs = true;
+            }
+            EngineEvent::Finished { .. } => break,
+            _ => {}
+        }
+    }
+    assert!(saw_logprobs);
+    // Same prompt again: served partly from the prefix cache.
+    let (_, rx) = submit(&e, prompt, greedy(3));
+    let d = collect(&rx);
+    assert!(d.usage.cached_tokens >= 16, "{:?}", d.usage);
+    e.shutdown();
+    let u = updates.lock().unwrap();
+    assert!(u.len() >= 3);
+    assert_eq!(u.last().unwrap().stats.requests_received, 2);
+    let stored = u
+        .iter()
+        .flat_map(|x| &x.events)
+        .any(|ev| matches!(ev, kvroute_engine::kv::BlockEvent::Stored(h) if !h.is_empty()));
+    assert!(stored, "no Stored block event reached the observer");
+    assert!(u.last().unwrap().stats.prefix_hit_tokens >= 16);
+}

@@ -1,0 +1,131 @@
+//! The agent's view of an inference engine: one trait, [`InferenceBackend`], that the HTTP and
+//! gRPC layers drive.
+//!
+//! The real implementation wraps `kvroute_engine`'s runtime; [`fake::FakeBackend`] is a
+//! deterministic test double with a real block pool, so the service layers are tested without a
+//! model. Implementations must never block the caller for long: `submit` queues the request and
+//! returns, events arrive on the engine's own thread through the [`EventSink`].
+
+pub mod fake;
+
+use kvroute_engine::api::{EventSink, GenerateRequest, RequestId};
+
+/// What the agent serves, fixed once the model is loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// Name in the OpenAI API.
+    pub name: String,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// Longest request (prompt + output tokens) accepted.
+    pub max_model_len: u32,
+    /// Bytes of KV cache per block.
+    pub block_bytes: u64,
+    /// The tokenizer in its serialized (Hugging Face `tokenizer.json`) form.
+    pub tokenizer_json: String,
+    /// The model's chat template (Jinja), when it has one.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Whether prompts get a BOS token prepended.
+    pub add_bos: bool,
+}
+
+/// KV-cache and scheduler counters, absolute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CapacityStats {
+    pub block_size: u32,
+    pub total_blocks: u64,
+    /// Blocks referenced by no request (includes `cached_evictable_blocks`).
+    pub free_blocks: u64,
+    pub cached_evictable_blocks: u64,
+    pub running: u32,
+    pub waiting: u32,
+    pub requests_received: u64,
+    pub preemptions: u64,
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    pub max_model_len: u32,
+    pub block_bytes: u64,
+}
+
+/// A change to the set of cached block hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheEvent {
+    Stored(Vec<u64>),
+    Removed(Vec<u64>),
+    AllCleared,
+}
+
+/// What the engine reports after every change: the new counters and the cache events since the
+/// previous update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityUpdate {
+    pub stats: CapacityStats,
+    pub events: Vec<CacheEvent>,
+}
+
+/// Called on the engine's thread after every change. Must return quickly and never block.
+pub type CapacityObserver = Box<dyn FnMut(&CapacityUpdate) + Send>;
+
+/// One chat message, already reduced to text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The request cannot run (too long for the pool, bad parameters).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The engine's queue is full.
+    #[error("the engine's queue is full")]
+    Overloaded,
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Tokenizer or chat-template failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TextError {
+    #[error("tokenizer: {0}")]
+    Tokenize(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+}
+
+/// An engine the agent can serve.
+pub trait InferenceBackend: Send + Sync + 'static {
+    /// The loaded model's fixed facts.
+    fn info(&self) -> &ModelInfo;
+    /// Token ids of `text`; `add_special` adds BOS when the model wants it and recognises special
+    /// tokens written in the text.
+    fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TextError>;
+    /// Token ids of a rendered chat prompt: special tokens written by the template are
+    /// recognised, and a BOS the template already wrote is not added twice.
+    fn tokenize_chat(&self, rendered: &str) -> Result<Vec<u32>, TextError> {
+        self.tokenize(rendered, true)
+    }
+    /// Text of `ids`.
+    fn detokenize(&self, ids: &[u32]) -> Result<String, TextError>;
+    /// The prompt text for a chat, rendered with the model's chat template.
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TextError>;
+    /// Queues a request; its events go to `sink` on the engine's thread.
+    fn submit(&self, request: GenerateRequest, sink: EventSink) -> Result<RequestId, SubmitError>;
+    /// Aborts a request (no-op when it already ended); its blocks are freed.
+    fn abort(&self, id: RequestId);
+    /// Counters now.
+    fn stats(&self) -> CapacityStats;
+    /// Installs the observer of capacity changes (replacing any earlier one).
+    fn set_capacity_observer(&self, observer: CapacityObserver);
+    /// Stops the engine: running requests end with `Abort`.
+    fn shutdown(&self);
+}

@@ -1,0 +1,449 @@
+//! The capacity hub: mirrors the engine's KV counters and cached block hashes, and turns them into
+//! `kvroute.v1.CapacityReport` streams for any number of subscribers.
+//!
+//! The engine calls [`CapacityHub::apply`] on its own thread after every change; that call only
+//! takes a short lock and pushes into a bounded `tokio::sync::broadcast` channel, so it never
+//! waits on a subscriber. Each subscriber runs its own task ([`CapacityHub::watch`]) that
+//! coalesces updates (at most one report per `min_interval`), sends heartbeats, and feeds a
+//! bounded mpsc channel. A subscriber that falls so far behind that the broadcast buffer overflows
+//! gets a fresh snapshot instead of the missed events. This module never calls into the engine.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kvroute_proto::v1::block_event::Kind;
+use kvroute_proto::{BlockEvent, CapacityReport};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::backend::{CacheEvent, CapacityObserver, CapacityStats, CapacityUpdate};
+use crate::gpu::GpuMonitor;
+
+/// Stream pacing.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTiming {
+    /// Least time between two reports on one stream.
+    pub min_interval: Duration,
+    /// A report is sent at least this often, even without changes.
+    pub heartbeat: Duration,
+}
+
+impl Default for StreamTiming {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_millis(5),
+            heartbeat: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Updates buffered per subscriber before it is considered lagging.
+pub const BROADCAST_BUFFER: usize = 1024;
+/// Reports buffered between a subscriber's task and its gRPC stream.
+pub const STREAM_BUFFER: usize = 16;
+
+#[derive(Debug)]
+struct Delta {
+    version: u64,
+    stats: CapacityStats,
+    events: Vec<CacheEvent>,
+}
+
+struct HubState {
+    version: u64,
+    stats: CapacityStats,
+    cached: HashSet<u64>,
+}
+
+/// See the module docs.
+pub struct CapacityHub {
+    agent_id: String,
+    model: String,
+    epoch: u64,
+    gpu: GpuMonitor,
+    state: Mutex<HubState>,
+    tx: broadcast::Sender<Arc<Delta>>,
+}
+
+/// A point-in-time copy of the hub, consistent with the receiver handed out with it.
+struct Snapshot {
+    version: u64,
+    stats: CapacityStats,
+    hashes: Vec<u64>,
+}
+
+/// A fresh epoch for this process: wall-clock nanoseconds mixed with the process id, so two
+/// agents started in the same instant still differ.
+pub fn new_epoch() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 48)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl CapacityHub {
+    pub fn new(
+        agent_id: String,
+        model: String,
+        gpu: GpuMonitor,
+        initial: CapacityStats,
+    ) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(BROADCAST_BUFFER);
+        Arc::new(Self {
+            agent_id,
+            model,
+            epoch: new_epoch(),
+            gpu,
+            state: Mutex::new(HubState {
+                version: 0,
+                stats: initial,
+                cached: HashSet::new(),
+            }),
+            tx,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// An observer for `InferenceBackend::set_capacity_observer` feeding this hub.
+    pub fn observer(self: &Arc<Self>) -> CapacityObserver {
+        let hub = self.clone();
+        Box::new(move |u: &CapacityUpdate| hub.apply(u))
+    }
+
+    /// Records one engine update. Never blocks on subscribers.
+    pub fn apply(&self, update: &CapacityUpdate) {
+        let mut s = self.lock();
+        for ev in &update.events {
+            match ev {
+                CacheEvent::Stored(h) => s.cached.extend(h.iter().copied()),
+                CacheEvent::Removed(h) => {
+                    for x in h {
+                        s.cached.remove(x);
+                    }
+                }
+                CacheEvent::AllCleared => s.cached.clear(),
+            }
+        }
+        s.version += 1;
+        s.stats = update.stats;
+        if self.tx.receiver_count() > 0 {
+            // Sent under the lock so versions reach every receiver in order. A full buffer
+            // drops the oldest entry for lagging receivers; it never waits.
+            let _ = self.tx.send(Arc::new(Delta {
+                version: s.version,
+                stats: update.stats,
+                events: update.events.clone(),
+            }));
+        }
+    }
+
+    /// The latest counters.
+    pub fn stats(&self) -> CapacityStats {
+        self.lock().stats
+    }
+
+    /// Every block hash the engine caches now, sorted.
+    pub fn cached_hashes(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.lock().cached.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn subscribe(&self) -> (Snapshot, broadcast::Receiver<Arc<Delta>>) {
+        let s = self.lock();
+        let rx = self.tx.subscribe();
+        let mut hashes: Vec<u64> = s.cached.iter().copied().collect();
+        hashes.sort_unstable();
+        (
+            Snapshot {
+                version: s.version,
+                stats: s.stats,
+                hashes,
+            },
+            rx,
+        )
+    }
+
+    /// A report of `stats` (sequence, snapshot flag and events left to the caller).
+    pub fn report(&self, stats: &CapacityStats) -> CapacityReport {
+        CapacityReport {
+            agent_id: self.agent_id.clone(),
+            epoch: self.epoch,
+            sequence: 0,
+            model: self.model.clone(),
+            block_size: stats.block_size,
+            total_blocks: stats.total_blocks,
+            free_blocks: stats.free_blocks,
+            cached_evictable_blocks: stats.cached_evictable_blocks,
+            running_requests: stats.running,
+            waiting_requests: stats.waiting,
+            requests_received: stats.requests_received,
+            preemptions: stats.preemptions,
+            prefix_query_tokens: stats.prefix_query_tokens,
+            prefix_hit_tokens: stats.prefix_hit_tokens,
+            timestamp_ms: now_ms(),
+            gpu: self.gpu.sample().map(Into::into),
+            events: Vec::new(),
+            snapshot: false,
+            max_model_len: stats.max_model_len,
+            block_bytes: stats.block_bytes,
+        }
+    }
+
+    /// Starts a subscriber's stream: a snapshot first, then coalesced changes and heartbeats,
+    /// until the receiver is dropped or `shutdown` turns true.
+    pub fn watch<T: Send + 'static>(
+        self: &Arc<Self>,
+        include_events: bool,
+        timing: StreamTiming,
+        shutdown: watch::Receiver<bool>,
+        wrap: fn(CapacityReport) -> T,
+    ) -> mpsc::Receiver<T> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let hub = self.clone();
+        tokio::spawn(async move {
+            hub.stream_task(include_events, timing, shutdown, tx, wrap)
+                .await;
+        });
+        rx
+    }
+
+    async fn stream_task<T>(
+        &self,
+        include_events: bool,
+        timing: StreamTiming,
+        mut shutdown: watch::Receiver<bool>,
+        tx: mpsc::Sender<T>,
+        wrap: fn(CapacityReport) -> T,
+    ) {
+        let mut sequence = 0u64;
+        'snapshot: loop {
+            let (snap, mut rx) = self.subscribe();
+            sequence += 1;
+            let mut report = self.report(&snap.stats);
+            report.sequence = sequence;
+            report.snapshot = true;
+            if include_events && !snap.hashes.is_empty() {
+                report.events.push(BlockEvent {
+                    kind: Kind::Stored as i32,
+                    block_hashes: snap.hashes,
+                });
+            }
+            if tx.send(wrap(report)).await.is_err() {
+                return;
+            }
+            let mut last_sent = Instant::now();
+            let mut version = snap.version;
+            let mut stats = snap.stats;
+            let mut pending: Option<Vec<CacheEvent>> = None;
+            loop {
+                // Wait for a change, a heartbeat, or a coalescing deadline.
+                let deadline = if pending.is_some() {
+                    last_sent + timing.min_interval
+                } else {
+                    last_sent + timing.heartbeat
+                };
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return,
+                    _ = tx.closed() => return,
+                    r = rx.recv() => match r {
+                        Ok(d) => {
+                            if d.version > version {
+                                version = d.version;
+                                stats = d.stats;
+                                pending.get_or_insert_with(Vec::new).extend(d.events.iter().cloned());
+                            }
+                            continue;
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::debug!(missed, "capacity subscriber fell behind; sending a fresh snapshot");
+                            continue 'snapshot;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+                sequence += 1;
+                let mut report = self.report(&stats);
+                report.sequence = sequence;
+                if let Some(events) = pending.take() {
+                    if include_events {
+                        report.events = to_proto_events(events);
+                    }
+                }
+                if tx.send(wrap(report)).await.is_err() {
+                    return;
+                }
+                last_sent = Instant::now();
+            }
+        }
+    }
+}
+
+/// Engine cache events as proto block events, merging runs of the same kind.
+pub fn to_proto_events(events: Vec<CacheEvent>) -> Vec<BlockEvent> {
+    let mut out: Vec<BlockEvent> = Vec::new();
+    for ev in events {
+        let (kind, hashes) = match ev {
+            CacheEvent::Stored(h) => (Kind::Stored, h),
+            CacheEvent::Removed(h) => (Kind::Removed, h),
+            CacheEvent::AllCleared => (Kind::AllCleared, Vec::new()),
+        };
+        match out.last_mut() {
+            Some(last) if last.kind == kind as i32 && kind != Kind::AllCleared => {
+                last.block_hashes.extend(hashes)
+            }
+            _ => out.push(BlockEvent {
+                kind: kind as i32,
+                block_hashes: hashes,
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(free: u64) -> CapacityStats {
+        CapacityStats {
+            block_size: 16,
+            total_blocks: 100,
+            free_blocks: free,
+            ..Default::default()
+        }
+    }
+
+    fn hub() -> Arc<CapacityHub> {
+        CapacityHub::new("a".into(), "m".into(), GpuMonitor::absent(), stats(100))
+    }
+
+    fn timing() -> StreamTiming {
+        StreamTiming {
+            min_interval: Duration::from_millis(5),
+            heartbeat: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn merges_events_of_one_kind() {
+        let ev = to_proto_events(vec![
+            CacheEvent::Stored(vec![1]),
+            CacheEvent::Stored(vec![2]),
+            CacheEvent::Removed(vec![1]),
+            CacheEvent::AllCleared,
+            CacheEvent::AllCleared,
+        ]);
+        assert_eq!(ev.len(), 4);
+        assert_eq!(ev[0].block_hashes, vec![1, 2]);
+        assert_eq!(ev[1].kind, Kind::Removed as i32);
+    }
+
+    #[tokio::test]
+    async fn snapshot_then_changes_in_order() {
+        let hub = hub();
+        hub.apply(&CapacityUpdate {
+            stats: stats(90),
+            events: vec![CacheEvent::Stored(vec![7, 8])],
+        });
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut rx = hub.watch(true, timing(), stop, |r| r);
+        let first = rx.recv().await.unwrap();
+        assert!(first.snapshot);
+        assert_eq!(first.sequence, 1);
+        assert_eq!(first.free_blocks, 90);
+        assert_eq!(first.events[0].block_hashes, vec![7, 8]);
+        hub.apply(&CapacityUpdate {
+            stats: stats(80),
+            events: vec![CacheEvent::Removed(vec![7])],
+        });
+        hub.apply(&CapacityUpdate {
+            stats: stats(70),
+            events: vec![CacheEvent::Stored(vec![9])],
+        });
+        // Both updates arrive, possibly coalesced into one report; the last stats win.
+        let mut seen = Vec::new();
+        let mut free = 0;
+        let mut expect_seq = 2;
+        while free != 70 {
+            let r = rx.recv().await.unwrap();
+            assert!(!r.snapshot);
+            assert_eq!(r.sequence, expect_seq);
+            expect_seq += 1;
+            free = r.free_blocks;
+            seen.extend(r.events);
+        }
+        let kinds: Vec<i32> = seen.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![Kind::Removed as i32, Kind::Stored as i32]);
+        assert_eq!(hub.cached_hashes(), vec![8, 9]);
+    }
+
+    #[tokio::test]
+    async fn lagging_subscriber_gets_a_fresh_snapshot() {
+        let hub = hub();
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut rx = hub.watch(true, timing(), stop, |r| r);
+        assert!(rx.recv().await.unwrap().snapshot);
+        // The subscriber's task cannot run during this loop (single-threaded test runtime):
+        // more updates than the broadcast buffer holds arrive before it reads any.
+        for i in 0..(BROADCAST_BUFFER as u64 * 3) {
+            hub.apply(&CapacityUpdate {
+                stats: stats(i % 100),
+                events: vec![CacheEvent::Stored(vec![i])],
+            });
+        }
+        let mut got_snapshot = None;
+        while let Ok(r) = rx.try_recv() {
+            if r.snapshot {
+                got_snapshot = Some(r);
+            }
+        }
+        // A final read after the buffered ones: the task may still be sending.
+        while got_snapshot.is_none() {
+            let r = rx.recv().await.unwrap();
+            if r.snapshot {
+                got_snapshot = Some(r);
+            }
+        }
+        let snap = got_snapshot.unwrap();
+        // The snapshot carries the whole cache as one STORED event.
+        assert_eq!(snap.events.len(), 1);
+        assert!(snap.events[0].block_hashes.len() > BROADCAST_BUFFER);
+    }
+
+    #[tokio::test]
+    async fn heartbeat_without_changes_and_shutdown_ends_stream() {
+        let hub = hub();
+        let (stop_tx, stop) = watch::channel(false);
+        let t = StreamTiming {
+            min_interval: Duration::from_millis(1),
+            heartbeat: Duration::from_millis(20),
+        };
+        let mut rx = hub.watch(false, t, stop, |r| r);
+        assert!(rx.recv().await.unwrap().snapshot);
+        let hb = rx.recv().await.unwrap();
+        assert_eq!(hb.sequence, 2);
+        assert!(!hb.snapshot);
+        assert!(hb.events.is_empty());
+        stop_tx.send(true).unwrap();
+        while rx.recv().await.is_some() {}
+    }
+}

@@ -1,0 +1,526 @@
+//! Command-line flags of `kvroute-agent serve` and their validated, typed form.
+//!
+//! Every flag can also come from an environment variable (for Kubernetes). Flags are parsed by
+//! clap and checked once, here, into [`ServeConfig`]; the rest of the agent trusts that value.
+//! Errors name the flag and the bad value. This module never touches the network or the engine.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// A bad flag value.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{flag} {value:?}: {reason}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(flag: &'static str, value: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            flag,
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Which compute backend runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags of `kvroute-agent serve`, as typed by the user.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// `default` (the default model, fetched to the cache) or a path to a GGUF file or a model
+    /// folder.
+    #[arg(long, env = "KVROUTE_MODEL", default_value = "default")]
+    pub model: String,
+    /// HTTP (OpenAI API, health, metrics) listen address; port 0 picks a free one.
+    #[arg(long, env = "KVROUTE_HTTP", default_value = "127.0.0.1:8001")]
+    pub http: String,
+    /// gRPC (capacity service, grpc.health.v1) listen address; port 0 picks a free one.
+    #[arg(long, env = "KVROUTE_GRPC", default_value = "127.0.0.1:9001")]
+    pub grpc: String,
+    /// Compute device.
+    #[arg(long, env = "KVROUTE_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// KV-cache memory, e.g. `2GiB`, `512MiB`, `1000000` (bytes). Default: 1GiB.
+    #[arg(
+        long,
+        env = "KVROUTE_KV_MEMORY",
+        conflicts_with = "gpu_memory_utilization"
+    )]
+    pub kv_memory: Option<String>,
+    /// Fraction of GPU memory (0 < f ≤ 1) for weights plus KV cache (CUDA only).
+    #[arg(long, env = "KVROUTE_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: Option<String>,
+    /// Tokens per KV block.
+    #[arg(long, env = "KVROUTE_BLOCK_SIZE", default_value = "16")]
+    pub block_size: String,
+    /// Most requests computed at once.
+    #[arg(long, env = "KVROUTE_MAX_NUM_SEQS", default_value = "256")]
+    pub max_num_seqs: String,
+    /// Compute threads of the CPU backend; default: every core this process may use.
+    #[arg(long, env = "KVROUTE_THREADS")]
+    pub threads: Option<String>,
+    /// Longest request (prompt + output tokens); default: the model's context length.
+    #[arg(long, env = "KVROUTE_MAX_MODEL_LEN")]
+    pub max_model_len: Option<String>,
+    /// Model name in the OpenAI API; default: the model file's name.
+    #[arg(long, env = "KVROUTE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Agent id in capacity reports; default: $HOSTNAME (the pod name), else `kvroute-agent`.
+    #[arg(long, env = "KVROUTE_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// Largest accepted HTTP request body, e.g. `4MiB`.
+    #[arg(long, env = "KVROUTE_MAX_BODY_BYTES", default_value = "4MiB")]
+    pub max_body_bytes: String,
+    /// Grace period for in-flight requests after SIGTERM, e.g. `30s`, `500ms`, `2m`.
+    #[arg(long, env = "KVROUTE_DRAIN_TIMEOUT", default_value = "30s")]
+    pub drain_timeout: String,
+    /// Where `--model default` is downloaded to.
+    #[arg(long, env = "KVROUTE_CACHE")]
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, env = "KVROUTE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How much memory the KV cache gets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvBudget {
+    Bytes(u64),
+    /// Fraction of the GPU's memory for weights + KV (CUDA only).
+    GpuFraction(f32),
+}
+
+/// The device after resolving `auto` against this build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// `kvroute-agent serve`'s configuration, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    pub model: String,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub device: Device,
+    pub kv_budget: KvBudget,
+    pub block_size: u32,
+    pub max_num_seqs: u32,
+    /// CPU compute threads (≥ 1).
+    pub threads: usize,
+    pub max_model_len: Option<u32>,
+    pub served_model_name: Option<String>,
+    pub agent_id: String,
+    pub max_body_bytes: usize,
+    pub drain_timeout: Duration,
+    pub cache_dir: Option<std::path::PathBuf>,
+    pub log_format: LogFormat,
+}
+
+/// Default KV budget on the CPU: 1 GiB.
+pub const DEFAULT_KV_MEMORY: u64 = 1 << 30;
+
+/// Whether this binary was built with the `cuda` feature.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+impl ServeArgs {
+    /// Checks every flag once; the first bad one is reported with its name and value.
+    pub fn validate(&self) -> Result<ServeConfig, ConfigError> {
+        let model = self.model.trim().to_string();
+        if model.is_empty() {
+            return Err(ConfigError::invalid(
+                "--model",
+                &self.model,
+                "must not be empty",
+            ));
+        }
+        let http = parse_addr("--http", &self.http)?;
+        let grpc = parse_addr("--grpc", &self.grpc)?;
+        if http.port() != 0 && http == grpc {
+            return Err(ConfigError::invalid(
+                "--grpc",
+                &self.grpc,
+                "must differ from --http",
+            ));
+        }
+        let device = match self.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Auto => {
+                if CUDA_BUILT {
+                    Device::Cuda
+                } else {
+                    Device::Cpu
+                }
+            }
+            DeviceArg::Cuda => {
+                if !CUDA_BUILT {
+                    return Err(ConfigError::invalid(
+                        "--device",
+                        "cuda",
+                        "this kvroute-agent was built without CUDA support (build with `--features cuda`)",
+                    ));
+                }
+                Device::Cuda
+            }
+        };
+        let kv_budget = match (&self.kv_memory, &self.gpu_memory_utilization) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "--gpu-memory-utilization",
+                    self.gpu_memory_utilization.clone().unwrap_or_default(),
+                    "give either --kv-memory or --gpu-memory-utilization, not both",
+                ))
+            }
+            (Some(m), None) => {
+                let bytes = parse_size("--kv-memory", m)?;
+                if bytes == 0 {
+                    return Err(ConfigError::invalid(
+                        "--kv-memory",
+                        m,
+                        "must be more than 0",
+                    ));
+                }
+                KvBudget::Bytes(bytes)
+            }
+            (None, Some(f)) => {
+                let v: f32 = f.trim().parse().map_err(|_| {
+                    ConfigError::invalid("--gpu-memory-utilization", f, "not a number")
+                })?;
+                if !(v > 0.0 && v <= 1.0) {
+                    return Err(ConfigError::invalid(
+                        "--gpu-memory-utilization",
+                        f,
+                        "must be in (0, 1]",
+                    ));
+                }
+                if device != Device::Cuda {
+                    return Err(ConfigError::invalid(
+                        "--gpu-memory-utilization",
+                        f,
+                        "only applies to --device cuda; use --kv-memory on the CPU",
+                    ));
+                }
+                KvBudget::GpuFraction(v)
+            }
+            (None, None) => KvBudget::Bytes(DEFAULT_KV_MEMORY),
+        };
+        let block_size = parse_u32("--block-size", &self.block_size)?;
+        if !(1..=256).contains(&block_size) {
+            return Err(ConfigError::invalid(
+                "--block-size",
+                &self.block_size,
+                "must be in 1..=256",
+            ));
+        }
+        let max_num_seqs = parse_u32("--max-num-seqs", &self.max_num_seqs)?;
+        if max_num_seqs == 0 {
+            return Err(ConfigError::invalid(
+                "--max-num-seqs",
+                &self.max_num_seqs,
+                "must be at least 1",
+            ));
+        }
+        let threads = match &self.threads {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(s) => {
+                let v = parse_u32("--threads", s)?;
+                if v == 0 || v > 1024 {
+                    return Err(ConfigError::invalid("--threads", s, "must be in 1..=1024"));
+                }
+                v as usize
+            }
+        };
+        let max_model_len = match &self.max_model_len {
+            None => None,
+            Some(s) => {
+                let v = parse_u32("--max-model-len", s)?;
+                if v < 2 {
+                    return Err(ConfigError::invalid(
+                        "--max-model-len",
+                        s,
+                        "must be at least 2",
+                    ));
+                }
+                Some(v)
+            }
+        };
+        let served_model_name = match &self.served_model_name {
+            None => None,
+            Some(s) if s.trim().is_empty() => {
+                return Err(ConfigError::invalid(
+                    "--served-model-name",
+                    s,
+                    "must not be empty",
+                ))
+            }
+            Some(s) => Some(s.trim().to_string()),
+        };
+        let agent_id = match &self.agent_id {
+            Some(s) if s.trim().is_empty() => {
+                return Err(ConfigError::invalid("--agent-id", s, "must not be empty"))
+            }
+            Some(s) => s.trim().to_string(),
+            None => std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.trim().is_empty())
+                .unwrap_or_else(|| "kvroute-agent".to_string()),
+        };
+        let max_body = parse_size("--max-body-bytes", &self.max_body_bytes)?;
+        if max_body == 0 {
+            return Err(ConfigError::invalid(
+                "--max-body-bytes",
+                &self.max_body_bytes,
+                "must be more than 0",
+            ));
+        }
+        let max_body_bytes = usize::try_from(max_body).map_err(|_| {
+            ConfigError::invalid("--max-body-bytes", &self.max_body_bytes, "too large")
+        })?;
+        let drain_timeout = parse_duration("--drain-timeout", &self.drain_timeout)?;
+        Ok(ServeConfig {
+            model,
+            http,
+            grpc,
+            device,
+            kv_budget,
+            block_size,
+            max_num_seqs,
+            threads,
+            max_model_len,
+            served_model_name,
+            agent_id,
+            max_body_bytes,
+            drain_timeout,
+            cache_dir: self.cache_dir.clone(),
+            log_format: self.log_format,
+        })
+    }
+}
+
+fn parse_addr(flag: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.trim().parse().map_err(|_| {
+        ConfigError::invalid(
+            flag,
+            s,
+            "expected IP:PORT, e.g. 127.0.0.1:8001 or 0.0.0.0:0",
+        )
+    })
+}
+
+fn parse_u32(flag: &'static str, s: &str) -> Result<u32, ConfigError> {
+    s.trim()
+        .parse()
+        .map_err(|_| ConfigError::invalid(flag, s, "expected a whole number"))
+}
+
+/// Parses a byte size: a whole number with an optional unit (`B`, `KB`/`MB`/`GB`/`TB` = powers of
+/// 1000, `KiB`/`MiB`/`GiB`/`TiB` = powers of 1024; `K`/`M`/`G` are read as binary units). A
+/// fractional number is allowed with a unit (`1.5GiB`).
+pub fn parse_size(flag: &'static str, s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim();
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        _ => {
+            return Err(ConfigError::invalid(
+                flag,
+                s,
+                format!("unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"),
+            ))
+        }
+    };
+    if num.is_empty() {
+        return Err(ConfigError::invalid(
+            flag,
+            s,
+            "expected a size such as 2GiB or 512MiB",
+        ));
+    }
+    if num.contains('.') {
+        let v: f64 = num
+            .parse()
+            .map_err(|_| ConfigError::invalid(flag, s, "not a number"))?;
+        let bytes = v * mult as f64;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(ConfigError::invalid(flag, s, "too large"));
+        }
+        Ok(bytes as u64)
+    } else {
+        let v: u64 = num
+            .parse()
+            .map_err(|_| ConfigError::invalid(flag, s, "too large"))?;
+        v.checked_mul(mult)
+            .ok_or_else(|| ConfigError::invalid(flag, s, "too large"))
+    }
+}
+
+/// Parses a duration: a number with a unit `ms`, `s`, `m` or `h` (a bare number is seconds).
+pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| ConfigError::invalid(flag, s, "expected a duration such as 30s or 500ms"))?;
+    let secs = match unit.trim() {
+        "ms" => v / 1000.0,
+        "" | "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        other => {
+            return Err(ConfigError::invalid(
+                flag,
+                s,
+                format!("unknown unit {other:?} (use ms, s, m, h)"),
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| ConfigError::invalid(flag, s, "out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn args(extra: &[&str]) -> ServeArgs {
+        let mut v = vec!["x"];
+        v.extend_from_slice(extra);
+        Cli::parse_from(v).serve
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("--f", "2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("--f", "512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("--f", "512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("--f", "4M").unwrap(), 4 << 20);
+        assert_eq!(parse_size("--f", "1GB").unwrap(), 1_000_000_000);
+        assert_eq!(parse_size("--f", "1000").unwrap(), 1000);
+        assert_eq!(parse_size("--f", "1.5KiB").unwrap(), 1536);
+        for bad in [
+            "",
+            "GiB",
+            "2XB",
+            "-1GiB",
+            "99999999999999999999",
+            "1.2.3MiB",
+        ] {
+            let e = parse_size("--kv-memory", bad).unwrap_err();
+            assert!(e.to_string().starts_with("--kv-memory"), "{e}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("--f", "30s").unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            parse_duration("--f", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse_duration("--f", "2m").unwrap(),
+            Duration::from_secs(120)
+        );
+        assert_eq!(parse_duration("--f", "7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("--f", "soon").is_err());
+        assert!(parse_duration("--f", "3d").is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = args(&[]).validate().unwrap();
+        assert_eq!(c.kv_budget, KvBudget::Bytes(DEFAULT_KV_MEMORY));
+        assert_eq!(c.block_size, 16);
+        assert_eq!(c.max_body_bytes, 4 << 20);
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.port(), 8001);
+    }
+
+    #[test]
+    fn errors_name_flag_and_value() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&["--http", "localhost"], "--http", "localhost"),
+            (&["--kv-memory", "lots"], "--kv-memory", "lots"),
+            (&["--kv-memory", "0"], "--kv-memory", "0"),
+            (&["--block-size", "0"], "--block-size", "0"),
+            (&["--block-size", "sixteen"], "--block-size", "sixteen"),
+            (&["--max-num-seqs", "0"], "--max-num-seqs", "0"),
+            (&["--threads", "0"], "--threads", "0"),
+            (&["--max-model-len", "1"], "--max-model-len", "1"),
+            (&["--max-body-bytes", "4Q"], "--max-body-bytes", "4Q"),
+            (
+                &["--drain-timeout", "forever"],
+                "--drain-timeout",
+                "forever",
+            ),
+            (&["--agent-id", " "], "--agent-id", " "),
+        ];
+        for (argv, flag, value) in cases {
+            let e = args(argv).validate().unwrap_err().to_string();
+            assert!(e.starts_with(flag), "{argv:?}: {e}");
+            assert!(e.contains(&format!("{value:?}")), "{argv:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn cuda_without_feature_is_a_startup_error() {
+        let r = args(&["--device", "cuda"]).validate();
+        if CUDA_BUILT {
+            assert!(r.is_ok());
+        } else {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("--device") && e.contains("CUDA"), "{e}");
+        }
+        let e = args(&["--device", "cpu", "--gpu-memory-utilization", "0.9"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--gpu-memory-utilization"), "{e}");
+    }
+}

@@ -1,0 +1,61 @@
+//! The gRPC capacity service (`kvroute.v1.Agent`) and `grpc.health.v1`.
+//!
+//! `WatchCapacity` hands each subscriber its own stream task (see `capacity`); `GetCapacity`
+//! answers one report without block events. Before the model is loaded both answer
+//! UNAVAILABLE. This module never blocks the engine: it only reads the capacity hub.
+
+use std::sync::Arc;
+
+use kvroute_proto::{Agent, AgentServer, CapacityReport, GetCapacityRequest, WatchCapacityRequest};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::state::AgentState;
+
+/// The `kvroute.v1.Agent` implementation.
+pub struct AgentService {
+    state: Arc<AgentState>,
+}
+
+impl AgentService {
+    pub fn new(state: Arc<AgentState>) -> Self {
+        Self { state }
+    }
+
+    pub fn server(state: Arc<AgentState>) -> AgentServer<Self> {
+        AgentServer::new(Self::new(state))
+    }
+}
+
+fn loading() -> Status {
+    Status::unavailable("the model is loading")
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    type WatchCapacityStream = ReceiverStream<Result<CapacityReport, Status>>;
+
+    async fn watch_capacity(
+        &self,
+        request: Request<WatchCapacityRequest>,
+    ) -> Result<Response<Self::WatchCapacityStream>, Status> {
+        let l = self.state.loaded().ok_or_else(loading)?;
+        let req = request.into_inner();
+        tracing::info!(subscriber = %req.subscriber, include_block_events = req.include_block_events, "capacity subscriber");
+        let rx = l.hub.watch(
+            req.include_block_events,
+            self.state.timing,
+            self.state.lifecycle.shutdown_receiver(),
+            Ok,
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_capacity(
+        &self,
+        _request: Request<GetCapacityRequest>,
+    ) -> Result<Response<CapacityReport>, Status> {
+        let l = self.state.loaded().ok_or_else(loading)?;
+        Ok(Response::new(l.hub.report(&l.hub.stats())))
+    }
+}

@@ -1,0 +1,603 @@
+//! The OpenAI-compatible HTTP API (axum on hyper): completions and chat completions (plain and
+//! server-sent events), models, the model's tokenizer for gateways, health, readiness, metrics.
+//!
+//! Every failure is answered with an OpenAI-style error body and the right status; nothing
+//! reachable from a request panics. A streaming client that goes away drops its response body,
+//! which aborts its request in the engine (its KV blocks are freed). Engine events arrive on the
+//! engine's thread and cross into tokio through an unbounded channel per request (bounded in
+//! practice by `max_tokens`), so the engine never waits on a client.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kvroute_engine::api::{
+    EngineEvent, FinishReason, GenerateRequest, Prompt, RequestId, SamplingParams,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::backend::{InferenceBackend, SubmitError};
+use crate::metrics::{Metrics, Outcome};
+use crate::openai::{parse_request, usage_json, ApiError, Endpoint, Input, Request};
+use crate::state::{AgentState, InflightGuard, Loaded};
+
+/// Default `max_tokens` of `/v1/completions` (OpenAI's).
+pub const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+/// The router with every endpoint.
+pub fn router(state: Arc<AgentState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/kvroute/model", get(model_info))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+fn fail(state: &AgentState, e: ApiError) -> Response {
+    if let Some(l) = state.loaded() {
+        l.metrics.error(e.status.as_u16());
+    }
+    tracing::debug!(status = e.status.as_u16(), message = %e.message, "request rejected");
+    e.into_response()
+}
+
+async fn not_found() -> Response {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "No such endpoint.".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("not_found"),
+    }
+    .into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "Method not allowed on this endpoint.".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed"),
+    }
+    .into_response()
+}
+
+async fn health() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn ready(State(state): State<Arc<AgentState>>) -> Response {
+    if state.lifecycle.is_draining() {
+        ApiError::unavailable("The agent is draining.", "draining").into_response()
+    } else if state.loaded().is_none() {
+        ApiError::unavailable("The model is loading.", "loading").into_response()
+    } else {
+        Json(json!({"status": "ready"})).into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AgentState>>) -> Response {
+    let Some(l) = state.loaded() else {
+        return ApiError::unavailable("The model is loading.", "loading").into_response();
+    };
+    let text = l
+        .metrics
+        .render(&l.hub.stats(), state.gpu.sample(), state.is_ready());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn loaded(state: &AgentState) -> Result<&Loaded, ApiError> {
+    state
+        .loaded()
+        .ok_or_else(|| ApiError::unavailable("The model is loading.", "loading"))
+}
+
+async fn models(State(state): State<Arc<AgentState>>) -> Response {
+    match loaded(&state) {
+        Err(e) => e.into_response(),
+        Ok(l) => {
+            let info = l.backend.info();
+            Json(json!({
+                "object": "list",
+                "data": [{
+                    "id": info.name,
+                    "object": "model",
+                    "created": unix_now(),
+                    "owned_by": "kvroute",
+                    "max_model_len": info.max_model_len,
+                }],
+            }))
+            .into_response()
+        }
+    }
+}
+
+/// The model's tokenizer and chat template, for gateways that tokenize prompts themselves.
+async fn model_info(State(state): State<Arc<AgentState>>) -> Response {
+    match loaded(&state) {
+        Err(e) => e.into_response(),
+        Ok(l) => {
+            let i = l.backend.info();
+            Json(json!({
+                "model": i.name,
+                "block_size": i.block_size,
+                "max_model_len": i.max_model_len,
+                "block_bytes": i.block_bytes,
+                "tokenizer_json": i.tokenizer_json,
+                "chat_template": i.chat_template,
+                "bos_token": i.bos_token,
+                "eos_token": i.eos_token,
+                "add_bos": i.add_bos,
+            }))
+            .into_response()
+        }
+    }
+}
+
+async fn completions(
+    State(state): State<Arc<AgentState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match generate(state.clone(), Endpoint::Completions, body).await {
+        Ok(r) => r,
+        Err(e) => fail(&state, e),
+    }
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AgentState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match generate(state.clone(), Endpoint::Chat, body).await {
+        Ok(r) => r,
+        Err(e) => fail(&state, e),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn next_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(crate::capacity::new_epoch);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{:x}{n:06x}", base & 0xffff_ffff)
+}
+
+/// Aborts the engine request when dropped before it finished (client went away).
+struct AbortOnDrop {
+    backend: Arc<dyn InferenceBackend>,
+    id: RequestId,
+    finished: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::debug!(request = self.id, "client went away; aborting");
+            self.backend.abort(self.id);
+        }
+    }
+}
+
+/// A submitted request: its events and the guards that abort it and count it in flight.
+struct Running {
+    rx: mpsc::UnboundedReceiver<EngineEvent>,
+    abort: AbortOnDrop,
+    _inflight: InflightGuard,
+}
+
+async fn generate(
+    state: Arc<AgentState>,
+    endpoint: Endpoint,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let l = loaded(&state)?;
+    if state.lifecycle.is_draining() {
+        return Err(ApiError::unavailable(
+            "The agent is draining and takes no new requests.",
+            "draining",
+        ));
+    }
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.max_body_bytes)
+        } else {
+            ApiError::bad_request(
+                format!("Could not read the request body: {}", rej.body_text()),
+                None,
+            )
+        }
+    })?;
+    let req = parse_request(&body, endpoint)?;
+    let info = l.backend.info().clone();
+    if req.model != info.name {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+    let inflight = InflightGuard::new(state.clone());
+    let arrived = Instant::now();
+
+    // Tokenizing a multi-megabyte prompt is real CPU work: keep it off the async workers.
+    let backend = l.backend.clone();
+    let input = req.input.clone();
+    let prompt = tokio::task::spawn_blocking(move || prompt_tokens(backend.as_ref(), input))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??;
+
+    let prompt_param = match endpoint {
+        Endpoint::Completions => "prompt",
+        Endpoint::Chat => "messages",
+    };
+    let prompt_len = prompt.len() as u32;
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request(
+            "The prompt is empty after tokenizing.",
+            Some(prompt_param),
+        ));
+    }
+    if prompt_len >= info.max_model_len {
+        return Err(ApiError::bad_request(
+            format!(
+                "This model's maximum context length is {} tokens. However, your prompt has {} tokens, leaving no room for output.",
+                info.max_model_len, prompt_len
+            ),
+            Some(prompt_param),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let room = info.max_model_len - prompt_len;
+    let max_tokens = match req.max_tokens {
+        Some(m) if m > room => {
+            let param = match endpoint {
+                Endpoint::Completions => "max_tokens",
+                Endpoint::Chat => "max_completion_tokens",
+            };
+            return Err(ApiError::bad_request(
+                format!(
+                    "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the prompt, {} for the completion).",
+                    info.max_model_len,
+                    u64::from(prompt_len) + u64::from(m),
+                    prompt_len,
+                    m
+                ),
+                Some(param),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        Some(m) => m,
+        None => match endpoint {
+            Endpoint::Completions => COMPLETIONS_DEFAULT_MAX_TOKENS.min(room),
+            Endpoint::Chat => room,
+        },
+    };
+
+    let gen = GenerateRequest {
+        prompt: Prompt::Tokens(prompt),
+        params: SamplingParams {
+            max_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            stop: req.stop.clone(),
+            stop_token_ids: req.stop_token_ids.clone(),
+            ignore_eos: req.ignore_eos,
+            logprobs: None,
+        },
+        cache_key: req.cache_salt.clone(),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sink = metered_sink(l.metrics.clone(), arrived, tx);
+    let id = l.backend.submit(gen, sink).map_err(|e| match e {
+        SubmitError::InvalidRequest(m) => ApiError::bad_request(m, Some(prompt_param)),
+        SubmitError::Overloaded => {
+            ApiError::unavailable("The engine's queue is full; retry later.", "overloaded")
+        }
+        SubmitError::Stopped => ApiError::unavailable("The engine has stopped.", "stopped"),
+    })?;
+    tracing::debug!(
+        request = id,
+        prompt_tokens = prompt_len,
+        max_tokens,
+        stream = req.stream,
+        "submitted"
+    );
+    let running = Running {
+        rx,
+        abort: AbortOnDrop {
+            backend: l.backend.clone(),
+            id,
+            finished: false,
+        },
+        _inflight: inflight,
+    };
+    let meta = Meta {
+        id: next_id(match endpoint {
+            Endpoint::Completions => "cmpl",
+            Endpoint::Chat => "chatcmpl",
+        }),
+        created: unix_now(),
+        model: info.name.clone(),
+        endpoint,
+    };
+    if req.stream {
+        Ok(stream_response(running, meta, req))
+    } else {
+        collect_response(running, meta).await
+    }
+}
+
+fn prompt_tokens(backend: &dyn InferenceBackend, input: Input) -> Result<Vec<u32>, ApiError> {
+    match input {
+        Input::Tokens(t) => Ok(t),
+        Input::Text(t) => backend
+            .tokenize(&t, true)
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt"))),
+        Input::Chat {
+            messages,
+            add_generation_prompt,
+        } => {
+            let text = backend
+                .render_chat(&messages, add_generation_prompt)
+                .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
+            backend
+                .tokenize_chat(&text)
+                .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))
+        }
+    }
+}
+
+/// The sink handed to the engine: records latency metrics on the engine thread (where token
+/// times are exact) and forwards events into tokio. Returns false once the client is gone.
+fn metered_sink(
+    metrics: Arc<Metrics>,
+    arrived: Instant,
+    tx: mpsc::UnboundedSender<EngineEvent>,
+) -> kvroute_engine::api::EventSink {
+    let mut last: Option<Instant> = None;
+    Box::new(move |ev: EngineEvent| {
+        match &ev {
+            EngineEvent::Token(_) => {
+                let now = Instant::now();
+                match last {
+                    None => metrics.ttft.observe_duration(now - arrived),
+                    Some(prev) => metrics.tpot.observe_duration(now - prev),
+                }
+                last = Some(now);
+                metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
+            }
+            EngineEvent::Finished { reason, usage } => {
+                metrics.e2e.observe_duration(arrived.elapsed());
+                metrics
+                    .prompt_tokens
+                    .fetch_add(u64::from(usage.prompt_tokens), Ordering::Relaxed);
+                metrics.finished(match reason {
+                    FinishReason::Stop => Outcome::Stop,
+                    FinishReason::Length => Outcome::Length,
+                    FinishReason::Abort => Outcome::Abort,
+                });
+            }
+            EngineEvent::Error(_) => metrics.finished(Outcome::Error),
+            EngineEvent::Started { .. } => {}
+        }
+        tx.send(ev).is_ok()
+    })
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+}
+
+async fn collect_response(mut run: Running, meta: Meta) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    loop {
+        match run.rx.recv().await {
+            Some(EngineEvent::Started { .. }) => {}
+            Some(EngineEvent::Token(t)) => text.push_str(&t.text),
+            Some(EngineEvent::Finished { reason, usage }) => {
+                run.abort.finished = true;
+                let usage = usage_json(
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.cached_tokens,
+                );
+                let body = match meta.endpoint {
+                    Endpoint::Completions => json!({
+                        "id": meta.id, "object": "text_completion", "created": meta.created,
+                        "model": meta.model,
+                        "choices": [{"index": 0, "text": text, "logprobs": null,
+                                     "finish_reason": reason.as_openai()}],
+                        "usage": usage,
+                    }),
+                    Endpoint::Chat => json!({
+                        "id": meta.id, "object": "chat.completion", "created": meta.created,
+                        "model": meta.model,
+                        "choices": [{"index": 0,
+                                     "message": {"role": "assistant", "content": text},
+                                     "logprobs": null, "finish_reason": reason.as_openai()}],
+                        "usage": usage,
+                    }),
+                };
+                return Ok(Json(body).into_response());
+            }
+            Some(EngineEvent::Error(m)) => {
+                run.abort.finished = true;
+                return Err(ApiError::internal(format!("generation failed: {m}")));
+            }
+            None => {
+                run.abort.finished = true;
+                return Err(ApiError::internal("the engine dropped the request"));
+            }
+        }
+    }
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// State of one SSE response.
+struct SseState {
+    run: Running,
+    meta: Meta,
+    include_usage: bool,
+    sent_role: bool,
+    done: bool,
+}
+
+impl SseState {
+    fn chunk(&self, choice: Value) -> Value {
+        let object = match self.meta.endpoint {
+            Endpoint::Completions => "text_completion",
+            Endpoint::Chat => "chat.completion.chunk",
+        };
+        let mut v = json!({
+            "id": self.meta.id, "object": object, "created": self.meta.created,
+            "model": self.meta.model, "choices": [choice],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    fn text_choice(&self, text: &str, finish: Option<&str>) -> Value {
+        match self.meta.endpoint {
+            Endpoint::Completions => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+            Endpoint::Chat => {
+                let delta = if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// The next bytes of the response, or `None` at the end.
+    async fn next(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        if self.meta.endpoint == Endpoint::Chat && !self.sent_role {
+            self.sent_role = true;
+            let c = self.chunk(
+                json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": null, "finish_reason": null}),
+            );
+            return Some(sse(&c));
+        }
+        loop {
+            match self.run.rx.recv().await {
+                Some(EngineEvent::Started { .. }) => {}
+                Some(EngineEvent::Token(t)) => {
+                    if t.text.is_empty() {
+                        continue;
+                    }
+                    let c = self.chunk(self.text_choice(&t.text, None));
+                    return Some(sse(&c));
+                }
+                Some(EngineEvent::Finished { reason, usage }) => {
+                    self.run.abort.finished = true;
+                    self.done = true;
+                    let mut out =
+                        sse(&self.chunk(self.text_choice("", Some(reason.as_openai())))).to_vec();
+                    if self.include_usage {
+                        let u = json!({
+                            "id": self.meta.id,
+                            "object": match self.meta.endpoint {
+                                Endpoint::Completions => "text_completion",
+                                Endpoint::Chat => "chat.completion.chunk",
+                            },
+                            "created": self.meta.created, "model": self.meta.model,
+                            "choices": [],
+                            "usage": usage_json(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+                        });
+                        out.extend_from_slice(&sse(&u));
+                    }
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    return Some(Bytes::from(out));
+                }
+                Some(EngineEvent::Error(m)) => {
+                    self.run.abort.finished = true;
+                    self.done = true;
+                    let e = ApiError::internal(format!("generation failed: {m}"));
+                    let mut out = sse(&e.body()).to_vec();
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    return Some(Bytes::from(out));
+                }
+                None => {
+                    self.run.abort.finished = true;
+                    self.done = true;
+                    let e = ApiError::internal("the engine dropped the request");
+                    let mut out = sse(&e.body()).to_vec();
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    return Some(Bytes::from(out));
+                }
+            }
+        }
+    }
+}
+
+fn stream_response(run: Running, meta: Meta, req: Request) -> Response {
+    let st = SseState {
+        run,
+        meta,
+        include_usage: req.include_usage,
+        sent_role: false,
+        done: false,
+    };
+    let stream = futures::stream::unfold(st, |mut st| async move {
+        st.next().await.map(|b| (Ok::<Bytes, Infallible>(b), st))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
