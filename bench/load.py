@@ -186,6 +186,8 @@ async def run(a) -> dict:
     prompt_counts = sorted({r.prompt_tokens for r in ok if r.prompt_tokens is not None})
     out_counts = sorted({r.out_tokens for r in ok})
     errors = sorted({r.error for r in results if r.error})
+    if pending:
+        errors.insert(0, f"deadline of {a.deadline:.0f} s hit: {failed} requests unfinished or not sent")
     return {
         "server": a.server,
         "base_url": a.base_url,
