@@ -133,7 +133,7 @@ run_one() { # NAME ROUND
   local rc=0
   "$BENCH_PYTHON" "$REPO/bench/load.py" --base-url "http://127.0.0.1:$port/v1" --server "$name" \
     --clients "$CLIENTS" --requests "$REQUESTS" --prompt-tokens "$PP" --max-tokens "$MAXTOK" \
-    --deadline "$DEADLINE" --wait-ready "$ready" --ready-timeout 300 --seed "$r" \
+    --deadline "$DEADLINE" --wait-ready "$ready" --ready-timeout 300 --server-pid "$SERVER_PID" --seed "$r" \
     >"$OUT/$name-r$r.json" || rc=$?
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     echo "[bench] $name exited early; last lines of its log:" >&2

@@ -19,7 +19,8 @@ cancelled and counted as failed).
 
 usage: load.py --base-url http://127.0.0.1:8080/v1 --server llama-server|kvroute
                [--clients 8] [--requests 32] [--prompt-tokens 128] [--max-tokens 64]
-               [--model NAME] [--deadline 600] [--seed 1] [--wait-ready URL --ready-timeout 180]
+               [--model NAME] [--deadline 600] [--seed 1]
+               [--wait-ready URL [--ready-timeout 180] [--server-pid PID]]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -45,11 +47,24 @@ def quantile(xs: list[float], q: float) -> float | None:
     return s[k]
 
 
-def wait_ready(url: str, timeout: float) -> None:
-    """Polls `url` until it answers 200 (model loaded), or raises after `timeout` seconds."""
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_ready(url: str, timeout: float, pid: int = 0) -> None:
+    """Polls `url` until it answers 200 (model loaded), or raises after `timeout` seconds, or as
+    soon as the server process `pid` (when given) is gone."""
     end = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < end:
+        if pid and not alive(pid):
+            raise SystemExit(f"error: the server (pid {pid}) exited before {url} was ready")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
@@ -231,6 +246,8 @@ def main() -> int:
     p.add_argument("--token-hi", type=int, default=40000)
     p.add_argument("--wait-ready", default="", help="URL to poll for 200 before starting")
     p.add_argument("--ready-timeout", type=float, default=180.0)
+    p.add_argument("--server-pid", type=int, default=0,
+                   help="stop waiting for readiness as soon as this process is gone")
     a = p.parse_args()
     if a.requests == 0:
         a.requests = 4 * a.clients
@@ -242,7 +259,7 @@ def main() -> int:
     if a.deadline <= 0:
         p.error("--deadline must be positive")
     if a.wait_ready:
-        wait_ready(a.wait_ready, a.ready_timeout)
+        wait_ready(a.wait_ready, a.ready_timeout, a.server_pid)
     out = asyncio.run(run(a))
     print(f"[load] {a.server}: {out['completed']}/{a.requests} completed in {out['wall_s']:.1f} s",
           file=sys.stderr)
