@@ -89,6 +89,8 @@ pub enum ModelRef {
     Path(PathBuf),
 }
 
+/// `"default"` names the default model (a local folder called `default` is `./default`); any
+/// other text is a path.
 impl FromStr for ModelRef {
     type Err = FetchError;
 

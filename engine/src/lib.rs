@@ -8,8 +8,11 @@ pub mod api;
 pub mod bench;
 pub mod chat;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod fetch;
 pub mod gguf;
+pub mod kernels;
 pub mod kv;
 pub mod load;
 pub mod model;

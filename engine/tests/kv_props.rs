@@ -404,3 +404,80 @@ fn zero_tokens_and_misplaced_hits() {
     })
     .is_err());
 }
+
+#[derive(Debug, Clone)]
+enum PoolOp {
+    Allocate,
+    Release(usize),
+    Touch(u64),
+    Register(usize, u64),
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The pool against a plain model of reference counts and cached hashes: a block is handed
+    /// out only when nobody references it, counts never underflow, lazy eviction drops exactly
+    /// the reallocated block's hash, and free + used = total throughout.
+    #[test]
+    fn pool_matches_a_reference_model(
+        n in 1usize..16,
+        ops in prop::collection::vec(prop_oneof![
+            3 => Just(PoolOp::Allocate),
+            3 => (0usize..64).prop_map(PoolOp::Release),
+            2 => (0u64..8).prop_map(PoolOp::Touch),
+            2 => (0usize..64, 0u64..8).prop_map(|(i, h)| PoolOp::Register(i, h)),
+        ], 1..120),
+    ) {
+        let mut pool = kvroute_engine::kv::BlockPool::new(n, true);
+        let mut refs = vec![0u32; n];
+        let mut hash_of: Vec<Option<u64>> = vec![None; n];
+        // Held references, one entry per reference.
+        let mut held: Vec<u32> = Vec::new();
+        for op in ops {
+            match op {
+                PoolOp::Allocate => match pool.allocate() {
+                    Some(b) => {
+                        prop_assert_eq!(refs[b as usize], 0, "handed out a referenced block");
+                        refs[b as usize] = 1;
+                        hash_of[b as usize] = None;
+                        held.push(b);
+                    }
+                    None => prop_assert!(refs.iter().all(|&r| r > 0)),
+                },
+                PoolOp::Release(i) if !held.is_empty() => {
+                    let b = held.swap_remove(i % held.len());
+                    pool.release(b);
+                    refs[b as usize] -= 1;
+                }
+                PoolOp::Touch(h) => {
+                    let want = hash_of.iter().position(|&x| x == Some(h));
+                    prop_assert_eq!(pool.lookup(h).map(|b| b as usize), want);
+                    if let Some(b) = want {
+                        pool.touch(b as u32);
+                        refs[b] += 1;
+                        held.push(b as u32);
+                    }
+                }
+                PoolOp::Register(i, h) if !held.is_empty() => {
+                    let b = held[i % held.len()] as usize;
+                    let fresh = hash_of[b].is_none() && !hash_of.contains(&Some(h));
+                    prop_assert_eq!(pool.register(b as u32, h), fresh);
+                    if fresh {
+                        hash_of[b] = Some(h);
+                    }
+                }
+                _ => {}
+            }
+            pool.check().unwrap();
+            let free = refs.iter().filter(|&&r| r == 0).count();
+            prop_assert_eq!(pool.free(), free);
+            let cached_free = (0..n).filter(|&b| refs[b] == 0 && hash_of[b].is_some()).count();
+            prop_assert_eq!(pool.cached_evictable(), cached_free);
+            for b in 0..n {
+                prop_assert_eq!(pool.ref_count(b as u32), refs[b]);
+                prop_assert_eq!(pool.block_hash(b as u32), hash_of[b]);
+            }
+        }
+    }
+}

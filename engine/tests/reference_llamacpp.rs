@@ -15,7 +15,7 @@
 //! continuations can diverge after a near-tie, which is why the bar is ≥ 16 identical tokens on
 //! ≥ 6 of the 8 prompts rather than all 32 on all.
 
-mod common;
+mod model_fixture;
 
 use kvroute_engine::config::ModelConfig;
 use kvroute_engine::gguf::Gguf;
@@ -25,7 +25,7 @@ use kvroute_engine::sample::argmax;
 use std::sync::Arc;
 
 fn load(isa: Option<Isa>) -> Arc<Model> {
-    let g = Gguf::open(common::model_path()).unwrap();
+    let g = Gguf::open(model_fixture::model_path()).unwrap();
     let cfg = ModelConfig::from_gguf(&g).unwrap();
     let m = Model::new(Arc::new(g), cfg).unwrap();
     Arc::new(match isa {
@@ -41,7 +41,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let f = common::fixture();
+    let f = model_fixture::fixture();
     f["generate"]
         .as_array()
         .unwrap()

@@ -2,7 +2,7 @@
 //! The engine runtime on the default model: batching, preemption, aborts, stop strings, seeds,
 //! request validation and capacity reports.
 
-mod common;
+mod model_fixture;
 
 use kvroute_engine::api::{
     EngineEvent, FinishReason, GenerateRequest, Prompt, SamplingParams, Usage,
@@ -18,7 +18,7 @@ use std::time::Duration;
 const GUARD: Duration = Duration::from_secs(600);
 
 fn engine(blocks: usize, max_batched: usize) -> Engine {
-    let m = load_path(&common::model_path()).unwrap();
+    let m = load_path(&model_fixture::model_path()).unwrap();
     let block_bytes = KvStorage::block_bytes(&m.config, 16);
     Engine::start(
         m,

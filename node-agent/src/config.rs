@@ -167,21 +167,21 @@ impl ServeArgs {
         }
         let device = match self.device {
             DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Auto => {
-                if CUDA_BUILT {
-                    Device::Cuda
-                } else {
-                    Device::Cpu
-                }
-            }
+            // The engine's step loop runs on the CPU backend only (the CUDA kernels exist but
+            // are not wired into it yet), so `auto` means the CPU for now.
+            DeviceArg::Auto => Device::Cpu,
             DeviceArg::Cuda => {
-                if !CUDA_BUILT {
-                    return Err(ConfigError::invalid(
-                        "--device",
-                        "cuda",
-                        "this kvroute-agent was built without CUDA support (build with `--features cuda`)",
-                    ));
-                }
+                use kvroute_engine::kernels::device::{
+                    probe_cuda, resolve, DeviceChoice, DeviceError,
+                };
+                // No CUDA feature, no driver or no GPU: a start-up error saying which.
+                resolve(DeviceChoice::Cuda, probe_cuda()).map_err(|e| {
+                    let why = match e {
+                        DeviceError::CudaUnavailable(why) => why,
+                        other => other.to_string(),
+                    };
+                    ConfigError::invalid("--device", "cuda", why)
+                })?;
                 Device::Cuda
             }
         };

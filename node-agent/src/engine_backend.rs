@@ -1,10 +1,9 @@
 //! kvroute's own engine behind [`InferenceBackend`], and model loading for the subcommands.
 //!
 //! Loading: `--model default|PATH` is resolved by `engine::fetch` (the default model is fetched
-//! and verified into the cache, with a progress bar on a terminal), then the tokenizer and chat
-//! template are read ([`ModelText`]). The step loop (`engine::runtime`) is not merged yet: until
-//! it is, `load` stops after the text side with [`LoadError::NoRuntime`], and only `tokenize`
-//! works end to end.
+//! and verified into the cache, with a progress bar on a terminal), loaded by `engine::load`
+//! (memory-mapped weights, tokenizer, chat template) and started as an `engine::runtime::Engine`
+//! with the KV budget from the flags. `tokenize` needs only the text side ([`ModelText`]).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -16,8 +15,16 @@ use kvroute_engine::fetch::{self, ModelFormat, ModelRef, Progress, ResolvedModel
 use kvroute_engine::gguf::Gguf;
 use kvroute_engine::tokenizer::Tokenizer;
 
-use crate::backend::{ChatMessage, InferenceBackend, TextError};
-use crate::config::ServeConfig;
+use kvroute_engine::api::{EventSink, GenerateRequest, RequestId};
+use kvroute_engine::kv::BlockEvent;
+use kvroute_engine::load::LoadedModel;
+use kvroute_engine::runtime::{Engine, EngineConfig, EngineError, EngineStats};
+
+use crate::backend::{
+    CacheEvent, CapacityObserver, CapacityStats, CapacityUpdate, ChatMessage, InferenceBackend,
+    ModelInfo, SubmitError, TextError,
+};
+use crate::config::{Device, KvBudget, ServeConfig};
 
 /// Loading failures.
 #[derive(Debug, thiserror::Error)]
@@ -34,10 +41,15 @@ pub enum LoadError {
         path: PathBuf,
         cause: kvroute_engine::tokenizer::TokenizerError,
     },
-    #[error(
-        "this build has no engine runtime yet (engine::runtime is not merged); cannot serve {0}"
-    )]
-    NoRuntime(String),
+    #[error("loading {path}: {cause}")]
+    Load {
+        path: PathBuf,
+        cause: kvroute_engine::load::LoadError,
+    },
+    #[error("starting the engine: {0}")]
+    Start(kvroute_engine::runtime::EngineError),
+    #[error("{flag}: {why}")]
+    Unsupported { flag: &'static str, why: String },
 }
 
 /// Renders fetch progress: an indicatif bar on a terminal, log lines otherwise.
@@ -164,13 +176,7 @@ impl ModelText {
     /// The token ids of a rendered chat prompt: special tokens recognised; a BOS the template
     /// already wrote is not doubled.
     pub fn tokenize_chat(&self, rendered: &str) -> Result<Vec<u32>, TextError> {
-        let mut ids = self.tokenize(rendered, true)?;
-        if let (Some(bos), Some(bos_text)) = (self.tokenizer.bos_id(), self.tokenizer.bos_token()) {
-            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos && rendered.starts_with(&bos_text) {
-                ids.remove(0);
-            }
-        }
-        Ok(ids)
+        tokenize_chat_with(&self.tokenizer, rendered)
     }
 
     /// The chat prompt rendered with the model's template.
@@ -179,23 +185,226 @@ impl ModelText {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TextError> {
-        let t = self.template.as_ref().ok_or_else(|| {
-            TextError::ChatTemplate("the model has no chat template; use /v1/completions".into())
-        })?;
-        let msgs: Vec<EngineChatMessage> = messages
-            .iter()
-            .map(|m| EngineChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect();
-        t.render(&msgs, add_generation_prompt)
-            .map_err(|e| TextError::ChatTemplate(e.to_string()))
+        render_chat_with(self.template.as_ref(), messages, add_generation_prompt)
     }
+}
+
+/// The token ids of a rendered chat prompt: special tokens recognised; a BOS the template
+/// already wrote is not doubled.
+fn tokenize_chat_with(tok: &Tokenizer, rendered: &str) -> Result<Vec<u32>, TextError> {
+    let mut ids = tok
+        .encode(rendered, true)
+        .map_err(|e| TextError::Tokenize(e.to_string()))?;
+    if let (Some(bos), Some(bos_text)) = (tok.bos_id(), tok.bos_token()) {
+        if ids.len() >= 2 && ids[0] == bos && ids[1] == bos && rendered.starts_with(&bos_text) {
+            ids.remove(0);
+        }
+    }
+    Ok(ids)
+}
+
+fn render_chat_with(
+    template: Option<&ChatTemplate>,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<String, TextError> {
+    let t = template.ok_or_else(|| {
+        TextError::ChatTemplate("the model has no chat template; use /v1/completions".into())
+    })?;
+    let msgs: Vec<EngineChatMessage> = messages
+        .iter()
+        .map(|m| EngineChatMessage::new(m.role.clone(), m.content.clone()))
+        .collect();
+    t.render(&msgs, add_generation_prompt)
+        .map_err(|e| TextError::ChatTemplate(e.to_string()))
+}
+
+/// kvroute's engine behind [`InferenceBackend`].
+pub struct EngineBackend {
+    engine: Engine,
+    info: ModelInfo,
+}
+
+fn stats_from(s: &EngineStats) -> CapacityStats {
+    CapacityStats {
+        block_size: s.capacity.block_size,
+        total_blocks: s.capacity.total,
+        free_blocks: s.capacity.free,
+        cached_evictable_blocks: s.capacity.cached_evictable,
+        running: u32::try_from(s.running).unwrap_or(u32::MAX),
+        waiting: u32::try_from(s.waiting).unwrap_or(u32::MAX),
+        requests_received: s.requests_received,
+        preemptions: s.preemptions,
+        prefix_query_tokens: s.prefix_query_tokens,
+        prefix_hit_tokens: s.prefix_hit_tokens,
+        max_model_len: u32::try_from(s.max_model_len).unwrap_or(u32::MAX),
+        block_bytes: s.block_bytes as u64,
+    }
+}
+
+fn event_from(e: &BlockEvent) -> CacheEvent {
+    match e {
+        BlockEvent::Stored(h) => CacheEvent::Stored(h.clone()),
+        BlockEvent::Removed(h) => CacheEvent::Removed(h.clone()),
+        BlockEvent::AllCleared => CacheEvent::AllCleared,
+    }
+}
+
+impl EngineBackend {
+    /// Starts the engine on a loaded model.
+    pub fn start(
+        loaded: LoadedModel,
+        config: EngineConfig,
+        served_name: String,
+    ) -> Result<Self, LoadError> {
+        let engine = Engine::start(loaded, config).map_err(LoadError::Start)?;
+        let tok = engine.tokenizer();
+        let tokenizer_json = tok.to_json().map_err(|cause| LoadError::Tokenizer {
+            path: PathBuf::from(&served_name),
+            cause,
+        })?;
+        // Whether encoding adds a BOS: the tokenizer knows, it has no getter for it.
+        let add_bos = match (tok.bos_id(), tok.encode("a", true)) {
+            (Some(bos), Ok(ids)) => ids.first() == Some(&bos),
+            _ => false,
+        };
+        let ei = engine.info();
+        let info = ModelInfo {
+            name: served_name,
+            block_size: u32::try_from(ei.block_size).unwrap_or(u32::MAX),
+            max_model_len: u32::try_from(ei.max_model_len).unwrap_or(u32::MAX),
+            block_bytes: ei.block_bytes as u64,
+            tokenizer_json,
+            chat_template: tok.chat_template().map(str::to_string),
+            bos_token: tok.bos_token(),
+            eos_token: tok.eos_token(),
+            add_bos,
+        };
+        tracing::info!(
+            model = %info.name,
+            blocks = ei.num_blocks,
+            block_size = ei.block_size,
+            block_bytes = ei.block_bytes,
+            max_model_len = ei.max_model_len,
+            threads = ei.threads,
+            kernels = ei.kernels,
+            "engine started"
+        );
+        Ok(Self { engine, info })
+    }
+}
+
+impl InferenceBackend for EngineBackend {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TextError> {
+        self.engine
+            .tokenizer()
+            .encode(text, add_special)
+            .map_err(|e| TextError::Tokenize(e.to_string()))
+    }
+
+    fn tokenize_chat(&self, rendered: &str) -> Result<Vec<u32>, TextError> {
+        tokenize_chat_with(self.engine.tokenizer(), rendered)
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> Result<String, TextError> {
+        Ok(self.engine.tokenizer().decode(ids))
+    }
+
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TextError> {
+        render_chat_with(self.engine.chat_template(), messages, add_generation_prompt)
+    }
+
+    fn submit(&self, request: GenerateRequest, sink: EventSink) -> Result<RequestId, SubmitError> {
+        self.engine.add_request(request, sink).map_err(|e| match e {
+            EngineError::InvalidRequest(m) => SubmitError::InvalidRequest(m),
+            EngineError::Overloaded => SubmitError::Overloaded,
+            EngineError::Shutdown => SubmitError::Stopped,
+            other => SubmitError::InvalidRequest(other.to_string()),
+        })
+    }
+
+    fn abort(&self, id: RequestId) {
+        self.engine.abort(id);
+    }
+
+    fn stats(&self) -> CapacityStats {
+        stats_from(&self.engine.stats())
+    }
+
+    fn set_capacity_observer(&self, mut observer: CapacityObserver) {
+        self.engine.set_capacity_observer(Box::new(
+            move |u: &kvroute_engine::runtime::CapacityUpdate| {
+                observer(&CapacityUpdate {
+                    stats: stats_from(&u.stats),
+                    events: u.events.iter().map(event_from).collect(),
+                })
+            },
+        ));
+    }
+
+    fn shutdown(&self) {
+        self.engine.shutdown();
+    }
+}
+
+/// Shows a spinner on a terminal while `f` runs.
+fn with_spinner<T>(message: &str, f: impl FnOnce() -> T) -> T {
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        let s = ProgressBar::new_spinner();
+        s.set_message(message.to_string());
+        s.enable_steady_tick(std::time::Duration::from_millis(100));
+        s
+    });
+    let out = f();
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    out
 }
 
 /// Loads `cfg.model` and starts the engine.
 pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
+    if cfg.device == Device::Cuda {
+        return Err(LoadError::Unsupported {
+            flag: "--device",
+            why: "the CUDA backend is not part of this engine build yet; use --device cpu".into(),
+        });
+    }
+    let kv_memory_bytes = match cfg.kv_budget {
+        KvBudget::Bytes(b) => b,
+        KvBudget::GpuFraction(_) => {
+            return Err(LoadError::Unsupported {
+                flag: "--gpu-memory-utilization",
+                why: "needs the CUDA backend; use --kv-memory".into(),
+            })
+        }
+    };
     let resolved = resolve(&cfg.model, cfg.cache_dir.as_deref())?;
-    let _text = ModelText::load(&resolved)?;
-    Err(LoadError::NoRuntime(resolved.path.display().to_string()))
+    tracing::info!(path = %resolved.path.display(), "loading model");
+    let loaded = with_spinner("loading model", || kvroute_engine::load::load(&resolved)).map_err(
+        |cause| LoadError::Load {
+            path: resolved.path.clone(),
+            cause,
+        },
+    )?;
+    let name = served_name(cfg.served_model_name.as_deref(), &resolved.path);
+    let config = EngineConfig {
+        block_size: cfg.block_size as usize,
+        kv_memory_bytes,
+        max_num_seqs: cfg.max_num_seqs as usize,
+        max_model_len: cfg.max_model_len.map(|v| v as usize),
+        threads: cfg.threads,
+        ..EngineConfig::default()
+    };
+    Ok(Arc::new(EngineBackend::start(loaded, config, name)?))
 }
 
 /// The name clients use: `--served-model-name`, else the model file's name without `.gguf`

@@ -59,8 +59,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(cli::serve(config))?;
-            Ok(())
+            let result = rt.block_on(cli::serve(config));
+            // A model load still running after SIGTERM must not hold the exit.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
         Command::Run(args) => {
             init_logs(LogFormat::Text);

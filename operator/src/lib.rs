@@ -2,4 +2,6 @@
 //! routes and admits requests by free KV blocks.
 pub mod controller;
 pub mod crd;
+pub mod gateway;
 pub mod k8s;
+pub mod up;

@@ -1,9 +1,15 @@
 //! `kvroute`: thin entry point; everything testable lives in the library.
 
 use clap::{Parser, Subcommand};
+use kvroute_operator::gateway::GatewayArgs;
+use kvroute_operator::up::UpArgs;
 
 #[derive(Parser)]
-#[command(name = "kvroute", version, about = "kvroute control plane")]
+#[command(
+    name = "kvroute",
+    version,
+    about = "kvroute: serve LLMs, placing requests by free KV-cache memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -11,6 +17,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway: admit and route OpenAI requests to agents by free KV blocks.
+    Gateway(Box<GatewayArgs>),
+    /// Start N agents and a gateway on this machine; Ctrl-C stops them all.
+    Up(Box<UpArgs>),
     /// Run the ModelDeployment controller.
     Operator(Box<kvroute_operator::controller::app::OperatorArgs>),
     /// Print the ModelDeployment CRD as YAML (what deploy/crd.yaml holds).
@@ -26,20 +36,56 @@ fn init_tracing() {
         .init();
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Gateway(args) => {
+            init_tracing();
+            let config = args.into_config()?;
+            runtime()?.block_on(async move {
+                let gw = kvroute_operator::gateway::start(config).await?;
+                tracing::info!(addr = %gw.addr, "gateway listening");
+                tokio::select! {
+                    r = gw.task => r??,
+                    _ = shutdown_signal() => tracing::info!("shutting down"),
+                }
+                Ok(())
+            })
+        }
+        Command::Up(args) => {
+            init_tracing();
+            runtime()?.block_on(kvroute_operator::up::run(*args))?;
+            Ok(())
+        }
         Command::Operator(args) => {
             init_tracing();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(kvroute_operator::controller::app::serve(*args))?;
+            runtime()?.block_on(kvroute_operator::controller::app::serve(*args))?;
             Ok(())
         }
         Command::Crd => {
             print!("{}", kvroute_operator::crd::crd_yaml()?);
             Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -13,7 +13,7 @@
 //! without a hash go to the head, since reusing them loses nothing.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
 use super::hash::BlockHash;
 
@@ -34,32 +34,67 @@ pub enum BlockEvent {
     AllCleared,
 }
 
-/// A `u64` hasher for keys that are ids or already hashes: one folded multiply (no per-process
-/// seed is needed: keys are not attacker-chosen in a way that matters more than xxHash already
-/// resists, and determinism keeps benchmarks stable).
-#[derive(Default, Clone, Copy)]
-pub(crate) struct U64Hasher(u64);
+/// A fast hasher for `u64` map keys (block hashes, request ids): the key is mixed with a
+/// per-process secret by one folded 128-bit multiply. The secret only decides where keys land
+/// in this process's hash tables (it never leaves the process and changes no result), so
+/// prompts crafted to make block hashes collide in the table cannot degrade lookups.
+#[derive(Clone, Copy)]
+pub(crate) struct U64Hasher {
+    key: u64,
+    acc: u64,
+}
 
 impl Hasher for U64Hasher {
     #[inline]
     fn finish(&self) -> u64 {
-        let m = u128::from(self.0) * 0x9E37_79B9_7F4A_7C15_u128;
+        // An odd multiplier derived from the secret, so the multiply is a bijection.
+        let mul = (self.key.rotate_left(32) ^ 0x9E37_79B9_7F4A_7C15) | 1;
+        let m = u128::from(self.acc ^ self.key) * u128::from(mul);
         (m as u64) ^ ((m >> 64) as u64)
     }
     #[inline]
     fn write(&mut self, bytes: &[u8]) {
-        // Only used for u64 keys; this path keeps the Hasher contract for anything else.
+        // Only u64 keys are used; this keeps the Hasher contract for anything else.
         for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
+            self.acc = (self.acc ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
         }
     }
     #[inline]
     fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
+        self.acc ^= n;
     }
 }
 
-pub(crate) type U64Map<V> = HashMap<u64, V, BuildHasherDefault<U64Hasher>>;
+/// Builds [`U64Hasher`]s with this process's secret.
+#[derive(Clone, Copy)]
+pub(crate) struct U64Build {
+    key: u64,
+}
+
+impl Default for U64Build {
+    fn default() -> Self {
+        static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let key = *KEY.get_or_init(|| {
+            use std::hash::BuildHasher;
+            // std's RandomState is seeded from the OS once per process.
+            std::collections::hash_map::RandomState::new().hash_one(0x006b_7672_6f75_7465_u64)
+        });
+        Self { key }
+    }
+}
+
+impl std::hash::BuildHasher for U64Build {
+    type Hasher = U64Hasher;
+    #[inline]
+    fn build_hasher(&self) -> U64Hasher {
+        U64Hasher {
+            key: self.key,
+            acc: 0,
+        }
+    }
+}
+
+pub(crate) type U64Map<V> = HashMap<u64, V, U64Build>;
 
 #[derive(Clone, Copy)]
 struct Block {

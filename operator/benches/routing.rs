@@ -1,0 +1,121 @@
+//! Routing-decision latency at 10, 100 and 1,000 agents with 4,096-token prompts.
+//!
+//! Criterion reports mean/median; after it, a plain sample loop prints p50/p99/max per size
+//! (criterion does not report tail percentiles). Run: `cargo bench -p kvroute-operator --bench routing`.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use criterion::{BenchmarkId, Criterion};
+use kvroute_operator::gateway::policy::{
+    CacheEvent, Cluster, Decision, PolicyConfig, RandomSource, Report, RouteRequest, SplitMix64,
+};
+
+const BLOCK: u32 = 16;
+const PROMPT_TOKENS: u64 = 4096;
+const CHAINS: u64 = 64;
+
+/// Hash of block `i` of conversation chain `c` (distinct per chain and position).
+fn h(c: u64, i: u64) -> u64 {
+    let mut r = SplitMix64(c.wrapping_mul(1_000_003).wrapping_add(i));
+    r.next_u64()
+}
+
+/// `n` agents with 8,192-block pools, each caching prefixes of a few of 64 shared conversations.
+fn cluster(n: usize) -> Cluster {
+    let mut c = Cluster::new();
+    let mut rng = SplitMix64(7);
+    for i in 0..n {
+        let slot = c.upsert_agent(&format!("10.0.{}.{}:8000", i / 250, i % 250));
+        let mut stored = Vec::new();
+        for _ in 0..4 {
+            let chain = rng.below(CHAINS);
+            let len = 32 + rng.below(224);
+            stored.extend((0..len).map(|b| h(chain, b)));
+        }
+        let report = Report {
+            agent_id: format!("agent-{i}"),
+            epoch: 1,
+            model: "default".into(),
+            block_size: BLOCK,
+            total_blocks: 8192,
+            free_blocks: 1000 + rng.below(7000),
+            running_requests: rng.below(16) as u32,
+            waiting_requests: rng.below(4) as u32,
+            max_model_len: 32_768,
+            snapshot: true,
+            events: vec![CacheEvent::Stored(stored)],
+            ..Report::default()
+        };
+        c.apply_report(slot, report, 0);
+    }
+    c
+}
+
+fn prompt(chain: u64) -> Vec<u64> {
+    (0..PROMPT_TOKENS / u64::from(BLOCK))
+        .map(|b| h(chain, b))
+        .collect()
+}
+
+fn decide(c: &Cluster, cfg: &PolicyConfig, hashes: &[u64], rng: &mut SplitMix64) -> Decision {
+    let req = RouteRequest {
+        model: "default",
+        prompt_tokens: PROMPT_TOKENS,
+        output_tokens: 256,
+        block_size: BLOCK,
+        block_hashes: hashes,
+        exclude: &[],
+    };
+    c.decide(cfg, &req, 0, rng)
+}
+
+fn bench(cr: &mut Criterion) {
+    let cfg = PolicyConfig::default();
+    let mut group = cr.benchmark_group("routing_decision_4096_tokens");
+    for n in [10usize, 100, 1000] {
+        let c = cluster(n);
+        let prompts: Vec<Vec<u64>> = (0..CHAINS).map(prompt).collect();
+        let mut rng = SplitMix64(1);
+        let mut i = 0usize;
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % prompts.len();
+                black_box(decide(&c, &cfg, &prompts[i], &mut rng))
+            })
+        });
+    }
+    group.finish();
+}
+
+fn percentiles() {
+    let cfg = PolicyConfig::default();
+    println!("routing decision latency, 4,096-token prompts (own sample loop, 20,000 decisions):");
+    for n in [10usize, 100, 1000] {
+        let c = cluster(n);
+        let prompts: Vec<Vec<u64>> = (0..CHAINS).map(prompt).collect();
+        let mut rng = SplitMix64(1);
+        let mut samples = Vec::with_capacity(20_000);
+        for i in 0..20_000usize {
+            let p = &prompts[i % prompts.len()];
+            let t = Instant::now();
+            black_box(decide(&c, &cfg, p, &mut rng));
+            samples.push(t.elapsed().as_nanos() as u64);
+        }
+        samples.sort_unstable();
+        let pct = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize] as f64 / 1000.0;
+        println!(
+            "  agents={n:5}  p50={:8.2} us  p99={:8.2} us  max={:8.2} us",
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        );
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    bench(&mut c);
+    c.final_summary();
+    percentiles();
+}

@@ -1,0 +1,265 @@
+//! The admission queue: requests no agent has room for wait here, in priority order, sharing
+//! each priority class fairly across tenants.
+//!
+//! Pure data structure (no clock, no I/O): the router decides when to look at the head, and
+//! deadlines are enforced by each waiting request's own timer. Within a class, tenants take turns
+//! (round-robin by request), and each tenant's requests keep their arrival order, so one tenant's
+//! burst cannot starve another's single request.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Priority class: higher is served first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Priority(pub u8);
+
+impl Priority {
+    pub const LOW: Priority = Priority(0);
+    pub const NORMAL: Priority = Priority(1);
+    pub const HIGH: Priority = Priority(2);
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "low" => Ok(Priority::LOW),
+            "normal" | "default" => Ok(Priority::NORMAL),
+            "high" => Ok(Priority::HIGH),
+            n => n.parse::<u8>().map(Priority).map_err(|_| {
+                format!("invalid priority {s:?} (expected low, normal, high or 0..=255)")
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for Priority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Priority::LOW => f.write_str("low"),
+            Priority::NORMAL => f.write_str("normal"),
+            Priority::HIGH => f.write_str("high"),
+            Priority(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Id of a queued entry, to remove it when its deadline passes.
+pub type EntryId = u64;
+
+#[derive(Debug)]
+struct Class<T> {
+    tenants: HashMap<String, VecDeque<(EntryId, T)>>,
+    /// Tenants with queued requests, in turn order.
+    turn: VecDeque<String>,
+}
+
+impl<T> Default for Class<T> {
+    fn default() -> Self {
+        Self {
+            tenants: HashMap::new(),
+            turn: VecDeque::new(),
+        }
+    }
+}
+
+/// A bounded, priority-ordered, tenant-fair queue.
+#[derive(Debug)]
+pub struct AdmissionQueue<T> {
+    classes: BTreeMap<std::cmp::Reverse<Priority>, Class<T>>,
+    len: usize,
+    capacity: usize,
+    next_id: EntryId,
+}
+
+/// The queue is full; the item comes back.
+#[derive(Debug)]
+pub struct Full<T>(pub T);
+
+impl<T> AdmissionQueue<T> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            classes: BTreeMap::new(),
+            len: 0,
+            capacity,
+            next_id: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Queues `item` for `tenant` in class `priority`.
+    pub fn push(&mut self, priority: Priority, tenant: &str, item: T) -> Result<EntryId, Full<T>> {
+        if self.len >= self.capacity {
+            return Err(Full(item));
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let class = self.classes.entry(std::cmp::Reverse(priority)).or_default();
+        let q = class.tenants.entry(tenant.to_string()).or_default();
+        if q.is_empty() {
+            class.turn.push_back(tenant.to_string());
+        }
+        q.push_back((id, item));
+        self.len += 1;
+        Ok(id)
+    }
+
+    /// The entry to serve next: highest class, the tenant whose turn it is, its oldest request.
+    pub fn peek(&self) -> Option<(EntryId, &T)> {
+        let class = self.classes.values().next()?;
+        let tenant = class.turn.front()?;
+        let (id, item) = class.tenants.get(tenant)?.front()?;
+        Some((*id, item))
+    }
+
+    /// Removes the entry [`peek`](Self::peek) shows; that tenant's turn passes to the next.
+    pub fn pop(&mut self) -> Option<(EntryId, T)> {
+        let mut entry = self.classes.first_entry()?;
+        let class = entry.get_mut();
+        let tenant = class.turn.pop_front()?;
+        let q = class.tenants.get_mut(&tenant)?;
+        let out = q.pop_front();
+        if q.is_empty() {
+            class.tenants.remove(&tenant);
+        } else {
+            class.turn.push_back(tenant);
+        }
+        if class.turn.is_empty() {
+            entry.remove();
+        }
+        if out.is_some() {
+            self.len -= 1;
+        }
+        out
+    }
+
+    /// Removes the entry `id` wherever it is (its deadline passed, or its client left).
+    pub fn remove(&mut self, id: EntryId) -> Option<T> {
+        let mut found = None;
+        for (key, class) in self.classes.iter_mut() {
+            for (tenant, q) in class.tenants.iter_mut() {
+                if let Some(pos) = q.iter().position(|(i, _)| *i == id) {
+                    found = Some((*key, tenant.clone(), pos));
+                    break;
+                }
+            }
+            if found.is_some() {
+                break;
+            }
+        }
+        let (key, tenant, pos) = found?;
+        let class = self.classes.get_mut(&key)?;
+        let q = class.tenants.get_mut(&tenant)?;
+        let (_, item) = q.remove(pos)?;
+        if q.is_empty() {
+            class.tenants.remove(&tenant);
+            class.turn.retain(|t| *t != tenant);
+        }
+        if class.turn.is_empty() {
+            self.classes.remove(&key);
+        }
+        self.len -= 1;
+        Some(item)
+    }
+
+    /// Queued requests per (priority, tenant), for the dashboard and metrics.
+    pub fn depths(&self) -> Vec<(Priority, String, usize)> {
+        let mut out = Vec::new();
+        for (std::cmp::Reverse(p), class) in &self.classes {
+            for tenant in &class.turn {
+                let n = class.tenants.get(tenant).map_or(0, VecDeque::len);
+                out.push((*p, tenant.clone(), n));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn priority_first_then_tenants_take_turns() {
+        let mut q = AdmissionQueue::new(100);
+        for i in 0..3 {
+            q.push(Priority::NORMAL, "bulk", format!("bulk{i}"))
+                .unwrap();
+        }
+        q.push(Priority::NORMAL, "small", "small0".to_string())
+            .unwrap();
+        q.push(Priority::HIGH, "vip", "vip0".to_string()).unwrap();
+        q.push(Priority::LOW, "bulk", "low0".to_string()).unwrap();
+        let order: Vec<String> = std::iter::from_fn(|| q.pop().map(|(_, s)| s)).collect();
+        assert_eq!(order, ["vip0", "bulk0", "small0", "bulk1", "bulk2", "low0"]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn bounded_and_removable() {
+        let mut q = AdmissionQueue::new(2);
+        let a = q.push(Priority::NORMAL, "t", 1).unwrap();
+        q.push(Priority::NORMAL, "u", 2).unwrap();
+        assert!(matches!(q.push(Priority::HIGH, "t", 3), Err(Full(3))));
+        assert_eq!(q.remove(a), Some(1));
+        assert_eq!(q.remove(a), None);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.peek().map(|(_, v)| *v), Some(2));
+    }
+
+    #[test]
+    fn parses_priorities() {
+        assert_eq!("high".parse::<Priority>(), Ok(Priority::HIGH));
+        assert_eq!("7".parse::<Priority>(), Ok(Priority(7)));
+        assert!("urgent!".parse::<Priority>().is_err());
+    }
+
+    proptest! {
+        /// Whatever the interleaving, the queue's length matches its contents, every pushed item
+        /// comes out exactly once, and each tenant's requests keep their order.
+        #[test]
+        fn conserves_items_and_tenant_order(
+            ops in prop::collection::vec((0..3u8, 0..4u8, prop::bool::weighted(0.2)), 1..200)
+        ) {
+            let mut q = AdmissionQueue::new(64);
+            let mut ids = Vec::new();
+            let mut out = Vec::new();
+            let mut pushed = 0usize;
+            for (i, (p, t, remove)) in ops.iter().enumerate() {
+                if *remove && !ids.is_empty() {
+                    let id = ids.swap_remove(i % ids.len());
+                    if q.remove(id).is_some() { pushed -= 1; }
+                } else if let Ok(id) = q.push(Priority(*p), &t.to_string(), (*t, i)) {
+                    ids.push(id);
+                    pushed += 1;
+                }
+                if i % 3 == 0 {
+                    if let Some((_, v)) = q.pop() { out.push(v); pushed -= 1; }
+                }
+                prop_assert_eq!(q.len(), pushed);
+                prop_assert_eq!(q.depths().iter().map(|d| d.2).sum::<usize>(), pushed);
+            }
+            while let Some((_, v)) = q.pop() { out.push(v); }
+            for t in 0..4u8 {
+                let seq: Vec<usize> = out.iter().filter(|v| v.0 == t).map(|v| v.1).collect();
+                // Within one priority a tenant's order holds; across priorities it may not, so
+                // check only that nothing came out twice.
+                let mut sorted = seq.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                prop_assert_eq!(sorted.len(), seq.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The capacity view: one `WatchCapacity` stream per agent, feeding the router.
+//!
+//! Each agent gets a task that subscribes (with block events), hands every report to the router,
+//! and on any failure marks the agent disconnected and reconnects with exponential backoff.
+//! Staleness is judged by the policy from report arrival times; a stream that stays silent longer
+//! than `idle_reconnect` is torn down and redialled (a half-open connection to a paused or
+//! vanished host otherwise never errors). This module never decides anything about routing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvroute_proto::v1::block_event::Kind;
+use kvroute_proto::{AgentClient, CapacityReport, WatchCapacityRequest};
+use tonic::transport::Endpoint;
+
+use super::policy::{CacheEvent, Report, Slot};
+use super::router::Router;
+
+/// Reconnect and timeout settings for capacity streams.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    /// Redial when nothing (not even a heartbeat) arrived for this long.
+    pub idle_reconnect: Duration,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        Self {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            idle_reconnect: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Converts a wire report into the policy's report.
+pub fn to_policy_report(r: CapacityReport) -> Report {
+    let events = r
+        .events
+        .iter()
+        .filter_map(|e| match e.kind() {
+            Kind::Stored => Some(CacheEvent::Stored(e.block_hashes.clone())),
+            Kind::Removed => Some(CacheEvent::Removed(e.block_hashes.clone())),
+            Kind::AllCleared => Some(CacheEvent::AllCleared),
+            Kind::Unspecified => None,
+        })
+        .collect();
+    Report {
+        agent_id: r.agent_id,
+        epoch: r.epoch,
+        sequence: r.sequence,
+        model: r.model,
+        block_size: r.block_size,
+        total_blocks: r.total_blocks,
+        free_blocks: r.free_blocks,
+        cached_evictable_blocks: r.cached_evictable_blocks,
+        running_requests: r.running_requests,
+        waiting_requests: r.waiting_requests,
+        requests_received: r.requests_received,
+        preemptions: r.preemptions,
+        gpu_utilization_percent: r.gpu.map(|g| g.utilization_percent),
+        max_model_len: r.max_model_len,
+        snapshot: r.snapshot,
+        events,
+    }
+}
+
+/// Why one subscription ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("invalid gRPC address {0:?}: {1}")]
+    Address(String, String),
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("no report for {0:?}")]
+    Idle(Duration),
+    #[error("stream ended")]
+    Ended,
+}
+
+/// Watches the agent at `grpc` (e.g. `http://127.0.0.1:9001`) forever, feeding `router` slot `slot`.
+pub async fn watch_agent(router: Arc<Router>, slot: Slot, grpc: String, settings: WatchSettings) {
+    let mut backoff = settings.backoff_initial;
+    loop {
+        let mut got_report = false;
+        let err = subscribe(&router, slot, &grpc, settings, &mut got_report).await;
+        router.on_disconnect(slot);
+        if got_report {
+            backoff = settings.backoff_initial;
+        }
+        tracing::warn!(slot, grpc = %grpc, error = %err, backoff_ms = backoff.as_millis() as u64, "capacity stream down; reconnecting");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(settings.backoff_max);
+    }
+}
+
+async fn subscribe(
+    router: &Arc<Router>,
+    slot: Slot,
+    grpc: &str,
+    settings: WatchSettings,
+    got_report: &mut bool,
+) -> WatchError {
+    let endpoint = match Endpoint::from_shared(grpc.to_string()) {
+        Ok(e) => e
+            .connect_timeout(settings.connect_timeout)
+            .tcp_nodelay(true),
+        Err(e) => return WatchError::Address(grpc.to_string(), e.to_string()),
+    };
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => return e.into(),
+    };
+    let mut client = AgentClient::new(channel);
+    let request = WatchCapacityRequest {
+        subscriber: format!("kvroute-gateway-{}", std::process::id()),
+        include_block_events: true,
+    };
+    let mut stream = match client.watch_capacity(request).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return s.into(),
+    };
+    loop {
+        match tokio::time::timeout(settings.idle_reconnect, stream.message()).await {
+            Err(_) => return WatchError::Idle(settings.idle_reconnect),
+            Ok(Err(s)) => return s.into(),
+            Ok(Ok(None)) => return WatchError::Ended,
+            Ok(Ok(Some(report))) => {
+                if !*got_report {
+                    tracing::info!(slot, agent = %report.agent_id, epoch = report.epoch, free = report.free_blocks, "capacity stream up");
+                }
+                *got_report = true;
+                router.on_report(slot, to_policy_report(report));
+            }
+        }
+    }
+}

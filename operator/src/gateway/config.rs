@@ -1,0 +1,234 @@
+//! `kvroute gateway` flags, validated once into a typed [`GatewayConfig`].
+//!
+//! Errors name the flag and the bad value. Nothing here starts anything.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::admission::Priority;
+use super::policy::{PolicyConfig, PolicyKind, Weights};
+use super::prompt::ReserveOutput;
+use super::source::AgentEndpoint;
+
+/// Flags of `kvroute gateway` (also embedded by `kvroute up`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Address to serve the OpenAI API, /metrics and /dashboard on.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "KVROUTE_LISTEN")]
+    pub listen: SocketAddr,
+    /// An agent to route to, as `http://HOST:PORT,grpc://HOST:PORT` (repeatable).
+    #[arg(long = "agent", value_name = "http://HOST:PORT,grpc://HOST:PORT")]
+    pub agents: Vec<AgentEndpoint>,
+    /// Discover agents from Kubernetes (ModelDeployment EndpointSlices) instead of --agent.
+    #[arg(long, conflicts_with = "agents")]
+    pub kubernetes: bool,
+    /// With --kubernetes: only this namespace (default: every namespace the client may list).
+    #[arg(long, env = "KVROUTE_NAMESPACE", requires = "kubernetes")]
+    pub namespace: Option<String>,
+    /// Routing policy: kv, round-robin, least-requests or gpu-utilization.
+    #[arg(long, default_value = "kv", env = "KVROUTE_POLICY")]
+    pub policy: PolicyKind,
+    /// Requests that may wait for room at once; more are answered 429.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queue: usize,
+    /// How long a request may wait for room before a 429 (e.g. 500ms, 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
+    /// Output tokens to reserve KV room for: `full` (max_tokens) or `expected`.
+    #[arg(long, default_value = "full", value_parser = ["full", "expected"])]
+    pub reserve_output: String,
+    /// With `--reserve-output expected`: output tokens reserved per request at most.
+    #[arg(long, default_value_t = 256)]
+    pub expected_output_tokens: u64,
+    /// An agent whose last capacity report is older than this is not eligible.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub stale_after: Duration,
+    /// Score weight of the cached-prefix fraction (kv policy).
+    #[arg(long, default_value_t = 2.0)]
+    pub weight_prefix: f64,
+    /// Score weight of the free-KV fraction left after the request (kv policy).
+    #[arg(long, default_value_t = 1.0)]
+    pub weight_headroom: f64,
+    /// Score weight of queue pressure, subtracted (kv policy).
+    #[arg(long, default_value_t = 1.0)]
+    pub weight_queue: f64,
+    /// Other agents to try when connecting to the chosen one fails before the first byte.
+    #[arg(long, default_value_t = 2)]
+    pub max_retries: u32,
+    /// End a response whose upstream sent nothing for this long (SSE gets an error event).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+    /// Default priority class for an API key, as `KEY=low|normal|high|0..255` (repeatable).
+    #[arg(long = "priority-for", value_name = "API_KEY=CLASS")]
+    pub priority_for: Vec<String>,
+    /// Seed of the tie-breaking random source (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// A bad flag value.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{flag} {value:?}: {reason}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("no agents: pass --agent http://HOST:PORT,grpc://HOST:PORT or --kubernetes")]
+    NoAgents,
+}
+
+/// Validated gateway settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub agents: Vec<AgentEndpoint>,
+    pub kubernetes: bool,
+    pub namespace: Option<String>,
+    pub policy: PolicyConfig,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    pub reserve_output: ReserveOutput,
+    pub max_retries: u32,
+    pub upstream_idle_timeout: Duration,
+    pub key_priorities: HashMap<String, Priority>,
+    pub seed: u64,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// Parses `250ms`, `3s`, `2m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (e.g. 500ms, 30s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl GatewayArgs {
+    /// Validates the flags.
+    pub fn into_config(self) -> Result<GatewayConfig, ConfigError> {
+        if self.agents.is_empty() && !self.kubernetes {
+            return Err(ConfigError::NoAgents);
+        }
+        for (flag, w) in [
+            ("--weight-prefix", self.weight_prefix),
+            ("--weight-headroom", self.weight_headroom),
+            ("--weight-queue", self.weight_queue),
+        ] {
+            if !w.is_finite() || w < 0.0 {
+                return Err(ConfigError::Invalid {
+                    flag,
+                    value: w.to_string(),
+                    reason: "must be a finite number ≥ 0".into(),
+                });
+            }
+        }
+        if self.max_queue == 0 {
+            return Err(ConfigError::Invalid {
+                flag: "--max-queue",
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        let mut key_priorities = HashMap::new();
+        for kv in &self.priority_for {
+            let invalid = |reason: String| ConfigError::Invalid {
+                flag: "--priority-for",
+                value: kv.clone(),
+                reason,
+            };
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| invalid("expected API_KEY=CLASS".into()))?;
+            let p: Priority = v.parse().map_err(invalid)?;
+            key_priorities.insert(k.to_string(), p);
+        }
+        let reserve_output = if self.reserve_output == "expected" {
+            ReserveOutput::Expected(self.expected_output_tokens.max(1))
+        } else {
+            ReserveOutput::Full
+        };
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        Ok(GatewayConfig {
+            listen: self.listen,
+            agents: self.agents,
+            kubernetes: self.kubernetes,
+            namespace: self.namespace,
+            policy: PolicyConfig {
+                kind: self.policy,
+                weights: Weights {
+                    prefix: self.weight_prefix,
+                    headroom: self.weight_headroom,
+                    queue: self.weight_queue,
+                },
+                stale_after_ms: self.stale_after.as_millis() as u64,
+            },
+            max_queue: self.max_queue,
+            queue_timeout: self.queue_timeout,
+            reserve_output,
+            max_retries: self.max_retries,
+            upstream_idle_timeout: self.upstream_idle_timeout,
+            key_priorities,
+            seed,
+            max_body_bytes: 16 << 20,
+        })
+    }
+}
+
+impl GatewayConfig {
+    /// Defaults for a gateway in front of `agents` (tests, `kvroute up`).
+    pub fn for_agents(listen: SocketAddr, agents: Vec<AgentEndpoint>) -> Self {
+        GatewayConfig {
+            listen,
+            agents,
+            kubernetes: false,
+            namespace: None,
+            policy: PolicyConfig::default(),
+            max_queue: 1024,
+            queue_timeout: Duration::from_secs(30),
+            reserve_output: ReserveOutput::Full,
+            max_retries: 2,
+            upstream_idle_timeout: Duration::from_secs(120),
+            key_priorities: HashMap::new(),
+            seed: 0x006b_7672_6f75_7465,
+            max_body_bytes: 16 << 20,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! `GET /dashboard`: a live page of each agent's KV blocks (used / cached / free, plus this
+//! gateway's reservations) and queue, and the admission queue; `GET /dashboard/state`: the same
+//! data as JSON, which the page polls.
+//!
+//! The page is rendered on the server with the current state (so it shows data without script)
+//! and then refreshed by a small inline script. It never changes routing state.
+
+use serde::Serialize;
+
+use super::router::{AgentSnapshot, QueueSnapshot};
+
+/// Everything the dashboard shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct DashboardState {
+    pub policy: &'static str,
+    pub agents: Vec<AgentSnapshot>,
+    pub queue: QueueSnapshot,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn pct(part: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / total as f64
+    }
+}
+
+/// One agent's row (the script renders the same markup).
+fn agent_row(a: &AgentSnapshot) -> String {
+    let total = a.total_blocks;
+    let cached = a.cached_blocks.min(a.free_blocks);
+    let free = a.free_blocks - cached;
+    let used = a.used_blocks;
+    let status = if a.eligible {
+        "ready"
+    } else if a.connected {
+        "stale"
+    } else {
+        "down"
+    };
+    format!(
+        r#"<tr class="agent" data-agent="{id}"><td>{id}<br><small>{ep}</small></td><td>{model}</td><td class="st {status}">{status}</td>
+<td><div class="bar"><span class="used" style="width:{pu:.1}%"></span><span class="cached" style="width:{pc:.1}%"></span><span class="free" style="width:{pf:.1}%"></span></div>
+<span class="blocks">used {used} / cached {cached} / free {free} of {total} blocks</span></td>
+<td class="num">{reserved}</td><td class="num">{running}</td><td class="num">{waiting}</td><td class="num">{pre}</td></tr>"#,
+        id = esc(if a.agent_id.is_empty() {
+            &a.endpoint
+        } else {
+            &a.agent_id
+        }),
+        ep = esc(&a.endpoint),
+        model = esc(&a.model),
+        pu = pct(used, total),
+        pc = pct(cached, total),
+        pf = pct(free, total),
+        reserved = a.reserved_blocks,
+        running = a.running_requests,
+        waiting = a.waiting_requests,
+        pre = a.preemptions,
+    )
+}
+
+fn queue_rows(q: &QueueSnapshot) -> String {
+    if q.entries.is_empty() {
+        return "<tr><td colspan=3>empty</td></tr>".into();
+    }
+    q.entries
+        .iter()
+        .map(|e| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td class=num>{}</td></tr>",
+                esc(&e.priority),
+                esc(&e.tenant),
+                e.depth
+            )
+        })
+        .collect()
+}
+
+/// The page, with the current state already in it.
+pub fn render(state: &DashboardState) -> String {
+    let rows: String = state.agents.iter().map(agent_row).collect();
+    PAGE.replace("{{POLICY}}", state.policy)
+        .replace("{{AGENTS}}", &rows)
+        .replace("{{QDEPTH}}", &state.queue.depth.to_string())
+        .replace("{{QCAP}}", &state.queue.capacity.to_string())
+        .replace("{{QROWS}}", &queue_rows(&state.queue))
+}
+
+const PAGE: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kvroute gateway</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:24px;color:#222}
+h1{font-size:20px} table{border-collapse:collapse;width:100%;margin-bottom:24px}
+td,th{padding:6px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
+.num{text-align:right}.bar{display:flex;width:360px;height:16px;background:#eee;border-radius:3px;overflow:hidden}
+.used{background:#d9534f}.cached{background:#f0ad4e}.free{background:#5cb85c}
+.st.ready{color:#2a7}.st.stale{color:#c80}.st.down{color:#c22}small{color:#777}
+.legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}
+</style></head>
+<body>
+<h1>kvroute gateway <small>policy <b id="policy">{{POLICY}}</b></small></h1>
+<div class="legend">KV blocks: <span class="used"></span>used<span class="cached"></span>cached (free, holds a prefix)<span class="free"></span>free</div>
+<h2>Agents</h2>
+<table id="agents"><thead><tr><th>agent</th><th>model</th><th>status</th><th>KV blocks</th><th>reserved</th><th>running</th><th>waiting</th><th>preemptions</th></tr></thead>
+<tbody id="agent-rows">{{AGENTS}}</tbody></table>
+<h2>Admission queue: <span id="qdepth">{{QDEPTH}}</span> / <span id="qcap">{{QCAP}}</span></h2>
+<table id="queue"><thead><tr><th>priority</th><th>tenant</th><th>waiting</th></tr></thead><tbody id="queue-rows">{{QROWS}}</tbody></table>
+<script>
+function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
+function pct(p,t){return t?100*p/t:0}
+function row(a){const cached=Math.min(a.cached_blocks,a.free_blocks),free=a.free_blocks-cached,t=a.total_blocks;
+const st=a.eligible?'ready':(a.connected?'stale':'down');const id=a.agent_id||a.endpoint;
+return `<tr class="agent" data-agent="${esc(id)}"><td>${esc(id)}<br><small>${esc(a.endpoint)}</small></td><td>${esc(a.model)}</td><td class="st ${st}">${st}</td>`+
+`<td><div class="bar"><span class="used" style="width:${pct(a.used_blocks,t).toFixed(1)}%"></span><span class="cached" style="width:${pct(cached,t).toFixed(1)}%"></span><span class="free" style="width:${pct(free,t).toFixed(1)}%"></span></div>`+
+`<span class="blocks">used ${a.used_blocks} / cached ${cached} / free ${free} of ${t} blocks</span></td>`+
+`<td class="num">${a.reserved_blocks}</td><td class="num">${a.running_requests}</td><td class="num">${a.waiting_requests}</td><td class="num">${a.preemptions}</td></tr>`}
+async function refresh(){try{const r=await fetch('/dashboard/state');const s=await r.json();
+document.getElementById('agent-rows').innerHTML=s.agents.map(row).join('');
+document.getElementById('qdepth').textContent=s.queue.depth;
+document.getElementById('queue-rows').innerHTML=s.queue.entries.length?s.queue.entries.map(e=>`<tr><td>${esc(e.priority)}</td><td>${esc(e.tenant)}</td><td class=num>${e.depth}</td></tr>`).join(''):'<tr><td colspan=3>empty</td></tr>';
+document.body.dataset.updated=Date.now();}catch(e){}}
+setInterval(refresh,1000);refresh();
+</script>
+</body></html>
+"#;

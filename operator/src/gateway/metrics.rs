@@ -1,0 +1,237 @@
+//! The gateway's Prometheus metrics (`kvroute_gateway_*`), rendered in the text exposition format.
+//!
+//! Owns counters and histograms only; per-agent gauges are read from the router when rendered.
+//! Never blocks on I/O; every update is a short lock or an atomic.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::router::AgentSnapshot;
+
+/// Latency buckets in seconds (upper bounds).
+const DECISION_BUCKETS: &[f64] = &[
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2,
+];
+const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        for (i, b) in self.bounds.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str) {
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
+/// The gateway's metrics registry.
+#[derive(Debug)]
+pub struct Metrics {
+    policy: &'static str,
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    decision: Mutex<Histogram>,
+    queue_wait: Mutex<Histogram>,
+    queue_depth: AtomicU64,
+    retries: AtomicU64,
+    upstream_failures: AtomicU64,
+    midstream_failures: AtomicU64,
+    rejected_queue_full: AtomicU64,
+    rejected_timeout: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new(policy: &'static str) -> Self {
+        Self {
+            policy,
+            requests: Mutex::new(BTreeMap::new()),
+            decision: Mutex::new(Histogram::new(DECISION_BUCKETS)),
+            queue_wait: Mutex::new(Histogram::new(WAIT_BUCKETS)),
+            queue_depth: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            upstream_failures: AtomicU64::new(0),
+            midstream_failures: AtomicU64::new(0),
+            rejected_queue_full: AtomicU64::new(0),
+            rejected_timeout: AtomicU64::new(0),
+        }
+    }
+
+    pub fn count_request(&self, model: &str, status: u16) {
+        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((model.to_string(), status)).or_insert(0) += 1;
+    }
+
+    pub fn observe_decision(&self, d: Duration) {
+        let mut h = self.decision.lock().unwrap_or_else(|p| p.into_inner());
+        h.observe(d.as_secs_f64());
+    }
+
+    pub fn observe_queue_wait(&self, d: Duration) {
+        let mut h = self.queue_wait.lock().unwrap_or_else(|p| p.into_inner());
+        h.observe(d.as_secs_f64());
+    }
+
+    pub fn set_queue_depth(&self, n: usize) {
+        self.queue_depth.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn count_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_upstream_failure(&self) {
+        self.upstream_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_midstream_failure(&self) {
+        self.midstream_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_queue_full(&self) {
+        self.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_queue_timeout(&self) {
+        self.rejected_timeout.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The exposition text, with per-agent gauges from `agents`.
+    pub fn render(&self, agents: &[AgentSnapshot]) -> String {
+        let mut out = String::new();
+        let p = self.policy;
+        out.push_str("# HELP kvroute_gateway_requests_total Requests answered, by model, policy and HTTP status.\n# TYPE kvroute_gateway_requests_total counter\n");
+        for ((model, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "kvroute_gateway_requests_total{{model=\"{}\",policy=\"{p}\",status=\"{status}\"}} {n}",
+                escape(model)
+            );
+        }
+        out.push_str("# HELP kvroute_gateway_queue_depth Requests waiting in the admission queue.\n# TYPE kvroute_gateway_queue_depth gauge\n");
+        let _ = writeln!(
+            out,
+            "kvroute_gateway_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP kvroute_gateway_queue_wait_seconds Time requests waited for admission.\n# TYPE kvroute_gateway_queue_wait_seconds histogram\n");
+        self.queue_wait
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .render(&mut out, "kvroute_gateway_queue_wait_seconds");
+        out.push_str("# HELP kvroute_gateway_routing_decision_seconds Time the policy took per decision.\n# TYPE kvroute_gateway_routing_decision_seconds histogram\n");
+        self.decision
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .render(&mut out, "kvroute_gateway_routing_decision_seconds");
+        for (name, help, v) in [
+            (
+                "kvroute_gateway_retries_total",
+                "Requests re-routed after a connection failure before the first byte.",
+                &self.retries,
+            ),
+            (
+                "kvroute_gateway_upstream_failures_total",
+                "Upstream connections that failed before a response.",
+                &self.upstream_failures,
+            ),
+            (
+                "kvroute_gateway_midstream_failures_total",
+                "Responses cut off by an upstream failure after the first byte.",
+                &self.midstream_failures,
+            ),
+            (
+                "kvroute_gateway_rejected_queue_full_total",
+                "Requests answered 429 because the admission queue was full.",
+                &self.rejected_queue_full,
+            ),
+            (
+                "kvroute_gateway_rejected_deadline_total",
+                "Requests answered 429 because their queue deadline passed.",
+                &self.rejected_timeout,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        for (name, help, f) in [
+            (
+                "kvroute_gateway_agent_free_blocks",
+                "Free KV blocks in the agent's last report.",
+                (|a: &AgentSnapshot| a.free_blocks) as fn(&AgentSnapshot) -> u64,
+            ),
+            (
+                "kvroute_gateway_agent_total_blocks",
+                "KV blocks in the agent's pool.",
+                |a| a.total_blocks,
+            ),
+            (
+                "kvroute_gateway_agent_reserved_blocks",
+                "KV blocks this gateway reserved on the agent, not yet covered by a report.",
+                |a| a.reserved_blocks,
+            ),
+            (
+                "kvroute_gateway_agent_eligible",
+                "1 when the agent is connected and its last report is fresh.",
+                |a| u64::from(a.eligible),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for a in agents {
+                let _ = writeln!(
+                    out,
+                    "{name}{{agent=\"{}\",endpoint=\"{}\"}} {}",
+                    escape(&a.agent_id),
+                    escape(&a.endpoint),
+                    f(a)
+                );
+            }
+        }
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

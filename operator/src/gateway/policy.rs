@@ -1,0 +1,1280 @@
+//! The routing policy and the router's view of the agents: pure data and pure functions.
+//!
+//! [`Cluster`] holds what the gateway knows of each agent (capacity figures from its last report,
+//! the prefix-cache block hashes it holds, the gateway's own outstanding reservations) and an index
+//! from block hash to the agents caching it. [`Cluster::decide`] takes a request (token counts and
+//! block hashes, never text), a clock value and a random source, and returns a [`Decision`].
+//!
+//! This module must never do I/O, read a clock or own a random source: the capacity streams, the
+//! server and the simulator feed it, so tests drive exactly the code that runs in production.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hasher for block hashes, which are already well-mixed 64-bit values: one multiply-rotate
+/// instead of SipHash keeps the prefix walk cheap at 1,000 agents.
+#[derive(Default, Clone, Copy)]
+pub struct BlockHasher(u64);
+
+impl Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ self.0)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
+type BlockSet = HashSet<u64, BuildHasherDefault<BlockHasher>>;
+
+/// Index of an agent in a [`Cluster`]; stable for the cluster's lifetime.
+pub type Slot = usize;
+
+/// Which algorithm picks the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// Free KV blocks and prefix overlap, with admission (the point of kvroute).
+    Kv,
+    /// Baseline: each eligible agent in turn, ignoring KV.
+    RoundRobin,
+    /// Baseline: fewest running + waiting + dispatched-but-unreported requests, ignoring KV.
+    LeastRequests,
+    /// Baseline: lowest GPU utilization (KV usage when the agent has no GPU), ignoring KV room.
+    GpuUtilization,
+}
+
+impl PolicyKind {
+    /// The name used on the command line and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Kv => "kv",
+            PolicyKind::RoundRobin => "round-robin",
+            PolicyKind::LeastRequests => "least-requests",
+            PolicyKind::GpuUtilization => "gpu-utilization",
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kv" => Ok(PolicyKind::Kv),
+            "round-robin" => Ok(PolicyKind::RoundRobin),
+            "least-requests" => Ok(PolicyKind::LeastRequests),
+            "gpu-utilization" => Ok(PolicyKind::GpuUtilization),
+            other => Err(format!(
+                "unknown policy {other:?} (expected kv, round-robin, least-requests or gpu-utilization)"
+            )),
+        }
+    }
+}
+
+/// Weights of the KV policy's score terms (each term is in 0..=1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weights {
+    /// Fraction of the prompt's blocks already cached on the agent.
+    pub prefix: f64,
+    /// Fraction of the agent's pool left free after this request and our reservations.
+    pub headroom: f64,
+    /// Queue pressure (waiting and not-yet-reported requests over all requests), subtracted.
+    pub queue: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self {
+            prefix: 2.0,
+            headroom: 1.0,
+            queue: 1.0,
+        }
+    }
+}
+
+/// Policy settings, validated once at start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyConfig {
+    pub kind: PolicyKind,
+    pub weights: Weights,
+    /// An agent whose last report is older than this (milliseconds) is not eligible.
+    pub stale_after_ms: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            kind: PolicyKind::Kv,
+            weights: Weights::default(),
+            stale_after_ms: 3_000,
+        }
+    }
+}
+
+/// A source of randomness, passed in so decisions are reproducible for a fixed seed.
+pub trait RandomSource {
+    fn next_u64(&mut self) -> u64;
+
+    /// Uniform in `0..n` (`n > 0`); the slight modulo bias does not matter for tie-breaking.
+    fn below(&mut self, n: u64) -> u64 {
+        if n <= 1 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+}
+
+/// SplitMix64: tiny, fast, good enough to break ties; deterministic for a seed.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl RandomSource for SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Prefix-cache changes carried by a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheEvent {
+    Stored(Vec<u64>),
+    Removed(Vec<u64>),
+    AllCleared,
+}
+
+/// One capacity report, decoupled from the wire type so the simulator can produce them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Report {
+    pub agent_id: String,
+    pub epoch: u64,
+    pub sequence: u64,
+    pub model: String,
+    pub block_size: u32,
+    pub total_blocks: u64,
+    pub free_blocks: u64,
+    pub cached_evictable_blocks: u64,
+    pub running_requests: u32,
+    pub waiting_requests: u32,
+    pub requests_received: u64,
+    pub preemptions: u64,
+    pub gpu_utilization_percent: Option<u32>,
+    pub max_model_len: u32,
+    /// True: `events` hold the agent's whole cache; what was known before is dropped.
+    pub snapshot: bool,
+    pub events: Vec<CacheEvent>,
+}
+
+/// Blocks the gateway set aside on an agent for a request it dispatched there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reservation {
+    id: u64,
+    /// The value of the agent's `requests_received` that covers this request.
+    key: u64,
+    blocks: u64,
+}
+
+/// Names one reservation, to cancel it when the request never reached the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservationHandle {
+    pub slot: Slot,
+    pub epoch: u64,
+    pub id: u64,
+    pub blocks: u64,
+}
+
+/// What the gateway knows of one agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentState {
+    /// Where the agent is (its HTTP address); the name shown until it reports its id.
+    pub endpoint: String,
+    /// Still listed by the agent source.
+    pub active: bool,
+    /// Its capacity stream is up.
+    pub connected: bool,
+    /// Clock value (ms) when its last report arrived; `None` before the first one of an epoch.
+    pub last_report_ms: Option<u64>,
+    /// Its last report (without events); `epoch` there is the epoch everything below belongs to.
+    pub report: Report,
+    cached: BlockSet,
+    reservations: VecDeque<Reservation>,
+    reserved_blocks: u64,
+}
+
+impl AgentState {
+    /// Blocks reserved by this gateway and not yet covered by a report.
+    pub fn reserved_blocks(&self) -> u64 {
+        self.reserved_blocks
+    }
+
+    /// Requests dispatched here that the agent's reports do not show yet.
+    pub fn pending_requests(&self) -> usize {
+        self.reservations.len()
+    }
+
+    /// Block hashes the agent is known to cache.
+    pub fn cached_blocks(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Eligible for `model` at clock `now_ms`: listed, connected, fresh, serving it.
+    pub fn eligible(&self, model: &str, now_ms: u64, stale_after_ms: u64) -> bool {
+        self.fresh(now_ms, stale_after_ms) && self.report.model == model
+    }
+
+    /// Listed, connected, and its last report is recent enough.
+    pub fn fresh(&self, now_ms: u64, stale_after_ms: u64) -> bool {
+        self.active
+            && self.connected
+            && self
+                .last_report_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) <= stale_after_ms)
+    }
+}
+
+/// A request as the policy sees it: sizes and block hashes, never text.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    pub model: &'a str,
+    /// Tokens in the prompt.
+    pub prompt_tokens: u64,
+    /// Output tokens to reserve room for.
+    pub output_tokens: u64,
+    /// Block size the hashes were computed with; agents with another size score no overlap.
+    pub block_size: u32,
+    /// Chained hashes of the prompt's full blocks, in order.
+    pub block_hashes: &'a [u64],
+    /// Agents not to pick (a retry after a failed connection).
+    pub exclude: &'a [Slot],
+}
+
+/// The chosen agent and what the choice costs there.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Route {
+    pub slot: Slot,
+    /// Blocks to reserve: blocks(prompt + output) minus cached prefix blocks.
+    pub need_blocks: u64,
+    /// Leading prompt blocks already cached on the agent.
+    pub cached_blocks: u64,
+    pub score: f64,
+}
+
+/// Why a request can never be served as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    /// No agent has ever reported serving this model.
+    UnknownModel,
+    /// The prompt alone needs more blocks than the largest pool serving the model.
+    PromptTooLarge {
+        prompt_blocks: u64,
+        largest_pool: u64,
+    },
+    /// The prompt is longer than every agent's `max_model_len`.
+    PromptTooLong {
+        prompt_tokens: u64,
+        max_model_len: u32,
+    },
+}
+
+/// The policy's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Route(Route),
+    /// No eligible agent has room now; queue and retry when capacity changes.
+    Wait,
+    Reject(Reject),
+}
+
+fn blocks_for(tokens: u64, block_size: u32) -> u64 {
+    let bs = u64::from(block_size.max(1));
+    tokens.div_ceil(bs)
+}
+
+/// The fields a decision reads, packed per agent so a scan over 1,000 agents stays in cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Hot {
+    /// Listed, connected and reported at least once in this epoch.
+    live: bool,
+    last_report_ms: u64,
+    /// Index into `Cluster::models`.
+    model: u32,
+    block_size: u32,
+    max_model_len: u32,
+    running: u32,
+    waiting: u32,
+    pending: u32,
+    gpu_util: Option<u32>,
+    total: u64,
+    free: u64,
+    reserved: u64,
+}
+
+/// The agents, their caches and the gateway's reservations.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    agents: Vec<AgentState>,
+    hot: Vec<Hot>,
+    /// Interned model names (`Hot::model` indexes this).
+    models: Vec<String>,
+    /// Block hash → agents caching it.
+    index: BlockMap<Vec<u32>>,
+    rr_next: Slot,
+    next_reservation_id: u64,
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// All agents ever added (inactive ones included), by slot.
+    pub fn agents(&self) -> &[AgentState] {
+        &self.agents
+    }
+
+    /// The slot of the agent at `endpoint`, adding it (active) if new.
+    pub fn upsert_agent(&mut self, endpoint: &str) -> Slot {
+        if let Some(slot) = self.agents.iter().position(|a| a.endpoint == endpoint) {
+            self.agents[slot].active = true;
+            self.sync_hot(slot);
+            return slot;
+        }
+        self.agents.push(AgentState {
+            endpoint: endpoint.to_string(),
+            active: true,
+            ..AgentState::default()
+        });
+        let slot = self.agents.len() - 1;
+        self.sync_hot(slot);
+        slot
+    }
+
+    fn model_id(&mut self, model: &str) -> u32 {
+        match self.models.iter().position(|m| m == model) {
+            Some(i) => i as u32,
+            None => {
+                self.models.push(model.to_string());
+                (self.models.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The packed view of one agent.
+    fn hot_of(a: &AgentState, model: u32) -> Hot {
+        let r = &a.report;
+        Hot {
+            live: a.active && a.connected && a.last_report_ms.is_some(),
+            last_report_ms: a.last_report_ms.unwrap_or(0),
+            model,
+            block_size: r.block_size.max(1),
+            max_model_len: r.max_model_len,
+            running: r.running_requests,
+            waiting: r.waiting_requests,
+            pending: u32::try_from(a.reservations.len()).unwrap_or(u32::MAX),
+            gpu_util: r.gpu_utilization_percent,
+            total: r.total_blocks,
+            free: r.free_blocks,
+            reserved: a.reserved_blocks,
+        }
+    }
+
+    /// Copies the agent's decision-relevant fields into the packed array.
+    fn sync_hot(&mut self, slot: Slot) {
+        let model = self.model_id(&self.agents[slot].report.model.clone());
+        let hot = Self::hot_of(&self.agents[slot], model);
+        if slot < self.hot.len() {
+            self.hot[slot] = hot;
+        } else {
+            self.hot.push(hot);
+        }
+    }
+
+    /// The agent left the source: not eligible, and what we knew of it is dropped.
+    pub fn deactivate(&mut self, slot: Slot) {
+        if slot < self.agents.len() {
+            self.forget(slot);
+            let a = &mut self.agents[slot];
+            a.active = false;
+            a.connected = false;
+            a.last_report_ms = None;
+            self.sync_hot(slot);
+        }
+    }
+
+    /// The agent's capacity stream went down: not eligible until it reports again.
+    pub fn set_disconnected(&mut self, slot: Slot) {
+        if let Some(a) = self.agents.get_mut(slot) {
+            a.connected = false;
+            self.sync_hot(slot);
+        }
+    }
+
+    /// Drops the agent's cache and reservations (new epoch, or gone).
+    fn forget(&mut self, slot: Slot) {
+        let hashes: Vec<u64> = self.agents[slot].cached.drain().collect();
+        for h in hashes {
+            self.unindex(h, slot);
+        }
+        let a = &mut self.agents[slot];
+        a.reservations.clear();
+        a.reserved_blocks = 0;
+    }
+
+    fn unindex(&mut self, hash: u64, slot: Slot) {
+        if let Some(slots) = self.index.get_mut(&hash) {
+            if let Some(pos) = slots.iter().position(|&s| s as usize == slot) {
+                slots.swap_remove(pos);
+            }
+            if slots.is_empty() {
+                self.index.remove(&hash);
+            }
+        }
+    }
+
+    /// Applies one report from the agent in `slot`, received at clock `now_ms`.
+    /// Returns true when the report began a new epoch (what was known was reset).
+    pub fn apply_report(&mut self, slot: Slot, mut report: Report, now_ms: u64) -> bool {
+        if slot >= self.agents.len() {
+            return false;
+        }
+        let new_epoch = {
+            let a = &self.agents[slot];
+            a.last_report_ms.is_none()
+                || a.report.epoch != report.epoch
+                || a.report.agent_id != report.agent_id
+        };
+        if new_epoch {
+            self.forget(slot);
+        }
+        let events = std::mem::take(&mut report.events);
+        if report.snapshot && !new_epoch {
+            let hashes: Vec<u64> = self.agents[slot].cached.drain().collect();
+            for h in hashes {
+                self.unindex(h, slot);
+            }
+        }
+        for ev in events {
+            match ev {
+                CacheEvent::Stored(hashes) => {
+                    for h in hashes {
+                        if self.agents[slot].cached.insert(h) {
+                            self.index.entry(h).or_default().push(slot as u32);
+                        }
+                    }
+                }
+                CacheEvent::Removed(hashes) => {
+                    for h in hashes {
+                        if self.agents[slot].cached.remove(&h) {
+                            self.unindex(h, slot);
+                        }
+                    }
+                }
+                CacheEvent::AllCleared => {
+                    let hashes: Vec<u64> = self.agents[slot].cached.drain().collect();
+                    for h in hashes {
+                        self.unindex(h, slot);
+                    }
+                }
+            }
+        }
+        let a = &mut self.agents[slot];
+        // Retire every reservation the agent's counter now covers: it counts those requests.
+        while let Some(r) = a.reservations.front() {
+            if r.key <= report.requests_received {
+                a.reserved_blocks = a.reserved_blocks.saturating_sub(r.blocks);
+                a.reservations.pop_front();
+            } else {
+                break;
+            }
+        }
+        a.report = report;
+        a.connected = true;
+        a.last_report_ms = Some(now_ms);
+        self.sync_hot(slot);
+        new_epoch
+    }
+
+    /// Reserves `route.need_blocks` on the chosen agent for a request about to be dispatched.
+    pub fn reserve(&mut self, route: &Route) -> Option<ReservationHandle> {
+        let a = self.agents.get_mut(route.slot)?;
+        let key = a.report.requests_received + a.reservations.len() as u64 + 1;
+        self.next_reservation_id += 1;
+        let id = self.next_reservation_id;
+        a.reservations.push_back(Reservation {
+            id,
+            key,
+            blocks: route.need_blocks,
+        });
+        a.reserved_blocks += route.need_blocks;
+        let epoch = a.report.epoch;
+        self.rr_next = route.slot + 1;
+        self.sync_hot(route.slot);
+        Some(ReservationHandle {
+            slot: route.slot,
+            epoch,
+            id,
+            blocks: route.need_blocks,
+        })
+    }
+
+    /// Cancels a reservation whose request never reached the agent (connection refused).
+    /// Returns false when it was already retired or belonged to an older epoch.
+    pub fn cancel(&mut self, handle: ReservationHandle) -> bool {
+        let Some(a) = self.agents.get_mut(handle.slot) else {
+            return false;
+        };
+        if a.report.epoch != handle.epoch {
+            return false;
+        }
+        let Some(pos) = a.reservations.iter().position(|r| r.id == handle.id) else {
+            return false;
+        };
+        if let Some(r) = a.reservations.remove(pos) {
+            a.reserved_blocks = a.reserved_blocks.saturating_sub(r.blocks);
+        }
+        // The agent will count one request fewer: later requests are covered one value earlier.
+        for r in a.reservations.iter_mut().skip(pos) {
+            r.key -= 1;
+        }
+        self.sync_hot(handle.slot);
+        true
+    }
+
+    /// Leading blocks of `hashes` cached on each agent, by slot.
+    fn prefix_overlap(&self, hashes: &[u64]) -> Vec<u32> {
+        let mut overlap = vec![0u32; self.agents.len()];
+        for (i, h) in hashes.iter().enumerate() {
+            let Some(slots) = self.index.get(h) else {
+                break;
+            };
+            let i = i as u32;
+            let mut advanced = false;
+            for &s in slots {
+                let o = &mut overlap[s as usize];
+                if *o == i {
+                    *o = i + 1;
+                    advanced = true;
+                }
+            }
+            if !advanced {
+                break;
+            }
+        }
+        overlap
+    }
+
+    /// Picks an agent for `req` under `cfg` at clock `now_ms`; ties broken with `rng`.
+    pub fn decide(
+        &self,
+        cfg: &PolicyConfig,
+        req: &RouteRequest<'_>,
+        now_ms: u64,
+        rng: &mut dyn RandomSource,
+    ) -> Decision {
+        let overlap = if cfg.kind == PolicyKind::Kv {
+            self.prefix_overlap(req.block_hashes)
+        } else {
+            Vec::new()
+        };
+        let prompt_blocks = req.block_hashes.len().max(1) as f64;
+
+        let mut best: Option<Route> = None;
+        let mut ties = 0u64;
+        let n = self.hot.len();
+        let Some(model) = self.models.iter().position(|m| m == req.model) else {
+            return self.why_not(req);
+        };
+        let model = model as u32;
+        let total_tokens = req.prompt_tokens + req.output_tokens;
+        // Block counts for the last block size seen (agents of a model share one in practice).
+        let mut sized = (0u32, 0u64, 0u64);
+        for k in 0..n {
+            // Round-robin walks from the cursor; the others scan in slot order.
+            let slot = if cfg.kind == PolicyKind::RoundRobin {
+                (self.rr_next + k) % n
+            } else {
+                k
+            };
+            let h = &self.hot[slot];
+            if !h.live
+                || h.model != model
+                || now_ms.saturating_sub(h.last_report_ms) > cfg.stale_after_ms
+                || (h.max_model_len > 0 && req.prompt_tokens >= u64::from(h.max_model_len))
+                || req.exclude.contains(&slot)
+            {
+                continue;
+            }
+            if sized.0 != h.block_size {
+                sized = (
+                    h.block_size,
+                    blocks_for(total_tokens, h.block_size),
+                    blocks_for(req.prompt_tokens + 1, h.block_size),
+                );
+            }
+            let (_, all_blocks, prompt_min) = sized;
+            if prompt_min > h.total {
+                continue;
+            }
+            // A request whose reserved output would not fit even in an empty pool is clamped to
+            // the pool: it can still run when the agent is idle.
+            let blocks = all_blocks.min(h.total);
+            let cached = if h.block_size == req.block_size {
+                overlap.get(slot).copied().map_or(0, u64::from)
+            } else {
+                0
+            };
+            let need = blocks.saturating_sub(cached);
+            let headroom = h.free as i128 - h.reserved as i128 - need as i128;
+            let score = match cfg.kind {
+                PolicyKind::Kv => {
+                    if headroom < 0 {
+                        continue;
+                    }
+                    let prefix = cached as f64 / prompt_blocks;
+                    let room = headroom as f64 / h.total.max(1) as f64;
+                    let queued = u64::from(h.waiting) + u64::from(h.pending);
+                    let all = queued + u64::from(h.running) + 1;
+                    let pressure = queued as f64 / all as f64;
+                    cfg.weights.prefix * prefix + cfg.weights.headroom * room
+                        - cfg.weights.queue * pressure
+                }
+                PolicyKind::RoundRobin => {
+                    // The first eligible agent from the cursor wins outright.
+                    best = Some(Route {
+                        slot,
+                        need_blocks: need,
+                        cached_blocks: cached,
+                        score: 0.0,
+                    });
+                    break;
+                }
+                PolicyKind::LeastRequests => {
+                    let load = u64::from(h.running) + u64::from(h.waiting) + u64::from(h.pending);
+                    -(load as f64)
+                }
+                PolicyKind::GpuUtilization => {
+                    let util = match h.gpu_util {
+                        Some(u) => f64::from(u),
+                        None if h.total > 0 => {
+                            100.0 * (h.total - h.free.min(h.total)) as f64 / h.total as f64
+                        }
+                        None => 0.0,
+                    };
+                    -util
+                }
+            };
+            let candidate = Route {
+                slot,
+                need_blocks: need,
+                cached_blocks: cached,
+                score,
+            };
+            match best {
+                None => {
+                    best = Some(candidate);
+                    ties = 1;
+                }
+                Some(b) if score > b.score + 1e-12 => {
+                    best = Some(candidate);
+                    ties = 1;
+                }
+                Some(b) if (score - b.score).abs() <= 1e-12 => {
+                    // Reservoir sampling: each tied agent ends up chosen with equal chance.
+                    ties += 1;
+                    if rng.below(ties) == 0 {
+                        best = Some(candidate);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        match best {
+            Some(route) => Decision::Route(route),
+            None => self.why_not(req),
+        }
+    }
+
+    /// No agent was picked: a request that can never be served is rejected (judged on every
+    /// agent that ever reported the model, stale ones included: pool sizes do not go stale);
+    /// anything else waits for capacity.
+    fn why_not(&self, req: &RouteRequest<'_>) -> Decision {
+        let known = || {
+            self.agents
+                .iter()
+                .filter(|a| a.active && a.last_report_ms.is_some() && a.report.model == req.model)
+        };
+        if known().next().is_none() {
+            return if self
+                .agents
+                .iter()
+                .any(|a| a.active && a.last_report_ms.is_none())
+            {
+                // Agents still starting up might serve it.
+                Decision::Wait
+            } else {
+                Decision::Reject(Reject::UnknownModel)
+            };
+        }
+        let max_len = known().map(|a| a.report.max_model_len).max().unwrap_or(0);
+        if max_len > 0 && req.prompt_tokens >= u64::from(max_len) {
+            return Decision::Reject(Reject::PromptTooLong {
+                prompt_tokens: req.prompt_tokens,
+                max_model_len: max_len,
+            });
+        }
+        let fits = |a: &AgentState| {
+            blocks_for(req.prompt_tokens + 1, a.report.block_size) <= a.report.total_blocks
+        };
+        if !known().any(fits) {
+            let largest = known().map(|a| a.report.total_blocks).max().unwrap_or(0);
+            let bs = known().next().map_or(1, |a| a.report.block_size);
+            return Decision::Reject(Reject::PromptTooLarge {
+                prompt_blocks: blocks_for(req.prompt_tokens + 1, bs),
+                largest_pool: largest,
+            });
+        }
+        Decision::Wait
+    }
+
+    /// Checks the bookkeeping invariants (tests and debug assertions).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (slot, a) in self.agents.iter().enumerate() {
+            let sum: u64 = a.reservations.iter().map(|r| r.blocks).sum();
+            if sum != a.reserved_blocks {
+                return Err(format!(
+                    "agent {slot}: reserved {} != sum {sum}",
+                    a.reserved_blocks
+                ));
+            }
+            let keys: Vec<u64> = a.reservations.iter().map(|r| r.key).collect();
+            if keys.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(format!("agent {slot}: keys not increasing: {keys:?}"));
+            }
+            if keys
+                .first()
+                .is_some_and(|&k| k <= a.report.requests_received)
+            {
+                return Err(format!("agent {slot}: covered reservation kept: {keys:?}"));
+            }
+            for h in &a.cached {
+                if !self
+                    .index
+                    .get(h)
+                    .is_some_and(|s| s.contains(&(slot as u32)))
+                {
+                    return Err(format!("agent {slot}: hash {h} missing from index"));
+                }
+            }
+        }
+        for (slot, a) in self.agents.iter().enumerate() {
+            let model = self.models.iter().position(|m| *m == a.report.model);
+            let want = model.map(|m| Self::hot_of(a, m as u32));
+            if want.is_none() || self.hot.get(slot).copied() != want {
+                return Err(format!("agent {slot}: packed view out of date"));
+            }
+        }
+        for (h, slots) in &self.index {
+            for &s in slots {
+                if !self.agents[s as usize].cached.contains(h) {
+                    return Err(format!("index: hash {h} on {s} not cached there"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn report(id: &str, epoch: u64, total: u64, free: u64) -> Report {
+        Report {
+            agent_id: id.into(),
+            epoch,
+            model: "m".into(),
+            block_size: 16,
+            total_blocks: total,
+            free_blocks: free,
+            max_model_len: 100_000,
+            snapshot: true,
+            ..Report::default()
+        }
+    }
+
+    fn req<'a>(prompt: u64, output: u64, hashes: &'a [u64]) -> RouteRequest<'a> {
+        RouteRequest {
+            model: "m",
+            prompt_tokens: prompt,
+            output_tokens: output,
+            block_size: 16,
+            block_hashes: hashes,
+            exclude: &[],
+        }
+    }
+
+    fn cluster(frees: &[(u64, u64)]) -> Cluster {
+        let mut c = Cluster::new();
+        for (i, &(total, free)) in frees.iter().enumerate() {
+            let s = c.upsert_agent(&format!("a{i}"));
+            c.apply_report(s, report(&format!("a{i}"), 1, total, free), 0);
+        }
+        c
+    }
+
+    #[test]
+    fn picks_agent_with_most_headroom() {
+        let c = cluster(&[(100, 10), (100, 80), (100, 40)]);
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &req(64, 16, &[]),
+            0,
+            &mut SplitMix64(1),
+        );
+        let Decision::Route(r) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(r.slot, 1);
+        assert_eq!(r.need_blocks, 5);
+    }
+
+    #[test]
+    fn prefers_cached_prefix() {
+        let mut c = cluster(&[(100, 50), (100, 60)]);
+        let hashes = [11, 12, 13, 14];
+        c.apply_report(
+            0,
+            Report {
+                snapshot: false,
+                events: vec![CacheEvent::Stored(vec![11, 12, 13, 14])],
+                ..report("a0", 1, 100, 50)
+            },
+            1,
+        );
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &req(70, 16, &hashes),
+            1,
+            &mut SplitMix64(1),
+        );
+        let Decision::Route(r) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(r.slot, 0);
+        assert_eq!(r.cached_blocks, 4);
+        assert_eq!(r.need_blocks, 6 - 4);
+    }
+
+    #[test]
+    fn prefix_must_be_leading() {
+        let mut c = cluster(&[(100, 50)]);
+        c.apply_report(
+            0,
+            Report {
+                snapshot: true,
+                events: vec![CacheEvent::Stored(vec![12, 13])],
+                ..report("a0", 1, 100, 50)
+            },
+            0,
+        );
+        let Decision::Route(r) = c.decide(
+            &PolicyConfig::default(),
+            &req(64, 0, &[11, 12, 13, 14]),
+            0,
+            &mut SplitMix64(1),
+        ) else {
+            panic!()
+        };
+        assert_eq!(r.cached_blocks, 0);
+    }
+
+    #[test]
+    fn waits_when_no_room_and_rejects_never_fitting() {
+        let c = cluster(&[(10, 2), (10, 3)]);
+        let cfg = PolicyConfig::default();
+        assert_eq!(
+            c.decide(&cfg, &req(64, 16, &[]), 0, &mut SplitMix64(1)),
+            Decision::Wait
+        );
+        assert!(matches!(
+            c.decide(&cfg, &req(16 * 10, 1, &[]), 0, &mut SplitMix64(1)),
+            Decision::Reject(Reject::PromptTooLarge {
+                largest_pool: 10,
+                ..
+            })
+        ));
+        let mut other = req(1, 1, &[]);
+        other.model = "other";
+        assert_eq!(
+            c.decide(&cfg, &other, 0, &mut SplitMix64(1)),
+            Decision::Reject(Reject::UnknownModel)
+        );
+    }
+
+    #[test]
+    fn stale_and_disconnected_agents_are_not_eligible() {
+        let mut c = cluster(&[(100, 90), (100, 10)]);
+        let cfg = PolicyConfig::default();
+        c.set_disconnected(0);
+        let Decision::Route(r) = c.decide(&cfg, &req(16, 16, &[]), 0, &mut SplitMix64(1)) else {
+            panic!()
+        };
+        assert_eq!(r.slot, 1);
+        // Both stale: wait, never crash or pick.
+        assert_eq!(
+            c.decide(&cfg, &req(16, 16, &[]), 10_000, &mut SplitMix64(1)),
+            Decision::Wait
+        );
+    }
+
+    #[test]
+    fn reservations_retire_on_counter_and_reset_on_epoch() {
+        let mut c = cluster(&[(100, 100)]);
+        let cfg = PolicyConfig::default();
+        let mut handles = Vec::new();
+        for _ in 0..3 {
+            let Decision::Route(r) = c.decide(&cfg, &req(160, 0, &[]), 0, &mut SplitMix64(1))
+            else {
+                panic!()
+            };
+            handles.push(c.reserve(&r).unwrap());
+        }
+        assert_eq!(c.agents()[0].reserved_blocks(), 30);
+        // The second request never reached the agent.
+        assert!(c.cancel(handles[1]));
+        assert_eq!(c.agents()[0].reserved_blocks(), 20);
+        c.check_invariants().unwrap();
+        // The agent has seen one request: only the first is retired.
+        c.apply_report(
+            0,
+            Report {
+                requests_received: 1,
+                snapshot: false,
+                ..report("a0", 1, 100, 90)
+            },
+            1,
+        );
+        assert_eq!(c.agents()[0].reserved_blocks(), 10);
+        c.apply_report(
+            0,
+            Report {
+                requests_received: 2,
+                snapshot: false,
+                ..report("a0", 1, 100, 80)
+            },
+            2,
+        );
+        assert_eq!(c.agents()[0].reserved_blocks(), 0);
+        // A new epoch drops reservations and the cache.
+        let Decision::Route(r) = c.decide(&cfg, &req(160, 0, &[]), 2, &mut SplitMix64(1)) else {
+            panic!()
+        };
+        let h = c.reserve(&r).unwrap();
+        c.apply_report(
+            0,
+            Report {
+                events: vec![CacheEvent::Stored(vec![1, 2])],
+                ..report("a0", 2, 100, 100)
+            },
+            3,
+        );
+        assert_eq!(c.agents()[0].reserved_blocks(), 0);
+        assert!(!c.cancel(h), "a reservation of the old epoch is gone");
+        c.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn baselines_ignore_room() {
+        let c = cluster(&[(10, 0), (10, 0)]);
+        for kind in [
+            PolicyKind::RoundRobin,
+            PolicyKind::LeastRequests,
+            PolicyKind::GpuUtilization,
+        ] {
+            let cfg = PolicyConfig {
+                kind,
+                ..PolicyConfig::default()
+            };
+            assert!(matches!(
+                c.decide(&cfg, &req(16, 16, &[]), 0, &mut SplitMix64(3)),
+                Decision::Route(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let mut c = cluster(&[(10, 10), (10, 10), (10, 10)]);
+        let cfg = PolicyConfig {
+            kind: PolicyKind::RoundRobin,
+            ..PolicyConfig::default()
+        };
+        let mut picks = Vec::new();
+        for _ in 0..6 {
+            let Decision::Route(r) = c.decide(&cfg, &req(1, 1, &[]), 0, &mut SplitMix64(1)) else {
+                panic!()
+            };
+            c.reserve(&r);
+            picks.push(r.slot);
+        }
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn retry_excludes_failed_agent() {
+        let c = cluster(&[(100, 90), (100, 10)]);
+        let mut r = req(16, 16, &[]);
+        r.exclude = &[0];
+        let Decision::Route(route) = c.decide(&PolicyConfig::default(), &r, 0, &mut SplitMix64(1))
+        else {
+            panic!()
+        };
+        assert_eq!(route.slot, 1);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Report {
+            agent: usize,
+            epoch_bump: bool,
+            free: u64,
+            received_step: u64,
+            store: Vec<u64>,
+            remove: Vec<u64>,
+            snapshot: bool,
+        },
+        Route {
+            prompt: u64,
+            output: u64,
+            hashes: Vec<u64>,
+        },
+        Cancel(usize),
+        Disconnect(usize),
+        Tick(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (
+                0..5usize,
+                prop::bool::weighted(0.05),
+                0..200u64,
+                0..3u64,
+                prop::collection::vec(0..40u64, 0..6),
+                prop::collection::vec(0..40u64, 0..3),
+                prop::bool::weighted(0.1)
+            )
+                .prop_map(
+                    |(agent, epoch_bump, free, received_step, store, remove, snapshot)| {
+                        Op::Report {
+                            agent,
+                            epoch_bump,
+                            free,
+                            received_step,
+                            store,
+                            remove,
+                            snapshot,
+                        }
+                    }
+                ),
+            (1..3000u64, 0..500u64, prop::collection::vec(0..40u64, 0..8)).prop_map(
+                |(prompt, output, hashes)| Op::Route {
+                    prompt,
+                    output,
+                    hashes
+                }
+            ),
+            (0..64usize).prop_map(Op::Cancel),
+            (0..5usize).prop_map(Op::Disconnect),
+            (0..2000u64).prop_map(Op::Tick),
+        ]
+    }
+
+    struct Sim {
+        c: Cluster,
+        epochs: Vec<u64>,
+        received: Vec<u64>,
+        totals: Vec<u64>,
+        handles: Vec<ReservationHandle>,
+        now: u64,
+    }
+
+    fn run(ops: &[Op], seed: u64, kind: PolicyKind) -> (Vec<Decision>, Sim) {
+        let cfg = PolicyConfig {
+            kind,
+            ..PolicyConfig::default()
+        };
+        let mut sim = Sim {
+            c: Cluster::new(),
+            epochs: vec![1; 5],
+            received: vec![0; 5],
+            totals: vec![50, 100, 150, 200, 400],
+            handles: Vec::new(),
+            now: 0,
+        };
+        for i in 0..5 {
+            sim.c.upsert_agent(&format!("a{i}"));
+        }
+        let mut rng = SplitMix64(seed);
+        let mut decisions = Vec::new();
+        for op in ops {
+            match op {
+                Op::Report {
+                    agent,
+                    epoch_bump,
+                    free,
+                    received_step,
+                    store,
+                    remove,
+                    snapshot,
+                } => {
+                    if *epoch_bump {
+                        sim.epochs[*agent] += 1;
+                        sim.received[*agent] = 0;
+                    }
+                    sim.received[*agent] += received_step;
+                    let total = sim.totals[*agent];
+                    let r = Report {
+                        agent_id: format!("a{agent}"),
+                        epoch: sim.epochs[*agent],
+                        model: "m".into(),
+                        block_size: 16,
+                        total_blocks: total,
+                        free_blocks: (*free).min(total),
+                        requests_received: sim.received[*agent],
+                        max_model_len: 4096,
+                        snapshot: *snapshot,
+                        events: vec![
+                            CacheEvent::Stored(store.clone()),
+                            CacheEvent::Removed(remove.clone()),
+                        ],
+                        ..Report::default()
+                    };
+                    sim.c.apply_report(*agent, r, sim.now);
+                }
+                Op::Route {
+                    prompt,
+                    output,
+                    hashes,
+                } => {
+                    let rq = RouteRequest {
+                        model: "m",
+                        prompt_tokens: *prompt,
+                        output_tokens: *output,
+                        block_size: 16,
+                        block_hashes: hashes,
+                        exclude: &[],
+                    };
+                    let d = sim.c.decide(&cfg, &rq, sim.now, &mut rng);
+                    if let Decision::Route(r) = &d {
+                        let a = &sim.c.agents()[r.slot];
+                        // Stale or down agents are never picked.
+                        assert!(a.eligible("m", sim.now, cfg.stale_after_ms));
+                        if kind == PolicyKind::Kv {
+                            // Never an agent without room for what it needs.
+                            assert!(
+                                a.report.free_blocks >= a.reserved_blocks() + r.need_blocks,
+                                "picked {} without room: free {} reserved {} need {}",
+                                r.slot,
+                                a.report.free_blocks,
+                                a.reserved_blocks(),
+                                r.need_blocks
+                            );
+                        }
+                        let h = sim.c.reserve(r).unwrap();
+                        sim.handles.push(h);
+                    }
+                    decisions.push(d);
+                }
+                Op::Cancel(i) => {
+                    if !sim.handles.is_empty() {
+                        let h = sim.handles.remove(i % sim.handles.len());
+                        sim.c.cancel(h);
+                    }
+                }
+                Op::Disconnect(a) => sim.c.set_disconnected(*a),
+                Op::Tick(ms) => sim.now += ms,
+            }
+            sim.c.check_invariants().unwrap();
+        }
+        (decisions, sim)
+    }
+
+    proptest! {
+        #[test]
+        fn kv_policy_never_overcommits_and_books_balance(
+            ops in prop::collection::vec(op(), 1..200),
+            seed in any::<u64>(),
+        ) {
+            let (_, sim) = run(&ops, seed, PolicyKind::Kv);
+            for a in sim.c.agents() {
+                // Reservations never go negative: the total equals the sum of live ones.
+                prop_assert!(a.reserved_blocks() <= a.pending_requests() as u64 * 400);
+            }
+        }
+
+        #[test]
+        fn deterministic_for_a_fixed_seed(
+            ops in prop::collection::vec(op(), 1..150),
+            seed in any::<u64>(),
+            kind in prop_oneof![
+                Just(PolicyKind::Kv),
+                Just(PolicyKind::RoundRobin),
+                Just(PolicyKind::LeastRequests),
+                Just(PolicyKind::GpuUtilization)
+            ],
+        ) {
+            let (a, _) = run(&ops, seed, kind);
+            let (b, _) = run(&ops, seed, kind);
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn all_policies_only_pick_eligible_agents(
+            ops in prop::collection::vec(op(), 1..150),
+            seed in any::<u64>(),
+        ) {
+            for kind in [PolicyKind::RoundRobin, PolicyKind::LeastRequests, PolicyKind::GpuUtilization] {
+                run(&ops, seed, kind);
+            }
+        }
+
+        #[test]
+        fn full_reports_retire_everything(
+            n in 1..50usize,
+            seed in any::<u64>(),
+        ) {
+            let mut c = cluster(&[(1000, 1000), (1000, 1000)]);
+            let mut rng = SplitMix64(seed);
+            let cfg = PolicyConfig::default();
+            let mut sent = [0u64; 2];
+            for _ in 0..n {
+                if let Decision::Route(r) = c.decide(&cfg, &req(100, 10, &[]), 0, &mut rng) {
+                    c.reserve(&r);
+                    sent[r.slot] += 1;
+                }
+            }
+            for (s, &count) in sent.iter().enumerate() {
+                c.apply_report(s, Report {
+                    requests_received: count,
+                    snapshot: false,
+                    ..report(&format!("a{s}"), 1, 1000, 1000)
+                }, 1);
+                prop_assert_eq!(c.agents()[s].reserved_blocks(), 0);
+                prop_assert_eq!(c.agents()[s].pending_requests(), 0);
+            }
+        }
+    }
+}

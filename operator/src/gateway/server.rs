@@ -1,0 +1,425 @@
+//! The gateway's HTTP server: the OpenAI endpoints (admitted, routed and proxied), `/v1/models`,
+//! `/health`, `/ready`, `/metrics` and the dashboard.
+//!
+//! Owns the request flow: parse → plan (tokens, block hashes) → admit (maybe wait) → forward
+//! (retry on another agent if the connection fails before the first byte) → relay. It never
+//! decides routing itself (that is `policy`, through `router`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router as HttpRouter;
+use http_body_util::BodyExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::admission::Priority;
+use super::capacity::WatchSettings;
+use super::config::GatewayConfig;
+use super::dashboard::{self, DashboardState};
+use super::error::Error;
+use super::metrics::Metrics;
+use super::prompt::{self, Endpoint, ModelCatalog, ModelInfo};
+use super::proxy::{self, HttpClient};
+use super::router::{AdmitError, Router};
+use super::source::{track_agents, AgentSource, KubernetesAgents, StaticAgents};
+
+/// Shared state of a running gateway.
+pub struct Gateway {
+    pub config: GatewayConfig,
+    pub router: Arc<Router>,
+    pub metrics: Arc<Metrics>,
+    catalog: ModelCatalog,
+    client: HttpClient,
+}
+
+/// Why the gateway could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("bind {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("serve: {0}")]
+    Serve(std::io::Error),
+    #[error("--kubernetes: no Kubernetes client configuration: {0}")]
+    Kubernetes(String),
+}
+
+/// A gateway started in this process.
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningGateway {
+    /// Stops serving (in-flight streams are dropped).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new(config.policy.kind.as_str()));
+        let router = Arc::new(Router::new(
+            config.policy,
+            config.max_queue,
+            config.seed,
+            Arc::clone(&metrics),
+        ));
+        Arc::new(Self {
+            config,
+            router,
+            metrics,
+            catalog: ModelCatalog::default(),
+            client: proxy::http_client(),
+        })
+    }
+
+    /// The model's tokenizer and template, fetched once from an agent serving it.
+    async fn model_info(&self, model: &str) -> Option<Arc<ModelInfo>> {
+        if let Some(i) = self.catalog.get(model) {
+            return Some(i);
+        }
+        if !self.catalog.should_fetch(model) {
+            return None;
+        }
+        let endpoint = self.router.endpoint_for_model(Some(model))?;
+        let fetched = async {
+            let req = hyper::Request::get(format!("http://{endpoint}/v1/kvroute/model"))
+                .body(http_body_util::Full::new(Bytes::new()))
+                .ok()?;
+            let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
+                .await
+                .ok()?
+                .ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            match ModelInfo::from_json(&body) {
+                Ok(info) => Some(info),
+                Err(e) => {
+                    tracing::warn!(model, error = %e, "bad model info from agent");
+                    None
+                }
+            }
+        }
+        .await;
+        match fetched {
+            Some(info) if info.model == model => {
+                tracing::info!(
+                    model,
+                    tokenizer = info.tokenizer.is_some(),
+                    "model info cached"
+                );
+                Some(self.catalog.insert(info))
+            }
+            _ => {
+                tracing::warn!(model, endpoint = %endpoint, "no model info; sizing prompts by estimate");
+                self.catalog.mark_failed(model);
+                None
+            }
+        }
+    }
+
+    fn dashboard_state(&self) -> DashboardState {
+        DashboardState {
+            policy: self.config.policy.kind.as_str(),
+            agents: self.router.agents(),
+            queue: self.router.queue(),
+        }
+    }
+
+    /// Priority class and tenant of a request, from its headers.
+    fn classify(&self, headers: &HeaderMap) -> Result<(Priority, String), Error> {
+        let api_key = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty());
+        let priority = match headers.get("x-kvroute-priority") {
+            Some(v) => v
+                .to_str()
+                .map_err(|_| "not text".to_string())
+                .and_then(str::parse::<Priority>)
+                .map_err(|e| Error::BadRequest {
+                    message: format!("header x-kvroute-priority: {e}"),
+                    param: None,
+                })?,
+            None => api_key
+                .and_then(|k| self.config.key_priorities.get(k).copied())
+                .unwrap_or(Priority::NORMAL),
+        };
+        let tenant = headers
+            .get("x-kvroute-tenant")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| api_key.map(|k| format!("key:{}", &k[..k.len().min(12)])))
+            .unwrap_or_else(|| "anonymous".to_string());
+        Ok((priority, tenant))
+    }
+
+    /// The whole life of one OpenAI request.
+    async fn handle(
+        self: Arc<Self>,
+        endpoint: Endpoint,
+        path: &'static str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response, Error> {
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| Error::BadRequest {
+                message: format!("request body is not valid JSON: {e}"),
+                param: None,
+            })?;
+        if !value.is_object() {
+            return Err(Error::BadRequest {
+                message: "request body must be a JSON object".into(),
+                param: None,
+            });
+        }
+        let model = prompt::model_of(&value).map_err(bad_request)?.to_string();
+        prompt::is_stream(&value).map_err(bad_request)?;
+        let info = self.model_info(&model).await;
+        let plan = prompt::plan(
+            endpoint,
+            &value,
+            info.as_deref(),
+            self.config.reserve_output,
+        )
+        .map_err(bad_request)?;
+        let (priority, tenant) = self.classify(&headers)?;
+        let deadline = Instant::now() + self.config.queue_timeout;
+        let retry_after_s = self.config.queue_timeout.as_secs().clamp(1, 30);
+        let mut exclude = Vec::new();
+        let mut last_error = String::from("no agent tried");
+        for attempt in 0..=self.config.max_retries {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut admitted = match self
+                .router
+                .admit(plan.clone(), exclude.clone(), priority, &tenant, remaining)
+                .await
+            {
+                Ok(a) => a,
+                Err(AdmitError::QueueFull) => {
+                    self.metrics.count_queue_full();
+                    return Err(Error::QueueFull { retry_after_s: 1 });
+                }
+                Err(AdmitError::Timeout) if attempt > 0 => {
+                    return Err(Error::Upstream(last_error));
+                }
+                Err(AdmitError::Timeout) => {
+                    self.metrics.count_queue_timeout();
+                    return Err(Error::QueueTimeout { retry_after_s });
+                }
+                Err(AdmitError::Reject(r)) => {
+                    if attempt > 0 {
+                        return Err(Error::Upstream(last_error));
+                    }
+                    return Err(Error::from_reject(&model, r));
+                }
+            };
+            let req = proxy::upstream_request(&admitted.endpoint, path, &headers, body.clone())
+                .map_err(|e| Error::Upstream(e.to_string()))?;
+            admitted.mark_sent();
+            match self.client.request(req).await {
+                Ok(resp) => {
+                    tracing::debug!(agent = %admitted.agent_id, need = admitted.route.need_blocks, cached = admitted.route.cached_blocks, "routed");
+                    self.metrics.count_request(&model, resp.status().as_u16());
+                    return Ok(proxy::relay(
+                        resp,
+                        &admitted.agent_id,
+                        self.config.upstream_idle_timeout,
+                        Arc::clone(&self.metrics),
+                    ));
+                }
+                Err(e) => {
+                    self.metrics.count_upstream_failure();
+                    last_error = format!("{}: {e}", admitted.endpoint);
+                    tracing::warn!(agent = %admitted.agent_id, endpoint = %admitted.endpoint, error = %e, connect = e.is_connect(), "upstream failed before the first byte");
+                    exclude.push(admitted.route.slot);
+                    if e.is_connect() {
+                        // Never reached the agent: its blocks are free again.
+                        admitted.cancel();
+                    }
+                    if attempt < self.config.max_retries {
+                        self.metrics.count_retry();
+                    }
+                }
+            }
+        }
+        Err(Error::Upstream(last_error))
+    }
+}
+
+fn bad_request(e: prompt::BadRequest) -> Error {
+    Error::BadRequest {
+        message: e.message,
+        param: e.param,
+    }
+}
+
+async fn respond(
+    gw: Arc<Gateway>,
+    endpoint: Endpoint,
+    path: &'static str,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let limit = gw.config.max_body_bytes;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            gw.metrics
+                .count_request("", StatusCode::PAYLOAD_TOO_LARGE.as_u16());
+            return Error::BodyTooLarge(limit).into_response();
+        }
+    };
+    let metrics = Arc::clone(&gw.metrics);
+    match gw.handle(endpoint, path, headers, bytes.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            let model = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
+                .unwrap_or_default();
+            metrics.count_request(&model, e.status().as_u16());
+            tracing::info!(error = %e, kind = e.metric_label(), "request refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    respond(gw, Endpoint::Completions, "/v1/completions", headers, body).await
+}
+
+async fn chat_completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        gw,
+        Endpoint::ChatCompletions,
+        "/v1/chat/completions",
+        headers,
+        body,
+    )
+    .await
+}
+
+async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+    let data: Vec<serde_json::Value> = gw
+        .router
+        .models()
+        .into_iter()
+        .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "kvroute"}))
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.router.agents().iter().any(|a| a.eligible) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no eligible agent\n").into_response()
+    }
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let text = gw.metrics.render(&gw.router.agents());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn dashboard_page(State(gw): State<Arc<Gateway>>) -> Html<String> {
+    Html(dashboard::render(&gw.dashboard_state()))
+}
+
+async fn dashboard_json(State(gw): State<Arc<Gateway>>) -> Response {
+    axum::Json(gw.dashboard_state()).into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({"error": {"message": "not found", "type": "invalid_request_error", "param": null, "code": null}})),
+    )
+        .into_response()
+}
+
+/// The HTTP routes.
+pub fn app(gw: Arc<Gateway>) -> HttpRouter {
+    HttpRouter::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard_page))
+        .route("/dashboard/state", get(dashboard_json))
+        .fallback(not_found)
+        .with_state(gw)
+}
+
+/// Starts a gateway on an already-bound listener, fed by `source`.
+pub fn start_with(
+    config: GatewayConfig,
+    listener: TcpListener,
+    source: Box<dyn AgentSource>,
+) -> Result<RunningGateway, ServeError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Bind(config.listen, e))?;
+    let gw = Gateway::new(config);
+    let (tx, rx) = watch::channel(Vec::new());
+    let router = Arc::clone(&gw.router);
+    let app = app(Arc::clone(&gw));
+    let task = tokio::spawn(async move {
+        let pump = tokio::spawn(Arc::clone(&router).run_pump());
+        let tracker = tokio::spawn(track_agents(
+            Arc::clone(&router),
+            rx,
+            WatchSettings::default(),
+        ));
+        let src = tokio::spawn(source.run(tx));
+        let served = axum::serve(listener, app).await.map_err(ServeError::Serve);
+        pump.abort();
+        tracker.abort();
+        src.abort();
+        served
+    });
+    Ok(RunningGateway {
+        addr,
+        gateway: gw,
+        task,
+    })
+}
+
+/// Binds `config.listen` and starts a gateway for its agents.
+pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> {
+    let source: Box<dyn AgentSource> = if config.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| ServeError::Kubernetes(e.to_string()))?;
+        Box::new(KubernetesAgents {
+            client,
+            namespace: config.namespace.clone(),
+        })
+    } else {
+        Box::new(StaticAgents(config.agents.clone()))
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ServeError::Bind(config.listen, e))?;
+    start_with(config, listener, source)
+}

@@ -1,0 +1,224 @@
+//! Where the gateway learns which agents exist: a static list from flags now, Kubernetes
+//! discovery (EndpointSlices of `ModelDeployment` agents) behind the same [`AgentSource`] seam.
+//!
+//! A source publishes the full current set of agents whenever it changes; [`track_agents`] turns
+//! set changes into router slots and capacity-stream tasks. Sources never talk to agents.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::capacity::{watch_agent, WatchSettings};
+use super::router::Router;
+
+/// One agent's two endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentEndpoint {
+    /// `HOST:PORT` of its OpenAI HTTP API.
+    pub http: String,
+    /// `http://HOST:PORT` URI of its gRPC capacity service.
+    pub grpc: String,
+}
+
+/// A bad `--agent` value.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("--agent {value:?}: {reason} (expected http://HOST:PORT,grpc://HOST:PORT)")]
+pub struct AgentSpecError {
+    pub value: String,
+    pub reason: &'static str,
+}
+
+impl std::str::FromStr for AgentEndpoint {
+    type Err = AgentSpecError;
+    fn from_str(s: &str) -> Result<Self, AgentSpecError> {
+        let err = |reason| AgentSpecError {
+            value: s.to_string(),
+            reason,
+        };
+        let (a, b) = s.split_once(',').ok_or_else(|| err("missing ','"))?;
+        let mut http = None;
+        let mut grpc = None;
+        for part in [a.trim(), b.trim()] {
+            if let Some(rest) = part.strip_prefix("http://") {
+                http = Some(rest.trim_end_matches('/'));
+            } else if let Some(rest) = part.strip_prefix("grpc://") {
+                grpc = Some(rest.trim_end_matches('/'));
+            } else {
+                return Err(err("each part must start with http:// or grpc://"));
+            }
+        }
+        let http = http.ok_or_else(|| err("no http:// part"))?;
+        let grpc = grpc.ok_or_else(|| err("no grpc:// part"))?;
+        for hp in [http, grpc] {
+            let (host, port) = hp.rsplit_once(':').ok_or_else(|| err("missing :PORT"))?;
+            if host.is_empty() || host.contains('/') {
+                return Err(err("bad host"));
+            }
+            port.parse::<u16>().map_err(|_| err("bad port"))?;
+        }
+        Ok(AgentEndpoint {
+            http: http.to_string(),
+            grpc: format!("http://{grpc}"),
+        })
+    }
+}
+
+/// Why a source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("agent discovery: {0}")]
+    Discovery(String),
+}
+
+/// Publishes the set of agents the gateway should route to.
+pub trait AgentSource: Send + 'static {
+    /// Sends the current set on `tx` at once and again on every change; runs until the set can
+    /// no longer change (a static list returns at once).
+    fn run(
+        self: Box<Self>,
+        tx: watch::Sender<Vec<AgentEndpoint>>,
+    ) -> BoxFuture<'static, Result<(), SourceError>>;
+}
+
+/// A fixed list (the `--agent` flags, or the agents `kvroute up` started).
+#[derive(Debug, Clone)]
+pub struct StaticAgents(pub Vec<AgentEndpoint>);
+
+impl AgentSource for StaticAgents {
+    fn run(
+        self: Box<Self>,
+        tx: watch::Sender<Vec<AgentEndpoint>>,
+    ) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(async move {
+            let _ = tx.send(self.0);
+            Ok(())
+        })
+    }
+}
+
+/// Agents discovered in Kubernetes: the ready endpoints of every ModelDeployment's agent
+/// Service (`k8s::discovery`), for `kvroute gateway --kubernetes`.
+pub struct KubernetesAgents {
+    pub client: kube::Client,
+    /// Only this namespace (`None`: all the client may list).
+    pub namespace: Option<String>,
+}
+
+/// The gateway's agent set from a discovery snapshot (every model's ready agents).
+pub fn endpoints_of(snap: &crate::k8s::discovery::Snapshot) -> Vec<AgentEndpoint> {
+    let mut out: Vec<AgentEndpoint> = snap
+        .models
+        .values()
+        .flat_map(|m| m.agents.iter())
+        .map(|a| AgentEndpoint {
+            http: a
+                .http
+                .strip_prefix("http://")
+                .unwrap_or(&a.http)
+                .trim_end_matches('/')
+                .to_string(),
+            grpc: a.grpc.clone(),
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+impl AgentSource for KubernetesAgents {
+    fn run(
+        self: Box<Self>,
+        tx: watch::Sender<Vec<AgentEndpoint>>,
+    ) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(async move {
+            let (stx, mut srx) =
+                watch::channel(Arc::new(crate::k8s::discovery::Snapshot::default()));
+            let task = tokio::spawn(crate::k8s::discovery::run(self.client, self.namespace, stx));
+            // The first (empty) snapshot is skipped: it means "not listed yet", not "no agents".
+            while srx.changed().await.is_ok() {
+                let snap = srx.borrow_and_update().clone();
+                let _ = tx.send(endpoints_of(&snap));
+            }
+            task.abort();
+            Err(SourceError::Discovery("the Kubernetes watch ended".into()))
+        })
+    }
+}
+
+/// Keeps the router's agents and their capacity streams in step with the source's set.
+pub async fn track_agents(
+    router: Arc<Router>,
+    mut rx: watch::Receiver<Vec<AgentEndpoint>>,
+    settings: WatchSettings,
+) {
+    /// Aborts every capacity stream when the tracker itself is stopped.
+    struct Streams(HashMap<AgentEndpoint, (usize, JoinHandle<()>)>);
+    impl Drop for Streams {
+        fn drop(&mut self) {
+            for (_, task) in self.0.values() {
+                task.abort();
+            }
+        }
+    }
+    let mut streams = Streams(HashMap::new());
+    let running = &mut streams.0;
+    loop {
+        let want: Vec<AgentEndpoint> = rx.borrow_and_update().clone();
+        running.retain(|ep, (slot, task)| {
+            let keep = want.contains(ep);
+            if !keep {
+                tracing::info!(http = %ep.http, "agent removed");
+                task.abort();
+                router.remove_agent(*slot);
+            }
+            keep
+        });
+        for ep in want {
+            if let std::collections::hash_map::Entry::Vacant(e) = running.entry(ep) {
+                let ep = e.key();
+                tracing::info!(http = %ep.http, grpc = %ep.grpc, "agent added");
+                let slot = router.add_agent(&ep.http);
+                let task = tokio::spawn(watch_agent(
+                    Arc::clone(&router),
+                    slot,
+                    ep.grpc.clone(),
+                    settings,
+                ));
+                e.insert((slot, task));
+            }
+        }
+        if rx.changed().await.is_err() {
+            // The source finished: the set is final; keep the streams running.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_agent_flags() {
+        let a: AgentEndpoint = "http://127.0.0.1:8001,grpc://127.0.0.1:9001"
+            .parse()
+            .unwrap();
+        assert_eq!(a.http, "127.0.0.1:8001");
+        assert_eq!(a.grpc, "http://127.0.0.1:9001");
+        let b: AgentEndpoint = "grpc://h:9,http://h:8/".parse().unwrap();
+        assert_eq!(b.http, "h:8");
+        for bad in [
+            "",
+            "http://a:1",
+            "http://a:1,http://b:2",
+            "http://a,grpc://b:2",
+            "http://a:99999,grpc://b:2",
+            "ftp://a:1,grpc://b:2",
+        ] {
+            assert!(bad.parse::<AgentEndpoint>().is_err(), "{bad}");
+        }
+    }
+}

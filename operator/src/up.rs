@@ -1,0 +1,394 @@
+//! `kvroute up`: N agents and a gateway on this machine, stopped together.
+//!
+//! Finds `kvroute-agent` next to its own executable (or `$KVROUTE_AGENT_BIN`), starts N agents on
+//! free loopback ports, each in its own process group with a parent-death signal, splitting KV
+//! memory and CPU threads between them; starts the gateway in this process; waits until every
+//! agent is ready and the gateway sees them; prints how to use it; and on Ctrl-C or SIGTERM (or an
+//! agent exiting) stops every agent (SIGTERM to its group, SIGKILL after a grace period) and reaps
+//! it, so no process outlives it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::gateway::config::parse_duration;
+use crate::gateway::policy::PolicyKind;
+use crate::gateway::source::AgentEndpoint;
+use crate::gateway::GatewayConfig;
+
+/// Flags of `kvroute up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Agents to start.
+    #[arg(long, default_value_t = 2)]
+    pub agents: usize,
+    /// Model every agent serves (a name `kvroute-agent serve --model` accepts).
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// Where the gateway listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// KV cache memory for all agents together (split evenly), e.g. 512MiB, 2GiB.
+    /// Default: a quarter of available memory, at most 1 GiB per agent.
+    #[arg(long)]
+    pub kv_memory: Option<String>,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u32,
+    /// CPU threads per agent (default: cores / agents, at least 1).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Routing policy of the gateway.
+    #[arg(long, default_value = "kv")]
+    pub policy: PolicyKind,
+    /// Admission queue bound.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queue: usize,
+    /// How long a request may wait for room.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
+    /// How long to wait for the agents to become ready (model loading).
+    #[arg(long, default_value = "600s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+    /// Extra argument passed to every agent's `serve` (repeatable), e.g. `--agent-arg=--max-batch=8`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+}
+
+/// Why `kvroute up` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("kvroute-agent not found at {0} (build it, or set KVROUTE_AGENT_BIN)")]
+    AgentBinary(PathBuf),
+    #[error("--agents must be at least 1")]
+    NoAgents,
+    #[error("--kv-memory {0:?}: {1}")]
+    KvMemory(String, String),
+    #[error("start agent {0}: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("agent {0} exited during start-up ({1})")]
+    AgentExited(String, String),
+    #[error("agents not ready after {0:?}")]
+    NotReady(Duration),
+    #[error("free port: {0}")]
+    Port(std::io::Error),
+    #[error("gateway: {0}")]
+    Gateway(#[from] crate::gateway::server::ServeError),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Parses `256MiB`, `2GiB`, `512M`, `1G` or bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let i = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(i);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a size like 512MiB".to_string())?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("unknown unit {unit:?} (B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mul).ok_or_else(|| "too large".to_string())
+}
+
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Where the agent binary is.
+pub fn agent_binary() -> Result<PathBuf, UpError> {
+    if let Some(p) = std::env::var_os("KVROUTE_AGENT_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(UpError::AgentBinary(p))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|_| UpError::AgentBinary("kvroute-agent".into()))?;
+    let p = exe.with_file_name("kvroute-agent");
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(UpError::AgentBinary(p))
+    }
+}
+
+fn free_port() -> Result<u16, UpError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(UpError::Port)?;
+    Ok(l.local_addr().map_err(UpError::Port)?.port())
+}
+
+/// One started agent.
+pub struct AgentProcess {
+    pub id: String,
+    pub endpoint: AgentEndpoint,
+    pub child: Child,
+    pub pid: u32,
+}
+
+fn spawn_agent(
+    bin: &PathBuf,
+    id: &str,
+    args: &UpArgs,
+    kv_bytes: u64,
+    threads: Option<usize>,
+) -> Result<AgentProcess, UpError> {
+    let http = format!("127.0.0.1:{}", free_port()?);
+    let grpc = format!("127.0.0.1:{}", free_port()?);
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .args(["--model", &args.model])
+        .args(["--http", &http])
+        .args(["--grpc", &grpc])
+        .args(["--kv-memory", &format!("{}MiB", (kv_bytes >> 20).max(1))])
+        .args(["--block-size", &args.block_size.to_string()])
+        .args(["--agent-id", id]);
+    if let Some(t) = threads {
+        cmd.args(["--threads", &t.to_string()]);
+    }
+    cmd.args(&args.agent_args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        // Its own process group: a terminal's Ctrl-C reaches only `kvroute up`, which then
+        // stops the agents in order.
+        .process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it runs in the
+    // child between fork and exec. It makes the kernel SIGKILL the agent if `kvroute up` dies
+    // without cleaning up (e.g. SIGKILL), so agents can never be orphaned.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| UpError::Spawn(id.to_string(), e))?;
+    let pid = child.id().unwrap_or(0);
+    Ok(AgentProcess {
+        id: id.to_string(),
+        endpoint: AgentEndpoint {
+            http,
+            grpc: format!("http://{grpc}"),
+        },
+        child,
+        pid,
+    })
+}
+
+/// Whether `kvroute-agent serve` accepts `--threads` (read from its `--help`).
+async fn agent_takes_threads(bin: &PathBuf) -> bool {
+    let out = Command::new(bin)
+        .args(["serve", "--help"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), out).await {
+        Ok(Ok(o)) => String::from_utf8_lossy(&o.stdout).contains("--threads"),
+        _ => false,
+    }
+}
+
+async fn http_ok(client: &crate::gateway::proxy::HttpClient, url: &str) -> bool {
+    let Ok(req) = hyper::Request::get(url).body(http_body_util::Full::new(Default::default()))
+    else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), client.request(req)).await,
+        Ok(Ok(r)) if r.status().is_success()
+    )
+}
+
+/// Stops every agent: SIGTERM to each process group, SIGKILL after `grace`, then reaps.
+pub async fn stop_agents(agents: &mut [AgentProcess], grace: Duration) {
+    for a in agents.iter() {
+        if a.pid > 0 {
+            // SAFETY: plain syscall on a process group we created (pgid = the agent's pid).
+            unsafe {
+                libc::kill(-(a.pid as i32), libc::SIGTERM);
+            }
+        }
+    }
+    let until = Instant::now() + grace;
+    for a in agents.iter_mut() {
+        let left = until.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, a.child.wait()).await.is_err() {
+            if a.pid > 0 {
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(-(a.pid as i32), libc::SIGKILL);
+                }
+            }
+            let _ = a.child.kill().await;
+        }
+        let _ = a.child.wait().await;
+    }
+}
+
+/// Runs `kvroute up` until Ctrl-C or SIGTERM.
+pub async fn run(args: UpArgs) -> Result<(), UpError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    if args.agents == 0 {
+        return Err(UpError::NoAgents);
+    }
+    // Install handlers first, so a signal during start-up still stops what was started.
+    let mut term = signal(SignalKind::terminate()).map_err(UpError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(UpError::Signal)?;
+    let bin = agent_binary()?;
+    let n = args.agents;
+    let total_kv = match &args.kv_memory {
+        Some(s) => parse_bytes(s).map_err(|e| UpError::KvMemory(s.clone(), e))?,
+        None => {
+            let avail = available_memory().unwrap_or(4 << 30);
+            (avail / 4).min((1u64 << 30) * n as u64)
+        }
+    };
+    let per_agent = total_kv / n as u64;
+    if per_agent < (1 << 20) {
+        return Err(UpError::KvMemory(
+            format!("{total_kv}"),
+            "less than 1 MiB per agent".into(),
+        ));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let threads = args.threads.unwrap_or((cores / n).max(1));
+    // Split cores only with an agent that takes --threads; otherwise each agent's runtime
+    // sizes itself.
+    let threads = agent_takes_threads(&bin).await.then_some(threads);
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let id = format!("agent-{}", i + 1);
+        match spawn_agent(&bin, &id, &args, per_agent, threads) {
+            Ok(a) => {
+                tracing::info!(agent = %a.id, pid = a.pid, http = %a.endpoint.http, grpc = %a.endpoint.grpc, "agent started");
+                println!(
+                    "agent {} pid {} http://{} {}",
+                    a.id, a.pid, a.endpoint.http, a.endpoint.grpc
+                );
+                agents.push(a);
+            }
+            Err(e) => {
+                stop_agents(&mut agents, Duration::from_secs(5)).await;
+                return Err(e);
+            }
+        }
+    }
+    let outcome = serve(&args, &mut agents, &mut term, &mut int).await;
+    println!("stopping {} agents", agents.len());
+    stop_agents(&mut agents, Duration::from_secs(10)).await;
+    println!("stopped");
+    outcome
+}
+
+async fn serve(
+    args: &UpArgs,
+    agents: &mut [AgentProcess],
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> Result<(), UpError> {
+    let client = crate::gateway::proxy::http_client();
+    // Wait until every agent answers /ready, or one exits, or a signal comes.
+    let deadline = Instant::now() + args.ready_timeout;
+    let ready = async {
+        for a in agents.iter_mut() {
+            loop {
+                if let Ok(Some(status)) = a.child.try_wait() {
+                    return Err(UpError::AgentExited(a.id.clone(), status.to_string()));
+                }
+                if http_ok(&client, &format!("http://{}/ready", a.endpoint.http)).await {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(UpError::NotReady(args.ready_timeout));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    };
+    tokio::select! {
+        r = ready => r?,
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    }
+    let mut config = GatewayConfig::for_agents(
+        args.listen,
+        agents.iter().map(|a| a.endpoint.clone()).collect(),
+    );
+    config.policy.kind = args.policy;
+    config.max_queue = args.max_queue.max(1);
+    config.queue_timeout = args.queue_timeout;
+    let gw = crate::gateway::start(config).await?;
+    let gw_ready = async {
+        while !gw.gateway.router.agents().iter().all(|a| a.eligible) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = gw_ready => {},
+        _ = term.recv() => { gw.abort(); return Ok(()) },
+        _ = int.recv() => { gw.abort(); return Ok(()) },
+    }
+    let url = format!("http://{}", gw.addr);
+    println!();
+    println!(
+        "kvroute is up: {} agents serving {:?}",
+        agents.len(),
+        args.model
+    );
+    println!("  OpenAI endpoint: {url}/v1");
+    println!("  dashboard:       {url}/dashboard");
+    println!("  metrics:         {url}/metrics");
+    println!("  try: curl {url}/v1/chat/completions -H 'content-type: application/json' \\");
+    println!(
+        "         -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32}}'",
+        args.model
+    );
+    println!("Ctrl-C stops everything.");
+    println!("READY {url}");
+    let exited = async {
+        loop {
+            for a in agents.iter_mut() {
+                if let Ok(Some(status)) = a.child.try_wait() {
+                    return (a.id.clone(), status.to_string());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let result = tokio::select! {
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
+        (id, status) = exited => {
+            tracing::error!(agent = %id, %status, "agent exited; stopping");
+            Err(UpError::AgentExited(id, status))
+        }
+    };
+    gw.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+    }
+}

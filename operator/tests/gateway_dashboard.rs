@@ -1,0 +1,164 @@
+//! The dashboard in a real browser: headless Chromium loads `/dashboard` from a gateway in front
+//! of two stub agents; the rendered DOM (after the page's script ran) must show each agent's KV
+//! blocks and the admission queue. A screenshot is kept under the target dir
+//! (`target/tmp/gateway-dashboard.png`). Chromium comes from `scripts/test.d/40-chromium.sh`.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::stub::{StubAgent, StubConfig};
+use support::*;
+
+fn chromium() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVROUTE_CHROMIUM") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        for name in ["chromium", "chromium-browser", "google-chrome"] {
+            let p = Path::new(dir).join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!("no chromium found: run scripts/test.sh (scripts/test.d/40-chromium.sh installs it) or set KVROUTE_CHROMIUM");
+}
+
+/// Runs headless Chromium with `extra` flags on `url`; returns its stdout.
+fn run_chromium(url: &str, extra: &[&str]) -> String {
+    let profile = tempfile_dir();
+    let mut child = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--window-size=1280,720",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read stdout on a thread so a stuck browser is killed instead of hanging the test.
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut out, &mut s).unwrap();
+        s
+    });
+    let mut waited = Duration::ZERO;
+    while child.try_wait().unwrap().is_none() {
+        if waited > Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("chromium did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        waited += Duration::from_millis(100);
+    }
+    let _ = std::fs::remove_dir_all(&profile);
+    reader.join().unwrap()
+}
+
+fn tempfile_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "chromium-profile-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_agents_blocks_and_queue_in_chromium() {
+    let a = StubAgent::start(StubConfig {
+        agent_id: "east-1".into(),
+        total_blocks: 777,
+        ..StubConfig::default()
+    })
+    .await;
+    let b = StubAgent::start(StubConfig {
+        agent_id: "west-2".into(),
+        total_blocks: 555,
+        ..StubConfig::default()
+    })
+    .await;
+    let gw = gateway(&[&a, &b], |c| c.queue_timeout = Duration::from_secs(120)).await;
+    a.state.with(|i| i.free = 100);
+    b.state.with(|i| i.free = 0);
+    let router = gw.gateway.router.clone();
+    wait_until("gateway sees the new usage", || {
+        let s = router.agents();
+        s.iter().any(|x| x.free_blocks == 100) && s.iter().any(|x| x.free_blocks == 0)
+    })
+    .await;
+    // A request too big for east-1's free blocks waits in the queue while the page renders.
+    let c = client();
+    let addr = gw.addr;
+    // ~3,200 tokens = 200 blocks.
+    let prompt = "q".repeat(16 * 3 * 200);
+    let waiting = tokio::spawn(async move {
+        post(
+            &c,
+            addr,
+            "/v1/completions",
+            &completion(&prompt, 1, false),
+            &[("x-kvroute-tenant", "tenant-blue")],
+        )
+        .await
+    });
+    wait_until("request queued", || router.queue().depth == 1).await;
+
+    let url = format!("http://{}/dashboard", gw.addr);
+    let dom = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || run_chromium(&url, &["--dump-dom"])
+    })
+    .await
+    .unwrap();
+    assert!(dom.contains("data-agent=\"east-1\""), "{dom}");
+    assert!(dom.contains("data-agent=\"west-2\""), "{dom}");
+    assert!(
+        dom.contains("used 677 / cached 0 / free 100 of 777 blocks"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("used 555 / cached 0 / free 0 of 555 blocks"),
+        "{dom}"
+    );
+    assert!(dom.contains("tenant-blue"), "queue shown: {dom}");
+    assert!(dom.contains("<span id=\"qdepth\">1</span>"), "{dom}");
+    // The page's script ran and refreshed the view from /dashboard/state.
+    assert!(dom.contains("data-updated=\""), "script did not run: {dom}");
+
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gateway-dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let arg = format!("--screenshot={}", shot.display());
+    tokio::task::spawn_blocking(move || run_chromium(&url, &[&arg]))
+        .await
+        .unwrap();
+    let png = std::fs::read(&shot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    assert!(png.len() > 10_000, "screenshot suspiciously small");
+
+    // Free the room: the queued request is served.
+    a.state.with(|i| i.free = 777);
+    let (status, _, body) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+}
