@@ -111,11 +111,12 @@ llamacpp_ensure() {
   local jobs="${KVROUTE_LLAMACPP_JOBS:-$(nproc 2>/dev/null || echo 2)}"
   llamacpp_log "configuring llama.cpp (vendored by llama-cpp-python $LLAMACPP_PY_VERSION) in $LLAMACPP_BUILD"
   # Static libraries: the two binaries stay self-contained. Native: the peer gets every SIMD
-  # extension this CPU has, as kvroute does by runtime detection.
+  # extension this CPU has, as kvroute does by runtime detection. No web UI: the server's build
+  # would otherwise try to download prebuilt UI assets (and the UI plays no part in a benchmark).
   if ! cmake -S "$LLAMACPP_SRC" -B "$LLAMACPP_BUILD" \
       -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON \
-      -DLLAMA_BUILD_SERVER=ON >&2; then
+      -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2; then
     exec 9>&-
     return 1
   fi
