@@ -1,102 +1,180 @@
 #!/usr/bin/env bash
-# kvroute-agent vs llama.cpp's llama-server: same model (the default GGUF), same cores (taskset),
-# same load (bench/load.py: N concurrent streaming clients, fixed prompt/output lengths).
-# Prints both results and the kvroute / llama-server ratios.
+# Serving, kvroute-agent vs llama.cpp's llama-server (issue 5, item 8): same model file, same
+# threads, same load. Each server is started in turn on 127.0.0.1 (llama-server with --parallel
+# <clients> and continuous batching; `kvroute-agent serve`), driven by bench/load.py (N concurrent
+# streaming clients through the official openai client, fixed prompt and output lengths), and
+# stopped; the order flips every round. Prints the medians of completed requests/s, output
+# tokens/s and TTFT p50/p99 for both and the kvroute / llama-server ratios (bench/summarize.py).
 #
-# llama-server is built from the llama.cpp sources vendored in the PyPI source distribution of
-# llama-cpp-python (pip download --no-binary), into $KVROUTE_CACHE/llama.cpp-build; nothing of it
-# is committed. Needs cmake and a C++ compiler (apt-get install -y cmake g++).
-#
-# usage: bench/compare-llama-server.sh [--cores 2] [--concurrency 8] [--requests 32]
-#                                      [--prompt-words 128] [--max-tokens 64]
-#        bench/compare-llama-server.sh --build-only   (just build llama-server)
+# usage: bench/compare-llama-server.sh [--clients 8] [--requests N] [--prompt-tokens 128]
+#                                      [--max-tokens 64] [--threads N] [--rounds 3]
+#                                      [--kv-memory 1GiB] [--cpus LIST] [--deadline 600]
+#                                      [--out DIR] [--llama-only]
+#   --requests  requests per run (default: 4 per client)
+#   --threads   compute threads for both servers (default: nproc)
+#   --cpus      pin both servers to these CPUs with taskset (for example 0-1); default: none
+#   --deadline  seconds per load run; unfinished requests count as failed (default 600)
+#   --out       raw outputs, server logs, summary.md (default $KVROUTE_CACHE/bench/server-<UTC time>)
+#   --llama-only  do not build or run kvroute-agent
+# env:   KVROUTE_AGENT_BIN, KVROUTE_MODEL_PATH, KVROUTE_CACHE, KVROUTE_LLAMACPP_VERSION
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT="$PWD"
-export KVROUTE_CACHE="${KVROUTE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvroute}"
-CORES=2 CONC=8 REQS=32 PWORDS=128 MAXTOK=64 BUILD_ONLY=0
+REPO="$PWD"
+# shellcheck source=bench/llamacpp.sh
+. "$REPO/bench/llamacpp.sh"
+
+CLIENTS=8 REQUESTS="" PP=128 MAXTOK=64 THREADS="$(nproc 2>/dev/null || echo 2)" ROUNDS=3
+KVMEM=1GiB CPUS="" DEADLINE=600 OUT="" ONLY_LLAMA=0
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --build-only) BUILD_ONLY=1; shift ;;
-    --cores) CORES="$2"; shift 2 ;;
-    --concurrency) CONC="$2"; shift 2 ;;
-    --requests) REQS="$2"; shift 2 ;;
-    --prompt-words) PWORDS="$2"; shift 2 ;;
+    --clients) CLIENTS="$2"; shift 2 ;;
+    --requests) REQUESTS="$2"; shift 2 ;;
+    --prompt-tokens) PP="$2"; shift 2 ;;
     --max-tokens) MAXTOK="$2"; shift 2 ;;
-    *) echo "unknown argument $1" >&2; exit 2 ;;
+    --threads) THREADS="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --kv-memory) KVMEM="$2"; shift 2 ;;
+    --cpus) CPUS="$2"; shift 2 ;;
+    --deadline) DEADLINE="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --llama-only) ONLY_LLAMA=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+REQUESTS="${REQUESTS:-$((4 * ${CLIENTS:-0}))}"
+bench_need_count --clients "$CLIENTS"
+bench_need_count --requests "$REQUESTS"
+bench_need_count --prompt-tokens "$PP"
+bench_need_count --max-tokens "$MAXTOK"
+bench_need_count --threads "$THREADS"
+bench_need_count --rounds "$ROUNDS"
+bench_need_count --deadline "$DEADLINE"
 
-mkdir -p "$KVROUTE_CACHE"
-# shellcheck source=/dev/null
-source scripts/test.d/10-model.sh
-# shellcheck source=/dev/null
-source scripts/test.d/20-python.sh
+export KVROUTE_CACHE="${KVROUTE_CACHE:-$HOME/.cache/kvroute}"
+OUT="${OUT:-$KVROUTE_CACHE/bench/server-$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT"
+
+kvroute_bench_model
 MODEL="$KVROUTE_MODEL_PATH"
+llamacpp_ensure
+LLAMA_SERVER="$LLAMACPP_BIN/llama-server"
+bench_venv
 
-BUILD="$KVROUTE_CACHE/llama.cpp-build"
-SERVER="$BUILD/bin/llama-server"
-if [ ! -x "$SERVER" ]; then
-  command -v cmake >/dev/null || { echo "cmake missing: apt-get install -y cmake" >&2; exit 1; }
-  SRC="$KVROUTE_CACHE/llama-cpp-python-src"
-  rm -rf "$SRC" && mkdir -p "$SRC"
-  python3 -m pip download --quiet --no-binary llama-cpp-python --no-deps \
-    "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$SRC"
-  tar -xzf "$SRC"/llama_cpp_python-*.tar.gz -C "$SRC"
-  LLAMA_DIR="$(echo "$SRC"/llama_cpp_python-*/vendor/llama.cpp)"
-  cmake -S "$LLAMA_DIR" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-    -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-  cmake --build "$BUILD" --target llama-server -j "$(nproc)"
+NOTE=""
+AGENT=""
+if [ "$ONLY_LLAMA" = 1 ]; then
+  NOTE="run with --llama-only"
+elif kvroute_bench_agent; then
+  AGENT="$KVROUTE_AGENT"
+  if ! "$AGENT" serve --help 2>/dev/null | grep -q -- '--http'; then
+    NOTE="$AGENT has no \`serve --http\` (issue 5's serve command is not in this build)"
+    AGENT=""
+  fi
+else
+  NOTE="no kvroute-agent binary (set KVROUTE_AGENT_BIN or build with cargo build --release -p kvroute-agent)"
 fi
-if [ "$BUILD_ONLY" = 1 ]; then echo "built $SERVER"; exit 0; fi
 
-cargo build --release -p kvroute-agent
-AGENT="${CARGO_TARGET_DIR:-$ROOT/target}/release/kvroute-agent"
+PIN=()
+if [ -n "$CPUS" ]; then
+  command -v taskset >/dev/null 2>&1 || { echo "error: --cpus needs taskset (util-linux)" >&2; exit 2; }
+  PIN=(taskset -c "$CPUS")
+fi
 
-LAST_CORE=$((CORES - 1))
-CTX=$(( CONC * (PWORDS * 2 + MAXTOK + 64) ))
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
-wait_http() { # URL
-  for _ in $(seq 1 600); do
-    if curl -sf "$1" >/dev/null 2>&1; then return 0; fi
-    sleep 0.5
+SERVER_PID=""
+stop_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      kill -0 "$SERVER_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+trap stop_server EXIT
+trap 'exit 130' INT TERM
+
+# llama-server's context is split over its slots: give each slot the prompt, the output and some
+# room. Continuous batching is llama-server's default; -cb says so explicitly.
+CTX=$((CLIENTS * (PP + MAXTOK + 64)))
+CMD=()
+llama_cmd() { # PORT -> CMD
+  CMD=("$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$1" -t "$THREADS" -tb "$THREADS"
+       -c "$CTX" --parallel "$CLIENTS" -cb --no-webui)
+}
+kvroute_cmd() { # HTTP_PORT GRPC_PORT -> CMD
+  CMD=("$AGENT" serve --model "$MODEL" --http "127.0.0.1:$1" --grpc "127.0.0.1:$2"
+       --kv-memory "$KVMEM" --threads "$THREADS")
+  # The CPU engine is what is compared; say so where the agent has a device choice.
+  if "$AGENT" serve --help 2>/dev/null | grep -q -- '--device'; then CMD+=(--device cpu); fi
+}
+
+run_one() { # NAME ROUND
+  local name="$1" r="$2" port ready
+  port="$(free_port)"
+  if [ "$name" = llama-server ]; then
+    llama_cmd "$port"
+    ready="http://127.0.0.1:$port/health"
+  else
+    kvroute_cmd "$port" "$(free_port)"
+    ready="http://127.0.0.1:$port/ready"
+  fi
+  echo "[bench] round $r/$ROUNDS: $name on 127.0.0.1:$port" >&2
+  "${PIN[@]}" "${CMD[@]}" >"$OUT/$name-r$r.log" 2>&1 &
+  SERVER_PID=$!
+  local rc=0
+  "$BENCH_PYTHON" "$REPO/bench/load.py" --base-url "http://127.0.0.1:$port/v1" --server "$name" \
+    --clients "$CLIENTS" --requests "$REQUESTS" --prompt-tokens "$PP" --max-tokens "$MAXTOK" \
+    --deadline "$DEADLINE" --wait-ready "$ready" --ready-timeout 300 --server-pid "$SERVER_PID" --seed "$r" \
+    >"$OUT/$name-r$r.json" || rc=$?
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "[bench] $name exited early; last lines of its log:" >&2
+    tail -n 20 "$OUT/$name-r$r.log" >&2
+    rc=1
+  fi
+  stop_server
+  if [ "$rc" != 0 ]; then
+    echo "[bench] $name round $r: load run failed or incomplete (rc $rc), see $OUT/$name-r$r.log" >&2
+  fi
+  return "$rc"
+}
+
+{
+  bench_machine_info
+  echo "threads: $THREADS${CPUS:+, pinned to CPUs $CPUS}"
+  echo "model: $(basename "$MODEL") ($(du -h "$MODEL" | cut -f1))"
+  echo "load: $CLIENTS concurrent streaming clients, $REQUESTS requests per run, $PP prompt tokens (token ids), exactly $MAXTOK output tokens (ignore_eos), greedy"
+  echo "llama.cpp: vendored by llama-cpp-python $LLAMACPP_PY_VERSION, $("$LLAMA_SERVER" --version 2>&1 | grep -m1 -i 'version' || echo 'version unknown')"
+  echo "kvroute: $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)${AGENT:+ ($AGENT)}"
+  echo "rounds: $ROUNDS per server, alternating (odd rounds llama-server first)"
+  llama_cmd PORT
+  echo "llama-server command: ${PIN[*]:+${PIN[*]} }llama-server ${CMD[*]:1}"
+  if [ -n "$AGENT" ]; then
+    kvroute_cmd PORT GRPC_PORT
+    echo "kvroute command: ${PIN[*]:+${PIN[*]} }kvroute-agent ${CMD[*]:1}"
+  fi
+  echo "load command: load.py --base-url http://127.0.0.1:PORT/v1 --server NAME --clients $CLIENTS --requests $REQUESTS --prompt-tokens $PP --max-tokens $MAXTOK --deadline $DEADLINE"
+} >"$OUT/meta.txt"
+
+FAILED=0
+for r in $(seq 1 "$ROUNDS"); do
+  if [ $((r % 2)) = 1 ]; then order="llama-server kvroute"; else order="kvroute llama-server"; fi
+  for name in $order; do
+    if [ "$name" = kvroute ] && [ -z "$AGENT" ]; then continue; fi
+    run_one "$name" "$r" || FAILED=1
   done
-  echo "server at $1 did not come up" >&2; return 1
-}
+done
+echo "load average at end (1/5/15 min): $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)" >>"$OUT/meta.txt"
+echo "raw outputs: $OUT" >>"$OUT/meta.txt"
 
-run_load() { # BASE_URL MODEL
-  "$KVROUTE_PYTHON" bench/load.py "$1" "$2" --concurrency "$CONC" --requests "$REQS" \
-    --prompt-words "$PWORDS" --max-tokens "$MAXTOK"
-}
-
-echo "== llama-server ($SERVER), cores 0-$LAST_CORE, ctx $CTX, parallel $CONC"
-taskset -c "0-$LAST_CORE" "$SERVER" -m "$MODEL" --host 127.0.0.1 --port 18080 -c "$CTX" \
-  --parallel "$CONC" --threads "$CORES" --log-disable >/dev/null 2>&1 &
-PIDS+=($!)
-wait_http "http://127.0.0.1:18080/health"
-LLAMA=$(run_load "http://127.0.0.1:18080/v1" "default")
-kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
-echo "$LLAMA"
-
-echo "== kvroute-agent ($AGENT), cores 0-$LAST_CORE"
-taskset -c "0-$LAST_CORE" "$AGENT" serve --model "$MODEL" --http 127.0.0.1:18081 \
-  --grpc 127.0.0.1:0 --device cpu --kv-memory 1GiB --served-model-name bench >/dev/null 2>&1 &
-PIDS+=($!)
-wait_http "http://127.0.0.1:18081/ready"
-KV=$(run_load "http://127.0.0.1:18081/v1" "bench")
-echo "$KV"
-
-python3 - "$KV" "$LLAMA" "$CORES" "$CONC" "$PWORDS" "$MAXTOK" <<'PY'
-import json, sys
-kv, ll = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"\ncores={sys.argv[3]} concurrency={sys.argv[4]} prompt_words={sys.argv[5]} max_tokens={sys.argv[6]}")
-print("| metric | kvroute | llama-server | kvroute / llama-server |")
-print("| --- | --- | --- | --- |")
-for k, name in [("req_per_s", "completed requests/s"), ("output_tok_per_s", "output tokens/s"),
-                ("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p99_s", "TTFT p99 (s)")]:
-    print(f"| {name} | {kv[k]:.3f} | {ll[k]:.3f} | {kv[k] / ll[k]:.2f} |")
-PY
+python3 "$REPO/bench/summarize.py" server "$OUT" --note "$NOTE" | tee "$OUT/summary.md"
+python3 "$REPO/bench/summarize.py" server "$OUT" --json >"$OUT/summary.json"
+exit "$FAILED"
