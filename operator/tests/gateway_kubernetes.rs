@@ -59,19 +59,28 @@ async fn gateway_agents_follow_endpoint_slices() {
         endpoints() == ["10.0.0.1:8000"]
     })
     .await;
-    api.event(
-        "endpointslices",
-        "MODIFIED",
-        endpoint_slice(
-            "default",
-            "alpha",
-            &[("10.0.0.1", true), ("10.0.0.2", true)],
-        ),
+    // The same MODIFIED event is re-sent until seen: it is idempotent, and a watch that is not
+    // subscribed yet when an event is sent would miss it.
+    let two = endpoint_slice(
+        "default",
+        "alpha",
+        &[("10.0.0.1", true), ("10.0.0.2", true)],
     );
-    until("second agent ready", || {
-        endpoints() == ["10.0.0.1:8000", "10.0.0.2:8000"]
-    })
-    .await;
+    let mut seen = false;
+    for _ in 0..60 {
+        api.event("endpointslices", "MODIFIED", two.clone());
+        for _ in 0..50 {
+            if endpoints() == ["10.0.0.1:8000", "10.0.0.2:8000"] {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if seen {
+            break;
+        }
+    }
+    assert!(seen, "second agent never discovered: {:?}", endpoints());
     api.event(
         "endpointslices",
         "MODIFIED",
