@@ -28,6 +28,10 @@ pub struct UpArgs {
     /// Model every agent serves (a name `kvroute-agent serve --model` accepts).
     #[arg(long, default_value = "default")]
     pub model: String,
+    /// Name clients put in the OpenAI `model` field (default: the model file's name without its
+    /// extension, e.g. `SmolLM2-135M-Instruct.Q4_1` for the default model).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
     /// Where the gateway listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -138,6 +142,27 @@ pub struct AgentProcess {
     pub pid: u32,
 }
 
+/// The name every agent of this `up` serves: `--served-model-name`, else the model file's stem
+/// (`default` stands for the engine's default model file).
+pub fn served_name(args: &UpArgs) -> String {
+    if let Some(name) = &args.served_model_name {
+        return name.clone();
+    }
+    let file = if args.model == "default" {
+        kvroute_engine::fetch::DEFAULT_MODEL_FILE
+    } else {
+        args.model.trim_end_matches('/')
+    };
+    let path = std::path::Path::new(file);
+    let stem = if path.extension().is_some_and(|e| e == "gguf") {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    stem.map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| args.model.clone())
+}
+
 fn spawn_agent(
     bin: &PathBuf,
     id: &str,
@@ -154,7 +179,8 @@ fn spawn_agent(
         .args(["--grpc", &grpc])
         .args(["--kv-memory", &format!("{}MiB", (kv_bytes >> 20).max(1))])
         .args(["--block-size", &args.block_size.to_string()])
-        .args(["--agent-id", id]);
+        .args(["--agent-id", id])
+        .args(["--served-model-name", &served_name(args)]);
     if let Some(t) = threads {
         cmd.args(["--threads", &t.to_string()]);
     }
@@ -343,8 +369,9 @@ async fn serve(
     let url = format!("http://{}", gw.addr);
     println!();
     println!(
-        "kvroute is up: {} agents serving {:?}",
+        "kvroute is up: {} agents serving {:?} (model {})",
         agents.len(),
+        served_name(&args),
         args.model
     );
     println!("  OpenAI endpoint: {url}/v1");
@@ -353,7 +380,7 @@ async fn serve(
     println!("  try: curl {url}/v1/chat/completions -H 'content-type: application/json' \\");
     println!(
         "         -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32}}'",
-        args.model
+        served_name(&args)
     );
     println!("Ctrl-C stops everything.");
     println!("READY {url}");
@@ -390,5 +417,23 @@ mod tests {
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn served_name_matches_what_the_agent_would_call_the_model() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        let up = |argv: &[&str]| Cli::parse_from([&["up"], argv].concat()).up;
+        assert_eq!(served_name(&up(&[])), "SmolLM2-135M-Instruct.Q4_1");
+        assert_eq!(served_name(&up(&["--model", "/m/x.gguf"])), "x");
+        assert_eq!(
+            served_name(&up(&["--model", "/m/Qwen2-0.5B/"])),
+            "Qwen2-0.5B"
+        );
+        assert_eq!(served_name(&up(&["--served-model-name", "smol"])), "smol");
     }
 }
