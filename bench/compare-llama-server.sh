@@ -51,8 +51,14 @@ if [ ! -x "$SERVER" ]; then
 fi
 if [ "$BUILD_ONLY" = 1 ]; then echo "built $SERVER"; exit 0; fi
 
-cargo build --release -p kvroute-agent
-AGENT="${CARGO_TARGET_DIR:-$ROOT/target}/release/kvroute-agent"
+# KVROUTE_AGENT_BIN picks another kvroute-agent build (the dev profile already optimizes the
+# engine at opt-level 3); by default the release one is built.
+if [ -n "${KVROUTE_AGENT_BIN:-}" ]; then
+  AGENT="$KVROUTE_AGENT_BIN"
+else
+  cargo build --release -p kvroute-agent
+  AGENT="${CARGO_TARGET_DIR:-$ROOT/target}/release/kvroute-agent"
+fi
 
 LAST_CORE=$((CORES - 1))
 CTX=$(( CONC * (PWORDS * 2 + MAXTOK + 64) ))
