@@ -371,7 +371,7 @@ async fn serve(
     println!(
         "kvroute is up: {} agents serving {:?} (model {})",
         agents.len(),
-        served_name(&args),
+        served_name(args),
         args.model
     );
     println!("  OpenAI endpoint: {url}/v1");
@@ -380,7 +380,7 @@ async fn serve(
     println!("  try: curl {url}/v1/chat/completions -H 'content-type: application/json' \\");
     println!(
         "         -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32}}'",
-        served_name(&args)
+        served_name(args)
     );
     println!("Ctrl-C stops everything.");
     println!("READY {url}");
