@@ -142,6 +142,12 @@ pub struct AgentProcess {
     pub pid: u32,
 }
 
+/// Prints a line on stdout, ignoring a closed pipe.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 /// The name every agent of this `up` serves: `--served-model-name`, else the model file's stem
 /// (`default` stands for the engine's default model file).
 pub fn served_name(args: &UpArgs) -> String {
@@ -311,9 +317,11 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         }
     }
     let outcome = serve(&args, &mut agents, &mut term, &mut int).await;
-    println!("stopping {} agents", agents.len());
+    // Whoever read our stdout may be gone (`kvroute up | head`): a failed write must not stop
+    // the agents from being stopped, so these lines ignore write errors instead of panicking.
+    say(format_args!("stopping {} agents", agents.len()));
     stop_agents(&mut agents, Duration::from_secs(10)).await;
-    println!("stopped");
+    say(format_args!("stopped"));
     outcome
 }
 

@@ -1,0 +1,93 @@
+//! The README's run command for real: `kvroute up --agents 2` starts two real `kvroute-agent`
+//! processes with the default model and the gateway; the official `openai` client talks to the
+//! gateway (completions and chat, plain and streamed, greedy), the answers come from the model
+//! (the greedy completion starts with llama.cpp's first token), and SIGTERM stops the whole tree.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvroute_tests::{bin, fixture, model_arg, run_py};
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+#[test]
+fn up_with_real_agents_serves_the_openai_client_and_stops_cleanly() {
+    let mut child = Command::new(bin("kvroute"))
+        .args(["up", "--agents", "2", "--listen", "127.0.0.1:0"])
+        .args(["--model", &model_arg(), "--kv-memory", "128MiB"])
+        .env("KVROUTE_AGENT_BIN", bin("kvroute-agent"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (mut pids, mut url, mut model) = (Vec::new(), None, None);
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("agent ") {
+            pids.push(
+                rest.split_whitespace()
+                    .nth(2)
+                    .unwrap()
+                    .parse::<u32>()
+                    .unwrap(),
+            );
+        }
+        if let Some(rest) = line.strip_prefix("kvroute is up: ") {
+            model = rest.split('"').nth(1).map(str::to_string);
+        }
+        if let Some(u) = line.strip_prefix("READY ") {
+            url = Some(u.to_string());
+            break;
+        }
+    }
+    let url = url.expect("kvroute up printed READY");
+    let model = model.expect("kvroute up printed the served model name");
+    assert_eq!(pids.len(), 2);
+
+    let reference = &fixture()["generate"][0];
+    let prompt = reference["prompt"].as_str().unwrap();
+    let out = run_py(
+        "openai_roundtrip.py",
+        &[&format!("{url}/v1"), &model, prompt, "12"],
+    );
+    assert_eq!(out["models"], serde_json::json!([model]), "{out}");
+    let text = out["completion"]["text"].as_str().unwrap();
+    assert_eq!(out["completion"]["completion_tokens"], 12, "{out}");
+    // llama.cpp's greedy continuation of this prompt starts with " Paris".
+    let expected = reference["greedy_text"].as_str().unwrap();
+    let first_word: String = expected.chars().take(6).collect();
+    assert!(
+        text.starts_with(&first_word),
+        "completion {text:?} through the gateway does not start like llama.cpp's {first_word:?}"
+    );
+    assert_eq!(out["completion_stream"]["text"], out["completion"]["text"]);
+    assert_eq!(out["completion_stream"]["completion_tokens"], 12);
+    assert!(!out["chat"]["text"].as_str().unwrap().is_empty(), "{out}");
+    assert_eq!(out["chat_stream"]["text"], out["chat"]["text"]);
+
+    // SIGTERM to `kvroute up` stops the gateway and both agents.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "kvroute up exited with {status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        pids.iter().all(|&p| !alive(p)),
+        "agents still running after kvroute up exited: {pids:?}"
+    );
+}
