@@ -115,25 +115,99 @@ pub struct TokenizeArgs {
 }
 
 /// `kvroute-agent bench`.
+///
+/// By default it measures the forward pass the way llama.cpp's `llama-batched-bench` does
+/// (`-npp --prompt-tokens -ntg --gen-tokens -npl --batch`), so `bench/compare-llamacpp.sh` can
+/// put the two side by side. With `--requests N` it instead drives the whole engine (scheduler,
+/// sampling, KV manager) with N synthetic requests, `--concurrency` at a time.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Concurrent requests.
-    #[arg(long, default_value_t = 8)]
-    pub concurrency: u32,
-    /// Requests in all.
-    #[arg(long, default_value_t = 32)]
-    pub requests: u32,
-    /// Prompt length in tokens.
+    /// Prompt tokens per sequence.
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: u32,
-    /// Output length in tokens.
-    #[arg(long, default_value_t = 64)]
-    pub output_tokens: u32,
-    /// KV-cache memory.
+    /// Tokens generated per sequence after its prompt.
+    #[arg(long, alias = "output-tokens", default_value_t = 64)]
+    pub gen_tokens: u32,
+    /// Batch sizes to measure, comma separated (sequences run in parallel).
+    #[arg(long, default_value = "1,4,16")]
+    pub batch: String,
+    /// CPU compute threads (default: every core this process may use).
+    #[arg(long)]
+    pub threads: Option<String>,
+    /// One JSON object per batch size instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Drive the whole engine with this many requests instead (prints one JSON line).
+    #[arg(long)]
+    pub requests: Option<u32>,
+    /// Concurrent requests (with `--requests`).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u32,
+    /// KV-cache memory (with `--requests`).
     #[arg(long, default_value = "1GiB")]
     pub kv_memory: String,
+}
+
+/// Most tokens one forward-pass benchmark may hold in KV at once (batch × (prompt + gen)):
+/// bounds its memory (about 3 GB for the default model) whatever the flags say.
+const MAX_BENCH_TOKENS: u64 = 1 << 16;
+/// Most sequences per batch in the forward-pass benchmark.
+const MAX_BENCH_BATCH: usize = 1024;
+
+/// The forward-pass benchmark's shape, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardBench {
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub batches: Vec<usize>,
+    /// 0 = every core this process may use.
+    pub threads: usize,
+}
+
+impl BenchArgs {
+    /// Checks the forward-pass flags; errors name the flag and the bad value.
+    pub fn forward(&self) -> anyhow::Result<ForwardBench> {
+        if self.prompt_tokens == 0 {
+            anyhow::bail!("--prompt-tokens: must be at least 1, got 0");
+        }
+        let mut batches = Vec::new();
+        for part in self.batch.split(',') {
+            let b: usize = part.trim().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--batch: '{}' is not a comma-separated list of sizes (got '{part}')",
+                    self.batch
+                )
+            })?;
+            if b == 0 || b > MAX_BENCH_BATCH {
+                anyhow::bail!("--batch: each size must be in 1..={MAX_BENCH_BATCH}, got {b}");
+            }
+            let tokens = b as u64 * (u64::from(self.prompt_tokens) + u64::from(self.gen_tokens));
+            if tokens > MAX_BENCH_TOKENS {
+                anyhow::bail!(
+                    "--batch {b} × (--prompt-tokens {} + --gen-tokens {}) = {tokens} tokens of KV; \
+                     the benchmark holds at most {MAX_BENCH_TOKENS}",
+                    self.prompt_tokens,
+                    self.gen_tokens
+                );
+            }
+            batches.push(b);
+        }
+        let threads = match &self.threads {
+            None => 0,
+            Some(s) => match s.trim().parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => n,
+                _ => anyhow::bail!("--threads: must be a number in 1..=1024, got '{s}'"),
+            },
+        };
+        Ok(ForwardBench {
+            prompt_tokens: self.prompt_tokens as usize,
+            gen_tokens: self.gen_tokens as usize,
+            batches,
+            threads,
+        })
+    }
 }
 
 /// `kvroute-agent run`: loads the model, generates, prints text as it arrives, then a summary
@@ -176,20 +250,88 @@ pub fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kvroute-agent bench`: synthetic load straight on the engine (no HTTP); prints one JSON line.
+/// `kvroute-agent bench`: the forward-pass benchmark (one line per batch size), or with
+/// `--requests` synthetic load straight on the engine (no HTTP, one JSON line).
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    let cfg = args.model.serve_config(Some(args.kv_memory.clone()))?;
-    let backend = engine_backend::load(&cfg)?;
-    let report = oneshot::bench(
-        backend.clone(),
-        oneshot::BenchShape {
-            requests: args.requests,
-            concurrency: args.concurrency,
-            prompt_tokens: args.prompt_tokens,
-            output_tokens: args.output_tokens,
-        },
-    )?;
-    println_flush(&report.to_json());
-    backend.shutdown();
+    if let Some(requests) = args.requests {
+        let cfg = args.model.serve_config(Some(args.kv_memory.clone()))?;
+        let backend = engine_backend::load(&cfg)?;
+        let report = oneshot::bench(
+            backend.clone(),
+            oneshot::BenchShape {
+                requests,
+                concurrency: args.concurrency,
+                prompt_tokens: args.prompt_tokens,
+                output_tokens: args.gen_tokens,
+            },
+        )?;
+        println_flush(&report.to_json());
+        backend.shutdown();
+        return Ok(());
+    }
+    let shape = args.forward()?;
+    let cfg = args.model.serve_config(None)?;
+    if cfg.device == crate::config::Device::Cuda {
+        anyhow::bail!("--device: the forward-pass benchmark runs on the CPU backend; use --device cpu");
+    }
+    let resolved = engine_backend::resolve(&cfg.model, cfg.cache_dir.as_deref())?;
+    let loaded = kvroute_engine::load::load(&resolved)?;
+    let context = loaded.config.max_position_embeddings;
+    if shape.prompt_tokens + shape.gen_tokens > context {
+        anyhow::bail!(
+            "--prompt-tokens {} + --gen-tokens {} exceeds the model's context of {context} tokens",
+            shape.prompt_tokens,
+            shape.gen_tokens
+        );
+    }
+    let model = loaded.model;
+    let isa = model.isa().name();
+    if !args.json {
+        println_flush(&format!(
+            "model {} ({isa}), prompt {} tokens, gen {} tokens",
+            loaded.name, shape.prompt_tokens, shape.gen_tokens
+        ));
+        println_flush("batch  prefill tok/s  decode tok/s  prefill tok/CPU-s  decode tok/CPU-s  peak RSS MiB");
+    }
+    for &batch in &shape.batches {
+        let r = kvroute_engine::bench::run(
+            model.clone(),
+            kvroute_engine::bench::BenchConfig {
+                prompt_tokens: shape.prompt_tokens,
+                gen_tokens: shape.gen_tokens,
+                batch,
+                threads: shape.threads,
+            },
+        )?;
+        let per_cpu = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        let prefill_cpu = per_cpu(batch * shape.prompt_tokens, r.prefill_cpu_secs);
+        let decode_cpu = per_cpu(batch * shape.gen_tokens, r.decode_cpu_secs);
+        if args.json {
+            println_flush(
+                &serde_json::json!({
+                    "batch": batch,
+                    "prompt_tokens": shape.prompt_tokens,
+                    "gen_tokens": shape.gen_tokens,
+                    "threads": shape.threads,
+                    "isa": isa,
+                    "prefill_tok_s": r.prefill_tok_s,
+                    "decode_tok_s": r.decode_tok_s,
+                    "prefill_secs": r.prefill_secs,
+                    "decode_secs": r.decode_secs,
+                    "prefill_tok_per_cpu_s": prefill_cpu,
+                    "decode_tok_per_cpu_s": decode_cpu,
+                    "peak_rss_bytes": r.peak_rss_bytes,
+                })
+                .to_string(),
+            );
+        } else {
+            println_flush(&format!(
+                "{batch:>5}  {:>13.1}  {:>12.1}  {prefill_cpu:>17.1}  {decode_cpu:>16.1}  {:>12}",
+                r.prefill_tok_s,
+                r.decode_tok_s,
+                r.peak_rss_bytes >> 20
+            ));
+        }
+    }
     Ok(())
 }

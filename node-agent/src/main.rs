@@ -24,7 +24,7 @@ enum Command {
     Run(cli::RunArgs),
     /// Print the token ids of a text.
     Tokenize(cli::TokenizeArgs),
-    /// Measure engine throughput with synthetic requests.
+    /// Measure prefill and decode speed per batch size (or engine load with `--requests`).
     Bench(cli::BenchArgs),
 }
 
