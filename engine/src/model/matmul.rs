@@ -183,8 +183,24 @@ pub struct MatJob<'a> {
     pub out: &'a mut [f32],
 }
 
-/// Rows per work item.
-const ROW_CHUNK: usize = 16;
+/// Work items are whole multiples of this many rows.
+const ROW_ALIGN: usize = 16;
+/// Work items per thread and product: enough for the threads to even out at the end of a call
+/// (the last item is at most 1/8 of a thread's share), few enough that handing them out costs
+/// nothing next to the rows (each item is one atomic increment on a cache line the threads
+/// share, and a contiguous run of rows keeps the hardware prefetcher streaming).
+const ITEMS_PER_THREAD: usize = 8;
+
+/// Rows per work item for a product of `rows` rows on `threads` threads.
+fn rows_per_item(rows: usize, threads: usize) -> usize {
+    if threads <= 1 {
+        return rows.max(1);
+    }
+    rows.div_ceil(threads * ITEMS_PER_THREAD)
+        .div_ceil(ROW_ALIGN)
+        .max(1)
+        * ROW_ALIGN
+}
 /// Tokens per tile (activations of a tile stay in L2 while a chunk's rows stream).
 const TOKEN_TILE: usize = 64;
 
@@ -202,17 +218,20 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, acts: &mut Acts, jobs: &mut [MatJob<'
         w: &'a Mat,
         out: SyncPtr<f32>,
         chunks: usize,
+        chunk_rows: usize,
     }
     let mut prepared: [Option<Prepared<'_>>; 4] = [None, None, None, None];
     let mut total = 0;
     for (slot, j) in prepared.iter_mut().zip(jobs.iter_mut()) {
         debug_assert!(j.out.len() >= n * j.w.rows);
-        let chunks = j.w.rows.div_ceil(ROW_CHUNK);
+        let chunk_rows = rows_per_item(j.w.rows, pool.threads());
+        let chunks = j.w.rows.div_ceil(chunk_rows);
         total += chunks;
         *slot = Some(Prepared {
             w: j.w,
             out: SyncPtr::new(j.out),
             chunks,
+            chunk_rows,
         });
     }
     assert!(
@@ -225,8 +244,8 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, acts: &mut Acts, jobs: &mut [MatJob<'
                 c -= p.chunks;
                 continue;
             }
-            let r0 = c * ROW_CHUNK;
-            let r1 = (r0 + ROW_CHUNK).min(p.w.rows);
+            let r0 = c * p.chunk_rows;
+            let r1 = (r0 + p.chunk_rows).min(p.w.rows);
             rows_product(isa, acts, p.w, r0..r1, n, &p.out);
             return;
         }
@@ -325,5 +344,30 @@ fn rows_product(
             }
         }
         None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_items_cover_every_row_in_aligned_runs() {
+        for threads in 1..=16 {
+            for rows in [1, 15, 16, 17, 192, 576, 1536, 49152, 49153] {
+                let per = rows_per_item(rows, threads);
+                let items = rows.div_ceil(per);
+                assert!(items * per >= rows && (items - 1) * per < rows);
+                if threads == 1 {
+                    assert_eq!(items, 1, "one thread: one item");
+                } else {
+                    assert_eq!(per % ROW_ALIGN, 0, "{rows} rows, {threads} threads");
+                    assert!(
+                        items <= threads * ITEMS_PER_THREAD,
+                        "{rows} rows, {threads} threads"
+                    );
+                }
+            }
+        }
     }
 }
