@@ -838,26 +838,16 @@ fn attention(
                     if prec == AttnPrecision::LlamaCpp {
                         // Key by key, as ggml's flash attention: a new maximum rescales the f16
                         // accumulator, every key adds `exp(s - max) · v` rounded to f16.
-                        let acc = &mut sc.acc[r * hd..(r + 1) * hd];
-                        let mut m = sc.m[r];
-                        let mut l = sc.l[r];
-                        for j in 0..jmax {
-                            let sj = isa.dot_f32(qv, &sc.k[j * hd..(j + 1) * hd]) * scale;
-                            let vj = &sc.v[j * hd..(j + 1) * hd];
-                            if sj > m {
-                                let ms = (m - sj).exp();
-                                m = sj;
-                                isa.f16_scale_round(acc, ms);
-                                isa.f16_fma_round(acc, vj, 1.0);
-                                l = l * ms + 1.0;
-                            } else {
-                                let vs = (sj - m).exp();
-                                isa.f16_fma_round(acc, vj, vs);
-                                l += vs;
-                            }
-                        }
-                        sc.m[r] = m;
-                        sc.l[r] = l;
+                        isa.attn_keys_f16acc(
+                            qv,
+                            &sc.k[..jmax * hd],
+                            &sc.v[..jmax * hd],
+                            jmax,
+                            scale,
+                            &mut sc.m[r],
+                            &mut sc.l[r],
+                            &mut sc.acc[r * hd..(r + 1) * hd],
+                        );
                         continue;
                     }
                     let mut mb = f32::NEG_INFINITY;

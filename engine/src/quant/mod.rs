@@ -191,6 +191,48 @@ impl Isa {
         }
     }
 
+    /// llama.cpp's flash attention over an f16 cache, for one query row `q` (head dim
+    /// `q.len()`) and `keys` keys (`k`, `v`: `keys` rows of that dim, as f32): key by key,
+    /// `s = q·k·scale`; a new maximum rescales the f16 accumulator `acc` by `exp(m − s)`, then
+    /// every key adds `exp(s − m)·v` rounded to f16; `m` and `l` (sum of weights) carry over
+    /// between calls.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn attn_keys_f16acc(
+        self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        keys: usize,
+        scale: f32,
+        m: &mut f32,
+        l: &mut f32,
+        acc: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.has_avx2() {
+            // SAFETY: this Isa was detected with avx2, fma and f16c.
+            unsafe { x86::attn_keys_f16acc(q, k, v, keys, scale, m, l, acc) };
+            return;
+        }
+        let hd = q.len();
+        for j in 0..keys.min(k.len() / hd.max(1)).min(v.len() / hd.max(1)) {
+            let sj = self.dot_f32(q, &k[j * hd..(j + 1) * hd]) * scale;
+            let vj = &v[j * hd..(j + 1) * hd];
+            if sj > *m {
+                let ms = (*m - sj).exp();
+                *m = sj;
+                self.f16_scale_round(acc, ms);
+                self.f16_fma_round(acc, vj, 1.0);
+                *l = *l * ms + 1.0;
+            } else {
+                let vs = (sj - *m).exp();
+                self.f16_fma_round(acc, vj, vs);
+                *l += vs;
+            }
+        }
+    }
+
     /// `acc[i] = f16(acc[i] · s)`.
     #[inline]
     pub fn f16_scale_round(self, acc: &mut [f32], s: f32) {
@@ -465,6 +507,52 @@ mod kernel_tests {
         }
         fn bytes(&mut self, n: usize) -> Vec<u8> {
             (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// The fused attention loop equals the key-by-key composition of the SIMD primitives it
+    /// replaces, bit for bit (the reference test against llama.cpp depends on every rounding),
+    /// for the register paths (head dims 64 and 128) and the fallback (another dim), with
+    /// rising and falling scores so both branches run; and the scalar Isa's loop matches its own
+    /// primitives.
+    #[test]
+    fn fused_attention_keys_match_key_by_key() {
+        let mut rng = Rng(7);
+        for isa in [Isa::detect(), Isa::scalar()] {
+            for hd in [64usize, 128, 40] {
+                for keys in [1usize, 5, 16] {
+                    let q: Vec<f32> = (0..hd).map(|_| rng.f32() * 2.0).collect();
+                    let k: Vec<f32> = (0..keys * hd).map(|_| rng.f32() * 3.0).collect();
+                    let v: Vec<f32> = (0..keys * hd).map(|_| rng.f32()).collect();
+                    let start: Vec<f32> =
+                        (0..hd).map(|_| f16::from_f32(rng.f32()).to_f32()).collect();
+                    for m0 in [f32::NEG_INFINITY, 0.5] {
+                        let (mut m1, mut l1, mut a1) = (m0, 1.0f32, start.clone());
+                        isa.attn_keys_f16acc(&q, &k, &v, keys, 0.125, &mut m1, &mut l1, &mut a1);
+                        let (mut m2, mut l2, mut a2) = (m0, 1.0f32, start.clone());
+                        for j in 0..keys {
+                            let sj = isa.dot_f32(&q, &k[j * hd..(j + 1) * hd]) * 0.125;
+                            let vj = &v[j * hd..(j + 1) * hd];
+                            if sj > m2 {
+                                let ms = (m2 - sj).exp();
+                                m2 = sj;
+                                isa.f16_scale_round(&mut a2, ms);
+                                isa.f16_fma_round(&mut a2, vj, 1.0);
+                                l2 = l2 * ms + 1.0;
+                            } else {
+                                let vs = (sj - m2).exp();
+                                isa.f16_fma_round(&mut a2, vj, vs);
+                                l2 += vs;
+                            }
+                        }
+                        assert_eq!(m1.to_bits(), m2.to_bits(), "{} hd {hd}", isa.name());
+                        assert_eq!(l1.to_bits(), l2.to_bits(), "{} hd {hd}", isa.name());
+                        let b1: Vec<u32> = a1.iter().map(|x| x.to_bits()).collect();
+                        let b2: Vec<u32> = a2.iter().map(|x| x.to_bits()).collect();
+                        assert_eq!(b1, b2, "{} hd {hd} keys {keys}", isa.name());
+                    }
+                }
+            }
         }
     }
 

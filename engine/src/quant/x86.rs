@@ -206,6 +206,101 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// llama.cpp's flash-attention inner loop for one query row over `keys` keys of an f16 cache
+/// (see `Isa::attn_keys_f16acc`), with the accumulator held in registers for head dims 64 and
+/// 128. Bit-identical to `dot_f32`, `f16_scale_round` and `f16_fma_round` called key by key.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub fn attn_keys_f16acc(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: usize,
+    scale: f32,
+    m: &mut f32,
+    l: &mut f32,
+    acc: &mut [f32],
+) {
+    let hd = q.len();
+    if k.len() < keys * hd || v.len() < keys * hd || acc.len() < hd {
+        return;
+    }
+    match hd {
+        64 => attn_keys_reg::<8>(q, k, v, keys, scale, m, l, acc),
+        128 => attn_keys_reg::<16>(q, k, v, keys, scale, m, l, acc),
+        _ => {
+            for j in 0..keys {
+                let sj = dot_f32(q, &k[j * hd..(j + 1) * hd]) * scale;
+                let vj = &v[j * hd..(j + 1) * hd];
+                if sj > *m {
+                    let ms = (*m - sj).exp();
+                    *m = sj;
+                    f16_scale_round(acc, ms);
+                    f16_fma_round(acc, vj, 1.0);
+                    *l = *l * ms + 1.0;
+                } else {
+                    let vs = (sj - *m).exp();
+                    f16_fma_round(acc, vj, vs);
+                    *l += vs;
+                }
+            }
+        }
+    }
+}
+
+/// `attn_keys_f16acc` for a head dim of `R * 8` (lengths checked by the caller).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+fn attn_keys_reg<const R: usize>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: usize,
+    scale: f32,
+    m: &mut f32,
+    l: &mut f32,
+    acc: &mut [f32],
+) {
+    let hd = R * 8;
+    let round = |x: __m256| _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+    let mut a = [_mm256_setzero_ps(); R];
+    for (r, ar) in a.iter_mut().enumerate() {
+        // SAFETY: acc.len() >= hd = R * 8 (checked by the caller).
+        *ar = unsafe { _mm256_loadu_ps(acc.as_ptr().add(8 * r)) };
+    }
+    let (mut mm, mut ll) = (*m, *l);
+    for j in 0..keys {
+        let sj = dot_f32(q, &k[j * hd..(j + 1) * hd]) * scale;
+        let vj = &v[j * hd..(j + 1) * hd];
+        let s = if sj > mm {
+            let ms = (mm - sj).exp();
+            mm = sj;
+            let vms = _mm256_set1_ps(ms);
+            for ar in a.iter_mut() {
+                *ar = round(_mm256_mul_ps(*ar, vms));
+            }
+            ll = ll * ms + 1.0;
+            1.0
+        } else {
+            let vs = (sj - mm).exp();
+            ll += vs;
+            vs
+        };
+        let vs = _mm256_set1_ps(s);
+        for (r, ar) in a.iter_mut().enumerate() {
+            // SAFETY: vj has hd = R * 8 elements.
+            let x = unsafe { _mm256_loadu_ps(vj.as_ptr().add(8 * r)) };
+            *ar = round(_mm256_fmadd_ps(x, vs, *ar));
+        }
+    }
+    for (r, ar) in a.iter().enumerate() {
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(8 * r), *ar) };
+    }
+    *m = mm;
+    *l = ll;
+}
+
 /// `y[i] = y[i]·scale + p·x[i]`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub fn scale_axpy(y: &mut [f32], scale: f32, p: f32, x: &[f32]) {
