@@ -106,6 +106,10 @@ pub struct Acts {
     n: usize,
     f32s: Vec<f32>,
     q8: Vec<BlockQ8>,
+    /// Per-block scales of `q8` packed for the tile kernels: for each group of
+    /// [`KERNEL_ROWS`] rows, `nb * KERNEL_ROWS` values (see `quant::pack_q8_scales`).
+    q8_d: Vec<f32>,
+    q8_s: Vec<f32>,
     q8k: Vec<BlockQ8K>,
     have_q8: bool,
     have_q8k: bool,
@@ -119,6 +123,8 @@ impl Acts {
             n: 0,
             f32s: vec![0.0; max_tokens * max_cols],
             q8: vec![BlockQ8::ZERO; max_tokens * max_cols.div_ceil(32)],
+            q8_d: vec![0.0; max_tokens.div_ceil(KERNEL_ROWS) * KERNEL_ROWS * max_cols.div_ceil(32)],
+            q8_s: vec![0.0; max_tokens.div_ceil(KERNEL_ROWS) * KERNEL_ROWS * max_cols.div_ceil(32)],
             q8k: Vec::new(),
             have_q8: false,
             have_q8k: false,
@@ -154,6 +160,19 @@ impl Acts {
                     for t in 0..n {
                         job(t, 0);
                     }
+                }
+                let group = nb * KERNEL_ROWS;
+                for (g, rows) in self.q8[..n * nb].chunks(group).enumerate() {
+                    let mut a: [&[BlockQ8]; KERNEL_ROWS] = [&[]; KERNEL_ROWS];
+                    for (slot, row) in a.iter_mut().zip(rows.chunks(nb)) {
+                        *slot = row;
+                    }
+                    crate::quant::pack_q8_scales(
+                        &a[..rows.len() / nb],
+                        nb,
+                        &mut self.q8_d[g * group..(g + 1) * group],
+                        &mut self.q8_s[g * group..(g + 1) * group],
+                    );
                 }
                 self.have_q8 = true;
             }
@@ -201,8 +220,10 @@ fn rows_per_item(rows: usize, threads: usize) -> usize {
         .max(1)
         * ROW_ALIGN
 }
-/// Tokens per tile (activations of a tile stay in L2 while a chunk's rows stream).
+/// Tokens per tile (activations of a tile stay in L2 while a chunk's rows stream); a multiple
+/// of `KERNEL_ROWS`, so kernel calls start on the packed-scale groups.
 const TOKEN_TILE: usize = 64;
+const _: () = assert!(TOKEN_TILE.is_multiple_of(KERNEL_ROWS));
 
 /// Runs every job on the same `n` activation rows. All weights must have `acts.cols` columns
 /// (checked when the model is built).
@@ -269,10 +290,12 @@ fn rows_product(
     };
     match w.dtype.act_format() {
         Some(ActFormat::Q8) => {
+            let tile = isa.q8_tile_kernel(w.dtype);
             let Some(k) = isa.q8_kernel(w.dtype).or(Isa::scalar().q8_kernel(w.dtype)) else {
                 return;
             };
             let nb = acts.cols / 32;
+            let group = nb * KERNEL_ROWS;
             for tt in (0..n).step_by(TOKEN_TILE) {
                 let tend = (tt + TOKEN_TILE).min(n);
                 for r in rows.clone() {
@@ -284,7 +307,21 @@ fn rows_product(
                         for (i, slot) in a.iter_mut().enumerate().take(m) {
                             *slot = &acts.q8[(t + i) * nb..(t + i + 1) * nb];
                         }
-                        k(wr, &a[..m], &mut res[..m]);
+                        match tile {
+                            // `t` is a multiple of KERNEL_ROWS: tiles start at multiples of
+                            // TOKEN_TILE and advance by KERNEL_ROWS.
+                            Some(tk) => {
+                                let g = t / KERNEL_ROWS;
+                                tk(
+                                    wr,
+                                    &a[..m],
+                                    &acts.q8_d[g * group..(g + 1) * group],
+                                    &acts.q8_s[g * group..(g + 1) * group],
+                                    &mut res[..m],
+                                )
+                            }
+                            None => k(wr, &a[..m], &mut res[..m]),
+                        }
                         for (i, v) in res.iter().enumerate().take(m) {
                             write(t + i, r, *v);
                         }

@@ -121,6 +121,21 @@ impl Isa {
         }
     }
 
+    /// The packed-scales kernel for `wtype` weights (see [`Q8TileKernel`]), where one exists.
+    pub fn q8_tile_kernel(self, wtype: GgmlType) -> Option<Q8TileKernel> {
+        match (self.0, wtype) {
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx2, GgmlType::Q4_1) => Some(simd::q4_1_tile_avx2),
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx2, GgmlType::Q8_0) => Some(simd::q8_0_tile_avx2),
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx512Vnni, GgmlType::Q4_1) => Some(simd::q4_1_tile_vnni),
+            #[cfg(target_arch = "x86_64")]
+            (IsaKind::Avx512Vnni, GgmlType::Q8_0) => Some(simd::q8_0_tile_vnni),
+            _ => None,
+        }
+    }
+
     /// The kernel for `wtype` weights against [`BlockQ8K`] activations (K-quants).
     pub fn q8k_kernel(self, wtype: GgmlType) -> Option<Q8KKernel> {
         match wtype {
@@ -278,10 +293,27 @@ impl Isa {
 
 /// One weight row (raw blocks) against 1..=8 activation rows of [`BlockQ8`]; one result each.
 pub type Q8Kernel = fn(&[u8], &[&[BlockQ8]], &mut [f32]);
+/// A [`Q8Kernel`] for up to [`KERNEL_ROWS`] activation rows that also takes those rows'
+/// per-block scales packed block-major (`d[b * KERNEL_ROWS + t]`, `s[b * KERNEL_ROWS + t]`, see
+/// [`pack_q8_scales`]); same results as the plain kernel, bit for bit.
+pub type Q8TileKernel = fn(&[u8], &[&[BlockQ8]], &[f32], &[f32], &mut [f32]);
 /// One weight row against 1..=8 activation rows of [`BlockQ8K`].
 pub type Q8KKernel = fn(&[u8], &[&[BlockQ8K]], &mut [f32]);
 /// One float weight row against 1..=8 f32 activation rows.
 pub type F32Kernel = fn(&[u8], &[&[f32]], &mut [f32]);
+
+/// Packs the per-block scales of up to [`KERNEL_ROWS`] activation rows block-major for a
+/// [`Q8TileKernel`]: `d[b * KERNEL_ROWS + t] = acts[t][b].d`, likewise `s`; lanes of absent
+/// rows are zero. `d` and `s` need `nb * KERNEL_ROWS` values.
+pub fn pack_q8_scales(acts: &[&[BlockQ8]], nb: usize, d: &mut [f32], s: &mut [f32]) {
+    for b in 0..nb {
+        for t in 0..KERNEL_ROWS {
+            let blk = acts.get(t).and_then(|a| a.get(b));
+            d[b * KERNEL_ROWS + t] = blk.map_or(0.0, |x| x.d);
+            s[b * KERNEL_ROWS + t] = blk.map_or(0.0, |x| x.s);
+        }
+    }
+}
 
 /// Most activation rows a kernel takes at once.
 pub const KERNEL_ROWS: usize = 8;
@@ -340,6 +372,40 @@ mod simd {
             }
         };
     }
+    macro_rules! wrap_tile {
+        ($name:ident, $m:ident :: $k:ident) => {
+            pub fn $name(w: &[u8], acts: &[&[BlockQ8]], d8: &[f32], s8: &[f32], out: &mut [f32]) {
+                let n = acts.len();
+                assert!(
+                    (1..=8).contains(&n) && out.len() >= n,
+                    "one output per activation row, at most 8 rows"
+                );
+                let nb = acts.iter().map(|a| a.len()).min().unwrap_or(0);
+                assert!(
+                    d8.len() >= nb * 8 && s8.len() >= nb * 8,
+                    "packed scales for every block"
+                );
+                // SAFETY: reachable only through an Isa detected with this kernel's features
+                // (see Isa::q8_tile_kernel); the const N matches acts.len().
+                unsafe {
+                    match n {
+                        8 => x86::$m::$k::<8>(w, acts, d8, s8, out),
+                        7 => x86::$m::$k::<7>(w, acts, d8, s8, out),
+                        6 => x86::$m::$k::<6>(w, acts, d8, s8, out),
+                        5 => x86::$m::$k::<5>(w, acts, d8, s8, out),
+                        4 => x86::$m::$k::<4>(w, acts, d8, s8, out),
+                        3 => x86::$m::$k::<3>(w, acts, d8, s8, out),
+                        2 => x86::$m::$k::<2>(w, acts, d8, s8, out),
+                        _ => x86::$m::$k::<1>(w, acts, d8, s8, out),
+                    }
+                }
+            }
+        };
+    }
+    wrap_tile!(q4_1_tile_avx2, avx2::q4_1_tile);
+    wrap_tile!(q8_0_tile_avx2, avx2::q8_0_tile);
+    wrap_tile!(q4_1_tile_vnni, vnni::q4_1_tile);
+    wrap_tile!(q8_0_tile_vnni, vnni::q8_0_tile);
     wrap!(q4_0_avx2, avx2::q4_0);
     wrap!(q4_1_avx2, avx2::q4_1);
     wrap!(q8_0_avx2, avx2::q8_0);
@@ -594,6 +660,43 @@ mod kernel_tests {
             out.extend_from_slice(&b);
         }
         out
+    }
+
+    /// The packed-scale tile kernels give exactly the plain SIMD kernels' results (which the
+    /// other tests check against the scalar reference) for every row count 1..=8, and the
+    /// scalar Isa has none (its matmul path stays the plain one).
+    #[test]
+    fn tile_kernels_match_plain_kernels_bit_for_bit() {
+        let mut rng = Rng(11);
+        let isa = Isa::detect();
+        assert!(Isa::scalar().q8_tile_kernel(GgmlType::Q4_1).is_none());
+        for t in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            let (Some(tile), Some(plain)) = (isa.q8_tile_kernel(t), isa.q8_kernel(t)) else {
+                continue;
+            };
+            for nb in [1usize, 18, 48] {
+                let w = random_row(&mut rng, t, nb);
+                let rows: Vec<Vec<BlockQ8>> = (0..KERNEL_ROWS)
+                    .map(|_| {
+                        let x: Vec<f32> = (0..nb * 32).map(|_| rng.f32() * 4.0).collect();
+                        let mut q = vec![BlockQ8::ZERO; nb];
+                        isa.quantize_q8(&x, &mut q);
+                        q
+                    })
+                    .collect();
+                for m in 1..=KERNEL_ROWS {
+                    let a: Vec<&[BlockQ8]> = rows[..m].iter().map(|r| r.as_slice()).collect();
+                    let (mut d, mut s) = (vec![0.0; nb * 8], vec![0.0; nb * 8]);
+                    pack_q8_scales(&a, nb, &mut d, &mut s);
+                    let (mut got, mut want) = (vec![0.0f32; m], vec![0.0f32; m]);
+                    tile(&w, &a, &d, &s, &mut got);
+                    plain(&w, &a, &mut want);
+                    let gb: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
+                    let wb: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
+                    assert_eq!(gb, wb, "{t} nb {nb} rows {m}");
+                }
+            }
+        }
     }
 
     fn close(a: f32, b: f32, tol: f32) -> bool {
