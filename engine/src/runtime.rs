@@ -188,6 +188,8 @@ impl Runner {
 
     /// The greedy token of every sequence with `want_logits`, in batch order.
     fn step_greedy(&mut self, inputs: &[SeqInput<'_>]) -> Result<&[u32], StepError> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = inputs;
         match self {
             Runner::Cpu(_) => Err(StepError::Model(ModelError::Config(
                 "the CPU runner samples on the host".into(),

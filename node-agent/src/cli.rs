@@ -21,7 +21,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         grpc: config.grpc,
         drain_timeout: config.drain_timeout,
     };
-    tracing::info!(model = %config.model, device = ?config.device, agent_id = %config.agent_id, "starting");
+    tracing::info!(model = %config.model, device = ?config.device, device_choice = %config.device_note, agent_id = %config.agent_id, "starting");
     let load_cfg = config.clone();
     server::serve(
         state,
@@ -271,8 +271,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let shape = args.forward()?;
     let cfg = args.model.serve_config(None)?;
-    if cfg.device == crate::config::Device::Cuda {
-        anyhow::bail!("--device: the forward-pass benchmark runs on the CPU backend; use --device cpu");
+    // `auto` may pick a GPU; this benchmark measures the CPU forward pass whatever it found.
+    if args.model.device == DeviceArg::Cuda {
+        anyhow::bail!(
+            "--device: the forward-pass benchmark runs on the CPU backend; use --device cpu"
+        );
     }
     let resolved = engine_backend::resolve(&cfg.model, cfg.cache_dir.as_deref())?;
     let loaded = kvroute_engine::load::load(&resolved)?;
@@ -291,7 +294,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "model {} ({isa}), prompt {} tokens, gen {} tokens",
             loaded.name, shape.prompt_tokens, shape.gen_tokens
         ));
-        println_flush("batch  prefill tok/s  decode tok/s  prefill tok/CPU-s  decode tok/CPU-s  peak RSS MiB");
+        println_flush(
+            "batch  prefill tok/s  decode tok/s  prefill tok/CPU-s  decode tok/CPU-s  peak RSS MiB",
+        );
     }
     for &batch in &shape.batches {
         let r = kvroute_engine::bench::run(

@@ -106,7 +106,18 @@ pub fn resolve(choice: DeviceChoice, cuda: Result<usize, String>) -> Result<Back
 pub fn probe_cuda() -> Result<usize, String> {
     #[cfg(feature = "cuda")]
     {
-        crate::cuda::device_count().map_err(|e| e.to_string())
+        let n = crate::cuda::device_count().map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(0);
+        }
+        // What the backend loads besides the driver: cuBLAS and NVRTC. Checked here so `auto`
+        // falls back to the CPU rather than failing later.
+        // SAFETY: only tries to dlopen libcublas under its usual names.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(crate::cuda::CudaError::NoCublas.to_string());
+        }
+        super::Nvrtc::global().map_err(|e| e.to_string())?;
+        Ok(n)
     }
     #[cfg(not(feature = "cuda"))]
     {
