@@ -217,8 +217,13 @@ impl CudaModel {
         let dt = self.dtype;
         let layout = cache.layout;
         let bs = layout.block_size;
+        // Nothing from an earlier step may be read back if this one fails or is empty.
+        ws.logit_rows = 0;
         if layout != ws.layout {
             return Err(bad("the workspace was sized for another KV layout".into()));
+        }
+        if bs == 0 {
+            return Err(bad("KV block size is 0".into()));
         }
         if seqs.is_empty() {
             return Ok(());
