@@ -808,6 +808,13 @@ impl Loop {
                 .all(|id| reqs.get(id).is_none_or(|r| is_greedy(&r.params)));
         let result = if greedy {
             match self.runner.step_greedy(&inputs) {
+                Ok(ids) if ids.len() != self.logit_ids.len() => {
+                    Err(StepError::Model(ModelError::Batch(format!(
+                        "{} greedy tokens for {} sequences",
+                        ids.len(),
+                        self.logit_ids.len()
+                    ))))
+                }
                 Ok(ids) => {
                     for (&tok, &id) in ids.iter().zip(&self.logit_ids) {
                         if self.reqs.contains_key(&id) {
@@ -1011,6 +1018,52 @@ fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_greedy_requests_take_the_device_argmax() {
+        let p = |temperature: f32, top_k: u32, logprobs: Option<u32>| SamplingParams {
+            temperature,
+            top_k,
+            logprobs,
+            ..SamplingParams::default()
+        };
+        assert!(is_greedy(&p(0.0, 0, None)));
+        assert!(is_greedy(&p(0.7, 1, None)));
+        assert!(!is_greedy(&p(0.7, 0, None)));
+        assert!(!is_greedy(&p(0.7, 40, None)));
+        // Log-probabilities need the whole row on the host.
+        assert!(!is_greedy(&p(0.0, 0, Some(0))));
+        let cfg = ModelConfig {
+            arch: crate::config::Arch::Llama,
+            vocab_size: 96,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_layers: 1,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rope_theta: 10_000.0,
+            rope_style: crate::config::RopeStyle::Interleaved,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+        };
+        let w =
+            crate::kernels::reference::SyntheticWeights::new(&cfg, 1, crate::quant::GgmlType::F32);
+        let model = Model::new(Arc::new(w), cfg).unwrap();
+        let mut cpu = Runner::Cpu(CpuRunner::new(Arc::new(model), 4, 4, 8, 1).unwrap());
+        assert!(!cpu.greedy_on_device());
+        // Asked anyway, the CPU runner refuses rather than guessing.
+        let tokens = [1u32, 2];
+        let input = [SeqInput {
+            tokens: &tokens,
+            start_pos: 0,
+            block_table: &[0],
+            want_logits: true,
+        }];
+        assert!(cpu.step_greedy(&input).is_err());
+        assert_eq!(cpu.step(&input).unwrap().len(), 96);
+    }
 
     #[test]
     fn stop_helpers() {
