@@ -21,3 +21,11 @@ echo "== build"
 cargo build --workspace --bins
 echo "== test"
 cargo test --workspace "$@"
+# The CUDA backend (cargo feature `cuda`) with no GPU: it must build and lint clean, and what can
+# run without a driver does (the engine refuses --device cuda clearly; the agent exits non-zero
+# at start with a message naming the flag, never a panic). The GPU itself is checked by
+# engine/gpu-check.sh on a machine that has one.
+echo "== cuda feature (no GPU needed)"
+cargo clippy --workspace --all-targets --features kvroute-agent/cuda -- -D warnings
+cargo test -p kvroute-engine --features cuda --test runtime_device
+cargo test -p kvroute-agent --features cuda --lib --test device_cuda

@@ -15,7 +15,7 @@ use std::time::Instant;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use kvroute_engine::config::{Arch as ModelArch, ModelConfig, RopeStyle};
-use kvroute_engine::cuda::model::{CudaKvCache, CudaModel, SeqStep};
+use kvroute_engine::cuda::model::{CudaKvCache, CudaModel, SeqStep, StepWorkspace};
 use kvroute_engine::cuda::ops::{AttnBatch, DecodeScratch};
 use kvroute_engine::cuda::{self, CudaDevice, CudaError};
 use kvroute_engine::gguf::Gguf;
@@ -825,11 +825,20 @@ fn e2e_decode(dev: &CudaDevice, model: &CudaModel, label: &str) -> Res<Value> {
                 block_table: &tabs[i],
             })
             .collect();
+        // The engine's path: step buffers allocated once, argmax on the GPU, ids copied back.
+        let mut ws = StepWorkspace::new(
+            dev,
+            model,
+            batch * prompt,
+            batch,
+            prompt + steps + 1,
+            model.kv_layout(16),
+        )?;
+        let all: Vec<usize> = (0..batch).collect();
         let tp = Instant::now();
-        let logits = model.forward(dev, &mut cache, &seqs)?;
-        let mut ids = dev.stream.alloc_zeros::<i32>(batch)?;
-        dev.argmax(&mut ids, &logits, batch, cfg.vocab_size)?;
-        let mut next: Vec<u32> = down(dev, &ids)?.iter().map(|&i| i as u32).collect();
+        model.forward_into(dev, &mut cache, &mut ws, &seqs, &all)?;
+        model.argmax_into(dev, &mut ws)?;
+        let mut next: Vec<u32> = ws.argmax_ids().iter().map(|&i| i as u32).collect();
         let prefill_s = tp.elapsed().as_secs_f64();
         let td = Instant::now();
         for step in 0..steps {
@@ -841,9 +850,9 @@ fn e2e_decode(dev: &CudaDevice, model: &CudaModel, label: &str) -> Res<Value> {
                     block_table: &tabs[i],
                 })
                 .collect();
-            let logits = model.forward(dev, &mut cache, &seqs)?;
-            dev.argmax(&mut ids, &logits, batch, cfg.vocab_size)?;
-            next = down(dev, &ids)?.iter().map(|&i| i as u32).collect();
+            model.forward_into(dev, &mut cache, &mut ws, &seqs, &all)?;
+            model.argmax_into(dev, &mut ws)?;
+            next = ws.argmax_ids().iter().map(|&i| i as u32).collect();
         }
         let secs = td.elapsed().as_secs_f64();
         let tps = (batch * steps) as f64 / secs;
@@ -858,14 +867,15 @@ fn e2e_decode(dev: &CudaDevice, model: &CudaModel, label: &str) -> Res<Value> {
 }
 
 /// KV blocks the way the agent sizes them: free memory before loading × 0.9 − weights − the
-/// activation peak of a 2,048-token prefill step, ÷ block bytes (block size 16).
+/// activation peak (step buffers for 2,048-token steps plus what the profiling step took on top),
+/// ÷ block bytes (block size 16).
 fn kv_sizing(dev: &CudaDevice, model: &CudaModel, free_before: u64) -> Res<Value> {
     let layout = model.kv_layout(16);
     let tokens = 2048;
-    let table: Vec<u32> = (0..(tokens / 16) as u32).collect();
-    let mut cache = CudaKvCache::new(dev, layout, table.len())?;
-    let peak = model.measure_activation_peak(dev, &mut cache, tokens, &table)?;
-    drop(cache);
+    let mut ws = StepWorkspace::new(dev, model, tokens, 256, 8192, layout)?;
+    let reading = model.profile_step(dev, &mut ws)?;
+    let peak = kvroute_engine::kernels::layout::activation_peak(&reading);
+    drop(ws);
     let budget = kvroute_engine::kernels::layout::MemoryBudget {
         free_bytes: free_before,
         utilization: 0.9,
@@ -875,14 +885,18 @@ fn kv_sizing(dev: &CudaDevice, model: &CudaModel, free_before: u64) -> Res<Value
     let blocks = kvroute_engine::kernels::layout::kv_blocks(&budget, &layout)
         .map_err(|e| CudaError::Invalid(e.to_string()))?;
     println!(
-        "KV sizing: free {} MiB, weights {} MiB, activation peak {} MiB ({tokens} tokens) -> {blocks} blocks of {} KiB",
+        "KV sizing: free {} MiB, weights {} MiB, step buffers {} MiB, activation peak {} MiB ({tokens} tokens) -> {blocks} blocks of {} KiB",
         free_before >> 20,
         model.weight_bytes >> 20,
+        reading.workspace_bytes >> 20,
         peak >> 20,
         layout.block_bytes() >> 10
     );
     Ok(
         json!({"free_before_load": free_before, "utilization": 0.9, "weight_bytes": model.weight_bytes,
+        "profile": {"workspace_bytes": reading.workspace_bytes, "pool_used_before": reading.pool_used_before,
+        "pool_high": reading.pool_high, "pool_reserved_before": reading.pool_reserved_before,
+        "pool_reserved_after": reading.pool_reserved_after, "free_before": reading.free_before, "free_after": reading.free_after},
         "activation_peak_bytes": peak, "peak_step_tokens": tokens, "block_bytes": layout.block_bytes(), "blocks": blocks}),
     )
 }

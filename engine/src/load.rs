@@ -9,12 +9,15 @@ use crate::gguf::{Gguf, GgufError};
 use crate::model::{Model, ModelError};
 use crate::safetensors::{SafetensorsError, SafetensorsModel};
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::weights::WeightSource;
 use std::path::Path;
 use std::sync::Arc;
 
 /// A model ready to run.
 pub struct LoadedModel {
     pub model: Arc<Model>,
+    /// The weights `model` reads (memory mapped), for backends that upload them elsewhere.
+    pub weights: Arc<dyn WeightSource>,
     pub tokenizer: Tokenizer,
     /// The model's chat template, if it has one.
     pub chat_template: Option<ChatTemplate>,
@@ -54,22 +57,21 @@ pub fn load(resolved: &ResolvedModel) -> Result<LoadedModel, LoadError> {
         .file_name()
         .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
         .unwrap_or_else(|| path.display().to_string());
-    let (model, tokenizer, config) = match resolved.format {
+    let (weights, tokenizer, config): (Arc<dyn WeightSource>, _, _) = match resolved.format {
         ModelFormat::Gguf => {
             let g = Gguf::open(path)?;
             let config = ModelConfig::from_gguf(&g)?;
             let tokenizer = Tokenizer::from_gguf(&g)?;
-            let model = Model::new(Arc::new(g), config.clone())?;
-            (model, tokenizer, config)
+            (Arc::new(g), tokenizer, config)
         }
         ModelFormat::Safetensors => {
             let st = SafetensorsModel::open(path)?;
             let config = st.config().clone();
             let tokenizer = st.tokenizer()?;
-            let model = Model::new(Arc::new(st), config.clone())?;
-            (model, tokenizer, config)
+            (Arc::new(st), tokenizer, config)
         }
     };
+    let model = Model::new(weights.clone(), config.clone())?;
     let chat_template = match ChatTemplate::from_tokenizer(&tokenizer) {
         Ok(t) => Some(t),
         Err(ChatError::NoTemplate) => None,
@@ -86,6 +88,7 @@ pub fn load(resolved: &ResolvedModel) -> Result<LoadedModel, LoadError> {
     );
     Ok(LoadedModel {
         model: Arc::new(model),
+        weights,
         tokenizer,
         chat_template,
         config,

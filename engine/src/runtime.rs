@@ -73,6 +73,9 @@ pub enum EngineError {
     Config(String),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The compute device could not be set up (no driver, no GPU, no room for the KV cache...).
+    #[error("{0}")]
+    Device(String),
 }
 
 impl EngineError {
@@ -84,6 +87,7 @@ impl EngineError {
             EngineError::Shutdown => "shutdown",
             EngineError::Config(_) => "config",
             EngineError::Model(_) => "model",
+            EngineError::Device(_) => "device",
         }
     }
 }
@@ -131,6 +135,76 @@ pub struct CapacityUpdate {
 /// Called on the engine thread after each step, admission or abort that changed anything.
 pub type CapacityObserver = Box<dyn FnMut(&CapacityUpdate) + Send>;
 
+/// Which backend runs the model's steps. The scheduler, KV manager and sampling are the same
+/// for both.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum EngineDevice {
+    /// The CPU forward pass; the KV cache gets `EngineConfig::kv_memory_bytes`.
+    #[default]
+    Cpu,
+    /// The CUDA forward pass (builds with the `cuda` feature); the KV cache is sized from the
+    /// GPU's memory ([`crate::kernels::device::GpuKvBudget`]), `kv_memory_bytes` is not used.
+    Cuda(crate::kernels::device::CudaOptions),
+}
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[cfg(feature = "cuda")]
+    #[error("CUDA: {0}")]
+    Cuda(#[from] crate::cuda::CudaError),
+}
+
+/// The backend behind the step loop. An enum, not a trait object: the CPU path stays a direct
+/// call. One per engine, moved once into the engine thread, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Runner {
+    Cpu(CpuRunner),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::cuda::runner::CudaRunner>),
+}
+
+impl Runner {
+    /// Logits of every sequence with `want_logits`, in batch order, on the host.
+    fn step(&mut self, inputs: &[SeqInput<'_>]) -> Result<&[f32], StepError> {
+        match self {
+            Runner::Cpu(r) => Ok(r.step(inputs)?),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(r) => Ok(r.step(inputs)?),
+        }
+    }
+
+    /// Whether [`Runner::step_greedy`] picks tokens on the device (so the logits need not be
+    /// copied back when every sequence samples greedily).
+    fn greedy_on_device(&self) -> bool {
+        match self {
+            Runner::Cpu(_) => false,
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(_) => true,
+        }
+    }
+
+    /// The greedy token of every sequence with `want_logits`, in batch order.
+    fn step_greedy(&mut self, inputs: &[SeqInput<'_>]) -> Result<&[u32], StepError> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = inputs;
+        match self {
+            Runner::Cpu(_) => Err(StepError::Model(ModelError::Config(
+                "the CPU runner samples on the host".into(),
+            ))),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(r) => Ok(r.step_greedy(inputs)?),
+        }
+    }
+}
+
+/// Whether `p` picks the most likely token (what the device argmax computes).
+fn is_greedy(p: &SamplingParams) -> bool {
+    (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none()
+}
+
 enum Cmd {
     Add {
         id: RequestId,
@@ -172,8 +246,91 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Sizes the KV cache, starts the step-loop thread and returns the handle.
+    /// Sizes the KV cache, starts the step-loop thread on the CPU backend and returns the handle.
     pub fn start(model: LoadedModel, config: EngineConfig) -> Result<Engine, EngineError> {
+        Engine::start_on(model, config, EngineDevice::Cpu)
+    }
+
+    /// [`Engine::start`] on the given backend.
+    pub fn start_on(
+        model: LoadedModel,
+        config: EngineConfig,
+        device: EngineDevice,
+    ) -> Result<Engine, EngineError> {
+        match device {
+            EngineDevice::Cpu => Engine::start_cpu(model, config),
+            EngineDevice::Cuda(opts) => Engine::start_cuda(model, config, opts),
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn start_cuda(
+        _model: LoadedModel,
+        _config: EngineConfig,
+        _opts: crate::kernels::device::CudaOptions,
+    ) -> Result<Engine, EngineError> {
+        Err(EngineError::Device(
+            "this build has no CUDA backend (build with --features cuda)".into(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn start_cuda(
+        model: LoadedModel,
+        config: EngineConfig,
+        opts: crate::kernels::device::CudaOptions,
+    ) -> Result<Engine, EngineError> {
+        use crate::cuda::runner::{CudaRunner, StepLimits};
+        use crate::kernels::device::GpuKvBudget;
+        use crate::kernels::layout::mib;
+        let mc = model.model.config().clone();
+        if config.block_size == 0 {
+            return Err(EngineError::Config("block size must be at least 1".into()));
+        }
+        let max_model_len = config
+            .max_model_len
+            .unwrap_or(mc.max_position_embeddings)
+            .min(mc.max_position_embeddings.max(2));
+        let max_tokens = config.max_num_batched_tokens.max(1);
+        let limits = StepLimits {
+            block_size: config.block_size,
+            max_tokens,
+            max_seqs: config.max_num_seqs.clamp(1, max_tokens),
+            max_context: max_model_len,
+        };
+        let runner = CudaRunner::start(&mc, model.weights.as_ref(), &opts, limits)
+            .map_err(|e| EngineError::Device(format!("--device cuda: {e}")))?;
+        let z = runner.sizing();
+        let budget = match z.budget {
+            GpuKvBudget::Utilization(u) => format!("--gpu-memory-utilization {u}"),
+            GpuKvBudget::Bytes(b) => format!("--kv-memory {}", mib(b)),
+        };
+        tracing::info!(
+            device = %z.device,
+            total = %mib(z.total_bytes),
+            free_before_load = %mib(z.free_before_load),
+            budget = %budget,
+            weights = %mib(z.weight_bytes),
+            step_buffers = %mib(z.workspace_bytes),
+            activation_peak = %mib(z.activation_peak_bytes),
+            block_bytes = z.block_bytes,
+            blocks = z.num_blocks,
+            "GPU KV cache sized (free before load × utilization − weights − activation peak) ÷ block bytes"
+        );
+        let sched = Engine::scheduler(&config, runner.num_blocks(), max_model_len)?;
+        let block_bytes = z.block_bytes as usize;
+        Engine::launch(
+            model,
+            config,
+            Runner::Cuda(Box::new(runner)),
+            sched,
+            block_bytes,
+            1,
+            "cuda",
+        )
+    }
+
+    fn start_cpu(model: LoadedModel, config: EngineConfig) -> Result<Engine, EngineError> {
         let mc = model.model.config().clone();
         if config.block_size == 0 {
             return Err(EngineError::Config("block size must be at least 1".into()));
@@ -195,12 +352,7 @@ impl Engine {
         } else {
             config.threads
         };
-        let mut sc = SchedConfig::new(config.block_size, num_blocks);
-        sc.max_num_seqs = config.max_num_seqs.max(1);
-        sc.max_num_batched_tokens = config.max_num_batched_tokens.max(1);
-        sc.max_model_len = max_model_len;
-        sc.enable_events = true;
-        let sched = Scheduler::new(sc).map_err(|e| EngineError::Config(e.to_string()))?;
+        let sched = Engine::scheduler(&config, num_blocks, max_model_len)?;
         let max_len = sched.max_len();
         let runner = CpuRunner::new(
             model.model.clone(),
@@ -223,6 +375,45 @@ impl Engine {
             kernels = model.model.isa().name(),
             "KV cache sized"
         );
+        let threads = runner.threads();
+        let kernels = model.model.isa().name();
+        Engine::launch(
+            model,
+            config,
+            Runner::Cpu(runner),
+            sched,
+            block_bytes,
+            threads,
+            kernels,
+        )
+    }
+
+    fn scheduler(
+        config: &EngineConfig,
+        num_blocks: usize,
+        max_model_len: usize,
+    ) -> Result<Scheduler, EngineError> {
+        let mut sc = SchedConfig::new(config.block_size, num_blocks);
+        sc.max_num_seqs = config.max_num_seqs.max(1);
+        sc.max_num_batched_tokens = config.max_num_batched_tokens.max(1);
+        sc.max_model_len = max_model_len;
+        sc.enable_events = true;
+        Scheduler::new(sc).map_err(|e| EngineError::Config(e.to_string()))
+    }
+
+    /// Starts the step loop: `sched` hands out the blocks `runner`'s KV cache holds.
+    fn launch(
+        model: LoadedModel,
+        config: EngineConfig,
+        runner: Runner,
+        sched: Scheduler,
+        block_bytes: usize,
+        threads: usize,
+        kernels: &'static str,
+    ) -> Result<Engine, EngineError> {
+        let mc = model.model.config().clone();
+        let max_len = sched.max_len();
+        let num_blocks = sched.kv().pool().total();
         let info = ModelInfo {
             name: model.name.clone(),
             vocab_size: mc.vocab_size,
@@ -230,8 +421,8 @@ impl Engine {
             block_size: config.block_size,
             num_blocks,
             block_bytes,
-            threads: runner.threads(),
-            kernels: model.model.isa().name(),
+            threads,
+            kernels,
         };
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let pending = Arc::new(AtomicUsize::new(0));
@@ -437,7 +628,7 @@ struct Req {
 struct Loop {
     rx: Receiver<Cmd>,
     sched: Scheduler,
-    runner: CpuRunner,
+    runner: Runner,
     model: Arc<Model>,
     tokenizer: Tokenizer,
     stop_ids: Vec<u32>,
@@ -609,37 +800,67 @@ impl Loop {
         }
         let vocab = self.model.config().vocab_size;
         self.sampled.clear();
-        match self.runner.step(&inputs) {
-            Ok(logits) => {
-                for (row, &id) in logits.chunks_exact(vocab).zip(&self.logit_ids) {
-                    let Some(r) = self.reqs.get_mut(&id) else {
-                        continue;
-                    };
-                    let tok = self.sampler.sample(row, &r.params, &mut r.rng);
-                    self.sampled.push((id, tok));
-                    if let Some(n) = r.params.logprobs {
-                        let lp = self.sampler.logprobs(row, tok, n as usize, &mut self.top);
-                        // Stashed until the token event is built below.
-                        r.held_logprob = Some(lp);
-                        r.top.clear();
-                        r.top.extend_from_slice(&self.top);
+        let reqs = &self.reqs;
+        let greedy = self.runner.greedy_on_device()
+            && self
+                .logit_ids
+                .iter()
+                .all(|id| reqs.get(id).is_none_or(|r| is_greedy(&r.params)));
+        let result = if greedy {
+            match self.runner.step_greedy(&inputs) {
+                Ok(ids) if ids.len() != self.logit_ids.len() => {
+                    Err(StepError::Model(ModelError::Batch(format!(
+                        "{} greedy tokens for {} sequences",
+                        ids.len(),
+                        self.logit_ids.len()
+                    ))))
+                }
+                Ok(ids) => {
+                    for (&tok, &id) in ids.iter().zip(&self.logit_ids) {
+                        if self.reqs.contains_key(&id) {
+                            self.sampled.push((id, tok));
+                        }
                     }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            // Sampled on the host from logits copied back.
+            match self.runner.step(&inputs) {
+                Ok(logits) => {
+                    for (row, &id) in logits.chunks_exact(vocab).zip(&self.logit_ids) {
+                        let Some(r) = self.reqs.get_mut(&id) else {
+                            continue;
+                        };
+                        let tok = self.sampler.sample(row, &r.params, &mut r.rng);
+                        self.sampled.push((id, tok));
+                        if let Some(n) = r.params.logprobs {
+                            let lp = self.sampler.logprobs(row, tok, n as usize, &mut self.top);
+                            // Stashed until the token event is built below.
+                            r.held_logprob = Some(lp);
+                            r.top.clear();
+                            r.top.extend_from_slice(&self.top);
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = result {
+            drop(inputs);
+            let _ = self.sched.complete_step(&[]);
+            tracing::error!(error = %e, "model step failed; ending the step's requests");
+            let ids = std::mem::take(&mut self.logit_ids);
+            for id in ids {
+                if let Some(mut r) = self.reqs.remove(&id) {
+                    (r.sink)(EngineEvent::Error(format!("model error: {e}")));
+                    let _ = self.sched.abort(id);
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
                 }
             }
-            Err(e) => {
-                drop(inputs);
-                let _ = self.sched.complete_step(&[]);
-                tracing::error!(error = %e, "model step failed; ending the step's requests");
-                let ids = std::mem::take(&mut self.logit_ids);
-                for id in ids {
-                    if let Some(mut r) = self.reqs.remove(&id) {
-                        (r.sink)(EngineEvent::Error(format!("model error: {e}")));
-                        let _ = self.sched.abort(id);
-                        self.pending.fetch_sub(1, Ordering::SeqCst);
-                    }
-                }
-                return;
-            }
+            return;
         }
         drop(inputs);
         if let Err(e) = self.sched.complete_step(&self.sampled) {
@@ -797,6 +1018,52 @@ fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_greedy_requests_take_the_device_argmax() {
+        let p = |temperature: f32, top_k: u32, logprobs: Option<u32>| SamplingParams {
+            temperature,
+            top_k,
+            logprobs,
+            ..SamplingParams::default()
+        };
+        assert!(is_greedy(&p(0.0, 0, None)));
+        assert!(is_greedy(&p(0.7, 1, None)));
+        assert!(!is_greedy(&p(0.7, 0, None)));
+        assert!(!is_greedy(&p(0.7, 40, None)));
+        // Log-probabilities need the whole row on the host.
+        assert!(!is_greedy(&p(0.0, 0, Some(0))));
+        let cfg = ModelConfig {
+            arch: crate::config::Arch::Llama,
+            vocab_size: 96,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_layers: 1,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rope_theta: 10_000.0,
+            rope_style: crate::config::RopeStyle::Interleaved,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+        };
+        let w =
+            crate::kernels::reference::SyntheticWeights::new(&cfg, 1, crate::quant::GgmlType::F32);
+        let model = Model::new(Arc::new(w), cfg).unwrap();
+        let mut cpu = Runner::Cpu(CpuRunner::new(Arc::new(model), 4, 4, 8, 1).unwrap());
+        assert!(!cpu.greedy_on_device());
+        // Asked anyway, the CPU runner refuses rather than guessing.
+        let tokens = [1u32, 2];
+        let input = [SeqInput {
+            tokens: &tokens,
+            start_pos: 0,
+            block_table: &[0],
+            want_logits: true,
+        }];
+        assert!(cpu.step_greedy(&input).is_err());
+        assert_eq!(cpu.step(&input).unwrap().len(), 96);
+    }
 
     #[test]
     fn stop_helpers() {

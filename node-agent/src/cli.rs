@@ -21,7 +21,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         grpc: config.grpc,
         drain_timeout: config.drain_timeout,
     };
-    tracing::info!(model = %config.model, device = ?config.device, agent_id = %config.agent_id, "starting");
+    tracing::info!(model = %config.model, device = ?config.device, device_choice = %config.device_note, agent_id = %config.agent_id, "starting");
     let load_cfg = config.clone();
     server::serve(
         state,
@@ -271,7 +271,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let shape = args.forward()?;
     let cfg = args.model.serve_config(None)?;
-    if cfg.device == crate::config::Device::Cuda {
+    // `auto` may pick a GPU; this benchmark measures the CPU forward pass whatever it found.
+    if args.model.device == DeviceArg::Cuda {
         anyhow::bail!(
             "--device: the forward-pass benchmark runs on the CPU backend; use --device cpu"
         );

@@ -107,8 +107,8 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KvBudget {
     Bytes(u64),
-    /// Fraction of the GPU's memory for weights + KV (CUDA only).
-    GpuFraction(f32),
+    /// Fraction of the GPU's free memory for weights, activations and KV (CUDA only).
+    GpuFraction(f64),
 }
 
 /// The device after resolving `auto` against this build.
@@ -125,6 +125,8 @@ pub struct ServeConfig {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
     pub device: Device,
+    /// How `device` was chosen (for the start-up log): `--device auto` says what it found.
+    pub device_note: String,
     pub kv_budget: KvBudget,
     pub block_size: u32,
     pub max_num_seqs: u32,
@@ -141,6 +143,10 @@ pub struct ServeConfig {
 
 /// Default KV budget on the CPU: 1 GiB.
 pub const DEFAULT_KV_MEMORY: u64 = 1 << 30;
+
+/// Default KV budget on the GPU: vLLM's `--gpu-memory-utilization 0.9`.
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 =
+    kvroute_engine::kernels::device::DEFAULT_GPU_MEMORY_UTILIZATION;
 
 /// Whether this binary was built with the `cuda` feature.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
@@ -165,26 +171,7 @@ impl ServeArgs {
                 "must differ from --http",
             ));
         }
-        let device = match self.device {
-            DeviceArg::Cpu => Device::Cpu,
-            // The engine's step loop runs on the CPU backend only (the CUDA kernels exist but
-            // are not wired into it yet), so `auto` means the CPU for now.
-            DeviceArg::Auto => Device::Cpu,
-            DeviceArg::Cuda => {
-                use kvroute_engine::kernels::device::{
-                    probe_cuda, resolve, DeviceChoice, DeviceError,
-                };
-                // No CUDA feature, no driver or no GPU: a start-up error saying which.
-                resolve(DeviceChoice::Cuda, probe_cuda()).map_err(|e| {
-                    let why = match e {
-                        DeviceError::CudaUnavailable(why) => why,
-                        other => other.to_string(),
-                    };
-                    ConfigError::invalid("--device", "cuda", why)
-                })?;
-                Device::Cuda
-            }
-        };
+        let (device, device_note) = resolve_device(self.device)?;
         let kv_budget = match (&self.kv_memory, &self.gpu_memory_utilization) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::invalid(
@@ -205,7 +192,7 @@ impl ServeArgs {
                 KvBudget::Bytes(bytes)
             }
             (None, Some(f)) => {
-                let v: f32 = f.trim().parse().map_err(|_| {
+                let v: f64 = f.trim().parse().map_err(|_| {
                     ConfigError::invalid("--gpu-memory-utilization", f, "not a number")
                 })?;
                 if !(v > 0.0 && v <= 1.0) {
@@ -223,6 +210,9 @@ impl ServeArgs {
                     ));
                 }
                 KvBudget::GpuFraction(v)
+            }
+            (None, None) if device == Device::Cuda => {
+                KvBudget::GpuFraction(DEFAULT_GPU_MEMORY_UTILIZATION)
             }
             (None, None) => KvBudget::Bytes(DEFAULT_KV_MEMORY),
         };
@@ -304,6 +294,7 @@ impl ServeArgs {
             http,
             grpc,
             device,
+            device_note,
             kv_budget,
             block_size,
             max_num_seqs,
@@ -316,6 +307,48 @@ impl ServeArgs {
             cache_dir: self.cache_dir.clone(),
             log_format: self.log_format,
         })
+    }
+}
+
+/// `--device`: `cpu`, `cuda` (an error when this build, the driver or the GPU is missing), or
+/// `auto` (CUDA when the build has it and a driver and a GPU are present, else the CPU). Returns
+/// the device and a note on how it was chosen.
+fn resolve_device(arg: DeviceArg) -> Result<(Device, String), ConfigError> {
+    use kvroute_engine::kernels::device::{
+        probe_cuda, resolve, Backend, DeviceChoice, DeviceError,
+    };
+    let choice = match arg {
+        DeviceArg::Cpu => return Ok((Device::Cpu, "--device cpu".into())),
+        DeviceArg::Cuda => DeviceChoice::Cuda,
+        DeviceArg::Auto => DeviceChoice::Auto,
+    };
+    let probe = probe_cuda();
+    let found = match &probe {
+        Ok(n) => format!("{n} CUDA device(s)"),
+        Err(why) => why.clone(),
+    };
+    match resolve(choice, probe) {
+        Ok(Backend::Cuda(i)) => {
+            let flag = if choice == DeviceChoice::Auto {
+                "auto"
+            } else {
+                "cuda"
+            };
+            Ok((
+                Device::Cuda,
+                format!("--device {flag}: CUDA device {i} ({found})"),
+            ))
+        }
+        Ok(Backend::Cpu) => Ok((Device::Cpu, format!("--device auto: the CPU ({found})"))),
+        // No CUDA feature, no driver or no GPU: a start-up error saying which.
+        Err(e) => Err(ConfigError::invalid(
+            "--device",
+            "cuda",
+            match e {
+                DeviceError::CudaUnavailable(why) => why,
+                other => other.to_string(),
+            },
+        )),
     }
 }
 
@@ -509,13 +542,39 @@ mod tests {
     }
 
     #[test]
-    fn cuda_without_feature_is_a_startup_error() {
+    fn cuda_without_a_usable_gpu_is_a_startup_error_and_auto_says_what_it_picked() {
+        let probe = kvroute_engine::kernels::device::probe_cuda();
         let r = args(&["--device", "cuda"]).validate();
-        if CUDA_BUILT {
-            assert!(r.is_ok());
-        } else {
-            let e = r.unwrap_err().to_string();
-            assert!(e.contains("--device") && e.contains("CUDA"), "{e}");
+        match &probe {
+            Ok(_) => {
+                let c = r.unwrap();
+                assert_eq!(c.device, Device::Cuda);
+                assert_eq!(
+                    c.kv_budget,
+                    KvBudget::GpuFraction(DEFAULT_GPU_MEMORY_UTILIZATION)
+                );
+            }
+            Err(why) => {
+                let e = r.unwrap_err().to_string();
+                assert!(e.starts_with("--device \"cuda\": "), "{e}");
+                assert!(e.contains(why.as_str()), "{e}");
+                if !CUDA_BUILT {
+                    assert!(e.contains("--features cuda"), "{e}");
+                }
+            }
+        }
+        let auto = args(&["--device", "auto"]).validate().unwrap();
+        match &probe {
+            Ok(_) => assert_eq!(auto.device, Device::Cuda, "{}", auto.device_note),
+            Err(why) => {
+                assert_eq!(auto.device, Device::Cpu);
+                assert_eq!(auto.kv_budget, KvBudget::Bytes(DEFAULT_KV_MEMORY));
+                assert!(
+                    auto.device_note.contains(why.as_str()),
+                    "{}",
+                    auto.device_note
+                );
+            }
         }
         let e = args(&["--device", "cpu", "--gpu-memory-utilization", "0.9"])
             .validate()

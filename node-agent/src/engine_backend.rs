@@ -18,7 +18,7 @@ use kvroute_engine::tokenizer::Tokenizer;
 use kvroute_engine::api::{EventSink, GenerateRequest, RequestId};
 use kvroute_engine::kv::BlockEvent;
 use kvroute_engine::load::LoadedModel;
-use kvroute_engine::runtime::{Engine, EngineConfig, EngineError, EngineStats};
+use kvroute_engine::runtime::{Engine, EngineConfig, EngineDevice, EngineError, EngineStats};
 
 use crate::backend::{
     CacheEvent, CapacityObserver, CapacityStats, CapacityUpdate, ChatMessage, InferenceBackend,
@@ -255,9 +255,10 @@ impl EngineBackend {
     pub fn start(
         loaded: LoadedModel,
         config: EngineConfig,
+        device: EngineDevice,
         served_name: String,
     ) -> Result<Self, LoadError> {
-        let engine = Engine::start(loaded, config).map_err(LoadError::Start)?;
+        let engine = Engine::start_on(loaded, config, device).map_err(LoadError::Start)?;
         let tok = engine.tokenizer();
         let tokenizer_json = tok.to_json().map_err(|cause| LoadError::Tokenizer {
             path: PathBuf::from(&served_name),
@@ -370,22 +371,13 @@ fn with_spinner<T>(message: &str, f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Loads `cfg.model` and starts the engine.
+/// Loads `cfg.model` and starts the engine on `cfg.device`.
 pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
-    if cfg.device == Device::Cuda {
-        return Err(LoadError::Unsupported {
-            flag: "--device",
-            why: "the CUDA backend is not part of this engine build yet; use --device cpu".into(),
-        });
-    }
+    let device = engine_device(cfg)?;
     let kv_memory_bytes = match cfg.kv_budget {
         KvBudget::Bytes(b) => b,
-        KvBudget::GpuFraction(_) => {
-            return Err(LoadError::Unsupported {
-                flag: "--gpu-memory-utilization",
-                why: "needs the CUDA backend; use --kv-memory".into(),
-            })
-        }
+        // Sized from the GPU's memory by the CUDA backend instead.
+        KvBudget::GpuFraction(_) => 0,
     };
     let resolved = resolve(&cfg.model, cfg.cache_dir.as_deref())?;
     tracing::info!(path = %resolved.path.display(), "loading model");
@@ -404,7 +396,28 @@ pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
         threads: cfg.threads,
         ..EngineConfig::default()
     };
-    Ok(Arc::new(EngineBackend::start(loaded, config, name)?))
+    Ok(Arc::new(EngineBackend::start(
+        loaded, config, device, name,
+    )?))
+}
+
+/// The engine backend for `cfg.device`, with the GPU's KV budget from the flags.
+fn engine_device(cfg: &ServeConfig) -> Result<EngineDevice, LoadError> {
+    use kvroute_engine::kernels::device::{CudaOptions, GpuKvBudget};
+    match (cfg.device, cfg.kv_budget) {
+        (Device::Cpu, KvBudget::Bytes(_)) => Ok(EngineDevice::Cpu),
+        (Device::Cpu, KvBudget::GpuFraction(_)) => Err(LoadError::Unsupported {
+            flag: "--gpu-memory-utilization",
+            why: "needs --device cuda; use --kv-memory on the CPU".into(),
+        }),
+        (Device::Cuda, budget) => Ok(EngineDevice::Cuda(CudaOptions {
+            kv: match budget {
+                KvBudget::Bytes(b) => GpuKvBudget::Bytes(b),
+                KvBudget::GpuFraction(f) => GpuKvBudget::Utilization(f),
+            },
+            ..CudaOptions::default()
+        })),
+    }
 }
 
 /// The name clients use: `--served-model-name`, else the model file's name without `.gguf`

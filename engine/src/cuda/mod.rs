@@ -8,6 +8,7 @@
 
 pub mod model;
 pub mod ops;
+pub mod runner;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub enum CudaError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Shape(#[from] kernels::launch::ShapeError),
+    #[error(transparent)]
+    Sizing(#[from] kernels::layout::SizingError),
     #[error("kernel {0} is not loaded")]
     MissingKernel(String),
     #[error("{0}")]
@@ -54,6 +57,7 @@ impl CudaError {
             CudaError::Nvrtc(_) => "nvrtc",
             CudaError::Config(_) => "config",
             CudaError::Shape(_) => "shape",
+            CudaError::Sizing(_) => "kv_sizing",
             CudaError::MissingKernel(_) => "missing_kernel",
             CudaError::Invalid(_) => "invalid",
         }
@@ -167,6 +171,12 @@ impl CudaDevice {
             self.pool_attr(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, None)?,
             self.pool_attr(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)?,
         ))
+    }
+
+    /// Bytes the stream-ordered allocator holds from the device now (used or cached for reuse).
+    pub fn memory_reserved(&self) -> Result<u64> {
+        use cudarc::driver::sys::CUmemPool_attribute as A;
+        self.pool_attr(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, None)
     }
 
     /// Resets the high-water mark of [`CudaDevice::memory_used`] to the current use.

@@ -55,6 +55,39 @@ pub enum DeviceError {
     CudaUnavailable(String),
 }
 
+/// How much of the GPU the KV cache gets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GpuKvBudget {
+    /// vLLM's rule: this share of the free memory, less weights and activations
+    /// (`--gpu-memory-utilization`, default 0.9).
+    Utilization(f64),
+    /// A fixed number of bytes (`--kv-memory`), checked against what is free.
+    Bytes(u64),
+}
+
+/// How to start the CUDA backend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CudaOptions {
+    /// CUDA device ordinal.
+    pub ordinal: usize,
+    pub kv: GpuKvBudget,
+    /// Weight and activation type (the weights are dequantized to it at load).
+    pub dtype: super::Dtype,
+}
+
+/// vLLM's default share of GPU memory.
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            ordinal: 0,
+            kv: GpuKvBudget::Utilization(DEFAULT_GPU_MEMORY_UTILIZATION),
+            dtype: super::Dtype::Bf16,
+        }
+    }
+}
+
 /// Picks the backend for `choice`, given what [`probe_cuda`] found (`Ok(device count)` or why
 /// CUDA cannot be used).
 pub fn resolve(choice: DeviceChoice, cuda: Result<usize, String>) -> Result<Backend, DeviceError> {
@@ -73,7 +106,18 @@ pub fn resolve(choice: DeviceChoice, cuda: Result<usize, String>) -> Result<Back
 pub fn probe_cuda() -> Result<usize, String> {
     #[cfg(feature = "cuda")]
     {
-        crate::cuda::device_count().map_err(|e| e.to_string())
+        let n = crate::cuda::device_count().map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(0);
+        }
+        // What the backend loads besides the driver: cuBLAS and NVRTC. Checked here so `auto`
+        // falls back to the CPU rather than failing later.
+        // SAFETY: only tries to dlopen libcublas under its usual names.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(crate::cuda::CudaError::NoCublas.to_string());
+        }
+        super::Nvrtc::global().map_err(|e| e.to_string())?;
+        Ok(n)
     }
     #[cfg(not(feature = "cuda"))]
     {

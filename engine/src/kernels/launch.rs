@@ -96,6 +96,29 @@ pub fn decode_plan(
     })
 }
 
+/// The decode scratch (f32 elements of the partial outputs, and of each statistics buffer) that
+/// covers every [`decode_plan`] of at most `max_seqs` sequences with contexts up to
+/// `max_context`: what a runner allocates once at start.
+///
+/// Without halving, a plan has at most `ceil(max_context / max_partition)` splits. The planner
+/// halves the partition only while `seqs × kv_heads × splits < 2 × sm_count`, and a halving at
+/// most doubles the splits, so a halved plan has fewer than `2 × (2 × sm_count)` (seq, KV head,
+/// split) items.
+pub fn decode_scratch_bound(
+    cfg: &KernelConfig,
+    max_seqs: usize,
+    num_kv_heads: usize,
+    max_context: usize,
+    sm_count: usize,
+) -> (usize, usize) {
+    let target = 2 * sm_count.max(1);
+    let unhalved = max_seqs
+        .saturating_mul(num_kv_heads)
+        .saturating_mul(max_context.div_ceil(cfg.max_partition.max(1)).max(1));
+    let rows = unhalved.max(2 * target).saturating_mul(cfg.gqa);
+    (rows.saturating_mul(cfg.head_dim), rows)
+}
+
 /// Grid of the prefill-attention kernel for a batch whose longest query chunk is `max_q_len`.
 pub fn prefill_dims(
     cfg: &KernelConfig,
@@ -265,5 +288,33 @@ mod tests {
         assert!(check_block_tables(&tables, 3, &[1, 48], 16, 4).is_err()); // id 4 ≥ 4 blocks
         assert!(check_block_tables(&tables, 3, &[-1, 1], 16, 5).is_err());
         assert!(check_block_tables(&tables[..5], 3, &[1, 1], 16, 5).is_err());
+    }
+    #[test]
+    fn the_decode_scratch_bound_covers_every_plan() {
+        for (c, kv, sms) in [
+            (cfg(), 8, 132),
+            (KernelConfig::new(64, 9, 3).unwrap(), 3, 132),
+            (KernelConfig::new(64, 9, 3).unwrap(), 3, 4),
+        ] {
+            let (max_seqs, max_ctx) = (12, 3000);
+            let (tmp, stats) = decode_scratch_bound(&c, max_seqs, kv, max_ctx, sms);
+            let mut worst = (0, 0);
+            for seqs in 1..=max_seqs {
+                for ctx in 0..=max_ctx {
+                    let p = decode_plan(&c, seqs, kv, ctx, sms).unwrap();
+                    assert!(
+                        p.tmp_out_elems <= tmp,
+                        "seqs {seqs} ctx {ctx}: {p:?} > {tmp}"
+                    );
+                    assert!(p.stats_elems <= stats, "seqs {seqs} ctx {ctx}");
+                    worst = (worst.0.max(p.tmp_out_elems), worst.1.max(p.stats_elems));
+                }
+            }
+            // Not wildly above what is needed: within 2× of the worst plan.
+            assert!(
+                tmp <= 2 * worst.0 && stats <= 2 * worst.1,
+                "{tmp} vs {worst:?}"
+            );
+        }
     }
 }

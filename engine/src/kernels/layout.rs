@@ -60,13 +60,18 @@ pub struct MemoryBudget {
     pub activation_peak_bytes: u64,
 }
 
+/// Most KV blocks a GPU cache may have: the kernels take block ids as `i32`.
+pub const MAX_GPU_BLOCKS: u64 = i32::MAX as u64;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SizingError {
     #[error("--gpu-memory-utilization {0} must be in (0, 1]")]
     Utilization(f64),
     #[error(
-        "no room for the KV cache: {usable} bytes usable ({utilization} of {free} free), \
-         weights {weights}, activations {activations}, one block {block}"
+        "--gpu-memory-utilization {utilization}: no room for the KV cache: {utilization} × {} free \
+         = {} usable, minus weights {} and activation peak {} leaves {}, and one KV block takes {} \
+         (raise --gpu-memory-utilization, lower --max-num-seqs or --max-model-len, or free the GPU)",
+        mib(*free), mib(*usable), mib(*weights), mib(*activations), mib(*left), mib(*block)
     )]
     NoRoom {
         usable: u64,
@@ -74,12 +79,35 @@ pub enum SizingError {
         free: u64,
         weights: u64,
         activations: u64,
+        left: u64,
         block: u64,
     },
+    #[error(
+        "--kv-memory {}: {} KV block(s) of {} do not fit in the {} left on the GPU after the \
+         weights and activations",
+        mib(*requested), blocks, mib(*block), mib(*available)
+    )]
+    TooMuch {
+        requested: u64,
+        blocks: u64,
+        block: u64,
+        available: u64,
+    },
+    #[error("--kv-memory {}: less than one KV block ({})", mib(*requested), mib(*block))]
+    LessThanABlock { requested: u64, block: u64 },
+}
+
+/// A byte count for messages: MiB with two decimals and the exact bytes.
+pub fn mib(bytes: u64) -> String {
+    format!(
+        "{:.2} MiB ({bytes} bytes)",
+        bytes as f64 / (1u64 << 20) as f64
+    )
 }
 
 /// Number of KV blocks that fit: `(free × utilization − weights − activation peak) / block bytes`,
-/// vLLM's rule. At least one block must fit, else an error that says why.
+/// vLLM's rule, capped at [`MAX_GPU_BLOCKS`]. At least one block must fit, else an error that
+/// names the flag and every number that went in.
 pub fn kv_blocks(budget: &MemoryBudget, layout: &PagedKvLayout) -> Result<u64, SizingError> {
     let u = budget.utilization;
     if !(u > 0.0 && u <= 1.0) {
@@ -89,9 +117,8 @@ pub fn kv_blocks(budget: &MemoryBudget, layout: &PagedKvLayout) -> Result<u64, S
     let usable = (budget.free_bytes as f64 * u).floor() as u64;
     let block = layout.block_bytes();
     let left = usable
-        .checked_sub(budget.weight_bytes)
-        .and_then(|l| l.checked_sub(budget.activation_peak_bytes))
-        .unwrap_or(0);
+        .saturating_sub(budget.weight_bytes)
+        .saturating_sub(budget.activation_peak_bytes);
     let blocks = left.checked_div(block).unwrap_or(0);
     if blocks == 0 {
         return Err(SizingError::NoRoom {
@@ -100,10 +127,64 @@ pub fn kv_blocks(budget: &MemoryBudget, layout: &PagedKvLayout) -> Result<u64, S
             free: budget.free_bytes,
             weights: budget.weight_bytes,
             activations: budget.activation_peak_bytes,
+            left,
             block,
         });
     }
-    Ok(blocks)
+    Ok(blocks.min(MAX_GPU_BLOCKS))
+}
+
+/// Number of KV blocks in a fixed budget of `requested` bytes (`--kv-memory` on the GPU), checked
+/// against the `available` device memory once the weights and activations are in place.
+pub fn kv_blocks_for_bytes(
+    requested: u64,
+    available: u64,
+    layout: &PagedKvLayout,
+) -> Result<u64, SizingError> {
+    let block = layout.block_bytes();
+    let blocks = requested.checked_div(block).unwrap_or(0);
+    if blocks == 0 {
+        return Err(SizingError::LessThanABlock { requested, block });
+    }
+    if blocks.saturating_mul(block) > available {
+        return Err(SizingError::TooMuch {
+            requested,
+            blocks,
+            block,
+            available,
+        });
+    }
+    Ok(blocks.min(MAX_GPU_BLOCKS))
+}
+
+/// Device-memory readings around the profiling step (one step of the largest size, run once at
+/// start with the step buffers and a scratch KV cache already allocated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProfileReading {
+    /// Bytes of the step buffers the runner keeps for its whole life.
+    pub workspace_bytes: u64,
+    /// Stream-ordered pool: bytes in use just before the step, and its high-water mark during it.
+    pub pool_used_before: u64,
+    pub pool_high: u64,
+    /// Stream-ordered pool: bytes reserved from the device before and after the step.
+    pub pool_reserved_before: u64,
+    pub pool_reserved_after: u64,
+    /// Free device memory (`cuMemGetInfo`) before and after the step.
+    pub free_before: u64,
+    pub free_after: u64,
+}
+
+/// The activation peak a step may need on top of the weights and the KV cache: the step buffers,
+/// what the step took from the pool for a moment, and what it took from outside the pool and kept
+/// (cuBLAS's workspace, allocated on first use).
+pub fn activation_peak(r: &ProfileReading) -> u64 {
+    let pool_transient = r.pool_high.saturating_sub(r.pool_used_before);
+    let device_growth = r.free_before.saturating_sub(r.free_after);
+    let pool_growth = r.pool_reserved_after.saturating_sub(r.pool_reserved_before);
+    let outside_pool = device_growth.saturating_sub(pool_growth);
+    r.workspace_bytes
+        .saturating_add(pool_transient)
+        .saturating_add(outside_pool)
 }
 
 #[cfg(test)]
@@ -176,7 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn kv_sizing_errors_name_the_cause() {
+    fn kv_sizing_errors_name_the_flag_and_the_numbers() {
         let gib = 1u64 << 30;
         let b = MemoryBudget {
             free_bytes: 10 * gib,
@@ -184,19 +265,110 @@ mod tests {
             weight_bytes: 6 * gib,
             activation_peak_bytes: 0,
         };
-        assert!(matches!(
-            kv_blocks(&b, &llama8b()),
-            Err(SizingError::NoRoom { .. })
-        ));
-        for u in [0.0, -0.1, 1.01, f64::NAN] {
+        let e = kv_blocks(&b, &llama8b()).unwrap_err();
+        assert!(matches!(e, SizingError::NoRoom { left: 0, .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("--gpu-memory-utilization 0.5: no room"),
+            "{msg}"
+        );
+        for n in ["10240.00 MiB", "5120.00 MiB", "6144.00 MiB", "2.00 MiB"] {
+            assert!(msg.contains(n), "{n} missing from {msg}");
+        }
+        for u in [0.0, -0.1, 1.01, f64::NAN, f64::INFINITY] {
             let b = MemoryBudget {
                 utilization: u,
                 ..b
             };
-            assert!(matches!(
-                kv_blocks(&b, &llama8b()),
-                Err(SizingError::Utilization(_))
-            ));
+            let e = kv_blocks(&b, &llama8b()).unwrap_err();
+            assert!(matches!(e, SizingError::Utilization(_)), "{u}: {e:?}");
+            assert!(e.to_string().starts_with("--gpu-memory-utilization"));
         }
+    }
+
+    #[test]
+    fn kv_sizing_edges() {
+        let l = llama8b();
+        let block = l.block_bytes();
+        let at = |free: u64, weights: u64, act: u64| {
+            kv_blocks(
+                &MemoryBudget {
+                    free_bytes: free,
+                    utilization: 1.0,
+                    weight_bytes: weights,
+                    activation_peak_bytes: act,
+                },
+                &l,
+            )
+        };
+        // Exactly one block left; one byte short of it; activations alone overflow the budget.
+        assert_eq!(at(100 + block, 60, 40), Ok(1));
+        assert!(matches!(
+            at(100 + block - 1, 60, 40),
+            Err(SizingError::NoRoom { .. })
+        ));
+        assert!(matches!(
+            at(100, 0, u64::MAX),
+            Err(SizingError::NoRoom { .. })
+        ));
+        assert!(matches!(at(0, 0, 0), Err(SizingError::NoRoom { .. })));
+        // A partial block is never counted; an absurd budget is capped at the kernels' id range.
+        assert_eq!(at(3 * block - 1, 0, 0), Ok(2));
+        let tiny = PagedKvLayout {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 8,
+            block_size: 1,
+            elem_bytes: 2,
+        };
+        let huge = MemoryBudget {
+            free_bytes: 1 << 50,
+            utilization: 1.0,
+            weight_bytes: 0,
+            activation_peak_bytes: 0,
+        };
+        assert_eq!(kv_blocks(&huge, &tiny), Ok(MAX_GPU_BLOCKS));
+    }
+
+    #[test]
+    fn a_fixed_kv_budget_on_the_gpu_must_fit() {
+        let l = llama8b();
+        let block = l.block_bytes();
+        assert_eq!(kv_blocks_for_bytes(10 * block + 5, 10 * block, &l), Ok(10));
+        let e = kv_blocks_for_bytes(11 * block, 10 * block, &l).unwrap_err();
+        assert!(e.to_string().starts_with("--kv-memory 22.00 MiB"), "{e}");
+        assert!(matches!(e, SizingError::TooMuch { blocks: 11, .. }));
+        let e = kv_blocks_for_bytes(block - 1, u64::MAX, &l).unwrap_err();
+        assert!(matches!(e, SizingError::LessThanABlock { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_activation_peak_adds_workspace_pool_transients_and_outside_growth() {
+        let mib = 1u64 << 20;
+        let r = ProfileReading {
+            workspace_bytes: 100 * mib,
+            pool_used_before: 1000 * mib,
+            pool_high: 1030 * mib,
+            pool_reserved_before: 1000 * mib,
+            pool_reserved_after: 1000 * mib,
+            free_before: 5000 * mib,
+            free_after: 4968 * mib,
+        };
+        // 100 held + 30 taken from the pool for a moment + 32 taken outside it (cuBLAS).
+        assert_eq!(activation_peak(&r), 162 * mib);
+        // Pool growth the device saw is not counted twice.
+        let r2 = ProfileReading {
+            pool_reserved_after: 1030 * mib,
+            free_after: 4938 * mib,
+            ..r
+        };
+        assert_eq!(activation_peak(&r2), 162 * mib);
+        // Memory freed during the step (free went up) never makes the peak smaller than the buffers.
+        let r3 = ProfileReading {
+            free_after: 6000 * mib,
+            pool_high: 0,
+            ..r
+        };
+        assert_eq!(activation_peak(&r3), 100 * mib);
     }
 }
