@@ -44,6 +44,8 @@ if [ "$BUILD" = 1 ]; then
   CARGO_PROFILE_RELEASE_STRIP=debuginfo cargo build --release -p kvroute-engine -p kvroute-agent \
     --features kvroute-engine/cuda,kvroute-agent/cuda --example gpu_check --bin kvroute-agent || exit 2
   ls -l "$BIN" "$AGENT_BIN"
+  # Building is all `--build` does, unless a run is asked for too (`--build --dry-run`).
+  [ "$DRY" = 0 ] && [ "$AGENT_ONLY" = 0 ] && exit 0
 fi
 if [ ! -x "$BIN" ] && [ "$AGENT_ONLY" = 0 ]; then
   echo "gpu-check: $BIN is missing: build it where Rust is (engine/gpu-check.sh --build) and carry it" >&2
