@@ -201,17 +201,22 @@ fn prefix_overlap(index: &BlockMap<Holders>, hashes: &[u64], n: usize, scratch: 
         return;
     };
     let mut pos = 0;
+    let mut alive = 0u32;
     for (w, m) in matching.iter_mut().enumerate() {
         *m = first.word(w, &mut pos);
+        alive += m.count_ones();
     }
     // Words outside `lo..hi` are zero: the range only shrinks.
     let mut lo = 0;
     let mut hi = words;
     let mut start = 1;
+    // Short runs first: a walk that ends after a few blocks does not pay for many lookups.
+    let mut chunk = 4;
     while start < hashes.len() {
         // Look up a run of hashes before walking it: the lookups are independent, so their cache
         // misses overlap instead of being paid one after another (they dominate the walk).
-        let end = (start + WALK_CHUNK).min(hashes.len());
+        let end = (start + chunk).min(hashes.len());
+        chunk = (chunk * 2).min(WALK_CHUNK);
         let mut run: [Option<&Holders>; WALK_CHUNK] = [None; WALK_CHUNK];
         let mut touched = 0u64;
         for (r, h) in run.iter_mut().zip(&hashes[start..end]) {
@@ -241,12 +246,19 @@ fn prefix_overlap(index: &BlockMap<Holders>, hashes: &[u64], n: usize, scratch: 
                 return;
             };
             match holders {
+                Holders::Few(v)
+                    if v.iter().filter(|&&s| has_bit(matching, s as usize)).count()
+                        == alive as usize =>
+                {
+                    // Every agent still matching holds this block too: nothing changes.
+                }
                 Holders::Many { bits, .. } if bits.len() >= hi => {
                     // The common case for a popular prefix: plain word-wise AND.
                     for ((w, m), b) in matching[lo..hi].iter_mut().enumerate().zip(&bits[lo..hi]) {
                         let gone = *m & !b;
                         if gone != 0 {
                             mark(overlap, lo + w, gone, i);
+                            alive -= gone.count_ones();
                             *m &= b;
                         }
                     }
@@ -262,7 +274,9 @@ fn prefix_overlap(index: &BlockMap<Holders>, hashes: &[u64], n: usize, scratch: 
                             continue;
                         }
                         let keep = *m & holders.word(w, &mut pos);
-                        mark(overlap, w, *m & !keep, i);
+                        let gone = *m & !keep;
+                        mark(overlap, w, gone, i);
+                        alive -= gone.count_ones();
                         *m = keep;
                     }
                 }
