@@ -1040,6 +1040,17 @@ impl Cluster {
         all
     }
 
+    /// Why `req` can never be served as it is, if it cannot (the checks [`decide`] makes when no
+    /// agent is picked).
+    ///
+    /// [`decide`]: Cluster::decide
+    pub fn rejection(&self, req: &RouteRequest<'_>) -> Option<Reject> {
+        match self.why_not(req) {
+            Decision::Reject(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// No agent was picked: a request that can never be served is rejected (judged on every
     /// agent that ever reported the model, stale ones included: pool sizes do not go stale);
     /// anything else waits for capacity.

@@ -56,6 +56,8 @@ struct Waiter {
     exclude: Vec<Slot>,
     tx: oneshot::Sender<Result<Admitted, AdmitError>>,
     queued_at: Instant,
+    /// Offered to the policy (or checked for a reject) at least once.
+    looked_at: std::cell::Cell<bool>,
 }
 
 struct Core {
@@ -323,6 +325,7 @@ impl Router {
                 exclude,
                 tx,
                 queued_at: Instant::now(),
+                looked_at: std::cell::Cell::new(false),
             };
             let id = match core.queue.push(priority, tenant, waiter) {
                 Ok(id) => id,
@@ -382,7 +385,8 @@ impl Router {
                 core.take(id, false);
                 continue;
             }
-            if blocked.contains(&w.plan.model) {
+            let blocked_model = blocked.contains(&w.plan.model);
+            if blocked_model && w.looked_at.get() {
                 continue;
             }
             let cfg = core
@@ -399,9 +403,21 @@ impl Router {
                 claimed: &claimed,
             };
             let now = self.now_ms();
-            let t = Instant::now();
-            let decision = core.cluster.decide(&cfg, &req, now, &mut core.rng);
-            self.metrics.observe_decision(t.elapsed());
+            let decision = if blocked_model {
+                // Every agent of its model is claimed: it can only wait, unless it can never be
+                // served at all (told once, at once, rather than at its deadline).
+                w.looked_at.set(true);
+                match core.cluster.rejection(&req) {
+                    Some(r) => Decision::Reject(r),
+                    None => continue,
+                }
+            } else {
+                w.looked_at.set(true);
+                let t = Instant::now();
+                let d = core.cluster.decide(&cfg, &req, now, &mut core.rng);
+                self.metrics.observe_decision(t.elapsed());
+                d
+            };
             let outcome = match decision {
                 Decision::Wait => {
                     let all = core.cluster.claim_for(
@@ -653,6 +669,30 @@ mod tests {
         report(&r, a, "a", "A", 100);
         assert_eq!(small.await.unwrap().unwrap().endpoint, "a:8000");
         until_depth(&r, 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_never_fitting_request_behind_a_waiting_one_is_rejected_at_once() {
+        let r = router();
+        agent(&r, "a", "A", 10);
+        let waiting = spawn_admit(&r, plan("A", 320), Vec::new(), Priority::HIGH);
+        until_depth(&r, 1).await;
+        // Larger than the 100-block pool: 400 at once, not a 429 at its deadline.
+        let got = r
+            .admit(
+                plan("A", 16 * 200),
+                Vec::new(),
+                Priority::NORMAL,
+                "u",
+                Duration::from_secs(600),
+            )
+            .await;
+        assert!(
+            matches!(got, Err(AdmitError::Reject(Reject::PromptTooLarge { .. }))),
+            "{got:?}"
+        );
+        assert!(!waiting.is_finished());
+        waiting.abort();
     }
 
     #[tokio::test]
