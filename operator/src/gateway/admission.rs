@@ -5,6 +5,11 @@
 //! deadlines are enforced by each waiting request's own timer. Within a class, tenants take turns
 //! (round-robin by request), and each tenant's requests keep their arrival order, so one tenant's
 //! burst cannot starve another's single request.
+//!
+//! The router looks past an entry that cannot be served yet ([`order`](AdmissionQueue::order)
+//! lists every entry in the order [`pop`](AdmissionQueue::pop) would serve them, and
+//! [`take`](AdmissionQueue::take) serves one out of turn), so a request waiting for one model's
+//! agents does not hold back a request another model's agents have room for.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -66,6 +71,8 @@ impl<T> Default for Class<T> {
 #[derive(Debug)]
 pub struct AdmissionQueue<T> {
     classes: BTreeMap<std::cmp::Reverse<Priority>, Class<T>>,
+    /// Where each queued entry is: its class and tenant.
+    located: HashMap<EntryId, (std::cmp::Reverse<Priority>, String)>,
     len: usize,
     capacity: usize,
     next_id: EntryId,
@@ -79,6 +86,7 @@ impl<T> AdmissionQueue<T> {
     pub fn new(capacity: usize) -> Self {
         Self {
             classes: BTreeMap::new(),
+            located: HashMap::new(),
             len: 0,
             capacity,
             next_id: 0,
@@ -110,8 +118,50 @@ impl<T> AdmissionQueue<T> {
             class.turn.push_back(tenant.to_string());
         }
         q.push_back((id, item));
+        self.located
+            .insert(id, (std::cmp::Reverse(priority), tenant.to_string()));
         self.len += 1;
         Ok(id)
+    }
+
+    /// Every queued entry's id in the order [`pop`](Self::pop) would serve them if nothing else
+    /// changed: classes from the highest, within a class the tenants' turns round by round.
+    pub fn order(&self, out: &mut Vec<EntryId>) {
+        out.clear();
+        for class in self.classes.values() {
+            let mut queues: Vec<&VecDeque<(EntryId, T)>> = class
+                .turn
+                .iter()
+                .filter_map(|t| class.tenants.get(t))
+                .collect();
+            let mut round = 0;
+            while !queues.is_empty() {
+                queues.retain(|q| q.len() > round);
+                out.extend(queues.iter().map(|q| q[round].0));
+                round += 1;
+            }
+        }
+    }
+
+    /// The entry `id`, if queued.
+    pub fn get(&self, id: EntryId) -> Option<&T> {
+        let (key, tenant) = self.located.get(&id)?;
+        let q = self.classes.get(key)?.tenants.get(tenant)?;
+        q.iter().find(|(i, _)| *i == id).map(|(_, item)| item)
+    }
+
+    /// Serves the entry `id` out of turn: removed, and its tenant's turn passes to the next
+    /// tenant as if [`pop`](Self::pop) had served it.
+    pub fn take(&mut self, id: EntryId) -> Option<T> {
+        let (key, tenant) = self.located.get(&id)?.clone();
+        let item = self.remove(id)?;
+        if let Some(class) = self.classes.get_mut(&key) {
+            if let Some(pos) = class.turn.iter().position(|t| *t == tenant) {
+                class.turn.remove(pos);
+                class.turn.push_back(tenant);
+            }
+        }
+        Some(item)
     }
 
     /// The entry to serve next: highest class, the tenant whose turn it is, its oldest request.
@@ -137,7 +187,8 @@ impl<T> AdmissionQueue<T> {
         if class.turn.is_empty() {
             entry.remove();
         }
-        if out.is_some() {
+        if let Some((id, _)) = &out {
+            self.located.remove(id);
             self.len -= 1;
         }
         out
@@ -145,21 +196,10 @@ impl<T> AdmissionQueue<T> {
 
     /// Removes the entry `id` wherever it is (its deadline passed, or its client left).
     pub fn remove(&mut self, id: EntryId) -> Option<T> {
-        let mut found = None;
-        for (key, class) in self.classes.iter_mut() {
-            for (tenant, q) in class.tenants.iter_mut() {
-                if let Some(pos) = q.iter().position(|(i, _)| *i == id) {
-                    found = Some((*key, tenant.clone(), pos));
-                    break;
-                }
-            }
-            if found.is_some() {
-                break;
-            }
-        }
-        let (key, tenant, pos) = found?;
+        let (key, tenant) = self.located.remove(&id)?;
         let class = self.classes.get_mut(&key)?;
         let q = class.tenants.get_mut(&tenant)?;
+        let pos = q.iter().position(|(i, _)| *i == id)?;
         let (_, item) = q.remove(pos)?;
         if q.is_empty() {
             class.tenants.remove(&tenant);
@@ -225,7 +265,50 @@ mod tests {
         assert!("urgent!".parse::<Priority>().is_err());
     }
 
+    #[test]
+    fn order_lists_what_pop_would_serve_and_take_serves_out_of_turn() {
+        let mut q = AdmissionQueue::new(100);
+        let mut ids = std::collections::HashMap::new();
+        for (p, t, v) in [
+            (Priority::NORMAL, "bulk", "bulk0"),
+            (Priority::NORMAL, "bulk", "bulk1"),
+            (Priority::NORMAL, "bulk", "bulk2"),
+            (Priority::NORMAL, "small", "small0"),
+            (Priority::HIGH, "vip", "vip0"),
+            (Priority::LOW, "bulk", "low0"),
+        ] {
+            ids.insert(q.push(p, t, v.to_string()).unwrap(), v);
+        }
+        let mut order = Vec::new();
+        q.order(&mut order);
+        let names: Vec<&str> = order.iter().map(|id| ids[id]).collect();
+        assert_eq!(names, ["vip0", "bulk0", "small0", "bulk1", "bulk2", "low0"]);
+        assert_eq!(q.get(order[2]).map(String::as_str), Some("small0"));
+        // Serve bulk1 out of turn: bulk's turn passes, so small0 comes next, then bulk0.
+        assert_eq!(q.take(order[3]).as_deref(), Some("bulk1"));
+        assert_eq!(q.get(order[3]), None);
+        assert_eq!(q.take(order[3]), None);
+        let rest: Vec<String> = std::iter::from_fn(|| q.pop().map(|(_, s)| s)).collect();
+        assert_eq!(rest, ["vip0", "small0", "bulk0", "bulk2", "low0"]);
+        assert!(q.is_empty());
+    }
+
     proptest! {
+        /// `order` is exactly the sequence `pop` produces.
+        #[test]
+        fn order_matches_pops(
+            ops in prop::collection::vec((0..3u8, 0..4u8), 0..60)
+        ) {
+            let mut q = AdmissionQueue::new(64);
+            for (i, (p, t)) in ops.iter().enumerate() {
+                q.push(Priority(*p), &t.to_string(), i).unwrap();
+            }
+            let mut order = Vec::new();
+            q.order(&mut order);
+            let popped: Vec<EntryId> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).collect();
+            prop_assert_eq!(order, popped);
+        }
+
         /// Whatever the interleaving, the queue's length matches its contents, every pushed item
         /// comes out exactly once, and each tenant's requests keep their order.
         #[test]

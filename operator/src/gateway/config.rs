@@ -29,7 +29,8 @@ pub struct GatewayArgs {
     /// Routing policy: kv, round-robin, least-requests or gpu-utilization.
     #[arg(long, default_value = "kv", env = "KVROUTE_POLICY")]
     pub policy: PolicyKind,
-    /// Requests that may wait for room at once; more are answered 429.
+    /// Requests of one model that may wait for room at once; more are answered 429 (the default
+    /// for models whose ModelDeployment sets no `spec.admission.maxQueue`).
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
     /// How long a request may wait for room before a 429 (e.g. 500ms, 30s, 2m).
@@ -78,6 +79,79 @@ pub enum ConfigError {
     },
     #[error("no agents: pass --agent http://HOST:PORT,grpc://HOST:PORT or --kubernetes")]
     NoAgents,
+}
+
+/// The settings that may differ per model: a ModelDeployment's `spec.routing` and
+/// `spec.admission` with `--kubernetes`, the gateway's flags for everything a spec leaves unset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelSettings {
+    pub policy: PolicyConfig,
+    /// Requests of this model that may wait for room at once (0: none wait, 429 at once).
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    pub reserve_output: ReserveOutput,
+    /// Output tokens to reserve for a request that names no `max_tokens`
+    /// (`spec.admission.reserveOutput`); `None`: the endpoint's own default.
+    pub default_output_tokens: Option<u64>,
+}
+
+impl ModelSettings {
+    /// The settings for a model whose spec says `routing` / `admission` (`None`: nothing), on top
+    /// of `defaults`. A value the CRD's schema should have refused (an object that bypassed it)
+    /// keeps the default and is named in the returned warnings.
+    pub fn from_spec(
+        defaults: &ModelSettings,
+        routing: Option<&crate::crd::RoutingSpec>,
+        admission: Option<&crate::crd::AdmissionSpec>,
+    ) -> (ModelSettings, Vec<String>) {
+        use crate::crd::RoutingPolicy;
+        let mut out = *defaults;
+        let mut warnings = Vec::new();
+        if let Some(r) = routing {
+            out.policy.kind = match r.policy {
+                RoutingPolicy::Kv => PolicyKind::Kv,
+                RoutingPolicy::RoundRobin => PolicyKind::RoundRobin,
+                RoutingPolicy::LeastRequests => PolicyKind::LeastRequests,
+                RoutingPolicy::GpuUtilization => PolicyKind::GpuUtilization,
+            };
+            if let Some(w) = &r.weights {
+                let mut weights = defaults.policy.weights;
+                for (field, value, slot) in [
+                    ("prefix", w.prefix, &mut weights.prefix),
+                    ("headroom", w.headroom, &mut weights.headroom),
+                    ("queue", w.queue, &mut weights.queue),
+                ] {
+                    if value.is_finite() && value >= 0.0 {
+                        *slot = value;
+                    } else {
+                        warnings.push(format!(
+                            "spec.routing.weights.{field} {value}: must be a finite number ≥ 0; using {}",
+                            *slot
+                        ));
+                    }
+                }
+                out.policy.weights = weights;
+            }
+        }
+        if let Some(a) = admission {
+            if let Some(n) = a.max_queue {
+                out.max_queue = n as usize;
+            }
+            if let Some(t) = &a.queue_timeout {
+                match crate::crd::parse_duration(t) {
+                    Ok(d) => out.queue_timeout = d,
+                    Err(e) => warnings.push(format!(
+                        "{e}; using {}ms",
+                        defaults.queue_timeout.as_millis()
+                    )),
+                }
+            }
+            if let Some(n) = a.reserve_output {
+                out.default_output_tokens = Some(u64::from(n.max(1)));
+            }
+        }
+        (out, warnings)
+    }
 }
 
 /// Validated gateway settings.
@@ -198,6 +272,17 @@ impl GatewayArgs {
 }
 
 impl GatewayConfig {
+    /// The per-model settings the flags give (every model's, unless its spec says otherwise).
+    pub fn model_defaults(&self) -> ModelSettings {
+        ModelSettings {
+            policy: self.policy,
+            max_queue: self.max_queue,
+            queue_timeout: self.queue_timeout,
+            reserve_output: self.reserve_output,
+            default_output_tokens: None,
+        }
+    }
+
     /// Defaults for a gateway in front of `agents` (tests, `kvroute up`).
     pub fn for_agents(listen: SocketAddr, agents: Vec<AgentEndpoint>) -> Self {
         GatewayConfig {
@@ -230,5 +315,52 @@ mod tests {
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("3 weeks").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn model_settings_from_spec_override_only_what_the_spec_sets() {
+        use crate::crd::{AdmissionSpec, RoutingPolicy, RoutingSpec, RoutingWeights};
+        let cfg = GatewayConfig::for_agents("127.0.0.1:0".parse().unwrap(), Vec::new());
+        let defaults = cfg.model_defaults();
+        assert_eq!(
+            ModelSettings::from_spec(&defaults, None, None),
+            (defaults, Vec::new())
+        );
+        let routing = RoutingSpec {
+            policy: RoutingPolicy::RoundRobin,
+            weights: Some(RoutingWeights {
+                prefix: 0.5,
+                headroom: f64::NAN,
+                queue: -1.0,
+            }),
+        };
+        let admission = AdmissionSpec {
+            max_queue: Some(0),
+            queue_timeout: Some("250ms".into()),
+            reserve_output: Some(64),
+        };
+        let (s, warnings) = ModelSettings::from_spec(&defaults, Some(&routing), Some(&admission));
+        assert_eq!(s.policy.kind, PolicyKind::RoundRobin);
+        assert_eq!(s.policy.weights.prefix, 0.5);
+        // Bad weights keep the flags' values, and each is named.
+        assert_eq!(s.policy.weights.headroom, defaults.policy.weights.headroom);
+        assert_eq!(s.policy.weights.queue, defaults.policy.weights.queue);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[1].contains("spec.routing.weights.queue -1"),
+            "{warnings:?}"
+        );
+        assert_eq!(s.max_queue, 0);
+        assert_eq!(s.queue_timeout, Duration::from_millis(250));
+        assert_eq!(s.default_output_tokens, Some(64));
+        assert_eq!(s.policy.stale_after_ms, defaults.policy.stale_after_ms);
+        // Only the timeout set: everything else stays the flags'.
+        let only = AdmissionSpec {
+            queue_timeout: Some("soon".into()),
+            ..AdmissionSpec::default()
+        };
+        let (s, warnings) = ModelSettings::from_spec(&defaults, None, Some(&only));
+        assert_eq!(s, defaults);
+        assert!(warnings[0].contains("\"soon\""), "{warnings:?}");
     }
 }

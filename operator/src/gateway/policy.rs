@@ -35,6 +35,261 @@ impl Hasher for BlockHasher {
 type BlockMap<V> = HashMap<u64, V, BuildHasherDefault<BlockHasher>>;
 type BlockSet = HashSet<u64, BuildHasherDefault<BlockHasher>>;
 
+/// Words of a bitset over `n` agent slots.
+fn words_for(n: usize) -> usize {
+    n.div_ceil(64)
+}
+
+/// The agents caching one block hash: a sorted list of slots while few hold it, a bitset over
+/// slots once the list would be larger than the bitset. The prefix walk intersects the set of
+/// agents still matching with this, word by word, so a hash held by hundreds of agents costs
+/// `agents / 64` word operations, not one per holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Holders {
+    Few(Vec<u32>),
+    Many { bits: Vec<u64>, count: u32 },
+}
+
+impl Holders {
+    /// Largest list kept as a list for a cluster whose bitsets have `words` words.
+    fn few_max(words: usize) -> usize {
+        2 * words.max(4)
+    }
+
+    /// Adds `slot`; `words` is the bitset size for the current number of agents.
+    fn insert(&mut self, slot: u32, words: usize) {
+        match self {
+            Holders::Few(v) => {
+                if let Err(pos) = v.binary_search(&slot) {
+                    v.insert(pos, slot);
+                    if v.len() > Self::few_max(words) {
+                        let mut bits = vec![0u64; words.max(slot as usize / 64 + 1)];
+                        for &s in v.iter() {
+                            bits[s as usize / 64] |= 1 << (s % 64);
+                        }
+                        let count = v.len() as u32;
+                        *self = Holders::Many { bits, count };
+                    }
+                }
+            }
+            Holders::Many { bits, count } => {
+                let w = slot as usize / 64;
+                if w >= bits.len() {
+                    bits.resize(w + 1, 0);
+                }
+                let bit = 1u64 << (slot % 64);
+                if bits[w] & bit == 0 {
+                    bits[w] |= bit;
+                    *count += 1;
+                }
+            }
+        }
+    }
+
+    /// Removes `slot`; returns true when no agent holds the hash any more.
+    fn remove(&mut self, slot: u32, words: usize) -> bool {
+        match self {
+            Holders::Few(v) => {
+                if let Ok(pos) = v.binary_search(&slot) {
+                    v.remove(pos);
+                }
+            }
+            Holders::Many { bits, count } => {
+                let bit = 1u64 << (slot % 64);
+                if let Some(word) = bits.get_mut(slot as usize / 64) {
+                    if *word & bit != 0 {
+                        *word &= !bit;
+                        *count -= 1;
+                    }
+                }
+                // Back to a list well below the threshold, so one agent toggling a hash does
+                // not convert it back and forth.
+                if (*count as usize) <= Self::few_max(words) / 2 {
+                    let mut v = Vec::with_capacity(*count as usize);
+                    for (w, &word) in bits.iter().enumerate() {
+                        let mut m = word;
+                        while m != 0 {
+                            v.push((w * 64) as u32 + m.trailing_zeros());
+                            m &= m - 1;
+                        }
+                    }
+                    *self = Holders::Few(v);
+                }
+            }
+        }
+        self.is_empty()
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Holders::Few(v) => v.is_empty(),
+            Holders::Many { count, .. } => *count == 0,
+        }
+    }
+
+    fn contains(&self, slot: u32) -> bool {
+        match self {
+            Holders::Few(v) => v.binary_search(&slot).is_ok(),
+            Holders::Many { bits, .. } => bits
+                .get(slot as usize / 64)
+                .is_some_and(|w| w & (1 << (slot % 64)) != 0),
+        }
+    }
+
+    /// Bits of word `w` (slots `64w..64w+64`) set for this hash's holders; `pos` is a cursor into
+    /// a list, advanced across calls for increasing `w`.
+    #[inline]
+    fn word(&self, w: usize, pos: &mut usize) -> u64 {
+        match self {
+            Holders::Few(v) => {
+                let mut m = 0u64;
+                while let Some(&s) = v.get(*pos) {
+                    let sw = s as usize / 64;
+                    if sw > w {
+                        break;
+                    }
+                    if sw == w {
+                        m |= 1 << (s % 64);
+                    }
+                    *pos += 1;
+                }
+                m
+            }
+            Holders::Many { bits, .. } => bits.get(w).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// Prompt blocks whose index entries the walk looks up at once.
+const WALK_CHUNK: usize = 32;
+
+/// Reusable buffers of [`Cluster::decide`], so a decision allocates nothing once warm.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Agents whose cache still matches every prompt block walked so far (bitset over slots).
+    matching: Vec<u64>,
+    /// Leading prompt blocks cached, by slot.
+    overlap: Vec<u32>,
+}
+
+/// Sets `overlap[slot] = value` for every slot whose bit is set in `mask` (word `w`).
+#[inline]
+fn mark(overlap: &mut [u32], w: usize, mut mask: u64, value: u32) {
+    while mask != 0 {
+        let slot = w * 64 + mask.trailing_zeros() as usize;
+        if let Some(o) = overlap.get_mut(slot) {
+            *o = value;
+        }
+        mask &= mask - 1;
+    }
+}
+
+/// Fills `scratch.overlap` (length `n`) with the number of leading `hashes` each agent caches.
+///
+/// One pass over the prompt's hashes keeps the set of agents still matching as a bitset and stops
+/// as soon as it is empty; an agent leaving the set at block `i` has overlap `i`. The cost is
+/// `O(blocks walked × live words + holders in short lists)`, with no allocation once the buffers
+/// have grown to `n`.
+fn prefix_overlap(index: &BlockMap<Holders>, hashes: &[u64], n: usize, scratch: &mut Scratch) {
+    let Scratch { matching, overlap } = scratch;
+    overlap.clear();
+    overlap.resize(n, 0);
+    let words = words_for(n);
+    matching.clear();
+    matching.resize(words, 0);
+    let Some(first) = hashes.first().and_then(|h| index.get(h)) else {
+        return;
+    };
+    let mut pos = 0;
+    let mut alive = 0u32;
+    for (w, m) in matching.iter_mut().enumerate() {
+        *m = first.word(w, &mut pos);
+        alive += m.count_ones();
+    }
+    // Words outside `lo..hi` are zero: the range only shrinks.
+    let mut lo = 0;
+    let mut hi = words;
+    let mut start = 1;
+    // Short runs first: a walk that ends after a few blocks does not pay for many lookups.
+    let mut chunk = 4;
+    while start < hashes.len() {
+        // Look up a run of hashes before walking it: the lookups are independent, so their cache
+        // misses overlap instead of being paid one after another (they dominate the walk).
+        let end = (start + chunk).min(hashes.len());
+        chunk = (chunk * 2).min(WALK_CHUNK);
+        let mut run: [Option<&Holders>; WALK_CHUNK] = [None; WALK_CHUNK];
+        let mut touched = 0u64;
+        for (r, h) in run.iter_mut().zip(&hashes[start..end]) {
+            *r = index.get(h);
+            touched ^= match r {
+                Some(Holders::Many { bits, .. }) => bits.get(lo).copied().unwrap_or(0),
+                Some(Holders::Few(v)) => v.first().copied().map_or(0, u64::from),
+                None => 0,
+            };
+        }
+        std::hint::black_box(touched);
+        for (k, holders) in run.iter().take(end - start).enumerate() {
+            while lo < hi && matching[lo] == 0 {
+                lo += 1;
+            }
+            while hi > lo && matching[hi - 1] == 0 {
+                hi -= 1;
+            }
+            if lo == hi {
+                return;
+            }
+            let i = (start + k) as u32;
+            let Some(holders) = holders else {
+                for (w, m) in matching.iter().enumerate().take(hi).skip(lo) {
+                    mark(overlap, w, *m, i);
+                }
+                return;
+            };
+            match holders {
+                Holders::Few(v)
+                    if v.iter().filter(|&&s| has_bit(matching, s as usize)).count()
+                        == alive as usize =>
+                {
+                    // Every agent still matching holds this block too: nothing changes.
+                }
+                Holders::Many { bits, .. } if bits.len() >= hi => {
+                    // The common case for a popular prefix: plain word-wise AND.
+                    for ((w, m), b) in matching[lo..hi].iter_mut().enumerate().zip(&bits[lo..hi]) {
+                        let gone = *m & !b;
+                        if gone != 0 {
+                            mark(overlap, lo + w, gone, i);
+                            alive -= gone.count_ones();
+                            *m &= b;
+                        }
+                    }
+                }
+                _ => {
+                    let mut pos = match holders {
+                        // Skip the list entries below the live range.
+                        Holders::Few(v) => v.partition_point(|&s| (s as usize) < lo * 64),
+                        Holders::Many { .. } => 0,
+                    };
+                    for (w, m) in matching.iter_mut().enumerate().take(hi).skip(lo) {
+                        if *m == 0 {
+                            continue;
+                        }
+                        let keep = *m & holders.word(w, &mut pos);
+                        let gone = *m & !keep;
+                        mark(overlap, w, gone, i);
+                        alive -= gone.count_ones();
+                        *m = keep;
+                    }
+                }
+            }
+        }
+        start = end;
+    }
+    let full = hashes.len() as u32;
+    for (w, m) in matching.iter().enumerate().take(hi).skip(lo) {
+        mark(overlap, w, *m, full);
+    }
+}
+
 /// Index of an agent in a [`Cluster`]; stable for the cluster's lifetime.
 pub type Slot = usize;
 
@@ -257,6 +512,15 @@ pub struct RouteRequest<'a> {
     pub block_hashes: &'a [u64],
     /// Agents not to pick (a retry after a failed connection).
     pub exclude: &'a [Slot],
+    /// Agents not to pick either, as a bitset over slots (bit `s % 64` of word `s / 64`): those
+    /// claimed by earlier queued requests waiting for room there. Empty: none.
+    pub claimed: &'a [u64],
+}
+
+/// True when bit `slot` is set in the bitset `bits`.
+fn has_bit(bits: &[u64], slot: usize) -> bool {
+    bits.get(slot / 64)
+        .is_some_and(|w| (w >> (slot % 64)) & 1 == 1)
 }
 
 /// The chosen agent and what the choice costs there.
@@ -327,10 +591,14 @@ pub struct Cluster {
     hot: Vec<Hot>,
     /// Interned model names (`Hot::model` indexes this).
     models: Vec<String>,
+    /// Slots of the agents whose last report names each model, ascending (by `Hot::model`).
+    model_slots: Vec<Vec<u32>>,
     /// Block hash → agents caching it.
-    index: BlockMap<Vec<u32>>,
-    rr_next: Slot,
+    index: BlockMap<Holders>,
+    /// Round-robin cursor per model (by `Hot::model`): the slot after the last one reserved.
+    rr_next: Vec<Slot>,
     next_reservation_id: u64,
+    scratch: Scratch,
 }
 
 impl Cluster {
@@ -360,11 +628,14 @@ impl Cluster {
         slot
     }
 
-    fn model_id(&mut self, model: &str) -> u32 {
-        match self.models.iter().position(|m| m == model) {
+    /// The interned id of the model named in the agent's last report.
+    fn model_id(&mut self, slot: Slot) -> u32 {
+        let name = &self.agents[slot].report.model;
+        match self.models.iter().position(|m| m == name) {
             Some(i) => i as u32,
             None => {
-                self.models.push(model.to_string());
+                self.models.push(name.clone());
+                self.model_slots.push(Vec::new());
                 (self.models.len() - 1) as u32
             }
         }
@@ -391,12 +662,26 @@ impl Cluster {
 
     /// Copies the agent's decision-relevant fields into the packed array.
     fn sync_hot(&mut self, slot: Slot) {
-        let model = self.model_id(&self.agents[slot].report.model.clone());
+        let model = self.model_id(slot);
         let hot = Self::hot_of(&self.agents[slot], model);
-        if slot < self.hot.len() {
-            self.hot[slot] = hot;
+        let old = if slot < self.hot.len() {
+            Some(std::mem::replace(&mut self.hot[slot], hot).model)
         } else {
             self.hot.push(hot);
+            None
+        };
+        if old != Some(model) {
+            let s = slot as u32;
+            if let Some(list) = old.and_then(|m| self.model_slots.get_mut(m as usize)) {
+                if let Ok(pos) = list.binary_search(&s) {
+                    list.remove(pos);
+                }
+            }
+            if let Some(list) = self.model_slots.get_mut(model as usize) {
+                if let Err(pos) = list.binary_search(&s) {
+                    list.insert(pos, s);
+                }
+            }
         }
     }
 
@@ -432,11 +717,9 @@ impl Cluster {
     }
 
     fn unindex(&mut self, hash: u64, slot: Slot) {
-        if let Some(slots) = self.index.get_mut(&hash) {
-            if let Some(pos) = slots.iter().position(|&s| s as usize == slot) {
-                slots.swap_remove(pos);
-            }
-            if slots.is_empty() {
+        let words = words_for(self.agents.len());
+        if let Some(holders) = self.index.get_mut(&hash) {
+            if holders.remove(slot as u32, words) {
                 self.index.remove(&hash);
             }
         }
@@ -467,9 +750,13 @@ impl Cluster {
         for ev in events {
             match ev {
                 CacheEvent::Stored(hashes) => {
+                    let words = words_for(self.agents.len());
                     for h in hashes {
                         if self.agents[slot].cached.insert(h) {
-                            self.index.entry(h).or_default().push(slot as u32);
+                            self.index
+                                .entry(h)
+                                .or_insert_with(|| Holders::Few(Vec::new()))
+                                .insert(slot as u32, words);
                         }
                     }
                 }
@@ -518,7 +805,12 @@ impl Cluster {
         });
         a.reserved_blocks += route.need_blocks;
         let epoch = a.report.epoch;
-        self.rr_next = route.slot + 1;
+        if let Some(model) = self.hot.get(route.slot).map(|h| h.model as usize) {
+            if self.rr_next.len() <= model {
+                self.rr_next.resize(model + 1, 0);
+            }
+            self.rr_next[model] = route.slot + 1;
+        }
         self.sync_hot(route.slot);
         Some(ReservationHandle {
             slot: route.slot,
@@ -551,67 +843,69 @@ impl Cluster {
         true
     }
 
-    /// Leading blocks of `hashes` cached on each agent, by slot.
-    fn prefix_overlap(&self, hashes: &[u64]) -> Vec<u32> {
-        let mut overlap = vec![0u32; self.agents.len()];
-        for (i, h) in hashes.iter().enumerate() {
-            let Some(slots) = self.index.get(h) else {
-                break;
-            };
-            let i = i as u32;
-            let mut advanced = false;
-            for &s in slots {
-                let o = &mut overlap[s as usize];
-                if *o == i {
-                    *o = i + 1;
-                    advanced = true;
-                }
-            }
-            if !advanced {
-                break;
-            }
-        }
-        overlap
+    /// Leading blocks of `hashes` cached on each agent, by slot (the walk behind [`decide`]).
+    ///
+    /// [`decide`]: Cluster::decide
+    #[cfg(test)]
+    fn prefix_overlap(&mut self, hashes: &[u64]) -> Vec<u32> {
+        prefix_overlap(&self.index, hashes, self.agents.len(), &mut self.scratch);
+        self.scratch.overlap.clone()
     }
 
     /// Picks an agent for `req` under `cfg` at clock `now_ms`; ties broken with `rng`.
+    ///
+    /// Costs one walk of the prompt's block hashes (KV policy only) and one pass over the agents
+    /// serving the model; it allocates nothing once the cluster's scratch buffers are warm.
+    /// `&mut self` only for those buffers: a decision changes no state (round-robin's cursor moves
+    /// in [`reserve`](Cluster::reserve)).
     pub fn decide(
-        &self,
+        &mut self,
         cfg: &PolicyConfig,
         req: &RouteRequest<'_>,
         now_ms: u64,
         rng: &mut dyn RandomSource,
     ) -> Decision {
-        let overlap = if cfg.kind == PolicyKind::Kv {
-            self.prefix_overlap(req.block_hashes)
+        let Some(model) = self.models.iter().position(|m| m == req.model) else {
+            return self.why_not(req);
+        };
+        let n = self.hot.len();
+        if cfg.kind == PolicyKind::Kv {
+            prefix_overlap(&self.index, req.block_hashes, n, &mut self.scratch);
+        }
+        let overlap: &[u32] = if cfg.kind == PolicyKind::Kv {
+            &self.scratch.overlap
         } else {
-            Vec::new()
+            &[]
         };
         let prompt_blocks = req.block_hashes.len().max(1) as f64;
 
         let mut best: Option<Route> = None;
         let mut ties = 0u64;
-        let n = self.hot.len();
-        let Some(model) = self.models.iter().position(|m| m == req.model) else {
-            return self.why_not(req);
-        };
+        let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
         let model = model as u32;
         let total_tokens = req.prompt_tokens + req.output_tokens;
+        // Round-robin walks from the cursor (cyclically, in slot order); the others from the
+        // lowest slot.
+        let start = if cfg.kind == PolicyKind::RoundRobin && n > 0 {
+            let cursor = self.rr_next.get(model as usize).copied().unwrap_or(0) % n;
+            slots.partition_point(|&s| (s as usize) < cursor)
+        } else {
+            0
+        };
+        let (tail, head) = slots.split_at(start);
         // Block counts for the last block size seen (agents of a model share one in practice).
         let mut sized = (0u32, 0u64, 0u64);
-        for k in 0..n {
-            // Round-robin walks from the cursor; the others scan in slot order.
-            let slot = if cfg.kind == PolicyKind::RoundRobin {
-                (self.rr_next + k) % n
-            } else {
-                k
+        for &slot in head.iter().chain(tail) {
+            let slot = slot as usize;
+            let Some(h) = self.hot.get(slot) else {
+                continue;
             };
-            let h = &self.hot[slot];
             if !h.live
                 || h.model != model
                 || now_ms.saturating_sub(h.last_report_ms) > cfg.stale_after_ms
                 || (h.max_model_len > 0 && req.prompt_tokens >= u64::from(h.max_model_len))
                 || req.exclude.contains(&slot)
+                || has_bit(req.claimed, slot)
             {
                 continue;
             }
@@ -705,6 +999,58 @@ impl Cluster {
         }
     }
 
+    /// Sets in `claimed` (a bitset over slots, grown as needed) every agent that could serve a
+    /// `prompt_tokens` prompt for `model` once it has room: fresh, serving the model,
+    /// `max_model_len` above the prompt, a pool that holds the prompt, not in `exclude`. Returns
+    /// true when no fresh agent of the model is left unclaimed (no later request for the model
+    /// can be routed in this round).
+    pub fn claim_for(
+        &self,
+        cfg: &PolicyConfig,
+        model: &str,
+        prompt_tokens: u64,
+        exclude: &[Slot],
+        now_ms: u64,
+        claimed: &mut Vec<u64>,
+    ) -> bool {
+        let Some(model) = self.models.iter().position(|m| m == model) else {
+            return false;
+        };
+        let words = words_for(self.hot.len());
+        if claimed.len() < words {
+            claimed.resize(words, 0);
+        }
+        let mut all = true;
+        for &slot in self.model_slots.get(model).map_or(&[][..], Vec::as_slice) {
+            let s = slot as usize;
+            let Some(h) = self.hot.get(s) else {
+                continue;
+            };
+            if !h.live || now_ms.saturating_sub(h.last_report_ms) > cfg.stale_after_ms {
+                continue;
+            }
+            let fits = (h.max_model_len == 0 || prompt_tokens < u64::from(h.max_model_len))
+                && blocks_for(prompt_tokens + 1, h.block_size) <= h.total;
+            if fits && !exclude.contains(&s) {
+                claimed[s / 64] |= 1 << (s % 64);
+            } else if !has_bit(claimed, s) {
+                all = false;
+            }
+        }
+        all
+    }
+
+    /// Why `req` can never be served as it is, if it cannot (the checks [`decide`] makes when no
+    /// agent is picked).
+    ///
+    /// [`decide`]: Cluster::decide
+    pub fn rejection(&self, req: &RouteRequest<'_>) -> Option<Reject> {
+        match self.why_not(req) {
+            Decision::Reject(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// No agent was picked: a request that can never be served is rejected (judged on every
     /// agent that ever reported the model, stale ones included: pool sizes do not go stale);
     /// anything else waits for capacity.
@@ -768,11 +1114,7 @@ impl Cluster {
                 return Err(format!("agent {slot}: covered reservation kept: {keys:?}"));
             }
             for h in &a.cached {
-                if !self
-                    .index
-                    .get(h)
-                    .is_some_and(|s| s.contains(&(slot as u32)))
-                {
+                if !self.index.get(h).is_some_and(|s| s.contains(slot as u32)) {
                     return Err(format!("agent {slot}: hash {h} missing from index"));
                 }
             }
@@ -784,11 +1126,43 @@ impl Cluster {
                 return Err(format!("agent {slot}: packed view out of date"));
             }
         }
-        for (h, slots) in &self.index {
-            for &s in slots {
-                if !self.agents[s as usize].cached.contains(h) {
+        for (h, holders) in &self.index {
+            let slots: Vec<u32> = match holders {
+                Holders::Few(v) => {
+                    if v.windows(2).any(|w| w[0] >= w[1]) {
+                        return Err(format!("index: hash {h}: list not sorted: {v:?}"));
+                    }
+                    v.clone()
+                }
+                Holders::Many { bits, count } => {
+                    let ones: u32 = bits.iter().map(|w| w.count_ones()).sum();
+                    if ones != *count {
+                        return Err(format!("index: hash {h}: count {count} != {ones} bits"));
+                    }
+                    (0..bits.len() as u32 * 64)
+                        .filter(|&s| holders.contains(s))
+                        .collect()
+                }
+            };
+            if slots.is_empty() {
+                return Err(format!("index: hash {h} held by nobody"));
+            }
+            for s in slots {
+                if !self
+                    .agents
+                    .get(s as usize)
+                    .is_some_and(|a| a.cached.contains(h))
+                {
                     return Err(format!("index: hash {h} on {s} not cached there"));
                 }
+            }
+        }
+        for (m, list) in self.model_slots.iter().enumerate() {
+            let want: Vec<u32> = (0..self.hot.len() as u32)
+                .filter(|&s| self.hot[s as usize].model == m as u32)
+                .collect();
+            if *list != want {
+                return Err(format!("model {m}: slots {list:?} != {want:?}"));
             }
         }
         Ok(())
@@ -822,6 +1196,7 @@ mod tests {
             block_size: 16,
             block_hashes: hashes,
             exclude: &[],
+            claimed: &[],
         }
     }
 
@@ -836,7 +1211,7 @@ mod tests {
 
     #[test]
     fn picks_agent_with_most_headroom() {
-        let c = cluster(&[(100, 10), (100, 80), (100, 40)]);
+        let mut c = cluster(&[(100, 10), (100, 80), (100, 40)]);
         let d = c.decide(
             &PolicyConfig::default(),
             &req(64, 16, &[]),
@@ -902,7 +1277,7 @@ mod tests {
 
     #[test]
     fn waits_when_no_room_and_rejects_never_fitting() {
-        let c = cluster(&[(10, 2), (10, 3)]);
+        let mut c = cluster(&[(10, 2), (10, 3)]);
         let cfg = PolicyConfig::default();
         assert_eq!(
             c.decide(&cfg, &req(64, 16, &[]), 0, &mut SplitMix64(1)),
@@ -997,7 +1372,7 @@ mod tests {
 
     #[test]
     fn baselines_ignore_room() {
-        let c = cluster(&[(10, 0), (10, 0)]);
+        let mut c = cluster(&[(10, 0), (10, 0)]);
         for kind in [
             PolicyKind::RoundRobin,
             PolicyKind::LeastRequests,
@@ -1033,8 +1408,61 @@ mod tests {
     }
 
     #[test]
+    fn round_robin_keeps_one_cursor_per_model() {
+        // Slots 0, 2 serve "m"; 1, 3 serve "n": picks for "n" must not move "m"'s turn.
+        let mut c = Cluster::new();
+        for (i, model) in ["m", "n", "m", "n"].iter().enumerate() {
+            let s = c.upsert_agent(&format!("a{i}"));
+            c.apply_report(
+                s,
+                Report {
+                    model: model.to_string(),
+                    ..report(&format!("a{i}"), 1, 10, 10)
+                },
+                0,
+            );
+        }
+        let cfg = PolicyConfig {
+            kind: PolicyKind::RoundRobin,
+            ..PolicyConfig::default()
+        };
+        let mut picks = Vec::new();
+        for model in ["m", "n", "m", "n", "m"] {
+            let mut r = req(1, 1, &[]);
+            r.model = model;
+            let Decision::Route(route) = c.decide(&cfg, &r, 0, &mut SplitMix64(1)) else {
+                panic!()
+            };
+            c.reserve(&route);
+            picks.push(route.slot);
+        }
+        assert_eq!(picks, vec![0, 1, 2, 3, 0]);
+    }
+
+    #[test]
+    fn claimed_agents_are_not_picked() {
+        let mut c = cluster(&[(100, 90), (100, 10), (100, 50)]);
+        let cfg = PolicyConfig::default();
+        let mut claimed = Vec::new();
+        // A 20-block prompt could use every pool; agent 1 is excluded for it.
+        let all = c.claim_for(&cfg, "m", 320, &[1], 0, &mut claimed);
+        assert!(!all, "agent 1 is still free for others");
+        assert_eq!(claimed, vec![0b101]);
+        let mut r = req(16, 0, &[]);
+        r.claimed = &claimed;
+        let Decision::Route(route) = c.decide(&cfg, &r, 0, &mut SplitMix64(1)) else {
+            panic!()
+        };
+        assert_eq!(route.slot, 1);
+        assert!(c.claim_for(&cfg, "m", 16, &[], 0, &mut claimed));
+        let mut r = req(16, 0, &[]);
+        r.claimed = &claimed;
+        assert_eq!(c.decide(&cfg, &r, 0, &mut SplitMix64(1)), Decision::Wait);
+    }
+
+    #[test]
     fn retry_excludes_failed_agent() {
-        let c = cluster(&[(100, 90), (100, 10)]);
+        let mut c = cluster(&[(100, 90), (100, 10)]);
         let mut r = req(16, 16, &[]);
         r.exclude = &[0];
         let Decision::Route(route) = c.decide(&PolicyConfig::default(), &r, 0, &mut SplitMix64(1))
@@ -1176,6 +1604,7 @@ mod tests {
                         block_size: 16,
                         block_hashes: hashes,
                         exclude: &[],
+                        claimed: &[],
                     };
                     let d = sim.c.decide(&cfg, &rq, sim.now, &mut rng);
                     if let Decision::Route(r) = &d {
@@ -1210,6 +1639,123 @@ mod tests {
             sim.c.check_invariants().unwrap();
         }
         (decisions, sim)
+    }
+
+    /// Leading `hashes` in each agent's cache, computed the obvious way.
+    fn naive_overlap(c: &Cluster, hashes: &[u64]) -> Vec<u32> {
+        c.agents()
+            .iter()
+            .map(|a| hashes.iter().take_while(|h| a.cached.contains(h)).count() as u32)
+            .collect()
+    }
+
+    #[test]
+    fn holders_switch_between_list_and_bitset() {
+        // 300 agents: 5 words, lists hold at most 10 slots.
+        let mut c = Cluster::new();
+        for i in 0..300 {
+            c.upsert_agent(&format!("a{i}"));
+        }
+        for i in 0..300 {
+            c.apply_report(
+                i,
+                Report {
+                    events: vec![CacheEvent::Stored(vec![7, 8])],
+                    ..report(&format!("a{i}"), 1, 10, 10)
+                },
+                0,
+            );
+            c.check_invariants().unwrap();
+        }
+        assert!(matches!(
+            c.index.get(&7),
+            Some(Holders::Many { count: 300, .. })
+        ));
+        assert_eq!(c.prefix_overlap(&[7, 8, 9]), vec![2; 300]);
+        for i in 0..298 {
+            c.apply_report(
+                i,
+                Report {
+                    snapshot: false,
+                    events: vec![CacheEvent::Removed(vec![7])],
+                    ..report(&format!("a{i}"), 1, 10, 10)
+                },
+                0,
+            );
+            c.check_invariants().unwrap();
+        }
+        assert_eq!(c.index.get(&7), Some(&Holders::Few(vec![298, 299])));
+        let mut want = vec![0; 300];
+        want[298] = 2;
+        want[299] = 2;
+        assert_eq!(c.prefix_overlap(&[7, 8]), want);
+        for i in 298..300 {
+            c.apply_report(
+                i,
+                Report {
+                    events: vec![CacheEvent::AllCleared],
+                    snapshot: false,
+                    ..report(&format!("a{i}"), 1, 10, 10)
+                },
+                0,
+            );
+        }
+        assert_eq!(c.index.get(&7), None);
+        c.check_invariants().unwrap();
+    }
+
+    /// Caches drawn from a few chains (so many agents share prefixes, some with holes), with
+    /// enough agents that popular hashes are held as bitsets and rare ones as lists.
+    /// Agent count, each agent's stored hashes, and (agent, hashes) removals.
+    type RandomCluster = (usize, Vec<Vec<u64>>, Vec<(usize, Vec<u64>)>);
+
+    fn random_cluster() -> impl Strategy<Value = RandomCluster> {
+        (1..400usize).prop_flat_map(|n| {
+            (
+                Just(n),
+                prop::collection::vec(prop::collection::vec(0..24u64, 0..24), n),
+                prop::collection::vec((0..n, prop::collection::vec(0..24u64, 0..6)), 0..40),
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The bitset walk gives every agent exactly the leading-run length a per-agent scan
+        /// gives, after stores, removals and snapshots, for prompts that match, diverge or
+        /// repeat hashes.
+        #[test]
+        fn overlap_equals_naive_reference(
+            (n, stores, removals) in random_cluster(),
+            prompts in prop::collection::vec(prop::collection::vec(0..24u64, 0..30), 1..8),
+            chain_len in 0..24usize,
+        ) {
+            let mut c = Cluster::new();
+            for (i, stored) in stores.iter().enumerate() {
+                let s = c.upsert_agent(&format!("a{i}"));
+                // Most agents hold a prefix of the chain 0, 1, 2, ... plus random hashes.
+                let mut hashes: Vec<u64> = (0..(i % (chain_len + 1)) as u64).collect();
+                hashes.extend(stored);
+                c.apply_report(s, Report {
+                    events: vec![CacheEvent::Stored(hashes)],
+                    ..report(&format!("a{i}"), 1, 10, 10)
+                }, 0);
+            }
+            for (agent, removed) in &removals {
+                c.apply_report(*agent, Report {
+                    snapshot: false,
+                    events: vec![CacheEvent::Removed(removed.clone())],
+                    ..report(&format!("a{agent}"), 1, 10, 10)
+                }, 0);
+            }
+            c.check_invariants().map_err(TestCaseError::fail)?;
+            prop_assert_eq!(c.agents().len(), n);
+            let chain: Vec<u64> = (0..chain_len as u64).collect();
+            for p in prompts.iter().chain(std::iter::once(&chain)) {
+                let want = naive_overlap(&c, p);
+                prop_assert_eq!(c.prefix_overlap(p), want);
+            }
+        }
     }
 
     proptest! {

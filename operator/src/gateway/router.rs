@@ -2,21 +2,33 @@
 //! clock and random source, and the waiting that admission needs.
 //!
 //! It owns when a queued request is looked at again (after every report, cancellation or new
-//! request) and every reservation's life: reserved when a request is admitted, cancelled when the
-//! request never reached its agent, retired by the agent's reports. It never does network I/O and
-//! never holds its lock across an await.
+//! request), every reservation's life (reserved when a request is admitted, cancelled when the
+//! request never reached its agent, retired by the agent's reports) and each model's settings
+//! (policy, queue bound and timeout; the flags unless the model's spec says otherwise). It never
+//! does network I/O and never holds its lock across an await.
+//!
+//! No head-of-line blocking: every queued request is offered to the policy in queue order
+//! (priority, then tenant turns). One that has to wait *claims* the agents that could serve it
+//! once room frees (fresh, serving its model, large enough for its prompt, not excluded); later
+//! requests may only go to unclaimed agents. So a request for another model (or one another set
+//! of agents can serve) goes ahead, while a later request can never take the room an earlier one
+//! is waiting for on the same agents: priorities and tenant fairness hold among the requests that
+//! compete for the same agents.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
-use super::admission::{AdmissionQueue, Full, Priority};
+use super::admission::{AdmissionQueue, EntryId, Full, Priority};
+use super::config::ModelSettings;
 use super::metrics::Metrics;
 use super::policy::{
     Cluster, Decision, PolicyConfig, Reject, Report, ReservationHandle, Route, RouteRequest, Slot,
     SplitMix64,
 };
+use super::source::ModelSpecSettings;
 
 /// A request's routing-relevant facts (sizes and block hashes, computed from its prompt).
 #[derive(Debug, Clone)]
@@ -44,12 +56,41 @@ struct Waiter {
     exclude: Vec<Slot>,
     tx: oneshot::Sender<Result<Admitted, AdmitError>>,
     queued_at: Instant,
+    /// Offered to the policy (or checked for a reject) at least once.
+    looked_at: std::cell::Cell<bool>,
 }
 
 struct Core {
     cluster: Cluster,
     queue: AdmissionQueue<Waiter>,
     rng: SplitMix64,
+    /// Per-model settings where a model's spec differs from the defaults.
+    settings: HashMap<String, ModelSettings>,
+    /// Queued requests per model (for each model's queue bound).
+    queued: HashMap<String, usize>,
+    /// Scratch of [`Router::pump`]: the queue's order, the claimed agents (bitset over slots)
+    /// and the models all of whose agents are claimed.
+    order: Vec<EntryId>,
+    claimed: Vec<u64>,
+    blocked: Vec<String>,
+}
+
+impl Core {
+    /// Removes queued entry `id` (served out of turn when `served`), keeping the per-model count.
+    fn take(&mut self, id: EntryId, served: bool) -> Option<Waiter> {
+        let w = if served {
+            self.queue.take(id)
+        } else {
+            self.queue.remove(id)
+        }?;
+        if let Some(n) = self.queued.get_mut(&w.plan.model) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.queued.remove(&w.plan.model);
+            }
+        }
+        Some(w)
+    }
 }
 
 /// Shared router state.
@@ -59,7 +100,10 @@ pub struct Router {
     cancels: Mutex<Vec<ReservationHandle>>,
     wake: Notify,
     start: Instant,
+    /// The default policy (the flags'); a model's spec may set its own.
     pub policy: PolicyConfig,
+    /// The flags' per-model settings, for models whose spec says nothing.
+    defaults: ModelSettings,
     pub metrics: Arc<Metrics>,
 }
 
@@ -153,19 +197,63 @@ pub struct QueueEntry {
 }
 
 impl Router {
-    pub fn new(policy: PolicyConfig, max_queue: usize, seed: u64, metrics: Arc<Metrics>) -> Self {
+    /// A router whose models all use `defaults` until [`set_model_settings`] says otherwise.
+    ///
+    /// [`set_model_settings`]: Router::set_model_settings
+    pub fn new(defaults: ModelSettings, seed: u64, metrics: Arc<Metrics>) -> Self {
         Self {
             core: Mutex::new(Core {
                 cluster: Cluster::new(),
-                queue: AdmissionQueue::new(max_queue),
+                // Bounded per model (`ModelSettings::max_queue`), not as a whole.
+                queue: AdmissionQueue::new(usize::MAX),
                 rng: SplitMix64(seed),
+                settings: HashMap::new(),
+                queued: HashMap::new(),
+                order: Vec::new(),
+                claimed: Vec::new(),
+                blocked: Vec::new(),
             }),
             cancels: Mutex::new(Vec::new()),
             wake: Notify::new(),
             start: Instant::now(),
-            policy,
+            policy: defaults.policy,
+            defaults,
             metrics,
         }
+    }
+
+    /// Replaces the per-model settings with what each model's spec says (models not listed, and
+    /// everything a spec leaves unset, take the defaults). Bad values are logged and ignored.
+    pub fn set_model_settings(self: &Arc<Self>, specs: &BTreeMap<String, ModelSpecSettings>) {
+        let mut settings = HashMap::new();
+        for (model, spec) in specs {
+            let (s, warnings) = ModelSettings::from_spec(
+                &self.defaults,
+                spec.routing.as_ref(),
+                spec.admission.as_ref(),
+            );
+            for w in warnings {
+                tracing::warn!(model = %model, "{w}");
+            }
+            if s != self.defaults {
+                settings.insert(model.clone(), s);
+            }
+        }
+        let mut core = self.lock();
+        if core.settings != settings {
+            tracing::info!(models = settings.len(), "per-model settings changed");
+            core.settings = settings;
+            self.pump(&mut core);
+        }
+    }
+
+    /// The settings that hold for `model`.
+    pub fn settings(&self, model: &str) -> ModelSettings {
+        self.lock()
+            .settings
+            .get(model)
+            .copied()
+            .unwrap_or(self.defaults)
     }
 
     /// The router's clock: milliseconds since it was created (monotonic).
@@ -227,17 +315,33 @@ impl Router {
         let (tx, mut rx) = oneshot::channel();
         let id = {
             let mut core = self.lock();
+            let model = plan.model.clone();
+            let max_queue = core
+                .settings
+                .get(&model)
+                .map_or(self.defaults.max_queue, |s| s.max_queue);
             let waiter = Waiter {
                 plan,
                 exclude,
                 tx,
                 queued_at: Instant::now(),
+                looked_at: std::cell::Cell::new(false),
             };
             let id = match core.queue.push(priority, tenant, waiter) {
                 Ok(id) => id,
                 Err(Full(_)) => return Err(AdmitError::QueueFull),
             };
+            *core.queued.entry(model.clone()).or_insert(0) += 1;
             self.pump(&mut core);
+            // Still waiting, with more of its model waiting than the model allows: refused (so
+            // a bound of 0 means "route now or 429").
+            let over = core.queue.get(id).is_some()
+                && core.queued.get(&model).copied().unwrap_or(0) > max_queue;
+            if over {
+                core.take(id, false);
+                self.metrics.set_queue_depth(core.queue.len());
+                return Err(AdmitError::QueueFull);
+            }
             self.metrics.set_queue_depth(core.queue.len());
             id
         };
@@ -247,7 +351,7 @@ impl Router {
             Err(_) => {
                 let removed = {
                     let mut core = self.lock();
-                    let removed = core.queue.remove(id).is_some();
+                    let removed = core.take(id, false).is_some();
                     self.metrics.set_queue_depth(core.queue.len());
                     removed
                 };
@@ -261,45 +365,78 @@ impl Router {
         }
     }
 
-    /// Admits queued requests, in queue order, while the policy finds room for the head.
+    /// Offers every queued request to the policy, in queue order: admits those with room,
+    /// answers those that can never be served, and lets a waiting one claim its agents so no
+    /// later request takes them (see the module header).
     fn pump(self: &Arc<Self>, core: &mut Core) {
-        let cfg = self.policy;
-        loop {
-            let now = self.now_ms();
-            let Core {
-                cluster,
-                queue,
-                rng,
-            } = &mut *core;
-            let Some((_, w)) = queue.peek() else {
-                break;
+        let mut order = std::mem::take(&mut core.order);
+        core.queue.order(&mut order);
+        let mut claimed = std::mem::take(&mut core.claimed);
+        claimed.clear();
+        claimed.resize(core.cluster.agents().len().div_ceil(64), 0);
+        let mut blocked = std::mem::take(&mut core.blocked);
+        blocked.clear();
+        for &id in &order {
+            let Some(w) = core.queue.get(id) else {
+                continue;
             };
             if w.tx.is_closed() {
                 // The client left while waiting.
-                queue.pop();
+                core.take(id, false);
                 continue;
             }
-            let t = Instant::now();
-            let decision = cluster.decide(
-                &cfg,
-                &RouteRequest {
-                    model: &w.plan.model,
-                    prompt_tokens: w.plan.prompt_tokens,
-                    output_tokens: w.plan.output_tokens,
-                    block_size: w.plan.block_size,
-                    block_hashes: &w.plan.block_hashes,
-                    exclude: &w.exclude,
-                },
-                now,
-                rng,
-            );
-            self.metrics.observe_decision(t.elapsed());
+            let blocked_model = blocked.contains(&w.plan.model);
+            if blocked_model && w.looked_at.get() {
+                continue;
+            }
+            let cfg = core
+                .settings
+                .get(&w.plan.model)
+                .map_or(self.defaults.policy, |s| s.policy);
+            let req = RouteRequest {
+                model: &w.plan.model,
+                prompt_tokens: w.plan.prompt_tokens,
+                output_tokens: w.plan.output_tokens,
+                block_size: w.plan.block_size,
+                block_hashes: &w.plan.block_hashes,
+                exclude: &w.exclude,
+                claimed: &claimed,
+            };
+            let now = self.now_ms();
+            let decision = if blocked_model {
+                // Every agent of its model is claimed: it can only wait, unless it can never be
+                // served at all (told once, at once, rather than at its deadline).
+                w.looked_at.set(true);
+                match core.cluster.rejection(&req) {
+                    Some(r) => Decision::Reject(r),
+                    None => continue,
+                }
+            } else {
+                w.looked_at.set(true);
+                let t = Instant::now();
+                let d = core.cluster.decide(&cfg, &req, now, &mut core.rng);
+                self.metrics.observe_decision(t.elapsed());
+                d
+            };
             let outcome = match decision {
-                Decision::Wait => break,
+                Decision::Wait => {
+                    let all = core.cluster.claim_for(
+                        &cfg,
+                        &w.plan.model,
+                        w.plan.prompt_tokens,
+                        &w.exclude,
+                        now,
+                        &mut claimed,
+                    );
+                    if all {
+                        blocked.push(w.plan.model.clone());
+                    }
+                    continue;
+                }
                 Decision::Reject(r) => Err(AdmitError::Reject(r)),
                 Decision::Route(route) => {
-                    let handle = cluster.reserve(&route);
-                    let a = &cluster.agents()[route.slot];
+                    let handle = core.cluster.reserve(&route);
+                    let a = &core.cluster.agents()[route.slot];
                     Ok(Admitted {
                         route,
                         endpoint: a.endpoint.clone(),
@@ -310,18 +447,21 @@ impl Router {
                     })
                 }
             };
-            let Some((_, w)) = queue.pop() else {
-                break;
+            let Some(w) = core.take(id, true) else {
+                continue;
             };
             self.metrics.observe_queue_wait(w.queued_at.elapsed());
             if let Err(Ok(mut admitted)) = w.tx.send(outcome) {
                 // The client left between the check and now: release the blocks directly (we
                 // hold the lock its drop would take).
                 if let Some(h) = admitted.handle.take() {
-                    cluster.cancel(h);
+                    core.cluster.cancel(h);
                 }
             }
         }
+        core.order = order;
+        core.claimed = claimed;
+        core.blocked = blocked;
         self.metrics.set_queue_depth(core.queue.len());
     }
 
@@ -378,7 +518,7 @@ impl Router {
         let core = self.lock();
         QueueSnapshot {
             depth: core.queue.len(),
-            capacity: core.queue.capacity(),
+            capacity: self.defaults.max_queue,
             entries: core
                 .queue
                 .depths()
@@ -418,5 +558,226 @@ impl Router {
         m.sort();
         m.dedup();
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{AdmissionSpec, RoutingPolicy, RoutingSpec};
+    use crate::gateway::config::GatewayConfig;
+    use crate::gateway::policy::PolicyKind;
+
+    fn router() -> Arc<Router> {
+        let cfg = GatewayConfig::for_agents("127.0.0.1:0".parse().unwrap(), Vec::new());
+        Arc::new(Router::new(
+            cfg.model_defaults(),
+            1,
+            Arc::new(Metrics::new("kv")),
+        ))
+    }
+
+    fn agent(r: &Arc<Router>, id: &str, model: &str, free: u64) -> Slot {
+        let slot = r.add_agent(&format!("{id}:8000"));
+        report(r, slot, id, model, free);
+        slot
+    }
+
+    fn report(r: &Arc<Router>, slot: Slot, id: &str, model: &str, free: u64) {
+        r.on_report(
+            slot,
+            Report {
+                agent_id: id.into(),
+                epoch: 1,
+                model: model.into(),
+                block_size: 16,
+                total_blocks: 100,
+                free_blocks: free,
+                max_model_len: 8192,
+                snapshot: true,
+                ..Report::default()
+            },
+        );
+    }
+
+    fn plan(model: &str, prompt_tokens: u64) -> PromptPlan {
+        PromptPlan {
+            model: model.into(),
+            prompt_tokens,
+            output_tokens: 0,
+            block_size: 16,
+            block_hashes: Vec::new(),
+        }
+    }
+
+    /// Admits in the background; the request is queued (or answered) once this returns, since
+    /// `admit` pumps under the lock before it first waits.
+    fn spawn_admit(
+        r: &Arc<Router>,
+        plan: PromptPlan,
+        exclude: Vec<Slot>,
+        priority: Priority,
+    ) -> tokio::task::JoinHandle<Result<Admitted, AdmitError>> {
+        let r = Arc::clone(r);
+        tokio::spawn(async move {
+            r.admit(plan, exclude, priority, "t", Duration::from_secs(600))
+                .await
+        })
+    }
+
+    async fn until_depth(r: &Arc<Router>, depth: usize) {
+        for _ in 0..3000 {
+            if r.queue().depth == depth {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("queue depth never {depth}: {:?}", r.queue());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_does_not_hold_back_another_models() {
+        let r = router();
+        let a = agent(&r, "a", "A", 10);
+        agent(&r, "b", "B", 100);
+        // 20 blocks on an agent with 10 free: waits, at high priority, at the head.
+        let big = spawn_admit(&r, plan("A", 320), Vec::new(), Priority::HIGH);
+        until_depth(&r, 1).await;
+        // A later, lower-priority request for B goes ahead at once.
+        let got = r
+            .admit(
+                plan("B", 16),
+                Vec::new(),
+                Priority::LOW,
+                "u",
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.endpoint, "b:8000");
+        // A later request for A fits in A's 10 free blocks but must not take the room the
+        // earlier one waits for: it queues behind it.
+        let small = spawn_admit(&r, plan("A", 16), Vec::new(), Priority::NORMAL);
+        until_depth(&r, 2).await;
+        assert!(!big.is_finished() && !small.is_finished());
+        // Room for the big one only: it goes first, the small one still waits.
+        report(&r, a, "a", "A", 20);
+        let admitted = big.await.unwrap().unwrap();
+        assert_eq!(admitted.route.need_blocks, 20);
+        until_depth(&r, 1).await;
+        assert!(!small.is_finished());
+        report(&r, a, "a", "A", 100);
+        assert_eq!(small.await.unwrap().unwrap().endpoint, "a:8000");
+        until_depth(&r, 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_never_fitting_request_behind_a_waiting_one_is_rejected_at_once() {
+        let r = router();
+        agent(&r, "a", "A", 10);
+        let waiting = spawn_admit(&r, plan("A", 320), Vec::new(), Priority::HIGH);
+        until_depth(&r, 1).await;
+        // Larger than the 100-block pool: 400 at once, not a 429 at its deadline.
+        let got = r
+            .admit(
+                plan("A", 16 * 200),
+                Vec::new(),
+                Priority::NORMAL,
+                "u",
+                Duration::from_secs(600),
+            )
+            .await;
+        assert!(
+            matches!(got, Err(AdmitError::Reject(Reject::PromptTooLarge { .. }))),
+            "{got:?}"
+        );
+        assert!(!waiting.is_finished());
+        waiting.abort();
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_claims_only_the_agents_it_could_use() {
+        let r = router();
+        let a1 = agent(&r, "a1", "A", 100);
+        agent(&r, "a2", "A", 5);
+        // A retry that excludes a1 waits for a2.
+        let retry = spawn_admit(&r, plan("A", 160), vec![a1], Priority::NORMAL);
+        until_depth(&r, 1).await;
+        // Another request for A that a1 can serve is not held back by it.
+        let got = r
+            .admit(
+                plan("A", 160),
+                Vec::new(),
+                Priority::NORMAL,
+                "u",
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.endpoint, "a1:8000");
+        assert!(!retry.is_finished());
+        retry.abort();
+    }
+
+    #[tokio::test]
+    async fn per_model_settings_bound_each_models_queue() {
+        let r = router();
+        let a = agent(&r, "a", "A", 0);
+        agent(&r, "b", "B", 0);
+        agent(&r, "c", "C", 100);
+        let specs = BTreeMap::from([
+            (
+                "A".to_string(),
+                ModelSpecSettings {
+                    routing: None,
+                    admission: Some(AdmissionSpec {
+                        max_queue: Some(0),
+                        ..AdmissionSpec::default()
+                    }),
+                },
+            ),
+            (
+                "C".to_string(),
+                ModelSpecSettings {
+                    routing: Some(RoutingSpec {
+                        policy: RoutingPolicy::RoundRobin,
+                        weights: None,
+                    }),
+                    admission: None,
+                },
+            ),
+        ]);
+        r.set_model_settings(&specs);
+        assert_eq!(r.settings("A").max_queue, 0);
+        assert_eq!(r.settings("B"), r.defaults);
+        assert_eq!(r.settings("C").policy.kind, PolicyKind::RoundRobin);
+        // A may queue nothing: a request without room is refused at once ...
+        let refused = r
+            .admit(
+                plan("A", 16),
+                Vec::new(),
+                Priority::NORMAL,
+                "t",
+                Duration::from_secs(600),
+            )
+            .await;
+        assert_eq!(refused.unwrap_err(), AdmitError::QueueFull);
+        // ... while B (the default bound) queues.
+        let waiting = spawn_admit(&r, plan("B", 16), Vec::new(), Priority::NORMAL);
+        until_depth(&r, 1).await;
+        assert!(!waiting.is_finished());
+        // With room, A still routes (a bound of 0 only refuses waiting).
+        report(&r, a, "a", "A", 100);
+        let ok = r
+            .admit(
+                plan("A", 16),
+                Vec::new(),
+                Priority::NORMAL,
+                "t",
+                Duration::from_secs(600),
+            )
+            .await;
+        assert_eq!(ok.unwrap().endpoint, "a:8000");
+        waiting.abort();
     }
 }

@@ -28,7 +28,7 @@ use super::metrics::Metrics;
 use super::prompt::{self, Endpoint, ModelCatalog, ModelInfo};
 use super::proxy::{self, HttpClient};
 use super::router::{AdmitError, Router};
-use super::source::{track_agents, AgentSource, KubernetesAgents, StaticAgents};
+use super::source::{track_agents, AgentSet, AgentSource, KubernetesAgents, StaticAgents};
 
 /// Shared state of a running gateway.
 pub struct Gateway {
@@ -68,8 +68,7 @@ impl Gateway {
     pub fn new(config: GatewayConfig) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new(config.policy.kind.as_str()));
         let router = Arc::new(Router::new(
-            config.policy,
-            config.max_queue,
+            config.model_defaults(),
             config.seed,
             Arc::clone(&metrics),
         ));
@@ -189,16 +188,30 @@ impl Gateway {
         let model = prompt::model_of(&value).map_err(bad_request)?.to_string();
         prompt::is_stream(&value).map_err(bad_request)?;
         let info = self.model_info(&model).await;
-        let plan = prompt::plan(
-            endpoint,
-            &value,
-            info.as_deref(),
-            self.config.reserve_output,
-        )
-        .map_err(bad_request)?;
+        let settings = self.router.settings(&model);
+        let mut plan = prompt::plan(endpoint, &value, info.as_deref(), settings.reserve_output)
+            .map_err(bad_request)?;
+        if let Some(n) = settings.default_output_tokens {
+            // The model's spec sizes requests that name no max_tokens.
+            if ["max_tokens", "max_completion_tokens"]
+                .iter()
+                .all(|f| value.get(f).is_none_or(serde_json::Value::is_null))
+            {
+                let max_len = info.as_deref().map_or(0, |i| u64::from(i.max_model_len));
+                let room = if max_len > 0 {
+                    max_len.saturating_sub(plan.prompt_tokens).max(1)
+                } else {
+                    n
+                };
+                plan.output_tokens = match settings.reserve_output {
+                    prompt::ReserveOutput::Full => n.min(room),
+                    prompt::ReserveOutput::Expected(cap) => n.min(room).min(cap),
+                };
+            }
+        }
         let (priority, tenant) = self.classify(&headers)?;
-        let deadline = Instant::now() + self.config.queue_timeout;
-        let retry_after_s = self.config.queue_timeout.as_secs().clamp(1, 30);
+        let deadline = Instant::now() + settings.queue_timeout;
+        let retry_after_s = settings.queue_timeout.as_secs().clamp(1, 30);
         let mut exclude = Vec::new();
         let mut last_error = String::from("no agent tried");
         for attempt in 0..=self.config.max_retries {
@@ -381,7 +394,7 @@ pub fn start_with(
         .local_addr()
         .map_err(|e| ServeError::Bind(config.listen, e))?;
     let gw = Gateway::new(config);
-    let (tx, rx) = watch::channel(Vec::new());
+    let (tx, rx) = watch::channel(AgentSet::default());
     let router = Arc::clone(&gw.router);
     let app = app(Arc::clone(&gw));
     let task = tokio::spawn(async move {

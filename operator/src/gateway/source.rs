@@ -1,10 +1,11 @@
 //! Where the gateway learns which agents exist: a static list from flags now, Kubernetes
 //! discovery (EndpointSlices of `ModelDeployment` agents) behind the same [`AgentSource`] seam.
 //!
-//! A source publishes the full current set of agents whenever it changes; [`track_agents`] turns
-//! set changes into router slots and capacity-stream tasks. Sources never talk to agents.
+//! A source publishes the full current set of agents (and, from Kubernetes, each model's own
+//! routing and admission settings) whenever it changes; [`track_agents`] turns set changes into
+//! router slots, capacity-stream tasks and per-model settings. Sources never talk to agents.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -66,6 +67,21 @@ impl std::str::FromStr for AgentEndpoint {
     }
 }
 
+/// A model's own settings as its ModelDeployment states them (`None`: the spec says nothing).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelSpecSettings {
+    pub routing: Option<crate::crd::RoutingSpec>,
+    pub admission: Option<crate::crd::AdmissionSpec>,
+}
+
+/// What a source publishes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentSet {
+    pub agents: Vec<AgentEndpoint>,
+    /// Served model name → its spec's settings (empty for a static list: the flags hold).
+    pub models: BTreeMap<String, ModelSpecSettings>,
+}
+
 /// Why a source stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -79,7 +95,7 @@ pub trait AgentSource: Send + 'static {
     /// no longer change (a static list returns at once).
     fn run(
         self: Box<Self>,
-        tx: watch::Sender<Vec<AgentEndpoint>>,
+        tx: watch::Sender<AgentSet>,
     ) -> BoxFuture<'static, Result<(), SourceError>>;
 }
 
@@ -90,10 +106,13 @@ pub struct StaticAgents(pub Vec<AgentEndpoint>);
 impl AgentSource for StaticAgents {
     fn run(
         self: Box<Self>,
-        tx: watch::Sender<Vec<AgentEndpoint>>,
+        tx: watch::Sender<AgentSet>,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin(async move {
-            let _ = tx.send(self.0);
+            let _ = tx.send(AgentSet {
+                agents: self.0,
+                models: BTreeMap::new(),
+            });
             Ok(())
         })
     }
@@ -107,7 +126,29 @@ pub struct KubernetesAgents {
     pub namespace: Option<String>,
 }
 
-/// The gateway's agent set from a discovery snapshot (every model's ready agents).
+/// The gateway's agent set from a discovery snapshot: every model's ready agents and settings.
+pub fn agent_set_of(snap: &crate::k8s::discovery::Snapshot) -> AgentSet {
+    AgentSet {
+        agents: endpoints_of(snap),
+        models: snap
+            .models
+            .iter()
+            .map(|(name, m)| {
+                let admission = (m.admission != crate::crd::AdmissionSpec::default())
+                    .then(|| m.admission.clone());
+                (
+                    name.clone(),
+                    ModelSpecSettings {
+                        routing: m.routing.clone(),
+                        admission,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The gateway's agents from a discovery snapshot (every model's ready agents).
 pub fn endpoints_of(snap: &crate::k8s::discovery::Snapshot) -> Vec<AgentEndpoint> {
     let mut out: Vec<AgentEndpoint> = snap
         .models
@@ -131,7 +172,7 @@ pub fn endpoints_of(snap: &crate::k8s::discovery::Snapshot) -> Vec<AgentEndpoint
 impl AgentSource for KubernetesAgents {
     fn run(
         self: Box<Self>,
-        tx: watch::Sender<Vec<AgentEndpoint>>,
+        tx: watch::Sender<AgentSet>,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin(async move {
             let (stx, mut srx) =
@@ -140,7 +181,7 @@ impl AgentSource for KubernetesAgents {
             // The first (empty) snapshot is skipped: it means "not listed yet", not "no agents".
             while srx.changed().await.is_ok() {
                 let snap = srx.borrow_and_update().clone();
-                let _ = tx.send(endpoints_of(&snap));
+                let _ = tx.send(agent_set_of(&snap));
             }
             task.abort();
             Err(SourceError::Discovery("the Kubernetes watch ended".into()))
@@ -148,10 +189,11 @@ impl AgentSource for KubernetesAgents {
     }
 }
 
-/// Keeps the router's agents and their capacity streams in step with the source's set.
+/// Keeps the router's agents, their capacity streams and the per-model settings in step with the
+/// source's set.
 pub async fn track_agents(
     router: Arc<Router>,
-    mut rx: watch::Receiver<Vec<AgentEndpoint>>,
+    mut rx: watch::Receiver<AgentSet>,
     settings: WatchSettings,
 ) {
     /// Aborts every capacity stream when the tracker itself is stopped.
@@ -166,7 +208,11 @@ pub async fn track_agents(
     let mut streams = Streams(HashMap::new());
     let running = &mut streams.0;
     loop {
-        let want: Vec<AgentEndpoint> = rx.borrow_and_update().clone();
+        let AgentSet {
+            agents: want,
+            models,
+        } = rx.borrow_and_update().clone();
+        router.set_model_settings(&models);
         running.retain(|ep, (slot, task)| {
             let keep = want.contains(ep);
             if !keep {

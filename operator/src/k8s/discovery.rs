@@ -44,7 +44,8 @@ pub struct ModelEndpoints {
     /// The ModelDeployment the settings come from.
     pub namespace: String,
     pub deployment: String,
-    pub routing: RoutingSpec,
+    /// `spec.routing` (`None` when the spec has none: the gateway's flags apply).
+    pub routing: Option<RoutingSpec>,
     pub admission: AdmissionSpec,
     /// Ready agents, sorted by id (every ModelDeployment serving this model name).
     pub agents: Vec<AgentEndpoint>,
@@ -131,7 +132,7 @@ pub fn snapshot(mds: &[Arc<ModelDeployment>], slices: &[Arc<EndpointSlice>]) -> 
                 model,
                 namespace: ns,
                 deployment: name,
-                routing: md.spec.routing.clone().unwrap_or_default(),
+                routing: md.spec.routing.clone(),
                 admission: md.spec.admission.clone().unwrap_or_default(),
                 agents: Vec::new(),
             },
@@ -337,7 +338,10 @@ mod tests {
             ],
         );
         let alpha = &snap.models["alpha"];
-        assert_eq!(alpha.routing.policy, RoutingPolicy::LeastRequests);
+        assert_eq!(
+            alpha.routing.as_ref().map(|r| r.policy),
+            Some(RoutingPolicy::LeastRequests)
+        );
         let ids: Vec<_> = alpha.agents.iter().map(|a| a.id.as_str()).collect();
         assert_eq!(
             ids,
