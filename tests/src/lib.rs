@@ -208,6 +208,12 @@ impl Agent {
         assert!(ok, "kill -TERM failed");
     }
 
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL kvroute-agent");
+        self.child.wait().expect("reap kvroute-agent");
+    }
+
     /// Waits for the process to exit.
     pub fn wait(&mut self) -> ExitStatus {
         self.child.wait().expect("wait for kvroute-agent")
