@@ -23,7 +23,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-printf '%-16s %9s %5s %6s %10s %10s %10s %11s\n' policy completed 429 errors "tok/s" "TTFT p50" "TTFT p99" preemptions
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-16s %9s %5s %6s %10s %10s %10s %11s %8s\n' policy completed 429 errors "tok/s" "TTFT p50" "TTFT p99" preemptions seconds
 for policy in kv round-robin least-requests gpu-utilization; do
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   RUST_LOG=warn target/release/kvroute up --agents 2 --kv-memory "$KV" --policy "$policy" \
@@ -37,7 +38,8 @@ for policy in kv round-robin least-requests gpu-utilization; do
   url=$(sed -n 's/^READY //p' "$WORK/up.out")
   res=$(python3 bench/workload.py "$url" "$REQUESTS" "$CONCURRENCY")
   pre=0
-  for a in $(awk '/^agent / {print $4}' "$WORK/up.out"); do
+  # "agent ID pid PID http://HOST:PORT grpc://HOST:PORT"
+  for a in $(awk '/^agent / {print $5}' "$WORK/up.out"); do
     p=$(curl -sf "$a/metrics" | awk '/^vllm:num_preemptions(_total)?[ {]/ {s+=$NF} END {print s+0}')
     pre=$((pre + ${p%.*}))
   done
@@ -45,7 +47,8 @@ for policy in kv round-robin least-requests gpu-utilization; do
 import json, sys
 p, r, pre = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 print(f"{p:<16} {r['completed']:>9} {r['rate_limited']:>5} {r['errors']:>6} {r['output_tokens_per_s']:>10} "
-      f"{r['ttft_p50_ms']:>8}ms {r['ttft_p99_ms']:>8}ms {pre:>11}")
+      f"{r['ttft_p50_ms']:>8}ms {r['ttft_p99_ms']:>8}ms {pre:>11} {r['seconds']:>8}")
 PY
   kill -TERM "$UP_PID"; wait "$UP_PID" || true; UP_PID=""
 done
+echo "# load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

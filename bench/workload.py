@@ -3,7 +3,11 @@
 sent concurrently as streaming completions through a kvroute gateway. Prints one JSON line:
 completed, 429s, other errors, output tokens/s, TTFT p50/p99 (ms).
 
-Usage: workload.py GATEWAY_URL [REQUESTS=200] [CONCURRENCY=32] [SEED=1]
+Usage: workload.py GATEWAY_URL [REQUESTS=200] [CONCURRENCY=32] [SEED=1] [MODEL]
+MODEL defaults to the first model the gateway lists (GET /v1/models).
+Sizes with the default model's tokenizer (SmolLM2): a conversation prefix is about 240 tokens, a
+long prompt about 590, so every request fits an agent with a 32 MiB KV pool (1,456 tokens) and
+a few of them fill it.
 Standard library only.
 """
 import json
@@ -18,10 +22,15 @@ url = sys.argv[1].rstrip("/")
 n_requests = int(sys.argv[2]) if len(sys.argv) > 2 else 200
 concurrency = int(sys.argv[3]) if len(sys.argv) > 3 else 32
 rng = random.Random(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+if len(sys.argv) > 5:
+    model = sys.argv[5]
+else:
+    with urllib.request.urlopen(url + "/v1/models", timeout=60) as resp:
+        model = json.load(resp)["data"][0]["id"]
 
-# 8 "conversations", each a long shared system/context prefix; turns add to them.
+# 8 "conversations", each a shared system/context prefix; turns add to them.
 prefixes = [
-    f"Conversation {c}: " + " ".join(f"context-{c}-{w}" for w in range(300)) for c in range(8)
+    f"Conversation {c}: " + " ".join(f"context-{c}-{w}" for w in range(40)) for c in range(8)
 ]
 jobs = []
 for i in range(n_requests):
@@ -31,7 +40,7 @@ for i in range(n_requests):
         prompt = prefixes[c] + f" Question {i}: what next?"
         max_tokens = rng.choice([16, 32, 64])
     elif kind < 0.8:  # long, unshared
-        prompt = " ".join(f"long-{i}-{w}" for w in range(600))
+        prompt = " ".join(f"long-{i}-{w}" for w in range(100))
         max_tokens = 128
     else:  # short
         prompt = f"Short question {i}?"
@@ -50,7 +59,7 @@ def worker():
                 return
             prompt, max_tokens = jobs[next_job[0]]
             next_job[0] += 1
-        body = json.dumps({"model": "default", "prompt": prompt, "max_tokens": max_tokens,
+        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
                            "stream": True, "temperature": 0}).encode()
         req = urllib.request.Request(url + "/v1/completions", data=body,
                                      headers={"content-type": "application/json"})

@@ -120,6 +120,9 @@ pub struct EngineStats {
     pub prefix_hit_tokens: u64,
     /// Blocks the waiting queue needs for its prompts.
     pub waiting_prompt_blocks: usize,
+    /// Free blocks promised to live requests' remaining tokens (see
+    /// [`crate::sched::SchedStats::committed_blocks`]).
+    pub committed_blocks: usize,
     pub max_model_len: usize,
     pub block_bytes: usize,
 }
@@ -965,6 +968,7 @@ impl Loop {
             prefix_query_tokens: s.capacity.prefix_query_tokens,
             prefix_hit_tokens: s.capacity.prefix_hit_tokens,
             waiting_prompt_blocks: s.waiting_prompt_blocks,
+            committed_blocks: s.committed_blocks,
             max_model_len: self.sched.max_len(),
             block_bytes: self.block_bytes,
         }

@@ -39,6 +39,10 @@ pub struct CapacityStats {
     /// Blocks referenced by no request (includes `cached_evictable_blocks`).
     pub free_blocks: u64,
     pub cached_evictable_blocks: u64,
+    /// Free blocks promised to live requests' remaining tokens (up to `max_tokens`): the
+    /// capacity report subtracts them from `free_blocks`, so a router admitting into the
+    /// reported room never makes the engine preempt.
+    pub committed_blocks: u64,
     pub running: u32,
     pub waiting: u32,
     pub requests_received: u64,

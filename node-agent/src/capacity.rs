@@ -189,7 +189,8 @@ impl CapacityHub {
             model: self.model.clone(),
             block_size: stats.block_size,
             total_blocks: stats.total_blocks,
-            free_blocks: stats.free_blocks,
+            // The room a router may admit into: free and not promised to a live request.
+            free_blocks: stats.free_blocks.saturating_sub(stats.committed_blocks),
             cached_evictable_blocks: stats.cached_evictable_blocks,
             running_requests: stats.running,
             waiting_requests: stats.waiting,

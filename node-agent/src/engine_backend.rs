@@ -231,6 +231,7 @@ fn stats_from(s: &EngineStats) -> CapacityStats {
         total_blocks: s.capacity.total,
         free_blocks: s.capacity.free,
         cached_evictable_blocks: s.capacity.cached_evictable,
+        committed_blocks: s.committed_blocks as u64,
         running: u32::try_from(s.running).unwrap_or(u32::MAX),
         waiting: u32::try_from(s.waiting).unwrap_or(u32::MAX),
         requests_received: s.requests_received,

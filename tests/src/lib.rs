@@ -123,12 +123,15 @@ impl Agent {
             .args(["--model", &model_arg()])
             .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
             .args(["--kv-memory", opts.kv_memory])
-            .args(["--device", "cpu", "--agent-id", "process-test"])
+            .args(["--device", "cpu"])
             .args(&opts.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if !opts.extra.iter().any(|a| a == "--agent-id") {
+            cmd.args(["--agent-id", "process-test"]);
+        }
         let mut child = cmd.spawn().expect("spawn kvroute-agent");
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = stderr.clone();
@@ -203,6 +206,12 @@ impl Agent {
             .expect("run kill")
             .success();
         assert!(ok, "kill -TERM failed");
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL kvroute-agent");
+        self.child.wait().expect("reap kvroute-agent");
     }
 
     /// Waits for the process to exit.
@@ -301,4 +310,139 @@ pub async fn post_json(addr: SocketAddr, path: &str, body: &Value) -> (StatusCod
     let v = serde_json::from_slice(&b)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&b)));
     (s, v)
+}
+
+/// A running `kvroute gateway` process in front of agents.
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    /// Starts `kvroute gateway` on a free loopback port with one `--agent` per agent and `extra`
+    /// flags, and waits until it reports every agent eligible in its `/metrics`.
+    pub async fn spawn(agents: &[&Agent], extra: &[&str]) -> Gateway {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut cmd = Command::new(bin("kvroute"));
+        cmd.args(["gateway", "--listen", &addr.to_string()]);
+        for a in agents {
+            cmd.args(["--agent", &format!("http://{},grpc://{}", a.http, a.grpc)]);
+        }
+        let mut child = cmd
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kvroute gateway");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let err = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let gw = Gateway {
+            child,
+            addr,
+            stderr,
+        };
+        let deadline = std::time::Instant::now() + GUARD;
+        loop {
+            if let Ok(Ok(text)) =
+                tokio::time::timeout(Duration::from_secs(10), try_get_text(addr, "/metrics")).await
+            {
+                let eligible = metric_values(&text, "kvroute_gateway_agent_eligible");
+                if eligible.len() == agents.len() && eligible.iter().all(|&v| v == 1.0) {
+                    return gw;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway never saw every agent eligible; stderr:\n{}",
+                gw.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Everything the gateway logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET `path` and return the body as text; any connection error is returned, not a panic (for
+/// polling a process that may not listen yet).
+pub async fn try_get_text(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!("GET {path}: {}", resp.status()));
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The values of every sample of metric `name` (any labels) in Prometheus text.
+pub fn metric_values(text: &str, name: &str) -> Vec<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// The labels of the first sample of metric `name`, as `(key, value)` pairs.
+pub fn metric_labels(text: &str, name: &str) -> Vec<(String, String)> {
+    let Some(line) = text
+        .lines()
+        .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with('{')))
+    else {
+        return Vec::new();
+    };
+    let inner = &line[name.len() + 1..line.rfind('}').unwrap_or(line.len())];
+    inner
+        .split("\",")
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once("=\"")?;
+            Some((k.to_string(), v.trim_end_matches('"').to_string()))
+        })
+        .collect()
 }

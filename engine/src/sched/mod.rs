@@ -204,6 +204,11 @@ pub struct SchedStats {
     pub requests_aborted: u64,
     /// Blocks the waiting queue needs for its known tokens (ignoring cache hits).
     pub waiting_prompt_blocks: usize,
+    /// Blocks the live sequences (running and waiting) have yet to allocate to reach their
+    /// length cap (`prompt + max_tokens`, at most the longest sequence), ignoring cache hits:
+    /// free blocks already promised to admitted requests. A router that admits only into
+    /// `free - committed` never makes this engine preempt.
+    pub committed_blocks: usize,
     /// The pool (includes the prefix query / hit token counters).
     pub capacity: CapacitySnapshot,
 }
@@ -777,8 +782,24 @@ impl Scheduler {
             requests_finished: self.finished,
             requests_aborted: self.aborted,
             waiting_prompt_blocks: self.waiting_prompt_blocks,
+            committed_blocks: self.committed_blocks(),
             capacity: self.kv.snapshot(),
         }
+    }
+
+    /// See [`SchedStats::committed_blocks`]; O(live sequences).
+    fn committed_blocks(&self) -> usize {
+        let bs = self.cfg.block_size;
+        self.running
+            .iter()
+            .chain(self.waiting.iter())
+            .map(|&slot| {
+                let s = self.seq(slot);
+                let cap = (s.prompt_len + s.max_tokens).min(self.max_len);
+                cap.div_ceil(bs)
+                    .saturating_sub(self.kv.block_table(&s.kv).len())
+            })
+            .sum()
     }
 
     /// Block events since the last call (needs `enable_events`).

@@ -617,3 +617,32 @@ fn waiting_prompt_blocks_tracks_the_queue() {
     assert_eq!(s.stats().waiting_prompt_blocks, 0);
     s.check_invariants().unwrap();
 }
+
+#[test]
+fn committed_blocks_count_what_live_sequences_still_grow_into() {
+    // Blocks of 4; a 5-token prompt with max_tokens 10 caps at 15 tokens = 4 blocks.
+    let mut c = cfg(4, 32);
+    c.max_model_len = 12;
+    let mut s = Scheduler::new(c).unwrap();
+    s.add(spec(1, (0..5).collect(), 10)).unwrap();
+    // Waiting: nothing allocated, the whole (capped) sequence is promised: 12 tokens = 3 blocks.
+    assert_eq!(s.stats().committed_blocks, 3);
+    s.add(spec(2, (100..103).collect(), 2)).unwrap();
+    // 3 + 2 tokens = 2 blocks more.
+    assert_eq!(s.stats().committed_blocks, 5);
+    step(&mut s);
+    // Admitted: 1 holds 2 blocks (5 tokens), 2 holds 1 block (3 tokens).
+    assert_eq!(s.stats().capacity.used, 3);
+    assert_eq!(s.stats().committed_blocks, 1 + 1);
+    // Run to the end: every promise is kept or released, and nothing is left committed.
+    while !s.is_empty() {
+        step(&mut s);
+        let st = s.stats();
+        assert!(
+            st.capacity.used as usize + st.committed_blocks <= 5,
+            "{st:?}"
+        );
+    }
+    assert_eq!(s.stats().committed_blocks, 0);
+    assert_eq!(s.stats().preemptions, 0);
+}

@@ -159,6 +159,7 @@ fn stats_of(s: &State, cfg: &FakeConfig) -> CapacityStats {
         total_blocks: s.total,
         free_blocks: s.total - s.in_use,
         cached_evictable_blocks: s.evictable.len() as u64,
+        committed_blocks: 0,
         running: s.running.len() as u32,
         waiting: s.waiting.len() as u32,
         requests_received: s.requests_received,

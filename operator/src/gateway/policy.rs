@@ -581,6 +581,8 @@ struct Hot {
     gpu_util: Option<u32>,
     total: u64,
     free: u64,
+    /// Of `free`, blocks that hold a cached prefix.
+    cached_evictable: u64,
     reserved: u64,
 }
 
@@ -656,6 +658,7 @@ impl Cluster {
             gpu_util: r.gpu_utilization_percent,
             total: r.total_blocks,
             free: r.free_blocks,
+            cached_evictable: r.cached_evictable_blocks,
             reserved: a.reserved_blocks,
         }
     }
@@ -928,7 +931,10 @@ impl Cluster {
             } else {
                 0
             };
-            let need = blocks.saturating_sub(cached);
+            // Cached prefix blocks that no running request holds are counted in `free` too:
+            // using them takes them out of `free`. Which of ours are is unknown, so as many as
+            // the agent has evictable ones are assumed to be (exact on an idle agent).
+            let need = blocks.saturating_sub(cached.saturating_sub(h.cached_evictable));
             let headroom = h.free as i128 - h.reserved as i128 - need as i128;
             let score = match cfg.kind {
                 PolicyKind::Kv => {
@@ -1250,6 +1256,43 @@ mod tests {
         assert_eq!(r.slot, 0);
         assert_eq!(r.cached_blocks, 4);
         assert_eq!(r.need_blocks, 6 - 4);
+    }
+
+    #[test]
+    fn cached_prefix_blocks_that_are_free_still_count_against_room() {
+        // 6 blocks, 4 of them a cached prefix. The agent has 3 evictable cached blocks (in its
+        // free count): at most 3 of ours are free ones, so at least 1 is held by a running
+        // request and is the only block not taken from `free`.
+        let hashes = [11, 12, 13, 14];
+        let mut c = cluster(&[(100, 50)]);
+        let cached = |evictable| Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(vec![11, 12, 13, 14])],
+            cached_evictable_blocks: evictable,
+            ..report("a0", 1, 100, 50)
+        };
+        c.apply_report(0, cached(3), 1);
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &req(70, 16, &hashes),
+            1,
+            &mut SplitMix64(1),
+        );
+        let Decision::Route(r) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!((r.cached_blocks, r.need_blocks), (4, 6 - 1));
+        // None evictable: the whole prefix is held by running requests.
+        c.apply_report(0, cached(0), 2);
+        let Decision::Route(r) = c.decide(
+            &PolicyConfig::default(),
+            &req(70, 16, &hashes),
+            2,
+            &mut SplitMix64(1),
+        ) else {
+            panic!("no route")
+        };
+        assert_eq!((r.cached_blocks, r.need_blocks), (4, 6 - 4));
     }
 
     #[test]

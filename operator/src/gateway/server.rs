@@ -36,6 +36,9 @@ pub struct Gateway {
     pub router: Arc<Router>,
     pub metrics: Arc<Metrics>,
     catalog: ModelCatalog,
+    /// One model-info fetch at a time: a burst on a cold cache must not fetch and parse the
+    /// tokenizer once per request.
+    catalog_fetch: tokio::sync::Mutex<()>,
     client: HttpClient,
 }
 
@@ -77,12 +80,18 @@ impl Gateway {
             router,
             metrics,
             catalog: ModelCatalog::default(),
+            catalog_fetch: tokio::sync::Mutex::new(()),
             client: proxy::http_client(),
         })
     }
 
     /// The model's tokenizer and template, fetched once from an agent serving it.
     async fn model_info(&self, model: &str) -> Option<Arc<ModelInfo>> {
+        if let Some(i) = self.catalog.get(model) {
+            return Some(i);
+        }
+        // Single flight: whoever waited here finds what the fetch before it cached.
+        let _fetching = self.catalog_fetch.lock().await;
         if let Some(i) = self.catalog.get(model) {
             return Some(i);
         }
@@ -102,7 +111,11 @@ impl Gateway {
                 return None;
             }
             let body = resp.into_body().collect().await.ok()?.to_bytes();
-            match ModelInfo::from_json(&body) {
+            // Building the tokenizer takes CPU seconds on a small machine: off the async workers.
+            let parsed = tokio::task::spawn_blocking(move || ModelInfo::from_json(&body))
+                .await
+                .ok()?;
+            match parsed {
                 Ok(info) => Some(info),
                 Err(e) => {
                     tracing::warn!(model, error = %e, "bad model info from agent");
