@@ -357,6 +357,39 @@ impl TensorInfo {
     }
 }
 
+/// Reads the whole file into anonymous memory that asks for transparent huge pages, then makes
+/// it read-only. Streaming the weights once per decode step through 4 KiB pages costs a TLB miss
+/// per page (about 24,000 per step for a 94 MB model, each a nested page walk in a VM); 2 MiB
+/// pages cut that to a few dozen. The copy replaces the file mapping (resident weights stay 1×
+/// the file), and a file that changes on disk later no longer affects the loaded model.
+/// `None` for an empty file (no mapping can be empty).
+fn read_into_huge_pages(file: &mut File) -> std::io::Result<Option<Mmap>> {
+    use std::io::Read;
+    let len = file.metadata()?.len();
+    let len = usize::try_from(len).map_err(|_| std::io::Error::other("file too large"))?;
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut anon = memmap2::MmapOptions::new().len(len).map_anon()?;
+    #[cfg(target_os = "linux")]
+    {
+        // Advice only: a kernel without transparent huge pages keeps 4 KiB pages.
+        let _ = anon.advise(memmap2::Advice::HugePage);
+    }
+    let mut filled = 0;
+    while filled < len {
+        let n = file.read(&mut anon[filled..len])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("file shrank while being read ({filled} of {len} bytes)"),
+            ));
+        }
+        filled += n;
+    }
+    Ok(Some(anon.make_read_only()?))
+}
+
 /// Where the file's bytes live: a read-only memory map, or an owned buffer (tests, fuzzing).
 enum Backing {
     Mmap(Mmap),
@@ -404,12 +437,12 @@ impl Gguf {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io)?;
-        // SAFETY: the map is read-only and private to this process. Like every mmap-based model
-        // loader we rely on the file not being truncated or rewritten underneath us while it is
-        // mapped; model files are written once (fetch moves them into place atomically).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let gguf = Self::parse(Backing::Mmap(mmap)).map_err(|e| {
+        let mut file = File::open(path).map_err(io)?;
+        let backing = match read_into_huge_pages(&mut file).map_err(io)? {
+            Some(map) => Backing::Mmap(map),
+            None => Backing::Owned(Vec::new()),
+        };
+        let gguf = Self::parse(backing).map_err(|e| {
             let shown = path.display().to_string();
             e.context(|| format!("GGUF file {shown}"))
         })?;

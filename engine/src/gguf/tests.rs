@@ -423,6 +423,27 @@ fn open_maps_a_file() {
         e.root(),
         GgufError::UnsupportedVersion { version: 9, .. }
     ));
+    // An empty file is a clear error too (it cannot be mapped; it is not read as one byte).
+    std::fs::write(&path, b"").unwrap();
+    let e = Gguf::open(&path).unwrap_err();
+    assert!(e.to_string().contains("m.gguf"), "{e}");
+}
+
+#[test]
+fn open_copies_the_bytes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    sample().write_to(&path).unwrap();
+    let on_disk = std::fs::read(&path).unwrap();
+    let from_disk = Gguf::open(&path).unwrap();
+    let in_memory = Gguf::from_bytes(on_disk).unwrap();
+    assert_eq!(
+        from_disk.tensor("k.weight").unwrap().data,
+        in_memory.tensor("k.weight").unwrap().data
+    );
+    // The loaded model no longer depends on the file.
+    std::fs::write(&path, b"overwritten").unwrap();
+    assert_eq!(from_disk.tensor("k.weight").unwrap().data.len(), 210);
 }
 
 proptest! {
