@@ -1,6 +1,6 @@
-//! Glue from a model on disk to a [`LoadedModel`] the runtime starts from: weights (memory
-//! mapped, never copied), config, tokenizer and chat template, for a GGUF file or a Hugging Face
-//! safetensors folder.
+//! Glue from a model on disk to a [`LoadedModel`] the runtime starts from: weights (GGUF: read
+//! once into huge-page memory; safetensors: memory mapped; never dequantized or copied again),
+//! config, tokenizer and chat template, for a GGUF file or a Hugging Face safetensors folder.
 
 use crate::chat::{ChatError, ChatTemplate};
 use crate::config::{ConfigError, ModelConfig};
@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// A model ready to run.
 pub struct LoadedModel {
     pub model: Arc<Model>,
-    /// The weights `model` reads (memory mapped), for backends that upload them elsewhere.
+    /// The weights `model` reads, for backends that upload them elsewhere.
     pub weights: Arc<dyn WeightSource>,
     pub tokenizer: Tokenizer,
     /// The model's chat template, if it has one.

@@ -1,4 +1,4 @@
-//! GGUF (v2 and v3) reader over a memory map: header, metadata key/values, tensor infos,
+//! GGUF (v2 and v3) reader over the file's bytes (read into huge-page memory): header, metadata key/values, tensor infos,
 //! alignment and the data section.
 //!
 //! Owns the parsing and validation of the container format. Every byte of a GGUF file is
@@ -430,7 +430,7 @@ impl fmt::Debug for Gguf {
 }
 
 impl Gguf {
-    /// Memory-maps and parses the file at `path`.
+    /// Reads the file at `path` into huge-page memory (see `read_into_huge_pages`) and parses it.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let io = |source| GgufError::Io {

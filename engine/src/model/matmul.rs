@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 /// A weight matrix: `rows` output rows of `cols` inputs each, stored as raw ggml rows.
 ///
-/// Points into the memory of the weight source (usually a memory map) that the owning `Model`
+/// Points into the memory of the weight source (huge-page memory or a memory map) that the owning `Model`
 /// keeps alive through an `Arc`: no copy of the weights is ever made.
 pub struct Mat {
     pub dtype: GgmlType,
