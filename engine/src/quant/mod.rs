@@ -584,7 +584,7 @@ mod kernel_tests {
     #[test]
     fn fused_attention_keys_match_key_by_key() {
         let mut rng = Rng(7);
-        for isa in [Isa::detect(), Isa::scalar()] {
+        for isa in Isa::available() {
             for hd in [64usize, 128, 40] {
                 for keys in [1usize, 5, 16] {
                     let q: Vec<f32> = (0..hd).map(|_| rng.f32() * 2.0).collect();
@@ -663,14 +663,17 @@ mod kernel_tests {
     }
 
     /// The packed-scale tile kernels give exactly the plain SIMD kernels' results (which the
-    /// other tests check against the scalar reference) for every row count 1..=8, and the
-    /// scalar Isa has none (its matmul path stays the plain one).
+    /// other tests check against the scalar reference) for every row count 1..=8, on every
+    /// instruction set this machine has (AVX2 and AVX-512 VNNI here); the scalar Isa has none
+    /// (its matmul path stays the plain one).
     #[test]
     fn tile_kernels_match_plain_kernels_bit_for_bit() {
         let mut rng = Rng(11);
-        let isa = Isa::detect();
         assert!(Isa::scalar().q8_tile_kernel(GgmlType::Q4_1).is_none());
-        for t in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for (isa, t) in Isa::available()
+            .into_iter()
+            .flat_map(|isa| [(isa, GgmlType::Q4_1), (isa, GgmlType::Q8_0)])
+        {
             let (Some(tile), Some(plain)) = (isa.q8_tile_kernel(t), isa.q8_kernel(t)) else {
                 continue;
             };
@@ -693,7 +696,7 @@ mod kernel_tests {
                     plain(&w, &a, &mut want);
                     let gb: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
                     let wb: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
-                    assert_eq!(gb, wb, "{t} nb {nb} rows {m}");
+                    assert_eq!(gb, wb, "{} {t} nb {nb} rows {m}", isa.name());
                 }
             }
         }
