@@ -364,8 +364,15 @@ async fn serve(
     config.max_queue = args.max_queue.max(1);
     config.queue_timeout = args.queue_timeout;
     let gw = crate::gateway::start(config).await?;
+    // Every agent known to the gateway and each with a fresh capacity report. (An empty list is
+    // not "all eligible": the agent source registers the agents asynchronously after start.)
+    let want = agents.len();
     let gw_ready = async {
-        while !gw.gateway.router.agents().iter().all(|a| a.eligible) {
+        loop {
+            let seen = gw.gateway.router.agents();
+            if seen.len() >= want && seen.iter().all(|a| a.eligible && a.total_blocks > 0) {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
