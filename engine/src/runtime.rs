@@ -125,6 +125,62 @@ pub struct EngineStats {
     pub committed_blocks: usize,
     pub max_model_len: usize,
     pub block_bytes: usize,
+    /// Measured speed (see [`StepSpeed`]); 0 until measured.
+    pub prefill_tokens_per_s: u32,
+    pub decode_step_us: u32,
+    pub decode_batch: u32,
+    /// Room (`free - committed` blocks) given back by requests that ended, since start.
+    pub room_released_blocks: u64,
+}
+
+/// Moving averages of the engine's own step times, so a router can predict how long a request
+/// takes to start here (prefill throughput) and how fast running requests finish (decode step
+/// time at the batch it ran at). Learned from the steps the engine runs; nothing is hard-coded.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepSpeed {
+    /// Prompt tokens per second of prefill time.
+    pub prefill_tokens_per_s: f64,
+    /// Seconds per decode-only step, and its batch size.
+    pub decode_step_s: f64,
+    pub decode_batch: f64,
+}
+
+impl StepSpeed {
+    /// Weight of a new sample in the moving averages.
+    const ALPHA: f64 = 0.2;
+
+    fn ewma(old: f64, sample: f64) -> f64 {
+        if old <= 0.0 {
+            sample
+        } else {
+            old + Self::ALPHA * (sample - old)
+        }
+    }
+
+    /// Records one step of `seconds` that computed `prefill_tokens` prompt tokens and advanced
+    /// `decode_seqs` sequences by one token. A mixed step's prefill time is what is left after
+    /// the decode part, estimated from the decode average (at least a third of the step is
+    /// credited to prefill, so a poor decode estimate cannot make prefill look free).
+    pub fn record(&mut self, seconds: f64, prefill_tokens: usize, decode_seqs: usize) {
+        if !(seconds.is_finite() && seconds > 0.0) {
+            return;
+        }
+        if prefill_tokens == 0 {
+            if decode_seqs > 0 {
+                self.decode_step_s = Self::ewma(self.decode_step_s, seconds);
+                self.decode_batch = Self::ewma(self.decode_batch, decode_seqs as f64);
+            }
+            return;
+        }
+        let decode_part = if decode_seqs > 0 && self.decode_batch > 0.0 {
+            self.decode_step_s * (decode_seqs as f64 / self.decode_batch).min(1.0)
+        } else {
+            0.0
+        };
+        let prefill_s = (seconds - decode_part).max(seconds / 3.0);
+        self.prefill_tokens_per_s =
+            Self::ewma(self.prefill_tokens_per_s, prefill_tokens as f64 / prefill_s);
+    }
 }
 
 /// What a capacity observer is told after every change, with the prefix-cache block events
@@ -442,6 +498,8 @@ impl Engine {
             stats: stats.clone(),
             pending: pending.clone(),
             rejected: 0,
+            speed: StepSpeed::default(),
+            room_released: 0,
             block_bytes,
             top: Vec::new(),
             sampled: Vec::new(),
@@ -641,6 +699,8 @@ struct Loop {
     stats: Arc<Mutex<EngineStats>>,
     pending: Arc<AtomicUsize>,
     rejected: u64,
+    speed: StepSpeed,
+    room_released: u64,
     block_bytes: usize,
     top: Vec<(u32, f32)>,
     sampled: Vec<(u64, u32)>,
@@ -757,7 +817,9 @@ impl Loop {
 
     /// Aborts `id` in the scheduler and tells its sink (if it still has one).
     fn end_aborted(&mut self, id: RequestId, req: Option<Req>) {
+        let before = self.room();
         let usage = self.sched.abort(id).ok();
+        self.room_released += self.room().saturating_sub(before);
         self.pending.fetch_sub(1, Ordering::SeqCst);
         self.refresh();
         if let Some(mut r) = req {
@@ -809,6 +871,13 @@ impl Loop {
                 .logit_ids
                 .iter()
                 .all(|id| reqs.get(id).is_none_or(|r| is_greedy(&r.params)));
+        let prefill_tokens: usize = inputs
+            .iter()
+            .filter(|i| i.tokens.len() > 1)
+            .map(|i| i.tokens.len())
+            .sum();
+        let decode_seqs = inputs.iter().filter(|i| i.tokens.len() == 1).count();
+        let started = std::time::Instant::now();
         let result = if greedy {
             match self.runner.step_greedy(&inputs) {
                 Ok(ids) if ids.len() != self.logit_ids.len() => {
@@ -866,6 +935,8 @@ impl Loop {
             return;
         }
         drop(inputs);
+        self.speed
+            .record(started.elapsed().as_secs_f64(), prefill_tokens, decode_seqs);
         if let Err(e) = self.sched.complete_step(&self.sampled) {
             tracing::warn!(error = %e, "scheduler refused a sampled token");
         }
@@ -943,7 +1014,9 @@ impl Loop {
         let Some(mut r) = self.reqs.remove(&id) else {
             return;
         };
+        let before = self.room();
         let usage = self.sched.finish(id).ok();
+        self.room_released += self.room().saturating_sub(before);
         self.pending.fetch_sub(1, Ordering::SeqCst);
         // Stats show the freed blocks by the time the client sees the end.
         self.refresh();
@@ -971,7 +1044,17 @@ impl Loop {
             committed_blocks: s.committed_blocks,
             max_model_len: self.sched.max_len(),
             block_bytes: self.block_bytes,
+            prefill_tokens_per_s: self.speed.prefill_tokens_per_s.round() as u32,
+            decode_step_us: (self.speed.decode_step_s * 1e6).round() as u32,
+            decode_batch: self.speed.decode_batch.round() as u32,
+            room_released_blocks: self.room_released,
         }
+    }
+
+    /// Blocks free and not promised to a live request (what the capacity report calls free).
+    fn room(&self) -> u64 {
+        let s = self.sched.stats();
+        s.capacity.free.saturating_sub(s.committed_blocks as u64)
     }
 
     /// Updates the stats [`Engine::stats`] returns.

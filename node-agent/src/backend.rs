@@ -51,6 +51,15 @@ pub struct CapacityStats {
     pub prefix_hit_tokens: u64,
     pub max_model_len: u32,
     pub block_bytes: u64,
+    /// Measured speed (0 = not measured yet): prompt tokens per second of prefill, and the time
+    /// of a decode-only step at the batch size it ran at.
+    pub prefill_tokens_per_s: u32,
+    pub decode_step_us: u32,
+    pub decode_batch: u32,
+    /// Room (`free - committed`) given back by requests that ended, since start (monotonic).
+    pub room_released_blocks: u64,
+    /// Prompt tokens the waiting queue still has to compute (ignoring cache hits).
+    pub waiting_prefill_tokens: u64,
 }
 
 /// A change to the set of cached block hashes.

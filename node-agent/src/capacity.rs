@@ -204,6 +204,11 @@ impl CapacityHub {
             snapshot: false,
             max_model_len: stats.max_model_len,
             block_bytes: stats.block_bytes,
+            prefill_tokens_per_second: stats.prefill_tokens_per_s,
+            decode_step_micros: stats.decode_step_us,
+            decode_batch: stats.decode_batch,
+            room_released_blocks: stats.room_released_blocks,
+            waiting_prefill_tokens: stats.waiting_prefill_tokens,
         }
     }
 

@@ -240,6 +240,12 @@ fn stats_from(s: &EngineStats) -> CapacityStats {
         prefix_hit_tokens: s.prefix_hit_tokens,
         max_model_len: u32::try_from(s.max_model_len).unwrap_or(u32::MAX),
         block_bytes: s.block_bytes as u64,
+        prefill_tokens_per_s: s.prefill_tokens_per_s,
+        decode_step_us: s.decode_step_us,
+        decode_batch: s.decode_batch,
+        room_released_blocks: s.room_released_blocks,
+        waiting_prefill_tokens: (s.waiting_prompt_blocks as u64)
+            .saturating_mul(u64::from(s.capacity.block_size)),
     }
 }
 

@@ -69,6 +69,8 @@ fn decide(c: &mut Cluster, cfg: &PolicyConfig, hashes: &[u64], rng: &mut SplitMi
         block_hashes: hashes,
         exclude: &[],
         claimed: &[],
+        held: &[],
+        may_hold: true,
     };
     c.decide(cfg, &req, 0, rng)
 }

@@ -100,6 +100,8 @@ fn decisions_allocate_nothing_once_warm() {
             block_hashes: prompt,
             exclude: &[1, 2],
             claimed: &[],
+            held: &[],
+            may_hold: true,
         };
         c.decide(&cfg, &req, 0, &mut rng)
     };

@@ -168,6 +168,8 @@ fn stats_of(s: &State, cfg: &FakeConfig) -> CapacityStats {
         prefix_hit_tokens: s.prefix_hit_tokens,
         max_model_len: cfg.max_model_len,
         block_bytes: 1024,
+        // The fake measures no speed: routers use their priors.
+        ..CapacityStats::default()
     }
 }
 

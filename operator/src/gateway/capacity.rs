@@ -64,6 +64,11 @@ pub fn to_policy_report(r: CapacityReport) -> Report {
         preemptions: r.preemptions,
         gpu_utilization_percent: r.gpu.map(|g| g.utilization_percent),
         max_model_len: r.max_model_len,
+        prefill_tokens_per_s: r.prefill_tokens_per_second,
+        decode_step_us: r.decode_step_micros,
+        decode_batch: r.decode_batch,
+        room_released_blocks: r.room_released_blocks,
+        waiting_prefill_tokens: r.waiting_prefill_tokens,
         snapshot: r.snapshot,
         events,
     }

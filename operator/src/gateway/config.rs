@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::admission::Priority;
+use super::cost::{CostWeights, Priors};
 use super::policy::{PolicyConfig, PolicyKind, Weights};
 use super::prompt::ReserveOutput;
 use super::source::AgentEndpoint;
@@ -26,7 +27,8 @@ pub struct GatewayArgs {
     /// With --kubernetes: only this namespace (default: every namespace the client may list).
     #[arg(long, env = "KVROUTE_NAMESPACE", requires = "kubernetes")]
     pub namespace: Option<String>,
-    /// Routing policy: kv, round-robin, least-requests or gpu-utilization.
+    /// Routing policy: kv (lowest predicted time, waits for the agent caching the prefix),
+    /// kv-score (the earlier weighted score), round-robin, least-requests or gpu-utilization.
     #[arg(long, default_value = "kv", env = "KVROUTE_POLICY")]
     pub policy: PolicyKind,
     /// Requests of one model that may wait for room at once; more are answered 429 (the default
@@ -45,15 +47,28 @@ pub struct GatewayArgs {
     /// An agent whose last capacity report is older than this is not eligible.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub stale_after: Duration,
-    /// Score weight of the cached-prefix fraction (kv policy).
+    /// Score weight of the cached-prefix fraction (kv-score policy).
     #[arg(long, default_value_t = 2.0)]
     pub weight_prefix: f64,
-    /// Score weight of the free-KV fraction left after the request (kv policy).
+    /// Score weight of the free-KV fraction left after the request (kv-score policy).
     #[arg(long, default_value_t = 1.0)]
     pub weight_headroom: f64,
-    /// Score weight of queue pressure, subtracted (kv policy).
+    /// Score weight of queue pressure, subtracted (kv-score policy).
     #[arg(long, default_value_t = 1.0)]
     pub weight_queue: f64,
+    /// kv policy: weight of the predicted wait for room (seconds).
+    #[arg(long, default_value_t = 1.0)]
+    pub cost_wait: f64,
+    /// kv policy: weight of the predicted prefill time of the uncached prompt (seconds).
+    #[arg(long, default_value_t = 1.0)]
+    pub cost_prefill: f64,
+    /// kv policy: weight of recomputing a prefix another agent holds or is computing (the cache
+    /// room a duplicate takes from other prefixes).
+    #[arg(long, default_value_t = 1.0)]
+    pub cost_duplicate: f64,
+    /// kv policy: weight of the decode time the request adds to the agent's running batch.
+    #[arg(long, default_value_t = 1.0)]
+    pub cost_decode: f64,
     /// Other agents to try when connecting to the chosen one fails before the first byte.
     #[arg(long, default_value_t = 2)]
     pub max_retries: u32,
@@ -206,6 +221,10 @@ impl GatewayArgs {
             ("--weight-prefix", self.weight_prefix),
             ("--weight-headroom", self.weight_headroom),
             ("--weight-queue", self.weight_queue),
+            ("--cost-wait", self.cost_wait),
+            ("--cost-prefill", self.cost_prefill),
+            ("--cost-duplicate", self.cost_duplicate),
+            ("--cost-decode", self.cost_decode),
         ] {
             if !w.is_finite() || w < 0.0 {
                 return Err(ConfigError::Invalid {
@@ -257,6 +276,13 @@ impl GatewayArgs {
                     headroom: self.weight_headroom,
                     queue: self.weight_queue,
                 },
+                cost: CostWeights {
+                    wait: self.cost_wait,
+                    prefill: self.cost_prefill,
+                    duplicate: self.cost_duplicate,
+                    decode: self.cost_decode,
+                },
+                priors: Priors::default(),
                 stale_after_ms: self.stale_after.as_millis() as u64,
             },
             max_queue: self.max_queue,

@@ -64,6 +64,12 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     decision: Mutex<Histogram>,
     queue_wait: Mutex<Histogram>,
+    /// The `kv` policy's predicted time to first token, what was observed (dispatch to the
+    /// agent's first body byte) and the absolute difference.
+    ttft_predicted: Mutex<Histogram>,
+    ttft_observed: Mutex<Histogram>,
+    ttft_error: Mutex<Histogram>,
+    held: AtomicU64,
     queue_depth: AtomicU64,
     retries: AtomicU64,
     upstream_failures: AtomicU64,
@@ -79,6 +85,10 @@ impl Metrics {
             requests: Mutex::new(BTreeMap::new()),
             decision: Mutex::new(Histogram::new(DECISION_BUCKETS)),
             queue_wait: Mutex::new(Histogram::new(WAIT_BUCKETS)),
+            ttft_predicted: Mutex::new(Histogram::new(WAIT_BUCKETS)),
+            ttft_observed: Mutex::new(Histogram::new(WAIT_BUCKETS)),
+            ttft_error: Mutex::new(Histogram::new(WAIT_BUCKETS)),
+            held: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             upstream_failures: AtomicU64::new(0),
@@ -101,6 +111,23 @@ impl Metrics {
     pub fn observe_queue_wait(&self, d: Duration) {
         let mut h = self.queue_wait.lock().unwrap_or_else(|p| p.into_inner());
         h.observe(d.as_secs_f64());
+    }
+
+    /// A dispatched request's first body byte arrived `observed` after it was sent; the policy
+    /// had predicted `predicted_s` seconds.
+    pub fn observe_ttft(&self, predicted_s: f64, observed: Duration) {
+        let obs = observed.as_secs_f64();
+        let lock = |m: &'_ Mutex<Histogram>, v: f64| {
+            m.lock().unwrap_or_else(|p| p.into_inner()).observe(v);
+        };
+        lock(&self.ttft_predicted, predicted_s);
+        lock(&self.ttft_observed, obs);
+        lock(&self.ttft_error, (obs - predicted_s).abs());
+    }
+
+    /// A queued request chose to wait for one agent (the `kv` policy's locality) this pump.
+    pub fn count_held(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn set_queue_depth(&self, n: usize) {
@@ -160,7 +187,34 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .render(&mut out, "kvroute_gateway_routing_decision_seconds");
+        for (name, help, h) in [
+            (
+                "kvroute_gateway_ttft_predicted_seconds",
+                "Time to first token the kv policy predicted for each dispatched request.",
+                &self.ttft_predicted,
+            ),
+            (
+                "kvroute_gateway_ttft_observed_seconds",
+                "Time from dispatch to the agent's first response body byte, for the same requests.",
+                &self.ttft_observed,
+            ),
+            (
+                "kvroute_gateway_ttft_prediction_error_seconds",
+                "Absolute difference between predicted and observed time to first token.",
+                &self.ttft_error,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            h.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .render(&mut out, name);
+        }
         for (name, help, v) in [
+            (
+                "kvroute_gateway_held_total",
+                "Times a queued request chose to wait for the agent that caches its prefix.",
+                &self.held,
+            ),
             (
                 "kvroute_gateway_retries_total",
                 "Requests re-routed after a connection failure before the first byte.",

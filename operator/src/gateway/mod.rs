@@ -1,7 +1,7 @@
 //! The gateway: admits requests and routes each to the agent with the most useful free KV memory.
 //!
-//! `policy` is the pure core (no I/O, clock or randomness of its own) and `admission` the pure
-//! queue; `router` puts both behind one lock; `capacity` keeps it fed from the agents'
+//! `policy` is the pure core (no I/O, clock or randomness of its own), `cost` its model of a
+//! request's time on each agent, and `admission` the pure queue; `router` puts both behind one lock; `capacity` keeps it fed from the agents'
 //! `WatchCapacity` streams; `source` says which agents exist; `prompt` turns request bodies into
 //! token counts and block hashes; `proxy` streams responses through; `server` wires the HTTP
 //! endpoints, `metrics` and `dashboard` show what happens.
@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod capacity;
 pub mod config;
+pub mod cost;
 pub mod dashboard;
 pub mod error;
 pub mod metrics;

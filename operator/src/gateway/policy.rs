@@ -11,6 +11,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
+use super::cost::{self, AgentLoad, Ask, CostWeights, Priors, ReleaseRate};
+
 /// Hasher for block hashes, which are already well-mixed 64-bit values: one multiply-rotate
 /// instead of SipHash keeps the prefix walk cheap at 1,000 agents.
 #[derive(Default, Clone, Copy)]
@@ -296,8 +298,13 @@ pub type Slot = usize;
 /// Which algorithm picks the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyKind {
-    /// Free KV blocks and prefix overlap, with admission (the point of kvroute).
+    /// The lowest predicted cost in time (wait for room + prefill of the uncached prompt + decode
+    /// slow-down, see [`cost`]); never into negative room; a request may wait for the agent
+    /// that caches its prefix (the point of kvroute).
     Kv,
+    /// The earlier KV policy: a weighted score of prefix overlap, headroom and queue pressure
+    /// among the agents with room now (kept for comparison).
+    KvScore,
     /// Baseline: each eligible agent in turn, ignoring KV.
     RoundRobin,
     /// Baseline: fewest running + waiting + dispatched-but-unreported requests, ignoring KV.
@@ -311,6 +318,7 @@ impl PolicyKind {
     pub fn as_str(self) -> &'static str {
         match self {
             PolicyKind::Kv => "kv",
+            PolicyKind::KvScore => "kv-score",
             PolicyKind::RoundRobin => "round-robin",
             PolicyKind::LeastRequests => "least-requests",
             PolicyKind::GpuUtilization => "gpu-utilization",
@@ -323,17 +331,18 @@ impl std::str::FromStr for PolicyKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "kv" => Ok(PolicyKind::Kv),
+            "kv-score" => Ok(PolicyKind::KvScore),
             "round-robin" => Ok(PolicyKind::RoundRobin),
             "least-requests" => Ok(PolicyKind::LeastRequests),
             "gpu-utilization" => Ok(PolicyKind::GpuUtilization),
             other => Err(format!(
-                "unknown policy {other:?} (expected kv, round-robin, least-requests or gpu-utilization)"
+                "unknown policy {other:?} (expected kv, kv-score, round-robin, least-requests or gpu-utilization)"
             )),
         }
     }
 }
 
-/// Weights of the KV policy's score terms (each term is in 0..=1).
+/// Weights of the `kv-score` policy's terms (each term is in 0..=1).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Weights {
     /// Fraction of the prompt's blocks already cached on the agent.
@@ -359,6 +368,9 @@ impl Default for Weights {
 pub struct PolicyConfig {
     pub kind: PolicyKind,
     pub weights: Weights,
+    /// The `kv` policy's cost terms and its stand-ins for unmeasured agents.
+    pub cost: CostWeights,
+    pub priors: Priors,
     /// An agent whose last report is older than this (milliseconds) is not eligible.
     pub stale_after_ms: u64,
 }
@@ -368,6 +380,8 @@ impl Default for PolicyConfig {
         Self {
             kind: PolicyKind::Kv,
             weights: Weights::default(),
+            cost: CostWeights::default(),
+            priors: Priors::default(),
             stale_after_ms: 3_000,
         }
     }
@@ -426,6 +440,14 @@ pub struct Report {
     pub preemptions: u64,
     pub gpu_utilization_percent: Option<u32>,
     pub max_model_len: u32,
+    /// Measured speed (0: not measured): prompt tokens per second, decode step time and batch.
+    pub prefill_tokens_per_s: u32,
+    pub decode_step_us: u32,
+    pub decode_batch: u32,
+    /// Room given back by ended requests since the epoch began (monotonic).
+    pub room_released_blocks: u64,
+    /// Prompt tokens waiting in the engine's queue.
+    pub waiting_prefill_tokens: u64,
     /// True: `events` hold the agent's whole cache; what was known before is dropped.
     pub snapshot: bool,
     pub events: Vec<CacheEvent>,
@@ -438,7 +460,13 @@ struct Reservation {
     /// The value of the agent's `requests_received` that covers this request.
     key: u64,
     blocks: u64,
+    /// Prompt tokens the agent will compute for it (not cached there).
+    prefill_tokens: u64,
 }
+
+/// How long a prefix sent to an agent counts as cached there before the agent reports it
+/// (it normally does within one prefill; this only bounds a request that never got there).
+pub const INFLIGHT_TTL_MS: u64 = 30_000;
 
 /// Names one reservation, to cancel it when the request never reached the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,6 +493,14 @@ pub struct AgentState {
     cached: BlockSet,
     reservations: VecDeque<Reservation>,
     reserved_blocks: u64,
+    /// Of the reservations, prompt tokens still to compute.
+    pending_prefill: u64,
+    /// Room released per second while busy, from the reports.
+    release: ReleaseRate,
+    /// Prompts sent here whose blocks the agent has not reported yet: (expiry, block hashes).
+    inflight: VecDeque<(u64, Vec<u64>)>,
+    /// How many of `inflight` hold each hash.
+    inflight_count: BlockMap<u32>,
 }
 
 impl AgentState {
@@ -481,6 +517,11 @@ impl AgentState {
     /// Block hashes the agent is known to cache.
     pub fn cached_blocks(&self) -> usize {
         self.cached.len()
+    }
+
+    /// Room this agent gives back per second while busy, as observed (0: not yet).
+    pub fn release_blocks_per_s(&self) -> f64 {
+        self.release.blocks_per_s
     }
 
     /// Eligible for `model` at clock `now_ms`: listed, connected, fresh, serving it.
@@ -515,6 +556,12 @@ pub struct RouteRequest<'a> {
     /// Agents not to pick either, as a bitset over slots (bit `s % 64` of word `s / 64`): those
     /// claimed by earlier queued requests waiting for room there. Empty: none.
     pub claimed: &'a [u64],
+    /// Blocks that earlier queued requests wait for on each agent, by slot (`kv` policy): not
+    /// room for this request. Empty: none.
+    pub held: &'a [u64],
+    /// The request may wait in the queue for a specific agent (`kv` policy); false: only agents
+    /// with room now are considered.
+    pub may_hold: bool,
 }
 
 /// True when bit `slot` is set in the bitset `bits`.
@@ -532,6 +579,10 @@ pub struct Route {
     /// Leading prompt blocks already cached on the agent.
     pub cached_blocks: u64,
     pub score: f64,
+    /// Prompt tokens the agent will compute (not cached there, nor in flight to it).
+    pub prefill_tokens: u64,
+    /// `kv` policy: the predicted time to first token there (seconds; 0 for the others).
+    pub predicted_ttft_s: f64,
 }
 
 /// Why a request can never be served as it is.
@@ -555,6 +606,9 @@ pub enum Reject {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Route(Route),
+    /// `kv` policy: the cheapest agent is this one, which has no room yet; wait for it (the
+    /// route's `need_blocks` are what the request waits for there).
+    Hold(Route),
     /// No eligible agent has room now; queue and retry when capacity changes.
     Wait,
     Reject(Reject),
@@ -584,6 +638,12 @@ struct Hot {
     /// Of `free`, blocks that hold a cached prefix.
     cached_evictable: u64,
     reserved: u64,
+    /// Prompt tokens ahead of a new request: the engine's queue and our unreported dispatches.
+    queued_prefill: u64,
+    prefill_tps: u32,
+    decode_step_us: u32,
+    decode_batch: u32,
+    release_per_s: f64,
 }
 
 /// The agents, their caches and the gateway's reservations.
@@ -597,10 +657,13 @@ pub struct Cluster {
     model_slots: Vec<Vec<u32>>,
     /// Block hash → agents caching it.
     index: BlockMap<Holders>,
+    /// Block hash → agents a prompt holding it was sent to, not yet reported as cached.
+    inflight_index: BlockMap<Holders>,
     /// Round-robin cursor per model (by `Hot::model`): the slot after the last one reserved.
     rr_next: Vec<Slot>,
     next_reservation_id: u64,
     scratch: Scratch,
+    scratch_inflight: Scratch,
 }
 
 impl Cluster {
@@ -660,6 +723,11 @@ impl Cluster {
             free: r.free_blocks,
             cached_evictable: r.cached_evictable_blocks,
             reserved: a.reserved_blocks,
+            queued_prefill: r.waiting_prefill_tokens.saturating_add(a.pending_prefill),
+            prefill_tps: r.prefill_tokens_per_s,
+            decode_step_us: r.decode_step_us,
+            decode_batch: r.decode_batch,
+            release_per_s: a.release.blocks_per_s,
         }
     }
 
@@ -714,9 +782,95 @@ impl Cluster {
         for h in hashes {
             self.unindex(h, slot);
         }
+        self.clear_inflight(slot);
         let a = &mut self.agents[slot];
         a.reservations.clear();
         a.reserved_blocks = 0;
+        a.pending_prefill = 0;
+        a.release = ReleaseRate::default();
+    }
+
+    /// Forgets every prefix in flight to the agent.
+    fn clear_inflight(&mut self, slot: Slot) {
+        let a = &mut self.agents[slot];
+        a.inflight.clear();
+        let hashes: Vec<u64> = a.inflight_count.drain().map(|(h, _)| h).collect();
+        for h in hashes {
+            self.unindex_inflight(h, slot);
+        }
+    }
+
+    fn unindex_inflight(&mut self, hash: u64, slot: Slot) {
+        let words = words_for(self.agents.len());
+        if let Some(holders) = self.inflight_index.get_mut(&hash) {
+            if holders.remove(slot as u32, words) {
+                self.inflight_index.remove(&hash);
+            }
+        }
+    }
+
+    /// Drops in-flight prefixes of the agent that passed their expiry by `now_ms`.
+    fn expire_inflight(&mut self, slot: Slot, now_ms: u64) {
+        while let Some((expiry, _)) = self.agents[slot].inflight.front() {
+            if *expiry > now_ms {
+                break;
+            }
+            let Some((_, hashes)) = self.agents[slot].inflight.pop_front() else {
+                break;
+            };
+            for h in hashes {
+                self.drop_inflight_hash(slot, h);
+            }
+        }
+    }
+
+    /// One in-flight prompt holding `hash` on the agent is gone.
+    fn drop_inflight_hash(&mut self, slot: Slot, hash: u64) {
+        let a = &mut self.agents[slot];
+        if let Some(n) = a.inflight_count.get_mut(&hash) {
+            *n -= 1;
+            if *n == 0 {
+                a.inflight_count.remove(&hash);
+                self.unindex_inflight(hash, slot);
+            }
+        }
+    }
+
+    /// Records that a prompt with these block hashes was just sent to the agent in `slot`: until
+    /// the agent reports them (or [`INFLIGHT_TTL_MS`] passes) they count as cached there for the
+    /// `kv` policy's locality, so the next request of a new prefix group follows the first one.
+    /// They never count as room: the agent shares blocks only once they are computed.
+    pub fn track_inflight(&mut self, slot: Slot, hashes: &[u64], now_ms: u64) {
+        if slot >= self.agents.len() || hashes.is_empty() {
+            return;
+        }
+        self.expire_inflight(slot, now_ms);
+        let words = words_for(self.agents.len());
+        let mut fresh = Vec::with_capacity(hashes.len());
+        for &h in hashes {
+            if self.agents[slot].cached.contains(&h) {
+                continue;
+            }
+            let n = self.agents[slot].inflight_count.entry(h).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                self.inflight_index
+                    .entry(h)
+                    .or_insert_with(|| Holders::Few(Vec::new()))
+                    .insert(slot as u32, words);
+            }
+            fresh.push(h);
+        }
+        if !fresh.is_empty() {
+            self.agents[slot]
+                .inflight
+                .push_back((now_ms + INFLIGHT_TTL_MS, fresh));
+        }
+    }
+
+    /// Prompt blocks in flight to the agent in `slot` (not yet reported as cached).
+    pub fn inflight_blocks(&self, slot: Slot) -> usize {
+        self.agents.get(slot).map_or(0, |a| a.inflight_count.len())
     }
 
     fn unindex(&mut self, hash: u64, slot: Slot) {
@@ -755,6 +909,9 @@ impl Cluster {
                 CacheEvent::Stored(hashes) => {
                     let words = words_for(self.agents.len());
                     for h in hashes {
+                        if self.agents[slot].inflight_count.remove(&h).is_some() {
+                            self.unindex_inflight(h, slot);
+                        }
                         if self.agents[slot].cached.insert(h) {
                             self.index
                                 .entry(h)
@@ -778,16 +935,25 @@ impl Cluster {
                 }
             }
         }
+        self.expire_inflight(slot, now_ms);
         let a = &mut self.agents[slot];
         // Retire every reservation the agent's counter now covers: it counts those requests.
         while let Some(r) = a.reservations.front() {
             if r.key <= report.requests_received {
                 a.reserved_blocks = a.reserved_blocks.saturating_sub(r.blocks);
+                a.pending_prefill = a.pending_prefill.saturating_sub(r.prefill_tokens);
                 a.reservations.pop_front();
             } else {
                 break;
             }
         }
+        let busy = |r: &Report| r.running_requests > 0 || r.waiting_requests > 0;
+        let was_busy = !new_epoch && busy(&a.report);
+        a.release.observe(
+            report.room_released_blocks,
+            now_ms,
+            was_busy || busy(&report),
+        );
         a.report = report;
         a.connected = true;
         a.last_report_ms = Some(now_ms);
@@ -805,8 +971,10 @@ impl Cluster {
             id,
             key,
             blocks: route.need_blocks,
+            prefill_tokens: route.prefill_tokens,
         });
         a.reserved_blocks += route.need_blocks;
+        a.pending_prefill += route.prefill_tokens;
         let epoch = a.report.epoch;
         if let Some(model) = self.hot.get(route.slot).map(|h| h.model as usize) {
             if self.rr_next.len() <= model {
@@ -837,6 +1005,7 @@ impl Cluster {
         };
         if let Some(r) = a.reservations.remove(pos) {
             a.reserved_blocks = a.reserved_blocks.saturating_sub(r.blocks);
+            a.pending_prefill = a.pending_prefill.saturating_sub(r.prefill_tokens);
         }
         // The agent will count one request fewer: later requests are covered one value earlier.
         for r in a.reservations.iter_mut().skip(pos) {
@@ -872,17 +1041,27 @@ impl Cluster {
             return self.why_not(req);
         };
         let n = self.hot.len();
-        if cfg.kind == PolicyKind::Kv {
+        let walks = matches!(cfg.kind, PolicyKind::Kv | PolicyKind::KvScore);
+        if walks {
             prefix_overlap(&self.index, req.block_hashes, n, &mut self.scratch);
         }
-        let overlap: &[u32] = if cfg.kind == PolicyKind::Kv {
-            &self.scratch.overlap
+        let overlap: &[u32] = if walks { &self.scratch.overlap } else { &[] };
+        let inflight: &[u32] = if cfg.kind == PolicyKind::Kv && !self.inflight_index.is_empty() {
+            prefix_overlap(
+                &self.inflight_index,
+                req.block_hashes,
+                n,
+                &mut self.scratch_inflight,
+            );
+            &self.scratch_inflight.overlap
         } else {
             &[]
         };
         let prompt_blocks = req.block_hashes.len().max(1) as f64;
 
         let mut best: Option<Route> = None;
+        // Blocks the best agent lacks now (`kv` only): > 0 means wait for it.
+        let mut best_deficit = 0u64;
         let mut ties = 0u64;
         let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
         let model = model as u32;
@@ -896,6 +1075,21 @@ impl Cluster {
             0
         };
         let (tail, head) = slots.split_at(start);
+        // The longest prefix of this prompt any agent of the model holds or is computing: blocks
+        // recomputed elsewhere are duplicates (`kv` only).
+        let best_local = if cfg.kind == PolicyKind::Kv {
+            slots
+                .iter()
+                .map(|&s| {
+                    let s = s as usize;
+                    let o = overlap.get(s).copied().unwrap_or(0);
+                    o.max(inflight.get(s).copied().unwrap_or(0))
+                })
+                .max()
+                .map_or(0, u64::from)
+        } else {
+            0
+        };
         // Block counts for the last block size seen (agents of a model share one in practice).
         let mut sized = (0u32, 0u64, 0u64);
         for &slot in head.iter().chain(tail) {
@@ -935,9 +1129,54 @@ impl Cluster {
             // using them takes them out of `free`. Which of ours are is unknown, so as many as
             // the agent has evictable ones are assumed to be (exact on an idle agent).
             let need = blocks.saturating_sub(cached.saturating_sub(h.cached_evictable));
-            let headroom = h.free as i128 - h.reserved as i128 - need as i128;
+            let held = req.held.get(slot).copied().unwrap_or(0);
+            let headroom = h.free as i128 - h.reserved as i128 - held as i128 - need as i128;
+            let mut prefill_tokens = req
+                .prompt_tokens
+                .saturating_sub(cached * u64::from(h.block_size));
+            let mut predicted_ttft_s = 0.0;
+            let mut deficit = 0u64;
             let score = match cfg.kind {
                 PolicyKind::Kv => {
+                    if headroom < 0 && !req.may_hold {
+                        continue;
+                    }
+                    let local = if h.block_size == req.block_size {
+                        inflight.get(slot).copied().map_or(0, u64::from).max(cached)
+                    } else {
+                        0
+                    };
+                    prefill_tokens = req
+                        .prompt_tokens
+                        .saturating_sub(local * u64::from(h.block_size));
+                    let room = h.free as i128 - h.reserved as i128 - held as i128;
+                    let load = AgentLoad {
+                        total_blocks: h.total,
+                        room: room.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64,
+                        running: h.running,
+                        queued_prefill_tokens: h.queued_prefill,
+                        prefill_tokens_per_s: f64::from(h.prefill_tps),
+                        decode_step_s: f64::from(h.decode_step_us) / 1e6,
+                        decode_batch: f64::from(h.decode_batch),
+                        release_blocks_per_s: h.release_per_s,
+                    };
+                    let duplicate_tokens = (best_local.saturating_sub(local)
+                        * u64::from(h.block_size))
+                    .min(prefill_tokens);
+                    let ask = Ask {
+                        need_blocks: need,
+                        uncached_tokens: prefill_tokens,
+                        duplicate_tokens,
+                        output_tokens: req.output_tokens,
+                    };
+                    let e = cost::estimate(&load, &ask, &cfg.priors, &cfg.cost);
+                    predicted_ttft_s = e.ttft_s();
+                    deficit = e.deficit_blocks;
+                    // Equal costs: the agent with more room left wins (then a random one).
+                    let room_left = headroom.max(0) as f64 / h.total.max(1) as f64;
+                    -e.cost + 1e-9 * room_left
+                }
+                PolicyKind::KvScore => {
                     if headroom < 0 {
                         continue;
                     }
@@ -956,6 +1195,8 @@ impl Cluster {
                         need_blocks: need,
                         cached_blocks: cached,
                         score: 0.0,
+                        prefill_tokens,
+                        predicted_ttft_s,
                     });
                     break;
                 }
@@ -979,14 +1220,18 @@ impl Cluster {
                 need_blocks: need,
                 cached_blocks: cached,
                 score,
+                prefill_tokens,
+                predicted_ttft_s,
             };
             match best {
                 None => {
                     best = Some(candidate);
+                    best_deficit = deficit;
                     ties = 1;
                 }
                 Some(b) if score > b.score + 1e-12 => {
                     best = Some(candidate);
+                    best_deficit = deficit;
                     ties = 1;
                 }
                 Some(b) if (score - b.score).abs() <= 1e-12 => {
@@ -994,12 +1239,14 @@ impl Cluster {
                     ties += 1;
                     if rng.below(ties) == 0 {
                         best = Some(candidate);
+                        best_deficit = deficit;
                     }
                 }
                 Some(_) => {}
             }
         }
         match best {
+            Some(route) if best_deficit > 0 => Decision::Hold(route),
             Some(route) => Decision::Route(route),
             None => self.why_not(req),
         }
@@ -1124,6 +1371,33 @@ impl Cluster {
                     return Err(format!("agent {slot}: hash {h} missing from index"));
                 }
             }
+            let prefill: u64 = a.reservations.iter().map(|r| r.prefill_tokens).sum();
+            if prefill != a.pending_prefill {
+                return Err(format!(
+                    "agent {slot}: pending prefill {} != sum {prefill}",
+                    a.pending_prefill
+                ));
+            }
+            for (h, &n) in &a.inflight_count {
+                if n == 0
+                    || !self
+                        .inflight_index
+                        .get(h)
+                        .is_some_and(|s| s.contains(slot as u32))
+                {
+                    return Err(format!(
+                        "agent {slot}: in-flight hash {h} ({n}) not indexed"
+                    ));
+                }
+            }
+        }
+        for (h, holders) in &self.inflight_index {
+            for s in 0..self.agents.len() {
+                let indexed = holders.contains(s as u32);
+                if indexed != self.agents[s].inflight_count.contains_key(h) {
+                    return Err(format!("in-flight index: hash {h} on {s} out of date"));
+                }
+            }
         }
         for (slot, a) in self.agents.iter().enumerate() {
             let model = self.models.iter().position(|m| *m == a.report.model);
@@ -1203,6 +1477,8 @@ mod tests {
             block_hashes: hashes,
             exclude: &[],
             claimed: &[],
+            held: &[],
+            may_hold: true,
         }
     }
 
@@ -1256,6 +1532,169 @@ mod tests {
         assert_eq!(r.slot, 0);
         assert_eq!(r.cached_blocks, 4);
         assert_eq!(r.need_blocks, 6 - 4);
+    }
+
+    /// Two measured agents: a0 caches a 15-block prefix; `free0`/`free1` blocks of room.
+    fn locality_cluster(free0: u64, free1: u64) -> Cluster {
+        let mut c = Cluster::new();
+        for (i, free) in [(0, free0), (1, free1)] {
+            let id = format!("a{i}");
+            let s = c.upsert_agent(&id);
+            let stored: Vec<u64> = if i == 0 { (100..115).collect() } else { vec![] };
+            let r = Report {
+                events: vec![CacheEvent::Stored(stored)],
+                running_requests: 4,
+                prefill_tokens_per_s: 300,
+                decode_step_us: 20_000,
+                decode_batch: 4,
+                ..report(&id, 1, 91, free)
+            };
+            c.apply_report(s, r, 0);
+        }
+        c
+    }
+
+    /// A request of the cached group: 15 shared blocks + a question, 32 output tokens.
+    fn group_hashes() -> Vec<u64> {
+        (100..117).collect()
+    }
+
+    #[test]
+    fn kv_waits_for_the_agent_caching_its_prefix_instead_of_spilling() {
+        let hashes = group_hashes();
+        // a0 has no room now; a1 has plenty but would recompute 280 tokens (~0.9 s at 300 tok/s).
+        let mut c = locality_cluster(0, 60);
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &req(280, 32, &hashes),
+            0,
+            &mut SplitMix64(1),
+        );
+        let Decision::Hold(r) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(r.slot, 0);
+        assert_eq!(r.cached_blocks, 15);
+        // The old score policy spills to the agent with room.
+        let score = PolicyConfig {
+            kind: PolicyKind::KvScore,
+            ..PolicyConfig::default()
+        };
+        let Decision::Route(r) = c.decide(&score, &req(280, 32, &hashes), 0, &mut SplitMix64(1))
+        else {
+            panic!("no route")
+        };
+        assert_eq!(r.slot, 1);
+        // With room on a0 it routes there at once.
+        let mut c = locality_cluster(20, 60);
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &req(280, 32, &hashes),
+            0,
+            &mut SplitMix64(1),
+        );
+        assert!(matches!(d, Decision::Route(r) if r.slot == 0), "{d:?}");
+    }
+
+    #[test]
+    fn kv_spills_when_the_wait_behind_earlier_requests_exceeds_the_recompute() {
+        let hashes = group_hashes();
+        let mut c = locality_cluster(0, 60);
+        // Many blocks already promised to requests queued for a0.
+        let held = [2000, 0];
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &RouteRequest {
+                held: &held,
+                ..req(280, 32, &hashes)
+            },
+            0,
+            &mut SplitMix64(1),
+        );
+        assert!(matches!(d, Decision::Route(r) if r.slot == 1), "{d:?}");
+        // A request that may not wait goes where there is room now.
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &RouteRequest {
+                may_hold: false,
+                ..req(280, 32, &hashes)
+            },
+            0,
+            &mut SplitMix64(1),
+        );
+        assert!(matches!(d, Decision::Route(r) if r.slot == 1), "{d:?}");
+    }
+
+    #[test]
+    fn kv_sends_a_new_groups_second_request_after_its_first() {
+        let mut c = locality_cluster(60, 60);
+        let cfg = PolicyConfig::default();
+        let fresh: Vec<u64> = (500..517).collect();
+        let Decision::Route(first) = c.decide(&cfg, &req(280, 32, &fresh), 0, &mut SplitMix64(7))
+        else {
+            panic!("no route")
+        };
+        c.reserve(&first);
+        c.track_inflight(first.slot, &fresh, 0);
+        assert_eq!(c.inflight_blocks(first.slot), 17);
+        c.check_invariants().unwrap();
+        for seed in 0..8 {
+            let Decision::Route(second) =
+                c.decide(&cfg, &req(280, 32, &fresh), 1, &mut SplitMix64(seed))
+            else {
+                panic!("no route")
+            };
+            assert_eq!(second.slot, first.slot, "seed {seed}");
+            // In flight is locality only: the blocks still count against room.
+            assert_eq!(second.need_blocks, first.need_blocks);
+            assert_eq!(second.cached_blocks, 0);
+        }
+        // The agent reports the blocks as stored: they leave the in-flight view.
+        c.apply_report(
+            first.slot,
+            Report {
+                snapshot: false,
+                events: vec![CacheEvent::Stored(fresh.clone())],
+                ..report(&format!("a{}", first.slot), 1, 91, 40)
+            },
+            2,
+        );
+        assert_eq!(c.inflight_blocks(first.slot), 0);
+        c.check_invariants().unwrap();
+        // Never reported: forgotten after the TTL.
+        let other: Vec<u64> = (900..910).collect();
+        c.track_inflight(1, &other, 10);
+        assert_eq!(c.inflight_blocks(1), 10);
+        c.apply_report(1, report("a1", 1, 91, 60), 10 + INFLIGHT_TTL_MS);
+        assert_eq!(c.inflight_blocks(1), 0);
+        c.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn kv_balances_unshared_requests_by_running_batch_and_queued_prefill() {
+        // No prefix anywhere: the agent with the smaller batch and no queue wins.
+        let mut c = Cluster::new();
+        for (i, running, queued) in [(0, 8u32, 2000u64), (1, 2, 0)] {
+            let id = format!("a{i}");
+            let s = c.upsert_agent(&id);
+            let r = Report {
+                running_requests: running,
+                waiting_prefill_tokens: queued,
+                ..report(&id, 1, 100, 50)
+            };
+            c.apply_report(s, r, 0);
+        }
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &req(200, 32, &[1, 2, 3]),
+            0,
+            &mut SplitMix64(3),
+        );
+        assert!(matches!(d, Decision::Route(r) if r.slot == 1), "{d:?}");
+        let Decision::Route(r) = d else {
+            unreachable!()
+        };
+        assert!(r.predicted_ttft_s > 0.0 && r.prefill_tokens == 200, "{r:?}");
     }
 
     #[test]
@@ -1322,8 +1761,24 @@ mod tests {
     fn waits_when_no_room_and_rejects_never_fitting() {
         let mut c = cluster(&[(10, 2), (10, 3)]);
         let cfg = PolicyConfig::default();
+        // Needs 5 blocks: the kv policy waits for the agent that makes room first (the one
+        // 2 blocks short); asked not to wait for one agent, it waits for any.
+        let d = c.decide(&cfg, &req(64, 16, &[]), 0, &mut SplitMix64(1));
+        assert!(matches!(d, Decision::Hold(r) if r.slot == 1), "{d:?}");
+        let no_hold = RouteRequest {
+            may_hold: false,
+            ..req(64, 16, &[])
+        };
         assert_eq!(
-            c.decide(&cfg, &req(64, 16, &[]), 0, &mut SplitMix64(1)),
+            c.decide(&cfg, &no_hold, 0, &mut SplitMix64(1)),
+            Decision::Wait
+        );
+        let score = PolicyConfig {
+            kind: PolicyKind::KvScore,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(
+            c.decide(&score, &req(64, 16, &[]), 0, &mut SplitMix64(1)),
             Decision::Wait
         );
         assert!(matches!(
@@ -1626,6 +2081,14 @@ mod tests {
                         free_blocks: (*free).min(total),
                         requests_received: sim.received[*agent],
                         max_model_len: 4096,
+                        // Speed figures that vary with the op, so the cost model sees measured
+                        // and unmeasured agents, busy and idle.
+                        running_requests: (*free % 5) as u32,
+                        room_released_blocks: sim.received[*agent] * 3,
+                        prefill_tokens_per_s: ((*free * 37) % 2000) as u32,
+                        decode_step_us: (*free * 150) as u32,
+                        decode_batch: (*free % 8) as u32,
+                        waiting_prefill_tokens: *free * 3,
                         snapshot: *snapshot,
                         events: vec![
                             CacheEvent::Stored(store.clone()),
@@ -1648,13 +2111,26 @@ mod tests {
                         block_hashes: hashes,
                         exclude: &[],
                         claimed: &[],
+                        held: &[],
+                        may_hold: true,
                     };
                     let d = sim.c.decide(&cfg, &rq, sim.now, &mut rng);
+                    if let Decision::Hold(r) = &d {
+                        // Only the `kv` policy waits for one agent, and only one without room.
+                        assert_eq!(kind, PolicyKind::Kv);
+                        let a = &sim.c.agents()[r.slot];
+                        assert!(a.eligible("m", sim.now, cfg.stale_after_ms));
+                        assert!(
+                            a.report.free_blocks < a.reserved_blocks() + r.need_blocks,
+                            "held for {} although it has room",
+                            r.slot
+                        );
+                    }
                     if let Decision::Route(r) = &d {
                         let a = &sim.c.agents()[r.slot];
                         // Stale or down agents are never picked.
                         assert!(a.eligible("m", sim.now, cfg.stale_after_ms));
-                        if kind == PolicyKind::Kv {
+                        if matches!(kind, PolicyKind::Kv | PolicyKind::KvScore) {
                             // Never an agent without room for what it needs.
                             assert!(
                                 a.report.free_blocks >= a.reserved_blocks() + r.need_blocks,
@@ -1667,6 +2143,9 @@ mod tests {
                         }
                         let h = sim.c.reserve(r).unwrap();
                         sim.handles.push(h);
+                        if kind == PolicyKind::Kv {
+                            sim.c.track_inflight(r.slot, hashes, sim.now);
+                        }
                     }
                     decisions.push(d);
                 }
@@ -1820,6 +2299,7 @@ mod tests {
             seed in any::<u64>(),
             kind in prop_oneof![
                 Just(PolicyKind::Kv),
+                Just(PolicyKind::KvScore),
                 Just(PolicyKind::RoundRobin),
                 Just(PolicyKind::LeastRequests),
                 Just(PolicyKind::GpuUtilization)
@@ -1835,7 +2315,7 @@ mod tests {
             ops in prop::collection::vec(op(), 1..150),
             seed in any::<u64>(),
         ) {
-            for kind in [PolicyKind::RoundRobin, PolicyKind::LeastRequests, PolicyKind::GpuUtilization] {
+            for kind in [PolicyKind::KvScore, PolicyKind::RoundRobin, PolicyKind::LeastRequests, PolicyKind::GpuUtilization] {
                 run(&ops, seed, kind);
             }
         }

@@ -68,11 +68,19 @@ const HOP: &[&str] = &[
 ];
 
 /// Turns the agent's response into the client's, streaming its body.
+/// When a request was sent and the time to first token the policy predicted for it.
+#[derive(Debug, Clone, Copy)]
+pub struct TtftProbe {
+    pub sent: std::time::Instant,
+    pub predicted_s: f64,
+}
+
 pub fn relay(
     upstream: Response<Incoming>,
     agent_id: &str,
     idle_timeout: Duration,
     metrics: Arc<Metrics>,
+    ttft: Option<TtftProbe>,
 ) -> axum::response::Response {
     let (parts, body) = upstream.into_parts();
     let sse = parts
@@ -87,6 +95,7 @@ pub fn relay(
         idle_timeout,
         idle: Box::pin(tokio::time::sleep(idle_timeout)),
         metrics,
+        ttft,
     }));
     *resp.status_mut() = parts.status;
     for (name, value) in &parts.headers {
@@ -108,6 +117,8 @@ struct RelayBody {
     idle_timeout: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
     metrics: Arc<Metrics>,
+    /// Taken at the first data frame.
+    ttft: Option<TtftProbe>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -153,6 +164,11 @@ impl Body for RelayBody {
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_data() {
+                    if let Some(p) = self.ttft.take() {
+                        self.metrics.observe_ttft(p.predicted_s, p.sent.elapsed());
+                    }
+                }
                 let deadline = tokio::time::Instant::now() + self.idle_timeout;
                 self.idle.as_mut().reset(deadline);
                 Poll::Ready(Some(Ok(frame)))

@@ -25,8 +25,8 @@ use super::admission::{AdmissionQueue, EntryId, Full, Priority};
 use super::config::ModelSettings;
 use super::metrics::Metrics;
 use super::policy::{
-    Cluster, Decision, PolicyConfig, Reject, Report, ReservationHandle, Route, RouteRequest, Slot,
-    SplitMix64,
+    Cluster, Decision, PolicyConfig, PolicyKind, Reject, Report, ReservationHandle, Route,
+    RouteRequest, Slot, SplitMix64,
 };
 use super::source::ModelSpecSettings;
 
@@ -72,6 +72,7 @@ struct Core {
     /// and the models all of whose agents are claimed.
     order: Vec<EntryId>,
     claimed: Vec<u64>,
+    held: Vec<u64>,
     blocked: Vec<String>,
 }
 
@@ -211,6 +212,7 @@ impl Router {
                 queued: HashMap::new(),
                 order: Vec::new(),
                 claimed: Vec::new(),
+                held: Vec::new(),
                 blocked: Vec::new(),
             }),
             cancels: Mutex::new(Vec::new()),
@@ -374,6 +376,9 @@ impl Router {
         let mut claimed = std::mem::take(&mut core.claimed);
         claimed.clear();
         claimed.resize(core.cluster.agents().len().div_ceil(64), 0);
+        let mut held = std::mem::take(&mut core.held);
+        held.clear();
+        held.resize(core.cluster.agents().len(), 0);
         let mut blocked = std::mem::take(&mut core.blocked);
         blocked.clear();
         for &id in &order {
@@ -389,10 +394,15 @@ impl Router {
             if blocked_model && w.looked_at.get() {
                 continue;
             }
-            let cfg = core
+            let (cfg, max_queue) = core
                 .settings
                 .get(&w.plan.model)
-                .map_or(self.defaults.policy, |s| s.policy);
+                .map_or((self.defaults.policy, self.defaults.max_queue), |s| {
+                    (s.policy, s.max_queue)
+                });
+            // Waiting for one agent is a queue entry like any other: not where the model's
+            // queue bound says "route now or refuse".
+            let may_hold = core.queued.get(&w.plan.model).copied().unwrap_or(0) <= max_queue;
             let req = RouteRequest {
                 model: &w.plan.model,
                 prompt_tokens: w.plan.prompt_tokens,
@@ -401,6 +411,8 @@ impl Router {
                 block_hashes: &w.plan.block_hashes,
                 exclude: &w.exclude,
                 claimed: &claimed,
+                held: &held,
+                may_hold,
             };
             let now = self.now_ms();
             let decision = if blocked_model {
@@ -433,9 +445,21 @@ impl Router {
                     }
                     continue;
                 }
+                Decision::Hold(route) => {
+                    self.metrics.count_held();
+                    // It waits for this agent: later requests must not take that room.
+                    if let Some(h) = held.get_mut(route.slot) {
+                        *h = h.saturating_add(route.need_blocks);
+                    }
+                    continue;
+                }
                 Decision::Reject(r) => Err(AdmitError::Reject(r)),
                 Decision::Route(route) => {
                     let handle = core.cluster.reserve(&route);
+                    if cfg.kind == PolicyKind::Kv {
+                        let hashes = &w.plan.block_hashes;
+                        core.cluster.track_inflight(route.slot, hashes, now);
+                    }
                     let a = &core.cluster.agents()[route.slot];
                     Ok(Admitted {
                         route,
@@ -461,6 +485,7 @@ impl Router {
         }
         core.order = order;
         core.claimed = claimed;
+        core.held = held;
         core.blocked = blocked;
         self.metrics.set_queue_depth(core.queue.len());
     }
@@ -668,6 +693,54 @@ mod tests {
         assert!(!small.is_finished());
         report(&r, a, "a", "A", 100);
         assert_eq!(small.await.unwrap().unwrap().endpoint, "a:8000");
+        until_depth(&r, 0).await;
+    }
+
+    #[tokio::test]
+    async fn kv_holds_a_request_for_the_agent_caching_its_prefix() {
+        let r = router();
+        let prefix: Vec<u64> = (1..=15).collect();
+        let with = |free: u64, stored: Vec<u64>| Report {
+            agent_id: "a".into(),
+            epoch: 1,
+            model: "M".into(),
+            block_size: 16,
+            total_blocks: 100,
+            free_blocks: free,
+            max_model_len: 8192,
+            running_requests: 4,
+            prefill_tokens_per_s: 300,
+            decode_step_us: 20_000,
+            decode_batch: 4,
+            events: vec![crate::gateway::policy::CacheEvent::Stored(stored)],
+            ..Report::default()
+        };
+        let a = r.add_agent("a:8000");
+        r.on_report(
+            a,
+            Report {
+                snapshot: true,
+                ..with(0, prefix.clone())
+            },
+        );
+        agent(&r, "b", "M", 100);
+        let mut p = plan("M", 256);
+        p.output_tokens = 32;
+        p.block_hashes = prefix.clone();
+        // a has no room but caches all 15 blocks; b has room and nothing cached: it waits for a.
+        let held = spawn_admit(&r, p, Vec::new(), Priority::NORMAL);
+        until_depth(&r, 1).await;
+        assert!(!held.is_finished());
+        assert!(r
+            .metrics
+            .render(&[])
+            .contains("kvroute_gateway_held_total 1"));
+        // a makes room: the request goes there, needing only its own output blocks.
+        r.on_report(a, with(10, Vec::new()));
+        let got = held.await.unwrap().unwrap();
+        assert_eq!(got.endpoint, "a:8000");
+        assert_eq!(got.route.cached_blocks, 15);
+        assert!(got.route.predicted_ttft_s > 0.0);
         until_depth(&r, 0).await;
     }
 

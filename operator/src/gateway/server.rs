@@ -256,6 +256,7 @@ impl Gateway {
             let req = proxy::upstream_request(&admitted.endpoint, path, &headers, body.clone())
                 .map_err(|e| Error::Upstream(e.to_string()))?;
             admitted.mark_sent();
+            let sent = std::time::Instant::now();
             match self.client.request(req).await {
                 Ok(resp) => {
                     tracing::debug!(agent = %admitted.agent_id, need = admitted.route.need_blocks, cached = admitted.route.cached_blocks, "routed");
@@ -265,6 +266,10 @@ impl Gateway {
                         &admitted.agent_id,
                         self.config.upstream_idle_timeout,
                         Arc::clone(&self.metrics),
+                        (admitted.route.predicted_ttft_s > 0.0).then_some(proxy::TtftProbe {
+                            sent,
+                            predicted_s: admitted.route.predicted_ttft_s,
+                        }),
                     ));
                 }
                 Err(e) => {

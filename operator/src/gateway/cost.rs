@@ -1,0 +1,446 @@
+//! The `kv` policy's cost model: the predicted time, in seconds, a request costs on one agent.
+//!
+//! For each agent that could serve a request the policy predicts
+//!
+//! ```text
+//! cost = wait for room          deficit blocks / the agent's measured room-release rate
+//!      + prefill                (queued prompt tokens + this prompt's uncached tokens) / prefill rate
+//!      + duplication            prompt tokens another agent holds or is computing / prefill rate
+//!      + decode slow-down       running requests × output tokens × one sequence's share of a step
+//! ```
+//!
+//! and sends the request where the cost is lowest. The first two terms are the request's own
+//! time to first token there. The third prices the future: a prefix computed a second time also
+//! takes cache room a second time, and in a small cache it evicts another group's prefix that a
+//! later request must recompute; so a prefix held (or in flight) elsewhere costs its recompute
+//! twice. The last term is the time the request adds to the batch already running there. The rates come from the agents' capacity reports (what each measures of its own steps)
+//! and from the release rate the gateway observes; until an agent has measured anything, the
+//! priors below stand in. A request whose best agent has no room *waits for that agent* (it is
+//! not sent elsewhere) as long as that is predicted cheaper than recomputing its prefix on an
+//! agent with room now: that keeps each prefix group on the agent that caches it, instead of
+//! spilling under load until every agent holds every prefix.
+//!
+//! Pure arithmetic: no clock, no I/O, no allocation.
+
+/// Fixed cost of a decode step, in sequences: a step of `b` sequences takes time proportional
+/// to `DECODE_OVERHEAD_SEQS + b` (weights are read once per step whatever the batch).
+pub const DECODE_OVERHEAD_SEQS: f64 = 2.0;
+
+/// Longest wait the model predicts (seconds): an agent that releases nothing is simply far away.
+pub const MAX_WAIT_S: f64 = 600.0;
+
+/// Stand-ins for what an agent has not measured yet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Priors {
+    pub prefill_tokens_per_s: f64,
+    /// Seconds per decode step at batch 1.
+    pub decode_step_s: f64,
+}
+
+impl Default for Priors {
+    fn default() -> Self {
+        // A small model on one CPU core: conservative, so an unmeasured agent is not favoured.
+        Self {
+            prefill_tokens_per_s: 400.0,
+            decode_step_s: 0.02,
+        }
+    }
+}
+
+/// Weights of the three terms (seconds are added as seconds at weight 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CostWeights {
+    pub wait: f64,
+    pub prefill: f64,
+    pub duplicate: f64,
+    pub decode: f64,
+}
+
+impl Default for CostWeights {
+    fn default() -> Self {
+        Self {
+            wait: 1.0,
+            prefill: 1.0,
+            duplicate: 1.0,
+            decode: 1.0,
+        }
+    }
+}
+
+/// What the model needs to know of one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AgentLoad {
+    /// Blocks in the pool.
+    pub total_blocks: u64,
+    /// Blocks the request may still take now: reported room less this gateway's reservations and
+    /// the blocks earlier queued requests are waiting for there (may be negative).
+    pub room: i64,
+    pub running: u32,
+    /// Prompt tokens queued ahead of this request there: the engine's waiting queue plus requests
+    /// this gateway sent that the agent has not counted yet.
+    pub queued_prefill_tokens: u64,
+    /// Measured rates (0: not measured).
+    pub prefill_tokens_per_s: f64,
+    pub decode_step_s: f64,
+    pub decode_batch: f64,
+    /// Room the agent gives back per second while busy, as observed (0: not observed).
+    pub release_blocks_per_s: f64,
+}
+
+/// What the model needs to know of the request on that agent.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Ask {
+    /// Blocks the request takes there (prompt + output, less the cached prefix).
+    pub need_blocks: u64,
+    /// Prompt tokens not cached there (counting prefixes in flight to it as cached).
+    pub uncached_tokens: u64,
+    /// Of those, tokens another agent holds or is computing (a duplicate if computed here).
+    pub duplicate_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// The prediction for one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Estimate {
+    /// Blocks missing now (0: it fits now).
+    pub deficit_blocks: u64,
+    pub wait_s: f64,
+    pub prefill_s: f64,
+    pub duplicate_s: f64,
+    pub decode_s: f64,
+    /// Weighted sum: what the policy minimises.
+    pub cost: f64,
+}
+
+impl Estimate {
+    /// Predicted time to first token (seconds): the wait for room plus the prefill.
+    pub fn ttft_s(&self) -> f64 {
+        self.wait_s + self.prefill_s
+    }
+}
+
+/// Seconds per decode step at batch `b` on an agent measured at `step_s` for batch `at`.
+pub fn decode_step_at(load: &AgentLoad, priors: &Priors, b: f64) -> f64 {
+    let (step, at) = if load.decode_step_s > 0.0 && load.decode_batch > 0.0 {
+        (load.decode_step_s, load.decode_batch)
+    } else {
+        (priors.decode_step_s, 1.0)
+    };
+    step * (DECODE_OVERHEAD_SEQS + b.max(1.0)) / (DECODE_OVERHEAD_SEQS + at)
+}
+
+/// The predicted cost of `ask` on an agent with `load`.
+pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -> Estimate {
+    let prefill_rate = if load.prefill_tokens_per_s > 0.0 {
+        load.prefill_tokens_per_s
+    } else {
+        priors.prefill_tokens_per_s
+    };
+    let running = f64::from(load.running);
+    let deficit = (ask.need_blocks as i128 - i128::from(load.room)).max(0) as u64;
+    let wait_s = if deficit == 0 {
+        0.0
+    } else {
+        let rate = if load.release_blocks_per_s > 0.0 {
+            load.release_blocks_per_s
+        } else {
+            // Not observed yet: the blocks in use come back as the running requests finish,
+            // on average half an output length of steps from now.
+            let used = load
+                .total_blocks
+                .saturating_sub(load.room.max(0) as u64)
+                .max(1) as f64;
+            let steps = (ask.output_tokens.max(1) as f64 / 2.0).max(1.0);
+            used / (steps * decode_step_at(load, priors, running))
+        };
+        (deficit as f64 / rate).min(MAX_WAIT_S)
+    };
+    let prefill_s = (load.queued_prefill_tokens + ask.uncached_tokens) as f64 / prefill_rate;
+    let duplicate_s = ask.duplicate_tokens.min(ask.uncached_tokens) as f64 / prefill_rate;
+    // One more sequence makes every step longer by one sequence's share; the `running` requests
+    // there pay that for as many steps as this request decodes.
+    let per_seq = decode_step_at(load, priors, 1.0) / (DECODE_OVERHEAD_SEQS + 1.0);
+    let decode_s = running * ask.output_tokens as f64 * per_seq;
+    Estimate {
+        deficit_blocks: deficit,
+        wait_s,
+        prefill_s,
+        duplicate_s,
+        decode_s,
+        cost: w.wait * wait_s
+            + w.prefill * prefill_s
+            + w.duplicate * duplicate_s
+            + w.decode * decode_s,
+    }
+}
+
+/// The rate at which an agent gives room back while busy, from its `room_released_blocks`
+/// counter as reports arrive: counted over windows of at least [`ReleaseRate::WINDOW_MS`] of
+/// busy time (time with requests running or waiting), averaged over windows.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ReleaseRate {
+    last_counter: u64,
+    last_ms: u64,
+    started: bool,
+    window_blocks: u64,
+    window_ms: u64,
+    /// Blocks per second; 0 until a window has closed.
+    pub blocks_per_s: f64,
+}
+
+impl ReleaseRate {
+    pub const WINDOW_MS: u64 = 1_000;
+    const ALPHA: f64 = 0.3;
+
+    /// Takes one report's counter at clock `now_ms`; `busy` when the agent had work since the
+    /// previous report. A counter that goes back (a restarted agent) starts over.
+    pub fn observe(&mut self, counter: u64, now_ms: u64, busy: bool) {
+        if !self.started || counter < self.last_counter {
+            *self = Self {
+                last_counter: counter,
+                last_ms: now_ms,
+                started: true,
+                blocks_per_s: if counter < self.last_counter {
+                    0.0
+                } else {
+                    self.blocks_per_s
+                },
+                ..Self::default()
+            };
+            return;
+        }
+        let released = counter - self.last_counter;
+        let dt = now_ms.saturating_sub(self.last_ms);
+        self.last_counter = counter;
+        self.last_ms = now_ms;
+        if !busy && released == 0 {
+            // Idle time says nothing about how fast a busy agent frees room.
+            return;
+        }
+        self.window_blocks += released;
+        self.window_ms += dt;
+        if self.window_ms >= Self::WINDOW_MS {
+            let sample = self.window_blocks as f64 * 1000.0 / self.window_ms as f64;
+            self.blocks_per_s = if self.blocks_per_s > 0.0 {
+                self.blocks_per_s + Self::ALPHA * (sample - self.blocks_per_s)
+            } else {
+                sample
+            };
+            self.window_blocks = 0;
+            self.window_ms = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured() -> AgentLoad {
+        AgentLoad {
+            total_blocks: 100,
+            room: 50,
+            running: 4,
+            queued_prefill_tokens: 0,
+            prefill_tokens_per_s: 1000.0,
+            decode_step_s: 0.012,
+            decode_batch: 4.0,
+            release_blocks_per_s: 20.0,
+        }
+    }
+
+    fn p() -> Priors {
+        Priors::default()
+    }
+
+    fn w() -> CostWeights {
+        CostWeights::default()
+    }
+
+    #[test]
+    fn fits_now_costs_prefill_of_uncached_tokens_only() {
+        let load = measured();
+        let e = estimate(
+            &load,
+            &Ask {
+                need_blocks: 10,
+                uncached_tokens: 500,
+                duplicate_tokens: 0,
+                output_tokens: 0,
+            },
+            &p(),
+            &w(),
+        );
+        assert_eq!(e.deficit_blocks, 0);
+        assert_eq!(e.wait_s, 0.0);
+        assert!((e.prefill_s - 0.5).abs() < 1e-9, "{e:?}");
+        assert!((e.ttft_s() - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn deficit_waits_at_the_release_rate() {
+        let mut load = measured();
+        load.room = 2;
+        let e = estimate(
+            &load,
+            &Ask {
+                need_blocks: 12,
+                uncached_tokens: 0,
+                duplicate_tokens: 0,
+                output_tokens: 0,
+            },
+            &p(),
+            &w(),
+        );
+        assert_eq!(e.deficit_blocks, 10);
+        // 10 blocks at 20 blocks/s.
+        assert!((e.wait_s - 0.5).abs() < 1e-9, "{e:?}");
+    }
+
+    #[test]
+    fn waiting_for_the_cached_agent_beats_recomputing_elsewhere_until_the_wait_grows() {
+        // Agent A caches 240 of 280 prompt tokens but is 5 blocks short; B has room, no cache.
+        // Both prefill at 300 tokens/s (one CPU core, the default model).
+        let mut a = measured();
+        a.room = 0;
+        a.prefill_tokens_per_s = 300.0;
+        let b = AgentLoad {
+            prefill_tokens_per_s: 300.0,
+            ..measured()
+        };
+        let on_a = |room: i64| {
+            let mut l = a;
+            l.room = room;
+            estimate(
+                &l,
+                &Ask {
+                    need_blocks: 5,
+                    uncached_tokens: 40,
+                    duplicate_tokens: 0,
+                    output_tokens: 32,
+                },
+                &p(),
+                &w(),
+            )
+        };
+        let on_b = estimate(
+            &b,
+            &Ask {
+                need_blocks: 20,
+                uncached_tokens: 280,
+                duplicate_tokens: 240,
+                output_tokens: 32,
+            },
+            &p(),
+            &w(),
+        );
+        assert!(on_a(0).cost < on_b.cost, "{:?} vs {on_b:?}", on_a(0));
+        assert!((on_b.duplicate_s - 0.8).abs() < 1e-9, "{on_b:?}");
+        // Without the duplication term the wait must be shorter than the recompute alone.
+        let no_dup = CostWeights {
+            duplicate: 0.0,
+            ..w()
+        };
+        let b_alone = estimate(
+            &b,
+            &Ask {
+                need_blocks: 20,
+                uncached_tokens: 280,
+                duplicate_tokens: 240,
+                output_tokens: 32,
+            },
+            &p(),
+            &no_dup,
+        );
+        assert_eq!(b_alone.duplicate_s, on_b.duplicate_s);
+        assert!(b_alone.cost < on_b.cost);
+        // With many requests already waiting there (room far below zero), spilling wins.
+        assert!(on_a(-100).cost > on_b.cost, "{:?} vs {on_b:?}", on_a(-100));
+    }
+
+    #[test]
+    fn busier_batch_costs_more_decode_time() {
+        let idle = AgentLoad {
+            running: 0,
+            ..measured()
+        };
+        let busy = AgentLoad {
+            running: 8,
+            ..measured()
+        };
+        let ask = Ask {
+            need_blocks: 4,
+            uncached_tokens: 100,
+            duplicate_tokens: 0,
+            output_tokens: 64,
+        };
+        let e0 = estimate(&idle, &ask, &p(), &w());
+        let e8 = estimate(&busy, &ask, &p(), &w());
+        assert_eq!(e0.decode_s, 0.0);
+        assert!(e8.decode_s > 0.0 && e8.cost > e0.cost);
+        // Prefill queued ahead counts as well.
+        let queued = AgentLoad {
+            queued_prefill_tokens: 1000,
+            ..idle
+        };
+        assert!((estimate(&queued, &ask, &p(), &w()).prefill_s - 1.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn unmeasured_agent_uses_priors_and_never_divides_by_zero() {
+        let load = AgentLoad {
+            total_blocks: 10,
+            room: -5,
+            ..AgentLoad::default()
+        };
+        let e = estimate(
+            &load,
+            &Ask {
+                need_blocks: 3,
+                uncached_tokens: 400,
+                duplicate_tokens: 0,
+                output_tokens: 0,
+            },
+            &p(),
+            &w(),
+        );
+        assert!(e.cost.is_finite() && e.wait_s > 0.0 && e.wait_s <= MAX_WAIT_S);
+        assert!((e.prefill_s - 1.0).abs() < 1e-9);
+        let zero = estimate(&AgentLoad::default(), &Ask::default(), &p(), &w());
+        assert_eq!(zero.cost, 0.0);
+    }
+
+    #[test]
+    fn decode_step_scales_with_batch_from_the_measured_point() {
+        let load = measured();
+        let at4 = decode_step_at(&load, &p(), 4.0);
+        assert!((at4 - 0.012).abs() < 1e-12);
+        assert!(decode_step_at(&load, &p(), 8.0) > at4);
+        assert!(decode_step_at(&load, &p(), 0.0) < at4);
+    }
+
+    /// A scripted history: 10 blocks every 500 ms while busy → 20 blocks/s; idle gaps and a
+    /// restart (counter back to 0) are handled.
+    #[test]
+    fn release_rate_from_a_scripted_history() {
+        let mut r = ReleaseRate::default();
+        r.observe(0, 0, true);
+        assert_eq!(r.blocks_per_s, 0.0);
+        for i in 1..=4u64 {
+            r.observe(10 * i, 500 * i, true);
+        }
+        assert!((r.blocks_per_s - 20.0).abs() < 1e-9, "{r:?}");
+        // A long idle gap with nothing released does not dilute the rate.
+        r.observe(40, 60_000, false);
+        r.observe(50, 60_500, true);
+        r.observe(60, 61_000, true);
+        assert!((r.blocks_per_s - 20.0).abs() < 1e-6, "{r:?}");
+        // Faster draining moves the average up, not all the way at once.
+        r.observe(160, 61_500, true);
+        r.observe(260, 62_000, true);
+        assert!(r.blocks_per_s > 20.0 && r.blocks_per_s < 200.0, "{r:?}");
+        // A restarted agent's counter starts over: forget the old rate.
+        r.observe(0, 63_000, true);
+        assert_eq!(r.blocks_per_s, 0.0);
+    }
+}
