@@ -82,6 +82,7 @@ fn decisions_allocate_nothing_once_warm() {
         .collect();
     let kinds = [
         PolicyKind::Kv,
+        PolicyKind::KvScore,
         PolicyKind::RoundRobin,
         PolicyKind::LeastRequests,
         PolicyKind::GpuUtilization,
@@ -105,6 +106,8 @@ fn decisions_allocate_nothing_once_warm() {
         };
         c.decide(&cfg, &req, 0, &mut rng)
     };
+    // A prompt in flight to agent 0: the kv policy walks the in-flight index too.
+    c.track_inflight(0, &prompts[3], 0);
     // Warm-up: the scratch buffers grow to the cluster's size here.
     for kind in kinds {
         decide(&mut c, kind, &prompts[0], 1024, "m");
@@ -122,7 +125,7 @@ fn decisions_allocate_nothing_once_warm() {
         };
         match decide(&mut c, kind, &prompts[i % prompts.len()], tokens, model) {
             Decision::Route(_) => outcomes[0] += 1,
-            Decision::Wait => outcomes[1] += 1,
+            Decision::Wait | Decision::Hold(_) => outcomes[1] += 1,
             Decision::Reject(_) => outcomes[2] += 1,
         }
     }
