@@ -1062,6 +1062,7 @@ impl Cluster {
         let mut best: Option<Route> = None;
         // Blocks the best agent lacks now (`kv` only): > 0 means wait for it.
         let mut best_deficit = 0u64;
+        let mut best_left = 0i128;
         let mut ties = 0u64;
         let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
         let model = model as u32;
@@ -1172,9 +1173,7 @@ impl Cluster {
                     let e = cost::estimate(&load, &ask, &cfg.priors, &cfg.cost);
                     predicted_ttft_s = e.ttft_s();
                     deficit = e.deficit_blocks;
-                    // Equal costs: the agent with more room left wins (then a random one).
-                    let room_left = headroom.max(0) as f64 / h.total.max(1) as f64;
-                    -e.cost + 1e-9 * room_left
+                    -e.cost
                 }
                 PolicyKind::KvScore => {
                     if headroom < 0 {
@@ -1223,23 +1222,36 @@ impl Cluster {
                 prefill_tokens,
                 predicted_ttft_s,
             };
+            // `kv`: equal costs go to the agent with more blocks left after the request (then a
+            // random one); the other policies' scores already include what they prefer.
+            let left = if cfg.kind == PolicyKind::Kv {
+                headroom
+            } else {
+                0
+            };
             match best {
                 None => {
                     best = Some(candidate);
                     best_deficit = deficit;
+                    best_left = left;
                     ties = 1;
                 }
-                Some(b) if score > b.score + 1e-12 => {
+                Some(b)
+                    if score > b.score + 1e-12
+                        || ((score - b.score).abs() <= 1e-12 && left > best_left) =>
+                {
                     best = Some(candidate);
                     best_deficit = deficit;
+                    best_left = left;
                     ties = 1;
                 }
-                Some(b) if (score - b.score).abs() <= 1e-12 => {
+                Some(b) if (score - b.score).abs() <= 1e-12 && left == best_left => {
                     // Reservoir sampling: each tied agent ends up chosen with equal chance.
                     ties += 1;
                     if rng.below(ties) == 0 {
                         best = Some(candidate);
                         best_deficit = deficit;
+                        best_left = left;
                     }
                 }
                 Some(_) => {}
