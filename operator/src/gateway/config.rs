@@ -69,6 +69,10 @@ pub struct GatewayArgs {
     /// kv policy: weight of the decode time the request adds to the agent's running batch.
     #[arg(long, default_value_t = 1.0)]
     pub cost_decode: f64,
+    /// kv policy: how long a queued request may be passed by later ones with more of their
+    /// prompt cached on an agent (they take little room and prefill; 0 = arrival order).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub cache_first_for: Duration,
     /// Other agents to try when connecting to the chosen one fails before the first byte.
     #[arg(long, default_value_t = 2)]
     pub max_retries: u32,
@@ -284,6 +288,7 @@ impl GatewayArgs {
                 },
                 priors: Priors::default(),
                 stale_after_ms: self.stale_after.as_millis() as u64,
+                cache_first_ms: self.cache_first_for.as_millis().min(u128::from(u64::MAX)) as u64,
             },
             max_queue: self.max_queue,
             queue_timeout: self.queue_timeout,

@@ -373,6 +373,11 @@ pub struct PolicyConfig {
     pub priors: Priors,
     /// An agent whose last report is older than this (milliseconds) is not eligible.
     pub stale_after_ms: u64,
+    /// `kv` only: for this long (milliseconds) a queued request may be passed by later requests
+    /// of its priority class that have more of their prompt cached or in flight on an agent of
+    /// their model; once it has waited this long it is served in arrival order again. 0 keeps
+    /// the queue in arrival order.
+    pub cache_first_ms: u64,
 }
 
 impl Default for PolicyConfig {
@@ -383,6 +388,7 @@ impl Default for PolicyConfig {
             cost: CostWeights::default(),
             priors: Priors::default(),
             stale_after_ms: 3_000,
+            cache_first_ms: 2_000,
         }
     }
 }
@@ -1022,6 +1028,33 @@ impl Cluster {
     fn prefix_overlap(&mut self, hashes: &[u64]) -> Vec<u32> {
         prefix_overlap(&self.index, hashes, self.agents.len(), &mut self.scratch);
         self.scratch.overlap.clone()
+    }
+
+    /// The longest leading run of `hashes` that an agent serving `model` caches or is computing
+    /// (in flight), in blocks: what a request with this prompt can reuse at best. Two walks of
+    /// the hashes; allocates nothing once the scratch buffers are warm.
+    pub fn local_prefix_blocks(&mut self, model: &str, hashes: &[u64]) -> u64 {
+        let Some(model) = self.models.iter().position(|m| m == model) else {
+            return 0;
+        };
+        let n = self.hot.len();
+        prefix_overlap(&self.index, hashes, n, &mut self.scratch);
+        let inflight: &[u32] = if self.inflight_index.is_empty() {
+            &[]
+        } else {
+            prefix_overlap(&self.inflight_index, hashes, n, &mut self.scratch_inflight);
+            &self.scratch_inflight.overlap
+        };
+        let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
+        slots
+            .iter()
+            .map(|&s| {
+                let s = s as usize;
+                let cached = self.scratch.overlap.get(s).copied().unwrap_or(0);
+                cached.max(inflight.get(s).copied().unwrap_or(0))
+            })
+            .max()
+            .map_or(0, u64::from)
     }
 
     /// Picks an agent for `req` under `cfg` at clock `now_ms`; ties broken with `rng`.

@@ -56,6 +56,7 @@ struct Waiter {
     exclude: Vec<Slot>,
     tx: oneshot::Sender<Result<Admitted, AdmitError>>,
     queued_at: Instant,
+    priority: Priority,
     /// Offered to the policy (or checked for a reject) at least once.
     looked_at: std::cell::Cell<bool>,
 }
@@ -74,6 +75,8 @@ struct Core {
     claimed: Vec<u64>,
     held: Vec<u64>,
     blocked: Vec<String>,
+    /// Scratch of [`Router::cache_first`]: (class, waited past its window, cached blocks, id).
+    ranked: Vec<(std::cmp::Reverse<Priority>, bool, std::cmp::Reverse<u64>, EntryId)>,
 }
 
 impl Core {
@@ -213,6 +216,7 @@ impl Router {
                 order: Vec::new(),
                 claimed: Vec::new(),
                 held: Vec::new(),
+                ranked: Vec::new(),
                 blocked: Vec::new(),
             }),
             cancels: Mutex::new(Vec::new()),
@@ -327,6 +331,7 @@ impl Router {
                 exclude,
                 tx,
                 queued_at: Instant::now(),
+                priority,
                 looked_at: std::cell::Cell::new(false),
             };
             let id = match core.queue.push(priority, tenant, waiter) {
@@ -373,6 +378,7 @@ impl Router {
     fn pump(self: &Arc<Self>, core: &mut Core) {
         let mut order = std::mem::take(&mut core.order);
         core.queue.order(&mut order);
+        self.cache_first(core, &mut order);
         let mut claimed = std::mem::take(&mut core.claimed);
         claimed.clear();
         claimed.resize(core.cluster.agents().len().div_ceil(64), 0);
@@ -488,6 +494,54 @@ impl Router {
         core.held = held;
         core.blocked = blocked;
         self.metrics.set_queue_depth(core.queue.len());
+    }
+
+    /// Reorders `order` (the queue's) so that, within a priority class, requests with more of
+    /// their prompt cached or in flight on an agent of their model come first (`kv` models whose
+    /// `cache_first_ms` is set): they take little room and little prefill, and serving them
+    /// while their prefix is resident keeps it from being evicted and computed again. A request
+    /// that has waited longer than its window is served in the queue's own order, ahead of the
+    /// younger ones of its class, so none is passed for ever. Stable: equal keys keep the queue's
+    /// order (arrival, tenants taking turns).
+    fn cache_first(&self, core: &mut Core, order: &mut Vec<EntryId>) {
+        if order.len() < 2 {
+            return;
+        }
+        let mut ranked = std::mem::take(&mut core.ranked);
+        ranked.clear();
+        let mut reorders = false;
+        for &id in order.iter() {
+            let Some(w) = core.queue.get(id) else {
+                continue;
+            };
+            let cfg = core
+                .settings
+                .get(&w.plan.model)
+                .map_or(self.defaults.policy, |s| s.policy);
+            let window = Duration::from_millis(cfg.cache_first_ms);
+            let young = cfg.kind == PolicyKind::Kv
+                && cfg.cache_first_ms > 0
+                && w.queued_at.elapsed() < window;
+            let local = if young {
+                core.cluster
+                    .local_prefix_blocks(&w.plan.model, &w.plan.block_hashes)
+            } else {
+                0
+            };
+            reorders |= local > 0;
+            ranked.push((
+                std::cmp::Reverse(w.priority),
+                young,
+                std::cmp::Reverse(local),
+                id,
+            ));
+        }
+        if reorders {
+            ranked.sort_by_key(|&(class, young, local, _)| (class, young, local));
+            order.clear();
+            order.extend(ranked.iter().map(|r| r.3));
+        }
+        core.ranked = ranked;
     }
 
     /// Runs until the process ends: applies cancellations and re-pumps the queue when woken, and
@@ -742,6 +796,75 @@ mod tests {
         assert_eq!(got.route.cached_blocks, 15);
         assert!(got.route.predicted_ttft_s > 0.0);
         until_depth(&r, 0).await;
+    }
+
+    /// One agent with no room that caches `prefix`; a request of 20 uncached blocks queued first,
+    /// then one whose 15-block prefix is cached, then room for the cached one only. Returns the
+    /// two admissions.
+    async fn room_for_one_after_two_queued(
+        cache_first_ms: u64,
+        gap: Duration,
+    ) -> (
+        tokio::task::JoinHandle<Result<Admitted, AdmitError>>,
+        tokio::task::JoinHandle<Result<Admitted, AdmitError>>,
+        Arc<Router>,
+    ) {
+        let cfg = GatewayConfig::for_agents("127.0.0.1:0".parse().unwrap(), Vec::new());
+        let mut defaults = cfg.model_defaults();
+        defaults.policy.cache_first_ms = cache_first_ms;
+        let r = Arc::new(Router::new(defaults, 1, Arc::new(Metrics::new("kv"))));
+        let prefix: Vec<u64> = (1..=15).collect();
+        let a = r.add_agent("a:8000");
+        let at = |free: u64, stored: Vec<u64>| Report {
+            agent_id: "a".into(),
+            epoch: 1,
+            model: "M".into(),
+            block_size: 16,
+            total_blocks: 100,
+            free_blocks: free,
+            max_model_len: 8192,
+            snapshot: true,
+            events: vec![crate::gateway::policy::CacheEvent::Stored(stored)],
+            ..Report::default()
+        };
+        r.on_report(a, at(0, prefix.clone()));
+        let uncached = spawn_admit(&r, plan("M", 320), Vec::new(), Priority::NORMAL);
+        until_depth(&r, 1).await;
+        tokio::time::sleep(gap).await;
+        let mut p = plan("M", 256);
+        p.output_tokens = 32;
+        p.block_hashes = prefix.clone();
+        let cached = spawn_admit(&r, p, Vec::new(), Priority::NORMAL);
+        until_depth(&r, 2).await;
+        r.on_report(a, at(10, prefix));
+        (uncached, cached, r)
+    }
+
+    #[tokio::test]
+    async fn kv_serves_a_queued_request_with_a_cached_prefix_before_an_older_uncached_one() {
+        let (uncached, cached, r) = room_for_one_after_two_queued(60_000, Duration::ZERO).await;
+        let got = cached.await.unwrap().unwrap();
+        assert_eq!(got.route.cached_blocks, 15);
+        until_depth(&r, 1).await;
+        assert!(!uncached.is_finished());
+    }
+
+    #[tokio::test]
+    async fn without_a_cache_first_window_the_queue_keeps_arrival_order() {
+        // The older request holds the room it waits for; the cached one stays behind it.
+        let (uncached, cached, r) = room_for_one_after_two_queued(0, Duration::ZERO).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(r.queue().depth, 2);
+        assert!(!uncached.is_finished() && !cached.is_finished());
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_past_its_cache_first_window_is_passed_no_more() {
+        let (uncached, cached, r) =
+            room_for_one_after_two_queued(50, Duration::from_millis(120)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(r.queue().depth, 2);
+        assert!(!uncached.is_finished() && !cached.is_finished());
     }
 
     #[tokio::test]
