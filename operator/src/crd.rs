@@ -321,9 +321,56 @@ pub struct RoutingSpec {
     /// Policy: `kv` (KV headroom + prefix overlap + queue depth) or a baseline.
     #[serde(default)]
     pub policy: RoutingPolicy,
-    /// Weights of the `kv` policy's score.
+    /// Weights of the `kv-score` terms (`--policy kv-score` on the gateway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<RoutingWeights>,
+    /// Scorers (and their weights) in place of the policy's own: the policy keeps its filters
+    /// and picker (`kv`: may wait for the agent it picks), these scorers rank the agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 8))]
+    pub scorers: Option<Vec<WeightedScorer>>,
+}
+
+/// One scorer of a routing pipeline with its weight.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedScorer {
+    pub name: ScorerName,
+    #[serde(default = "one")]
+    #[schemars(range(min = 0.0))]
+    pub weight: f64,
+}
+
+/// The gateway's built-in scorers (see docs/architecture.md).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ScorerName {
+    /// Minus the predicted cost in seconds (wait for room, prefill, duplication, decode).
+    Cost,
+    /// Fraction of the prompt cached on the agent.
+    Prefix,
+    /// Fraction of the pool left after the request.
+    Headroom,
+    /// Minus the share of the agent's requests that wait.
+    Queue,
+    /// Minus the agent's running, waiting and unreported requests.
+    Requests,
+    /// Minus GPU utilisation (KV use without a GPU).
+    Gpu,
+}
+
+impl ScorerName {
+    /// The name the gateway's `--scorer` flag and its registry use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScorerName::Cost => "cost",
+            ScorerName::Prefix => "prefix",
+            ScorerName::Headroom => "headroom",
+            ScorerName::Queue => "queue",
+            ScorerName::Requests => "requests",
+            ScorerName::Gpu => "gpu",
+        }
+    }
 }
 
 /// Routing policies the gateway implements.

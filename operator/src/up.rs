@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 use crate::gateway::config::parse_duration;
-use crate::gateway::policy::PolicyKind;
-use crate::gateway::source::AgentEndpoint;
+use crate::gateway::types::AgentEndpoint;
 use crate::gateway::GatewayConfig;
+use kvroute_routing::PolicyKind;
 
 /// Flags of `kvroute up`.
 #[derive(Debug, Clone, clap::Args)]

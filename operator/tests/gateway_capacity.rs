@@ -6,8 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use kvroute_operator::gateway::admission::Priority;
-use kvroute_operator::gateway::router::PromptPlan;
+use kvroute_operator::gateway::types::PromptPlan;
+use kvroute_routing::admission::Priority;
 use support::stub::{StubAgent, StubConfig};
 use support::*;
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use kvroute_operator::gateway::policy::PolicyKind;
-use kvroute_operator::gateway::source::AgentEndpoint;
+use kvroute_operator::gateway::types::AgentEndpoint;
+use kvroute_routing::PolicyKind;
 use support::stub::{StubAgent, StubConfig};
 use support::*;
 

@@ -13,8 +13,8 @@ use kvroute_proto::v1::block_event::Kind;
 use kvroute_proto::{AgentClient, CapacityReport, WatchCapacityRequest};
 use tonic::transport::Endpoint;
 
-use super::policy::{CacheEvent, Report, Slot};
 use super::router::Router;
+use kvroute_routing::{CacheEvent, Report, Slot};
 
 /// Reconnect and timeout settings for capacity streams.
 #[derive(Debug, Clone, Copy)]

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::admission::Priority;
-use super::cost::{CostWeights, Priors};
-use super::policy::{PolicyConfig, PolicyKind, Weights};
 use super::prompt::ReserveOutput;
-use super::source::AgentEndpoint;
+use super::types::AgentEndpoint;
+use kvroute_routing::admission::Priority;
+use kvroute_routing::cost::{CostWeights, Priors};
+use kvroute_routing::{PolicyConfig, PolicyKind, ScorerId, ScorerList, Weights};
 
 /// Flags of `kvroute gateway` (also embedded by `kvroute up`).
 #[derive(Debug, Clone, clap::Args)]
@@ -73,6 +73,10 @@ pub struct GatewayArgs {
     /// prompt cached on an agent (they take little room and prefill; 0 = arrival order).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub cache_first_for: Duration,
+    /// Scorers in place of the policy's own, as `NAME=WEIGHT` (repeatable; NAME one of cost,
+    /// prefix, headroom, queue, requests, gpu): the policy keeps its filters and picker.
+    #[arg(long = "scorer", value_name = "NAME=WEIGHT", value_parser = parse_scorer)]
+    pub scorers: Vec<(ScorerId, f64)>,
     /// Other agents to try when connecting to the chosen one fails before the first byte.
     #[arg(long, default_value_t = 2)]
     pub max_retries: u32,
@@ -133,6 +137,25 @@ impl ModelSettings {
                 RoutingPolicy::LeastRequests => PolicyKind::LeastRequests,
                 RoutingPolicy::GpuUtilization => PolicyKind::GpuUtilization,
             };
+            if let Some(list) = &r.scorers {
+                let mut scorers = ScorerList::default();
+                for sc in list {
+                    let pushed = match ScorerId::builtin(sc.name.as_str()) {
+                        Some(_) if !(sc.weight.is_finite() && sc.weight >= 0.0) => {
+                            Err(format!("weight {} must be a finite number ≥ 0", sc.weight))
+                        }
+                        Some(id) => scorers.push(id, sc.weight),
+                        None => Err("unknown scorer".to_string()),
+                    };
+                    if let Err(e) = pushed {
+                        warnings.push(format!(
+                            "spec.routing.scorers {}: {e}; the scorer is left out",
+                            sc.name.as_str()
+                        ));
+                    }
+                }
+                out.policy.scorers = (!scorers.is_empty()).then_some(scorers);
+            }
             if let Some(w) = &r.weights {
                 let mut weights = defaults.policy.weights;
                 for (field, value, slot) in [
@@ -190,6 +213,28 @@ pub struct GatewayConfig {
     pub seed: u64,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+}
+
+/// Parses one `--scorer NAME=WEIGHT`.
+pub fn parse_scorer(s: &str) -> Result<(ScorerId, f64), String> {
+    let (name, weight) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=WEIGHT, e.g. cost=1"))?;
+    let id = ScorerId::builtin(name.trim()).ok_or_else(|| {
+        format!(
+            "unknown scorer {:?} (expected one of {})",
+            name.trim(),
+            ScorerId::BUILTIN.join(", ")
+        )
+    })?;
+    let w: f64 = weight
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: weight {weight:?} is not a number"))?;
+    if !w.is_finite() || w < 0.0 {
+        return Err(format!("{s:?}: weight must be a finite number ≥ 0"));
+    }
+    Ok((id, w))
 }
 
 /// Parses `250ms`, `3s`, `2m`, `1h`, or plain seconds.
@@ -258,6 +303,17 @@ impl GatewayArgs {
             let p: Priority = v.parse().map_err(invalid)?;
             key_priorities.insert(k.to_string(), p);
         }
+        let scorers = if self.scorers.is_empty() {
+            None
+        } else {
+            Some(
+                ScorerList::new(&self.scorers).map_err(|reason| ConfigError::Invalid {
+                    flag: "--scorer",
+                    value: format!("{} scorers", self.scorers.len()),
+                    reason,
+                })?,
+            )
+        };
         let reserve_output = if self.reserve_output == "expected" {
             ReserveOutput::Expected(self.expected_output_tokens.max(1))
         } else {
@@ -289,6 +345,7 @@ impl GatewayArgs {
                 priors: Priors::default(),
                 stale_after_ms: self.stale_after.as_millis() as u64,
                 cache_first_ms: self.cache_first_for.as_millis().min(u128::from(u64::MAX)) as u64,
+                scorers,
             },
             max_queue: self.max_queue,
             queue_timeout: self.queue_timeout,
@@ -348,9 +405,79 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
     }
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<GatewayConfig, String> {
+        use clap::Parser;
+        let args = [
+            "kvroute",
+            "--agent",
+            "http://127.0.0.1:1,grpc://127.0.0.1:2",
+        ]
+        .iter()
+        .chain(flags);
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        cli.gateway.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn scorer_flags_replace_the_presets_scorers() {
+        let cfg = parse(&[
+            "--policy",
+            "kv-score",
+            "--scorer",
+            "prefix=2",
+            "--scorer",
+            " cost = 0.5",
+        ])
+        .unwrap();
+        assert_eq!(cfg.policy.kind, PolicyKind::KvScore);
+        assert_eq!(
+            cfg.policy.scorers.map(|l| l.as_slice().to_vec()),
+            Some(vec![(ScorerId::PREFIX, 2.0), (ScorerId::COST, 0.5)])
+        );
+        assert_eq!(parse(&[]).unwrap().policy.scorers, None);
+        for (bad, says) in [
+            ("nope=1", "unknown scorer"),
+            ("cost", "expected NAME=WEIGHT"),
+            ("cost=", "not a number"),
+            ("cost=-1", "finite number"),
+            ("cost=nan", "finite number"),
+            ("cost=1e999", "finite number"),
+        ] {
+            let e = parse(&["--scorer", bad]).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let nine: Vec<&str> = ["--scorer", "queue=1"].repeat(9);
+        let e = parse(&nine).unwrap_err();
+        assert!(e.contains("--scorer") && e.contains("at most 8"), "{e}");
+    }
+
+    #[test]
+    fn cache_first_window_is_a_duration() {
+        assert_eq!(parse(&[]).unwrap().policy.cache_first_ms, 2_000);
+        let cfg = parse(&["--cache-first-for", "250ms"]).unwrap();
+        assert_eq!(cfg.policy.cache_first_ms, 250);
+        assert_eq!(
+            parse(&["--cache-first-for", "0"])
+                .unwrap()
+                .policy
+                .cache_first_ms,
+            0
+        );
+        assert!(parse(&["--cache-first-for", "soon"]).is_err());
+        assert!(parse(&["--cache-first-for", "-1s"]).is_err());
+    }
+
     #[test]
     fn model_settings_from_spec_override_only_what_the_spec_sets() {
-        use crate::crd::{AdmissionSpec, RoutingPolicy, RoutingSpec, RoutingWeights};
+        use crate::crd::{
+            AdmissionSpec, RoutingPolicy, RoutingSpec, RoutingWeights, ScorerName, WeightedScorer,
+        };
         let cfg = GatewayConfig::for_agents("127.0.0.1:0".parse().unwrap(), Vec::new());
         let defaults = cfg.model_defaults();
         assert_eq!(
@@ -364,6 +491,16 @@ mod tests {
                 headroom: f64::NAN,
                 queue: -1.0,
             }),
+            scorers: Some(vec![
+                WeightedScorer {
+                    name: ScorerName::Prefix,
+                    weight: 3.0,
+                },
+                WeightedScorer {
+                    name: ScorerName::Requests,
+                    weight: f64::INFINITY,
+                },
+            ]),
         };
         let admission = AdmissionSpec {
             max_queue: Some(0),
@@ -376,9 +513,18 @@ mod tests {
         // Bad weights keep the flags' values, and each is named.
         assert_eq!(s.policy.weights.headroom, defaults.policy.weights.headroom);
         assert_eq!(s.policy.weights.queue, defaults.policy.weights.queue);
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        // The scorer list replaces the preset's; the one with a bad weight is left out, named.
+        assert_eq!(
+            s.policy.scorers.map(|l| l.as_slice().to_vec()),
+            Some(vec![(ScorerId::PREFIX, 3.0)])
+        );
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(
-            warnings[1].contains("spec.routing.weights.queue -1"),
+            warnings[0].contains("spec.routing.scorers requests"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[2].contains("spec.routing.weights.queue -1"),
             "{warnings:?}"
         );
         assert_eq!(s.max_queue, 0);

@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use super::router::{AgentSnapshot, QueueSnapshot};
+use super::types::{AgentSnapshot, QueueSnapshot};
 
 /// Everything the dashboard shows.
 #[derive(Debug, Clone, Serialize)]

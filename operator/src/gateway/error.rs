@@ -6,7 +6,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::policy::Reject;
+use kvroute_routing::Reject;
 
 /// Errors answered to a client.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::router::AgentSnapshot;
+use super::types::AgentSnapshot;
 
 /// Latency buckets in seconds (upper bounds).
 const DECISION_BUCKETS: &[f64] = &[

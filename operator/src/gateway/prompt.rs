@@ -15,7 +15,7 @@ use serde_json::Value;
 use kvroute_engine::chat::{ChatMessage, ChatTemplate};
 use kvroute_engine::tokenizer::Tokenizer;
 
-use super::router::PromptPlan;
+use super::types::PromptPlan;
 
 pub use kvroute_engine::kv::hash::block_hashes;
 

@@ -21,24 +21,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
-use super::admission::{AdmissionQueue, EntryId, Full, Priority};
 use super::config::ModelSettings;
 use super::metrics::Metrics;
-use super::policy::{
+use super::types::{AgentSnapshot, ModelSpecSettings, PromptPlan, QueueEntry, QueueSnapshot};
+use kvroute_routing::admission::{AdmissionQueue, EntryId, Full, Priority};
+use kvroute_routing::{
     Cluster, Decision, PolicyConfig, PolicyKind, Reject, Report, ReservationHandle, Route,
     RouteRequest, Slot, SplitMix64,
 };
-use super::source::ModelSpecSettings;
-
-/// A request's routing-relevant facts (sizes and block hashes, computed from its prompt).
-#[derive(Debug, Clone)]
-pub struct PromptPlan {
-    pub model: String,
-    pub prompt_tokens: u64,
-    pub output_tokens: u64,
-    pub block_size: u32,
-    pub block_hashes: Vec<u64>,
-}
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,7 +66,12 @@ struct Core {
     held: Vec<u64>,
     blocked: Vec<String>,
     /// Scratch of [`Router::cache_first`]: (class, waited past its window, cached blocks, id).
-    ranked: Vec<(std::cmp::Reverse<Priority>, bool, std::cmp::Reverse<u64>, EntryId)>,
+    ranked: Vec<(
+        std::cmp::Reverse<Priority>,
+        bool,
+        std::cmp::Reverse<u64>,
+        EntryId,
+    )>,
 }
 
 impl Core {
@@ -157,47 +152,6 @@ impl Drop for Admitted {
             }
         }
     }
-}
-
-/// A point-in-time copy of one agent for the dashboard and metrics.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct AgentSnapshot {
-    pub slot: Slot,
-    pub endpoint: String,
-    pub agent_id: String,
-    pub model: String,
-    pub active: bool,
-    pub connected: bool,
-    pub eligible: bool,
-    pub report_age_ms: Option<u64>,
-    pub epoch: u64,
-    pub total_blocks: u64,
-    pub free_blocks: u64,
-    pub cached_blocks: u64,
-    pub used_blocks: u64,
-    pub reserved_blocks: u64,
-    pub pending_requests: usize,
-    pub running_requests: u32,
-    pub waiting_requests: u32,
-    pub requests_received: u64,
-    pub preemptions: u64,
-    pub gpu_utilization_percent: Option<u32>,
-    pub prefix_hashes: usize,
-}
-
-/// Queue depth per class and tenant.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct QueueSnapshot {
-    pub depth: usize,
-    pub capacity: usize,
-    pub entries: Vec<QueueEntry>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct QueueEntry {
-    pub priority: String,
-    pub tenant: String,
-    pub depth: usize,
 }
 
 impl Router {
@@ -645,7 +599,7 @@ mod tests {
     use super::*;
     use crate::crd::{AdmissionSpec, RoutingPolicy, RoutingSpec};
     use crate::gateway::config::GatewayConfig;
-    use crate::gateway::policy::PolicyKind;
+    use kvroute_routing::PolicyKind;
 
     fn router() -> Arc<Router> {
         let cfg = GatewayConfig::for_agents("127.0.0.1:0".parse().unwrap(), Vec::new());
@@ -766,7 +720,7 @@ mod tests {
             prefill_tokens_per_s: 300,
             decode_step_us: 20_000,
             decode_batch: 4,
-            events: vec![crate::gateway::policy::CacheEvent::Stored(stored)],
+            events: vec![kvroute_routing::CacheEvent::Stored(stored)],
             ..Report::default()
         };
         let a = r.add_agent("a:8000");
@@ -824,7 +778,7 @@ mod tests {
             free_blocks: free,
             max_model_len: 8192,
             snapshot: true,
-            events: vec![crate::gateway::policy::CacheEvent::Stored(stored)],
+            events: vec![kvroute_routing::CacheEvent::Stored(stored)],
             ..Report::default()
         };
         r.on_report(a, at(0, prefix.clone()));
@@ -938,6 +892,7 @@ mod tests {
                     routing: Some(RoutingSpec {
                         policy: RoutingPolicy::RoundRobin,
                         weights: None,
+                        scorers: None,
                     }),
                     admission: None,
                 },

@@ -19,7 +19,6 @@ use http_body_util::BodyExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::admission::Priority;
 use super::capacity::WatchSettings;
 use super::config::GatewayConfig;
 use super::dashboard::{self, DashboardState};
@@ -29,6 +28,7 @@ use super::prompt::{self, Endpoint, ModelCatalog, ModelInfo};
 use super::proxy::{self, HttpClient};
 use super::router::{AdmitError, Router};
 use super::source::{track_agents, AgentSet, AgentSource, KubernetesAgents, StaticAgents};
+use kvroute_routing::admission::Priority;
 
 /// Shared state of a running gateway.
 pub struct Gateway {

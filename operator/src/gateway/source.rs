@@ -14,65 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::capacity::{watch_agent, WatchSettings};
 use super::router::Router;
-
-/// One agent's two endpoints.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AgentEndpoint {
-    /// `HOST:PORT` of its OpenAI HTTP API.
-    pub http: String,
-    /// `http://HOST:PORT` URI of its gRPC capacity service.
-    pub grpc: String,
-}
-
-/// A bad `--agent` value.
-#[derive(Debug, thiserror::Error, PartialEq)]
-#[error("--agent {value:?}: {reason} (expected http://HOST:PORT,grpc://HOST:PORT)")]
-pub struct AgentSpecError {
-    pub value: String,
-    pub reason: &'static str,
-}
-
-impl std::str::FromStr for AgentEndpoint {
-    type Err = AgentSpecError;
-    fn from_str(s: &str) -> Result<Self, AgentSpecError> {
-        let err = |reason| AgentSpecError {
-            value: s.to_string(),
-            reason,
-        };
-        let (a, b) = s.split_once(',').ok_or_else(|| err("missing ','"))?;
-        let mut http = None;
-        let mut grpc = None;
-        for part in [a.trim(), b.trim()] {
-            if let Some(rest) = part.strip_prefix("http://") {
-                http = Some(rest.trim_end_matches('/'));
-            } else if let Some(rest) = part.strip_prefix("grpc://") {
-                grpc = Some(rest.trim_end_matches('/'));
-            } else {
-                return Err(err("each part must start with http:// or grpc://"));
-            }
-        }
-        let http = http.ok_or_else(|| err("no http:// part"))?;
-        let grpc = grpc.ok_or_else(|| err("no grpc:// part"))?;
-        for hp in [http, grpc] {
-            let (host, port) = hp.rsplit_once(':').ok_or_else(|| err("missing :PORT"))?;
-            if host.is_empty() || host.contains('/') {
-                return Err(err("bad host"));
-            }
-            port.parse::<u16>().map_err(|_| err("bad port"))?;
-        }
-        Ok(AgentEndpoint {
-            http: http.to_string(),
-            grpc: format!("http://{grpc}"),
-        })
-    }
-}
-
-/// A model's own settings as its ModelDeployment states them (`None`: the spec says nothing).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ModelSpecSettings {
-    pub routing: Option<crate::crd::RoutingSpec>,
-    pub admission: Option<crate::crd::AdmissionSpec>,
-}
+use super::types::{AgentEndpoint, ModelSpecSettings};
 
 /// What a source publishes.
 #[derive(Debug, Clone, Default, PartialEq)]

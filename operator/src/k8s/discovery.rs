@@ -315,6 +315,7 @@ mod tests {
         m.spec.routing = Some(RoutingSpec {
             policy: RoutingPolicy::LeastRequests,
             weights: None,
+            scorers: None,
         });
         Arc::new(m)
     }

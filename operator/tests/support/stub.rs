@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::Stream;
 use kvroute_operator::gateway::prompt::{self, Endpoint, ReserveOutput};
-use kvroute_operator::gateway::source::AgentEndpoint;
+use kvroute_operator::gateway::types::AgentEndpoint;
 use kvroute_proto::v1::block_event::Kind;
 use kvroute_proto::{
     Agent, AgentServer, BlockEvent, CapacityReport, GetCapacityRequest, WatchCapacityRequest,

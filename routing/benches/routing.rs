@@ -3,13 +3,13 @@
 //! Criterion reports mean/median; after it, a plain sample loop prints p50/p99/max per size
 //! (criterion does not report tail percentiles), both wall-clock and the thread's own CPU time
 //! (so a loaded machine's scheduling shows as the gap between the two), and `/proc/loadavg`.
-//! Run: `cargo bench -p kvroute-operator --bench routing`.
+//! Run: `cargo bench -p kvroute-routing --bench routing`.
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion};
-use kvroute_operator::gateway::policy::{
+use kvroute_routing::{
     CacheEvent, Cluster, Decision, PolicyConfig, RandomSource, Report, RouteRequest, SplitMix64,
 };
 

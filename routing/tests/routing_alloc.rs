@@ -4,7 +4,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use kvroute_operator::gateway::policy::{
+use kvroute_routing::{
     CacheEvent, Cluster, Decision, PolicyConfig, PolicyKind, RandomSource, Report, RouteRequest,
     SplitMix64,
 };

@@ -1,0 +1,347 @@
+//! A routing decision as a pipeline: **filters → weighted scorers → picker**.
+//!
+//! 1. **Filters** (fixed, in this order) turn the agents serving the model into candidates: live
+//!    and fresh, the prompt below its `max_model_len`, not excluded (a retry) nor claimed by an
+//!    earlier queued request, a pool that holds the prompt, and the preset's room rule (room now;
+//!    room now or worth waiting for; or room ignored, for the baselines). Each candidate carries
+//!    what the request takes there (blocks, cached prefix, room, prompt tokens to compute).
+//! 2. **Scorers** ([`Scorer`](crate::scorer::Scorer)) each write one value per candidate into a reusable slice (higher is better);
+//!    the pipeline adds them up with their weights. A scorer is a [`Scorer`] registered by name
+//!    in the cluster's [`ScorerRegistry`](crate::registry::ScorerRegistry); the built-in ones live in [`scorers`](crate::scorers).
+//! 3. **A picker** takes the best total (ties: more blocks left after the request for `kv`, then
+//!    a seeded random draw), or the first candidate from the round-robin cursor.
+//!
+//! A [`PolicyKind`] is a preset of the three: `kv` = room-or-wait, the `cost` scorer, best with
+//! headroom ties; `kv-score` = room now, `prefix` + `headroom` + `queue`; `least-requests` and
+//! `gpu-utilization` = room ignored, one scorer each; `round-robin` = room ignored, the cursor.
+//! [`PolicyConfig::scorers`] replaces a preset's scorers with any weighted list.
+//!
+//! Pure: no I/O, no clock, no allocation once the scratch buffers are warm.
+
+use crate::cluster::Cluster;
+use crate::cost;
+use crate::index::{has_bit, prefix_overlap};
+use crate::policy::{
+    Decision, PolicyConfig, PolicyKind, RandomSource, Route, RouteRequest, ScorerId, ScorerList,
+};
+use crate::scorer::{Candidate, PipelineScratch, ScoreContext};
+use crate::scorers::{ask_of, load_of};
+
+/// Which candidates the room filter keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomRule {
+    /// Only agents with room for the request now.
+    Now,
+    /// Also agents without room: the request may wait for the one picked (when it may wait).
+    NowOrWait,
+    /// Room is not looked at (baselines).
+    Ignore,
+}
+
+/// How the winner is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Picker {
+    /// Highest total; ties to a random one of them, or first to the one with more blocks left.
+    Best { headroom_ties: bool },
+    /// The first candidate from the model's round-robin cursor.
+    RoundRobin,
+}
+
+/// The filter rule, picker and default scorers a [`PolicyKind`] stands for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preset {
+    pub room: RoomRule,
+    pub picker: Picker,
+    /// Walk the prefix index (for scorers that read cached blocks).
+    pub walks_cache: bool,
+    /// Count prefixes in flight to an agent as local there.
+    pub tracks_inflight: bool,
+    pub scorers: ScorerList,
+}
+
+impl Preset {
+    /// The preset of `cfg.kind`, with `cfg.scorers` in place of its own when set.
+    pub fn of(cfg: &PolicyConfig) -> Preset {
+        let one = |id: ScorerId, w: f64| {
+            let mut l = ScorerList::default();
+            // One item always fits.
+            let _ = l.push(id, w);
+            l
+        };
+        let mut p = match cfg.kind {
+            PolicyKind::Kv => Preset {
+                room: RoomRule::NowOrWait,
+                picker: Picker::Best {
+                    headroom_ties: true,
+                },
+                walks_cache: true,
+                tracks_inflight: true,
+                scorers: one(ScorerId::COST, 1.0),
+            },
+            PolicyKind::KvScore => {
+                let w = cfg.weights;
+                let mut l = ScorerList::default();
+                let _ = l.push(ScorerId::PREFIX, w.prefix);
+                let _ = l.push(ScorerId::HEADROOM, w.headroom);
+                let _ = l.push(ScorerId::QUEUE, w.queue);
+                Preset {
+                    room: RoomRule::Now,
+                    picker: Picker::Best {
+                        headroom_ties: false,
+                    },
+                    walks_cache: true,
+                    tracks_inflight: false,
+                    scorers: l,
+                }
+            }
+            PolicyKind::RoundRobin => Preset {
+                room: RoomRule::Ignore,
+                picker: Picker::RoundRobin,
+                walks_cache: false,
+                tracks_inflight: false,
+                scorers: ScorerList::default(),
+            },
+            PolicyKind::LeastRequests => Preset {
+                room: RoomRule::Ignore,
+                picker: Picker::Best {
+                    headroom_ties: false,
+                },
+                walks_cache: false,
+                tracks_inflight: false,
+                scorers: one(ScorerId::REQUESTS, 1.0),
+            },
+            PolicyKind::GpuUtilization => Preset {
+                room: RoomRule::Ignore,
+                picker: Picker::Best {
+                    headroom_ties: false,
+                },
+                walks_cache: false,
+                tracks_inflight: false,
+                scorers: one(ScorerId::GPU, 1.0),
+            },
+        };
+        if let Some(list) = cfg.scorers {
+            p.scorers = list;
+            // Scorers that read the cache need the walk whatever the preset.
+            p.walks_cache |= list.as_slice().iter().any(|&(id, _)| {
+                id == ScorerId::COST || id == ScorerId::PREFIX || id.0 as usize >= 6
+            });
+        }
+        p
+    }
+}
+
+impl Cluster {
+    /// Picks an agent for `req` under `cfg` at clock `now_ms`; ties broken with `rng`.
+    ///
+    /// Costs up to two walks of the prompt's block hashes (presets that read the cache), one pass
+    /// over the agents serving the model, and one pass per scorer over the candidates; it
+    /// allocates nothing once the scratch buffers are warm. `&mut self` only for those buffers: a
+    /// decision changes no state (round-robin's cursor moves in [`reserve`](Cluster::reserve)).
+    pub fn decide(
+        &mut self,
+        cfg: &PolicyConfig,
+        req: &RouteRequest<'_>,
+        now_ms: u64,
+        rng: &mut dyn RandomSource,
+    ) -> Decision {
+        let Some(model) = self.models.iter().position(|m| m == req.model) else {
+            return self.why_not(req);
+        };
+        let preset = Preset::of(cfg);
+        let n = self.hot.len();
+        if preset.walks_cache {
+            prefix_overlap(&self.index, req.block_hashes, n, &mut self.scratch);
+        }
+        let overlap: &[u32] = if preset.walks_cache {
+            &self.scratch.overlap
+        } else {
+            &[]
+        };
+        let inflight: &[u32] = if preset.tracks_inflight && !self.inflight_index.is_empty() {
+            prefix_overlap(
+                &self.inflight_index,
+                req.block_hashes,
+                n,
+                &mut self.scratch_inflight,
+            );
+            &self.scratch_inflight.overlap
+        } else {
+            &[]
+        };
+        let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
+        let model = model as u32;
+        // Round-robin walks from the cursor (cyclically, in slot order); the others from the
+        // lowest slot.
+        let start = if preset.picker == Picker::RoundRobin && n > 0 {
+            let cursor = self.rr_next.get(model as usize).copied().unwrap_or(0) % n;
+            slots.partition_point(|&s| (s as usize) < cursor)
+        } else {
+            0
+        };
+        let (tail, head) = slots.split_at(start);
+        let first_only = preset.picker == Picker::RoundRobin;
+        let may_wait = preset.room == RoomRule::NowOrWait && req.may_hold;
+        let total_tokens = req.prompt_tokens + req.output_tokens;
+        let PipelineScratch {
+            candidates,
+            scores,
+            totals,
+        } = &mut self.pipeline;
+        candidates.clear();
+        // The longest prefix any agent of the model holds or is computing (eligible or not).
+        let mut best_local = 0u64;
+        // Block counts for the last block size seen (agents of a model share one in practice).
+        let mut sized = (0u32, 0u64, 0u64);
+        for &slot in head.iter().chain(tail) {
+            let slot = slot as usize;
+            let Some(h) = self.hot.get(slot) else {
+                continue;
+            };
+            let reported = overlap.get(slot).copied().unwrap_or(0);
+            let local_any = reported.max(inflight.get(slot).copied().unwrap_or(0));
+            best_local = best_local.max(u64::from(local_any));
+            if !h.live
+                || h.model != model
+                || now_ms.saturating_sub(h.last_report_ms) > cfg.stale_after_ms
+                || (h.max_model_len > 0 && req.prompt_tokens >= u64::from(h.max_model_len))
+                || req.exclude.contains(&slot)
+                || has_bit(req.claimed, slot)
+            {
+                continue;
+            }
+            if sized.0 != h.block_size {
+                sized = (
+                    h.block_size,
+                    crate::policy::blocks_for(total_tokens, h.block_size),
+                    crate::policy::blocks_for(req.prompt_tokens + 1, h.block_size),
+                );
+            }
+            let (_, all_blocks, prompt_min) = sized;
+            if prompt_min > h.total {
+                continue;
+            }
+            // A request whose reserved output would not fit even in an empty pool is clamped to
+            // the pool: it can still run when the agent is idle.
+            let blocks = all_blocks.min(h.total);
+            let same_size = h.block_size == req.block_size;
+            let cached = if same_size { u64::from(reported) } else { 0 };
+            let local = if same_size { u64::from(local_any) } else { 0 };
+            // Cached prefix blocks that no running request holds are counted in `free` too:
+            // using them takes them out of `free`. Which of ours are is unknown, so as many as
+            // the agent has evictable ones are assumed to be (exact on an idle agent).
+            let need = blocks.saturating_sub(cached.saturating_sub(h.cached_evictable));
+            let held = req.held.get(slot).copied().unwrap_or(0);
+            let room = (h.free as i128 - h.reserved as i128 - held as i128)
+                .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+            let c = Candidate {
+                slot,
+                need_blocks: need,
+                cached_blocks: cached,
+                local_blocks: local,
+                room,
+                prefill_tokens: req
+                    .prompt_tokens
+                    .saturating_sub(local * u64::from(h.block_size)),
+            };
+            let fits = c.headroom() >= 0;
+            match preset.room {
+                RoomRule::Now if !fits => continue,
+                RoomRule::NowOrWait if !fits && !may_wait => continue,
+                _ => {}
+            }
+            candidates.push(c);
+            if first_only {
+                break;
+            }
+        }
+        if candidates.is_empty() {
+            return self.why_not(req);
+        }
+        let ctx = ScoreContext::new(req, cfg, best_local, &self.hot);
+        totals.clear();
+        totals.resize(candidates.len(), 0.0);
+        for (i, &(id, weight)) in preset.scorers.as_slice().iter().enumerate() {
+            let Some(scorer) = self.scorers.get(id) else {
+                continue;
+            };
+            if i == 0 {
+                // The first scorer writes the totals directly (one pass fewer in the common
+                // single-scorer pipeline).
+                scorer.score(&ctx, candidates, totals);
+                if weight != 1.0 {
+                    totals.iter_mut().for_each(|t| *t *= weight);
+                }
+                continue;
+            }
+            scores.clear();
+            scores.resize(candidates.len(), 0.0);
+            scorer.score(&ctx, candidates, scores);
+            for (t, s) in totals.iter_mut().zip(scores.iter()) {
+                *t += weight * s;
+            }
+        }
+        let pick = match preset.picker {
+            Picker::RoundRobin => 0,
+            Picker::Best { headroom_ties } => pick_best(candidates, totals, headroom_ties, rng),
+        };
+        let (Some(&c), Some(&score)) = (candidates.get(pick), totals.get(pick)) else {
+            return self.why_not(req);
+        };
+        let a = &self.hot[c.slot];
+        let e = cost::estimate(
+            &load_of(a, &c),
+            &ask_of(&ctx, a, &c),
+            &cfg.priors,
+            &cfg.cost,
+        );
+        let route = Route {
+            slot: c.slot,
+            need_blocks: c.need_blocks,
+            cached_blocks: c.cached_blocks,
+            score,
+            prefill_tokens: c.prefill_tokens,
+            predicted_ttft_s: e.ttft_s(),
+        };
+        if c.deficit_blocks() > 0 && preset.room == RoomRule::NowOrWait {
+            Decision::Hold(route)
+        } else {
+            Decision::Route(route)
+        }
+    }
+}
+
+/// Index of the highest total; equal totals (within 1e-12) go to the candidate with more blocks
+/// left when `headroom_ties`, then to a uniformly random one (reservoir sampling).
+fn pick_best(
+    candidates: &[Candidate],
+    totals: &[f64],
+    headroom_ties: bool,
+    rng: &mut dyn RandomSource,
+) -> usize {
+    let mut best = 0usize;
+    let mut ties = 0u64;
+    for (i, (c, &score)) in candidates.iter().zip(totals).enumerate() {
+        if i == 0 {
+            ties = 1;
+            continue;
+        }
+        let b = totals[best];
+        let left = if headroom_ties { c.headroom() } else { 0 };
+        let best_left = if headroom_ties {
+            candidates[best].headroom()
+        } else {
+            0
+        };
+        if score > b + 1e-12 || ((score - b).abs() <= 1e-12 && left > best_left) {
+            best = i;
+            ties = 1;
+        } else if (score - b).abs() <= 1e-12 && left == best_left {
+            ties += 1;
+            if rng.below(ties) == 0 {
+                best = i;
+            }
+        }
+    }
+    best
+}

@@ -1,0 +1,288 @@
+//! What a routing decision takes and gives: the request as the router sees it, the policy's
+//! settings, the answer, and the random source that breaks ties.
+
+use crate::cost::{CostWeights, Priors};
+
+/// Index of an agent in a [`Cluster`]; stable for the cluster's lifetime.
+pub type Slot = usize;
+
+/// A routing preset: which filters, scorers and picker decide (see [`pipeline`](crate::pipeline)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// The lowest predicted cost in time (wait for room + prefill of the uncached prompt + decode
+    /// slow-down, see [`cost`]); never into negative room; a request may wait for the agent
+    /// that caches its prefix (the point of kvroute).
+    Kv,
+    /// The earlier KV policy: a weighted score of prefix overlap, headroom and queue pressure
+    /// among the agents with room now (kept for comparison).
+    KvScore,
+    /// Baseline: each eligible agent in turn, ignoring KV.
+    RoundRobin,
+    /// Baseline: fewest running + waiting + dispatched-but-unreported requests, ignoring KV.
+    LeastRequests,
+    /// Baseline: lowest GPU utilization (KV usage when the agent has no GPU), ignoring KV room.
+    GpuUtilization,
+}
+
+impl PolicyKind {
+    /// The name used on the command line and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Kv => "kv",
+            PolicyKind::KvScore => "kv-score",
+            PolicyKind::RoundRobin => "round-robin",
+            PolicyKind::LeastRequests => "least-requests",
+            PolicyKind::GpuUtilization => "gpu-utilization",
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kv" => Ok(PolicyKind::Kv),
+            "kv-score" => Ok(PolicyKind::KvScore),
+            "round-robin" => Ok(PolicyKind::RoundRobin),
+            "least-requests" => Ok(PolicyKind::LeastRequests),
+            "gpu-utilization" => Ok(PolicyKind::GpuUtilization),
+            other => Err(format!(
+                "unknown policy {other:?} (expected kv, kv-score, round-robin, least-requests or gpu-utilization)"
+            )),
+        }
+    }
+}
+
+/// Weights of the `kv-score` policy's terms (each term is in 0..=1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weights {
+    /// Fraction of the prompt's blocks already cached on the agent.
+    pub prefix: f64,
+    /// Fraction of the agent's pool left free after this request and our reservations.
+    pub headroom: f64,
+    /// Queue pressure (waiting and not-yet-reported requests over all requests), subtracted.
+    pub queue: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self {
+            prefix: 2.0,
+            headroom: 1.0,
+            queue: 1.0,
+        }
+    }
+}
+
+/// Policy settings, validated once at start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyConfig {
+    pub kind: PolicyKind,
+    pub weights: Weights,
+    /// The `kv` policy's cost terms and its stand-ins for unmeasured agents.
+    pub cost: CostWeights,
+    pub priors: Priors,
+    /// An agent whose last report is older than this (milliseconds) is not eligible.
+    pub stale_after_ms: u64,
+    /// `kv` only: for this long (milliseconds) a queued request may be passed by later requests
+    /// of its priority class that have more of their prompt cached or in flight on an agent of
+    /// their model; once it has waited this long it is served in arrival order again. 0 keeps
+    /// the queue in arrival order.
+    pub cache_first_ms: u64,
+    /// Scorers (with weights) in place of the preset's own; `None`: the preset's.
+    pub scorers: Option<ScorerList>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            kind: PolicyKind::Kv,
+            weights: Weights::default(),
+            cost: CostWeights::default(),
+            priors: Priors::default(),
+            stale_after_ms: 3_000,
+            cache_first_ms: 2_000,
+            scorers: None,
+        }
+    }
+}
+
+/// A source of randomness, passed in so decisions are reproducible for a fixed seed.
+pub trait RandomSource {
+    fn next_u64(&mut self) -> u64;
+
+    /// Uniform in `0..n` (`n > 0`); the slight modulo bias does not matter for tie-breaking.
+    fn below(&mut self, n: u64) -> u64 {
+        if n <= 1 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+}
+
+/// SplitMix64: tiny, fast, good enough to break ties; deterministic for a seed.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl RandomSource for SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// A request as the policy sees it: sizes and block hashes, never text.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    pub model: &'a str,
+    /// Tokens in the prompt.
+    pub prompt_tokens: u64,
+    /// Output tokens to reserve room for.
+    pub output_tokens: u64,
+    /// Block size the hashes were computed with; agents with another size score no overlap.
+    pub block_size: u32,
+    /// Chained hashes of the prompt's full blocks, in order.
+    pub block_hashes: &'a [u64],
+    /// Agents not to pick (a retry after a failed connection).
+    pub exclude: &'a [Slot],
+    /// Agents not to pick either, as a bitset over slots (bit `s % 64` of word `s / 64`): those
+    /// claimed by earlier queued requests waiting for room there. Empty: none.
+    pub claimed: &'a [u64],
+    /// Blocks that earlier queued requests wait for on each agent, by slot (`kv` policy): not
+    /// room for this request. Empty: none.
+    pub held: &'a [u64],
+    /// The request may wait in the queue for a specific agent (`kv` policy); false: only agents
+    /// with room now are considered.
+    pub may_hold: bool,
+}
+
+/// The chosen agent and what the choice costs there.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Route {
+    pub slot: Slot,
+    /// Blocks to reserve: blocks(prompt + output) minus cached prefix blocks.
+    pub need_blocks: u64,
+    /// Leading prompt blocks already cached on the agent.
+    pub cached_blocks: u64,
+    pub score: f64,
+    /// Prompt tokens the agent will compute (not cached there, nor in flight to it).
+    pub prefill_tokens: u64,
+    /// `kv` policy: the predicted time to first token there (seconds; 0 for the others).
+    pub predicted_ttft_s: f64,
+}
+
+/// Why a request can never be served as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reject {
+    /// No agent has ever reported serving this model.
+    UnknownModel,
+    /// The prompt alone needs more blocks than the largest pool serving the model.
+    PromptTooLarge {
+        prompt_blocks: u64,
+        largest_pool: u64,
+    },
+    /// The prompt is longer than every agent's `max_model_len`.
+    PromptTooLong {
+        prompt_tokens: u64,
+        max_model_len: u32,
+    },
+}
+
+/// The policy's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Route(Route),
+    /// `kv` policy: the cheapest agent is this one, which has no room yet; wait for it (the
+    /// route's `need_blocks` are what the request waits for there).
+    Hold(Route),
+    /// No eligible agent has room now; queue and retry when capacity changes.
+    Wait,
+    Reject(Reject),
+}
+
+pub(crate) fn blocks_for(tokens: u64, block_size: u32) -> u64 {
+    let bs = u64::from(block_size.max(1));
+    tokens.div_ceil(bs)
+}
+
+/// Index of a scorer in a [`ScorerRegistry`](crate::registry::ScorerRegistry). The built-in scorers have fixed ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScorerId(pub u16);
+
+impl ScorerId {
+    pub const COST: ScorerId = ScorerId(0);
+    pub const PREFIX: ScorerId = ScorerId(1);
+    pub const HEADROOM: ScorerId = ScorerId(2);
+    pub const QUEUE: ScorerId = ScorerId(3);
+    pub const REQUESTS: ScorerId = ScorerId(4);
+    pub const GPU: ScorerId = ScorerId(5);
+
+    /// The built-in scorers' names, by id.
+    pub const BUILTIN: [&'static str; 6] =
+        ["cost", "prefix", "headroom", "queue", "requests", "gpu"];
+
+    /// The id of a built-in scorer (what flags and specs may name).
+    pub fn builtin(name: &str) -> Option<ScorerId> {
+        Self::BUILTIN
+            .iter()
+            .position(|&n| n == name)
+            .map(|i| ScorerId(i as u16))
+    }
+}
+
+/// Scorers a pipeline runs at most.
+pub const MAX_SCORERS: usize = 8;
+
+/// A weighted list of scorers (fixed capacity, so [`PolicyConfig`] stays `Copy`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScorerList {
+    items: [(ScorerId, f64); MAX_SCORERS],
+    len: u8,
+}
+
+impl Default for ScorerList {
+    fn default() -> Self {
+        Self {
+            items: [(ScorerId(0), 0.0); MAX_SCORERS],
+            len: 0,
+        }
+    }
+}
+
+impl ScorerList {
+    /// A list of `(scorer, weight)` pairs; refused when longer than [`MAX_SCORERS`] or a weight
+    /// is not a finite number.
+    pub fn new(items: &[(ScorerId, f64)]) -> Result<Self, String> {
+        let mut list = Self::default();
+        for &(id, w) in items {
+            list.push(id, w)?;
+        }
+        Ok(list)
+    }
+
+    /// Appends one scorer with its weight.
+    pub fn push(&mut self, id: ScorerId, weight: f64) -> Result<(), String> {
+        if !weight.is_finite() {
+            return Err(format!("scorer weight {weight} is not a finite number"));
+        }
+        let slot = self
+            .items
+            .get_mut(usize::from(self.len))
+            .ok_or_else(|| format!("at most {MAX_SCORERS} scorers"))?;
+        *slot = (id, weight);
+        self.len += 1;
+        Ok(())
+    }
+
+    pub fn as_slice(&self) -> &[(ScorerId, f64)] {
+        &self.items[..usize::from(self.len)]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}

@@ -1,0 +1,129 @@
+//! The built-in scorers (registered under these names in every
+//! [`ScorerRegistry`](crate::registry::ScorerRegistry)). Each writes one value per candidate,
+//! higher is better; the pipeline weighs and adds them.
+//!
+//! | name | value | used by |
+//! |---|---|---|
+//! | `cost` | minus the predicted cost in seconds ([`cost`](crate::cost)) | `kv` |
+//! | `prefix` | fraction of the prompt's blocks cached there | `kv-score` |
+//! | `headroom` | blocks left after the request, as a fraction of the pool | `kv-score` |
+//! | `queue` | minus the share of its requests that wait (engine queue + unreported) | `kv-score` |
+//! | `requests` | minus running + waiting + unreported requests | `least-requests` |
+//! | `gpu` | minus GPU utilisation (KV use where there is no GPU), in percent | `gpu-utilization` |
+
+use crate::cost;
+use crate::cost::{AgentLoad, Ask};
+use crate::scorer::{AgentView, Candidate, ScoreContext, Scorer};
+
+/// `cost`: the `kv` policy's prediction (wait for room + prefill + duplication + decode slow-down).
+pub struct Cost;
+
+impl Scorer for Cost {
+    fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
+        for (o, c) in out.iter_mut().zip(candidates) {
+            let a = ctx.agent(c.slot);
+            let e = cost::estimate(
+                &load_of(a, c),
+                &ask_of(ctx, a, c),
+                &ctx.config.priors,
+                &ctx.config.cost,
+            );
+            *o = -e.cost;
+        }
+    }
+}
+
+/// `prefix`: the fraction of the prompt's blocks the agent reports cached.
+pub struct Prefix;
+
+impl Scorer for Prefix {
+    fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
+        let blocks = ctx.request.block_hashes.len().max(1) as f64;
+        for (o, c) in out.iter_mut().zip(candidates) {
+            *o = c.cached_blocks as f64 / blocks;
+        }
+    }
+}
+
+/// `headroom`: blocks left after the request, over the pool.
+pub struct Headroom;
+
+impl Scorer for Headroom {
+    fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
+        for (o, c) in out.iter_mut().zip(candidates) {
+            *o = c.headroom() as f64 / ctx.agent(c.slot).total.max(1) as f64;
+        }
+    }
+}
+
+/// `queue`: minus queue pressure, the share of the agent's requests that are not running
+/// (waiting in its engine, or sent by this gateway and not reported yet).
+pub struct Queue;
+
+impl Scorer for Queue {
+    fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
+        for (o, c) in out.iter_mut().zip(candidates) {
+            let a = ctx.agent(c.slot);
+            let queued = u64::from(a.waiting) + u64::from(a.pending);
+            let all = queued + u64::from(a.running) + 1;
+            *o = -(queued as f64 / all as f64);
+        }
+    }
+}
+
+/// `requests`: minus the requests the agent has (running, waiting, sent and unreported).
+pub struct Requests;
+
+impl Scorer for Requests {
+    fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
+        for (o, c) in out.iter_mut().zip(candidates) {
+            let a = ctx.agent(c.slot);
+            *o = -((u64::from(a.running) + u64::from(a.waiting) + u64::from(a.pending)) as f64);
+        }
+    }
+}
+
+/// `gpu`: minus GPU utilisation in percent; an agent without a GPU reports its KV use instead.
+pub struct Gpu;
+
+impl Scorer for Gpu {
+    fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
+        for (o, c) in out.iter_mut().zip(candidates) {
+            let a = ctx.agent(c.slot);
+            *o = -match a.gpu_util {
+                Some(u) => f64::from(u),
+                None if a.total > 0 => {
+                    100.0 * (a.total - a.free.min(a.total)) as f64 / a.total as f64
+                }
+                None => 0.0,
+            };
+        }
+    }
+}
+
+/// The load figures the cost model reads, for one candidate.
+pub fn load_of(a: &AgentView, c: &Candidate) -> AgentLoad {
+    AgentLoad {
+        total_blocks: a.total,
+        room: c.room,
+        running: a.running,
+        queued_prefill_tokens: a.queued_prefill,
+        prefill_tokens_per_s: f64::from(a.prefill_tps),
+        decode_step_s: f64::from(a.decode_step_us) / 1e6,
+        decode_batch: f64::from(a.decode_batch),
+        release_blocks_per_s: a.release_per_s,
+    }
+}
+
+/// What the cost model is asked for one candidate.
+pub fn ask_of(ctx: &ScoreContext<'_>, a: &AgentView, c: &Candidate) -> Ask {
+    let duplicate_tokens = (ctx.best_local_blocks.saturating_sub(c.local_blocks)
+        * u64::from(a.block_size))
+    .min(c.prefill_tokens);
+    Ask {
+        need_blocks: c.need_blocks,
+        uncached_tokens: c.prefill_tokens,
+        duplicate_tokens,
+        output_tokens: ctx.request.output_tokens,
+    }
+}

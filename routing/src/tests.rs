@@ -1,0 +1,895 @@
+use crate::cluster::*;
+use crate::index::*;
+use crate::policy::*;
+use proptest::prelude::*;
+
+fn report(id: &str, epoch: u64, total: u64, free: u64) -> Report {
+    Report {
+        agent_id: id.into(),
+        epoch,
+        model: "m".into(),
+        block_size: 16,
+        total_blocks: total,
+        free_blocks: free,
+        max_model_len: 100_000,
+        snapshot: true,
+        ..Report::default()
+    }
+}
+
+fn req<'a>(prompt: u64, output: u64, hashes: &'a [u64]) -> RouteRequest<'a> {
+    RouteRequest {
+        model: "m",
+        prompt_tokens: prompt,
+        output_tokens: output,
+        block_size: 16,
+        block_hashes: hashes,
+        exclude: &[],
+        claimed: &[],
+        held: &[],
+        may_hold: true,
+    }
+}
+
+fn cluster(frees: &[(u64, u64)]) -> Cluster {
+    let mut c = Cluster::new();
+    for (i, &(total, free)) in frees.iter().enumerate() {
+        let s = c.upsert_agent(&format!("a{i}"));
+        c.apply_report(s, report(&format!("a{i}"), 1, total, free), 0);
+    }
+    c
+}
+
+#[test]
+fn picks_agent_with_most_headroom() {
+    let mut c = cluster(&[(100, 10), (100, 80), (100, 40)]);
+    let d = c.decide(
+        &PolicyConfig::default(),
+        &req(64, 16, &[]),
+        0,
+        &mut SplitMix64(1),
+    );
+    let Decision::Route(r) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(r.slot, 1);
+    assert_eq!(r.need_blocks, 5);
+}
+
+#[test]
+fn prefers_cached_prefix() {
+    let mut c = cluster(&[(100, 50), (100, 60)]);
+    let hashes = [11, 12, 13, 14];
+    c.apply_report(
+        0,
+        Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(vec![11, 12, 13, 14])],
+            ..report("a0", 1, 100, 50)
+        },
+        1,
+    );
+    let d = c.decide(
+        &PolicyConfig::default(),
+        &req(70, 16, &hashes),
+        1,
+        &mut SplitMix64(1),
+    );
+    let Decision::Route(r) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(r.slot, 0);
+    assert_eq!(r.cached_blocks, 4);
+    assert_eq!(r.need_blocks, 6 - 4);
+}
+
+/// Two measured agents: a0 caches a 15-block prefix; `free0`/`free1` blocks of room.
+fn locality_cluster(free0: u64, free1: u64) -> Cluster {
+    let mut c = Cluster::new();
+    for (i, free) in [(0, free0), (1, free1)] {
+        let id = format!("a{i}");
+        let s = c.upsert_agent(&id);
+        let stored: Vec<u64> = if i == 0 { (100..115).collect() } else { vec![] };
+        let r = Report {
+            events: vec![CacheEvent::Stored(stored)],
+            running_requests: 4,
+            prefill_tokens_per_s: 300,
+            decode_step_us: 20_000,
+            decode_batch: 4,
+            ..report(&id, 1, 91, free)
+        };
+        c.apply_report(s, r, 0);
+    }
+    c
+}
+
+/// A request of the cached group: 15 shared blocks + a question, 32 output tokens.
+fn group_hashes() -> Vec<u64> {
+    (100..117).collect()
+}
+
+#[test]
+fn kv_waits_for_the_agent_caching_its_prefix_instead_of_spilling() {
+    let hashes = group_hashes();
+    // a0 has no room now; a1 has plenty but would recompute 280 tokens (~0.9 s at 300 tok/s).
+    let mut c = locality_cluster(0, 60);
+    let d = c.decide(
+        &PolicyConfig::default(),
+        &req(280, 32, &hashes),
+        0,
+        &mut SplitMix64(1),
+    );
+    let Decision::Hold(r) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(r.slot, 0);
+    assert_eq!(r.cached_blocks, 15);
+    // The old score policy spills to the agent with room.
+    let score = PolicyConfig {
+        kind: PolicyKind::KvScore,
+        ..PolicyConfig::default()
+    };
+    let Decision::Route(r) = c.decide(&score, &req(280, 32, &hashes), 0, &mut SplitMix64(1)) else {
+        panic!("no route")
+    };
+    assert_eq!(r.slot, 1);
+    // With room on a0 it routes there at once.
+    let mut c = locality_cluster(20, 60);
+    let d = c.decide(
+        &PolicyConfig::default(),
+        &req(280, 32, &hashes),
+        0,
+        &mut SplitMix64(1),
+    );
+    assert!(matches!(d, Decision::Route(r) if r.slot == 0), "{d:?}");
+}
+
+#[test]
+fn kv_spills_when_the_wait_behind_earlier_requests_exceeds_the_recompute() {
+    let hashes = group_hashes();
+    let mut c = locality_cluster(0, 60);
+    // Many blocks already promised to requests queued for a0.
+    let held = [2000, 0];
+    let d = c.decide(
+        &PolicyConfig::default(),
+        &RouteRequest {
+            held: &held,
+            ..req(280, 32, &hashes)
+        },
+        0,
+        &mut SplitMix64(1),
+    );
+    assert!(matches!(d, Decision::Route(r) if r.slot == 1), "{d:?}");
+    // A request that may not wait goes where there is room now.
+    let d = c.decide(
+        &PolicyConfig::default(),
+        &RouteRequest {
+            may_hold: false,
+            ..req(280, 32, &hashes)
+        },
+        0,
+        &mut SplitMix64(1),
+    );
+    assert!(matches!(d, Decision::Route(r) if r.slot == 1), "{d:?}");
+}
+
+#[test]
+fn kv_sends_a_new_groups_second_request_after_its_first() {
+    let mut c = locality_cluster(60, 60);
+    let cfg = PolicyConfig::default();
+    let fresh: Vec<u64> = (500..517).collect();
+    let Decision::Route(first) = c.decide(&cfg, &req(280, 32, &fresh), 0, &mut SplitMix64(7))
+    else {
+        panic!("no route")
+    };
+    c.reserve(&first);
+    c.track_inflight(first.slot, &fresh, 0);
+    assert_eq!(c.inflight_blocks(first.slot), 17);
+    c.check_invariants().unwrap();
+    for seed in 0..8 {
+        let Decision::Route(second) =
+            c.decide(&cfg, &req(280, 32, &fresh), 1, &mut SplitMix64(seed))
+        else {
+            panic!("no route")
+        };
+        assert_eq!(second.slot, first.slot, "seed {seed}");
+        // In flight is locality only: the blocks still count against room.
+        assert_eq!(second.need_blocks, first.need_blocks);
+        assert_eq!(second.cached_blocks, 0);
+    }
+    // The agent reports the blocks as stored: they leave the in-flight view.
+    c.apply_report(
+        first.slot,
+        Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(fresh.clone())],
+            ..report(&format!("a{}", first.slot), 1, 91, 40)
+        },
+        2,
+    );
+    assert_eq!(c.inflight_blocks(first.slot), 0);
+    c.check_invariants().unwrap();
+    // Never reported: forgotten after the TTL.
+    let other: Vec<u64> = (900..910).collect();
+    c.track_inflight(1, &other, 10);
+    assert_eq!(c.inflight_blocks(1), 10);
+    c.apply_report(1, report("a1", 1, 91, 60), 10 + INFLIGHT_TTL_MS);
+    assert_eq!(c.inflight_blocks(1), 0);
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn kv_balances_unshared_requests_by_running_batch_and_queued_prefill() {
+    // No prefix anywhere: the agent with the smaller batch and no queue wins.
+    let mut c = Cluster::new();
+    for (i, running, queued) in [(0, 8u32, 2000u64), (1, 2, 0)] {
+        let id = format!("a{i}");
+        let s = c.upsert_agent(&id);
+        let r = Report {
+            running_requests: running,
+            waiting_prefill_tokens: queued,
+            ..report(&id, 1, 100, 50)
+        };
+        c.apply_report(s, r, 0);
+    }
+    let d = c.decide(
+        &PolicyConfig::default(),
+        &req(200, 32, &[1, 2, 3]),
+        0,
+        &mut SplitMix64(3),
+    );
+    assert!(matches!(d, Decision::Route(r) if r.slot == 1), "{d:?}");
+    let Decision::Route(r) = d else {
+        unreachable!()
+    };
+    assert!(r.predicted_ttft_s > 0.0 && r.prefill_tokens == 200, "{r:?}");
+}
+
+#[test]
+fn cached_prefix_blocks_that_are_free_still_count_against_room() {
+    // 6 blocks, 4 of them a cached prefix. The agent has 3 evictable cached blocks (in its
+    // free count): at most 3 of ours are free ones, so at least 1 is held by a running
+    // request and is the only block not taken from `free`.
+    let hashes = [11, 12, 13, 14];
+    let mut c = cluster(&[(100, 50)]);
+    let cached = |evictable| Report {
+        snapshot: false,
+        events: vec![CacheEvent::Stored(vec![11, 12, 13, 14])],
+        cached_evictable_blocks: evictable,
+        ..report("a0", 1, 100, 50)
+    };
+    c.apply_report(0, cached(3), 1);
+    let d = c.decide(
+        &PolicyConfig::default(),
+        &req(70, 16, &hashes),
+        1,
+        &mut SplitMix64(1),
+    );
+    let Decision::Route(r) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!((r.cached_blocks, r.need_blocks), (4, 6 - 1));
+    // None evictable: the whole prefix is held by running requests.
+    c.apply_report(0, cached(0), 2);
+    let Decision::Route(r) = c.decide(
+        &PolicyConfig::default(),
+        &req(70, 16, &hashes),
+        2,
+        &mut SplitMix64(1),
+    ) else {
+        panic!("no route")
+    };
+    assert_eq!((r.cached_blocks, r.need_blocks), (4, 6 - 4));
+}
+
+#[test]
+fn prefix_must_be_leading() {
+    let mut c = cluster(&[(100, 50)]);
+    c.apply_report(
+        0,
+        Report {
+            snapshot: true,
+            events: vec![CacheEvent::Stored(vec![12, 13])],
+            ..report("a0", 1, 100, 50)
+        },
+        0,
+    );
+    let Decision::Route(r) = c.decide(
+        &PolicyConfig::default(),
+        &req(64, 0, &[11, 12, 13, 14]),
+        0,
+        &mut SplitMix64(1),
+    ) else {
+        panic!()
+    };
+    assert_eq!(r.cached_blocks, 0);
+}
+
+#[test]
+fn waits_when_no_room_and_rejects_never_fitting() {
+    let mut c = cluster(&[(10, 2), (10, 3)]);
+    let cfg = PolicyConfig::default();
+    // Needs 5 blocks: the kv policy waits for the agent that makes room first (the one
+    // 2 blocks short); asked not to wait for one agent, it waits for any.
+    let d = c.decide(&cfg, &req(64, 16, &[]), 0, &mut SplitMix64(1));
+    assert!(matches!(d, Decision::Hold(r) if r.slot == 1), "{d:?}");
+    let no_hold = RouteRequest {
+        may_hold: false,
+        ..req(64, 16, &[])
+    };
+    assert_eq!(
+        c.decide(&cfg, &no_hold, 0, &mut SplitMix64(1)),
+        Decision::Wait
+    );
+    let score = PolicyConfig {
+        kind: PolicyKind::KvScore,
+        ..PolicyConfig::default()
+    };
+    assert_eq!(
+        c.decide(&score, &req(64, 16, &[]), 0, &mut SplitMix64(1)),
+        Decision::Wait
+    );
+    assert!(matches!(
+        c.decide(&cfg, &req(16 * 10, 1, &[]), 0, &mut SplitMix64(1)),
+        Decision::Reject(Reject::PromptTooLarge {
+            largest_pool: 10,
+            ..
+        })
+    ));
+    let mut other = req(1, 1, &[]);
+    other.model = "other";
+    assert_eq!(
+        c.decide(&cfg, &other, 0, &mut SplitMix64(1)),
+        Decision::Reject(Reject::UnknownModel)
+    );
+}
+
+#[test]
+fn stale_and_disconnected_agents_are_not_eligible() {
+    let mut c = cluster(&[(100, 90), (100, 10)]);
+    let cfg = PolicyConfig::default();
+    c.set_disconnected(0);
+    let Decision::Route(r) = c.decide(&cfg, &req(16, 16, &[]), 0, &mut SplitMix64(1)) else {
+        panic!()
+    };
+    assert_eq!(r.slot, 1);
+    // Both stale: wait, never crash or pick.
+    assert_eq!(
+        c.decide(&cfg, &req(16, 16, &[]), 10_000, &mut SplitMix64(1)),
+        Decision::Wait
+    );
+}
+
+#[test]
+fn reservations_retire_on_counter_and_reset_on_epoch() {
+    let mut c = cluster(&[(100, 100)]);
+    let cfg = PolicyConfig::default();
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let Decision::Route(r) = c.decide(&cfg, &req(160, 0, &[]), 0, &mut SplitMix64(1)) else {
+            panic!()
+        };
+        handles.push(c.reserve(&r).unwrap());
+    }
+    assert_eq!(c.agents()[0].reserved_blocks(), 30);
+    // The second request never reached the agent.
+    assert!(c.cancel(handles[1]));
+    assert_eq!(c.agents()[0].reserved_blocks(), 20);
+    c.check_invariants().unwrap();
+    // The agent has seen one request: only the first is retired.
+    c.apply_report(
+        0,
+        Report {
+            requests_received: 1,
+            snapshot: false,
+            ..report("a0", 1, 100, 90)
+        },
+        1,
+    );
+    assert_eq!(c.agents()[0].reserved_blocks(), 10);
+    c.apply_report(
+        0,
+        Report {
+            requests_received: 2,
+            snapshot: false,
+            ..report("a0", 1, 100, 80)
+        },
+        2,
+    );
+    assert_eq!(c.agents()[0].reserved_blocks(), 0);
+    // A new epoch drops reservations and the cache.
+    let Decision::Route(r) = c.decide(&cfg, &req(160, 0, &[]), 2, &mut SplitMix64(1)) else {
+        panic!()
+    };
+    let h = c.reserve(&r).unwrap();
+    c.apply_report(
+        0,
+        Report {
+            events: vec![CacheEvent::Stored(vec![1, 2])],
+            ..report("a0", 2, 100, 100)
+        },
+        3,
+    );
+    assert_eq!(c.agents()[0].reserved_blocks(), 0);
+    assert!(!c.cancel(h), "a reservation of the old epoch is gone");
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn baselines_ignore_room() {
+    let mut c = cluster(&[(10, 0), (10, 0)]);
+    for kind in [
+        PolicyKind::RoundRobin,
+        PolicyKind::LeastRequests,
+        PolicyKind::GpuUtilization,
+    ] {
+        let cfg = PolicyConfig {
+            kind,
+            ..PolicyConfig::default()
+        };
+        assert!(matches!(
+            c.decide(&cfg, &req(16, 16, &[]), 0, &mut SplitMix64(3)),
+            Decision::Route(_)
+        ));
+    }
+}
+
+#[test]
+fn round_robin_cycles() {
+    let mut c = cluster(&[(10, 10), (10, 10), (10, 10)]);
+    let cfg = PolicyConfig {
+        kind: PolicyKind::RoundRobin,
+        ..PolicyConfig::default()
+    };
+    let mut picks = Vec::new();
+    for _ in 0..6 {
+        let Decision::Route(r) = c.decide(&cfg, &req(1, 1, &[]), 0, &mut SplitMix64(1)) else {
+            panic!()
+        };
+        c.reserve(&r);
+        picks.push(r.slot);
+    }
+    assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+}
+
+#[test]
+fn round_robin_keeps_one_cursor_per_model() {
+    // Slots 0, 2 serve "m"; 1, 3 serve "n": picks for "n" must not move "m"'s turn.
+    let mut c = Cluster::new();
+    for (i, model) in ["m", "n", "m", "n"].iter().enumerate() {
+        let s = c.upsert_agent(&format!("a{i}"));
+        c.apply_report(
+            s,
+            Report {
+                model: model.to_string(),
+                ..report(&format!("a{i}"), 1, 10, 10)
+            },
+            0,
+        );
+    }
+    let cfg = PolicyConfig {
+        kind: PolicyKind::RoundRobin,
+        ..PolicyConfig::default()
+    };
+    let mut picks = Vec::new();
+    for model in ["m", "n", "m", "n", "m"] {
+        let mut r = req(1, 1, &[]);
+        r.model = model;
+        let Decision::Route(route) = c.decide(&cfg, &r, 0, &mut SplitMix64(1)) else {
+            panic!()
+        };
+        c.reserve(&route);
+        picks.push(route.slot);
+    }
+    assert_eq!(picks, vec![0, 1, 2, 3, 0]);
+}
+
+#[test]
+fn claimed_agents_are_not_picked() {
+    let mut c = cluster(&[(100, 90), (100, 10), (100, 50)]);
+    let cfg = PolicyConfig::default();
+    let mut claimed = Vec::new();
+    // A 20-block prompt could use every pool; agent 1 is excluded for it.
+    let all = c.claim_for(&cfg, "m", 320, &[1], 0, &mut claimed);
+    assert!(!all, "agent 1 is still free for others");
+    assert_eq!(claimed, vec![0b101]);
+    let mut r = req(16, 0, &[]);
+    r.claimed = &claimed;
+    let Decision::Route(route) = c.decide(&cfg, &r, 0, &mut SplitMix64(1)) else {
+        panic!()
+    };
+    assert_eq!(route.slot, 1);
+    assert!(c.claim_for(&cfg, "m", 16, &[], 0, &mut claimed));
+    let mut r = req(16, 0, &[]);
+    r.claimed = &claimed;
+    assert_eq!(c.decide(&cfg, &r, 0, &mut SplitMix64(1)), Decision::Wait);
+}
+
+#[test]
+fn retry_excludes_failed_agent() {
+    let mut c = cluster(&[(100, 90), (100, 10)]);
+    let mut r = req(16, 16, &[]);
+    r.exclude = &[0];
+    let Decision::Route(route) = c.decide(&PolicyConfig::default(), &r, 0, &mut SplitMix64(1))
+    else {
+        panic!()
+    };
+    assert_eq!(route.slot, 1);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Report {
+        agent: usize,
+        epoch_bump: bool,
+        free: u64,
+        received_step: u64,
+        store: Vec<u64>,
+        remove: Vec<u64>,
+        snapshot: bool,
+    },
+    Route {
+        prompt: u64,
+        output: u64,
+        hashes: Vec<u64>,
+    },
+    Cancel(usize),
+    Disconnect(usize),
+    Tick(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (
+            0..5usize,
+            prop::bool::weighted(0.05),
+            0..200u64,
+            0..3u64,
+            prop::collection::vec(0..40u64, 0..6),
+            prop::collection::vec(0..40u64, 0..3),
+            prop::bool::weighted(0.1)
+        )
+            .prop_map(
+                |(agent, epoch_bump, free, received_step, store, remove, snapshot)| {
+                    Op::Report {
+                        agent,
+                        epoch_bump,
+                        free,
+                        received_step,
+                        store,
+                        remove,
+                        snapshot,
+                    }
+                }
+            ),
+        (1..3000u64, 0..500u64, prop::collection::vec(0..40u64, 0..8)).prop_map(
+            |(prompt, output, hashes)| Op::Route {
+                prompt,
+                output,
+                hashes
+            }
+        ),
+        (0..64usize).prop_map(Op::Cancel),
+        (0..5usize).prop_map(Op::Disconnect),
+        (0..2000u64).prop_map(Op::Tick),
+    ]
+}
+
+struct Sim {
+    c: Cluster,
+    epochs: Vec<u64>,
+    received: Vec<u64>,
+    totals: Vec<u64>,
+    handles: Vec<ReservationHandle>,
+    now: u64,
+}
+
+fn run(ops: &[Op], seed: u64, kind: PolicyKind) -> (Vec<Decision>, Sim) {
+    let cfg = PolicyConfig {
+        kind,
+        ..PolicyConfig::default()
+    };
+    let mut sim = Sim {
+        c: Cluster::new(),
+        epochs: vec![1; 5],
+        received: vec![0; 5],
+        totals: vec![50, 100, 150, 200, 400],
+        handles: Vec::new(),
+        now: 0,
+    };
+    for i in 0..5 {
+        sim.c.upsert_agent(&format!("a{i}"));
+    }
+    let mut rng = SplitMix64(seed);
+    let mut decisions = Vec::new();
+    for op in ops {
+        match op {
+            Op::Report {
+                agent,
+                epoch_bump,
+                free,
+                received_step,
+                store,
+                remove,
+                snapshot,
+            } => {
+                if *epoch_bump {
+                    sim.epochs[*agent] += 1;
+                    sim.received[*agent] = 0;
+                }
+                sim.received[*agent] += received_step;
+                let total = sim.totals[*agent];
+                let r = Report {
+                    agent_id: format!("a{agent}"),
+                    epoch: sim.epochs[*agent],
+                    model: "m".into(),
+                    block_size: 16,
+                    total_blocks: total,
+                    free_blocks: (*free).min(total),
+                    requests_received: sim.received[*agent],
+                    max_model_len: 4096,
+                    // Speed figures that vary with the op, so the cost model sees measured
+                    // and unmeasured agents, busy and idle.
+                    running_requests: (*free % 5) as u32,
+                    room_released_blocks: sim.received[*agent] * 3,
+                    prefill_tokens_per_s: ((*free * 37) % 2000) as u32,
+                    decode_step_us: (*free * 150) as u32,
+                    decode_batch: (*free % 8) as u32,
+                    waiting_prefill_tokens: *free * 3,
+                    snapshot: *snapshot,
+                    events: vec![
+                        CacheEvent::Stored(store.clone()),
+                        CacheEvent::Removed(remove.clone()),
+                    ],
+                    ..Report::default()
+                };
+                sim.c.apply_report(*agent, r, sim.now);
+            }
+            Op::Route {
+                prompt,
+                output,
+                hashes,
+            } => {
+                let rq = RouteRequest {
+                    model: "m",
+                    prompt_tokens: *prompt,
+                    output_tokens: *output,
+                    block_size: 16,
+                    block_hashes: hashes,
+                    exclude: &[],
+                    claimed: &[],
+                    held: &[],
+                    may_hold: true,
+                };
+                let d = sim.c.decide(&cfg, &rq, sim.now, &mut rng);
+                if let Decision::Hold(r) = &d {
+                    // Only the `kv` policy waits for one agent, and only one without room.
+                    assert_eq!(kind, PolicyKind::Kv);
+                    let a = &sim.c.agents()[r.slot];
+                    assert!(a.eligible("m", sim.now, cfg.stale_after_ms));
+                    assert!(
+                        a.report.free_blocks < a.reserved_blocks() + r.need_blocks,
+                        "held for {} although it has room",
+                        r.slot
+                    );
+                }
+                if let Decision::Route(r) = &d {
+                    let a = &sim.c.agents()[r.slot];
+                    // Stale or down agents are never picked.
+                    assert!(a.eligible("m", sim.now, cfg.stale_after_ms));
+                    if matches!(kind, PolicyKind::Kv | PolicyKind::KvScore) {
+                        // Never an agent without room for what it needs.
+                        assert!(
+                            a.report.free_blocks >= a.reserved_blocks() + r.need_blocks,
+                            "picked {} without room: free {} reserved {} need {}",
+                            r.slot,
+                            a.report.free_blocks,
+                            a.reserved_blocks(),
+                            r.need_blocks
+                        );
+                    }
+                    let h = sim.c.reserve(r).unwrap();
+                    sim.handles.push(h);
+                    if kind == PolicyKind::Kv {
+                        sim.c.track_inflight(r.slot, hashes, sim.now);
+                    }
+                }
+                decisions.push(d);
+            }
+            Op::Cancel(i) => {
+                if !sim.handles.is_empty() {
+                    let h = sim.handles.remove(i % sim.handles.len());
+                    sim.c.cancel(h);
+                }
+            }
+            Op::Disconnect(a) => sim.c.set_disconnected(*a),
+            Op::Tick(ms) => sim.now += ms,
+        }
+        sim.c.check_invariants().unwrap();
+    }
+    (decisions, sim)
+}
+
+/// Leading `hashes` in each agent's cache, computed the obvious way.
+fn naive_overlap(c: &Cluster, hashes: &[u64]) -> Vec<u32> {
+    c.agents()
+        .iter()
+        .map(|a| hashes.iter().take_while(|h| a.cached.contains(h)).count() as u32)
+        .collect()
+}
+
+#[test]
+fn holders_switch_between_list_and_bitset() {
+    // 300 agents: 5 words, lists hold at most 10 slots.
+    let mut c = Cluster::new();
+    for i in 0..300 {
+        c.upsert_agent(&format!("a{i}"));
+    }
+    for i in 0..300 {
+        c.apply_report(
+            i,
+            Report {
+                events: vec![CacheEvent::Stored(vec![7, 8])],
+                ..report(&format!("a{i}"), 1, 10, 10)
+            },
+            0,
+        );
+        c.check_invariants().unwrap();
+    }
+    assert!(matches!(
+        c.index.get(&7),
+        Some(Holders::Many { count: 300, .. })
+    ));
+    assert_eq!(c.prefix_overlap(&[7, 8, 9]), vec![2; 300]);
+    for i in 0..298 {
+        c.apply_report(
+            i,
+            Report {
+                snapshot: false,
+                events: vec![CacheEvent::Removed(vec![7])],
+                ..report(&format!("a{i}"), 1, 10, 10)
+            },
+            0,
+        );
+        c.check_invariants().unwrap();
+    }
+    assert_eq!(c.index.get(&7), Some(&Holders::Few(vec![298, 299])));
+    let mut want = vec![0; 300];
+    want[298] = 2;
+    want[299] = 2;
+    assert_eq!(c.prefix_overlap(&[7, 8]), want);
+    for i in 298..300 {
+        c.apply_report(
+            i,
+            Report {
+                events: vec![CacheEvent::AllCleared],
+                snapshot: false,
+                ..report(&format!("a{i}"), 1, 10, 10)
+            },
+            0,
+        );
+    }
+    assert_eq!(c.index.get(&7), None);
+    c.check_invariants().unwrap();
+}
+
+/// Caches drawn from a few chains (so many agents share prefixes, some with holes), with
+/// enough agents that popular hashes are held as bitsets and rare ones as lists.
+/// Agent count, each agent's stored hashes, and (agent, hashes) removals.
+type RandomCluster = (usize, Vec<Vec<u64>>, Vec<(usize, Vec<u64>)>);
+
+fn random_cluster() -> impl Strategy<Value = RandomCluster> {
+    (1..400usize).prop_flat_map(|n| {
+        (
+            Just(n),
+            prop::collection::vec(prop::collection::vec(0..24u64, 0..24), n),
+            prop::collection::vec((0..n, prop::collection::vec(0..24u64, 0..6)), 0..40),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// The bitset walk gives every agent exactly the leading-run length a per-agent scan
+    /// gives, after stores, removals and snapshots, for prompts that match, diverge or
+    /// repeat hashes.
+    #[test]
+    fn overlap_equals_naive_reference(
+        (n, stores, removals) in random_cluster(),
+        prompts in prop::collection::vec(prop::collection::vec(0..24u64, 0..30), 1..8),
+        chain_len in 0..24usize,
+    ) {
+        let mut c = Cluster::new();
+        for (i, stored) in stores.iter().enumerate() {
+            let s = c.upsert_agent(&format!("a{i}"));
+            // Most agents hold a prefix of the chain 0, 1, 2, ... plus random hashes.
+            let mut hashes: Vec<u64> = (0..(i % (chain_len + 1)) as u64).collect();
+            hashes.extend(stored);
+            c.apply_report(s, Report {
+                events: vec![CacheEvent::Stored(hashes)],
+                ..report(&format!("a{i}"), 1, 10, 10)
+            }, 0);
+        }
+        for (agent, removed) in &removals {
+            c.apply_report(*agent, Report {
+                snapshot: false,
+                events: vec![CacheEvent::Removed(removed.clone())],
+                ..report(&format!("a{agent}"), 1, 10, 10)
+            }, 0);
+        }
+        c.check_invariants().map_err(TestCaseError::fail)?;
+        prop_assert_eq!(c.agents().len(), n);
+        let chain: Vec<u64> = (0..chain_len as u64).collect();
+        for p in prompts.iter().chain(std::iter::once(&chain)) {
+            let want = naive_overlap(&c, p);
+            prop_assert_eq!(c.prefix_overlap(p), want);
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn kv_policy_never_overcommits_and_books_balance(
+        ops in prop::collection::vec(op(), 1..200),
+        seed in any::<u64>(),
+    ) {
+        let (_, sim) = run(&ops, seed, PolicyKind::Kv);
+        for a in sim.c.agents() {
+            // Reservations never go negative: the total equals the sum of live ones.
+            prop_assert!(a.reserved_blocks() <= a.pending_requests() as u64 * 400);
+        }
+    }
+
+    #[test]
+    fn deterministic_for_a_fixed_seed(
+        ops in prop::collection::vec(op(), 1..150),
+        seed in any::<u64>(),
+        kind in prop_oneof![
+            Just(PolicyKind::Kv),
+            Just(PolicyKind::KvScore),
+            Just(PolicyKind::RoundRobin),
+            Just(PolicyKind::LeastRequests),
+            Just(PolicyKind::GpuUtilization)
+        ],
+    ) {
+        let (a, _) = run(&ops, seed, kind);
+        let (b, _) = run(&ops, seed, kind);
+        prop_assert_eq!(a, b);
+    }
+
+    #[test]
+    fn all_policies_only_pick_eligible_agents(
+        ops in prop::collection::vec(op(), 1..150),
+        seed in any::<u64>(),
+    ) {
+        for kind in [PolicyKind::KvScore, PolicyKind::RoundRobin, PolicyKind::LeastRequests, PolicyKind::GpuUtilization] {
+            run(&ops, seed, kind);
+        }
+    }
+
+    #[test]
+    fn full_reports_retire_everything(
+        n in 1..50usize,
+        seed in any::<u64>(),
+    ) {
+        let mut c = cluster(&[(1000, 1000), (1000, 1000)]);
+        let mut rng = SplitMix64(seed);
+        let cfg = PolicyConfig::default();
+        let mut sent = [0u64; 2];
+        for _ in 0..n {
+            if let Decision::Route(r) = c.decide(&cfg, &req(100, 10, &[]), 0, &mut rng) {
+                c.reserve(&r);
+                sent[r.slot] += 1;
+            }
+        }
+        for (s, &count) in sent.iter().enumerate() {
+            c.apply_report(s, Report {
+                requests_received: count,
+                snapshot: false,
+                ..report(&format!("a{s}"), 1, 1000, 1000)
+            }, 1);
+            prop_assert_eq!(c.agents()[s].reserved_blocks(), 0);
+            prop_assert_eq!(c.agents()[s].pending_requests(), 0);
+        }
+    }
+}
