@@ -181,6 +181,8 @@ fn main() {
                     cached_hashes.remove(h);
                 }),
                 BlockEvent::AllCleared => cached_hashes.clear(),
+                // Which cached blocks are in use does not change the cached set.
+                BlockEvent::InUse(_) | BlockEvent::Evictable(_) => {}
             }
         }
         if step % args.every == 0 || step == args.steps {

@@ -67,6 +67,8 @@ struct Sim {
     /// What each block holds: the writer's extra key and token per offset (None = unwritten).
     shadow: Vec<(Vec<u8>, Vec<Option<u32>>)>,
     cached: HashSet<u64>,
+    /// Of `cached`, the hashes the events say no sequence uses.
+    idle: HashSet<u64>,
     events_ok: bool,
 }
 
@@ -230,11 +232,29 @@ impl Sim {
                 BlockEvent::Removed(hs) => {
                     for h in hs {
                         self.events_ok &= self.cached.remove(&h);
+                        // Only an evictable block is reused for something else.
+                        self.events_ok &= self.idle.remove(&h);
                     }
                 }
-                BlockEvent::AllCleared => self.cached.clear(),
+                BlockEvent::AllCleared => {
+                    self.cached.clear();
+                    self.idle.clear();
+                }
+                BlockEvent::InUse(hs) => {
+                    for h in hs {
+                        self.events_ok &= self.cached.contains(&h) && self.idle.remove(&h);
+                    }
+                }
+                BlockEvent::Evictable(hs) => {
+                    for h in hs {
+                        self.events_ok &= self.cached.contains(&h) && self.idle.insert(h);
+                    }
+                }
             }
         }
+        let idle: HashSet<u64> = self.kv.pool().evictable_hashes().collect();
+        assert_eq!(idle, self.idle, "use events replay to the evictable set");
+        assert_eq!(idle.len(), self.kv.pool().cached_evictable());
         assert!(
             self.events_ok,
             "an event stored a cached hash or removed an unknown one"
@@ -268,6 +288,7 @@ proptest! {
             seqs: Vec::new(),
             shadow: vec![(Vec::new(), vec![None; bs]); num_blocks],
             cached: HashSet::new(),
+            idle: HashSet::new(),
             events_ok: true,
         };
         for o in ops {

@@ -34,6 +34,8 @@ pub struct ModelInfo {
 /// KV-cache and scheduler counters, absolute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CapacityStats {
+    /// The backend's cache events say which cached blocks are in use (`InUse` / `Evictable`).
+    pub block_use_events: bool,
     pub block_size: u32,
     pub total_blocks: u64,
     /// Blocks referenced by no request (includes `cached_evictable_blocks`).
@@ -68,6 +70,10 @@ pub enum CacheEvent {
     Stored(Vec<u64>),
     Removed(Vec<u64>),
     AllCleared,
+    /// Cached blocks a request uses again (they were evictable).
+    InUse(Vec<u64>),
+    /// Cached blocks no request uses any more (evictable).
+    Evictable(Vec<u64>),
 }
 
 /// What the engine reports after every change: the new counters and the cache events since the

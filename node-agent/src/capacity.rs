@@ -54,6 +54,8 @@ struct HubState {
     version: u64,
     stats: CapacityStats,
     cached: HashSet<u64>,
+    /// Of `cached`, the blocks no request uses (evictable).
+    idle: HashSet<u64>,
 }
 
 /// See the module docs.
@@ -71,6 +73,8 @@ struct Snapshot {
     version: u64,
     stats: CapacityStats,
     hashes: Vec<u64>,
+    /// Of `hashes`, the evictable ones.
+    idle: Vec<u64>,
 }
 
 /// A fresh epoch for this process: wall-clock nanoseconds mixed with the process id, so two
@@ -107,6 +111,7 @@ impl CapacityHub {
                 version: 0,
                 stats: initial,
                 cached: HashSet::new(),
+                idle: HashSet::new(),
             }),
             tx,
         })
@@ -131,13 +136,34 @@ impl CapacityHub {
         let mut s = self.lock();
         for ev in &update.events {
             match ev {
-                CacheEvent::Stored(h) => s.cached.extend(h.iter().copied()),
+                CacheEvent::Stored(h) => {
+                    for x in h {
+                        s.cached.insert(*x);
+                        s.idle.remove(x);
+                    }
+                }
                 CacheEvent::Removed(h) => {
                     for x in h {
                         s.cached.remove(x);
+                        s.idle.remove(x);
                     }
                 }
-                CacheEvent::AllCleared => s.cached.clear(),
+                CacheEvent::AllCleared => {
+                    s.cached.clear();
+                    s.idle.clear();
+                }
+                CacheEvent::InUse(h) => {
+                    for x in h {
+                        s.idle.remove(x);
+                    }
+                }
+                CacheEvent::Evictable(h) => {
+                    for x in h {
+                        if s.cached.contains(x) {
+                            s.idle.insert(*x);
+                        }
+                    }
+                }
             }
         }
         s.version += 1;
@@ -170,11 +196,14 @@ impl CapacityHub {
         let rx = self.tx.subscribe();
         let mut hashes: Vec<u64> = s.cached.iter().copied().collect();
         hashes.sort_unstable();
+        let mut idle: Vec<u64> = s.idle.iter().copied().collect();
+        idle.sort_unstable();
         (
             Snapshot {
                 version: s.version,
                 stats: s.stats,
                 hashes,
+                idle,
             },
             rx,
         )
@@ -209,6 +238,7 @@ impl CapacityHub {
             decode_batch: stats.decode_batch,
             room_released_blocks: stats.room_released_blocks,
             waiting_prefill_tokens: stats.waiting_prefill_tokens,
+            block_use_events: stats.block_use_events,
         }
     }
 
@@ -250,6 +280,13 @@ impl CapacityHub {
                     kind: Kind::Stored as i32,
                     block_hashes: snap.hashes,
                 });
+                if snap.stats.block_use_events && !snap.idle.is_empty() {
+                    // Stored means in use: the idle ones are named right after.
+                    report.events.push(BlockEvent {
+                        kind: Kind::Evictable as i32,
+                        block_hashes: snap.idle,
+                    });
+                }
             }
             if tx.send(wrap(report)).await.is_err() {
                 return;
@@ -311,6 +348,8 @@ pub fn to_proto_events(events: Vec<CacheEvent>) -> Vec<BlockEvent> {
             CacheEvent::Stored(h) => (Kind::Stored, h),
             CacheEvent::Removed(h) => (Kind::Removed, h),
             CacheEvent::AllCleared => (Kind::AllCleared, Vec::new()),
+            CacheEvent::InUse(h) => (Kind::InUse, h),
+            CacheEvent::Evictable(h) => (Kind::Evictable, h),
         };
         match out.last_mut() {
             Some(last) if last.kind == kind as i32 && kind != Kind::AllCleared => {
@@ -361,6 +400,49 @@ mod tests {
         assert_eq!(ev.len(), 4);
         assert_eq!(ev[0].block_hashes, vec![1, 2]);
         assert_eq!(ev[1].kind, Kind::Removed as i32);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_names_the_evictable_blocks_after_the_stored_ones() {
+        let hub = hub();
+        let tracked = CapacityStats {
+            block_use_events: true,
+            ..stats(90)
+        };
+        hub.apply(&CapacityUpdate {
+            stats: tracked,
+            events: vec![
+                CacheEvent::Stored(vec![7, 8, 9]),
+                CacheEvent::Evictable(vec![8, 9]),
+                CacheEvent::InUse(vec![9]),
+                // Not cached: ignored.
+                CacheEvent::Evictable(vec![42]),
+            ],
+        });
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut rx = hub.watch(true, timing(), stop, |r| r);
+        let first = rx.recv().await.unwrap();
+        assert!(first.snapshot && first.block_use_events);
+        let kinds: Vec<(i32, Vec<u64>)> = first
+            .events
+            .iter()
+            .map(|e| (e.kind, e.block_hashes.clone()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (Kind::Stored as i32, vec![7, 8, 9]),
+                (Kind::Evictable as i32, vec![8])
+            ]
+        );
+        // Later changes stream as they come.
+        hub.apply(&CapacityUpdate {
+            stats: tracked,
+            events: vec![CacheEvent::Evictable(vec![7])],
+        });
+        let next = rx.recv().await.unwrap();
+        assert_eq!(next.events[0].kind, Kind::Evictable as i32);
+        assert_eq!(next.events[0].block_hashes, vec![7]);
     }
 
     #[tokio::test]

@@ -227,6 +227,7 @@ pub struct EngineBackend {
 
 fn stats_from(s: &EngineStats) -> CapacityStats {
     CapacityStats {
+        block_use_events: true,
         block_size: s.capacity.block_size,
         total_blocks: s.capacity.total,
         free_blocks: s.capacity.free,
@@ -254,6 +255,8 @@ fn event_from(e: &BlockEvent) -> CacheEvent {
         BlockEvent::Stored(h) => CacheEvent::Stored(h.clone()),
         BlockEvent::Removed(h) => CacheEvent::Removed(h.clone()),
         BlockEvent::AllCleared => CacheEvent::AllCleared,
+        BlockEvent::InUse(h) => CacheEvent::InUse(h.clone()),
+        BlockEvent::Evictable(h) => CacheEvent::Evictable(h.clone()),
     }
 }
 

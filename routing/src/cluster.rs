@@ -17,6 +17,10 @@ pub enum CacheEvent {
     Stored(Vec<u64>),
     Removed(Vec<u64>),
     AllCleared,
+    /// Cached blocks a request uses again (they were evictable).
+    InUse(Vec<u64>),
+    /// Cached blocks no request uses any more (free until reused: evictable).
+    Evictable(Vec<u64>),
 }
 
 /// One capacity report, decoupled from the wire type so the simulator can produce them.
@@ -46,6 +50,10 @@ pub struct Report {
     pub waiting_prefill_tokens: u64,
     /// True: `events` hold the agent's whole cache; what was known before is dropped.
     pub snapshot: bool,
+    /// The agent reports which cached blocks are in use (`InUse` / `Evictable` events; a stored
+    /// block is in use until `Evictable`). Reusing a block in use takes no room, so a request
+    /// sharing a running request's prefix needs only its own blocks.
+    pub block_use_events: bool,
     pub events: Vec<CacheEvent>,
 }
 
@@ -87,6 +95,8 @@ pub struct AgentState {
     /// Its last report (without events); `epoch` there is the epoch everything below belongs to.
     pub report: Report,
     pub(crate) cached: BlockSet,
+    /// Of `cached`, the blocks the agent said no request uses (agents with `block_use_events`).
+    idle: BlockSet,
     reservations: VecDeque<Reservation>,
     reserved_blocks: u64,
     /// Of the reservations, prompt tokens still to compute.
@@ -148,11 +158,14 @@ pub struct Cluster {
     pub(crate) index: BlockMap<Holders>,
     /// Block hash → agents a prompt holding it was sent to, not yet reported as cached.
     pub(crate) inflight_index: BlockMap<Holders>,
+    /// Block hash → agents caching it with a request using it (agents with `block_use_events`).
+    pub(crate) in_use_index: BlockMap<Holders>,
     /// Round-robin cursor per model (by `AgentView::model`): the slot after the last one reserved.
     pub(crate) rr_next: Vec<Slot>,
     pub(crate) next_reservation_id: u64,
     pub(crate) scratch: Scratch,
     pub(crate) scratch_inflight: Scratch,
+    pub(crate) scratch_in_use: Scratch,
     /// Scorers by id (the built-in ones, then any the program registered).
     pub(crate) scorers: ScorerRegistry,
     pub(crate) pipeline: PipelineScratch,
@@ -270,16 +283,25 @@ impl Cluster {
 
     /// Drops the agent's cache and reservations (new epoch, or gone).
     fn forget(&mut self, slot: Slot) {
-        let hashes: Vec<u64> = self.agents[slot].cached.drain().collect();
-        for h in hashes {
-            self.unindex(h, slot);
-        }
+        self.clear_cache(slot);
         self.clear_inflight(slot);
         let a = &mut self.agents[slot];
         a.reservations.clear();
         a.reserved_blocks = 0;
         a.pending_prefill = 0;
         a.release = ReleaseRate::default();
+    }
+
+    /// Forgets every block the agent was known to cache.
+    fn clear_cache(&mut self, slot: Slot) {
+        let words = words_for(self.agents.len());
+        let a = &mut self.agents[slot];
+        a.idle.clear();
+        let hashes: Vec<u64> = a.cached.drain().collect();
+        for h in hashes {
+            remove_holder(&mut self.index, h, slot, words);
+            remove_holder(&mut self.in_use_index, h, slot, words);
+        }
     }
 
     /// Forgets every prefix in flight to the agent.
@@ -365,15 +387,6 @@ impl Cluster {
         self.agents.get(slot).map_or(0, |a| a.inflight_count.len())
     }
 
-    fn unindex(&mut self, hash: u64, slot: Slot) {
-        let words = words_for(self.agents.len());
-        if let Some(holders) = self.index.get_mut(&hash) {
-            if holders.remove(slot as u32, words) {
-                self.index.remove(&hash);
-            }
-        }
-    }
-
     /// Applies one report from the agent in `slot`, received at clock `now_ms`.
     /// Returns true when the report began a new epoch (what was known was reset).
     pub fn apply_report(&mut self, slot: Slot, mut report: Report, now_ms: u64) -> bool {
@@ -391,38 +404,55 @@ impl Cluster {
         }
         let events = std::mem::take(&mut report.events);
         if report.snapshot && !new_epoch {
-            let hashes: Vec<u64> = self.agents[slot].cached.drain().collect();
-            for h in hashes {
-                self.unindex(h, slot);
-            }
+            self.clear_cache(slot);
         }
+        let tracks_use = report.block_use_events;
+        let words = words_for(self.agents.len());
         for ev in events {
             match ev {
                 CacheEvent::Stored(hashes) => {
-                    let words = words_for(self.agents.len());
                     for h in hashes {
-                        if self.agents[slot].inflight_count.remove(&h).is_some() {
-                            self.unindex_inflight(h, slot);
+                        let a = &mut self.agents[slot];
+                        if a.inflight_count.remove(&h).is_some() {
+                            remove_holder(&mut self.inflight_index, h, slot, words);
                         }
-                        if self.agents[slot].cached.insert(h) {
-                            self.index
-                                .entry(h)
-                                .or_insert_with(|| Holders::Few(Vec::new()))
-                                .insert(slot as u32, words);
+                        let a = &mut self.agents[slot];
+                        let newly = a.cached.insert(h);
+                        // A block is stored by the request that computed it: in use.
+                        let was_idle = a.idle.remove(&h);
+                        if newly {
+                            add_holder(&mut self.index, h, slot, words);
+                        }
+                        if tracks_use && (newly || was_idle) {
+                            add_holder(&mut self.in_use_index, h, slot, words);
                         }
                     }
                 }
                 CacheEvent::Removed(hashes) => {
                     for h in hashes {
-                        if self.agents[slot].cached.remove(&h) {
-                            self.unindex(h, slot);
+                        let a = &mut self.agents[slot];
+                        a.idle.remove(&h);
+                        if a.cached.remove(&h) {
+                            remove_holder(&mut self.index, h, slot, words);
+                            remove_holder(&mut self.in_use_index, h, slot, words);
                         }
                     }
                 }
-                CacheEvent::AllCleared => {
-                    let hashes: Vec<u64> = self.agents[slot].cached.drain().collect();
+                CacheEvent::AllCleared => self.clear_cache(slot),
+                CacheEvent::InUse(hashes) => {
                     for h in hashes {
-                        self.unindex(h, slot);
+                        let a = &mut self.agents[slot];
+                        if tracks_use && a.cached.contains(&h) && a.idle.remove(&h) {
+                            add_holder(&mut self.in_use_index, h, slot, words);
+                        }
+                    }
+                }
+                CacheEvent::Evictable(hashes) => {
+                    for h in hashes {
+                        let a = &mut self.agents[slot];
+                        if tracks_use && a.cached.contains(&h) && a.idle.insert(h) {
+                            remove_holder(&mut self.in_use_index, h, slot, words);
+                        }
                     }
                 }
             }
@@ -692,6 +722,19 @@ impl Cluster {
                 }
             }
         }
+        for (slot, a) in self.agents.iter().enumerate() {
+            if let Some(h) = a.idle.iter().find(|h| !a.cached.contains(h)) {
+                return Err(format!("agent {slot}: idle hash {h} not cached"));
+            }
+        }
+        for (h, holders) in &self.in_use_index {
+            for s in 0..self.agents.len() {
+                let a = &self.agents[s];
+                if holders.contains(s as u32) && (!a.cached.contains(h) || a.idle.contains(h)) {
+                    return Err(format!("in-use index: hash {h} on {s} not cached in use"));
+                }
+            }
+        }
         for (h, holders) in &self.inflight_index {
             for s in 0..self.agents.len() {
                 let indexed = holders.contains(s as u32);
@@ -747,5 +790,22 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+}
+
+/// Adds `slot` to the holders of `hash` in `index`.
+fn add_holder(index: &mut BlockMap<Holders>, hash: u64, slot: Slot, words: usize) {
+    index
+        .entry(hash)
+        .or_insert_with(|| Holders::Few(Vec::new()))
+        .insert(slot as u32, words);
+}
+
+/// Removes `slot` from the holders of `hash` in `index` (the entry goes with its last holder).
+fn remove_holder(index: &mut BlockMap<Holders>, hash: u64, slot: Slot, words: usize) {
+    if let Some(holders) = index.get_mut(&hash) {
+        if holders.remove(slot as u32, words) {
+            index.remove(&hash);
+        }
     }
 }

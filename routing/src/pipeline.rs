@@ -169,6 +169,19 @@ impl Cluster {
         } else {
             &[]
         };
+        // Leading prompt blocks each agent caches with a request using them: sharing those takes
+        // no room (agents that report block use only).
+        let in_use: &[u32] = if preset.walks_cache && !self.in_use_index.is_empty() {
+            prefix_overlap(
+                &self.in_use_index,
+                req.block_hashes,
+                n,
+                &mut self.scratch_in_use,
+            );
+            &self.scratch_in_use.overlap
+        } else {
+            &[]
+        };
         let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
         let model = model as u32;
         // Round-robin walks from the cursor (cyclically, in slot order); the others from the
@@ -228,9 +241,16 @@ impl Cluster {
             let cached = if same_size { u64::from(reported) } else { 0 };
             let local = if same_size { u64::from(local_any) } else { 0 };
             // Cached prefix blocks that no running request holds are counted in `free` too:
-            // using them takes them out of `free`. Which of ours are is unknown, so as many as
-            // the agent has evictable ones are assumed to be (exact on an idle agent).
-            let need = blocks.saturating_sub(cached.saturating_sub(h.cached_evictable));
+            // using them takes them out of `free`; sharing blocks a running request holds takes
+            // nothing. Blocks surely in use: the leading run the agent reported in use (its
+            // block-use events), and at least as many as it has cached blocks beyond its
+            // evictable ones (exact on an idle agent).
+            let shared = if same_size {
+                u64::from(in_use.get(slot).copied().unwrap_or(0)).min(cached)
+            } else {
+                0
+            };
+            let need = blocks.saturating_sub(shared.max(cached.saturating_sub(h.cached_evictable)));
             let held = req.held.get(slot).copied().unwrap_or(0);
             let room = (h.free as i128 - h.reserved as i128 - held as i128)
                 .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;

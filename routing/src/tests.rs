@@ -246,6 +246,57 @@ fn kv_balances_unshared_requests_by_running_batch_and_queued_prefill() {
 }
 
 #[test]
+fn a_prefix_a_running_request_uses_takes_no_room() {
+    // 6 blocks, 4 of them a cached prefix; the agent reports which cached blocks are in use.
+    let hashes = [11, 12, 13, 14];
+    let mut c = cluster(&[(100, 50)]);
+    let with = |events: Vec<CacheEvent>| Report {
+        snapshot: false,
+        block_use_events: true,
+        events,
+        // Many evictable blocks elsewhere: the count alone proves nothing about ours.
+        cached_evictable_blocks: 40,
+        ..report("a0", 1, 100, 50)
+    };
+    let need = |c: &mut Cluster| match c.decide(
+        &PolicyConfig::default(),
+        &req(70, 16, &hashes),
+        1,
+        &mut SplitMix64(1),
+    ) {
+        Decision::Route(r) => (r.cached_blocks, r.need_blocks),
+        d => panic!("{d:?}"),
+    };
+    // Stored by the request computing them: in use, shared for free.
+    c.apply_report(0, with(vec![CacheEvent::Stored(vec![11, 12, 13, 14])]), 1);
+    assert_eq!(need(&mut c), (4, 6 - 4));
+    // That request ended: the last two blocks are free again, the first two still used by
+    // another request (a leading run, as sharing always is).
+    c.apply_report(0, with(vec![CacheEvent::Evictable(vec![13, 14])]), 1);
+    assert_eq!(need(&mut c), (4, 6 - 2));
+    c.apply_report(0, with(vec![CacheEvent::Evictable(vec![11, 12])]), 1);
+    assert_eq!(need(&mut c), (4, 6));
+    // Used again; then evicted and gone.
+    c.apply_report(0, with(vec![CacheEvent::InUse(vec![11, 12, 13])]), 1);
+    assert_eq!(need(&mut c), (4, 6 - 3));
+    c.apply_report(0, with(vec![CacheEvent::Removed(vec![12])]), 1);
+    assert_eq!(need(&mut c), (1, 6 - 1));
+    c.check_invariants().unwrap();
+    // An agent that does not report block use: the stored prefix is not assumed in use.
+    let mut old = cluster(&[(100, 50)]);
+    old.apply_report(
+        0,
+        Report {
+            block_use_events: false,
+            ..with(vec![CacheEvent::Stored(vec![11, 12, 13, 14])])
+        },
+        1,
+    );
+    assert_eq!(need(&mut old), (4, 6));
+    old.check_invariants().unwrap();
+}
+
+#[test]
 fn cached_prefix_blocks_that_are_free_still_count_against_room() {
     // 6 blocks, 4 of them a cached prefix. The agent has 3 evictable cached blocks (in its
     // free count): at most 3 of ours are free ones, so at least 1 is held by a running
@@ -637,9 +688,17 @@ fn run(ops: &[Op], seed: u64, kind: PolicyKind) -> (Vec<Decision>, Sim) {
                     decode_batch: (*free % 8) as u32,
                     waiting_prefill_tokens: *free * 3,
                     snapshot: *snapshot,
+                    // Block-use events from some reports: blocks going idle, reused, evicted.
+                    block_use_events: *free % 2 == 0,
                     events: vec![
                         CacheEvent::Stored(store.clone()),
-                        CacheEvent::Removed(remove.clone()),
+                        CacheEvent::Evictable(
+                            store.iter().copied().filter(|h| h % 3 == 0).collect(),
+                        ),
+                        CacheEvent::InUse(remove.clone()),
+                        CacheEvent::Removed(
+                            remove.iter().copied().filter(|h| h % 2 == 0).collect(),
+                        ),
                     ],
                     ..Report::default()
                 };

@@ -32,6 +32,19 @@ pub enum BlockEvent {
     Removed(Vec<BlockHash>),
     /// Every cached hash is gone (cache reset).
     AllCleared,
+    /// These cached blocks were free (evictable) and a request now uses them again.
+    InUse(Vec<BlockHash>),
+    /// No request uses these cached blocks any more: they are free, kept until reused
+    /// (evictable). A cached block not named here since it was stored or last `InUse` is in use.
+    Evictable(Vec<BlockHash>),
+}
+
+#[derive(Clone, Copy)]
+enum EventKind {
+    Stored,
+    Removed,
+    InUse,
+    Evictable,
 }
 
 /// A fast hasher for `u64` map keys (block hashes, request ids): the key is mixed with a
@@ -230,18 +243,20 @@ impl BlockPool {
         self.head = id;
     }
 
-    fn record(&mut self, stored: bool, hash: BlockHash) {
+    fn record(&mut self, kind: EventKind, hash: BlockHash) {
         if !self.events_enabled {
             return;
         }
-        match (self.events.last_mut(), stored) {
-            (Some(BlockEvent::Stored(v)), true) | (Some(BlockEvent::Removed(v)), false) => {
-                v.push(hash)
-            }
-            _ => self.events.push(if stored {
-                BlockEvent::Stored(vec![hash])
-            } else {
-                BlockEvent::Removed(vec![hash])
+        match (self.events.last_mut(), kind) {
+            (Some(BlockEvent::Stored(v)), EventKind::Stored)
+            | (Some(BlockEvent::Removed(v)), EventKind::Removed)
+            | (Some(BlockEvent::InUse(v)), EventKind::InUse)
+            | (Some(BlockEvent::Evictable(v)), EventKind::Evictable) => v.push(hash),
+            _ => self.events.push(match kind {
+                EventKind::Stored => BlockEvent::Stored(vec![hash]),
+                EventKind::Removed => BlockEvent::Removed(vec![hash]),
+                EventKind::InUse => BlockEvent::InUse(vec![hash]),
+                EventKind::Evictable => BlockEvent::Evictable(vec![hash]),
             }),
         }
     }
@@ -262,7 +277,7 @@ impl BlockPool {
             b.hashed = false;
             let h = b.hash;
             self.map.remove(&h);
-            self.record(false, h);
+            self.record(EventKind::Removed, h);
         }
         Some(id)
     }
@@ -273,6 +288,11 @@ impl BlockPool {
     pub fn touch(&mut self, id: BlockId) {
         if self.blocks[id as usize].ref_cnt == 0 {
             self.unlink(id);
+            let b = &self.blocks[id as usize];
+            if b.hashed {
+                let h = b.hash;
+                self.record(EventKind::InUse, h);
+            }
         }
         self.blocks[id as usize].ref_cnt += 1;
     }
@@ -294,8 +314,10 @@ impl BlockPool {
         if b.ref_cnt == 0 {
             self.free_len += 1;
             if b.hashed {
+                let h = b.hash;
                 self.cached_free += 1;
                 self.push_back(id);
+                self.record(EventKind::Evictable, h);
             } else {
                 self.push_front(id);
             }
@@ -315,7 +337,7 @@ impl BlockPool {
         let b = &mut self.blocks[id as usize];
         b.hashed = true;
         b.hash = hash;
-        self.record(true, hash);
+        self.record(EventKind::Stored, hash);
         true
     }
 
@@ -336,6 +358,14 @@ impl BlockPool {
     /// merged (one `Stored` with many hashes).
     pub fn take_events(&mut self) -> Vec<BlockEvent> {
         std::mem::take(&mut self.events)
+    }
+
+    /// The cached hashes no request uses (evictable), in no particular order.
+    pub fn evictable_hashes(&self) -> impl Iterator<Item = BlockHash> + '_ {
+        self.blocks
+            .iter()
+            .filter(|b| b.hashed && b.ref_cnt == 0)
+            .map(|b| b.hash)
     }
 
     /// Every hash in the cache (for a subscriber's snapshot), in no particular order.
@@ -457,9 +487,38 @@ mod tests {
             p.take_events(),
             vec![
                 BlockEvent::Stored(vec![0xAA]),
+                BlockEvent::Evictable(vec![0xAA]),
+                BlockEvent::InUse(vec![0xAA]),
+                BlockEvent::Evictable(vec![0xAA]),
                 BlockEvent::Removed(vec![0xAA])
             ]
         );
+        assert!(p.take_events().is_empty());
+        p.check().unwrap();
+    }
+
+    #[test]
+    fn use_events_follow_the_reference_count_of_cached_blocks() {
+        let mut p = BlockPool::new(3, true);
+        let (a, b) = (p.allocate().unwrap(), p.allocate().unwrap());
+        p.register(a, 1);
+        p.register(b, 2);
+        // A second user of `a` changes nothing a router sees; the last release does.
+        p.touch(a);
+        p.release(a);
+        assert_eq!(p.take_events(), vec![BlockEvent::Stored(vec![1, 2])]);
+        p.release(a);
+        p.release(b);
+        assert_eq!(p.take_events(), vec![BlockEvent::Evictable(vec![1, 2])]);
+        let mut evictable: Vec<_> = p.evictable_hashes().collect();
+        evictable.sort_unstable();
+        assert_eq!(evictable, vec![1, 2]);
+        p.touch(b);
+        assert_eq!(p.take_events(), vec![BlockEvent::InUse(vec![2])]);
+        assert_eq!(p.evictable_hashes().collect::<Vec<_>>(), vec![1]);
+        // An unhashed block never shows.
+        let c = p.allocate().unwrap();
+        p.release(c);
         assert!(p.take_events().is_empty());
         p.check().unwrap();
     }

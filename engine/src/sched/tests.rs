@@ -478,7 +478,14 @@ fn block_events_follow_the_cache() {
     s.add(spec(1, vec![1, 2, 3], 1)).unwrap();
     step(&mut s);
     let hs = crate::kv::block_hashes(&[1, 2, 3], 2, b"");
-    assert_eq!(s.take_events(), vec![BlockEvent::Stored(hs.clone())]);
+    // Stored by the sequence that computed it, evictable once that one finished.
+    assert_eq!(
+        s.take_events(),
+        vec![
+            BlockEvent::Stored(hs.clone()),
+            BlockEvent::Evictable(hs.clone())
+        ]
+    );
     // A new 6-token prompt needs all 3 blocks: the cached one is evicted.
     s.add(spec(2, vec![9, 9, 9, 9, 9], 1)).unwrap();
     step(&mut s);

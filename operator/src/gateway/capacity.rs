@@ -46,6 +46,8 @@ pub fn to_policy_report(r: CapacityReport) -> Report {
             Kind::Stored => Some(CacheEvent::Stored(e.block_hashes.clone())),
             Kind::Removed => Some(CacheEvent::Removed(e.block_hashes.clone())),
             Kind::AllCleared => Some(CacheEvent::AllCleared),
+            Kind::InUse => Some(CacheEvent::InUse(e.block_hashes.clone())),
+            Kind::Evictable => Some(CacheEvent::Evictable(e.block_hashes.clone())),
             Kind::Unspecified => None,
         })
         .collect();
@@ -70,6 +72,7 @@ pub fn to_policy_report(r: CapacityReport) -> Report {
         room_released_blocks: r.room_released_blocks,
         waiting_prefill_tokens: r.waiting_prefill_tokens,
         snapshot: r.snapshot,
+        block_use_events: r.block_use_events,
         events,
     }
 }
@@ -144,5 +147,43 @@ async fn subscribe(
                 router.on_report(slot, to_policy_report(report));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvroute_proto::BlockEvent;
+
+    #[test]
+    fn wire_events_become_policy_events_and_unknown_kinds_are_dropped() {
+        let ev = |kind: i32, h: Vec<u64>| BlockEvent {
+            kind,
+            block_hashes: h,
+        };
+        let r = to_policy_report(CapacityReport {
+            block_use_events: true,
+            events: vec![
+                ev(Kind::Stored as i32, vec![1, 2]),
+                ev(Kind::Evictable as i32, vec![2]),
+                ev(Kind::InUse as i32, vec![2]),
+                ev(Kind::Removed as i32, vec![1]),
+                ev(Kind::AllCleared as i32, Vec::new()),
+                // A kind from a newer agent: skipped, not misread.
+                ev(99, vec![3]),
+            ],
+            ..CapacityReport::default()
+        });
+        assert!(r.block_use_events);
+        assert_eq!(
+            r.events,
+            vec![
+                CacheEvent::Stored(vec![1, 2]),
+                CacheEvent::Evictable(vec![2]),
+                CacheEvent::InUse(vec![2]),
+                CacheEvent::Removed(vec![1]),
+                CacheEvent::AllCleared,
+            ]
+        );
     }
 }

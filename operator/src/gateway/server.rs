@@ -259,7 +259,19 @@ impl Gateway {
             let sent = std::time::Instant::now();
             match self.client.request(req).await {
                 Ok(resp) => {
-                    tracing::debug!(agent = %admitted.agent_id, need = admitted.route.need_blocks, cached = admitted.route.cached_blocks, "routed");
+                    tracing::debug!(
+                        agent = %admitted.agent_id,
+                        need = admitted.route.need_blocks,
+                        cached = admitted.route.cached_blocks,
+                        prefill = admitted.route.prefill_tokens,
+                        predicted_ttft_ms = (admitted.route.predicted_ttft_s * 1e3) as u64,
+                        waited_ms = settings
+                            .queue_timeout
+                            .saturating_sub(deadline.saturating_duration_since(Instant::now()))
+                            .as_millis() as u64,
+                        prefix = plan.block_hashes.first().map_or(0, |h| h % 10_000),
+                        "routed"
+                    );
                     self.metrics.count_request(&model, resp.status().as_u16());
                     return Ok(proxy::relay(
                         resp,
