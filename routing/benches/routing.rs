@@ -1,4 +1,5 @@
-//! Routing-decision latency at 10, 100 and 1,000 agents with 4,096-token prompts.
+//! Routing-decision latency at 10, 100 and 1,000 agents with 4,096-token prompts (agents report
+//! which cached blocks are in use, so a decision walks both prefix indexes).
 //!
 //! Criterion reports mean/median; after it, a plain sample loop prints p50/p99/max per size
 //! (criterion does not report tail percentiles), both wall-clock and the thread's own CPU time
@@ -30,10 +31,15 @@ fn cluster(n: usize) -> Cluster {
     for i in 0..n {
         let slot = c.upsert_agent(&format!("10.0.{}.{}:8000", i / 250, i % 250));
         let mut stored = Vec::new();
+        let mut evictable = Vec::new();
         for _ in 0..4 {
             let chain = rng.below(CHAINS);
             let len = 32 + rng.below(224);
             stored.extend((0..len).map(|b| h(chain, b)));
+            // Running requests hold a leading run of each prefix; the rest is evictable (so the
+            // decision walks the in-use index too).
+            let used = rng.below(len + 1);
+            evictable.extend((used..len).map(|b| h(chain, b)));
         }
         let report = Report {
             agent_id: format!("agent-{i}"),
@@ -46,7 +52,8 @@ fn cluster(n: usize) -> Cluster {
             waiting_requests: rng.below(4) as u32,
             max_model_len: 32_768,
             snapshot: true,
-            events: vec![CacheEvent::Stored(stored)],
+            block_use_events: true,
+            events: vec![CacheEvent::Stored(stored), CacheEvent::Evictable(evictable)],
             ..Report::default()
         };
         c.apply_report(slot, report, 0);

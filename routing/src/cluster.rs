@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use crate::cost::ReleaseRate;
+use crate::cost::{ReleaseRate, TtftScale};
 use crate::index::{has_bit, prefix_overlap, words_for, BlockMap, BlockSet, Holders, Scratch};
 use crate::policy::{blocks_for, Decision, PolicyConfig, Reject, Route, RouteRequest, Slot};
 use crate::registry::ScorerRegistry;
@@ -103,6 +103,8 @@ pub struct AgentState {
     pending_prefill: u64,
     /// Room released per second while busy, from the reports.
     release: ReleaseRate,
+    /// Observed over predicted time to first token, averaged (see [`Cluster::observe_ttft`]).
+    ttft: TtftScale,
     /// Prompts sent here whose blocks the agent has not reported yet: (expiry, block hashes).
     inflight: VecDeque<(u64, Vec<u64>)>,
     /// How many of `inflight` hold each hash.
@@ -123,6 +125,11 @@ impl AgentState {
     /// Block hashes the agent is known to cache.
     pub fn cached_blocks(&self) -> usize {
         self.cached.len()
+    }
+
+    /// Observed over predicted time to first token here (1: not calibrated yet).
+    pub fn ttft_scale(&self) -> f64 {
+        self.ttft.scale()
     }
 
     /// Room this agent gives back per second while busy, as observed (0: not yet).
@@ -233,6 +240,7 @@ impl Cluster {
             decode_step_us: r.decode_step_us,
             decode_batch: r.decode_batch,
             release_per_s: a.release.blocks_per_s,
+            ttft_scale: a.ttft.scale(),
         }
     }
 
@@ -290,6 +298,7 @@ impl Cluster {
         a.reserved_blocks = 0;
         a.pending_prefill = 0;
         a.release = ReleaseRate::default();
+        a.ttft = TtftScale::default();
     }
 
     /// Forgets every block the agent was known to cache.
@@ -385,6 +394,20 @@ impl Cluster {
     /// Prompt blocks in flight to the agent in `slot` (not yet reported as cached).
     pub fn inflight_blocks(&self, slot: Slot) -> usize {
         self.agents.get(slot).map_or(0, |a| a.inflight_count.len())
+    }
+
+    /// A request dispatched to the agent in `slot` during `epoch` with a predicted time to first
+    /// token of `predicted_s` saw its first token after `observed_s`: the agent's later
+    /// predictions are scaled by the running ratio of the two (learned, not configured).
+    pub fn observe_ttft(&mut self, slot: Slot, epoch: u64, predicted_s: f64, observed_s: f64) {
+        let Some(a) = self.agents.get_mut(slot) else {
+            return;
+        };
+        if a.report.epoch != epoch {
+            return;
+        }
+        a.ttft.observe(predicted_s, observed_s);
+        self.sync_hot(slot);
     }
 
     /// Applies one report from the agent in `slot`, received at clock `now_ms`.

@@ -85,6 +85,9 @@ pub struct AgentLoad {
     pub decode_batch: f64,
     /// Room the agent gives back per second while busy, as observed (0: not observed).
     pub release_blocks_per_s: f64,
+    /// Observed over predicted time to first token on this agent ([`TtftScale`]); multiplies
+    /// the wait and prefill terms. 0 or 1: not calibrated.
+    pub ttft_scale: f64,
 }
 
 /// What the model needs to know of the request on that agent.
@@ -161,6 +164,12 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
     // there pay that for as many steps as this request decodes.
     let per_seq = decode_step_at(load, priors, 1.0) / (DECODE_OVERHEAD_SEQS + 1.0);
     let decode_s = running * ask.output_tokens as f64 * per_seq;
+    let scale = if load.ttft_scale > 0.0 {
+        load.ttft_scale
+    } else {
+        1.0
+    };
+    let (wait_s, prefill_s) = (wait_s * scale, prefill_s * scale);
     Estimate {
         deficit_blocks: deficit,
         wait_s,
@@ -171,6 +180,49 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
             + w.prefill * prefill_s
             + w.duplicate * duplicate_s
             + w.decode * decode_s,
+    }
+}
+
+/// How an agent's observed times to first token compare with the predicted ones: a moving
+/// average of `observed / predicted`, each sample clamped to [`TtftScale::MIN`, `TtftScale::MAX`]
+/// (one request stuck behind a long prompt must not swing it), starting at 1.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TtftScale {
+    ratio: f64,
+    samples: u32,
+}
+
+impl TtftScale {
+    pub const MIN: f64 = 0.25;
+    pub const MAX: f64 = 4.0;
+    const ALPHA: f64 = 0.1;
+    /// Predictions shorter than this (seconds) are all overhead: not a sample.
+    const SHORTEST_S: f64 = 0.005;
+
+    /// Takes one request's predicted and observed time to first token (seconds).
+    pub fn observe(&mut self, predicted_s: f64, observed_s: f64) {
+        if !(predicted_s.is_finite() && observed_s.is_finite())
+            || predicted_s < Self::SHORTEST_S
+            || observed_s < 0.0
+        {
+            return;
+        }
+        let r = (observed_s / predicted_s).clamp(Self::MIN, Self::MAX);
+        self.ratio = if self.samples == 0 {
+            r
+        } else {
+            self.ratio + Self::ALPHA * (r - self.ratio)
+        };
+        self.samples = self.samples.saturating_add(1);
+    }
+
+    /// The factor predicted times are multiplied by (1 before any sample).
+    pub fn scale(&self) -> f64 {
+        if self.samples == 0 {
+            1.0
+        } else {
+            self.ratio
+        }
     }
 }
 
@@ -246,6 +298,7 @@ mod tests {
             decode_step_s: 0.012,
             decode_batch: 4.0,
             release_blocks_per_s: 20.0,
+            ttft_scale: 0.0,
         }
     }
 
@@ -442,5 +495,67 @@ mod tests {
         // A restarted agent's counter starts over: forget the old rate.
         r.observe(0, 63_000, true);
         assert_eq!(r.blocks_per_s, 0.0);
+    }
+
+    #[test]
+    fn a_calibrated_agent_scales_its_time_to_first_token_only() {
+        let ask = Ask {
+            need_blocks: 60,
+            uncached_tokens: 500,
+            duplicate_tokens: 200,
+            output_tokens: 10,
+        };
+        let base = estimate(&measured(), &ask, &p(), &w());
+        let slow = estimate(
+            &AgentLoad {
+                ttft_scale: 2.0,
+                ..measured()
+            },
+            &ask,
+            &p(),
+            &w(),
+        );
+        assert!(base.wait_s > 0.0 && base.prefill_s > 0.0, "{base:?}");
+        assert!((slow.wait_s - 2.0 * base.wait_s).abs() < 1e-9);
+        assert!((slow.prefill_s - 2.0 * base.prefill_s).abs() < 1e-9);
+        assert_eq!(slow.duplicate_s, base.duplicate_s);
+        assert_eq!(slow.decode_s, base.decode_s);
+        assert!((slow.ttft_s() - 2.0 * base.ttft_s()).abs() < 1e-9);
+    }
+
+    /// A scripted history of predicted and observed times: the scale follows the ratio, an
+    /// outlier is clamped, nonsense is ignored.
+    #[test]
+    fn ttft_scale_from_a_scripted_history() {
+        let mut t = TtftScale::default();
+        assert_eq!(t.scale(), 1.0);
+        t.observe(0.5, 1.0);
+        assert!((t.scale() - 2.0).abs() < 1e-12);
+        for _ in 0..200 {
+            t.observe(0.5, 0.75);
+        }
+        assert!((t.scale() - 1.5).abs() < 1e-6, "{t:?}");
+        // One request 100x slower moves it by at most ALPHA x (MAX - 1.5).
+        t.observe(0.5, 50.0);
+        assert!(
+            t.scale() <= 1.5 + 0.1 * (TtftScale::MAX - 1.5) + 1e-9,
+            "{t:?}"
+        );
+        let before = t;
+        for (p, o) in [
+            (f64::NAN, 1.0),
+            (0.5, f64::INFINITY),
+            (0.0, 1.0),
+            (0.001, 1.0),
+            (0.5, -1.0),
+        ] {
+            t.observe(p, o);
+        }
+        assert_eq!(t, before);
+        // Always within bounds.
+        for _ in 0..100 {
+            t.observe(1.0, 1e-9);
+        }
+        assert!((t.scale() - TtftScale::MIN).abs() < 1e-3, "{t:?}");
     }
 }

@@ -205,7 +205,7 @@ impl Cluster {
         // The longest prefix any agent of the model holds or is computing (eligible or not).
         let mut best_local = 0u64;
         // Block counts for the last block size seen (agents of a model share one in practice).
-        let mut sized = (0u32, 0u64, 0u64);
+        let mut sized = (0u32, 0u64, 0u64, 0u64);
         for &slot in head.iter().chain(tail) {
             let slot = slot as usize;
             let Some(h) = self.hot.get(slot) else {
@@ -228,9 +228,12 @@ impl Cluster {
                     h.block_size,
                     crate::policy::blocks_for(total_tokens, h.block_size),
                     crate::policy::blocks_for(req.prompt_tokens + 1, h.block_size),
+                    // An engine computes at least the prompt's last token: a prefix hit covers
+                    // at most the full blocks before it.
+                    req.prompt_tokens.saturating_sub(1) / u64::from(h.block_size.max(1)),
                 );
             }
-            let (_, all_blocks, prompt_min) = sized;
+            let (_, all_blocks, prompt_min, max_hit) = sized;
             if prompt_min > h.total {
                 continue;
             }
@@ -238,8 +241,16 @@ impl Cluster {
             // the pool: it can still run when the agent is idle.
             let blocks = all_blocks.min(h.total);
             let same_size = h.block_size == req.block_size;
-            let cached = if same_size { u64::from(reported) } else { 0 };
-            let local = if same_size { u64::from(local_any) } else { 0 };
+            let cached = if same_size {
+                u64::from(reported).min(max_hit)
+            } else {
+                0
+            };
+            let local = if same_size {
+                u64::from(local_any).min(max_hit)
+            } else {
+                0
+            };
             // Cached prefix blocks that no running request holds are counted in `free` too:
             // using them takes them out of `free`; sharing blocks a running request holds takes
             // nothing. Blocks surely in use: the leading run the agent reported in use (its

@@ -106,4 +106,6 @@ pub struct AgentView {
     pub decode_step_us: u32,
     pub decode_batch: u32,
     pub release_per_s: f64,
+    /// Observed over predicted time to first token there (1: not calibrated yet).
+    pub ttft_scale: f64,
 }

@@ -112,6 +112,7 @@ pub fn load_of(a: &AgentView, c: &Candidate) -> AgentLoad {
         decode_step_s: f64::from(a.decode_step_us) / 1e6,
         decode_batch: f64::from(a.decode_batch),
         release_blocks_per_s: a.release_per_s,
+        ttft_scale: a.ttft_scale,
     }
 }
 

@@ -1,4 +1,5 @@
 use crate::cluster::*;
+use crate::cost::TtftScale;
 use crate::index::*;
 use crate::policy::*;
 use proptest::prelude::*;
@@ -282,6 +283,20 @@ fn a_prefix_a_running_request_uses_takes_no_room() {
     c.apply_report(0, with(vec![CacheEvent::Removed(vec![12])]), 1);
     assert_eq!(need(&mut c), (1, 6 - 1));
     c.check_invariants().unwrap();
+    // A prompt of exactly 4 blocks: an engine computes at least its last token, so it reuses
+    // at most 3 of them (the 4th is allocated again).
+    c.apply_report(0, with(vec![CacheEvent::InUse(vec![12, 14])]), 1);
+    c.apply_report(0, with(vec![CacheEvent::Stored(vec![12])]), 1);
+    let aligned = c.decide(
+        &PolicyConfig::default(),
+        &req(64, 16, &hashes),
+        1,
+        &mut SplitMix64(1),
+    );
+    let Decision::Route(r) = aligned else {
+        panic!("{aligned:?}")
+    };
+    assert_eq!((r.cached_blocks, r.need_blocks, r.prefill_tokens), (3, 5 - 3, 16));
     // An agent that does not report block use: the stored prefix is not assumed in use.
     let mut old = cluster(&[(100, 50)]);
     old.apply_report(
@@ -951,4 +966,44 @@ proptest! {
             prop_assert_eq!(c.agents()[s].pending_requests(), 0);
         }
     }
+}
+
+#[test]
+fn observed_times_to_first_token_calibrate_the_agent() {
+    // Two equal agents with room; `a0` caches half the prompt, so it wins at first.
+    let hashes = [11, 12, 13, 14];
+    let mut c = cluster(&[(100, 80), (100, 80)]);
+    c.apply_report(
+        0,
+        Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(vec![11, 12])],
+            ..report("a0", 1, 100, 80)
+        },
+        1,
+    );
+    let pick = |c: &mut Cluster| match c.decide(
+        &PolicyConfig::default(),
+        &req(600, 16, &hashes),
+        1,
+        &mut SplitMix64(1),
+    ) {
+        Decision::Route(r) => r,
+        d => panic!("{d:?}"),
+    };
+    let first = pick(&mut c);
+    assert_eq!(first.slot, 0);
+    // `a0` turns out four times slower than predicted, `a1` as predicted.
+    for _ in 0..50 {
+        c.observe_ttft(0, 1, 1.0, 4.0);
+        c.observe_ttft(1, 1, 1.0, 1.0);
+    }
+    let after = pick(&mut c);
+    assert_eq!(after.slot, 1);
+    assert_eq!(c.agents()[0].ttft_scale(), TtftScale::MAX);
+    // Another epoch's sample, or an unknown slot, changes nothing.
+    c.observe_ttft(1, 7, 1.0, 4.0);
+    c.observe_ttft(9, 1, 1.0, 4.0);
+    assert!((c.agents()[1].ttft_scale() - 1.0).abs() < 1e-9);
+    c.check_invariants().unwrap();
 }

@@ -51,9 +51,12 @@ fn cluster() -> Cluster {
     for i in 0..300u64 {
         let slot = c.upsert_agent(&format!("10.0.0.{i}:8000"));
         let mut stored = Vec::new();
+        let mut evictable = Vec::new();
         for _ in 0..3 {
             let chain = rng.below(16);
-            stored.extend((0..8 + rng.below(56)).map(|b| h(chain, b)));
+            let len = 8 + rng.below(56);
+            stored.extend((0..len).map(|b| h(chain, b)));
+            evictable.extend((rng.below(len + 1)..len).map(|b| h(chain, b)));
         }
         let total = if i % 10 == 0 { 4 } else { 2048 };
         let report = Report {
@@ -66,7 +69,9 @@ fn cluster() -> Cluster {
             running_requests: rng.below(8) as u32,
             max_model_len: 8192,
             snapshot: true,
-            events: vec![CacheEvent::Stored(stored)],
+            // Half the agents report block use: decisions walk the in-use index too.
+            block_use_events: i % 2 == 0,
+            events: vec![CacheEvent::Stored(stored), CacheEvent::Evictable(evictable)],
             ..Report::default()
         };
         c.apply_report(slot, report, 0);

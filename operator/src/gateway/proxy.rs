@@ -68,11 +68,12 @@ const HOP: &[&str] = &[
 ];
 
 /// Turns the agent's response into the client's, streaming its body.
-/// When a request was sent and the time to first token the policy predicted for it.
-#[derive(Debug, Clone, Copy)]
+/// When a request was sent and the time to first token the policy predicted for it; at the
+/// first data frame the observed time goes to the metrics and to `calibrate`.
 pub struct TtftProbe {
     pub sent: std::time::Instant,
     pub predicted_s: f64,
+    pub calibrate: Option<Box<dyn FnOnce(Duration) + Send + Sync>>,
 }
 
 pub fn relay(
@@ -166,7 +167,11 @@ impl Body for RelayBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data() {
                     if let Some(p) = self.ttft.take() {
-                        self.metrics.observe_ttft(p.predicted_s, p.sent.elapsed());
+                        let observed = p.sent.elapsed();
+                        self.metrics.observe_ttft(p.predicted_s, observed);
+                        if let Some(calibrate) = p.calibrate {
+                            calibrate(observed);
+                        }
                     }
                 }
                 let deadline = tokio::time::Instant::now() + self.idle_timeout;

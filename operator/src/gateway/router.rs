@@ -136,6 +136,22 @@ impl Admitted {
     pub fn cancel(mut self) {
         self.sent = false;
     }
+
+    /// What to call with the observed time to first token: it calibrates the agent's predicted
+    /// times (see [`Cluster::observe_ttft`]).
+    pub fn ttft_calibrator(&self) -> Box<dyn FnOnce(Duration) + Send + Sync> {
+        let router = Arc::clone(&self.router);
+        let (slot, predicted) = (self.route.slot, self.route.predicted_ttft_s);
+        let epoch = self.handle.map(|h| h.epoch);
+        Box::new(move |observed| {
+            if let Some(epoch) = epoch {
+                router
+                    .lock()
+                    .cluster
+                    .observe_ttft(slot, epoch, predicted, observed.as_secs_f64());
+            }
+        })
+    }
 }
 
 impl Drop for Admitted {

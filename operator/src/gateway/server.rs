@@ -278,9 +278,10 @@ impl Gateway {
                         &admitted.agent_id,
                         self.config.upstream_idle_timeout,
                         Arc::clone(&self.metrics),
-                        (admitted.route.predicted_ttft_s > 0.0).then_some(proxy::TtftProbe {
+                        (admitted.route.predicted_ttft_s > 0.0).then(|| proxy::TtftProbe {
                             sent,
                             predicted_s: admitted.route.predicted_ttft_s,
+                            calibrate: Some(admitted.ttft_calibrator()),
                         }),
                     ));
                 }
