@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use kvroute_contract::units;
 
 /// A bad flag value.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -368,83 +369,14 @@ fn parse_u32(flag: &'static str, s: &str) -> Result<u32, ConfigError> {
         .map_err(|_| ConfigError::invalid(flag, s, "expected a whole number"))
 }
 
-/// Parses a byte size: a whole number with an optional unit (`B`, `KB`/`MB`/`GB`/`TB` = powers of
-/// 1000, `KiB`/`MiB`/`GiB`/`TiB` = powers of 1024; `K`/`M`/`G` are read as binary units). A
-/// fractional number is allowed with a unit (`1.5GiB`).
+/// Parses a byte size ([`kvroute_contract::units::parse_size`]); errors name the flag.
 pub fn parse_size(flag: &'static str, s: &str) -> Result<u64, ConfigError> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let unit = unit.trim();
-    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        _ => {
-            return Err(ConfigError::invalid(
-                flag,
-                s,
-                format!("unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"),
-            ))
-        }
-    };
-    if num.is_empty() {
-        return Err(ConfigError::invalid(
-            flag,
-            s,
-            "expected a size such as 2GiB or 512MiB",
-        ));
-    }
-    if num.contains('.') {
-        let v: f64 = num
-            .parse()
-            .map_err(|_| ConfigError::invalid(flag, s, "not a number"))?;
-        let bytes = v * mult as f64;
-        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-            return Err(ConfigError::invalid(flag, s, "too large"));
-        }
-        Ok(bytes as u64)
-    } else {
-        let v: u64 = num
-            .parse()
-            .map_err(|_| ConfigError::invalid(flag, s, "too large"))?;
-        v.checked_mul(mult)
-            .ok_or_else(|| ConfigError::invalid(flag, s, "too large"))
-    }
+    units::parse_size(s).map_err(|e| ConfigError::invalid(flag, s, e.0))
 }
 
-/// Parses a duration: a number with a unit `ms`, `s`, `m` or `h` (a bare number is seconds).
+/// Parses a duration ([`kvroute_contract::units::parse_duration`]); errors name the flag.
 pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| ConfigError::invalid(flag, s, "expected a duration such as 30s or 500ms"))?;
-    let secs = match unit.trim() {
-        "ms" => v / 1000.0,
-        "" | "s" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        other => {
-            return Err(ConfigError::invalid(
-                flag,
-                s,
-                format!("unknown unit {other:?} (use ms, s, m, h)"),
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(secs).map_err(|_| ConfigError::invalid(flag, s, "out of range"))
+    units::parse_duration(s).map_err(|e| ConfigError::invalid(flag, s, e.0))
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub enum SpecError {
     KvSizing,
     #[error("spec.replicas must be >= 0, got {0}")]
     Replicas(i32),
-    #[error("spec.admission.queueTimeout {0:?} is not a duration like 500ms, 30s or 2m")]
+    #[error("spec.admission.queueTimeout {0:?} is not a duration like 500ms, 30s, 2m or 1h")]
     QueueTimeout(String),
     #[error("{field} {value:?} is not a relative path inside the volume")]
     VolumePath { field: &'static str, value: String },
@@ -413,7 +413,7 @@ pub struct AdmissionSpec {
     pub max_queue: Option<u32>,
     /// How long a request may wait, like `500ms`, `30s`, `2m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m)$"))]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$"))]
     pub queue_timeout: Option<String>,
     /// Output tokens reserved per request when it names no `max_tokens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -421,23 +421,13 @@ pub struct AdmissionSpec {
     pub reserve_output: Option<u32>,
 }
 
-/// Parses `500ms`, `30s`, `2m` (the `queueTimeout` format).
+/// Parses a `queueTimeout`: a duration with its unit (`500ms`, `30s`, `2m`, `1.5h`), the format
+/// the gateway's `--queue-timeout` flag takes ([`kvroute_contract::units`]) less the bare number.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, SpecError> {
-    let bad = || SpecError::QueueTimeout(s.to_string());
-    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) if i > 0 => s.split_at(i),
-        _ => return Err(bad()),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    match unit {
-        "ms" => Ok(std::time::Duration::from_millis(n)),
-        "s" => Ok(std::time::Duration::from_secs(n)),
-        "m" => n
-            .checked_mul(60)
-            .map(std::time::Duration::from_secs)
-            .ok_or_else(bad),
-        _ => Err(bad()),
+    if !kvroute_contract::units::has_unit(s) {
+        return Err(SpecError::QueueTimeout(s.to_string()));
     }
+    kvroute_contract::units::parse_duration(s).map_err(|_| SpecError::QueueTimeout(s.to_string()))
 }
 
 impl ModelDeploymentSpec {
@@ -649,13 +639,15 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        // The gateway's flag grammar: hours and fractions too.
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         for bad in [
             "",
             "s",
             "10",
-            "1h",
+            "1d",
             "-1s",
-            "1.5s",
             "99999999999999999999s",
             "999999999999999999m",
         ] {

@@ -85,22 +85,10 @@ pub enum UpError {
     Signal(std::io::Error),
 }
 
-/// Parses `256MiB`, `2GiB`, `512M`, `1G` or bytes.
+/// Parses a size ([`kvroute_contract::units::parse_size`]: `256MiB`, `2GiB`, `512M`, `1G`,
+/// `500MB` = 500·10⁶, or bytes), the agent's `--kv-memory` grammar.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let i = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(i);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| "expected a size like 512MiB".to_string())?;
-    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("unknown unit {unit:?} (B, KiB, MiB, GiB)")),
-    };
-    n.checked_mul(mul).ok_or_else(|| "too large".to_string())
+    kvroute_contract::units::parse_size(s).map_err(|e| e.0)
 }
 
 fn available_memory() -> Option<u64> {

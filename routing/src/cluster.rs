@@ -482,14 +482,31 @@ impl Cluster {
         }
         self.expire_inflight(slot, now_ms);
         let a = &mut self.agents[slot];
-        // Retire every reservation the agent's counter now covers: it counts those requests.
-        while let Some(r) = a.reservations.front() {
-            if r.key <= report.requests_received {
-                a.reserved_blocks = a.reserved_blocks.saturating_sub(r.blocks);
-                a.pending_prefill = a.pending_prefill.saturating_sub(r.prefill_tokens);
-                a.reservations.pop_front();
-            } else {
-                break;
+        // The agent's counter now covers `covered` of our dispatches: it counts those requests.
+        // Which ones is unknown (requests sent at nearly the same time may arrive in either
+        // order), so the smallest are retired and the largest stay reserved: whatever arrived,
+        // what stays reserved is at least what the agent has not counted yet.
+        let covered = a
+            .reservations
+            .iter()
+            .take_while(|r| r.key <= report.requests_received)
+            .count();
+        if covered > 0 {
+            if covered < a.reservations.len() {
+                a.reservations
+                    .make_contiguous()
+                    .sort_by_key(|r| (r.blocks, r.key));
+            }
+            for _ in 0..covered {
+                if let Some(r) = a.reservations.pop_front() {
+                    a.reserved_blocks = a.reserved_blocks.saturating_sub(r.blocks);
+                    a.pending_prefill = a.pending_prefill.saturating_sub(r.prefill_tokens);
+                }
+            }
+            // The rest are covered by the next counts, in dispatch order.
+            a.reservations.make_contiguous().sort_by_key(|r| r.id);
+            for (i, r) in a.reservations.iter_mut().enumerate() {
+                r.key = report.requests_received + 1 + i as u64;
             }
         }
         let busy = |r: &Report| r.running_requests > 0 || r.waiting_requests > 0;

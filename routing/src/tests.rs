@@ -296,7 +296,10 @@ fn a_prefix_a_running_request_uses_takes_no_room() {
     let Decision::Route(r) = aligned else {
         panic!("{aligned:?}")
     };
-    assert_eq!((r.cached_blocks, r.need_blocks, r.prefill_tokens), (3, 5 - 3, 16));
+    assert_eq!(
+        (r.cached_blocks, r.need_blocks, r.prefill_tokens),
+        (3, 5 - 3, 16)
+    );
     // An agent that does not report block use: the stored prefix is not assumed in use.
     let mut old = cluster(&[(100, 50)]);
     old.apply_report(
@@ -478,6 +481,44 @@ fn reservations_retire_on_counter_and_reset_on_epoch() {
     );
     assert_eq!(c.agents()[0].reserved_blocks(), 0);
     assert!(!c.cancel(h), "a reservation of the old epoch is gone");
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn the_largest_reservations_stay_until_the_agent_counts_them() {
+    // Two requests sent at nearly the same time, 54 then 30 blocks. The agent's counter says it
+    // has one of them; it may be either (they can arrive in either order), so the 54 stays
+    // reserved: otherwise an agent that got the 30 first is over-booked by 24 blocks.
+    let mut c = cluster(&[(100, 100)]);
+    let cfg = PolicyConfig::default();
+    for tokens in [54 * 16, 30 * 16] {
+        let Decision::Route(r) = c.decide(&cfg, &req(tokens - 1, 1, &[]), 0, &mut SplitMix64(1))
+        else {
+            panic!()
+        };
+        c.reserve(&r).unwrap();
+    }
+    assert_eq!(c.agents()[0].reserved_blocks(), 84);
+    let counted = |n: u64, free: u64| Report {
+        requests_received: n,
+        snapshot: false,
+        ..report("a0", 1, 100, free)
+    };
+    c.apply_report(0, counted(1, 70), 1);
+    assert_eq!(c.agents()[0].reserved_blocks(), 54);
+    assert_eq!(c.agents()[0].pending_requests(), 1);
+    c.check_invariants().unwrap();
+    // A third request; then the agent counts two more: nothing stays reserved.
+    let Decision::Route(r) = c.decide(&cfg, &req(10 * 16 - 1, 1, &[]), 1, &mut SplitMix64(1))
+    else {
+        panic!()
+    };
+    c.reserve(&r).unwrap();
+    assert_eq!(c.agents()[0].reserved_blocks(), 64);
+    c.apply_report(0, counted(2, 16), 2);
+    assert_eq!(c.agents()[0].reserved_blocks(), 54);
+    c.apply_report(0, counted(3, 6), 3);
+    assert_eq!(c.agents()[0].reserved_blocks(), 0);
     c.check_invariants().unwrap();
 }
 

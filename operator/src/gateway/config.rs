@@ -237,27 +237,10 @@ pub fn parse_scorer(s: &str) -> Result<(ScorerId, f64), String> {
     Ok((id, w))
 }
 
-/// Parses `250ms`, `3s`, `2m`, `1h`, or plain seconds.
+/// Parses a duration flag ([`kvroute_contract::units::parse_duration`]: `250ms`, `3s`, `2m`,
+/// `1h`, or plain seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (e.g. 500ms, 30s, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m, h)")),
-    };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("duration {s:?} out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    kvroute_contract::units::parse_duration(s).map_err(|e| e.0)
 }
 
 impl GatewayArgs {
