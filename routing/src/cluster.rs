@@ -66,6 +66,8 @@ struct Reservation {
     blocks: u64,
     /// Prompt tokens the agent will compute for it (not cached there).
     prefill_tokens: u64,
+    /// Its `need` counts prefix blocks as shared with running requests.
+    shared: bool,
 }
 
 /// How long a prefix sent to an agent counts as cached there before the agent reports it
@@ -241,6 +243,7 @@ impl Cluster {
             decode_batch: r.decode_batch,
             release_per_s: a.release.blocks_per_s,
             ttft_scale: a.ttft.scale(),
+            credited_pending: a.reservations.iter().filter(|r| r.shared).count() as u32,
         }
     }
 
@@ -534,6 +537,7 @@ impl Cluster {
             key,
             blocks: route.need_blocks,
             prefill_tokens: route.prefill_tokens,
+            shared: route.shared_blocks > 0,
         });
         a.reserved_blocks += route.need_blocks;
         a.pending_prefill += route.prefill_tokens;

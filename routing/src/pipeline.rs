@@ -256,12 +256,20 @@ impl Cluster {
             // nothing. Blocks surely in use: the leading run the agent reported in use (its
             // block-use events), and at least as many as it has cached blocks beyond its
             // evictable ones (exact on an idle agent).
-            let shared = if same_size {
-                u64::from(in_use.get(slot).copied().unwrap_or(0)).min(cached)
+            //
+            // The credit holds only while the blocks stay in use until the request arrives. If
+            // every holder ends first and the blocks are evicted, each request sent on that
+            // credit recomputes them; the holders' release covers one such request per block,
+            // not two. So while one credited request is on its way (not yet counted by the
+            // agent, which then reserves its whole prompt until it runs), the next gets none.
+            let shared = if same_size && h.credited_pending == 0 {
+                u64::from(in_use.get(slot).copied().unwrap_or(0))
+                    .min(cached)
+                    .max(cached.saturating_sub(h.cached_evictable))
             } else {
                 0
             };
-            let need = blocks.saturating_sub(shared.max(cached.saturating_sub(h.cached_evictable)));
+            let need = blocks.saturating_sub(shared);
             let held = req.held.get(slot).copied().unwrap_or(0);
             let room = (h.free as i128 - h.reserved as i128 - held as i128)
                 .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
@@ -270,6 +278,7 @@ impl Cluster {
                 need_blocks: need,
                 cached_blocks: cached,
                 local_blocks: local,
+                shared_blocks: shared,
                 room,
                 prefill_tokens: req
                     .prompt_tokens
@@ -330,6 +339,7 @@ impl Cluster {
             slot: c.slot,
             need_blocks: c.need_blocks,
             cached_blocks: c.cached_blocks,
+            shared_blocks: c.shared_blocks,
             score,
             prefill_tokens: c.prefill_tokens,
             predicted_ttft_s: e.ttft_s(),

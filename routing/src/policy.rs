@@ -168,6 +168,8 @@ pub struct Route {
     pub need_blocks: u64,
     /// Leading prompt blocks already cached on the agent.
     pub cached_blocks: u64,
+    /// Of those, blocks counted as held by running requests (shared, taking no room).
+    pub shared_blocks: u64,
     pub score: f64,
     /// Prompt tokens the agent will compute (not cached there, nor in flight to it).
     pub prefill_tokens: u64,

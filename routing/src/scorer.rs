@@ -13,6 +13,8 @@ pub struct Candidate {
     pub cached_blocks: u64,
     /// Leading prompt blocks cached or in flight there (in flight: presets that track it).
     pub local_blocks: u64,
+    /// Of the cached blocks, those counted as held by running requests (no room needed).
+    pub shared_blocks: u64,
     /// Blocks the request may take there now: free less this gateway's reservations and the
     /// blocks earlier queued requests wait for there (negative: over-booked).
     pub room: i64,
@@ -108,4 +110,7 @@ pub struct AgentView {
     pub release_per_s: f64,
     /// Observed over predicted time to first token there (1: not calibrated yet).
     pub ttft_scale: f64,
+    /// Requests sent here, not yet counted by the agent, whose `need` counted prefix blocks as
+    /// shared with running requests.
+    pub credited_pending: u32,
 }

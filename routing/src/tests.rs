@@ -315,6 +315,50 @@ fn a_prefix_a_running_request_uses_takes_no_room() {
 }
 
 #[test]
+fn one_request_at_a_time_travels_on_a_shared_prefix_credit() {
+    // The prefix is in use; two requests of its group are sent before the agent counts either.
+    // If the holders ended and the prefix were evicted before they arrive, both would recompute
+    // it; the holders' release covers one. So the second pays its whole prompt until the first
+    // is counted.
+    let hashes = [11, 12, 13, 14];
+    let mut c = cluster(&[(100, 60)]);
+    let at = |received: u64, free: u64, events: Vec<CacheEvent>| Report {
+        snapshot: false,
+        block_use_events: true,
+        requests_received: received,
+        cached_evictable_blocks: 40,
+        events,
+        ..report("a0", 1, 100, free)
+    };
+    c.apply_report(
+        0,
+        at(0, 60, vec![CacheEvent::Stored(vec![11, 12, 13, 14])]),
+        1,
+    );
+    let route = |c: &mut Cluster| match c.decide(
+        &PolicyConfig::default(),
+        &req(70, 16, &hashes),
+        1,
+        &mut SplitMix64(1),
+    ) {
+        Decision::Route(r) => r,
+        d => panic!("{d:?}"),
+    };
+    let first = route(&mut c);
+    assert_eq!((first.need_blocks, first.shared_blocks), (2, 4));
+    c.reserve(&first).unwrap();
+    let second = route(&mut c);
+    assert_eq!((second.need_blocks, second.shared_blocks), (6, 0));
+    c.reserve(&second).unwrap();
+    c.check_invariants().unwrap();
+    // The agent counted both (it reserves their whole prompts while they wait): credit again.
+    c.apply_report(0, at(2, 48, Vec::new()), 2);
+    let third = route(&mut c);
+    assert_eq!((third.need_blocks, third.shared_blocks), (2, 4));
+    c.check_invariants().unwrap();
+}
+
+#[test]
 fn cached_prefix_blocks_that_are_free_still_count_against_room() {
     // 6 blocks, 4 of them a cached prefix. The agent has 3 evictable cached blocks (in its
     // free count): at most 3 of ours are free ones, so at least 1 is held by a running
