@@ -25,6 +25,10 @@ import time
 import urllib.error
 import urllib.request
 
+# bench/load.py (the project's load generator) owns the process check shared by both.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from load import alive  # noqa: E402
+
 # Agent counters (node-agent/src/metrics.rs). Prefix-cache counters count prompt tokens.
 COUNTERS = {
     "queries": "vllm:prefix_cache_queries_total",
@@ -222,16 +226,6 @@ def print_table(heads: list[str], lines: list[list[str]], indent: str = "") -> N
 
 
 # --- readiness ----------------------------------------------------------------------------------
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def routable(kind: str, url: str) -> int:
     """How many agents the router would route to now."""
