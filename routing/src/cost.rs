@@ -376,17 +376,13 @@ mod tests {
                 &w(),
             )
         };
-        let on_b = estimate(
-            &b,
-            &Ask {
-                need_blocks: 20,
-                uncached_tokens: 280,
-                duplicate_tokens: 240,
-                output_tokens: 32,
-            },
-            &p(),
-            &w(),
-        );
+        let ask_b = Ask {
+            need_blocks: 20,
+            uncached_tokens: 280,
+            duplicate_tokens: 240,
+            output_tokens: 32,
+        };
+        let on_b = estimate(&b, &ask_b, &p(), &w());
         assert!(on_a(0).cost < on_b.cost, "{:?} vs {on_b:?}", on_a(0));
         assert!((on_b.duplicate_s - 0.8).abs() < 1e-9, "{on_b:?}");
         // Without the duplication term the wait must be shorter than the recompute alone.
@@ -394,17 +390,7 @@ mod tests {
             duplicate: 0.0,
             ..w()
         };
-        let b_alone = estimate(
-            &b,
-            &Ask {
-                need_blocks: 20,
-                uncached_tokens: 280,
-                duplicate_tokens: 240,
-                output_tokens: 32,
-            },
-            &p(),
-            &no_dup,
-        );
+        let b_alone = estimate(&b, &ask_b, &p(), &no_dup);
         assert_eq!(b_alone.duplicate_s, on_b.duplicate_s);
         assert!(b_alone.cost < on_b.cost);
         // With many requests already waiting there (room far below zero), spilling wins.
