@@ -65,6 +65,9 @@ pub struct GenerateRequest {
     /// Extra key mixed into the prefix-cache block hashes (a LoRA name or a cache salt), so
     /// requests with different keys never share cached blocks.
     pub cache_key: Option<String>,
+    /// A prefix hold ([`crate::runtime::Engine::hold_prefix`]) kept for this request: let go
+    /// once the request is admitted (it then holds the blocks itself) or ends.
+    pub hold: Option<u64>,
 }
 
 /// Why a request ended.

@@ -264,15 +264,28 @@ fn is_greedy(p: &SamplingParams) -> bool {
     (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none()
 }
 
+/// Receives a prefix hold's outcome: (hold id, blocks held).
+pub type HoldReply = Box<dyn FnOnce(u64, usize) + Send>;
+
+/// Most prefix holds kept at once; a new one beyond it replaces the oldest.
+pub const MAX_HOLDS: usize = 256;
+
 enum Cmd {
     Add {
         id: RequestId,
         prompt: Vec<u32>,
         params: SamplingParams,
         cache_key: Option<String>,
+        hold: Option<u64>,
         sink: EventSink,
     },
     Abort(RequestId),
+    Hold {
+        hashes: Vec<u64>,
+        ttl: std::time::Duration,
+        reply: HoldReply,
+    },
+    Release(u64),
     Observer(CapacityObserver),
     Shutdown,
 }
@@ -505,6 +518,9 @@ impl Engine {
             sampled: Vec::new(),
             logit_ids: Vec::new(),
             model: model.model.clone(),
+            holds: Vec::new(),
+            next_hold: 1,
+            hold_reqs: Vec::new(),
         };
         lp.publish(false);
         let handle = std::thread::Builder::new()
@@ -604,6 +620,7 @@ impl Engine {
             prompt,
             params: req.params,
             cache_key: req.cache_key,
+            hold: req.hold,
             sink,
         });
         if sent.is_err() {
@@ -616,6 +633,26 @@ impl Engine {
     /// Unknown or finished ids are ignored.
     pub fn abort(&self, id: RequestId) {
         let _ = self.send(Cmd::Abort(id));
+    }
+
+    /// Holds the leading cached blocks of `hashes` (chained block hashes) for at most `ttl`, so
+    /// they are not evicted before a request that will reuse them arrives (a router holds the
+    /// prefix of a request that waits for room here). Takes only room no live request is
+    /// promised, so it never makes the engine preempt. `reply` gets the hold's id and the blocks
+    /// held (0: nothing held, no hold kept), on the engine thread. A request naming the hold in
+    /// [`GenerateRequest::hold`] lets it go once admitted; [`Self::release_hold`] earlier.
+    pub fn hold_prefix(
+        &self,
+        hashes: Vec<u64>,
+        ttl: std::time::Duration,
+        reply: HoldReply,
+    ) -> Result<(), EngineError> {
+        self.send(Cmd::Hold { hashes, ttl, reply })
+    }
+
+    /// Lets a prefix hold go (unknown or expired ids are ignored).
+    pub fn release_hold(&self, id: u64) {
+        let _ = self.send(Cmd::Release(id));
     }
 
     /// Counters and capacity as of the last step.
@@ -705,6 +742,11 @@ struct Loop {
     top: Vec<(u32, f32)>,
     sampled: Vec<(u64, u32)>,
     logit_ids: Vec<u64>,
+    /// Prefix holds: (id, expiry), oldest first.
+    holds: Vec<(u64, std::time::Instant)>,
+    next_hold: u64,
+    /// Requests that came with a hold not yet let go: (request, hold).
+    hold_reqs: Vec<(RequestId, u64)>,
 }
 
 /// How a request ends after a token.
@@ -719,13 +761,27 @@ impl Loop {
             let mut changed = false;
             // Take commands: block while idle, otherwise just drain.
             if self.sched.is_empty() {
-                match self.rx.recv() {
-                    Ok(cmd) => {
-                        if !self.handle(cmd, &mut changed) {
-                            return self.stop_all();
+                let cmd = match self.holds.iter().map(|h| h.1).min() {
+                    // Wake for the first hold's expiry.
+                    Some(t) => match self
+                        .rx
+                        .recv_timeout(t.saturating_duration_since(std::time::Instant::now()))
+                    {
+                        Ok(cmd) => Some(cmd),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            return self.stop_all()
                         }
+                    },
+                    None => match self.rx.recv() {
+                        Ok(cmd) => Some(cmd),
+                        Err(_) => return self.stop_all(),
+                    },
+                };
+                if let Some(cmd) = cmd {
+                    if !self.handle(cmd, &mut changed) {
+                        return self.stop_all();
                     }
-                    Err(_) => return self.stop_all(),
                 }
             }
             loop {
@@ -743,6 +799,7 @@ impl Loop {
                 self.step();
                 changed = true;
             }
+            changed |= self.let_go_holds();
             if changed {
                 self.publish(true);
             }
@@ -757,9 +814,13 @@ impl Loop {
                 prompt,
                 params,
                 cache_key,
+                hold,
                 mut sink,
             } => {
                 *changed = true;
+                if let Some(h) = hold {
+                    self.hold_reqs.push((id, h));
+                }
                 let prompt_tokens = prompt.len() as u32;
                 let spec = SeqSpec {
                     id,
@@ -810,9 +871,56 @@ impl Loop {
                 });
                 self.observer = Some(o);
             }
+            Cmd::Hold { hashes, ttl, reply } => {
+                let id = self.next_hold;
+                self.next_hold += 1;
+                if self.holds.len() >= MAX_HOLDS {
+                    let (old, _) = self.holds.remove(0);
+                    self.sched.release_hold(old);
+                }
+                let n = self.sched.hold_prefix(id, &hashes);
+                if n > 0 {
+                    self.holds.push((id, std::time::Instant::now() + ttl));
+                    *changed = true;
+                }
+                reply(id, n);
+            }
+            Cmd::Release(id) => {
+                if self.sched.release_hold(id) {
+                    self.holds.retain(|h| h.0 != id);
+                    *changed = true;
+                }
+            }
             Cmd::Shutdown => return false,
         }
         true
+    }
+
+    /// Lets go the holds that expired and those whose request was admitted (it holds the
+    /// blocks itself now) or ended. True when any was let go.
+    fn let_go_holds(&mut self) -> bool {
+        if self.holds.is_empty() && self.hold_reqs.is_empty() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let mut any = false;
+        let sched = &mut self.sched;
+        self.hold_reqs.retain(|&(req, hold)| {
+            if sched.is_running(req) == Some(false) {
+                // Still waiting for its blocks.
+                return true;
+            }
+            any |= sched.release_hold(hold);
+            false
+        });
+        self.holds.retain(|&(id, expiry)| {
+            if expiry <= now {
+                any |= sched.release_hold(id);
+                return false;
+            }
+            sched.has_hold(id)
+        });
+        any
     }
 
     /// Aborts `id` in the scheduler and tells its sink (if it still has one).

@@ -63,6 +63,7 @@ fn cuda_start_fails_clearly_without_a_gpu_or_serves_with_one() {
                             ..SamplingParams::default()
                         },
                         cache_key: None,
+                        hold: None,
                     },
                     Box::new(move |ev| tx.send(ev).is_ok()),
                 )

@@ -49,6 +49,7 @@ fn submit(e: &Engine, prompt: &str, params: SamplingParams) -> (u64, Receiver<En
                 prompt: Prompt::Text(prompt.into()),
                 params,
                 cache_key: None,
+                hold: None,
             },
             Box::new(move |ev| tx.send(ev).is_ok()),
         )
@@ -205,6 +206,7 @@ fn abort_and_a_gone_client_free_their_blocks() {
             prompt: Prompt::Text(PROMPTS[2].into()),
             params: greedy(2000),
             cache_key: None,
+            hold: None,
         },
         Box::new(move |ev| {
             let mut n = s2.lock().unwrap();
@@ -238,6 +240,7 @@ fn invalid_requests_are_rejected_with_reasons() {
         prompt,
         params,
         cache_key: None,
+        hold: None,
     };
     let err = |r: GenerateRequest| e.add_request(r, Box::new(|_| true)).unwrap_err();
     assert!(matches!(

@@ -9,6 +9,7 @@
 pub mod fake;
 
 use kvroute_engine::api::{EventSink, GenerateRequest, RequestId};
+pub use kvroute_engine::runtime::HoldReply;
 
 /// What the agent serves, fixed once the model is loaded.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +107,9 @@ pub enum SubmitError {
     /// The engine has stopped.
     #[error("the engine has stopped")]
     Stopped,
+    /// The engine does not do this.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// Tokenizer or chat-template failure.
@@ -141,6 +145,22 @@ pub trait InferenceBackend: Send + Sync + 'static {
     fn submit(&self, request: GenerateRequest, sink: EventSink) -> Result<RequestId, SubmitError>;
     /// Aborts a request (no-op when it already ended); its blocks are freed.
     fn abort(&self, id: RequestId);
+    /// Holds the leading cached blocks of `hashes` for at most `ttl` so they are not evicted
+    /// (a router keeps the prefix of a request it will send here once room frees); `reply`
+    /// gets (hold id, blocks held), on the engine's thread. Backends that cannot hold say so.
+    fn hold_prefix(
+        &self,
+        hashes: Vec<u64>,
+        ttl: std::time::Duration,
+        reply: HoldReply,
+    ) -> Result<(), SubmitError> {
+        let _ = (hashes, ttl, reply);
+        Err(SubmitError::Unsupported("this engine cannot hold prefixes"))
+    }
+    /// Lets a prefix hold go (unknown ids are ignored).
+    fn release_hold(&self, id: u64) {
+        let _ = id;
+    }
     /// Counters now.
     fn stats(&self) -> CapacityStats;
     /// Installs the observer of capacity changes (replacing any earlier one).

@@ -346,6 +346,21 @@ impl InferenceBackend for EngineBackend {
         self.engine.abort(id);
     }
 
+    fn hold_prefix(
+        &self,
+        hashes: Vec<u64>,
+        ttl: std::time::Duration,
+        reply: crate::backend::HoldReply,
+    ) -> Result<(), SubmitError> {
+        self.engine
+            .hold_prefix(hashes, ttl, reply)
+            .map_err(|_| SubmitError::Stopped)
+    }
+
+    fn release_hold(&self, id: u64) {
+        self.engine.release_hold(id);
+    }
+
     fn stats(&self) -> CapacityStats {
         stats_from(&self.engine.stats())
     }

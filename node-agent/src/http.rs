@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -47,6 +47,8 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/kvroute/model", get(model_info))
+        .route("/v1/kvroute/hold", post(hold_prefix))
+        .route("/v1/kvroute/hold/{id}", axum::routing::delete(release_hold))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -167,20 +169,142 @@ async fn model_info(State(state): State<Arc<AgentState>>) -> Response {
 
 async fn completions(
     State(state): State<Arc<AgentState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match generate(state.clone(), Endpoint::Completions, body).await {
+    let r = match hold_header(&headers) {
+        Ok(hold) => generate(state.clone(), Endpoint::Completions, body, hold).await,
+        Err(e) => Err(e),
+    };
+    r.unwrap_or_else(|e| fail(&state, e))
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AgentState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let r = match hold_header(&headers) {
+        Ok(hold) => generate(state.clone(), Endpoint::Chat, body, hold).await,
+        Err(e) => Err(e),
+    };
+    r.unwrap_or_else(|e| fail(&state, e))
+}
+
+/// The request header naming a prefix hold ([`hold_prefix`]) kept for this request.
+pub const HOLD_HEADER: &str = "x-kvroute-hold";
+
+/// The hold a request names, if any.
+fn hold_header(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(HOLD_HEADER) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                format!("The {HOLD_HEADER} header must be a hold id (an unsigned integer)."),
+                None,
+            )
+        })
+}
+
+/// Longest a prefix hold may last.
+pub const MAX_HOLD_TTL_MS: u64 = 60_000;
+
+/// `POST /v1/kvroute/hold {"block_hashes": [u64...], "ttl_ms": N}`: keeps the leading cached
+/// blocks of those chained block hashes from eviction for up to `ttl_ms` (at most 60 s), taking
+/// only room no live request is promised. A gateway holds the prefix of a request that waits
+/// for room here; the request names the hold in `x-kvroute-hold`, which lets it go once the
+/// request is admitted. Answers `{"hold_id": N, "blocks": held}` (`blocks` 0: nothing was
+/// cached, or no room is free; no hold is kept).
+async fn hold_prefix(
+    State(state): State<Arc<AgentState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match hold(&state, body).await {
         Ok(r) => r,
         Err(e) => fail(&state, e),
     }
 }
 
-async fn chat_completions(
+async fn hold(state: &AgentState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let l = loaded(state)?;
+    let body = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.max_body_bytes)
+        } else {
+            ApiError::bad_request(format!("Could not read the request body: {}", rej.body_text()), None)
+        }
+    })?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct HoldBody {
+        block_hashes: Vec<u64>,
+        ttl_ms: u64,
+    }
+    let b: HoldBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("Invalid hold request: {e}"), None)
+    })?;
+    if b.ttl_ms == 0 || b.ttl_ms > MAX_HOLD_TTL_MS {
+        return Err(ApiError::bad_request(
+            format!("ttl_ms must be between 1 and {MAX_HOLD_TTL_MS}; got {}", b.ttl_ms),
+            Some("ttl_ms"),
+        ));
+    }
+    let total = l.hub.stats().total_blocks;
+    if b.block_hashes.is_empty() || b.block_hashes.len() as u64 > total {
+        return Err(ApiError::bad_request(
+            format!(
+                "block_hashes must name 1 to {total} blocks (the pool's size); got {}",
+                b.block_hashes.len()
+            ),
+            Some("block_hashes"),
+        ));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    l.backend
+        .hold_prefix(
+            b.block_hashes,
+            std::time::Duration::from_millis(b.ttl_ms),
+            Box::new(move |id, blocks| {
+                let _ = tx.send((id, blocks));
+            }),
+        )
+        .map_err(|e| match e {
+            SubmitError::Unsupported(m) => ApiError {
+                status: StatusCode::NOT_IMPLEMENTED,
+                message: m.into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("not_implemented"),
+            },
+            _ => ApiError::unavailable("The engine has stopped.", "stopped"),
+        })?;
+    let (id, blocks) = rx
+        .await
+        .map_err(|_| ApiError::unavailable("The engine has stopped.", "stopped"))?;
+    Ok(Json(json!({"hold_id": id, "blocks": blocks})).into_response())
+}
+
+/// `DELETE /v1/kvroute/hold/{id}`: lets a hold go (204 also when it already ended).
+async fn release_hold(
     State(state): State<Arc<AgentState>>,
-    body: Result<Bytes, BytesRejection>,
+    axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    match generate(state.clone(), Endpoint::Chat, body).await {
-        Ok(r) => r,
+    let Ok(id) = id.parse::<u64>() else {
+        return fail(
+            &state,
+            ApiError::bad_request("A hold id is an unsigned integer.", None),
+        );
+    };
+    match loaded(&state) {
+        Ok(l) => {
+            l.backend.release_hold(id);
+            StatusCode::NO_CONTENT.into_response()
+        }
         Err(e) => fail(&state, e),
     }
 }
@@ -227,6 +351,7 @@ async fn generate(
     state: Arc<AgentState>,
     endpoint: Endpoint,
     body: Result<Bytes, BytesRejection>,
+    hold: Option<u64>,
 ) -> Result<Response, ApiError> {
     let l = loaded(&state)?;
     if state.lifecycle.is_draining() {
@@ -321,6 +446,7 @@ async fn generate(
             logprobs: None,
         },
         cache_key: req.cache_salt.clone(),
+        hold,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let sink = metered_sink(l.metrics.clone(), arrived, tx);
@@ -330,6 +456,7 @@ async fn generate(
             ApiError::unavailable("The engine's queue is full; retry later.", "overloaded")
         }
         SubmitError::Stopped => ApiError::unavailable("The engine has stopped.", "stopped"),
+        SubmitError::Unsupported(m) => ApiError::internal(m),
     })?;
     tracing::debug!(
         request = id,

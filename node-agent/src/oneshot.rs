@@ -62,6 +62,7 @@ pub fn run_once(
             prompt: Prompt::Tokens(ids),
             params,
             cache_key: None,
+            hold: None,
         },
         Box::new(move |ev| tx.send(ev).is_ok()),
     )?;
@@ -166,6 +167,7 @@ pub fn bench(
                     ..SamplingParams::default()
                 },
                 cache_key: None,
+                hold: None,
             },
             Box::new(move |ev| {
                 let msg = match ev {

@@ -268,6 +268,17 @@ pub fn run_py(script: &str, args: &[&str]) -> Value {
 
 /// Opens one HTTP/1.1 connection and sends one request; the body is left unread.
 pub async fn send(addr: SocketAddr, method: &str, path: &str, body: Vec<u8>) -> Response<Incoming> {
+    send_with(addr, method, path, &[], body).await
+}
+
+/// [`send`] with extra request headers.
+pub async fn send_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Response<Incoming> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -279,7 +290,10 @@ pub async fn send(addr: SocketAddr, method: &str, path: &str, body: Vec<u8>) -> 
         .method(method)
         .uri(path)
         .header("host", addr.to_string())
-        .header("content-type", "application/json")
+        .header("content-type", "application/json");
+    let req = headers
+        .iter()
+        .fold(req, |r, (k, v)| r.header(*k, *v))
         .body(Full::new(Bytes::from(body)))
         .unwrap();
     sender.send_request(req).await.unwrap()
@@ -292,7 +306,18 @@ pub async fn call(
     path: &str,
     body: Vec<u8>,
 ) -> (StatusCode, Vec<u8>) {
-    let resp = tokio::time::timeout(GUARD, send(addr, method, path, body))
+    call_with(addr, method, path, &[], body).await
+}
+
+/// [`call`] with extra request headers.
+pub async fn call_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
+    let resp = tokio::time::timeout(GUARD, send_with(addr, method, path, headers, body))
         .await
         .unwrap();
     let status = resp.status();

@@ -318,6 +318,38 @@ impl KvManager {
         t.num_cached = full;
     }
 
+    /// Holds the leading cached blocks of `hashes` (chained block hashes, as
+    /// [`Self::block_hashes`] gives them) so they cannot be evicted: a router keeps a prefix for
+    /// a request it will send here once room frees. Stops at the first hash not cached, and
+    /// takes at most `max_free` blocks off the free list (blocks already in use are held at no
+    /// cost; each free one held lowers the room of everything else). Returns the hold, a
+    /// sequence owning those blocks ([`Self::close`] it to let them go), and how many it holds.
+    pub fn hold_prefix(&mut self, hashes: &[BlockHash], max_free: usize) -> (KvSeq, usize) {
+        let seq = self.open(&[]);
+        if !self.prefix_caching {
+            return (seq, 0);
+        }
+        let mut taken_free = 0;
+        let t = &mut self.tables[seq.slot as usize];
+        for &h in hashes {
+            let Some(b) = self.pool.lookup(h) else {
+                break;
+            };
+            if self.pool.ref_count(b) == 0 {
+                if taken_free == max_free {
+                    break;
+                }
+                taken_free += 1;
+            }
+            self.pool.touch(b);
+            t.blocks.push(b);
+            t.hashes.push(h);
+        }
+        t.num_cached = t.blocks.len();
+        let n = t.blocks.len();
+        (seq, n)
+    }
+
     /// Empties the prefix cache (emits `AllCleared`).
     pub fn reset_prefix_cache(&mut self) {
         self.pool.reset_cache();

@@ -286,6 +286,8 @@ pub struct Scheduler {
     finished: u64,
     aborted: u64,
     waiting_prompt_blocks: usize,
+    /// Prefix holds by key (see [`Scheduler::hold_prefix`]); few, so a list.
+    holds: Vec<(u64, KvSeq)>,
 }
 
 impl Scheduler {
@@ -344,6 +346,7 @@ impl Scheduler {
             finished: 0,
             aborted: 0,
             waiting_prompt_blocks: 0,
+            holds: Vec::new(),
             cfg,
         })
     }
@@ -800,6 +803,49 @@ impl Scheduler {
                     .saturating_sub(self.kv.block_table(&s.kv).len())
             })
             .sum()
+    }
+
+    /// Holds the leading cached blocks of `hashes` under `key` (replacing an earlier hold of the
+    /// same key) so no allocation evicts them, taking only free blocks that no live sequence is
+    /// promised (`free - committed`): a hold never makes this engine preempt. Returns the blocks
+    /// held (0: none, and no hold is kept).
+    pub fn hold_prefix(&mut self, key: u64, hashes: &[u64]) -> usize {
+        self.release_hold(key);
+        let room = self
+            .kv
+            .pool()
+            .free()
+            .saturating_sub(self.committed_blocks());
+        let (seq, n) = self.kv.hold_prefix(hashes, room);
+        if n == 0 {
+            self.kv.close(seq);
+        } else {
+            self.holds.push((key, seq));
+        }
+        n
+    }
+
+    /// Lets the blocks of hold `key` go (they stay cached, evictable, unless in use). False
+    /// when there is no such hold.
+    pub fn release_hold(&mut self, key: u64) -> bool {
+        match self.holds.iter().position(|(k, _)| *k == key) {
+            Some(i) => {
+                let (_, seq) = self.holds.swap_remove(i);
+                self.kv.close(seq);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Prefix holds kept now.
+    pub fn holds(&self) -> usize {
+        self.holds.len()
+    }
+
+    /// Whether hold `key` is kept.
+    pub fn has_hold(&self, key: u64) -> bool {
+        self.holds.iter().any(|(k, _)| *k == key)
     }
 
     /// Block events since the last call (needs `enable_events`).

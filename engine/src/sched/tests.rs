@@ -653,3 +653,82 @@ fn committed_blocks_count_what_live_sequences_still_grow_into() {
     assert_eq!(s.stats().committed_blocks, 0);
     assert_eq!(s.stats().preemptions, 0);
 }
+
+/// Runs `id` with `prompt` to completion (alone) and returns the chained hashes of its prompt's
+/// full blocks, which stay cached (evictable).
+fn run_alone(s: &mut Scheduler, id: u64, prompt: Vec<u32>, max_tokens: u32) -> Vec<u64> {
+    s.add(spec(id, prompt, max_tokens)).unwrap();
+    let hashes = s.kv.block_hashes(&s.seq(s.index[&id]).kv).to_vec();
+    while s.len() > 0 {
+        step(s);
+    }
+    hashes
+}
+
+#[test]
+fn a_held_prefix_survives_allocations_that_would_evict_it() {
+    // 8 blocks of 4 tokens. Request 1 leaves 3 cached prompt blocks behind (evictable).
+    let mut s = Scheduler::new(cfg(4, 8)).unwrap();
+    let hashes = run_alone(&mut s, 1, (0..13).collect(), 1);
+    assert_eq!(hashes.len(), 3);
+    assert_eq!(s.hold_prefix(7, &hashes), 3);
+    assert_eq!(s.holds(), 1);
+    assert_eq!(s.kv().snapshot().free, 5, "held blocks leave the free list");
+    assert_eq!(s.kv().snapshot().cached_evictable, 0);
+    s.check_invariants().unwrap();
+    // Another request takes every other block: the held ones are not evicted for it.
+    let (p, _) = step_after_add(&mut s, spec(2, (100..119).collect(), 1));
+    assert_eq!(p, vec![(2, 0, 19, true)]);
+    for &h in &hashes {
+        assert!(s.kv().pool().lookup(h).is_some(), "held block {h} was evicted");
+    }
+    while s.len() > 0 {
+        step(&mut s);
+    }
+    // The request the prefix was held for hits all of it; then the hold is let go.
+    s.add(spec(3, (0..13).chain(50..53).collect(), 1)).unwrap();
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(3, 12, 4, true)], "starts after the 3 held blocks");
+    assert!(s.release_hold(7));
+    assert!(!s.release_hold(7), "a hold is let go once");
+    assert_eq!(s.holds(), 0);
+    s.check_invariants().unwrap();
+}
+
+fn step_after_add(s: &mut Scheduler, sp: SeqSpec) -> (Vec<Planned>, Vec<u64>) {
+    s.add(sp).unwrap();
+    step(s)
+}
+
+#[test]
+fn a_hold_takes_no_room_promised_to_live_sequences() {
+    // Request 1 leaves 3 cached blocks; request 2 then runs and is promised growth.
+    let mut s = Scheduler::new(cfg(4, 8)).unwrap();
+    let hashes = run_alone(&mut s, 1, (0..13).collect(), 1);
+    // 2 holds 3 blocks now and grows to 7 (27 tokens): 4 more promised of the 5 free.
+    s.add(spec(2, (100..111).collect(), 16)).unwrap();
+    step(&mut s);
+    let st = s.stats();
+    assert_eq!(st.capacity.free, 5);
+    assert_eq!(st.committed_blocks, 4);
+    // Only one free block is not promised: the hold takes the first cached block only.
+    assert_eq!(s.hold_prefix(9, &hashes), 1);
+    let st = s.stats();
+    assert!(st.capacity.free as usize >= st.committed_blocks);
+    // Request 2 runs to the end without preemption.
+    while s.len() > 0 {
+        step(&mut s);
+    }
+    assert_eq!(s.stats().preemptions, 0);
+    // Holding what is not cached holds nothing and keeps no hold.
+    assert_eq!(s.hold_prefix(10, &[1, 2, 3]), 0);
+    assert!(!s.release_hold(10));
+    // Request 2 took the two cached blocks that were not held; the held one is still there.
+    // A second hold under the same key replaces the first.
+    assert_eq!(s.hold_prefix(9, &hashes), 1);
+    assert_eq!(s.holds(), 1);
+    assert!(s.release_hold(9));
+    assert!(s.kv().pool().lookup(hashes[0]).is_some());
+    assert!(s.kv().pool().lookup(hashes[1]).is_none());
+    s.check_invariants().unwrap();
+}

@@ -400,10 +400,27 @@ impl Router {
                     None => continue,
                 }
             } else {
+                let first = !w.looked_at.get();
                 w.looked_at.set(true);
                 let t = Instant::now();
                 let d = core.cluster.decide(&cfg, &req, now, &mut core.rng);
                 self.metrics.observe_decision(t.elapsed());
+                if first {
+                    let (kind, r) = match &d {
+                        Decision::Route(r) => ("route", Some(r)),
+                        Decision::Hold(r) => ("hold", Some(r)),
+                        Decision::Wait => ("wait", None),
+                        Decision::Reject(_) => ("reject", None),
+                    };
+                    tracing::debug!(
+                        kind,
+                        slot = r.map_or(99, |r| r.slot),
+                        need = r.map_or(0, |r| r.need_blocks),
+                        cached = r.map_or(0, |r| r.cached_blocks),
+                        prefix = w.plan.block_hashes.first().map_or(0, |h| h % 10_000),
+                        "first look"
+                    );
+                }
                 d
             };
             let outcome = match decision {
