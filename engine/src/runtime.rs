@@ -282,6 +282,7 @@ enum Cmd {
     Abort(RequestId),
     Hold {
         hashes: Vec<u64>,
+        max_free: usize,
         ttl: std::time::Duration,
         reply: HoldReply,
     },
@@ -637,17 +638,24 @@ impl Engine {
 
     /// Holds the leading cached blocks of `hashes` (chained block hashes) for at most `ttl`, so
     /// they are not evicted before a request that will reuse them arrives (a router holds the
-    /// prefix of a request that waits for room here). Takes only room no live request is
-    /// promised, so it never makes the engine preempt. `reply` gets the hold's id and the blocks
+    /// prefix of a request that waits for room here). Takes at most `max_free` free (evictable)
+    /// blocks, and only room no live request is promised, so it never makes the engine preempt
+    /// (a router passes the room its own reservations leave). `reply` gets the hold's id and the blocks
     /// held (0: nothing held, no hold kept), on the engine thread. A request naming the hold in
     /// [`GenerateRequest::hold`] lets it go once admitted; [`Self::release_hold`] earlier.
     pub fn hold_prefix(
         &self,
         hashes: Vec<u64>,
+        max_free: usize,
         ttl: std::time::Duration,
         reply: HoldReply,
     ) -> Result<(), EngineError> {
-        self.send(Cmd::Hold { hashes, ttl, reply })
+        self.send(Cmd::Hold {
+            hashes,
+            max_free,
+            ttl,
+            reply,
+        })
     }
 
     /// Lets a prefix hold go (unknown or expired ids are ignored).
@@ -871,14 +879,19 @@ impl Loop {
                 });
                 self.observer = Some(o);
             }
-            Cmd::Hold { hashes, ttl, reply } => {
+            Cmd::Hold {
+                hashes,
+                max_free,
+                ttl,
+                reply,
+            } => {
                 let id = self.next_hold;
                 self.next_hold += 1;
                 if self.holds.len() >= MAX_HOLDS {
                     let (old, _) = self.holds.remove(0);
                     self.sched.release_hold(old);
                 }
-                let n = self.sched.hold_prefix(id, &hashes);
+                let n = self.sched.hold_prefix(id, &hashes, max_free);
                 if n > 0 {
                     self.holds.push((id, std::time::Instant::now() + ttl));
                     *changed = true;

@@ -145,16 +145,18 @@ pub trait InferenceBackend: Send + Sync + 'static {
     fn submit(&self, request: GenerateRequest, sink: EventSink) -> Result<RequestId, SubmitError>;
     /// Aborts a request (no-op when it already ended); its blocks are freed.
     fn abort(&self, id: RequestId);
-    /// Holds the leading cached blocks of `hashes` for at most `ttl` so they are not evicted
+    /// Holds the leading cached blocks of `hashes` for at most `ttl` (taking at most `max_free`
+    /// free blocks) so they are not evicted
     /// (a router keeps the prefix of a request it will send here once room frees); `reply`
     /// gets (hold id, blocks held), on the engine's thread. Backends that cannot hold say so.
     fn hold_prefix(
         &self,
         hashes: Vec<u64>,
+        max_free: usize,
         ttl: std::time::Duration,
         reply: HoldReply,
     ) -> Result<(), SubmitError> {
-        let _ = (hashes, ttl, reply);
+        let _ = (hashes, max_free, ttl, reply);
         Err(SubmitError::Unsupported("this engine cannot hold prefixes"))
     }
     /// Lets a prefix hold go (unknown ids are ignored).

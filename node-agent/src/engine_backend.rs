@@ -349,11 +349,12 @@ impl InferenceBackend for EngineBackend {
     fn hold_prefix(
         &self,
         hashes: Vec<u64>,
+        max_free: usize,
         ttl: std::time::Duration,
         reply: crate::backend::HoldReply,
     ) -> Result<(), SubmitError> {
         self.engine
-            .hold_prefix(hashes, ttl, reply)
+            .hold_prefix(hashes, max_free, ttl, reply)
             .map_err(|_| SubmitError::Stopped)
     }
 

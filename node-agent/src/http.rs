@@ -214,9 +214,10 @@ fn hold_header(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 /// Longest a prefix hold may last.
 pub const MAX_HOLD_TTL_MS: u64 = 60_000;
 
-/// `POST /v1/kvroute/hold {"block_hashes": [u64...], "ttl_ms": N}`: keeps the leading cached
-/// blocks of those chained block hashes from eviction for up to `ttl_ms` (at most 60 s), taking
-/// only room no live request is promised. A gateway holds the prefix of a request that waits
+/// `POST /v1/kvroute/hold {"block_hashes": [u64...], "ttl_ms": N, "max_free_blocks": M}`: keeps
+/// the leading cached blocks of those chained block hashes from eviction for up to `ttl_ms` (at
+/// most 60 s), taking at most M free (evictable) blocks (optional) and only room no live request
+/// is promised. A gateway holds the prefix of a request that waits
 /// for room here; the request names the hold in `x-kvroute-hold`, which lets it go once the
 /// request is admitted. Answers `{"hold_id": N, "blocks": held}` (`blocks` 0: nothing was
 /// cached, or no room is free; no hold is kept).
@@ -230,13 +231,19 @@ async fn hold_prefix(
     }
 }
 
-async fn hold(state: &AgentState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn hold(
+    state: &AgentState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let l = loaded(state)?;
     let body = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(state.max_body_bytes)
         } else {
-            ApiError::bad_request(format!("Could not read the request body: {}", rej.body_text()), None)
+            ApiError::bad_request(
+                format!("Could not read the request body: {}", rej.body_text()),
+                None,
+            )
         }
     })?;
     #[derive(serde::Deserialize)]
@@ -244,13 +251,18 @@ async fn hold(state: &AgentState, body: Result<Bytes, BytesRejection>) -> Result
     struct HoldBody {
         block_hashes: Vec<u64>,
         ttl_ms: u64,
+        /// Most free (evictable) blocks to take: the room the caller's own reservations leave.
+        #[serde(default)]
+        max_free_blocks: Option<u64>,
     }
-    let b: HoldBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!("Invalid hold request: {e}"), None)
-    })?;
+    let b: HoldBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid hold request: {e}"), None))?;
     if b.ttl_ms == 0 || b.ttl_ms > MAX_HOLD_TTL_MS {
         return Err(ApiError::bad_request(
-            format!("ttl_ms must be between 1 and {MAX_HOLD_TTL_MS}; got {}", b.ttl_ms),
+            format!(
+                "ttl_ms must be between 1 and {MAX_HOLD_TTL_MS}; got {}",
+                b.ttl_ms
+            ),
             Some("ttl_ms"),
         ));
     }
@@ -268,6 +280,8 @@ async fn hold(state: &AgentState, body: Result<Bytes, BytesRejection>) -> Result
     l.backend
         .hold_prefix(
             b.block_hashes,
+            b.max_free_blocks
+                .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX)),
             std::time::Duration::from_millis(b.ttl_ms),
             Box::new(move |id, blocks| {
                 let _ = tx.send((id, blocks));

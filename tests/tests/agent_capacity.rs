@@ -131,7 +131,10 @@ async fn a_prefix_hold_keeps_blocks_until_its_request_is_admitted() {
     let body = json!({"model": agent.model, "prompt": ids, "max_tokens": 2, "ignore_eos": true, "temperature": 0});
     let (status, v) = post_json(agent.http, "/v1/completions", &body).await;
     assert_eq!(status, 200, "{v}");
-    let idle = until(&mut s, |r| r.running_requests == 0 && r.free_blocks == total).await;
+    let idle = until(&mut s, |r| {
+        r.running_requests == 0 && r.free_blocks == total
+    })
+    .await;
     let evictable = idle.last().unwrap().cached_evictable_blocks;
     assert!(evictable >= 6, "{evictable}");
 
@@ -171,13 +174,22 @@ async fn a_prefix_hold_keeps_blocks_until_its_request_is_admitted() {
     .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
     let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 24, "{v}");
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"], 24,
+        "{v}"
+    );
     until(&mut s, |r| {
         r.running_requests == 0 && r.free_blocks == total && r.cached_evictable_blocks >= evictable
     })
     .await;
     // Releasing it again (or any unknown hold) is harmless.
-    let (status, _) = call(agent.http, "DELETE", &format!("/v1/kvroute/hold/{hold}"), vec![]).await;
+    let (status, _) = call(
+        agent.http,
+        "DELETE",
+        &format!("/v1/kvroute/hold/{hold}"),
+        vec![],
+    )
+    .await;
     assert_eq!(status, 204);
 
     // A hold let go by DELETE returns its blocks to the evictable ones.
@@ -187,13 +199,26 @@ async fn a_prefix_hold_keeps_blocks_until_its_request_is_admitted() {
         &json!({"block_hashes": &hashes[..3], "ttl_ms": 30_000}),
     )
     .await;
-    assert_eq!((status.as_u16(), v["blocks"].as_u64()), (200, Some(3)), "{v}");
+    assert_eq!(
+        (status.as_u16(), v["blocks"].as_u64()),
+        (200, Some(3)),
+        "{v}"
+    );
     let before = until(&mut s, |r| r.free_blocks == total - 3).await;
     let ev = before.last().unwrap().cached_evictable_blocks;
     let id = v["hold_id"].as_u64().unwrap();
-    let (status, _) = call(agent.http, "DELETE", &format!("/v1/kvroute/hold/{id}"), vec![]).await;
+    let (status, _) = call(
+        agent.http,
+        "DELETE",
+        &format!("/v1/kvroute/hold/{id}"),
+        vec![],
+    )
+    .await;
     assert_eq!(status, 204);
-    until(&mut s, |r| r.free_blocks == total && r.cached_evictable_blocks == ev + 3).await;
+    until(&mut s, |r| {
+        r.free_blocks == total && r.cached_evictable_blocks == ev + 3
+    })
+    .await;
 
     // Bad input: a clear 400, nothing held.
     let too_many: Vec<u64> = (0..=total).collect();
@@ -201,16 +226,31 @@ async fn a_prefix_hold_keeps_blocks_until_its_request_is_admitted() {
         (json!({"block_hashes": hashes, "ttl_ms": 0}), "ttl_ms"),
         (json!({"block_hashes": hashes, "ttl_ms": 60_001}), "ttl_ms"),
         (json!({"block_hashes": [], "ttl_ms": 10}), "block_hashes"),
-        (json!({"block_hashes": too_many, "ttl_ms": 10}), "block_hashes"),
+        (
+            json!({"block_hashes": too_many, "ttl_ms": 10}),
+            "block_hashes",
+        ),
         (json!({"block_hashes": [-1], "ttl_ms": 10}), "Invalid"),
         (json!({"block_hashes": hashes}), "ttl_ms"),
-        (json!({"block_hashes": hashes, "ttl_ms": 10, "pin": true}), "unknown field"),
+        (
+            json!({"block_hashes": hashes, "ttl_ms": 10, "pin": true}),
+            "unknown field",
+        ),
     ] {
         let (status, v) = post_json(agent.http, "/v1/kvroute/hold", &bad).await;
         assert_eq!(status, 400, "{bad}: {v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains(what), "{bad}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(what),
+            "{bad}: {v}"
+        );
     }
-    let (status, _) = call(agent.http, "POST", "/v1/kvroute/hold", b"{not json".to_vec()).await;
+    let (status, _) = call(
+        agent.http,
+        "POST",
+        "/v1/kvroute/hold",
+        b"{not json".to_vec(),
+    )
+    .await;
     assert_eq!(status, 400);
     let (status, _) = call(agent.http, "DELETE", "/v1/kvroute/hold/x1", vec![]).await;
     assert_eq!(status, 400);

@@ -806,16 +806,17 @@ impl Scheduler {
     }
 
     /// Holds the leading cached blocks of `hashes` under `key` (replacing an earlier hold of the
-    /// same key) so no allocation evicts them, taking only free blocks that no live sequence is
-    /// promised (`free - committed`): a hold never makes this engine preempt. Returns the blocks
-    /// held (0: none, and no hold is kept).
-    pub fn hold_prefix(&mut self, key: u64, hashes: &[u64]) -> usize {
+    /// same key) so no allocation evicts them, taking at most `max_free` free blocks and only
+    /// free blocks that no live sequence is promised (`free - committed`): a hold never makes
+    /// this engine preempt. Returns the blocks held (0: none, and no hold is kept).
+    pub fn hold_prefix(&mut self, key: u64, hashes: &[u64], max_free: usize) -> usize {
         self.release_hold(key);
         let room = self
             .kv
             .pool()
             .free()
-            .saturating_sub(self.committed_blocks());
+            .saturating_sub(self.committed_blocks())
+            .min(max_free);
         let (seq, n) = self.kv.hold_prefix(hashes, room);
         if n == 0 {
             self.kv.close(seq);

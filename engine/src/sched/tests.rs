@@ -659,7 +659,7 @@ fn committed_blocks_count_what_live_sequences_still_grow_into() {
 fn run_alone(s: &mut Scheduler, id: u64, prompt: Vec<u32>, max_tokens: u32) -> Vec<u64> {
     s.add(spec(id, prompt, max_tokens)).unwrap();
     let hashes = s.kv.block_hashes(&s.seq(s.index[&id]).kv).to_vec();
-    while s.len() > 0 {
+    while !s.is_empty() {
         step(s);
     }
     hashes
@@ -671,7 +671,7 @@ fn a_held_prefix_survives_allocations_that_would_evict_it() {
     let mut s = Scheduler::new(cfg(4, 8)).unwrap();
     let hashes = run_alone(&mut s, 1, (0..13).collect(), 1);
     assert_eq!(hashes.len(), 3);
-    assert_eq!(s.hold_prefix(7, &hashes), 3);
+    assert_eq!(s.hold_prefix(7, &hashes, usize::MAX), 3);
     assert_eq!(s.holds(), 1);
     assert_eq!(s.kv().snapshot().free, 5, "held blocks leave the free list");
     assert_eq!(s.kv().snapshot().cached_evictable, 0);
@@ -680,9 +680,12 @@ fn a_held_prefix_survives_allocations_that_would_evict_it() {
     let (p, _) = step_after_add(&mut s, spec(2, (100..119).collect(), 1));
     assert_eq!(p, vec![(2, 0, 19, true)]);
     for &h in &hashes {
-        assert!(s.kv().pool().lookup(h).is_some(), "held block {h} was evicted");
+        assert!(
+            s.kv().pool().lookup(h).is_some(),
+            "held block {h} was evicted"
+        );
     }
-    while s.len() > 0 {
+    while !s.is_empty() {
         step(&mut s);
     }
     // The request the prefix was held for hits all of it; then the hold is let go.
@@ -712,20 +715,22 @@ fn a_hold_takes_no_room_promised_to_live_sequences() {
     assert_eq!(st.capacity.free, 5);
     assert_eq!(st.committed_blocks, 4);
     // Only one free block is not promised: the hold takes the first cached block only.
-    assert_eq!(s.hold_prefix(9, &hashes), 1);
+    assert_eq!(s.hold_prefix(9, &hashes, usize::MAX), 1);
     let st = s.stats();
     assert!(st.capacity.free as usize >= st.committed_blocks);
     // Request 2 runs to the end without preemption.
-    while s.len() > 0 {
+    while !s.is_empty() {
         step(&mut s);
     }
     assert_eq!(s.stats().preemptions, 0);
+    // A caller's limit on free blocks holds too.
+    assert_eq!(s.hold_prefix(11, &hashes, 0), 0);
     // Holding what is not cached holds nothing and keeps no hold.
-    assert_eq!(s.hold_prefix(10, &[1, 2, 3]), 0);
+    assert_eq!(s.hold_prefix(10, &[1, 2, 3], usize::MAX), 0);
     assert!(!s.release_hold(10));
     // Request 2 took the two cached blocks that were not held; the held one is still there.
     // A second hold under the same key replaces the first.
-    assert_eq!(s.hold_prefix(9, &hashes), 1);
+    assert_eq!(s.hold_prefix(9, &hashes, usize::MAX), 1);
     assert_eq!(s.holds(), 1);
     assert!(s.release_hold(9));
     assert!(s.kv().pool().lookup(hashes[0]).is_some());

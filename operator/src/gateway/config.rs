@@ -73,6 +73,10 @@ pub struct GatewayArgs {
     /// prompt cached on an agent (they take little room and prefill; 0 = arrival order).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub cache_first_for: Duration,
+    /// kv policy: don't ask an agent to keep the cached prefix of a request waiting for it
+    /// (`POST /v1/kvroute/hold`); without holds, requests admitted meanwhile may evict it.
+    #[arg(long)]
+    pub no_prefix_holds: bool,
     /// Scorers in place of the policy's own, as `NAME=WEIGHT` (repeatable; NAME one of cost,
     /// prefix, headroom, queue, requests, gpu): the policy keeps its filters and picker.
     #[arg(long = "scorer", value_name = "NAME=WEIGHT", value_parser = parse_scorer)]
@@ -213,6 +217,8 @@ pub struct GatewayConfig {
     pub seed: u64,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Ask agents to keep waiting requests' cached prefixes (`kv` policy).
+    pub prefix_holds: bool,
 }
 
 /// Parses one `--scorer NAME=WEIGHT`.
@@ -338,6 +344,7 @@ impl GatewayArgs {
             key_priorities,
             seed,
             max_body_bytes: 16 << 20,
+            prefix_holds: !self.no_prefix_holds,
         })
     }
 }
@@ -370,6 +377,7 @@ impl GatewayConfig {
             key_priorities: HashMap::new(),
             seed: 0x006b_7672_6f75_7465,
             max_body_bytes: 16 << 20,
+            prefix_holds: true,
         }
     }
 }

@@ -70,6 +70,8 @@ pub struct Metrics {
     ttft_observed: Mutex<Histogram>,
     ttft_error: Mutex<Histogram>,
     held: AtomicU64,
+    prefix_holds: AtomicU64,
+    prefix_hold_blocks: AtomicU64,
     queue_depth: AtomicU64,
     retries: AtomicU64,
     upstream_failures: AtomicU64,
@@ -89,6 +91,8 @@ impl Metrics {
             ttft_observed: Mutex::new(Histogram::new(WAIT_BUCKETS)),
             ttft_error: Mutex::new(Histogram::new(WAIT_BUCKETS)),
             held: AtomicU64::new(0),
+            prefix_holds: AtomicU64::new(0),
+            prefix_hold_blocks: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             upstream_failures: AtomicU64::new(0),
@@ -128,6 +132,12 @@ impl Metrics {
     /// A queued request chose to wait for one agent (the `kv` policy's locality) this pump.
     pub fn count_held(&self) {
         self.held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An agent kept `blocks` cached blocks of a waiting request's prefix from eviction.
+    pub fn count_prefix_hold(&self, blocks: u64) {
+        self.prefix_holds.fetch_add(1, Ordering::Relaxed);
+        self.prefix_hold_blocks.fetch_add(blocks, Ordering::Relaxed);
     }
 
     pub fn set_queue_depth(&self, n: usize) {
@@ -214,6 +224,16 @@ impl Metrics {
                 "kvroute_gateway_held_total",
                 "Times a queued request chose to wait for the agent that caches its prefix.",
                 &self.held,
+            ),
+            (
+                "kvroute_gateway_prefix_holds_total",
+                "Prefix holds placed on agents for requests waiting there (their cached prefix kept from eviction).",
+                &self.prefix_holds,
+            ),
+            (
+                "kvroute_gateway_prefix_hold_blocks_total",
+                "Cached blocks kept from eviction by prefix holds.",
+                &self.prefix_hold_blocks,
             ),
             (
                 "kvroute_gateway_retries_total",

@@ -49,7 +49,54 @@ struct Waiter {
     priority: Priority,
     /// Offered to the policy (or checked for a reject) at least once.
     looked_at: std::cell::Cell<bool>,
+    /// The prefix hold kept for it on the agent it waits for, if any.
+    hold: std::cell::Cell<HoldState>,
 }
+
+/// A waiting request's prefix hold (see [`HoldAction`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldState {
+    None,
+    /// Asked of the agent in this slot, no answer yet.
+    Asked(Slot),
+    /// Kept by the agent in this slot under this id.
+    Held(Slot, u64),
+}
+
+/// Work for the gateway's hold task (the router does no I/O): a request waiting for one agent
+/// whose cached prefix there is evictable asks that agent to keep it (`POST /v1/kvroute/hold`),
+/// so admitting other requests meanwhile cannot evict it. The request names the hold when it is
+/// sent there (the agent then lets it go); one that goes elsewhere or leaves releases it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldAction {
+    Place {
+        entry: EntryId,
+        slot: Slot,
+        endpoint: String,
+        block_hashes: Vec<u64>,
+        /// Most free (evictable) blocks the hold may take: the room this gateway's reservations
+        /// and earlier waiters leave there, so a hold never takes room promised elsewhere.
+        max_free: u64,
+        ttl: Duration,
+    },
+    Release {
+        endpoint: String,
+        id: u64,
+    },
+}
+
+/// Longest prefix hold asked for (the agent's limit is 60 s).
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// A waiter's place in [`Router::cache_first`]'s order: class, no prefix hold, within its window,
+/// cached blocks, id.
+type Ranked = (
+    std::cmp::Reverse<Priority>,
+    bool,
+    bool,
+    std::cmp::Reverse<u64>,
+    EntryId,
+);
 
 struct Core {
     cluster: Cluster,
@@ -65,13 +112,8 @@ struct Core {
     claimed: Vec<u64>,
     held: Vec<u64>,
     blocked: Vec<String>,
-    /// Scratch of [`Router::cache_first`]: (class, waited past its window, cached blocks, id).
-    ranked: Vec<(
-        std::cmp::Reverse<Priority>,
-        bool,
-        std::cmp::Reverse<u64>,
-        EntryId,
-    )>,
+    /// Scratch of [`Router::cache_first`].
+    ranked: Vec<Ranked>,
 }
 
 impl Core {
@@ -104,6 +146,10 @@ pub struct Router {
     /// The flags' per-model settings, for models whose spec says nothing.
     defaults: ModelSettings,
     pub metrics: Arc<Metrics>,
+    /// Prefix holds are asked for (`kv` models only).
+    prefix_holds: std::sync::atomic::AtomicBool,
+    hold_tx: tokio::sync::mpsc::UnboundedSender<HoldAction>,
+    hold_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<HoldAction>>>,
 }
 
 /// An admitted request: where to send it and the reservation made for it. Dropped without
@@ -115,6 +161,8 @@ pub struct Admitted {
     handle: Option<ReservationHandle>,
     router: Arc<Router>,
     sent: bool,
+    /// The prefix hold the agent keeps for this request (sent as `x-kvroute-hold`).
+    pub hold: Option<u64>,
 }
 
 impl std::fmt::Debug for Admitted {
@@ -175,6 +223,7 @@ impl Router {
     ///
     /// [`set_model_settings`]: Router::set_model_settings
     pub fn new(defaults: ModelSettings, seed: u64, metrics: Arc<Metrics>) -> Self {
+        let (hold_tx, hold_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             core: Mutex::new(Core {
                 cluster: Cluster::new(),
@@ -195,7 +244,112 @@ impl Router {
             policy: defaults.policy,
             defaults,
             metrics,
+            prefix_holds: std::sync::atomic::AtomicBool::new(true),
+            hold_tx,
+            hold_rx: Mutex::new(Some(hold_rx)),
         }
+    }
+
+    /// Turns prefix holds on or off (on by default; see [`HoldAction`]).
+    pub fn set_prefix_holds(&self, on: bool) {
+        self.prefix_holds
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The hold work for the gateway's hold task (once; `None` after the first call).
+    pub fn take_hold_actions(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<HoldAction>> {
+        self.hold_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The agent in `slot` keeps hold `id` (`blocks` blocks) for queue entry `entry`: recorded
+    /// if the request still waits for that agent, released otherwise.
+    pub fn hold_placed(&self, entry: EntryId, slot: Slot, endpoint: String, id: u64, blocks: u64) {
+        self.metrics.count_prefix_hold(blocks);
+        let core = self.lock();
+        match core.queue.get(entry) {
+            Some(w) if w.hold.get() == HoldState::Asked(slot) => {
+                w.hold.set(HoldState::Held(slot, id));
+            }
+            _ => {
+                let _ = self.hold_tx.send(HoldAction::Release { endpoint, id });
+            }
+        }
+    }
+
+    /// The agent in `slot` held nothing for `entry`: it may ask again later.
+    pub fn hold_refused(&self, entry: EntryId, slot: Slot) {
+        let core = self.lock();
+        if let Some(w) = core.queue.get(entry) {
+            if w.hold.get() == HoldState::Asked(slot) {
+                w.hold.set(HoldState::None);
+            }
+        }
+    }
+
+    /// Releases `w`'s hold unless it is on `keep` (then returns its id).
+    fn end_hold(&self, core: &Core, w: &Waiter, keep: Option<Slot>) -> Option<u64> {
+        match w.hold.replace(HoldState::None) {
+            HoldState::Held(slot, id) if Some(slot) == keep => Some(id),
+            HoldState::Held(slot, id) => {
+                if let Some(a) = core.cluster.agents().get(slot) {
+                    let _ = self.hold_tx.send(HoldAction::Release {
+                        endpoint: a.endpoint.clone(),
+                        id,
+                    });
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Removes entry `id` from the queue (not served), releasing its hold.
+    fn forget(&self, core: &mut Core, id: EntryId) -> Option<Waiter> {
+        let w = core.take(id, false)?;
+        self.end_hold(core, &w, None);
+        Some(w)
+    }
+
+    /// `w` waits for `route`'s agent: asks that agent to keep the part of its cached prefix no
+    /// running request holds (evictable), unless already asked there.
+    fn want_hold(
+        &self,
+        core: &Core,
+        (id, w): (EntryId, &Waiter),
+        route: &Route,
+        max_free: u64,
+        timeout: Duration,
+    ) {
+        if route.cached_blocks <= route.shared_blocks
+            || max_free == 0
+            || !self.prefix_holds.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        match w.hold.get() {
+            HoldState::Asked(s) | HoldState::Held(s, _) if s == route.slot => return,
+            _ => {}
+        }
+        self.end_hold(core, w, None);
+        let Some(a) = core.cluster.agents().get(route.slot) else {
+            return;
+        };
+        let n = (route.cached_blocks as usize).min(w.plan.block_hashes.len());
+        let ttl = timeout
+            .saturating_sub(w.queued_at.elapsed())
+            .clamp(Duration::from_secs(1), MAX_HOLD);
+        w.hold.set(HoldState::Asked(route.slot));
+        let _ = self.hold_tx.send(HoldAction::Place {
+            entry: id,
+            slot: route.slot,
+            endpoint: a.endpoint.clone(),
+            block_hashes: w.plan.block_hashes[..n].to_vec(),
+            max_free,
+            ttl,
+        });
     }
 
     /// Replaces the per-model settings with what each model's spec says (models not listed, and
@@ -303,6 +457,7 @@ impl Router {
                 queued_at: Instant::now(),
                 priority,
                 looked_at: std::cell::Cell::new(false),
+                hold: std::cell::Cell::new(HoldState::None),
             };
             let id = match core.queue.push(priority, tenant, waiter) {
                 Ok(id) => id,
@@ -315,7 +470,7 @@ impl Router {
             let over = core.queue.get(id).is_some()
                 && core.queued.get(&model).copied().unwrap_or(0) > max_queue;
             if over {
-                core.take(id, false);
+                self.forget(&mut core, id);
                 self.metrics.set_queue_depth(core.queue.len());
                 return Err(AdmitError::QueueFull);
             }
@@ -328,7 +483,7 @@ impl Router {
             Err(_) => {
                 let removed = {
                     let mut core = self.lock();
-                    let removed = core.take(id, false).is_some();
+                    let removed = self.forget(&mut core, id).is_some();
                     self.metrics.set_queue_depth(core.queue.len());
                     removed
                 };
@@ -363,19 +518,21 @@ impl Router {
             };
             if w.tx.is_closed() {
                 // The client left while waiting.
-                core.take(id, false);
+                self.forget(core, id);
                 continue;
             }
             let blocked_model = blocked.contains(&w.plan.model);
             if blocked_model && w.looked_at.get() {
                 continue;
             }
-            let (cfg, max_queue) = core
-                .settings
-                .get(&w.plan.model)
-                .map_or((self.defaults.policy, self.defaults.max_queue), |s| {
-                    (s.policy, s.max_queue)
-                });
+            let (cfg, max_queue, timeout) = core.settings.get(&w.plan.model).map_or(
+                (
+                    self.defaults.policy,
+                    self.defaults.max_queue,
+                    self.defaults.queue_timeout,
+                ),
+                |s| (s.policy, s.max_queue, s.queue_timeout),
+            );
             // Waiting for one agent is a queue entry like any other: not where the model's
             // queue bound says "route now or refuse".
             let may_hold = core.queued.get(&w.plan.model).copied().unwrap_or(0) <= max_queue;
@@ -441,13 +598,24 @@ impl Router {
                 Decision::Hold(route) => {
                     self.metrics.count_held();
                     // It waits for this agent: later requests must not take that room.
+                    let before = held.get(route.slot).copied().unwrap_or(0);
                     if let Some(h) = held.get_mut(route.slot) {
                         *h = h.saturating_add(route.need_blocks);
+                    }
+                    if cfg.kind == PolicyKind::Kv {
+                        let max_free = core.cluster.agents().get(route.slot).map_or(0, |a| {
+                            a.report
+                                .free_blocks
+                                .saturating_sub(a.reserved_blocks())
+                                .saturating_sub(before)
+                        });
+                        self.want_hold(core, (id, w), &route, max_free, timeout);
                     }
                     continue;
                 }
                 Decision::Reject(r) => Err(AdmitError::Reject(r)),
                 Decision::Route(route) => {
+                    let hold = self.end_hold(core, w, Some(route.slot));
                     let handle = core.cluster.reserve(&route);
                     if cfg.kind == PolicyKind::Kv {
                         let hashes = &w.plan.block_hashes;
@@ -461,18 +629,26 @@ impl Router {
                         handle,
                         router: Arc::clone(self),
                         sent: false,
+                        hold,
                     })
                 }
             };
             let Some(w) = core.take(id, true) else {
                 continue;
             };
+            self.end_hold(core, &w, None);
             self.metrics.observe_queue_wait(w.queued_at.elapsed());
             if let Err(Ok(mut admitted)) = w.tx.send(outcome) {
                 // The client left between the check and now: release the blocks directly (we
-                // hold the lock its drop would take).
+                // hold the lock its drop would take), and the hold.
                 if let Some(h) = admitted.handle.take() {
                     core.cluster.cancel(h);
+                }
+                if let Some(id) = admitted.hold.take() {
+                    let _ = self.hold_tx.send(HoldAction::Release {
+                        endpoint: admitted.endpoint.clone(),
+                        id,
+                    });
                 }
             }
         }
@@ -515,18 +691,22 @@ impl Router {
             } else {
                 0
             };
-            reorders |= local > 0;
+            // A request an agent keeps a prefix for goes first: the held blocks are idle until
+            // it is admitted, and a request queued before it may need exactly that room.
+            let holding = matches!(w.hold.get(), HoldState::Held(..));
+            reorders |= local > 0 || holding;
             ranked.push((
                 std::cmp::Reverse(w.priority),
+                !holding,
                 young,
                 std::cmp::Reverse(local),
                 id,
             ));
         }
         if reorders {
-            ranked.sort_by_key(|&(class, young, local, _)| (class, young, local));
+            ranked.sort_by_key(|&(class, holding, young, local, _)| (class, holding, young, local));
             order.clear();
-            order.extend(ranked.iter().map(|r| r.3));
+            order.extend(ranked.iter().map(|r| r.4));
         }
         core.ranked = ranked;
     }
@@ -783,6 +963,122 @@ mod tests {
         assert_eq!(got.route.cached_blocks, 15);
         assert!(got.route.predicted_ttft_s > 0.0);
         until_depth(&r, 0).await;
+    }
+
+    async fn next(
+        actions: &mut tokio::sync::mpsc::UnboundedReceiver<HoldAction>,
+    ) -> Option<HoldAction> {
+        tokio::time::timeout(Duration::from_secs(10), actions.recv())
+            .await
+            .unwrap_or(None)
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_for_its_prefix_asks_the_agent_to_keep_it() {
+        let r = router();
+        let mut actions = r.take_hold_actions().unwrap();
+        assert!(r.take_hold_actions().is_none());
+        let prefix: Vec<u64> = (1..=15).collect();
+        let at = |free: u64, stored: Vec<u64>| Report {
+            agent_id: "a".into(),
+            epoch: 1,
+            model: "M".into(),
+            block_size: 16,
+            total_blocks: 100,
+            free_blocks: free,
+            max_model_len: 8192,
+            running_requests: 4,
+            prefill_tokens_per_s: 300,
+            decode_step_us: 20_000,
+            decode_batch: 4,
+            cached_evictable_blocks: 15,
+            events: vec![kvroute_routing::CacheEvent::Stored(stored)],
+            ..Report::default()
+        };
+        let a = r.add_agent("a:8000");
+        r.on_report(
+            a,
+            Report {
+                snapshot: true,
+                ..at(2, prefix.clone())
+            },
+        );
+        agent(&r, "b", "M", 100);
+        let request = |blocks: usize| {
+            let mut p = plan("M", 256);
+            p.output_tokens = 32;
+            p.block_hashes = prefix[..blocks].to_vec();
+            p
+        };
+        // a caches all 15 blocks, none in use (evictable), and has 2 blocks free, no room for
+        // the request's 18: it waits for a and asks a to keep its prefix, taking at most 2 free
+        // blocks for it.
+        let held = spawn_admit(&r, request(15), Vec::new(), Priority::NORMAL);
+        until_depth(&r, 1).await;
+        let Some(HoldAction::Place {
+            entry,
+            slot,
+            endpoint,
+            block_hashes,
+            max_free,
+            ttl,
+        }) = next(&mut actions).await
+        else {
+            panic!("no hold asked for");
+        };
+        assert_eq!((slot, endpoint.as_str()), (a, "a:8000"));
+        assert_eq!(block_hashes, prefix);
+        assert_eq!(max_free, 2);
+        assert!(ttl >= Duration::from_secs(1) && ttl <= MAX_HOLD, "{ttl:?}");
+        // Asked once, not again on every report while it waits.
+        r.on_report(a, at(2, Vec::new()));
+        assert!(actions.try_recv().is_err());
+        r.hold_placed(entry, slot, endpoint, 77, 2);
+        assert!(r
+            .metrics
+            .render(&[])
+            .contains("kvroute_gateway_prefix_holds_total 1"));
+        // Room on a: it goes there naming the hold, which the agent lets go; nothing to release.
+        r.on_report(a, at(20, Vec::new()));
+        let got = held.await.unwrap().unwrap();
+        assert_eq!((got.endpoint.as_str(), got.hold), ("a:8000", Some(77)));
+        assert!(actions.try_recv().is_err());
+        drop(got);
+
+        // A held request whose client leaves releases its hold.
+        r.on_report(a, at(1, Vec::new()));
+        let gone = spawn_admit(&r, request(15), Vec::new(), Priority::NORMAL);
+        until_depth(&r, 1).await;
+        let Some(HoldAction::Place {
+            entry,
+            slot,
+            max_free: 1,
+            ..
+        }) = next(&mut actions).await
+        else {
+            panic!("no hold asked for");
+        };
+        r.hold_placed(entry, slot, "a:8000".into(), 78, 1);
+        gone.abort();
+        let _ = gone.await;
+        r.on_report(a, at(1, Vec::new()));
+        until_depth(&r, 0).await;
+        assert_eq!(
+            next(&mut actions).await,
+            Some(HoldAction::Release {
+                endpoint: "a:8000".into(),
+                id: 78
+            })
+        );
+        // A hold placed after its request left is released at once.
+        r.hold_placed(entry, slot, "a:8000".into(), 79, 1);
+        assert_eq!(
+            next(&mut actions).await,
+            Some(HoldAction::Release {
+                endpoint: "a:8000".into(),
+                id: 79
+            })
+        );
     }
 
     /// One agent with no room that caches `prefix`; a request of 20 uncached blocks queued first,

@@ -26,7 +26,7 @@ use super::error::Error;
 use super::metrics::Metrics;
 use super::prompt::{self, Endpoint, ModelCatalog, ModelInfo};
 use super::proxy::{self, HttpClient};
-use super::router::{AdmitError, Router};
+use super::router::{AdmitError, HoldAction, Router};
 use super::source::{track_agents, AgentSet, AgentSource, KubernetesAgents, StaticAgents};
 use kvroute_routing::admission::Priority;
 
@@ -75,6 +75,7 @@ impl Gateway {
             config.seed,
             Arc::clone(&metrics),
         ));
+        router.set_prefix_holds(config.prefix_holds);
         Arc::new(Self {
             config,
             router,
@@ -253,8 +254,12 @@ impl Gateway {
                     return Err(Error::from_reject(&model, r));
                 }
             };
-            let req = proxy::upstream_request(&admitted.endpoint, path, &headers, body.clone())
+            let mut req = proxy::upstream_request(&admitted.endpoint, path, &headers, body.clone())
                 .map_err(|e| Error::Upstream(e.to_string()))?;
+            if let Some(id) = admitted.hold {
+                req.headers_mut()
+                    .insert(HOLD_HEADER, hyper::header::HeaderValue::from(id));
+            }
             admitted.mark_sent();
             let sent = std::time::Instant::now();
             match self.client.request(req).await {
@@ -430,6 +435,9 @@ pub fn start_with(
     let app = app(Arc::clone(&gw));
     let task = tokio::spawn(async move {
         let pump = tokio::spawn(Arc::clone(&router).run_pump());
+        let holds = router
+            .take_hold_actions()
+            .map(|rx| tokio::spawn(run_holds(Arc::clone(&router), rx, proxy::http_client())));
         let tracker = tokio::spawn(track_agents(
             Arc::clone(&router),
             rx,
@@ -438,6 +446,9 @@ pub fn start_with(
         let src = tokio::spawn(source.run(tx));
         let served = axum::serve(listener, app).await.map_err(ServeError::Serve);
         pump.abort();
+        if let Some(h) = holds {
+            h.abort();
+        }
         tracker.abort();
         src.abort();
         served
@@ -447,6 +458,82 @@ pub fn start_with(
         gateway: gw,
         task,
     })
+}
+
+/// The request header that names the prefix hold an agent keeps for a request.
+pub const HOLD_HEADER: &str = "x-kvroute-hold";
+
+/// Carries out the router's prefix-hold work ([`HoldAction`]) against the agents, each call in
+/// its own task so a slow agent delays no other. A hold that fails is simply not there: the
+/// request still waits and is admitted as before, only its prefix may be evicted meanwhile.
+async fn run_holds(
+    router: Arc<Router>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<HoldAction>,
+    client: HttpClient,
+) {
+    while let Some(action) = rx.recv().await {
+        let (router, client) = (Arc::clone(&router), client.clone());
+        tokio::spawn(async move {
+            match action {
+                HoldAction::Place {
+                    entry,
+                    slot,
+                    endpoint,
+                    block_hashes,
+                    max_free,
+                    ttl,
+                } => {
+                    let body = serde_json::json!({
+                        "block_hashes": block_hashes,
+                        "max_free_blocks": max_free,
+                        "ttl_ms": ttl.as_millis() as u64,
+                    });
+                    let answer = hold_call(&client, &endpoint, body).await;
+                    match answer {
+                        Some((id, blocks)) if blocks > 0 => {
+                            router.hold_placed(entry, slot, endpoint, id, blocks);
+                        }
+                        _ => router.hold_refused(entry, slot),
+                    }
+                }
+                HoldAction::Release { endpoint, id } => {
+                    let req =
+                        hyper::Request::delete(format!("http://{endpoint}/v1/kvroute/hold/{id}"))
+                            .body(http_body_util::Full::new(Bytes::new()));
+                    if let Ok(req) = req {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(2), client.request(req)).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// `POST /v1/kvroute/hold` on an agent: (hold id, blocks held), or `None` on any failure.
+async fn hold_call(
+    client: &HttpClient,
+    endpoint: &str,
+    body: serde_json::Value,
+) -> Option<(u64, u64)> {
+    let req = hyper::Request::post(format!("http://{endpoint}/v1/kvroute/hold"))
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(2), client.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let bytes = tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect())
+        .await
+        .ok()?
+        .ok()?
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some((v["hold_id"].as_u64()?, v["blocks"].as_u64()?))
 }
 
 /// Binds `config.listen` and starts a gateway for its agents.
