@@ -57,8 +57,9 @@ struct Waiter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HoldState {
     None,
-    /// Asked of the agent in this slot, no answer yet.
-    Asked(Slot),
+    /// Asked of the agent in this slot (ask number, at most this many free blocks), no answer
+    /// yet.
+    Asked(Slot, u64, u64),
     /// Kept by the agent in this slot under this id.
     Held(Slot, u64),
 }
@@ -71,6 +72,8 @@ enum HoldState {
 pub enum HoldAction {
     Place {
         entry: EntryId,
+        /// This ask's number, to give back with its answer.
+        ask: u64,
         slot: Slot,
         endpoint: String,
         block_hashes: Vec<u64>,
@@ -82,7 +85,19 @@ pub enum HoldAction {
     Release {
         endpoint: String,
         id: u64,
+        /// The ask that placed it, when its request had stopped waiting for that agent before
+        /// the answer came: see [`Router::hold_released`].
+        ask: Option<u64>,
     },
+}
+
+/// Counts an unanswered ask's blocks as taken on its agent (see [`Router::pump`]).
+fn count_ask(held: &mut [u64], ask: Option<(Slot, u64)>) {
+    if let Some((slot, m)) = ask {
+        if let Some(h) = held.get_mut(slot) {
+            *h = h.saturating_add(m);
+        }
+    }
 }
 
 /// Longest prefix hold asked for (the agent's limit is 60 s).
@@ -112,6 +127,12 @@ struct Core {
     claimed: Vec<u64>,
     held: Vec<u64>,
     blocked: Vec<String>,
+    /// Holds asked for requests that stopped waiting for that agent before the answer came:
+    /// (ask, slot, most free blocks it may take). Until the answer says nothing is held, or the
+    /// hold it placed is released, those blocks are counted as taken there: the agent's reports
+    /// may not show a hold placed after they were sent.
+    stray_asks: std::cell::RefCell<Vec<(u64, Slot, u64)>>,
+    next_ask: std::cell::Cell<u64>,
     /// Scratch of [`Router::cache_first`].
     ranked: Vec<Ranked>,
 }
@@ -235,6 +256,8 @@ impl Router {
                 order: Vec::new(),
                 claimed: Vec::new(),
                 held: Vec::new(),
+                stray_asks: std::cell::RefCell::new(Vec::new()),
+                next_ask: std::cell::Cell::new(0),
                 ranked: Vec::new(),
                 blocked: Vec::new(),
             }),
@@ -264,28 +287,59 @@ impl Router {
             .take()
     }
 
-    /// The agent in `slot` keeps hold `id` (`blocks` blocks) for queue entry `entry`: recorded
-    /// if the request still waits for that agent, released otherwise.
-    pub fn hold_placed(&self, entry: EntryId, slot: Slot, endpoint: String, id: u64, blocks: u64) {
+    /// The agent keeps hold `id` (`blocks` blocks) asked for by `ask` for queue entry `entry`:
+    /// recorded if the request still waits for that agent, released otherwise.
+    pub fn hold_placed(
+        self: &Arc<Self>,
+        entry: EntryId,
+        ask: u64,
+        endpoint: String,
+        id: u64,
+        blocks: u64,
+    ) {
         self.metrics.count_prefix_hold(blocks);
         let core = self.lock();
         match core.queue.get(entry) {
-            Some(w) if w.hold.get() == HoldState::Asked(slot) => {
-                w.hold.set(HoldState::Held(slot, id));
+            Some(w) if matches!(w.hold.get(), HoldState::Asked(_, a, _) if a == ask) => {
+                if let HoldState::Asked(slot, ..) = w.hold.get() {
+                    w.hold.set(HoldState::Held(slot, id));
+                }
             }
             _ => {
-                let _ = self.hold_tx.send(HoldAction::Release { endpoint, id });
+                let stray = core.stray_asks.borrow().iter().any(|s| s.0 == ask);
+                let _ = self.hold_tx.send(HoldAction::Release {
+                    endpoint,
+                    id,
+                    ask: stray.then_some(ask),
+                });
             }
         }
     }
 
-    /// The agent in `slot` held nothing for `entry`: it may ask again later.
-    pub fn hold_refused(&self, entry: EntryId, slot: Slot) {
-        let core = self.lock();
+    /// Ask `ask` for queue entry `entry` held nothing: it may ask again later.
+    pub fn hold_refused(self: &Arc<Self>, entry: EntryId, ask: u64) {
+        let mut core = self.lock();
         if let Some(w) = core.queue.get(entry) {
-            if w.hold.get() == HoldState::Asked(slot) {
+            if matches!(w.hold.get(), HoldState::Asked(_, a, _) if a == ask) {
                 w.hold.set(HoldState::None);
             }
+        }
+        self.hold_released(&mut core, ask);
+    }
+
+    /// The hold placed by stray ask `ask` (see `Core::stray_asks`) is released, or nothing was
+    /// held: its blocks no longer count as taken.
+    pub fn stray_hold_released(self: &Arc<Self>, ask: u64) {
+        let mut core = self.lock();
+        self.hold_released(&mut core, ask);
+    }
+
+    fn hold_released(self: &Arc<Self>, core: &mut Core, ask: u64) {
+        let before = core.stray_asks.get_mut().len();
+        core.stray_asks.get_mut().retain(|s| s.0 != ask);
+        if core.stray_asks.get_mut().len() != before {
+            // Room came back.
+            self.pump(core);
         }
     }
 
@@ -298,11 +352,19 @@ impl Router {
                     let _ = self.hold_tx.send(HoldAction::Release {
                         endpoint: a.endpoint.clone(),
                         id,
+                        ask: None,
                     });
                 }
                 None
             }
-            _ => None,
+            // Sent there: its own blocks cover whatever the hold takes, and the answer releases
+            // it (`hold_placed`).
+            HoldState::Asked(slot, ..) if Some(slot) == keep => None,
+            HoldState::Asked(slot, ask, max_free) => {
+                core.stray_asks.borrow_mut().push((ask, slot, max_free));
+                None
+            }
+            HoldState::None => None,
         }
     }
 
@@ -330,7 +392,7 @@ impl Router {
             return;
         }
         match w.hold.get() {
-            HoldState::Asked(s) | HoldState::Held(s, _) if s == route.slot => return,
+            HoldState::Asked(s, ..) | HoldState::Held(s, _) if s == route.slot => return,
             _ => {}
         }
         self.end_hold(core, w, None);
@@ -341,9 +403,12 @@ impl Router {
         let ttl = timeout
             .saturating_sub(w.queued_at.elapsed())
             .clamp(Duration::from_secs(1), MAX_HOLD);
-        w.hold.set(HoldState::Asked(route.slot));
+        let ask = core.next_ask.get();
+        core.next_ask.set(ask.wrapping_add(1));
+        w.hold.set(HoldState::Asked(route.slot, ask, max_free));
         let _ = self.hold_tx.send(HoldAction::Place {
             entry: id,
+            ask,
             slot: route.slot,
             endpoint: a.endpoint.clone(),
             block_hashes: w.plan.block_hashes[..n].to_vec(),
@@ -510,6 +575,23 @@ impl Router {
         let mut held = std::mem::take(&mut core.held);
         held.clear();
         held.resize(core.cluster.agents().len(), 0);
+        // Holds asked and not yet answered may take up to their `max_free` blocks at any moment,
+        // and the agent's reports do not show them yet: count them taken whatever the order (a
+        // request ranked ahead of the asking one in this pump would otherwise be sent into that
+        // room).
+        let asked = order
+            .iter()
+            .filter_map(|&id| match core.queue.get(id)?.hold.get() {
+                HoldState::Asked(slot, _, m) => Some((slot, m)),
+                _ => None,
+            });
+        let strays = core.stray_asks.borrow();
+        for (slot, blocks) in asked.chain(strays.iter().map(|&(_, s, m)| (s, m))) {
+            if let Some(h) = held.get_mut(slot) {
+                *h = h.saturating_add(blocks);
+            }
+        }
+        drop(strays);
         let mut blocked = std::mem::take(&mut core.blocked);
         blocked.clear();
         for &id in &order {
@@ -536,6 +618,16 @@ impl Router {
             // Waiting for one agent is a queue entry like any other: not where the model's
             // queue bound says "route now or refuse".
             let may_hold = core.queued.get(&w.plan.model).copied().unwrap_or(0) <= max_queue;
+            // Its own unanswered ask takes nothing from itself.
+            let own_ask = match w.hold.get() {
+                HoldState::Asked(slot, _, m) => {
+                    if let Some(h) = held.get_mut(slot) {
+                        *h = h.saturating_sub(m);
+                    }
+                    Some((slot, m))
+                }
+                _ => None,
+            };
             let req = RouteRequest {
                 model: &w.plan.model,
                 prompt_tokens: w.plan.prompt_tokens,
@@ -554,7 +646,10 @@ impl Router {
                 w.looked_at.set(true);
                 match core.cluster.rejection(&req) {
                     Some(r) => Decision::Reject(r),
-                    None => continue,
+                    None => {
+                        count_ask(&mut held, own_ask);
+                        continue;
+                    }
                 }
             } else {
                 let first = !w.looked_at.get();
@@ -580,6 +675,10 @@ impl Router {
                 }
                 d
             };
+            // Unless it goes where it asked, its ask stays outstanding (or becomes stray).
+            if !matches!((&decision, own_ask), (Decision::Route(r), Some((s, _))) if r.slot == s) {
+                count_ask(&mut held, own_ask);
+            }
             let outcome = match decision {
                 Decision::Wait => {
                     let all = core.cluster.claim_for(
@@ -648,6 +747,7 @@ impl Router {
                     let _ = self.hold_tx.send(HoldAction::Release {
                         endpoint: admitted.endpoint.clone(),
                         id,
+                        ask: None,
                     });
                 }
             }
@@ -1003,7 +1103,7 @@ mod tests {
                 ..at(2, prefix.clone())
             },
         );
-        agent(&r, "b", "M", 100);
+        let b = agent(&r, "b", "M", 100);
         let request = |blocks: usize| {
             let mut p = plan("M", 256);
             p.output_tokens = 32;
@@ -1017,6 +1117,7 @@ mod tests {
         until_depth(&r, 1).await;
         let Some(HoldAction::Place {
             entry,
+            ask,
             slot,
             endpoint,
             block_hashes,
@@ -1033,7 +1134,7 @@ mod tests {
         // Asked once, not again on every report while it waits.
         r.on_report(a, at(2, Vec::new()));
         assert!(actions.try_recv().is_err());
-        r.hold_placed(entry, slot, endpoint, 77, 2);
+        r.hold_placed(entry, ask, endpoint, 77, 2);
         assert!(r
             .metrics
             .render(&[])
@@ -1051,14 +1152,14 @@ mod tests {
         until_depth(&r, 1).await;
         let Some(HoldAction::Place {
             entry,
-            slot,
+            ask,
             max_free: 1,
             ..
         }) = next(&mut actions).await
         else {
             panic!("no hold asked for");
         };
-        r.hold_placed(entry, slot, "a:8000".into(), 78, 1);
+        r.hold_placed(entry, ask, "a:8000".into(), 78, 1);
         gone.abort();
         let _ = gone.await;
         r.on_report(a, at(1, Vec::new()));
@@ -1067,18 +1168,46 @@ mod tests {
             next(&mut actions).await,
             Some(HoldAction::Release {
                 endpoint: "a:8000".into(),
-                id: 78
+                id: 78,
+                ask: None,
             })
         );
-        // A hold placed after its request left is released at once.
-        r.hold_placed(entry, slot, "a:8000".into(), 79, 1);
+
+        // One that leaves before the agent answers: until the answer, the block the hold may
+        // take counts as taken, so a 1-block request that only a may serve waits.
+        let gone = spawn_admit(&r, request(15), Vec::new(), Priority::NORMAL);
+        until_depth(&r, 1).await;
+        let Some(HoldAction::Place {
+            entry,
+            ask,
+            max_free: 1,
+            ..
+        }) = next(&mut actions).await
+        else {
+            panic!("no hold asked for");
+        };
+        gone.abort();
+        let _ = gone.await;
+        r.on_report(a, at(1, Vec::new()));
+        until_depth(&r, 0).await;
+        let small = spawn_admit(&r, plan("M", 16), vec![b], Priority::NORMAL);
+        until_depth(&r, 1).await;
+        // The hold was placed after all: released at once, and the block is counted taken
+        // until the release is done.
+        r.hold_placed(entry, ask, "a:8000".into(), 79, 1);
         assert_eq!(
             next(&mut actions).await,
             Some(HoldAction::Release {
                 endpoint: "a:8000".into(),
-                id: 79
+                id: 79,
+                ask: Some(ask),
             })
         );
+        r.on_report(a, at(1, Vec::new()));
+        assert_eq!(r.queue().depth, 1);
+        assert!(!small.is_finished());
+        r.stray_hold_released(ask);
+        assert_eq!(small.await.unwrap().unwrap().endpoint, "a:8000");
     }
 
     /// One agent with no room that caches `prefix`; a request of 20 uncached blocks queued first,

@@ -477,7 +477,8 @@ async fn run_holds(
             match action {
                 HoldAction::Place {
                     entry,
-                    slot,
+                    ask,
+                    slot: _,
                     endpoint,
                     block_hashes,
                     max_free,
@@ -491,18 +492,24 @@ async fn run_holds(
                     let answer = hold_call(&client, &endpoint, body).await;
                     match answer {
                         Some((id, blocks)) if blocks > 0 => {
-                            router.hold_placed(entry, slot, endpoint, id, blocks);
+                            router.hold_placed(entry, ask, endpoint, id, blocks);
                         }
-                        _ => router.hold_refused(entry, slot),
+                        _ => router.hold_refused(entry, ask),
                     }
                 }
-                HoldAction::Release { endpoint, id } => {
+                HoldAction::Release { endpoint, id, ask } => {
                     let req =
                         hyper::Request::delete(format!("http://{endpoint}/v1/kvroute/hold/{id}"))
                             .body(http_body_util::Full::new(Bytes::new()));
                     if let Ok(req) = req {
                         let _ =
                             tokio::time::timeout(Duration::from_secs(2), client.request(req)).await;
+                    }
+                    // Released (the agent's engine takes the release before any request sent
+                    // after this), or not answered: then the hold ends with its TTL and the
+                    // agent's reports show it until then.
+                    if let Some(ask) = ask {
+                        router.stray_hold_released(ask);
                     }
                 }
             }
