@@ -14,7 +14,8 @@
 #   bench/routers.sh --quick --routers kv,sglang --workloads shared-prefix     # smoke test
 #   bench/routers.sh --out routers.jsonl                                       # everything, 3 rounds
 #
-# Routers: kv, kv-fifo (kv with the admission queue in arrival order), kv-score, round-robin, and
+# Routers: kv, kv-fifo (kv with the admission queue in arrival order), kv-no-holds (kv without
+# prefix holds), kv-score, round-robin, and
 # the peers with and without -tuned. KVROUTE_BENCH_GATEWAY_FLAGS adds flags to every kvroute
 # gateway (experiments, e.g. "--cost-duplicate 2").
 #
@@ -31,7 +32,7 @@ CALLER_PWD="$PWD"
 cd "$(dirname "$0")/.."
 
 ALL_WORKLOADS=(shared-prefix shared-prefix-long multi-turn no-sharing mixed-long)
-ALL_ROUTERS=(kv kv-fifo kv-score round-robin sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
+ALL_ROUTERS=(kv kv-fifo kv-no-holds kv-score round-robin sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
 
 ROUNDS=3
 ROUNDS_SET=0
@@ -234,7 +235,7 @@ done
 ROUTERS_RUN=()
 for r in "${RT[@]}"; do
   base="${r%-tuned}"
-  case "$base" in kv|kv-fifo|kv-score|round-robin) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
+  case "$base" in kv|kv-fifo|kv-no-holds|kv-score|round-robin) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
 done
 [ ${#ROUTERS_RUN[@]} -gt 0 ] || die "none of the selected routers is available"
 
@@ -292,12 +293,14 @@ start_router() {
     *-tuned) tuned=("${PEER_TUNED[@]}") ;;
   esac
   case "$name" in
-    kv|kv-fifo|kv-score|round-robin)
+    kv|kv-fifo|kv-no-holds|kv-score|round-robin)
       kind=kvroute
       local policy="$name" extra=()
       # kv-fifo: the kv policy with the admission queue in arrival order (no cache-first window),
       # to show what serving cached prefixes first is worth.
       [ "$name" = kv-fifo ] && { policy=kv; extra=(--cache-first-for 0); }
+      # kv-no-holds: the kv policy without prefix holds, to show what they are worth.
+      [ "$name" = kv-no-holds ] && { policy=kv; extra=(--no-prefix-holds); }
       # The queue timeout is long so that the kv policy's admission queue never answers 429 here:
       # the other routers have no queue that gives up, and a 429 would not be comparable.
       start router "$GATEWAY_BIN" gateway --listen "127.0.0.1:$port" --policy "$policy" \
