@@ -62,7 +62,14 @@ enum HoldState {
     Asked(Slot, u64, u64),
     /// Kept by the agent in this slot under this id.
     Held(Slot, u64),
+    /// The agent in this slot held nothing at this time: not asked there again before
+    /// [`HOLD_RETRY`] has passed.
+    Refused(Slot, Instant),
 }
+
+/// How soon a request whose hold an agent refused (nothing cached, or no unpromised room) asks
+/// that agent again; without it every pump would ask again.
+pub const HOLD_RETRY: Duration = Duration::from_millis(500);
 
 /// Work for the gateway's hold task (the router does no I/O): a request waiting for one agent
 /// whose cached prefix there is evictable asks that agent to keep it (`POST /v1/kvroute/hold`),
@@ -132,6 +139,9 @@ struct Core {
     /// hold it placed is released, those blocks are counted as taken there: the agent's reports
     /// may not show a hold placed after they were sent.
     stray_asks: std::cell::RefCell<Vec<(u64, Slot, u64)>>,
+    /// Agents (by slot) that have no hold API (an older agent, another backend: 404, 405 or
+    /// 501): not asked again until their next epoch.
+    holdless: Vec<bool>,
     next_ask: std::cell::Cell<u64>,
     /// Scratch of [`Router::cache_first`].
     ranked: Vec<Ranked>,
@@ -257,6 +267,7 @@ impl Router {
                 claimed: Vec::new(),
                 held: Vec::new(),
                 stray_asks: std::cell::RefCell::new(Vec::new()),
+                holdless: Vec::new(),
                 next_ask: std::cell::Cell::new(0),
                 ranked: Vec::new(),
                 blocked: Vec::new(),
@@ -316,12 +327,21 @@ impl Router {
         }
     }
 
-    /// Ask `ask` for queue entry `entry` held nothing: it may ask again later.
-    pub fn hold_refused(self: &Arc<Self>, entry: EntryId, ask: u64) {
+    /// Ask `ask` for queue entry `entry` held nothing: it may ask again after [`HOLD_RETRY`].
+    /// `unsupported`: the agent has no hold API, so it is not asked again.
+    pub fn hold_refused(self: &Arc<Self>, entry: EntryId, ask: u64, unsupported: bool) {
         let mut core = self.lock();
         if let Some(w) = core.queue.get(entry) {
-            if matches!(w.hold.get(), HoldState::Asked(_, a, _) if a == ask) {
-                w.hold.set(HoldState::None);
+            if let HoldState::Asked(slot, a, _) = w.hold.get() {
+                if a == ask {
+                    w.hold.set(HoldState::Refused(slot, Instant::now()));
+                    if unsupported {
+                        if core.holdless.len() <= slot {
+                            core.holdless.resize(slot + 1, false);
+                        }
+                        core.holdless[slot] = true;
+                    }
+                }
             }
         }
         self.hold_released(&mut core, ask);
@@ -364,7 +384,7 @@ impl Router {
                 core.stray_asks.borrow_mut().push((ask, slot, max_free));
                 None
             }
-            HoldState::None => None,
+            HoldState::None | HoldState::Refused(..) => None,
         }
     }
 
@@ -393,7 +413,11 @@ impl Router {
         }
         match w.hold.get() {
             HoldState::Asked(s, ..) | HoldState::Held(s, _) if s == route.slot => return,
+            HoldState::Refused(s, at) if s == route.slot && at.elapsed() < HOLD_RETRY => return,
             _ => {}
+        }
+        if core.holdless.get(route.slot).copied().unwrap_or(false) {
+            return;
         }
         self.end_hold(core, w, None);
         let Some(a) = core.cluster.agents().get(route.slot) else {
@@ -485,6 +509,10 @@ impl Router {
         let mut core = self.lock();
         let new_epoch = core.cluster.apply_report(slot, report, now);
         if new_epoch {
+            // Perhaps another version now.
+            if let Some(h) = core.holdless.get_mut(slot) {
+                *h = false;
+            }
             tracing::info!(
                 slot,
                 "agent: new epoch, reset its cache view and reservations"
@@ -1208,6 +1236,63 @@ mod tests {
         assert!(!small.is_finished());
         r.stray_hold_released(ask);
         assert_eq!(small.await.unwrap().unwrap().endpoint, "a:8000");
+    }
+
+    #[tokio::test]
+    async fn a_refused_hold_is_asked_again_only_later_and_never_of_an_agent_without_holds() {
+        let r = router();
+        let mut actions = r.take_hold_actions().unwrap();
+        let prefix: Vec<u64> = (1..=15).collect();
+        let at = |free: u64| Report {
+            agent_id: "a".into(),
+            epoch: 1,
+            model: "M".into(),
+            block_size: 16,
+            total_blocks: 100,
+            free_blocks: free,
+            max_model_len: 8192,
+            running_requests: 4,
+            prefill_tokens_per_s: 300,
+            decode_step_us: 20_000,
+            decode_batch: 4,
+            cached_evictable_blocks: 15,
+            snapshot: true,
+            events: vec![kvroute_routing::CacheEvent::Stored(prefix.clone())],
+            ..Report::default()
+        };
+        let a = r.add_agent("a:8000");
+        r.on_report(a, at(2));
+        let mut p = plan("M", 256);
+        p.output_tokens = 32;
+        p.block_hashes = prefix.clone();
+        let waiting = spawn_admit(&r, p, Vec::new(), Priority::NORMAL);
+        until_depth(&r, 1).await;
+        let Some(HoldAction::Place { entry, ask, .. }) = next(&mut actions).await else {
+            panic!("no hold asked for");
+        };
+        r.hold_refused(entry, ask, false);
+        // Reports keep coming: not asked again at once...
+        r.on_report(a, at(2));
+        assert!(actions.try_recv().is_err());
+        // ...but after HOLD_RETRY.
+        tokio::time::sleep(HOLD_RETRY + Duration::from_millis(50)).await;
+        r.on_report(a, at(2));
+        let Some(HoldAction::Place { entry, ask, .. }) = next(&mut actions).await else {
+            panic!("no hold asked for again");
+        };
+        // An agent without the hold API is not asked again, until its next epoch.
+        r.hold_refused(entry, ask, true);
+        tokio::time::sleep(HOLD_RETRY + Duration::from_millis(50)).await;
+        r.on_report(a, at(2));
+        assert!(actions.try_recv().is_err());
+        r.on_report(a, Report { epoch: 2, ..at(2) });
+        tokio::time::sleep(HOLD_RETRY + Duration::from_millis(50)).await;
+        r.on_report(a, Report { epoch: 2, ..at(2) });
+        assert!(matches!(
+            next(&mut actions).await,
+            Some(HoldAction::Place { .. })
+        ));
+        waiting.abort();
     }
 
     /// One agent with no room that caches `prefix`; a request of 20 uncached blocks queued first,

@@ -489,12 +489,12 @@ async fn run_holds(
                         "max_free_blocks": max_free,
                         "ttl_ms": ttl.as_millis() as u64,
                     });
-                    let answer = hold_call(&client, &endpoint, body).await;
-                    match answer {
-                        Some((id, blocks)) if blocks > 0 => {
+                    match hold_call(&client, &endpoint, body).await {
+                        HoldAnswer::Held { id, blocks } if blocks > 0 => {
                             router.hold_placed(entry, ask, endpoint, id, blocks);
                         }
-                        _ => router.hold_refused(entry, ask),
+                        HoldAnswer::Unsupported => router.hold_refused(entry, ask, true),
+                        _ => router.hold_refused(entry, ask, false),
                     }
                 }
                 HoldAction::Release { endpoint, id, ask } => {
@@ -517,12 +517,31 @@ async fn run_holds(
     }
 }
 
-/// `POST /v1/kvroute/hold` on an agent: (hold id, blocks held), or `None` on any failure.
-async fn hold_call(
+/// What an agent answered to `POST /v1/kvroute/hold`.
+#[derive(Debug, PartialEq, Eq)]
+enum HoldAnswer {
+    Held {
+        id: u64,
+        blocks: u64,
+    },
+    /// No hold API there (404, 405, 501).
+    Unsupported,
+    /// Any other failure (timeout, refused connection, bad answer).
+    Failed,
+}
+
+/// `POST /v1/kvroute/hold` on an agent.
+async fn hold_call(client: &HttpClient, endpoint: &str, body: serde_json::Value) -> HoldAnswer {
+    hold_call_inner(client, endpoint, body)
+        .await
+        .unwrap_or(HoldAnswer::Failed)
+}
+
+async fn hold_call_inner(
     client: &HttpClient,
     endpoint: &str,
     body: serde_json::Value,
-) -> Option<(u64, u64)> {
+) -> Option<HoldAnswer> {
     let req = hyper::Request::post(format!("http://{endpoint}/v1/kvroute/hold"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(http_body_util::Full::new(Bytes::from(body.to_string())))
@@ -531,7 +550,11 @@ async fn hold_call(
         .await
         .ok()?
         .ok()?;
-    if !resp.status().is_success() {
+    let status = resp.status();
+    if matches!(status.as_u16(), 404 | 405 | 501) {
+        return Some(HoldAnswer::Unsupported);
+    }
+    if !status.is_success() {
         return None;
     }
     let bytes = tokio::time::timeout(Duration::from_secs(2), resp.into_body().collect())
@@ -540,7 +563,10 @@ async fn hold_call(
         .ok()?
         .to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some((v["hold_id"].as_u64()?, v["blocks"].as_u64()?))
+    Some(HoldAnswer::Held {
+        id: v["hold_id"].as_u64()?,
+        blocks: v["blocks"].as_u64()?,
+    })
 }
 
 /// Binds `config.listen` and starts a gateway for its agents.
