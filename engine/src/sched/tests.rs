@@ -708,6 +708,10 @@ fn a_hold_takes_no_room_promised_to_live_sequences() {
     // Request 1 leaves 3 cached blocks; request 2 then runs and is promised growth.
     let mut s = Scheduler::new(cfg(4, 8)).unwrap();
     let hashes = run_alone(&mut s, 1, (0..13).collect(), 1);
+    // A caller's limit on free blocks holds: the 3 cached blocks are all evictable (free).
+    assert_eq!(s.hold_prefix(11, &hashes, 0), 0);
+    assert_eq!(s.hold_prefix(11, &hashes, 2), 2);
+    assert!(s.release_hold(11));
     // 2 holds 3 blocks now and grows to 7 (27 tokens): 4 more promised of the 5 free.
     s.add(spec(2, (100..111).collect(), 16)).unwrap();
     step(&mut s);
@@ -723,8 +727,6 @@ fn a_hold_takes_no_room_promised_to_live_sequences() {
         step(&mut s);
     }
     assert_eq!(s.stats().preemptions, 0);
-    // A caller's limit on free blocks holds too.
-    assert_eq!(s.hold_prefix(11, &hashes, 0), 0);
     // Holding what is not cached holds nothing and keeps no hold.
     assert_eq!(s.hold_prefix(10, &[1, 2, 3], usize::MAX), 0);
     assert!(!s.release_hold(10));
