@@ -310,11 +310,9 @@ impl Router {
     ) {
         self.metrics.count_prefix_hold(blocks);
         let core = self.lock();
-        match core.queue.get(entry) {
-            Some(w) if matches!(w.hold.get(), HoldState::Asked(_, a, _) if a == ask) => {
-                if let HoldState::Asked(slot, ..) = w.hold.get() {
-                    w.hold.set(HoldState::Held(slot, id));
-                }
+        match core.queue.get(entry).map(|w| (w, w.hold.get())) {
+            Some((w, HoldState::Asked(slot, a, _))) if a == ask => {
+                w.hold.set(HoldState::Held(slot, id));
             }
             _ => {
                 let stray = core.stray_asks.borrow().iter().any(|s| s.0 == ask);
@@ -1045,11 +1043,10 @@ mod tests {
         until_depth(&r, 0).await;
     }
 
-    #[tokio::test]
-    async fn kv_holds_a_request_for_the_agent_caching_its_prefix() {
-        let r = router();
-        let prefix: Vec<u64> = (1..=15).collect();
-        let with = |free: u64, stored: Vec<u64>| Report {
+    /// Agent "a" serving "M" with 4 requests running, measured rates, `free` blocks free and
+    /// `stored` newly cached.
+    fn busy_a(free: u64, stored: Vec<u64>) -> Report {
+        Report {
             agent_id: "a".into(),
             epoch: 1,
             model: "M".into(),
@@ -1063,13 +1060,19 @@ mod tests {
             decode_batch: 4,
             events: vec![kvroute_routing::CacheEvent::Stored(stored)],
             ..Report::default()
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn kv_holds_a_request_for_the_agent_caching_its_prefix() {
+        let r = router();
+        let prefix: Vec<u64> = (1..=15).collect();
         let a = r.add_agent("a:8000");
         r.on_report(
             a,
             Report {
                 snapshot: true,
-                ..with(0, prefix.clone())
+                ..busy_a(0, prefix.clone())
             },
         );
         agent(&r, "b", "M", 100);
@@ -1085,7 +1088,7 @@ mod tests {
             .render(&[])
             .contains("kvroute_gateway_held_total 1"));
         // a makes room: the request goes there, needing only its own output blocks.
-        r.on_report(a, with(10, Vec::new()));
+        r.on_report(a, busy_a(10, Vec::new()));
         let got = held.await.unwrap().unwrap();
         assert_eq!(got.endpoint, "a:8000");
         assert_eq!(got.route.cached_blocks, 15);
@@ -1107,21 +1110,10 @@ mod tests {
         let mut actions = r.take_hold_actions().unwrap();
         assert!(r.take_hold_actions().is_none());
         let prefix: Vec<u64> = (1..=15).collect();
+        // All 15 cached blocks evictable (no request uses them).
         let at = |free: u64, stored: Vec<u64>| Report {
-            agent_id: "a".into(),
-            epoch: 1,
-            model: "M".into(),
-            block_size: 16,
-            total_blocks: 100,
-            free_blocks: free,
-            max_model_len: 8192,
-            running_requests: 4,
-            prefill_tokens_per_s: 300,
-            decode_step_us: 20_000,
-            decode_batch: 4,
             cached_evictable_blocks: 15,
-            events: vec![kvroute_routing::CacheEvent::Stored(stored)],
-            ..Report::default()
+            ..busy_a(free, stored)
         };
         let a = r.add_agent("a:8000");
         r.on_report(
@@ -1244,21 +1236,9 @@ mod tests {
         let mut actions = r.take_hold_actions().unwrap();
         let prefix: Vec<u64> = (1..=15).collect();
         let at = |free: u64| Report {
-            agent_id: "a".into(),
-            epoch: 1,
-            model: "M".into(),
-            block_size: 16,
-            total_blocks: 100,
-            free_blocks: free,
-            max_model_len: 8192,
-            running_requests: 4,
-            prefill_tokens_per_s: 300,
-            decode_step_us: 20_000,
-            decode_batch: 4,
             cached_evictable_blocks: 15,
             snapshot: true,
-            events: vec![kvroute_routing::CacheEvent::Stored(prefix.clone())],
-            ..Report::default()
+            ..busy_a(free, prefix.clone())
         };
         let a = r.add_agent("a:8000");
         r.on_report(a, at(2));
