@@ -1,5 +1,7 @@
 //! What kvroute's processes agree on, written once: the formats of durations and sizes that the
-//! agent's and gateway's flags and the `ModelDeployment` spec accept. (The wire protocol is
-//! `kvroute-proto`.) No dependencies.
+//! agent's and gateway's flags and the `ModelDeployment` spec accept, and the dispatch header a
+//! gateway stamps on the requests it sends. (The wire protocol is `kvroute-proto`.) No
+//! dependencies.
 
+pub mod dispatch;
 pub mod units;

@@ -82,6 +82,7 @@ fn main() {
         enable_chunked_prefill: true,
         enable_prefix_caching: true,
         enable_events: true,
+        admit_whole_future: false,
     };
     let mut sched = match Scheduler::new(cfg.clone()) {
         Ok(s) => s,

@@ -68,6 +68,23 @@ pub struct GenerateRequest {
     /// A prefix hold ([`crate::runtime::Engine::hold_prefix`]) kept for this request: let go
     /// once the request is admitted (it then holds the blocks itself) or ends.
     pub hold: Option<u64>,
+    /// The router's dispatch this request is (from `x-kvroute-dispatch`): the capacity update
+    /// taken right after the engine took the request in acknowledges it
+    /// ([`crate::runtime::CapacityUpdate::acks`]).
+    pub dispatch: Option<Dispatch>,
+    /// Refuse the request ([`EngineEvent::NoRoom`]) instead of queueing it when its whole
+    /// future (`prompt + max_tokens` blocks, less cached prefix blocks running requests hold)
+    /// does not fit in the blocks free and not promised to live requests: a router that
+    /// reserved room for it asks for this, so two routers with the same view cannot both fill
+    /// the same room and make the engine preempt.
+    pub only_with_room: bool,
+}
+
+/// One router's dispatch of one request: the router's id and its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Dispatch {
+    pub source: std::sync::Arc<str>,
+    pub seq: u64,
 }
 
 /// Why a request ended.
@@ -124,13 +141,25 @@ pub struct TokenEvent {
 }
 
 /// What the engine tells the caller about one request, in order: `Started` once, any number of
-/// `Token`s, then exactly one `Finished` or `Error`.
+/// `Token`s, then exactly one `Finished` or `Error`; or only `NoRoom` (a request with
+/// [`GenerateRequest::only_with_room`] that did not fit).
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
-    Started { id: RequestId, prompt_tokens: u32 },
+    Started {
+        id: RequestId,
+        prompt_tokens: u32,
+    },
     Token(TokenEvent),
-    Finished { reason: FinishReason, usage: Usage },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
     Error(String),
+    /// Refused, never queued: it needs `need` blocks, only `room` are free and unpromised.
+    NoRoom {
+        need: u64,
+        room: u64,
+    },
 }
 
 /// Receives a request's events on the engine thread. Returns `false` when the receiver is gone

@@ -10,8 +10,8 @@
 //! Never blocks the step loop on callers; never panics on request input.
 
 use crate::api::{
-    EngineEvent, EventSink, FinishReason, GenerateRequest, Prompt, RequestId, SamplingParams,
-    TokenEvent, TokenLogprob, Usage,
+    Dispatch, EngineEvent, EventSink, FinishReason, GenerateRequest, Prompt, RequestId,
+    SamplingParams, TokenEvent, TokenLogprob, Usage,
 };
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
@@ -44,6 +44,9 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Most requests admitted but not finished before [`EngineError::Overloaded`].
     pub max_pending: usize,
+    /// Start a request only when its whole future fits (see
+    /// [`SchedConfig::admit_whole_future`]): the engine never preempts.
+    pub admit_whole_future: bool,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +59,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             threads: 0,
             max_pending: 4096,
+            admit_whole_future: false,
         }
     }
 }
@@ -189,6 +193,9 @@ impl StepSpeed {
 pub struct CapacityUpdate {
     pub stats: EngineStats,
     pub events: Vec<BlockEvent>,
+    /// Dispatches ([`GenerateRequest::dispatch`]) the engine took in since the previous update:
+    /// `stats` counts them (or they were refused and take nothing).
+    pub acks: Vec<Dispatch>,
 }
 
 /// Called on the engine thread after each step, admission or abort that changed anything.
@@ -277,6 +284,8 @@ enum Cmd {
         params: SamplingParams,
         cache_key: Option<String>,
         hold: Option<u64>,
+        dispatch: Option<Dispatch>,
+        only_with_room: bool,
         sink: EventSink,
     },
     Abort(RequestId),
@@ -471,6 +480,7 @@ impl Engine {
         sc.max_num_batched_tokens = config.max_num_batched_tokens.max(1);
         sc.max_model_len = max_model_len;
         sc.enable_events = true;
+        sc.admit_whole_future = config.admit_whole_future;
         Scheduler::new(sc).map_err(|e| EngineError::Config(e.to_string()))
     }
 
@@ -522,6 +532,7 @@ impl Engine {
             holds: Vec::new(),
             next_hold: 1,
             hold_reqs: Vec::new(),
+            acks: Vec::new(),
         };
         lp.publish(false);
         let handle = std::thread::Builder::new()
@@ -622,6 +633,8 @@ impl Engine {
             params: req.params,
             cache_key: req.cache_key,
             hold: req.hold,
+            dispatch: req.dispatch,
+            only_with_room: req.only_with_room,
             sink,
         });
         if sent.is_err() {
@@ -755,6 +768,8 @@ struct Loop {
     next_hold: u64,
     /// Requests that came with a hold not yet let go: (request, hold).
     hold_reqs: Vec<(RequestId, u64)>,
+    /// Dispatches taken in since the last capacity update.
+    acks: Vec<Dispatch>,
 }
 
 /// How a request ends after a token.
@@ -823,11 +838,31 @@ impl Loop {
                 params,
                 cache_key,
                 hold,
+                dispatch,
+                only_with_room,
                 mut sink,
             } => {
                 *changed = true;
+                // Taken in (accepted or refused below): the next update's counters include it.
+                if let Some(d) = dispatch {
+                    self.acks.push(d);
+                }
                 if let Some(h) = hold {
                     self.hold_reqs.push((id, h));
+                }
+                if only_with_room {
+                    let extra = cache_key.as_deref().unwrap_or_default().as_bytes();
+                    let (need, room) = self.sched.room_for(&prompt, params.max_tokens, extra);
+                    if need > room {
+                        self.rejected += 1;
+                        self.pending.fetch_sub(1, Ordering::SeqCst);
+                        self.hold_reqs.retain(|&(r, _)| r != id);
+                        sink(EngineEvent::NoRoom {
+                            need: need as u64,
+                            room: room as u64,
+                        });
+                        return true;
+                    }
                 }
                 let prompt_tokens = prompt.len() as u32;
                 let spec = SeqSpec {
@@ -876,6 +911,7 @@ impl Loop {
                 o(&CapacityUpdate {
                     stats: self.current_stats(),
                     events: Vec::new(),
+                    acks: Vec::new(),
                 });
                 self.observer = Some(o);
             }
@@ -1189,9 +1225,14 @@ impl Loop {
     fn publish(&mut self, notify: bool) {
         let stats = self.refresh();
         let events = self.sched.take_events();
+        let acks = std::mem::take(&mut self.acks);
         if notify {
             if let Some(o) = self.observer.as_mut() {
-                o(&CapacityUpdate { stats, events });
+                o(&CapacityUpdate {
+                    stats,
+                    events,
+                    acks,
+                });
             }
         }
     }

@@ -64,6 +64,8 @@ fn cuda_start_fails_clearly_without_a_gpu_or_serves_with_one() {
                         },
                         cache_key: None,
                         hold: None,
+                        dispatch: None,
+                        only_with_room: false,
                     },
                     Box::new(move |ev| tx.send(ev).is_ok()),
                 )
@@ -77,6 +79,7 @@ fn cuda_start_fails_clearly_without_a_gpu_or_serves_with_one() {
                         break;
                     }
                     EngineEvent::Error(e) => panic!("request failed: {e}"),
+                    EngineEvent::NoRoom { need, room } => panic!("no room: {need} > {room}"),
                     EngineEvent::Started { .. } => {}
                 }
             }

@@ -5,7 +5,7 @@
 mod model_fixture;
 
 use kvroute_engine::api::{
-    EngineEvent, FinishReason, GenerateRequest, Prompt, SamplingParams, Usage,
+    Dispatch, EngineEvent, FinishReason, GenerateRequest, Prompt, SamplingParams, Usage,
 };
 use kvroute_engine::load::load_path;
 use kvroute_engine::model::KvStorage;
@@ -50,6 +50,8 @@ fn submit(e: &Engine, prompt: &str, params: SamplingParams) -> (u64, Receiver<En
                 params,
                 cache_key: None,
                 hold: None,
+                dispatch: None,
+                only_with_room: false,
             },
             Box::new(move |ev| tx.send(ev).is_ok()),
         )
@@ -86,6 +88,7 @@ fn collect(rx: &Receiver<EngineEvent>) -> Done {
                 return d;
             }
             EngineEvent::Error(e) => panic!("request failed: {e}"),
+            EngineEvent::NoRoom { need, room } => panic!("no room: {need} > {room}"),
         }
     }
 }
@@ -207,6 +210,8 @@ fn abort_and_a_gone_client_free_their_blocks() {
             params: greedy(2000),
             cache_key: None,
             hold: None,
+            dispatch: None,
+            only_with_room: false,
         },
         Box::new(move |ev| {
             let mut n = s2.lock().unwrap();
@@ -241,6 +246,8 @@ fn invalid_requests_are_rejected_with_reasons() {
         params,
         cache_key: None,
         hold: None,
+        dispatch: None,
+        only_with_room: false,
     };
     let err = |r: GenerateRequest| e.add_request(r, Box::new(|_| true)).unwrap_err();
     assert!(matches!(
@@ -322,4 +329,91 @@ fn capacity_observer_sees_admissions_steps_and_prefix_blocks() {
         .any(|ev| matches!(ev, kvroute_engine::kv::BlockEvent::Stored(h) if !h.is_empty()));
     assert!(stored, "no Stored block event reached the observer");
     assert!(u.last().unwrap().stats.prefix_hit_tokens >= 16);
+}
+
+#[test]
+fn a_dispatch_is_acknowledged_in_the_update_that_counts_it() {
+    let e = engine(64, 512);
+    let updates: Arc<Mutex<Vec<CapacityUpdate>>> = Arc::default();
+    let u2 = updates.clone();
+    e.set_capacity_observer(Box::new(move |u| u2.lock().unwrap().push(u.clone())));
+    let source: Arc<str> = Arc::from("gw-a");
+    let send = |seq: u64, max_tokens: u32| {
+        let (tx, rx) = channel();
+        e.add_request(
+            GenerateRequest {
+                prompt: Prompt::Text("The capital of France is".into()),
+                params: greedy(max_tokens),
+                cache_key: None,
+                hold: None,
+                dispatch: Some(Dispatch {
+                    source: source.clone(),
+                    seq,
+                }),
+                only_with_room: false,
+            },
+            Box::new(move |ev| tx.send(ev).is_ok()),
+        )
+        .unwrap();
+        rx
+    };
+    let a = send(7, 4);
+    collect(&a);
+    let b = send(9, 2);
+    collect(&b);
+    e.shutdown();
+    let u = updates.lock().unwrap();
+    let acked: Vec<(u64, u64)> = u
+        .iter()
+        .flat_map(|x| x.acks.iter().map(|d| (d.seq, x.stats.requests_received)))
+        .collect();
+    // Each dispatch once, in the first update whose counters include its request.
+    assert_eq!(acked, vec![(7, 1), (9, 2)], "{acked:?}");
+    assert!(u.iter().flat_map(|x| &x.acks).all(|d| &*d.source == "gw-a"));
+}
+
+#[test]
+fn a_request_that_must_have_room_is_refused_rather_than_queued() {
+    // 8 blocks of 16 tokens. The first request's whole future takes 6 of them.
+    let e = engine(8, 512);
+    let send = |max_tokens: u32, only_with_room: bool| {
+        let (tx, rx) = channel();
+        e.add_request(
+            GenerateRequest {
+                prompt: Prompt::Text("The capital of France is".into()),
+                params: SamplingParams {
+                    ignore_eos: true,
+                    ..greedy(max_tokens)
+                },
+                cache_key: None,
+                hold: None,
+                dispatch: None,
+                only_with_room,
+            },
+            Box::new(move |ev| tx.send(ev).is_ok()),
+        )
+        .unwrap();
+        rx
+    };
+    let first = send(90, true);
+    assert!(matches!(
+        first.recv_timeout(GUARD).unwrap(),
+        EngineEvent::Started { .. }
+    ));
+    // 3 more blocks do not fit beside it: refused at once, nothing queued.
+    let second = send(40, true);
+    match second.recv_timeout(GUARD).unwrap() {
+        EngineEvent::NoRoom { need, room } => assert!(need > room, "{need} {room}"),
+        ev => panic!("{ev:?}"),
+    }
+    // Without the flag the same request queues and is served after the first.
+    let third = send(40, false);
+    let finished = |rx: &Receiver<EngineEvent>| loop {
+        if let EngineEvent::Finished { usage, .. } = rx.recv_timeout(GUARD).unwrap() {
+            return usage.completion_tokens;
+        }
+    };
+    assert_eq!(finished(&first), 90);
+    assert_eq!(finished(&third), 40);
+    e.shutdown();
 }

@@ -31,6 +31,7 @@ fn config() -> impl Strategy<Value = SchedConfig> {
                 enable_chunked_prefill: chunked,
                 enable_prefix_caching: caching,
                 enable_events: false,
+                admit_whole_future: false,
             }
         })
 }
@@ -321,6 +322,14 @@ proptest! {
 /// request's output. The model's next token is a function of the context it read, so any wrong
 /// block (a bad prefix hit, a stale block after preemption) changes the output.
 fn run_to_completion(cfg: SchedConfig, reqs: &[(usize, Vec<u32>, u32)]) -> BTreeMap<u64, Vec<u32>> {
+    run_counting_preemptions(cfg, reqs).0
+}
+
+/// [`run_to_completion`], with the preemptions the run made.
+fn run_counting_preemptions(
+    cfg: SchedConfig,
+    reqs: &[(usize, Vec<u32>, u32)],
+) -> (BTreeMap<u64, Vec<u32>>, u64) {
     let bs = cfg.block_size;
     let mut shadow = vec![vec![u32::MAX; bs]; cfg.num_blocks];
     let mut s = Scheduler::new(cfg).unwrap();
@@ -370,7 +379,7 @@ fn run_to_completion(cfg: SchedConfig, reqs: &[(usize, Vec<u32>, u32)]) -> BTree
         step_no += 1;
         assert!(step_no < 20_000, "did not drain");
     }
-    outputs
+    (outputs, s.stats().preemptions)
 }
 
 proptest! {
@@ -403,6 +412,7 @@ proptest! {
             enable_chunked_prefill: true,
             enable_prefix_caching: false,
             enable_events: false,
+            admit_whole_future: false,
         };
         let tight = SchedConfig {
             num_blocks: nb,
@@ -412,7 +422,13 @@ proptest! {
             ..reference.clone()
         };
         let want = run_to_completion(reference, &reqs);
-        let got = run_to_completion(tight, &reqs);
-        prop_assert_eq!(got, want);
+        let (got, _) = run_counting_preemptions(tight.clone(), &reqs);
+        prop_assert_eq!(&got, &want);
+        // Admitting a sequence only when its whole future fits: the same outputs, and the
+        // pool never runs out under a running sequence.
+        let whole = SchedConfig { admit_whole_future: true, ..tight };
+        let (got, preemptions) = run_counting_preemptions(whole, &reqs);
+        prop_assert_eq!(&got, &want);
+        prop_assert_eq!(preemptions, 0);
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod fake;
 
+pub use kvroute_engine::api::Dispatch;
 use kvroute_engine::api::{EventSink, GenerateRequest, RequestId};
 pub use kvroute_engine::runtime::HoldReply;
 
@@ -83,6 +84,8 @@ pub enum CacheEvent {
 pub struct CapacityUpdate {
     pub stats: CapacityStats,
     pub events: Vec<CacheEvent>,
+    /// Dispatches the backend took in since the previous update (`stats` counts them).
+    pub acks: Vec<Dispatch>,
 }
 
 /// Called on the engine's thread after every change. Must return quickly and never block.
@@ -143,6 +146,13 @@ pub trait InferenceBackend: Send + Sync + 'static {
     ) -> Result<String, TextError>;
     /// Queues a request; its events go to `sink` on the engine's thread.
     fn submit(&self, request: GenerateRequest, sink: EventSink) -> Result<RequestId, SubmitError>;
+
+    /// Whether the backend acknowledges `GenerateRequest::dispatch` in the capacity update that
+    /// first counts the request (`CapacityUpdate::acks`). Otherwise the agent acknowledges a
+    /// dispatch as soon as `submit` returns.
+    fn acks_dispatches(&self) -> bool {
+        false
+    }
     /// Aborts a request (no-op when it already ended); its blocks are freed.
     fn abort(&self, id: RequestId);
     /// Holds the leading cached blocks of `hashes` for at most `ttl` (taking at most `max_free`

@@ -8,7 +8,7 @@
 //! bounded mpsc channel. A subscriber that falls so far behind that the broadcast buffer overflows
 //! gets a fresh snapshot instead of the missed events. This module never calls into the engine.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +17,7 @@ use kvroute_proto::{BlockEvent, CapacityReport};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::backend::{CacheEvent, CapacityObserver, CapacityStats, CapacityUpdate};
+use crate::backend::{CacheEvent, CapacityObserver, CapacityStats, CapacityUpdate, Dispatch};
 use crate::gpu::GpuMonitor;
 
 /// Stream pacing.
@@ -42,12 +42,18 @@ impl Default for StreamTiming {
 pub const BROADCAST_BUFFER: usize = 1024;
 /// Reports buffered between a subscriber's task and its gRPC stream.
 pub const STREAM_BUFFER: usize = 16;
+/// Acknowledgements kept per dispatcher, repeated in a snapshot (a subscriber that fell behind
+/// or reconnected still learns of the dispatches it missed).
+pub const RECENT_ACKS: usize = 4096;
+/// Dispatchers whose recent acknowledgements are kept (the least recently acked one goes).
+pub const MAX_DISPATCHERS: usize = 64;
 
 #[derive(Debug)]
 struct Delta {
     version: u64,
     stats: CapacityStats,
     events: Vec<CacheEvent>,
+    acks: Vec<Dispatch>,
 }
 
 struct HubState {
@@ -56,6 +62,33 @@ struct HubState {
     cached: HashSet<u64>,
     /// Of `cached`, the blocks no request uses (evictable).
     idle: HashSet<u64>,
+    /// Per dispatcher: the version of its last acknowledgement, and its recent ones.
+    recent_acks: HashMap<std::sync::Arc<str>, (u64, VecDeque<u64>)>,
+}
+
+impl HubState {
+    fn remember_acks(&mut self, acks: &[Dispatch]) {
+        for d in acks {
+            if !self.recent_acks.contains_key(&d.source)
+                && self.recent_acks.len() >= MAX_DISPATCHERS
+            {
+                let oldest = self
+                    .recent_acks
+                    .iter()
+                    .min_by_key(|(_, (v, _))| *v)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    self.recent_acks.remove(&k);
+                }
+            }
+            let (v, q) = self.recent_acks.entry(d.source.clone()).or_default();
+            *v = self.version;
+            if q.len() >= RECENT_ACKS {
+                q.pop_front();
+            }
+            q.push_back(d.seq);
+        }
+    }
 }
 
 /// See the module docs.
@@ -75,6 +108,8 @@ struct Snapshot {
     hashes: Vec<u64>,
     /// Of `hashes`, the evictable ones.
     idle: Vec<u64>,
+    /// The subscriber's dispatcher's recent acknowledgements.
+    acks: Vec<u64>,
 }
 
 /// A fresh epoch for this process: wall-clock nanoseconds mixed with the process id, so two
@@ -112,6 +147,7 @@ impl CapacityHub {
                 stats: initial,
                 cached: HashSet::new(),
                 idle: HashSet::new(),
+                recent_acks: HashMap::new(),
             }),
             tx,
         })
@@ -168,6 +204,7 @@ impl CapacityHub {
         }
         s.version += 1;
         s.stats = update.stats;
+        s.remember_acks(&update.acks);
         if self.tx.receiver_count() > 0 {
             // Sent under the lock so versions reach every receiver in order. A full buffer
             // drops the oldest entry for lagging receivers; it never waits.
@@ -175,6 +212,24 @@ impl CapacityHub {
                 version: s.version,
                 stats: update.stats,
                 events: update.events.clone(),
+                acks: update.acks.clone(),
+            }));
+        }
+    }
+
+    /// Acknowledges a dispatch the engine never took in (the agent refused the request, or its
+    /// backend does not acknowledge): it takes no room, so any report may carry it.
+    pub fn ack(&self, dispatch: Dispatch) {
+        let mut s = self.lock();
+        s.version += 1;
+        let acks = vec![dispatch];
+        s.remember_acks(&acks);
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(Arc::new(Delta {
+                version: s.version,
+                stats: s.stats,
+                events: Vec::new(),
+                acks,
             }));
         }
     }
@@ -191,8 +246,12 @@ impl CapacityHub {
         v
     }
 
-    fn subscribe(&self) -> (Snapshot, broadcast::Receiver<Arc<Delta>>) {
+    fn subscribe(&self, dispatcher: Option<&str>) -> (Snapshot, broadcast::Receiver<Arc<Delta>>) {
         let s = self.lock();
+        let acks = dispatcher
+            .and_then(|d| s.recent_acks.get(d))
+            .map(|(_, q)| q.iter().copied().collect())
+            .unwrap_or_default();
         let rx = self.tx.subscribe();
         let mut hashes: Vec<u64> = s.cached.iter().copied().collect();
         hashes.sort_unstable();
@@ -204,6 +263,7 @@ impl CapacityHub {
                 stats: s.stats,
                 hashes,
                 idle,
+                acks,
             },
             rx,
         )
@@ -239,6 +299,8 @@ impl CapacityHub {
             room_released_blocks: stats.room_released_blocks,
             waiting_prefill_tokens: stats.waiting_prefill_tokens,
             block_use_events: stats.block_use_events,
+            acked_dispatches: Vec::new(),
+            dispatch_acks: true,
         }
     }
 
@@ -247,6 +309,7 @@ impl CapacityHub {
     pub fn watch<T: Send + 'static>(
         self: &Arc<Self>,
         include_events: bool,
+        dispatcher: Option<Arc<str>>,
         timing: StreamTiming,
         shutdown: watch::Receiver<bool>,
         wrap: fn(CapacityReport) -> T,
@@ -254,7 +317,7 @@ impl CapacityHub {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let hub = self.clone();
         tokio::spawn(async move {
-            hub.stream_task(include_events, timing, shutdown, tx, wrap)
+            hub.stream_task(include_events, dispatcher, timing, shutdown, tx, wrap)
                 .await;
         });
         rx
@@ -263,6 +326,7 @@ impl CapacityHub {
     async fn stream_task<T>(
         &self,
         include_events: bool,
+        dispatcher: Option<Arc<str>>,
         timing: StreamTiming,
         mut shutdown: watch::Receiver<bool>,
         tx: mpsc::Sender<T>,
@@ -270,11 +334,12 @@ impl CapacityHub {
     ) {
         let mut sequence = 0u64;
         'snapshot: loop {
-            let (snap, mut rx) = self.subscribe();
+            let (snap, mut rx) = self.subscribe(dispatcher.as_deref());
             sequence += 1;
             let mut report = self.report(&snap.stats);
             report.sequence = sequence;
             report.snapshot = true;
+            report.acked_dispatches = snap.acks;
             if include_events && !snap.hashes.is_empty() {
                 report.events.push(BlockEvent {
                     kind: Kind::Stored as i32,
@@ -295,6 +360,7 @@ impl CapacityHub {
             let mut version = snap.version;
             let mut stats = snap.stats;
             let mut pending: Option<Vec<CacheEvent>> = None;
+            let mut acks: Vec<u64> = Vec::new();
             loop {
                 // Wait for a change, a heartbeat, or a coalescing deadline.
                 let deadline = if pending.is_some() {
@@ -312,6 +378,9 @@ impl CapacityHub {
                                 version = d.version;
                                 stats = d.stats;
                                 pending.get_or_insert_with(Vec::new).extend(d.events.iter().cloned());
+                                if let Some(me) = dispatcher.as_deref() {
+                                    acks.extend(d.acks.iter().filter(|a| &*a.source == me).map(|a| a.seq));
+                                }
                             }
                             continue;
                         }
@@ -326,6 +395,7 @@ impl CapacityHub {
                 sequence += 1;
                 let mut report = self.report(&stats);
                 report.sequence = sequence;
+                report.acked_dispatches = std::mem::take(&mut acks);
                 if let Some(events) = pending.take() {
                     if include_events {
                         report.events = to_proto_events(events);
@@ -418,9 +488,10 @@ mod tests {
                 // Not cached: ignored.
                 CacheEvent::Evictable(vec![42]),
             ],
+            acks: Vec::new(),
         });
         let (_stop_tx, stop) = watch::channel(false);
-        let mut rx = hub.watch(true, timing(), stop, |r| r);
+        let mut rx = hub.watch(true, None, timing(), stop, |r| r);
         let first = rx.recv().await.unwrap();
         assert!(first.snapshot && first.block_use_events);
         let kinds: Vec<(i32, Vec<u64>)> = first
@@ -439,10 +510,83 @@ mod tests {
         hub.apply(&CapacityUpdate {
             stats: tracked,
             events: vec![CacheEvent::Evictable(vec![7])],
+            acks: Vec::new(),
         });
         let next = rx.recv().await.unwrap();
         assert_eq!(next.events[0].kind, Kind::Evictable as i32);
         assert_eq!(next.events[0].block_hashes, vec![7]);
+    }
+
+    fn dispatch(source: &str, seq: u64) -> Dispatch {
+        Dispatch {
+            source: Arc::from(source),
+            seq,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_acknowledges_its_own_dispatchers_requests_only() {
+        let hub = hub();
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut a = hub.watch(
+            false,
+            Some(Arc::from("gw-a")),
+            timing(),
+            stop.clone(),
+            |r| r,
+        );
+        let mut none = hub.watch(false, None, timing(), stop, |r| r);
+        let first = a.recv().await.unwrap();
+        assert!(first.snapshot && first.dispatch_acks && first.acked_dispatches.is_empty());
+        assert!(none.recv().await.unwrap().snapshot);
+        // Taken in by the engine: acknowledged with the counters that include it.
+        hub.apply(&CapacityUpdate {
+            stats: stats(80),
+            events: Vec::new(),
+            acks: vec![dispatch("gw-a", 1), dispatch("gw-b", 1)],
+        });
+        // Refused by the agent: acknowledged directly.
+        hub.ack(dispatch("gw-a", 2));
+        let mut acked = Vec::new();
+        while acked.len() < 2 {
+            let r = a.recv().await.unwrap();
+            if r.acked_dispatches.contains(&1) {
+                assert_eq!(r.free_blocks, 80, "the ack came before its counters");
+            }
+            acked.extend(r.acked_dispatches);
+        }
+        assert_eq!(acked, vec![1, 2]);
+        let r = none.recv().await.unwrap();
+        assert!(r.acked_dispatches.is_empty());
+        // A new stream of the same dispatcher (a reconnect) hears the recent ones again.
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut again = hub.watch(false, Some(Arc::from("gw-a")), timing(), stop, |r| r);
+        assert_eq!(again.recv().await.unwrap().acked_dispatches, vec![1, 2]);
+    }
+
+    #[test]
+    fn recent_acknowledgements_are_bounded() {
+        let hub = hub();
+        for i in 0..(RECENT_ACKS as u64 + 10) {
+            hub.ack(dispatch("gw-a", i));
+        }
+        for d in 0..(MAX_DISPATCHERS + 5) {
+            hub.ack(dispatch(&format!("gw-{d}"), 0));
+        }
+        let s = hub.lock();
+        assert_eq!(s.recent_acks.len(), MAX_DISPATCHERS);
+        // The least recently acknowledged dispatcher went first.
+        assert!(!s.recent_acks.contains_key("gw-a"));
+        assert!(s.recent_acks.values().all(|(_, q)| q.len() <= RECENT_ACKS));
+        drop(s);
+        let hub = self::hub();
+        for i in 0..(RECENT_ACKS as u64 + 10) {
+            hub.ack(dispatch("gw-a", i));
+        }
+        let s = hub.lock();
+        let q = &s.recent_acks["gw-a"].1;
+        assert_eq!(q.len(), RECENT_ACKS);
+        assert_eq!(q.front(), Some(&10));
     }
 
     #[tokio::test]
@@ -451,9 +595,10 @@ mod tests {
         hub.apply(&CapacityUpdate {
             stats: stats(90),
             events: vec![CacheEvent::Stored(vec![7, 8])],
+            acks: Vec::new(),
         });
         let (_stop_tx, stop) = watch::channel(false);
-        let mut rx = hub.watch(true, timing(), stop, |r| r);
+        let mut rx = hub.watch(true, None, timing(), stop, |r| r);
         let first = rx.recv().await.unwrap();
         assert!(first.snapshot);
         assert_eq!(first.sequence, 1);
@@ -462,10 +607,12 @@ mod tests {
         hub.apply(&CapacityUpdate {
             stats: stats(80),
             events: vec![CacheEvent::Removed(vec![7])],
+            acks: Vec::new(),
         });
         hub.apply(&CapacityUpdate {
             stats: stats(70),
             events: vec![CacheEvent::Stored(vec![9])],
+            acks: Vec::new(),
         });
         // Both updates arrive, possibly coalesced into one report; the last stats win.
         let mut seen = Vec::new();
@@ -488,7 +635,7 @@ mod tests {
     async fn lagging_subscriber_gets_a_fresh_snapshot() {
         let hub = hub();
         let (_stop_tx, stop) = watch::channel(false);
-        let mut rx = hub.watch(true, timing(), stop, |r| r);
+        let mut rx = hub.watch(true, None, timing(), stop, |r| r);
         assert!(rx.recv().await.unwrap().snapshot);
         // The subscriber's task cannot run during this loop (single-threaded test runtime):
         // more updates than the broadcast buffer holds arrive before it reads any.
@@ -496,6 +643,7 @@ mod tests {
             hub.apply(&CapacityUpdate {
                 stats: stats(i % 100),
                 events: vec![CacheEvent::Stored(vec![i])],
+                acks: Vec::new(),
             });
         }
         let mut got_snapshot = None;
@@ -525,7 +673,7 @@ mod tests {
             min_interval: Duration::from_millis(1),
             heartbeat: Duration::from_millis(20),
         };
-        let mut rx = hub.watch(false, t, stop, |r| r);
+        let mut rx = hub.watch(false, None, t, stop, |r| r);
         assert!(rx.recv().await.unwrap().snapshot);
         let hb = rx.recv().await.unwrap();
         assert_eq!(hb.sequence, 2);

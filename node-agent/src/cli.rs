@@ -76,6 +76,7 @@ impl ModelArgs {
             drain_timeout: "1s".into(),
             cache_dir: self.cache_dir.clone(),
             log_format: crate::config::LogFormat::Text,
+            optimistic_admission: false,
         };
         Ok(args.validate()?)
     }

@@ -102,6 +102,11 @@ pub struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, env = "KVROUTE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Start a request when its prompt fits and preempt (recompute) when the pool runs out,
+    /// as vLLM does. Default: start a request only when its whole future (`prompt +
+    /// max_tokens`) fits beside the running ones', so the engine never preempts.
+    #[arg(long, env = "KVROUTE_OPTIMISTIC_ADMISSION")]
+    pub optimistic_admission: bool,
 }
 
 /// How much memory the KV cache gets.
@@ -140,6 +145,9 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     pub cache_dir: Option<std::path::PathBuf>,
     pub log_format: LogFormat,
+    /// Start requests whose prompt fits and preempt when the pool runs out (vLLM's way),
+    /// instead of only those whose whole future fits.
+    pub optimistic_admission: bool,
 }
 
 /// Default KV budget on the CPU: 1 GiB.
@@ -307,6 +315,7 @@ impl ServeArgs {
             drain_timeout,
             cache_dir: self.cache_dir.clone(),
             log_format: self.log_format,
+            optimistic_admission: self.optimistic_admission,
         })
     }
 }

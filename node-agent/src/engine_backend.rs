@@ -333,6 +333,10 @@ impl InferenceBackend for EngineBackend {
         render_chat_with(self.engine.chat_template(), messages, add_generation_prompt)
     }
 
+    fn acks_dispatches(&self) -> bool {
+        true
+    }
+
     fn submit(&self, request: GenerateRequest, sink: EventSink) -> Result<RequestId, SubmitError> {
         self.engine.add_request(request, sink).map_err(|e| match e {
             EngineError::InvalidRequest(m) => SubmitError::InvalidRequest(m),
@@ -372,6 +376,7 @@ impl InferenceBackend for EngineBackend {
                 observer(&CapacityUpdate {
                     stats: stats_from(&u.stats),
                     events: u.events.iter().map(event_from).collect(),
+                    acks: u.acks.clone(),
                 })
             },
         ));
@@ -420,6 +425,7 @@ pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
         max_num_seqs: cfg.max_num_seqs as usize,
         max_model_len: cfg.max_model_len.map(|v| v as usize),
         threads: cfg.threads,
+        admit_whole_future: !cfg.optimistic_admission,
         ..EngineConfig::default()
     };
     Ok(Arc::new(EngineBackend::start(

@@ -41,9 +41,17 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::WatchCapacityStream>, Status> {
         let l = self.state.loaded().ok_or_else(loading)?;
         let req = request.into_inner();
-        tracing::info!(subscriber = %req.subscriber, include_block_events = req.include_block_events, "capacity subscriber");
+        let dispatcher = if req.dispatcher.is_empty() {
+            None
+        } else {
+            kvroute_contract::dispatch::check_dispatcher(&req.dispatcher)
+                .map_err(|e| Status::invalid_argument(format!("dispatcher: {e}")))?;
+            Some(std::sync::Arc::<str>::from(req.dispatcher.as_str()))
+        };
+        tracing::info!(subscriber = %req.subscriber, dispatcher = %req.dispatcher, include_block_events = req.include_block_events, "capacity subscriber");
         let rx = l.hub.watch(
             req.include_block_events,
+            dispatcher,
             self.state.timing,
             self.state.lifecycle.shutdown_receiver(),
             Ok,

@@ -19,13 +19,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use kvroute_contract::dispatch::{parse_dispatch, DISPATCH_HEADER};
 use kvroute_engine::api::{
     EngineEvent, FinishReason, GenerateRequest, Prompt, RequestId, SamplingParams,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::backend::{InferenceBackend, SubmitError};
+use crate::backend::{Dispatch, InferenceBackend, SubmitError};
+use crate::capacity::CapacityHub;
 use crate::metrics::{Metrics, Outcome};
 use crate::openai::{parse_request, usage_json, ApiError, Endpoint, Input, Request};
 use crate::state::{AgentState, InflightGuard, Loaded};
@@ -63,7 +65,13 @@ fn fail(state: &AgentState, e: ApiError) -> Response {
         l.metrics.error(e.status.as_u16());
     }
     tracing::debug!(status = e.status.as_u16(), message = %e.message, "request rejected");
-    e.into_response()
+    let no_room = e.code == Some("no_room");
+    let mut r = e.into_response();
+    if no_room {
+        r.headers_mut()
+            .insert(NO_ROOM_HEADER, axum::http::HeaderValue::from_static("1"));
+    }
+    r
 }
 
 async fn not_found() -> Response {
@@ -172,8 +180,8 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = match hold_header(&headers) {
-        Ok(hold) => generate(state.clone(), Endpoint::Completions, body, hold).await,
+    let r = match routed(&headers) {
+        Ok(how) => generate(state.clone(), Endpoint::Completions, body, how).await,
         Err(e) => Err(e),
     };
     r.unwrap_or_else(|e| fail(&state, e))
@@ -184,8 +192,8 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = match hold_header(&headers) {
-        Ok(hold) => generate(state.clone(), Endpoint::Chat, body, hold).await,
+    let r = match routed(&headers) {
+        Ok(how) => generate(state.clone(), Endpoint::Chat, body, how).await,
         Err(e) => Err(e),
     };
     r.unwrap_or_else(|e| fail(&state, e))
@@ -209,6 +217,72 @@ fn hold_header(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
                 None,
             )
         })
+}
+
+/// What a router's headers ask of a request.
+struct Routed {
+    hold: Option<u64>,
+    dispatch: Option<Dispatch>,
+    /// `x-kvroute-require-room: 1`: refuse with 503 `no_room` rather than queue when it does not
+    /// fit (see `GenerateRequest::only_with_room`).
+    require_room: bool,
+}
+
+/// The request header asking the agent to refuse a request it has no room for.
+pub const REQUIRE_ROOM_HEADER: &str = "x-kvroute-require-room";
+
+/// The response header on a 503 for a request refused for lack of room.
+pub const NO_ROOM_HEADER: &str = "x-kvroute-no-room";
+
+fn routed(headers: &HeaderMap) -> Result<Routed, ApiError> {
+    let require_room = match headers.get(REQUIRE_ROOM_HEADER).map(|v| v.to_str()) {
+        None => false,
+        Some(Ok("1" | "true")) => true,
+        Some(Ok("0" | "false")) => false,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                format!("The {REQUIRE_ROOM_HEADER} header is 1 or 0."),
+                None,
+            ))
+        }
+    };
+    Ok(Routed {
+        hold: hold_header(headers)?,
+        dispatch: dispatch_header(headers)?,
+        require_room,
+    })
+}
+
+/// The router's dispatch a request is (`x-kvroute-dispatch: <dispatcher id>:<seq>`), if any.
+fn dispatch_header(headers: &HeaderMap) -> Result<Option<Dispatch>, ApiError> {
+    let Some(v) = headers.get(DISPATCH_HEADER) else {
+        return Ok(None);
+    };
+    let text = v.to_str().map_err(|_| {
+        ApiError::bad_request(format!("The {DISPATCH_HEADER} header must be text."), None)
+    })?;
+    let (source, seq) =
+        parse_dispatch(text).map_err(|e| ApiError::bad_request(format!("{e}."), None))?;
+    Ok(Some(Dispatch {
+        source: Arc::from(source),
+        seq,
+    }))
+}
+
+/// A router's dispatch, acknowledged exactly once on its capacity stream: by the engine when it
+/// takes the request in (its counters then include it), or on drop, when the agent refused the
+/// request before the engine saw it (it takes no room).
+struct DispatchAck {
+    hub: Arc<CapacityHub>,
+    dispatch: Option<Dispatch>,
+}
+
+impl Drop for DispatchAck {
+    fn drop(&mut self) {
+        if let Some(d) = self.dispatch.take() {
+            self.hub.ack(d);
+        }
+    }
 }
 
 /// Longest a prefix hold may last.
@@ -365,9 +439,19 @@ async fn generate(
     state: Arc<AgentState>,
     endpoint: Endpoint,
     body: Result<Bytes, BytesRejection>,
-    hold: Option<u64>,
+    how: Routed,
 ) -> Result<Response, ApiError> {
+    let Routed {
+        hold,
+        dispatch,
+        require_room,
+    } = how;
     let l = loaded(&state)?;
+    // From here on every way out acknowledges the dispatch.
+    let mut ack = DispatchAck {
+        hub: l.hub.clone(),
+        dispatch,
+    };
     if state.lifecycle.is_draining() {
         return Err(ApiError::unavailable(
             "The agent is draining and takes no new requests.",
@@ -461,6 +545,8 @@ async fn generate(
         },
         cache_key: req.cache_salt.clone(),
         hold,
+        dispatch: ack.dispatch.clone().filter(|_| l.backend.acks_dispatches()),
+        only_with_room: require_room,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let sink = metered_sink(l.metrics.clone(), arrived, tx);
@@ -472,6 +558,30 @@ async fn generate(
         SubmitError::Stopped => ApiError::unavailable("The engine has stopped.", "stopped"),
         SubmitError::Unsupported(m) => ApiError::internal(m),
     })?;
+    if l.backend.acks_dispatches() {
+        // The engine acknowledges it.
+        ack.dispatch = None;
+    }
+    drop(ack);
+    let mut rx = rx;
+    if require_room && l.backend.acks_dispatches() {
+        // The engine's verdict comes before any byte of the answer: a refusal is a clean 503
+        // the router can send elsewhere. (`Started` is all the answer paths skip.)
+        match rx.recv().await {
+            Some(EngineEvent::Started { .. }) => {}
+            Some(EngineEvent::NoRoom { need, room }) => {
+                l.metrics.count_no_room();
+                return Err(ApiError::unavailable(
+                    format!("No KV room for this request here now: it needs {need} blocks, {room} are free and unpromised; retry on another replica or later."),
+                    "no_room",
+                ));
+            }
+            Some(EngineEvent::Error(m)) => {
+                return Err(ApiError::internal(format!("generation failed: {m}")))
+            }
+            _ => return Err(ApiError::internal("the engine dropped the request")),
+        }
+    }
     tracing::debug!(
         request = id,
         prompt_tokens = prompt_len,
@@ -555,6 +665,7 @@ fn metered_sink(
                 });
             }
             EngineEvent::Error(_) => metrics.finished(Outcome::Error),
+            EngineEvent::NoRoom { .. } => {}
             EngineEvent::Started { .. } => {}
         }
         tx.send(ev).is_ok()
@@ -603,6 +714,12 @@ async fn collect_response(mut run: Running, meta: Meta) -> Result<Response, ApiE
             Some(EngineEvent::Error(m)) => {
                 run.abort.finished = true;
                 return Err(ApiError::internal(format!("generation failed: {m}")));
+            }
+            Some(EngineEvent::NoRoom { need, room }) => {
+                run.abort.finished = true;
+                return Err(ApiError::internal(format!(
+                    "no room: needs {need} KV blocks, {room} free"
+                )));
             }
             None => {
                 run.abort.finished = true;
@@ -701,9 +818,16 @@ impl SseState {
                     out.extend_from_slice(b"data: [DONE]\n\n");
                     return Some(Bytes::from(out));
                 }
-                Some(EngineEvent::Error(m)) => {
+                Some(ev @ (EngineEvent::Error(_) | EngineEvent::NoRoom { .. })) => {
                     self.run.abort.finished = true;
                     self.done = true;
+                    let m = match ev {
+                        EngineEvent::NoRoom { need, room } => {
+                            format!("no room: needs {need} KV blocks, {room} free")
+                        }
+                        EngineEvent::Error(m) => m,
+                        _ => String::new(),
+                    };
                     let e = ApiError::internal(format!("generation failed: {m}"));
                     let mut out = sse(&e.body()).to_vec();
                     out.extend_from_slice(b"data: [DONE]\n\n");

@@ -117,6 +117,8 @@ pub struct Metrics {
     finished: [AtomicU64; 4],
     /// HTTP answers by status class of errors: 400, 404, 413, 503, 500.
     errors: Mutex<std::collections::BTreeMap<u16, u64>>,
+    /// Routed requests refused for lack of room (`x-kvroute-require-room`).
+    no_room: AtomicU64,
 }
 
 impl Metrics {
@@ -130,7 +132,13 @@ impl Metrics {
             generation_tokens: AtomicU64::new(0),
             finished: Default::default(),
             errors: Mutex::new(Default::default()),
+            no_room: AtomicU64::new(0),
         }
+    }
+
+    /// A routed request was refused: admitting it would have made the engine preempt.
+    pub fn count_no_room(&self) {
+        self.no_room.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn finished(&self, outcome: Outcome) {
@@ -276,6 +284,18 @@ impl Metrics {
                 self.finished[i].load(Ordering::Relaxed) as f64,
             );
         }
+        header(
+            &mut o,
+            "kvroute_no_room_refusals_total",
+            "Routed requests refused (503 no_room) because admitting them would have made the engine preempt.",
+            "counter",
+        );
+        sample(
+            &mut o,
+            "kvroute_no_room_refusals_total",
+            &[],
+            self.no_room.load(Ordering::Relaxed) as f64,
+        );
         header(
             &mut o,
             "kvroute_http_errors_total",

@@ -63,6 +63,8 @@ pub fn run_once(
             params,
             cache_key: None,
             hold: None,
+            dispatch: None,
+            only_with_room: false,
         },
         Box::new(move |ev| tx.send(ev).is_ok()),
     )?;
@@ -84,6 +86,11 @@ pub fn run_once(
                 })
             }
             EngineEvent::Error(m) => return Err(OneshotError::Engine(m)),
+            EngineEvent::NoRoom { need, room } => {
+                return Err(OneshotError::Engine(format!(
+                    "no room: needs {need} KV blocks, {room} free"
+                )))
+            }
         }
     }
     Err(OneshotError::Dropped)
@@ -168,6 +175,8 @@ pub fn bench(
                 },
                 cache_key: None,
                 hold: None,
+                dispatch: None,
+                only_with_room: false,
             },
             Box::new(move |ev| {
                 let msg = match ev {

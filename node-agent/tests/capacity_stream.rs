@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use http_body_util::BodyExt;
 use hyper::StatusCode;
 use kvroute_agent::backend::fake::{fake_block_hashes, FakeConfig};
 use kvroute_proto::v1::block_event::Kind;
@@ -31,6 +32,7 @@ async fn watch(agent: &TestAgent, events: bool) -> Streaming<CapacityReport> {
         .watch_capacity(WatchCapacityRequest {
             subscriber: "test".into(),
             include_block_events: events,
+            dispatcher: String::new(),
         })
         .await
         .unwrap()
@@ -212,4 +214,111 @@ async fn many_subscribers_see_the_same_state_and_health_is_serving() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
     agent.stop().await.unwrap();
+}
+
+/// A router's dispatches come back on its own stream: the one the backend took in with the
+/// counters that include it, one the agent refused (bad temperature, bad JSON) at once; another
+/// dispatcher's stream and a stream without a dispatcher hear none of them. A malformed dispatch
+/// header or dispatcher id is refused clearly.
+#[tokio::test]
+async fn dispatches_are_acknowledged_on_their_routers_stream_only() {
+    let agent = start(cfg()).await;
+    let open = |dispatcher: &str| {
+        let url = agent.grpc_url();
+        let dispatcher = dispatcher.to_string();
+        async move {
+            AgentClient::connect(url)
+                .await
+                .unwrap()
+                .watch_capacity(WatchCapacityRequest {
+                    subscriber: "ack-test".into(),
+                    include_block_events: false,
+                    dispatcher,
+                })
+                .await
+        }
+    };
+    let mut mine = open("gw-a").await.unwrap().into_inner();
+    let mut other = open("gw-b").await.unwrap().into_inner();
+    let first = mine.message().await.unwrap().unwrap();
+    assert!(first.dispatch_acks && first.acked_dispatches.is_empty());
+    assert!(other.message().await.unwrap().unwrap().snapshot);
+
+    let post = |seq: &str, body: Vec<u8>| {
+        let http = agent.http;
+        let header = format!("gw-a:{seq}");
+        async move {
+            let resp = send_with(
+                http,
+                "POST",
+                "/v1/completions",
+                &[("x-kvroute-dispatch", &header)],
+                Some(body),
+            )
+            .await;
+            let status = resp.status();
+            let _ = resp.into_body().collect().await.unwrap();
+            status
+        }
+    };
+    let good =
+        serde_json::to_vec(&json!({"model": "fake-model", "prompt": "abcdefgh", "max_tokens": 4}))
+            .unwrap();
+    let hot = serde_json::to_vec(
+        &json!({"model": "fake-model", "prompt": "abcdefgh", "max_tokens": 4, "temperature": 3}),
+    )
+    .unwrap();
+    assert_eq!(post("1", good).await, StatusCode::OK);
+    assert_eq!(post("2", hot).await, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        post("3", b"{not json".to_vec()).await,
+        StatusCode::BAD_REQUEST
+    );
+    let seen = until(&mut mine, |r| r.acked_dispatches.contains(&3)).await;
+    let mut acked: Vec<u64> = seen
+        .iter()
+        .flat_map(|r| r.acked_dispatches.clone())
+        .collect();
+    // Dispatch 1 is acknowledged in a report that counts its request.
+    let with_1 = seen
+        .iter()
+        .find(|r| r.acked_dispatches.contains(&1))
+        .unwrap();
+    assert_eq!(with_1.requests_received, 1, "{with_1:?}");
+    acked.sort_unstable();
+    assert_eq!(acked, vec![1, 2, 3]);
+    // gw-b's stream saw the counter move but no acknowledgement.
+    let theirs = until(&mut other, |r| r.requests_received == 1).await;
+    assert!(theirs.iter().all(|r| r.acked_dispatches.is_empty()));
+    // A reconnecting gw-a hears its recent acknowledgements in the snapshot.
+    let mut again = open("gw-a").await.unwrap().into_inner();
+    let snap = again.message().await.unwrap().unwrap();
+    assert!(snap.snapshot);
+    assert_eq!(snap.acked_dispatches, vec![1, 2, 3]);
+
+    // Malformed input: a clear error, nothing panics.
+    for bad in ["gw-a", "gw-a:x", ":1", "gw a:1", "gw-a:-1"] {
+        let resp = send_with(
+            agent.http,
+            "POST",
+            "/v1/completions",
+            &[("x-kvroute-dispatch", bad)],
+            Some(b"{}".to_vec()),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{bad:?}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("x-kvroute-dispatch"),
+            "{v}"
+        );
+    }
+    for bad in ["a:b", &"x".repeat(129), "tab\t"] {
+        let err = open(bad).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    }
 }

@@ -44,6 +44,7 @@ async fn shutdown_lets_in_flight_streams_finish() {
         .watch_capacity(WatchCapacityRequest {
             subscriber: "t".into(),
             include_block_events: false,
+            dispatcher: String::new(),
         })
         .await
         .unwrap()
@@ -245,6 +246,7 @@ async fn loading_state_then_ready() {
         .watch_capacity(WatchCapacityRequest {
             subscriber: "t".into(),
             include_block_events: true,
+            dispatcher: String::new(),
         })
         .await
         .unwrap_err();

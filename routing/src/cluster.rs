@@ -55,6 +55,12 @@ pub struct Report {
     /// sharing a running request's prefix needs only its own blocks.
     pub block_use_events: bool,
     pub events: Vec<CacheEvent>,
+    /// The agent acknowledges this gateway's dispatches (`acked_dispatches`): reservations are
+    /// retired by their own acknowledgement, not by `requests_received`.
+    pub dispatch_acks: bool,
+    /// Dispatches (reservation ids, see [`ReservationHandle::id`]) the agent took in or refused
+    /// since the previous report; a snapshot may repeat older ones.
+    pub acked_dispatches: Vec<u64>,
 }
 
 /// Blocks the gateway set aside on an agent for a request it dispatched there.
@@ -68,7 +74,15 @@ struct Reservation {
     prefill_tokens: u64,
     /// Its `need` counts prefix blocks as shared with running requests.
     shared: bool,
+    /// Clock value (ms) when it was made; an unacknowledged dispatch expires
+    /// [`DISPATCH_ACK_TTL_MS`] later.
+    at_ms: u64,
 }
+
+/// How long a reservation on an agent that acknowledges dispatches waits for its
+/// acknowledgement (the agent acknowledges on arrival: this only bounds a request lost on the
+/// way, whose connection error the gateway did not see).
+pub const DISPATCH_ACK_TTL_MS: u64 = 15_000;
 
 /// How long a prefix sent to an agent counts as cached there before the agent reports it
 /// (it normally does within one prefill; this only bounds a request that never got there).
@@ -79,6 +93,8 @@ pub const INFLIGHT_TTL_MS: u64 = 30_000;
 pub struct ReservationHandle {
     pub slot: Slot,
     pub epoch: u64,
+    /// Unique in this cluster view: the dispatch sequence number the request carries to the
+    /// agent (`x-kvroute-dispatch`), which the agent acknowledges.
     pub id: u64,
     pub blocks: u64,
 }
@@ -107,6 +123,9 @@ pub struct AgentState {
     release: ReleaseRate,
     /// Observed over predicted time to first token, averaged (see [`Cluster::observe_ttft`]).
     ttft: TtftScale,
+    /// Reservations retired by the agent's acknowledgement, and expired unacknowledged.
+    acked: u64,
+    expired: u64,
     /// Prompts sent here whose blocks the agent has not reported yet: (expiry, block hashes).
     inflight: VecDeque<(u64, Vec<u64>)>,
     /// How many of `inflight` hold each hash.
@@ -122,6 +141,16 @@ impl AgentState {
     /// Requests dispatched here that the agent's reports do not show yet.
     pub fn pending_requests(&self) -> usize {
         self.reservations.len()
+    }
+
+    /// Reservations retired by the agent's acknowledgement of their dispatch (since the gateway
+    /// started), and those that expired unacknowledged.
+    pub fn dispatches_acked(&self) -> u64 {
+        self.acked
+    }
+
+    pub fn dispatches_expired(&self) -> u64 {
+        self.expired
     }
 
     /// Block hashes the agent is known to cache.
@@ -172,6 +201,8 @@ pub struct Cluster {
     /// Round-robin cursor per model (by `AgentView::model`): the slot after the last one reserved.
     pub(crate) rr_next: Vec<Slot>,
     pub(crate) next_reservation_id: u64,
+    /// The latest clock value (ms) a report was applied at: when new reservations are made.
+    clock_ms: u64,
     pub(crate) scratch: Scratch,
     pub(crate) scratch_inflight: Scratch,
     pub(crate) scratch_in_use: Scratch,
@@ -484,16 +515,23 @@ impl Cluster {
             }
         }
         self.expire_inflight(slot, now_ms);
+        self.clock_ms = self.clock_ms.max(now_ms);
         let a = &mut self.agents[slot];
+        if report.dispatch_acks {
+            retire_acked(a, &report.acked_dispatches, now_ms);
+        }
         // The agent's counter now covers `covered` of our dispatches: it counts those requests.
         // Which ones is unknown (requests sent at nearly the same time may arrive in either
         // order), so the smallest are retired and the largest stay reserved: whatever arrived,
         // what stays reserved is at least what the agent has not counted yet.
-        let covered = a
-            .reservations
-            .iter()
-            .take_while(|r| r.key <= report.requests_received)
-            .count();
+        let covered = if report.dispatch_acks {
+            0
+        } else {
+            a.reservations
+                .iter()
+                .take_while(|r| r.key <= report.requests_received)
+                .count()
+        };
         if covered > 0 {
             if covered < a.reservations.len() {
                 a.reservations
@@ -538,6 +576,7 @@ impl Cluster {
             blocks: route.need_blocks,
             prefill_tokens: route.prefill_tokens,
             shared: route.shared_blocks > 0,
+            at_ms: self.clock_ms,
         });
         a.reserved_blocks += route.need_blocks;
         a.pending_prefill += route.prefill_tokens;
@@ -574,8 +613,10 @@ impl Cluster {
             a.pending_prefill = a.pending_prefill.saturating_sub(r.prefill_tokens);
         }
         // The agent will count one request fewer: later requests are covered one value earlier.
-        for r in a.reservations.iter_mut().skip(pos) {
-            r.key -= 1;
+        if !a.report.dispatch_acks {
+            for r in a.reservations.iter_mut().skip(pos) {
+                r.key -= 1;
+            }
         }
         self.sync_hot(handle.slot);
         true
@@ -732,14 +773,17 @@ impl Cluster {
                 ));
             }
             let keys: Vec<u64> = a.reservations.iter().map(|r| r.key).collect();
-            if keys.windows(2).any(|w| w[0] >= w[1]) {
-                return Err(format!("agent {slot}: keys not increasing: {keys:?}"));
-            }
-            if keys
-                .first()
-                .is_some_and(|&k| k <= a.report.requests_received)
-            {
-                return Err(format!("agent {slot}: covered reservation kept: {keys:?}"));
+            // Retired by acknowledgement, the counter says nothing about them.
+            if !a.report.dispatch_acks {
+                if keys.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(format!("agent {slot}: keys not increasing: {keys:?}"));
+                }
+                if keys
+                    .first()
+                    .is_some_and(|&k| k <= a.report.requests_received)
+                {
+                    return Err(format!("agent {slot}: covered reservation kept: {keys:?}"));
+                }
             }
             for h in &a.cached {
                 if !self.index.get(h).is_some_and(|s| s.contains(slot as u32)) {
@@ -852,4 +896,20 @@ fn remove_holder(index: &mut BlockMap<Holders>, hash: u64, slot: Slot, words: us
             index.remove(&hash);
         }
     }
+}
+
+/// Retires the agent's reservations whose dispatch it acknowledged, and those whose
+/// acknowledgement is overdue by `now_ms` ([`DISPATCH_ACK_TTL_MS`]).
+fn retire_acked(a: &mut AgentState, acked: &[u64], now_ms: u64) {
+    let before = a.reservations.len();
+    if !acked.is_empty() {
+        a.reservations.retain(|r| !acked.contains(&r.id));
+    }
+    a.acked += (before - a.reservations.len()) as u64;
+    let before = a.reservations.len();
+    a.reservations
+        .retain(|r| r.at_ms.saturating_add(DISPATCH_ACK_TTL_MS) > now_ms);
+    a.expired += (before - a.reservations.len()) as u64;
+    a.reserved_blocks = a.reservations.iter().map(|r| r.blocks).sum();
+    a.pending_prefill = a.reservations.iter().map(|r| r.prefill_tokens).sum();
 }

@@ -529,6 +529,75 @@ fn reservations_retire_on_counter_and_reset_on_epoch() {
 }
 
 #[test]
+fn with_dispatch_acks_only_this_gateways_acknowledgements_retire_its_reservations() {
+    let mut c = cluster(&[(100, 100)]);
+    let cfg = PolicyConfig::default();
+    let acking = |received: u64, free: u64, acked: Vec<u64>| Report {
+        requests_received: received,
+        snapshot: false,
+        dispatch_acks: true,
+        acked_dispatches: acked,
+        ..report("a0", 1, 100, free)
+    };
+    c.apply_report(0, acking(0, 100, Vec::new()), 1);
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let Decision::Route(r) = c.decide(&cfg, &req(160, 0, &[]), 1, &mut SplitMix64(1)) else {
+            panic!()
+        };
+        handles.push(c.reserve(&r).unwrap());
+    }
+    assert_eq!(c.agents()[0].reserved_blocks(), 30);
+    // Another gateway's and direct clients' requests move the counter: nothing is retired.
+    c.apply_report(0, acking(5, 60, Vec::new()), 2);
+    assert_eq!(c.agents()[0].reserved_blocks(), 30);
+    c.check_invariants().unwrap();
+    // The agent took in the third (out of order) and refused an unknown one.
+    c.apply_report(0, acking(6, 50, vec![handles[2].id, 999_999]), 3);
+    assert_eq!(c.agents()[0].reserved_blocks(), 20);
+    assert_eq!(c.agents()[0].dispatches_acked(), 1);
+    // The first never reached the agent (connection refused): cancelled; the second is
+    // acknowledged twice (a snapshot repeats it): retired once.
+    assert!(c.cancel(handles[0]));
+    c.apply_report(0, acking(7, 40, vec![handles[1].id]), 4);
+    c.apply_report(
+        0,
+        Report {
+            snapshot: true,
+            ..acking(7, 40, vec![handles[1].id, handles[2].id])
+        },
+        5,
+    );
+    assert_eq!(c.agents()[0].reserved_blocks(), 0);
+    assert_eq!(c.agents()[0].dispatches_acked(), 2);
+    assert_eq!(c.agents()[0].dispatches_expired(), 0);
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn an_unacknowledged_dispatch_expires() {
+    let mut c = cluster(&[(100, 100)]);
+    let cfg = PolicyConfig::default();
+    let acking = |free: u64| Report {
+        snapshot: false,
+        dispatch_acks: true,
+        ..report("a0", 1, 100, free)
+    };
+    c.apply_report(0, acking(100), 1_000);
+    let Decision::Route(r) = c.decide(&cfg, &req(160, 0, &[]), 1_000, &mut SplitMix64(1)) else {
+        panic!()
+    };
+    c.reserve(&r).unwrap();
+    c.apply_report(0, acking(100), 1_000 + DISPATCH_ACK_TTL_MS - 1);
+    assert_eq!(c.agents()[0].reserved_blocks(), 10);
+    c.apply_report(0, acking(100), 1_000 + DISPATCH_ACK_TTL_MS);
+    assert_eq!(c.agents()[0].reserved_blocks(), 0);
+    assert_eq!(c.agents()[0].dispatches_expired(), 1);
+    assert_eq!(c.agents()[0].dispatches_acked(), 0);
+    c.check_invariants().unwrap();
+}
+
+#[test]
 fn the_largest_reservations_stay_until_the_agent_counts_them() {
     // Two requests sent at nearly the same time, 54 then 30 blocks. The agent's counter says it
     // has one of them; it may be either (they can arrive in either order), so the 54 stays

@@ -52,6 +52,7 @@ async fn free_blocks_fall_and_return_and_stored_hashes_match_the_engine() {
         .watch_capacity(WatchCapacityRequest {
             subscriber: "process-test".into(),
             include_block_events: true,
+            dispatcher: String::new(),
         })
         .await
         .unwrap()
@@ -122,6 +123,7 @@ async fn a_prefix_hold_keeps_blocks_until_its_request_is_admitted() {
         .watch_capacity(WatchCapacityRequest {
             subscriber: "hold-test".into(),
             include_block_events: true,
+            dispatcher: String::new(),
         })
         .await
         .unwrap()

@@ -41,6 +41,7 @@ async fn disconnect_mid_stream_frees_the_blocks() {
         .watch_capacity(WatchCapacityRequest {
             subscriber: "t".into(),
             include_block_events: false,
+            dispatcher: String::new(),
         })
         .await
         .unwrap()

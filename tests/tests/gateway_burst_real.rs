@@ -8,10 +8,16 @@
 //! - `--policy round-robin` with a large queue (the baseline): the same burst makes the agents
 //!   preempt, which is what the kv policy avoids (and what makes the first assertion fail-able).
 //!
+//! - Two, then three `kvroute gateway --policy kv` processes in front of the same two agents,
+//!   the burst split across them, some of it sent straight to the agents: still no preemption,
+//!   and every gateway's reservations are retired by the agents' acknowledgements of its own
+//!   dispatches (back to 0 within 2 s of the burst), also for requests the agent refused.
+//!
 //! Each request is a short prompt with `ignore_eos`, so it grows to exactly two KV blocks.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use kvroute_engine::tokenizer::Tokenizer;
 use kvroute_tests::{
@@ -81,9 +87,20 @@ async fn plan() -> Plan {
     }
 }
 
+/// How the agents start requests.
+#[derive(Clone, Copy, PartialEq)]
+enum Admission {
+    /// `--optimistic-admission`: a request starts when its prompt fits and the engine preempts
+    /// when the pool runs out (vLLM's way): only the gateway keeps it from over-filling.
+    Optimistic,
+    /// The default: a request starts only when its whole future fits; the engine never
+    /// preempts, whatever it is sent.
+    WholeFuture,
+}
+
 /// Two agents whose pools hold `ROOM_REQUESTS` requests together; returns them and the number of
 /// requests their reported pools hold.
-async fn agents(plan: &Plan) -> (Agent, Agent, u64) {
+async fn agents(plan: &Plan, admission: Admission) -> (Agent, Agent, u64) {
     let blocks_per_agent = ROOM_REQUESTS / 2 * BLOCKS_PER_REQUEST;
     let kv_memory = (blocks_per_agent * plan.block_bytes).to_string();
     let spawn = |id: &str| {
@@ -96,7 +113,10 @@ async fn agents(plan: &Plan) -> (Agent, Agent, u64) {
                 BLOCK_SIZE.into(),
                 "--agent-id".into(),
                 id.into(),
-            ],
+            ]
+            .into_iter()
+            .chain((admission == Admission::Optimistic).then(|| "--optimistic-admission".into()))
+            .collect(),
         })
     };
     let (a, b) = (spawn("burst-a"), spawn("burst-b"));
@@ -146,8 +166,14 @@ struct Outcome {
 /// Fires `BURST` completions at once through the gateway and checks every answer: a complete
 /// completion, or a 429 with `Retry-After`. Nothing else, and nothing left hanging.
 async fn burst(gateway: SocketAddr, model: &str, max_tokens: u64) -> Outcome {
+    burst_via(&[gateway], model, max_tokens).await
+}
+
+/// [`burst`], request `i` sent to `targets[i % targets.len()]` (gateways, or agents directly).
+async fn burst_via(targets: &[SocketAddr], model: &str, max_tokens: u64) -> Outcome {
     let tasks: Vec<_> = (0..BURST)
         .map(|i| {
+            let gateway = targets[i % targets.len()];
             let body = json!({
                 "model": model,
                 "prompt": prompt(i),
@@ -212,7 +238,7 @@ async fn burst(gateway: SocketAddr, model: &str, max_tokens: u64) -> Outcome {
 async fn kv_policy_burst_of_200_on_real_agents_serves_queues_or_refuses_without_preemption() {
     let _serial = SERIAL.lock().await;
     let plan = plan().await;
-    let (a, b, room) = agents(&plan).await;
+    let (a, b, room) = agents(&plan, Admission::Optimistic).await;
     let gw = Gateway::spawn(
         &[&a, &b],
         &[
@@ -255,7 +281,7 @@ async fn kv_policy_burst_of_200_on_real_agents_serves_queues_or_refuses_without_
 async fn round_robin_burst_of_200_on_real_agents_makes_them_preempt() {
     let _serial = SERIAL.lock().await;
     let plan = plan().await;
-    let (a, b, room) = agents(&plan).await;
+    let (a, b, room) = agents(&plan, Admission::Optimistic).await;
     let gw = Gateway::spawn(
         &[&a, &b],
         &[
@@ -276,4 +302,142 @@ async fn round_robin_burst_of_200_on_real_agents_makes_them_preempt() {
         preempted > 0.0,
         "{BURST} requests on pools holding {room} and no preemption"
     );
+}
+
+/// Blocks the gateway still reserves on its agents, from its `/metrics`.
+async fn reserved_blocks(gateway: SocketAddr) -> f64 {
+    let text = try_get_text(gateway, "/metrics").await.unwrap();
+    metric_values(&text, "kvroute_gateway_agent_reserved_blocks")
+        .iter()
+        .sum()
+}
+
+/// Waits up to 2 s for every gateway to hold no reservation; panics naming the ones that do.
+async fn reservations_drain(gateways: &[&Gateway]) {
+    let until = Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut left = Vec::new();
+        for g in gateways {
+            let r = reserved_blocks(g.addr).await;
+            if r > 0.0 {
+                left.push((g.addr, r));
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "reservations left 2 s after the burst: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The gateways' `kvroute_gateway_no_room_total`, summed.
+async fn no_room_refusals(gateways: &[Gateway]) -> f64 {
+    let mut sum = 0.0;
+    for g in gateways {
+        let text = try_get_text(g.addr, "/metrics").await.unwrap();
+        sum += metric_values(&text, "kvroute_gateway_no_room_total")
+            .iter()
+            .sum::<f64>();
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_gateways_and_direct_clients_share_two_agents_without_preemption() {
+    let _serial = SERIAL.lock().await;
+    let plan = plan().await;
+    let flags = [
+        "--policy",
+        "kv",
+        "--max-queue",
+        "1024",
+        "--queue-timeout",
+        "60s",
+    ];
+    {
+        // Agents that would preempt if over-filled: each gateway sees the same free room, so
+        // only the agents' refusals (503 no_room, routed again) and the per-gateway
+        // acknowledgements keep them from filling it twice or three times.
+        let (a, b, room) = agents(&plan, Admission::Optimistic).await;
+        let gws = [
+            Gateway::spawn(&[&a, &b], &flags).await,
+            Gateway::spawn(&[&a, &b], &flags).await,
+            Gateway::spawn(&[&a, &b], &flags).await,
+        ];
+        for n in [2, 3] {
+            let targets: Vec<SocketAddr> = gws[..n].iter().map(|g| g.addr).collect();
+            let out = burst_via(&targets, &a.model, plan.max_tokens).await;
+            let preempted = preemptions([&a, &b]).await;
+            let refusals = no_room_refusals(&gws).await;
+            eprintln!(
+                "{n} gateways: {out:?}, room {room}, agent preemptions {preempted}, no-room refusals so far {refusals}"
+            );
+            assert_eq!(
+                out.served, BURST,
+                "a queue of 1024 with 60 s holds the burst"
+            );
+            assert_eq!(
+                preempted,
+                0.0,
+                "{n} gateways let the agents preempt; first gateway's log:\n{}",
+                gws[0].stderr()
+            );
+            assert!(
+                refusals > 0.0,
+                "{n} gateways never over-admitted: the test shows nothing"
+            );
+            reservations_drain(&gws.iter().collect::<Vec<_>>()).await;
+        }
+        // Requests the agents refuse (temperature out of range) are acknowledged too: nothing
+        // stays reserved.
+        for i in 0..40 {
+            let body =
+                json!({"model": a.model, "prompt": prompt(i), "max_tokens": 4, "temperature": 3});
+            let resp = send(
+                gws[i % 3].addr,
+                "POST",
+                "/v1/completions",
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await;
+            assert_eq!(resp.status(), 400);
+        }
+        reservations_drain(&gws.iter().collect::<Vec<_>>()).await;
+        let metrics = try_get_text(gws[0].addr, "/metrics").await.unwrap();
+        let acked: f64 = metric_values(&metrics, "kvroute_gateway_agent_dispatches_acked_total")
+            .iter()
+            .sum();
+        let expired: f64 =
+            metric_values(&metrics, "kvroute_gateway_agent_dispatches_expired_total")
+                .iter()
+                .sum();
+        assert!(acked > 0.0, "no acknowledged dispatch:\n{metrics}");
+        assert_eq!(expired, 0.0);
+    }
+    // Default agents, three gateways, a fifth of the burst sent straight to the agents (which
+    // queue it, as vLLM would): still no preemption, and the direct requests retire none of the
+    // gateways' reservations.
+    let (a, b, _) = agents(&plan, Admission::WholeFuture).await;
+    let gws = [
+        Gateway::spawn(&[&a, &b], &flags).await,
+        Gateway::spawn(&[&a, &b], &flags).await,
+        Gateway::spawn(&[&a, &b], &flags).await,
+    ];
+    let g: Vec<SocketAddr> = gws.iter().map(|g| g.addr).collect();
+    let targets = [
+        g[0], g[1], g[2], g[0], a.http, g[1], g[2], g[0], g[1], b.http,
+    ];
+    let out = burst_via(&targets, &a.model, plan.max_tokens).await;
+    let preempted = preemptions([&a, &b]).await;
+    eprintln!("3 gateways and direct clients: {out:?}, agent preemptions {preempted}");
+    assert_eq!(out.served, BURST);
+    assert_eq!(
+        preempted, 0.0,
+        "direct clients' requests made the agents preempt"
+    );
+    reservations_drain(&gws.iter().collect::<Vec<_>>()).await;
 }

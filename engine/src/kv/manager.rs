@@ -229,6 +229,21 @@ impl KvManager {
         hit
     }
 
+    /// Of the `hit` blocks [`Self::lookup_prefix`] found for `seq`, those some sequence or hold
+    /// uses now: sharing them takes no free block.
+    pub fn prefix_blocks_in_use(&self, seq: &KvSeq, hit: PrefixHit) -> usize {
+        let t = self.table(seq);
+        t.hashes
+            .iter()
+            .take(hit.blocks)
+            .filter(|&&h| {
+                self.pool
+                    .lookup(h)
+                    .is_some_and(|b| self.pool.ref_count(b) > 0)
+            })
+            .count()
+    }
+
     /// Makes the sequence's block table cover `num_tokens` positions.
     ///
     /// On admission pass the [`PrefixHit`] from [`Self::lookup_prefix`] (the sequence must hold

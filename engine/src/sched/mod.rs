@@ -50,6 +50,13 @@ pub struct SchedConfig {
     pub enable_prefix_caching: bool,
     /// Record block events for [`Scheduler::take_events`] (leave off if nobody drains them).
     pub enable_events: bool,
+    /// Start a waiting sequence only when its whole future fits: the blocks it may still take
+    /// up to `prompt + max_tokens` (less cached prefix blocks running sequences hold) within
+    /// the free blocks the running sequences are not promised. Running sequences then always
+    /// find the blocks they grow into, and nothing is ever preempted; a batch of requests
+    /// that stop early on EOS runs smaller than it could. Off (vLLM's way): start a sequence
+    /// when its prompt fits and preempt when the pool runs out.
+    pub admit_whole_future: bool,
 }
 
 impl SchedConfig {
@@ -65,6 +72,7 @@ impl SchedConfig {
             enable_chunked_prefill: true,
             enable_prefix_caching: true,
             enable_events: false,
+            admit_whole_future: false,
         }
     }
 }
@@ -553,6 +561,23 @@ impl Scheduler {
                 }
                 len = budget;
             }
+            if self.cfg.admit_whole_future && !self.running.is_empty() {
+                // (Alone it runs whatever it needs: waiting would never make it fit better.)
+                let s = self.seq(slot);
+                let future = (s.prompt_len + s.max_tokens)
+                    .min(self.max_len)
+                    .div_ceil(self.cfg.block_size);
+                let need = future.saturating_sub(self.kv.prefix_blocks_in_use(&s.kv, hit));
+                let room = self
+                    .kv
+                    .pool()
+                    .free()
+                    .saturating_sub(self.committed_running());
+                if need > room {
+                    break;
+                }
+            }
+            let s = live(&self.seqs, slot);
             if self
                 .kv
                 .allocate_slots(&s.kv, start + len, Some(hit))
@@ -788,6 +813,50 @@ impl Scheduler {
             committed_blocks: self.committed_blocks(),
             capacity: self.kv.snapshot(),
         }
+    }
+
+    /// Blocks a new sequence with this prompt and `max_tokens` would take out of the room, and
+    /// the room (free blocks not promised to live sequences): its whole future
+    /// (`prompt + max_tokens`, capped at the model's length) less the leading cached blocks of
+    /// the prompt that live sequences or holds use (shared, never taken from the free list).
+    /// Cached blocks nobody uses are free blocks: reusing them takes room like a new block.
+    pub fn room_for(&self, prompt: &[u32], max_tokens: u32, extra_key: &[u8]) -> (usize, usize) {
+        let bs = self.cfg.block_size;
+        let total = (prompt.len() + max_tokens as usize)
+            .min(self.max_len)
+            .div_ceil(bs);
+        let mut shared = 0;
+        if self.cfg.enable_prefix_caching && prompt.len() > 1 {
+            // As in admission: the hit never covers the last prompt token.
+            let full = &prompt[..(prompt.len() - 1) / bs * bs];
+            let pool = self.kv.pool();
+            for h in crate::kv::hash::block_hashes(full, bs, extra_key) {
+                match pool.lookup(h) {
+                    Some(b) => shared += usize::from(pool.ref_count(b) > 0),
+                    None => break,
+                }
+            }
+        }
+        let room = self
+            .kv
+            .pool()
+            .free()
+            .saturating_sub(self.committed_blocks());
+        (total.saturating_sub(shared), room)
+    }
+
+    /// Blocks the running sequences may still allocate up to `prompt + max_tokens`.
+    fn committed_running(&self) -> usize {
+        let bs = self.cfg.block_size;
+        self.running
+            .iter()
+            .map(|&slot| {
+                let s = self.seq(slot);
+                let cap = (s.prompt_len + s.max_tokens).min(self.max_len);
+                cap.div_ceil(bs)
+                    .saturating_sub(self.kv.block_table(&s.kv).len())
+            })
+            .sum()
     }
 
     /// See [`SchedStats::committed_blocks`]; O(live sequences).

@@ -12,6 +12,7 @@ fn cfg(block_size: usize, num_blocks: usize) -> SchedConfig {
         enable_chunked_prefill: true,
         enable_prefix_caching: true,
         enable_events: true,
+        admit_whole_future: false,
     }
 }
 

@@ -15,8 +15,8 @@ use kvroute_engine::api::{
 };
 
 use super::{
-    CacheEvent, CapacityObserver, CapacityStats, CapacityUpdate, ChatMessage, InferenceBackend,
-    ModelInfo, SubmitError, TextError,
+    CacheEvent, CapacityObserver, CapacityStats, CapacityUpdate, ChatMessage, Dispatch,
+    InferenceBackend, ModelInfo, SubmitError, TextError,
 };
 
 /// Settings of a [`FakeBackend`].
@@ -90,6 +90,8 @@ struct State {
     prefix_query_tokens: u64,
     prefix_hit_tokens: u64,
     events: Vec<CacheEvent>,
+    /// Dispatches taken in since the last update.
+    acks: Vec<Dispatch>,
     dirty: bool,
     observer: Option<CapacityObserver>,
     stopped: bool,
@@ -136,6 +138,7 @@ impl FakeBackend {
             prefix_query_tokens: 0,
             prefix_hit_tokens: 0,
             events: Vec::new(),
+            acks: Vec::new(),
             dirty: false,
             observer: None,
             stopped: false,
@@ -411,6 +414,7 @@ fn step_loop(shared: Arc<(Mutex<State>, Condvar)>, cfg: FakeConfig) {
             let update = CapacityUpdate {
                 stats: stats_of(&s, &cfg),
                 events: std::mem::take(&mut s.events),
+                acks: std::mem::take(&mut s.acks),
             };
             if let Some(obs) = s.observer.as_mut() {
                 obs(&update);
@@ -476,6 +480,9 @@ impl InferenceBackend for FakeBackend {
         let id = s.next_id;
         s.next_id += 1;
         s.requests_received += 1;
+        if let Some(d) = request.dispatch {
+            s.acks.push(d);
+        }
         s.waiting.push_back(Seq {
             id,
             prompt,
@@ -490,6 +497,10 @@ impl InferenceBackend for FakeBackend {
         s.dirty = true;
         self.shared.1.notify_all();
         Ok(id)
+    }
+
+    fn acks_dispatches(&self) -> bool {
+        true
     }
 
     fn abort(&self, id: RequestId) {

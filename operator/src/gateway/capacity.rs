@@ -74,6 +74,8 @@ pub fn to_policy_report(r: CapacityReport) -> Report {
         snapshot: r.snapshot,
         block_use_events: r.block_use_events,
         events,
+        dispatch_acks: r.dispatch_acks,
+        acked_dispatches: r.acked_dispatches,
     }
 }
 
@@ -127,8 +129,9 @@ async fn subscribe(
     };
     let mut client = AgentClient::new(channel);
     let request = WatchCapacityRequest {
-        subscriber: format!("kvroute-gateway-{}", std::process::id()),
+        subscriber: router.gateway_id().to_string(),
         include_block_events: true,
+        dispatcher: router.gateway_id().to_string(),
     };
     let mut stream = match client.watch_capacity(request).await {
         Ok(r) => r.into_inner(),

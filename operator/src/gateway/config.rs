@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::prompt::ReserveOutput;
 use super::types::AgentEndpoint;
+use kvroute_contract::dispatch::{check_dispatcher, MAX_DISPATCHER_LEN};
 use kvroute_routing::admission::Priority;
 use kvroute_routing::cost::{CostWeights, Priors};
 use kvroute_routing::{PolicyConfig, PolicyKind, ScorerId, ScorerList, Weights};
@@ -93,6 +94,10 @@ pub struct GatewayArgs {
     /// Seed of the tie-breaking random source (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Names this gateway replica to agents (the pod name in Kubernetes). A random suffix is
+    /// added per process, so every replica and every restart stamps its own dispatch ids.
+    #[arg(long, env = "POD_NAME", default_value = "kvroute-gateway")]
+    pub gateway_name: String,
 }
 
 /// A bad flag value.
@@ -219,6 +224,36 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Ask agents to keep waiting requests' cached prefixes (`kv` policy).
     pub prefix_holds: bool,
+    /// This replica's dispatcher id: agents acknowledge the requests it sends under it.
+    pub gateway_id: String,
+}
+
+/// This process's dispatcher id: `name` and a random suffix.
+pub fn gateway_id(name: &str) -> Result<String, ConfigError> {
+    use std::hash::{BuildHasher, Hasher};
+    // Room for the suffix within the id's length bound.
+    let invalid = |reason: String| ConfigError::Invalid {
+        flag: "--gateway-name",
+        value: name.chars().take(64).collect(),
+        reason,
+    };
+    if name.len() > MAX_DISPATCHER_LEN - 17 {
+        return Err(invalid(format!(
+            "at most {} characters",
+            MAX_DISPATCHER_LEN - 17
+        )));
+    }
+    check_dispatcher(name).map_err(|e| invalid(e.to_string()))?;
+    // RandomState is seeded from the OS's random source; the clock and pid tell apart two
+    // processes even if it were not.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    Ok(format!("{name}-{:016x}", h.finish()))
 }
 
 /// Parses one `--scorer NAME=WEIGHT`.
@@ -345,6 +380,7 @@ impl GatewayArgs {
             seed,
             max_body_bytes: 16 << 20,
             prefix_holds: !self.no_prefix_holds,
+            gateway_id: gateway_id(&self.gateway_name)?,
         })
     }
 }
@@ -378,6 +414,7 @@ impl GatewayConfig {
             seed: 0x006b_7672_6f75_7465,
             max_body_bytes: 16 << 20,
             prefix_holds: true,
+            gateway_id: gateway_id("kvroute-gateway").unwrap_or_default(),
         }
     }
 }

@@ -74,6 +74,7 @@ pub struct Metrics {
     prefix_hold_blocks: AtomicU64,
     queue_depth: AtomicU64,
     retries: AtomicU64,
+    no_room: AtomicU64,
     upstream_failures: AtomicU64,
     midstream_failures: AtomicU64,
     rejected_queue_full: AtomicU64,
@@ -95,6 +96,7 @@ impl Metrics {
             prefix_hold_blocks: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            no_room: AtomicU64::new(0),
             upstream_failures: AtomicU64::new(0),
             midstream_failures: AtomicU64::new(0),
             rejected_queue_full: AtomicU64::new(0),
@@ -142,6 +144,11 @@ impl Metrics {
 
     pub fn set_queue_depth(&self, n: usize) {
         self.queue_depth.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// An agent refused a request for lack of room (it is routed again).
+    pub fn count_no_room(&self) {
+        self.no_room.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count_retry(&self) {
@@ -241,6 +248,11 @@ impl Metrics {
                 &self.retries,
             ),
             (
+                "kvroute_gateway_no_room_total",
+                "Requests an agent refused for lack of KV room (503 x-kvroute-no-room), routed again.",
+                &self.no_room,
+            ),
+            (
                 "kvroute_gateway_upstream_failures_total",
                 "Upstream connections that failed before a response.",
                 &self.upstream_failures,
@@ -267,29 +279,45 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
-        for (name, help, f) in [
+        for (name, help, kind, f) in [
             (
                 "kvroute_gateway_agent_free_blocks",
                 "Free KV blocks in the agent's last report.",
+                "gauge",
                 (|a: &AgentSnapshot| a.free_blocks) as fn(&AgentSnapshot) -> u64,
             ),
             (
                 "kvroute_gateway_agent_total_blocks",
                 "KV blocks in the agent's pool.",
+                "gauge",
                 |a| a.total_blocks,
             ),
             (
                 "kvroute_gateway_agent_reserved_blocks",
                 "KV blocks this gateway reserved on the agent, not yet covered by a report.",
+                "gauge",
                 |a| a.reserved_blocks,
             ),
             (
                 "kvroute_gateway_agent_eligible",
                 "1 when the agent is connected and its last report is fresh.",
+                "gauge",
                 |a| u64::from(a.eligible),
             ),
+            (
+                "kvroute_gateway_agent_dispatches_acked_total",
+                "Reservations on the agent retired by its acknowledgement of their dispatch.",
+                "counter",
+                |a| a.dispatches_acked,
+            ),
+            (
+                "kvroute_gateway_agent_dispatches_expired_total",
+                "Reservations on the agent retired because their dispatch was never acknowledged.",
+                "counter",
+                |a| a.dispatches_expired,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for a in agents {
                 let _ = writeln!(
                     out,

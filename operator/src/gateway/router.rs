@@ -24,6 +24,7 @@ use tokio::sync::{oneshot, Notify};
 use super::config::ModelSettings;
 use super::metrics::Metrics;
 use super::types::{AgentSnapshot, ModelSpecSettings, PromptPlan, QueueEntry, QueueSnapshot};
+use kvroute_contract::dispatch::format_dispatch;
 use kvroute_routing::admission::{AdmissionQueue, EntryId, Full, Priority};
 use kvroute_routing::{
     Cluster, Decision, PolicyConfig, PolicyKind, Reject, Report, ReservationHandle, Route,
@@ -181,6 +182,8 @@ pub struct Router {
     prefix_holds: std::sync::atomic::AtomicBool,
     hold_tx: tokio::sync::mpsc::UnboundedSender<HoldAction>,
     hold_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<HoldAction>>>,
+    /// This replica's dispatcher id (see [`Router::dispatch_header`]).
+    gateway_id: String,
 }
 
 /// An admitted request: where to send it and the reservation made for it. Dropped without
@@ -209,6 +212,13 @@ impl Admitted {
     /// The request is on its way to the agent: its counter will cover it.
     pub fn mark_sent(&mut self) {
         self.sent = true;
+    }
+
+    /// The `x-kvroute-dispatch` value naming this request's reservation: the agent
+    /// acknowledges it on this gateway's capacity stream once it counts the request.
+    pub fn dispatch_header(&self) -> Option<String> {
+        self.handle
+            .map(|h| format_dispatch(self.router.gateway_id(), h.id))
     }
 
     /// The connection failed before the request could reach the agent: release its blocks now.
@@ -281,7 +291,20 @@ impl Router {
             prefix_holds: std::sync::atomic::AtomicBool::new(true),
             hold_tx,
             hold_rx: Mutex::new(Some(hold_rx)),
+            gateway_id: super::config::gateway_id("kvroute-gateway").unwrap_or_default(),
         }
+    }
+
+    /// Names this replica to agents (a valid dispatcher id, see `config::gateway_id`).
+    pub fn with_gateway_id(mut self, id: String) -> Self {
+        self.gateway_id = id;
+        self
+    }
+
+    /// This replica's dispatcher id: the capacity streams it opens ask agents to acknowledge
+    /// the requests it stamps with it.
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
     }
 
     /// Turns prefix holds on or off (on by default; see [`HoldAction`]).
@@ -880,6 +903,8 @@ impl Router {
                     preemptions: r.preemptions,
                     gpu_utilization_percent: r.gpu_utilization_percent,
                     prefix_hashes: a.cached_blocks(),
+                    dispatches_acked: a.dispatches_acked(),
+                    dispatches_expired: a.dispatches_expired(),
                 }
             })
             .collect()

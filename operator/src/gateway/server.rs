@@ -28,7 +28,9 @@ use super::prompt::{self, Endpoint, ModelCatalog, ModelInfo};
 use super::proxy::{self, HttpClient};
 use super::router::{AdmitError, HoldAction, Router};
 use super::source::{track_agents, AgentSet, AgentSource, KubernetesAgents, StaticAgents};
+use kvroute_contract::dispatch::DISPATCH_HEADER;
 use kvroute_routing::admission::Priority;
+use kvroute_routing::PolicyKind;
 
 /// Shared state of a running gateway.
 pub struct Gateway {
@@ -70,11 +72,10 @@ impl RunningGateway {
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new(config.policy.kind.as_str()));
-        let router = Arc::new(Router::new(
-            config.model_defaults(),
-            config.seed,
-            Arc::clone(&metrics),
-        ));
+        let router = Arc::new(
+            Router::new(config.model_defaults(), config.seed, Arc::clone(&metrics))
+                .with_gateway_id(config.gateway_id.clone()),
+        );
         router.set_prefix_holds(config.prefix_holds);
         Arc::new(Self {
             config,
@@ -228,7 +229,11 @@ impl Gateway {
         let retry_after_s = settings.queue_timeout.as_secs().clamp(1, 30);
         let mut exclude = Vec::new();
         let mut last_error = String::from("no agent tried");
-        for attempt in 0..=self.config.max_retries {
+        // KV policies ask the agent to refuse rather than over-fill (another gateway replica
+        // may have filled the room this one saw); baselines let the engine queue, as they would.
+        let require_room = matches!(settings.policy.kind, PolicyKind::Kv | PolicyKind::KvScore);
+        let mut attempt = 0;
+        while attempt <= self.config.max_retries {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let mut admitted = match self
                 .router
@@ -260,9 +265,39 @@ impl Gateway {
                 req.headers_mut()
                     .insert(HOLD_HEADER, hyper::header::HeaderValue::from(id));
             }
+            // A client's own dispatch header is never passed on: the agent would acknowledge it
+            // to whichever gateway it names.
+            req.headers_mut().remove(DISPATCH_HEADER);
+            req.headers_mut().remove(REQUIRE_ROOM_HEADER);
+            if require_room {
+                req.headers_mut().insert(
+                    REQUIRE_ROOM_HEADER,
+                    hyper::header::HeaderValue::from_static("1"),
+                );
+            }
+            if let Some(v) = admitted
+                .dispatch_header()
+                .and_then(|v| hyper::header::HeaderValue::from_str(&v).ok())
+            {
+                req.headers_mut().insert(DISPATCH_HEADER, v);
+            }
             admitted.mark_sent();
             let sent = std::time::Instant::now();
             match self.client.request(req).await {
+                Ok(resp)
+                    if resp.status() == StatusCode::SERVICE_UNAVAILABLE
+                        && resp.headers().contains_key(NO_ROOM_HEADER) =>
+                {
+                    // The agent had no room after all (another replica's requests, or a direct
+                    // client's, took it). Nothing was sent back yet: route it again once this
+                    // gateway's view has caught up (the agent's refusal is acknowledged on its
+                    // stream with the room it has now).
+                    self.metrics.count_no_room();
+                    tracing::debug!(agent = %admitted.agent_id, "agent had no room; routing again");
+                    drop(admitted);
+                    tokio::time::sleep(NO_ROOM_PAUSE).await;
+                    continue;
+                }
                 Ok(resp) => {
                     tracing::debug!(
                         agent = %admitted.agent_id,
@@ -302,6 +337,7 @@ impl Gateway {
                     if attempt < self.config.max_retries {
                         self.metrics.count_retry();
                     }
+                    attempt += 1;
                 }
             }
         }
@@ -462,6 +498,12 @@ pub fn start_with(
 
 /// The request header that names the prefix hold an agent keeps for a request.
 pub const HOLD_HEADER: &str = "x-kvroute-hold";
+/// Asks the agent to refuse (503 with [`NO_ROOM_HEADER`]) a request it has no room for.
+pub const REQUIRE_ROOM_HEADER: &str = "x-kvroute-require-room";
+pub const NO_ROOM_HEADER: &str = "x-kvroute-no-room";
+/// How long a request the agent refused for lack of room waits before it is routed again:
+/// about one capacity report.
+const NO_ROOM_PAUSE: Duration = Duration::from_millis(20);
 
 /// Carries out the router's prefix-hold work ([`HoldAction`]) against the agents, each call in
 /// its own task so a slow agent delays no other. A hold that fails is simply not there: the

@@ -96,6 +96,9 @@ pub struct AgentSnapshot {
     pub preemptions: u64,
     pub gpu_utilization_percent: Option<u32>,
     pub prefix_hashes: usize,
+    /// Reservations retired by the agent's acknowledgement, and expired unacknowledged.
+    pub dispatches_acked: u64,
+    pub dispatches_expired: u64,
 }
 
 /// Queue depth per class and tenant.
