@@ -92,11 +92,7 @@ pub struct CapacityUpdate {
 pub type CapacityObserver = Box<dyn FnMut(&CapacityUpdate) + Send>;
 
 /// One chat message, already reduced to text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
+pub use kvroute_openai::ChatMessage;
 
 /// Why a request was not queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -98,6 +98,9 @@ pub struct GatewayArgs {
     /// added per process, so every replica and every restart stamps its own dispatch ids.
     #[arg(long, env = "POD_NAME", default_value = "kvroute-gateway")]
     pub gateway_name: String,
+    /// Largest request body accepted (e.g. `4MiB`); larger ones get 413. The agent's default.
+    #[arg(long, default_value = "4MiB", value_parser = parse_body_limit)]
+    pub max_body_bytes: usize,
 }
 
 /// A bad flag value.
@@ -284,6 +287,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     kvroute_contract::units::parse_duration(s).map_err(|e| e.0)
 }
 
+/// `--max-body-bytes`: a size from 1 KiB to 1 GiB.
+pub fn parse_body_limit(s: &str) -> Result<usize, String> {
+    let n = kvroute_contract::units::parse_size(s).map_err(|e| e.0)?;
+    if !(1024..=1 << 30).contains(&n) {
+        return Err(format!("{n} bytes: must be from 1KiB to 1GiB"));
+    }
+    usize::try_from(n).map_err(|_| format!("{n} bytes: too large"))
+}
+
 impl GatewayArgs {
     /// Validates the flags.
     pub fn into_config(self) -> Result<GatewayConfig, ConfigError> {
@@ -378,7 +390,7 @@ impl GatewayArgs {
             upstream_idle_timeout: self.upstream_idle_timeout,
             key_priorities,
             seed,
-            max_body_bytes: 16 << 20,
+            max_body_bytes: self.max_body_bytes,
             prefix_holds: !self.no_prefix_holds,
             gateway_id: gateway_id(&self.gateway_name)?,
         })
@@ -412,7 +424,7 @@ impl GatewayConfig {
             upstream_idle_timeout: Duration::from_secs(120),
             key_priorities: HashMap::new(),
             seed: 0x006b_7672_6f75_7465,
-            max_body_bytes: 16 << 20,
+            max_body_bytes: kvroute_openai::DEFAULT_MAX_BODY_BYTES,
             prefix_holds: true,
             gateway_id: gateway_id("kvroute-gateway").unwrap_or_default(),
         }

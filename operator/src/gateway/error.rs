@@ -16,6 +16,13 @@ pub enum Error {
         message: String,
         param: Option<&'static str>,
     },
+    /// Breaks a rule of the OpenAI API as the agents apply it (`kvroute_openai`).
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
     #[error("{0}")]
     PromptTooLarge(String),
     #[error("the model `{0}` does not exist or no agent serves it")]
@@ -33,7 +40,9 @@ pub enum Error {
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::BadRequest { .. } | Error::PromptTooLarge(_) => StatusCode::BAD_REQUEST,
+            Error::BadRequest { .. } | Error::Invalid { .. } | Error::PromptTooLarge(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Error::QueueFull { .. } | Error::QueueTimeout { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -44,7 +53,7 @@ impl Error {
     /// Short label for logs and metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::BadRequest { .. } => "bad_request",
+            Error::BadRequest { .. } | Error::Invalid { .. } => "bad_request",
             Error::PromptTooLarge(_) => "prompt_too_large",
             Error::ModelNotFound(_) => "model_not_found",
             Error::QueueFull { .. } => "queue_full",
@@ -57,6 +66,7 @@ impl Error {
     fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
         match self {
             Error::BadRequest { .. } => ("invalid_request_error", None),
+            Error::Invalid { code, .. } => ("invalid_request_error", *code),
             Error::PromptTooLarge(_) => ("invalid_request_error", Some("context_length_exceeded")),
             Error::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Error::QueueFull { .. } | Error::QueueTimeout { .. } => {
@@ -72,6 +82,7 @@ impl Error {
         let (kind, code) = self.kind_and_code();
         let param = match self {
             Error::BadRequest { param, .. } => *param,
+            Error::Invalid { param, .. } => param.as_deref(),
             Error::PromptTooLarge(_) => Some("messages"),
             Error::ModelNotFound(_) => Some("model"),
             _ => None,
@@ -99,6 +110,16 @@ impl Error {
                 "this prompt has {prompt_tokens} tokens; the model's maximum context length is \
                  {max_model_len} tokens"
             )),
+        }
+    }
+}
+
+impl From<kvroute_openai::RequestError> for Error {
+    fn from(e: kvroute_openai::RequestError) -> Self {
+        Error::Invalid {
+            message: e.message,
+            param: e.param,
+            code: e.code,
         }
     }
 }

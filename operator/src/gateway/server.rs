@@ -200,6 +200,14 @@ impl Gateway {
                 param: None,
             });
         }
+        // The rules the agent applies, before anything is reserved for the request.
+        let checked = kvroute_openai::parse_value(
+            &value,
+            match endpoint {
+                Endpoint::Completions => kvroute_openai::Endpoint::Completions,
+                Endpoint::ChatCompletions => kvroute_openai::Endpoint::Chat,
+            },
+        )?;
         let model = prompt::model_of(&value).map_err(bad_request)?.to_string();
         prompt::is_stream(&value).map_err(bad_request)?;
         let info = self.model_info(&model).await;
@@ -222,6 +230,31 @@ impl Gateway {
                     prompt::ReserveOutput::Full => n.min(room),
                     prompt::ReserveOutput::Expected(cap) => n.min(room).min(cap),
                 };
+            }
+        }
+        if let (Some(i), Some(m)) = (info.as_deref(), checked.max_tokens) {
+            // Tokenized like the agent does: its context check, answered here.
+            let max_len = u64::from(i.max_model_len);
+            if i.tokenizer.is_some()
+                && max_len > 0
+                && plan.prompt_tokens < max_len
+                && plan.prompt_tokens + u64::from(m) > max_len
+            {
+                return Err(Error::Invalid {
+                    message: format!(
+                        "This model's maximum context length is {max_len} tokens. However, you requested {} tokens ({} in the prompt, {m} for the completion).",
+                        plan.prompt_tokens + u64::from(m),
+                        plan.prompt_tokens
+                    ),
+                    param: Some(
+                        match endpoint {
+                            Endpoint::Completions => "max_tokens",
+                            Endpoint::ChatCompletions => "max_completion_tokens",
+                        }
+                        .into(),
+                    ),
+                    code: Some("context_length_exceeded"),
+                });
             }
         }
         let (priority, tenant) = self.classify(&headers)?;
