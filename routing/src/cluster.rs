@@ -622,6 +622,29 @@ impl Cluster {
         true
     }
 
+    /// `Retry-After` for a refused request of `model` when the model's requests need `needed`
+    /// blocks in all (see [`crate::cost::retry_after_s`]): room and release rates of the
+    /// model's fresh agents at clock `now_ms`. `None` before any release rate was observed.
+    pub fn retry_after_s(
+        &self,
+        model: &str,
+        needed: u64,
+        now_ms: u64,
+        stale_after_ms: u64,
+    ) -> Option<u64> {
+        let (room, rate) = self
+            .agents
+            .iter()
+            .filter(|a| a.eligible(model, now_ms, stale_after_ms))
+            .fold((0u64, 0.0f64), |(room, rate), a| {
+                (
+                    room + a.report.free_blocks.saturating_sub(a.reserved_blocks),
+                    rate + a.release.blocks_per_s,
+                )
+            });
+        crate::cost::retry_after_s(needed, room, rate)
+    }
+
     /// Leading blocks of `hashes` cached on each agent, by slot (the walk behind [`decide`]).
     ///
     /// [`decide`]: Cluster::decide

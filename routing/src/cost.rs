@@ -226,6 +226,25 @@ impl TtftScale {
     }
 }
 
+/// Longest `Retry-After` the gateway answers, in seconds.
+pub const MAX_RETRY_AFTER_S: u64 = 60;
+
+/// When a refused request (queue full, or past its queue deadline) may find room: the blocks the
+/// requests of its model need (the queue's and its own, `needed`) less the room the model's
+/// agents have now, at the rate they were seen giving room back (`release_blocks_per_s`, summed
+/// over the agents): `ceil((needed - room) / rate)` seconds, bounded to 1..=60. `None` while no
+/// agent's release rate has been observed.
+pub fn retry_after_s(needed: u64, room: u64, release_blocks_per_s: f64) -> Option<u64> {
+    if needed <= room {
+        return Some(1);
+    }
+    if !(release_blocks_per_s.is_finite() && release_blocks_per_s > 0.0) {
+        return None;
+    }
+    let secs = ((needed - room) as f64 / release_blocks_per_s).ceil();
+    Some((secs as u64).clamp(1, MAX_RETRY_AFTER_S))
+}
+
 /// The rate at which an agent gives room back while busy, from its `room_released_blocks`
 /// counter as reports arrive: counted over windows of at least [`ReleaseRate::WINDOW_MS`] of
 /// busy time (time with requests running or waiting), averaged over windows.

@@ -1161,3 +1161,53 @@ fn observed_times_to_first_token_calibrate_the_agent() {
     assert!((c.agents()[1].ttft_scale() - 1.0).abs() < 1e-9);
     c.check_invariants().unwrap();
 }
+
+#[test]
+fn retry_after_follows_the_room_the_queue_needs_and_the_observed_release_rate() {
+    use crate::cost::{retry_after_s, MAX_RETRY_AFTER_S};
+    assert_eq!(retry_after_s(10, 20, 0.0), Some(1), "room now: at once");
+    assert_eq!(retry_after_s(30, 20, 0.0), None, "no rate observed");
+    assert_eq!(retry_after_s(30, 20, f64::NAN), None);
+    assert_eq!(retry_after_s(30, 20, 5.0), Some(2));
+    assert_eq!(retry_after_s(31, 20, 5.0), Some(3));
+    assert_eq!(retry_after_s(10_000, 0, 1.0), Some(MAX_RETRY_AFTER_S));
+    assert_eq!(retry_after_s(u64::MAX, 0, 1e-300), Some(MAX_RETRY_AFTER_S));
+
+    // Two busy agents of 100 blocks, 10 free each: reports every 250 ms for 3 s in which the
+    // first gives back 5 blocks per report (20/s) and the second 2 (8/s).
+    let mut c = cluster(&[(100, 10), (100, 10)]);
+    let busy = |released: u64| Report {
+        snapshot: false,
+        running_requests: 4,
+        room_released_blocks: released,
+        ..report("x", 1, 100, 10)
+    };
+    assert_eq!(c.retry_after_s("m", 200, 0, 5_000), None);
+    for step in 1..=12u64 {
+        let now = step * 250;
+        c.apply_report(
+            0,
+            Report {
+                agent_id: "a0".into(),
+                ..busy(step * 5)
+            },
+            now,
+        );
+        c.apply_report(
+            1,
+            Report {
+                agent_id: "a1".into(),
+                ..busy(step * 2)
+            },
+            now,
+        );
+    }
+    let rate = c.agents()[0].release_blocks_per_s() + c.agents()[1].release_blocks_per_s();
+    assert!((rate - 28.0).abs() < 0.5, "{rate}");
+    // 200 blocks wanted, 20 free: 180 at 28/s → 7 s.
+    assert_eq!(c.retry_after_s("m", 200, 3_000, 5_000), Some(7));
+    assert_eq!(c.retry_after_s("m", 15, 3_000, 5_000), Some(1));
+    // Another model's agents say nothing about this one; stale agents neither.
+    assert_eq!(c.retry_after_s("other", 200, 3_000, 5_000), None);
+    assert_eq!(c.retry_after_s("m", 200, 60_000, 5_000), None);
+}

@@ -929,6 +929,31 @@ impl Router {
         }
     }
 
+    /// `Retry-After` seconds for a refused request of `plan`'s model: the blocks its queued
+    /// requests and it need, less the room its agents have, at the rate they were seen giving
+    /// room back (see `kvroute_routing::cost::retry_after_s`). `None` before a rate is known.
+    pub fn retry_after_s(&self, plan: &PromptPlan) -> Option<u64> {
+        let blocks = |p: &PromptPlan| {
+            (p.prompt_tokens + p.output_tokens).div_ceil(u64::from(p.block_size.max(1)))
+        };
+        let now = self.now_ms();
+        let core = self.lock();
+        let mut ids = Vec::new();
+        core.queue.order(&mut ids);
+        let queued: u64 = ids
+            .iter()
+            .filter_map(|&id| core.queue.get(id))
+            .filter(|w| w.plan.model == plan.model)
+            .map(|w| blocks(&w.plan))
+            .sum();
+        let stale = core
+            .settings
+            .get(&plan.model)
+            .map_or(self.policy.stale_after_ms, |s| s.policy.stale_after_ms);
+        core.cluster
+            .retry_after_s(&plan.model, queued + blocks(plan), now, stale)
+    }
+
     /// The HTTP endpoint of an eligible agent serving `model` (for fetching model info).
     pub fn endpoint_for_model(&self, model: Option<&str>) -> Option<String> {
         let now = self.now_ms();

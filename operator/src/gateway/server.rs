@@ -276,14 +276,18 @@ impl Gateway {
                 Ok(a) => a,
                 Err(AdmitError::QueueFull) => {
                     self.metrics.count_queue_full();
-                    return Err(Error::QueueFull { retry_after_s: 1 });
+                    return Err(Error::QueueFull {
+                        retry_after_s: self.router.retry_after_s(&plan).unwrap_or(1),
+                    });
                 }
                 Err(AdmitError::Timeout) if attempt > 0 => {
                     return Err(Error::Upstream(last_error));
                 }
                 Err(AdmitError::Timeout) => {
                     self.metrics.count_queue_timeout();
-                    return Err(Error::QueueTimeout { retry_after_s });
+                    return Err(Error::QueueTimeout {
+                        retry_after_s: self.router.retry_after_s(&plan).unwrap_or(retry_after_s),
+                    });
                 }
                 Err(AdmitError::Reject(r)) => {
                     if attempt > 0 {
