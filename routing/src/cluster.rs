@@ -126,6 +126,8 @@ pub struct AgentState {
     /// Reservations retired by the agent's acknowledgement, and expired unacknowledged.
     acked: u64,
     expired: u64,
+    /// Preemptions the agent reported while this gateway had room reserved there.
+    over_admitted: u64,
     /// Prompts sent here whose blocks the agent has not reported yet: (expiry, block hashes).
     inflight: VecDeque<(u64, Vec<u64>)>,
     /// How many of `inflight` hold each hash.
@@ -151,6 +153,12 @@ impl AgentState {
 
     pub fn dispatches_expired(&self) -> u64 {
         self.expired
+    }
+
+    /// Preemptions the agent reported while this gateway had blocks reserved on it: room was
+    /// over-admitted (by this gateway, another one, or direct clients).
+    pub fn over_admissions(&self) -> u64 {
+        self.over_admitted
     }
 
     /// Block hashes the agent is known to cache.
@@ -517,6 +525,9 @@ impl Cluster {
         self.expire_inflight(slot, now_ms);
         self.clock_ms = self.clock_ms.max(now_ms);
         let a = &mut self.agents[slot];
+        if !new_epoch && a.reserved_blocks > 0 {
+            a.over_admitted += report.preemptions.saturating_sub(a.report.preemptions);
+        }
         if report.dispatch_acks {
             retire_acked(a, &report.acked_dispatches, now_ms);
         }

@@ -1211,3 +1211,46 @@ fn retry_after_follows_the_room_the_queue_needs_and_the_observed_release_rate() 
     assert_eq!(c.retry_after_s("other", 200, 3_000, 5_000), None);
     assert_eq!(c.retry_after_s("m", 200, 60_000, 5_000), None);
 }
+
+#[test]
+fn preemptions_while_room_is_reserved_count_as_over_admission_and_a_new_epoch_drops_acked_reservations(
+) {
+    let mut c = cluster(&[(100, 100)]);
+    let cfg = PolicyConfig::default();
+    let acking = |epoch: u64, preemptions: u64, acked: Vec<u64>| Report {
+        snapshot: false,
+        dispatch_acks: true,
+        preemptions,
+        acked_dispatches: acked,
+        ..report("a0", epoch, 100, 100)
+    };
+    c.apply_report(0, acking(1, 0, Vec::new()), 1);
+    // Preempting with nothing reserved here is someone else's business.
+    c.apply_report(0, acking(1, 2, Vec::new()), 2);
+    assert_eq!(c.agents()[0].over_admissions(), 0);
+    let Decision::Route(r) = c.decide(&cfg, &req(160, 0, &[]), 2, &mut SplitMix64(1)) else {
+        panic!()
+    };
+    let h = c.reserve(&r).unwrap();
+    c.apply_report(0, acking(1, 5, Vec::new()), 3);
+    assert_eq!(c.agents()[0].over_admissions(), 3);
+    // The agent restarts mid-burst: the reservation of the old epoch is gone, and an
+    // acknowledgement of its id in the new epoch retires nothing (there is nothing to retire).
+    c.apply_report(
+        0,
+        Report {
+            snapshot: true,
+            ..acking(2, 0, vec![h.id])
+        },
+        4,
+    );
+    assert_eq!(c.agents()[0].reserved_blocks(), 0);
+    assert_eq!(c.agents()[0].pending_requests(), 0);
+    assert!(!c.cancel(h));
+    assert_eq!(
+        c.agents()[0].over_admissions(),
+        3,
+        "a new epoch's counter starts over"
+    );
+    c.check_invariants().unwrap();
+}

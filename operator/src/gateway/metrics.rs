@@ -311,6 +311,12 @@ impl Metrics {
                 |a| a.dispatches_acked,
             ),
             (
+                "kvroute_gateway_agent_over_admissions_total",
+                "Preemptions the agent reported while this gateway had KV blocks reserved on it (room was over-admitted).",
+                "counter",
+                |a| a.over_admissions,
+            ),
+            (
                 "kvroute_gateway_agent_dispatches_expired_total",
                 "Reservations on the agent retired because their dispatch was never acknowledged.",
                 "counter",

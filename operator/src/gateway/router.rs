@@ -905,6 +905,7 @@ impl Router {
                     prefix_hashes: a.cached_blocks(),
                     dispatches_acked: a.dispatches_acked(),
                     dispatches_expired: a.dispatches_expired(),
+                    over_admissions: a.over_admissions(),
                 }
             })
             .collect()

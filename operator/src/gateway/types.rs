@@ -99,6 +99,8 @@ pub struct AgentSnapshot {
     /// Reservations retired by the agent's acknowledgement, and expired unacknowledged.
     pub dispatches_acked: u64,
     pub dispatches_expired: u64,
+    /// Preemptions the agent reported while this gateway had room reserved there.
+    pub over_admissions: u64,
 }
 
 /// Queue depth per class and tenant.
