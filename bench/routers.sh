@@ -17,7 +17,8 @@
 # Routers: kv, kv-fifo (kv with the admission queue in arrival order), kv-no-holds (kv without
 # prefix holds), kv-score, round-robin, and
 # the peers with and without -tuned. KVROUTE_BENCH_GATEWAY_FLAGS adds flags to every kvroute
-# gateway (experiments, e.g. "--cost-duplicate 2").
+# gateway (experiments, e.g. "--cost-duplicate 2"); KVROUTE_BENCH_AGENT_FLAGS to every agent
+# (e.g. "--optimistic-admission", vLLM's start-on-prompt-fit, as the agents ran before 2026-12-06).
 #
 # Peers and the load generator are installed with pip into
 # ${KVROUTE_CACHE:-$HOME/.cache/kvroute}/bench-routers (one venv per peer: sglang-router and smg
@@ -265,7 +266,8 @@ start_agents() {
   local i line
   for i in 1 2; do
     start "agent$i" "$AGENT_BIN" serve --model default --kv-memory "$KV_MEMORY" --threads 1 \
-      --http 127.0.0.1:0 --grpc 127.0.0.1:0 --drain-timeout 1s --agent-id "agent$i"
+      --http 127.0.0.1:0 --grpc 127.0.0.1:0 --drain-timeout 1s --agent-id "agent$i" \
+      ${KVROUTE_BENCH_AGENT_FLAGS:-}
     eval "AGENT${i}_PID=$STARTED_PID"
   done
   for i in 1 2; do
