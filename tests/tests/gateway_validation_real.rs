@@ -74,7 +74,7 @@ async fn invalid_requests_are_refused_by_the_gateway_and_reserve_nothing() {
     // Bodies over the limit both share (4 MiB).
     let big = json!({"model": agent.model, "prompt": "a".repeat(10 << 20)});
     let big = serde_json::to_vec(&big).unwrap();
-    for _ in 0..20 {
+    for _ in 0..200 {
         assert_eq!(raw_post_status(gw.addr, &big).await, 413);
     }
     // The agent saw none of them, and nothing is reserved.

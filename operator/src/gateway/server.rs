@@ -264,7 +264,10 @@ impl Gateway {
         let mut last_error = String::from("no agent tried");
         // KV policies ask the agent to refuse rather than over-fill (another gateway replica
         // may have filled the room this one saw); baselines let the engine queue, as they would.
-        let require_room = matches!(settings.policy.kind, PolicyKind::Kv | PolicyKind::KvScore);
+        // With `--reserve-output expected` the gateway admits on expected output on purpose;
+        // the agent's whole-future check would undo that, so it is not asked then.
+        let require_room = matches!(settings.policy.kind, PolicyKind::Kv | PolicyKind::KvScore)
+            && settings.reserve_output == prompt::ReserveOutput::Full;
         let mut attempt = 0;
         while attempt <= self.config.max_retries {
             let remaining = deadline.saturating_duration_since(Instant::now());
