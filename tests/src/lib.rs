@@ -121,7 +121,6 @@ impl Agent {
         let mut cmd = Command::new(bin("kvroute-agent"));
         cmd.arg("serve")
             .args(["--model", &model_arg()])
-            .args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
             .args(["--kv-memory", opts.kv_memory])
             .args(["--device", "cpu"])
             .args(&opts.extra)
@@ -131,6 +130,10 @@ impl Agent {
             .stderr(Stdio::piped());
         if !opts.extra.iter().any(|a| a == "--agent-id") {
             cmd.args(["--agent-id", "process-test"]);
+        }
+        // Free ports unless the caller names them (to restart an agent where it was).
+        if !opts.extra.iter().any(|a| a == "--http") {
+            cmd.args(["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"]);
         }
         let mut child = cmd.spawn().expect("spawn kvroute-agent");
         let stderr = Arc::new(Mutex::new(String::new()));

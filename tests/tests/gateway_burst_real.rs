@@ -441,3 +441,133 @@ async fn several_gateways_and_direct_clients_share_two_agents_without_preemption
     );
     reservations_drain(&gws.iter().collect::<Vec<_>>()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_mid_burst_leaves_no_reservation_of_its_old_epoch() {
+    let _serial = SERIAL.lock().await;
+    let plan = plan().await;
+    let (a, _b, _) = agents(&plan, Admission::Optimistic).await;
+    // A third agent on fixed ports, restarted in the middle of the burst.
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (http, grpc) = (
+        format!("127.0.0.1:{}", port()),
+        format!("127.0.0.1:{}", port()),
+    );
+    let kv_memory = (ROOM_REQUESTS / 2 * BLOCKS_PER_REQUEST * plan.block_bytes).to_string();
+    let spawn_c = || {
+        Agent::spawn(AgentOpts {
+            kv_memory: &kv_memory,
+            extra: [
+                "--threads",
+                "1",
+                "--block-size",
+                BLOCK_SIZE,
+                "--agent-id",
+                "restarted",
+                "--http",
+                &http,
+                "--grpc",
+                &grpc,
+                "--optimistic-admission",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        })
+    };
+    let c = spawn_c();
+    let gw = Gateway::spawn(
+        &[&a, &c],
+        &[
+            "--policy",
+            "kv",
+            "--max-queue",
+            "1024",
+            "--queue-timeout",
+            "60s",
+        ],
+    )
+    .await;
+    let model = a.model.clone();
+    let target = gw.addr;
+    let max_tokens = plan.max_tokens;
+    let burst = tokio::spawn(async move {
+        let tasks: Vec<_> = (0..BURST)
+            .map(|i| {
+                let body = json!({"model": model, "prompt": prompt(i), "max_tokens": max_tokens,
+                                  "temperature": 0, "ignore_eos": true});
+                tokio::spawn(async move {
+                    let resp = send(
+                        target,
+                        "POST",
+                        "/v1/completions",
+                        serde_json::to_vec(&body).unwrap(),
+                    )
+                    .await;
+                    let status = resp.status().as_u16();
+                    // A stream cut by the restart ends early; either way the answer is read.
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                    status
+                })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(tokio::time::timeout(GUARD, t).await.unwrap().unwrap());
+        }
+        statuses
+    });
+    // Once the agent runs requests of the burst, restart it where it was.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = try_get_text(c.http, "/metrics").await.unwrap();
+        if metric_values(&text, "kvroute_requests_running")
+            .iter()
+            .sum::<f64>()
+            > 0.0
+        {
+            break;
+        }
+        assert!(Instant::now() < until, "the agent never ran a request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(c);
+    let c = spawn_c();
+    let statuses = burst.await.unwrap();
+    let served = statuses.iter().filter(|&&s| s == 200).count();
+    eprintln!("restart mid-burst: {served} of {BURST} served, statuses {statuses:?}");
+    // Requests cut by the restart are sent to the other agent (nothing was answered yet).
+    assert!(served >= BURST / 2, "{statuses:?}");
+    let metrics = try_get_text(gw.addr, "/metrics").await.unwrap();
+    let cut: f64 = metric_values(&metrics, "kvroute_gateway_upstream_failures_total")
+        .iter()
+        .sum();
+    assert!(
+        cut > 0.0,
+        "the restart cut no request in flight:\n{metrics}"
+    );
+    reservations_drain(&[&gw]).await;
+    // The gateway sees the restarted agent (its new epoch) as eligible again.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = try_get_text(gw.addr, "/metrics").await.unwrap();
+        let eligible = text.lines().any(|l| {
+            l.starts_with("kvroute_gateway_agent_eligible{agent=\"restarted\"") && l.ends_with(" 1")
+        });
+        if eligible {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the restarted agent never came back:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(c);
+}
