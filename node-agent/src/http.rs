@@ -548,7 +548,7 @@ async fn generate(
         dispatch: ack.dispatch.clone().filter(|_| l.backend.acks_dispatches()),
         only_with_room: require_room,
     };
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let sink = metered_sink(l.metrics.clone(), arrived, tx);
     let id = l.backend.submit(gen, sink).map_err(|e| match e {
         SubmitError::InvalidRequest(m) => ApiError::bad_request(m, Some(prompt_param)),
@@ -563,7 +563,6 @@ async fn generate(
         ack.dispatch = None;
     }
     drop(ack);
-    let mut rx = rx;
     if require_room && l.backend.acks_dispatches() {
         // The engine's verdict comes before any byte of the answer: a refusal is a clean 503
         // the router can send elsewhere. (`Started` is all the answer paths skip.)

@@ -935,15 +935,17 @@ fn remove_holder(index: &mut BlockMap<Holders>, hash: u64, slot: Slot, words: us
 /// Retires the agent's reservations whose dispatch it acknowledged, and those whose
 /// acknowledgement is overdue by `now_ms` ([`DISPATCH_ACK_TTL_MS`]).
 fn retire_acked(a: &mut AgentState, acked: &[u64], now_ms: u64) {
-    let before = a.reservations.len();
+    let n = a.reservations.len();
     if !acked.is_empty() {
         a.reservations.retain(|r| !acked.contains(&r.id));
     }
-    a.acked += (before - a.reservations.len()) as u64;
-    let before = a.reservations.len();
+    let after_acks = a.reservations.len();
     a.reservations
         .retain(|r| r.at_ms.saturating_add(DISPATCH_ACK_TTL_MS) > now_ms);
-    a.expired += (before - a.reservations.len()) as u64;
-    a.reserved_blocks = a.reservations.iter().map(|r| r.blocks).sum();
-    a.pending_prefill = a.reservations.iter().map(|r| r.prefill_tokens).sum();
+    a.acked += (n - after_acks) as u64;
+    a.expired += (after_acks - a.reservations.len()) as u64;
+    if a.reservations.len() < n {
+        a.reserved_blocks = a.reservations.iter().map(|r| r.blocks).sum();
+        a.pending_prefill = a.reservations.iter().map(|r| r.prefill_tokens).sum();
+    }
 }

@@ -845,32 +845,28 @@ impl Scheduler {
         (total.saturating_sub(shared), room)
     }
 
-    /// Blocks the running sequences may still allocate up to `prompt + max_tokens`.
+    /// Blocks the sequence in `slot` may still allocate up to `prompt + max_tokens`.
+    fn committed_of(&self, slot: u32) -> usize {
+        let s = self.seq(slot);
+        let cap = (s.prompt_len + s.max_tokens).min(self.max_len);
+        cap.div_ceil(self.cfg.block_size)
+            .saturating_sub(self.kv.block_table(&s.kv).len())
+    }
+
+    /// What the running sequences may still allocate; O(running sequences).
     fn committed_running(&self) -> usize {
-        let bs = self.cfg.block_size;
         self.running
             .iter()
-            .map(|&slot| {
-                let s = self.seq(slot);
-                let cap = (s.prompt_len + s.max_tokens).min(self.max_len);
-                cap.div_ceil(bs)
-                    .saturating_sub(self.kv.block_table(&s.kv).len())
-            })
+            .map(|&slot| self.committed_of(slot))
             .sum()
     }
 
     /// See [`SchedStats::committed_blocks`]; O(live sequences).
     fn committed_blocks(&self) -> usize {
-        let bs = self.cfg.block_size;
         self.running
             .iter()
             .chain(self.waiting.iter())
-            .map(|&slot| {
-                let s = self.seq(slot);
-                let cap = (s.prompt_len + s.max_tokens).min(self.max_len);
-                cap.div_ceil(bs)
-                    .saturating_sub(self.kv.block_table(&s.kv).len())
-            })
+            .map(|&slot| self.committed_of(slot))
             .sum()
     }
 
