@@ -83,6 +83,7 @@ fn main() {
         enable_prefix_caching: true,
         enable_events: true,
         admit_whole_future: false,
+        share_inflight_prefixes: true,
     };
     let mut sched = match Scheduler::new(cfg.clone()) {
         Ok(s) => s,

@@ -32,6 +32,7 @@ fn config() -> impl Strategy<Value = SchedConfig> {
                 enable_prefix_caching: caching,
                 enable_events: false,
                 admit_whole_future: false,
+                share_inflight_prefixes: true,
             }
         })
 }
@@ -413,6 +414,7 @@ proptest! {
             enable_prefix_caching: false,
             enable_events: false,
             admit_whole_future: false,
+            share_inflight_prefixes: true,
         };
         let tight = SchedConfig {
             num_blocks: nb,

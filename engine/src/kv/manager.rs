@@ -244,6 +244,27 @@ impl KvManager {
             .count()
     }
 
+    /// Whether `other` (a running sequence) will compute the block that `seq` misses first
+    /// after its `hit`: the same chained hash at the same position, allocated or still to
+    /// come in `other`'s known tokens, not yet in the cache. `seq` then gets that block (and
+    /// every one `other` shares with it after) as a hit by waiting until `other` has computed
+    /// it, instead of computing it a second time.
+    pub fn computes_next_block(&self, seq: &KvSeq, hit: PrefixHit, other: &KvSeq) -> bool {
+        if !self.prefix_caching {
+            return false;
+        }
+        let (t, o) = (self.table(seq), self.table(other));
+        let i = hit.blocks;
+        // Never the block holding `seq`'s last known token: a hit stops before it.
+        if i >= (hit.query_tokens.saturating_sub(1)) / self.block_size {
+            return false;
+        }
+        match (t.hashes.get(i), o.hashes.get(i)) {
+            (Some(a), Some(b)) => a == b && i >= o.num_cached,
+            _ => false,
+        }
+    }
+
     /// Makes the sequence's block table cover `num_tokens` positions.
     ///
     /// On admission pass the [`PrefixHit`] from [`Self::lookup_prefix`] (the sequence must hold

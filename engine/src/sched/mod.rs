@@ -57,6 +57,11 @@ pub struct SchedConfig {
     /// that stop early on EOS runs smaller than it could. Off (vLLM's way): start a sequence
     /// when its prompt fits and preempt when the pool runs out.
     pub admit_whole_future: bool,
+    /// A waiting sequence whose next uncached prompt block a running sequence is computing
+    /// right now (a burst of requests with one new system prompt) stays waiting until that
+    /// block is cached, then starts with it as a hit: the prefix is computed once, not once
+    /// per request. Later waiting sequences may start meanwhile. Needs prefix caching.
+    pub share_inflight_prefixes: bool,
 }
 
 impl SchedConfig {
@@ -73,6 +78,7 @@ impl SchedConfig {
             enable_prefix_caching: true,
             enable_events: false,
             admit_whole_future: false,
+            share_inflight_prefixes: true,
         }
     }
 }
@@ -553,6 +559,15 @@ impl Scheduler {
             let s = live(&self.seqs, slot);
             self.kv.update_hashes(&s.kv, &s.tokens);
             let hit = self.kv.lookup_prefix(&s.kv, known);
+            if self.cfg.share_inflight_prefixes
+                && self.running.iter().any(|&r| {
+                    self.kv
+                        .computes_next_block(&s.kv, hit, &live(&self.seqs, r).kv)
+                })
+            {
+                w += 1;
+                continue;
+            }
             let start = hit.blocks * self.cfg.block_size;
             let mut len = known - start;
             if len > budget {

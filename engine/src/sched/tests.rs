@@ -13,6 +13,7 @@ fn cfg(block_size: usize, num_blocks: usize) -> SchedConfig {
         enable_prefix_caching: true,
         enable_events: true,
         admit_whole_future: false,
+        share_inflight_prefixes: true,
     }
 }
 
@@ -445,7 +446,7 @@ fn complete_step_rejects_misplaced_samples() {
 fn abort_between_schedule_and_complete_is_safe() {
     let mut s = Scheduler::new(cfg(4, 16)).unwrap();
     s.add(spec(1, (0..6).collect(), 5)).unwrap();
-    s.add(spec(2, (0..6).collect(), 5)).unwrap();
+    s.add(spec(2, (10..16).collect(), 5)).unwrap();
     let view = s.schedule();
     let e = view.seqs()[0];
     assert_eq!(e.id, 1);
@@ -739,4 +740,78 @@ fn a_hold_takes_no_room_promised_to_live_sequences() {
     assert!(s.kv().pool().lookup(hashes[0]).is_some());
     assert!(s.kv().pool().lookup(hashes[1]).is_none());
     s.check_invariants().unwrap();
+}
+
+/// Two requests with one new 12-token prefix (3 blocks of 4) and different questions.
+fn burst_of_one_prefix(s: &mut Scheduler) {
+    let prefix: Vec<u32> = (100..112).collect();
+    for (id, q) in [(1u64, 7u32), (2, 9)] {
+        let mut p = prefix.clone();
+        p.extend([q, q + 1]);
+        s.add(spec(id, p, 2)).unwrap();
+    }
+}
+
+#[test]
+fn a_burst_computes_a_new_prefix_once() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    burst_of_one_prefix(&mut s);
+    // Step 1: only the first runs; the second waits for the prefix the first is computing.
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(1, 0, 14, true)]);
+    assert_eq!(s.stats().waiting, 1);
+    // Step 2: the prefix is cached; the second starts after its 3 blocks.
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(1, 14, 1, true), (2, 12, 2, true)]);
+    while !s.is_empty() {
+        step(&mut s);
+    }
+    let st = s.stats().capacity;
+    assert_eq!((st.prefix_query_tokens, st.prefix_hit_tokens), (28, 12));
+}
+
+#[test]
+fn without_sharing_in_flight_prefixes_a_burst_computes_it_twice() {
+    let mut c = cfg(4, 32);
+    c.share_inflight_prefixes = false;
+    let mut s = Scheduler::new(c).unwrap();
+    burst_of_one_prefix(&mut s);
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(1, 0, 14, true), (2, 0, 14, true)]);
+}
+
+#[test]
+fn a_request_waiting_for_a_prefix_lets_later_ones_start() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    burst_of_one_prefix(&mut s);
+    s.add(spec(3, (500..506).collect(), 2)).unwrap();
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(1, 0, 14, true), (3, 0, 6, true)]);
+}
+
+#[test]
+fn a_prefix_whose_computer_is_aborted_is_computed_by_the_waiter() {
+    let mut s = Scheduler::new(cfg(4, 32)).unwrap();
+    burst_of_one_prefix(&mut s);
+    let _ = s.schedule();
+    s.abort(1).unwrap();
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(2, 0, 14, true)]);
+}
+
+#[test]
+fn a_prefix_computed_in_chunks_is_waited_for_chunk_by_chunk() {
+    let mut c = cfg(4, 32);
+    c.max_num_batched_tokens = 8;
+    let mut s = Scheduler::new(c).unwrap();
+    burst_of_one_prefix(&mut s);
+    // 8 tokens of the first: blocks 0-1 computed; the second's next block (0) is being
+    // computed, so it waits.
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(1, 0, 8, false)]);
+    // The first computes 6 more; the second now hits blocks 0-1 and waits for block 2.
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(1, 8, 6, true)]);
+    let (p, _) = step(&mut s);
+    assert_eq!(p, vec![(1, 14, 1, true), (2, 12, 2, true)]);
 }
