@@ -47,6 +47,9 @@ pub struct EngineConfig {
     /// Start a request only when its whole future fits (see
     /// [`SchedConfig::admit_whole_future`]): the engine never preempts.
     pub admit_whole_future: bool,
+    /// Test-only fault injection: the engine thread panics at this step (counting steps that
+    /// ran a batch), to exercise [`Engine::failure`] and what depends on it.
+    pub fault_panic_at_step: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -60,8 +63,59 @@ impl Default for EngineConfig {
             threads: 0,
             max_pending: 4096,
             admit_whole_future: false,
+            fault_panic_at_step: None,
         }
     }
+}
+
+/// [`Engine::failure`] reports an engine with requests pending that has not stepped for this
+/// long as stuck (no CPU or GPU step of a serving engine takes near this).
+pub const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The heartbeat's value while the engine thread waits for work (never stuck then).
+const IDLE_BEAT: u64 = u64::MAX;
+
+/// The engine thread's heartbeat: milliseconds since `epoch` at its last loop turn, or
+/// [`IDLE_BEAT`].
+struct Heartbeat {
+    epoch: std::time::Instant,
+    at_ms: AtomicU64,
+}
+
+impl Heartbeat {
+    fn new() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            at_ms: AtomicU64::new(IDLE_BEAT),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn beat(&self) {
+        self.at_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn idle(&self) {
+        self.at_ms.store(IDLE_BEAT, Ordering::Relaxed);
+    }
+
+    /// How long since the last beat, unless idle.
+    fn silent_for(&self) -> Option<std::time::Duration> {
+        let at = self.at_ms.load(Ordering::Relaxed);
+        (at != IDLE_BEAT)
+            .then(|| std::time::Duration::from_millis(self.now_ms().saturating_sub(at)))
+    }
+}
+
+/// The text of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Errors of the engine API.
@@ -311,6 +365,9 @@ struct Shared {
     config: ModelConfig,
     max_pending: usize,
     thread: Mutex<Option<JoinHandle<()>>>,
+    heartbeat: Arc<Heartbeat>,
+    /// Why the engine thread ended without being asked to (set once).
+    failure: std::sync::OnceLock<String>,
 }
 
 /// A handle to a running engine; clone it freely.
@@ -509,9 +566,13 @@ impl Engine {
         };
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let pending = Arc::new(AtomicUsize::new(0));
+        let heartbeat = Arc::new(Heartbeat::new());
         let (tx, rx) = std::sync::mpsc::channel();
         let mut lp = Loop {
             rx,
+            heartbeat: Arc::clone(&heartbeat),
+            steps: 0,
+            fault_panic_at_step: config.fault_panic_at_step,
             sched,
             runner,
             tokenizer: model.tokenizer.clone(),
@@ -551,6 +612,8 @@ impl Engine {
                 config: mc,
                 max_pending: config.max_pending.max(1),
                 thread: Mutex::new(Some(handle)),
+                heartbeat,
+                failure: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -705,6 +768,41 @@ impl Engine {
 
     /// Stops the step loop: running and waiting requests end with `Finished { Abort }`. Waits for
     /// the thread; later calls (and calls on clones) do nothing.
+    /// Why this engine can no longer serve, if it cannot: its thread ended without
+    /// [`Self::shutdown`] (a panic: the message is given), or it has had requests pending
+    /// without a step for [`STUCK_AFTER`]. Cheap; call it periodically.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(f) = self.shared.failure.get() {
+            return Some(f.clone());
+        }
+        let asked_to_stop = self
+            .shared
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none();
+        if asked_to_stop {
+            return None;
+        }
+        let mut thread = self.shared.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if thread.as_ref().is_some_and(|h| h.is_finished()) {
+            let why = match thread.take().map(|h| h.join()) {
+                Some(Err(p)) => format!("the engine thread panicked: {}", panic_text(&*p)),
+                _ => "the engine thread stopped".to_string(),
+            };
+            return Some(self.shared.failure.get_or_init(|| why).clone());
+        }
+        drop(thread);
+        let pending = self.shared.pending.load(Ordering::Relaxed);
+        match self.shared.heartbeat.silent_for() {
+            Some(d) if pending > 0 && d >= STUCK_AFTER => Some(format!(
+                "the engine has not stepped for {} s with {pending} requests pending",
+                d.as_secs()
+            )),
+            _ => None,
+        }
+    }
+
     pub fn shutdown(&self) {
         let tx = self
             .shared
@@ -770,6 +868,10 @@ struct Loop {
     hold_reqs: Vec<(RequestId, u64)>,
     /// Dispatches taken in since the last capacity update.
     acks: Vec<Dispatch>,
+    heartbeat: Arc<Heartbeat>,
+    /// Steps that ran a batch.
+    steps: u64,
+    fault_panic_at_step: Option<u64>,
 }
 
 /// How a request ends after a token.
@@ -784,6 +886,7 @@ impl Loop {
             let mut changed = false;
             // Take commands: block while idle, otherwise just drain.
             if self.sched.is_empty() {
+                self.heartbeat.idle();
                 let cmd = match self.holds.iter().map(|h| h.1).min() {
                     // Wake for the first hold's expiry.
                     Some(t) => match self
@@ -801,12 +904,14 @@ impl Loop {
                         Err(_) => return self.stop_all(),
                     },
                 };
+                self.heartbeat.beat();
                 if let Some(cmd) = cmd {
                     if !self.handle(cmd, &mut changed) {
                         return self.stop_all();
                     }
                 }
             }
+            self.heartbeat.beat();
             loop {
                 match self.rx.try_recv() {
                     Ok(cmd) => {
@@ -1005,6 +1110,10 @@ impl Loop {
         let view = self.sched.schedule();
         if view.is_empty() {
             return;
+        }
+        self.steps += 1;
+        if self.fault_panic_at_step == Some(self.steps) {
+            panic!("injected fault at step {}", self.steps);
         }
         let seqs = view.plan().seqs();
         let mut inputs = Vec::with_capacity(seqs.len());

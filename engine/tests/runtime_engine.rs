@@ -417,3 +417,68 @@ fn a_request_that_must_have_room_is_refused_rather_than_queued() {
     assert_eq!(finished(&third), 40);
     e.shutdown();
 }
+
+#[test]
+fn a_panicking_step_loop_is_reported_as_a_failure_with_its_message() {
+    let m = load_path(&model_fixture::model_path()).unwrap();
+    let block_bytes = KvStorage::block_bytes(&m.config, 16);
+    let e = Engine::start(
+        m,
+        EngineConfig {
+            block_size: 16,
+            kv_memory_bytes: (64 * block_bytes) as u64,
+            threads: 1,
+            fault_panic_at_step: Some(3),
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(e.failure(), None);
+    let (_, rx) = submit(&e, "Hello there", greedy(16));
+    // The events end without a finish: the sink went down with the thread.
+    let mut tokens = 0;
+    while let Ok(ev) = rx.recv_timeout(GUARD) {
+        match ev {
+            EngineEvent::Token(_) => tokens += 1,
+            EngineEvent::Finished { .. } => panic!("a request finished past the fault"),
+            _ => {}
+        }
+    }
+    assert_eq!(tokens, 2, "steps 1 and 2 sampled, step 3 panicked");
+    let deadline = std::time::Instant::now() + GUARD;
+    let why = loop {
+        if let Some(why) = e.failure() {
+            break why;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        why.contains("panicked") && why.contains("injected fault at step 3"),
+        "{why}"
+    );
+    // It stays failed, and new requests are refused.
+    assert_eq!(e.failure(), Some(why));
+    let (tx, _rx) = channel();
+    let refused = e.add_request(
+        GenerateRequest {
+            prompt: Prompt::Text("again".into()),
+            params: greedy(2),
+            cache_key: None,
+            hold: None,
+            dispatch: None,
+            only_with_room: false,
+        },
+        Box::new(move |ev| tx.send(ev).is_ok()),
+    );
+    assert!(refused.is_err());
+}
+
+#[test]
+fn a_shut_down_engine_is_not_a_failure() {
+    let e = engine(32, 256);
+    let (_, rx) = submit(&e, "Hello", greedy(2));
+    collect(&rx);
+    e.shutdown();
+    assert_eq!(e.failure(), None);
+}

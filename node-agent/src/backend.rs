@@ -175,4 +175,9 @@ pub trait InferenceBackend: Send + Sync + 'static {
     fn set_capacity_observer(&self, observer: CapacityObserver);
     /// Stops the engine: running requests end with `Abort`.
     fn shutdown(&self);
+    /// Why the engine can no longer serve (its step loop died or is stuck), if it cannot.
+    /// The agent then reports itself failed and exits.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }

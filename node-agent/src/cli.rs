@@ -20,6 +20,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         http: config.http,
         grpc: config.grpc,
         drain_timeout: config.drain_timeout,
+        http_limits: config.http_limits,
     };
     tracing::info!(model = %config.model, device = ?config.device, device_choice = %config.device_note, agent_id = %config.agent_id, "starting");
     let load_cfg = config.clone();
@@ -74,9 +75,13 @@ impl ModelArgs {
             agent_id: Some("cli".into()),
             max_body_bytes: "4MiB".into(),
             drain_timeout: "1s".into(),
+            header_read_timeout: "10s".into(),
+            body_read_timeout: "60s".into(),
+            max_connections: "8192".into(),
             cache_dir: self.cache_dir.clone(),
             log_format: crate::config::LogFormat::Text,
             optimistic_admission: false,
+            fault_panic_at_step: None,
         };
         Ok(args.validate()?)
     }

@@ -96,6 +96,16 @@ pub struct ServeArgs {
     /// Grace period for in-flight requests after SIGTERM, e.g. `30s`, `500ms`, `2m`.
     #[arg(long, env = "KVROUTE_DRAIN_TIMEOUT", default_value = "30s")]
     pub drain_timeout: String,
+    /// A request's headers (and a connection's first byte, and a kept-alive connection's next
+    /// request) must arrive within this, e.g. `10s`: a client that stalls is disconnected.
+    #[arg(long, env = "KVROUTE_HEADER_READ_TIMEOUT", default_value = "10s")]
+    pub header_read_timeout: String,
+    /// A request body must arrive whole within this, e.g. `60s`.
+    #[arg(long, env = "KVROUTE_BODY_READ_TIMEOUT", default_value = "60s")]
+    pub body_read_timeout: String,
+    /// Most open HTTP connections; more are answered 503 + Retry-After and closed.
+    #[arg(long, env = "KVROUTE_MAX_CONNECTIONS", default_value = "8192")]
+    pub max_connections: String,
     /// Where `--model default` is downloaded to.
     #[arg(long, env = "KVROUTE_CACHE")]
     pub cache_dir: Option<std::path::PathBuf>,
@@ -107,6 +117,9 @@ pub struct ServeArgs {
     /// max_tokens`) fits beside the running ones', so the engine never preempts.
     #[arg(long, env = "KVROUTE_OPTIMISTIC_ADMISSION")]
     pub optimistic_admission: bool,
+    /// Test-only fault injection: the engine thread panics at this step.
+    #[arg(long, env = "KVROUTE_FAULT_PANIC_AT_STEP", hide = true)]
+    pub fault_panic_at_step: Option<u64>,
 }
 
 /// How much memory the KV cache gets.
@@ -143,11 +156,15 @@ pub struct ServeConfig {
     pub agent_id: String,
     pub max_body_bytes: usize,
     pub drain_timeout: Duration,
+    /// Header, body and connection limits of the HTTP server.
+    pub http_limits: kvroute_serve::Limits,
     pub cache_dir: Option<std::path::PathBuf>,
     pub log_format: LogFormat,
     /// Start requests whose prompt fits and preempt when the pool runs out (vLLM's way),
     /// instead of only those whose whole future fits.
     pub optimistic_admission: bool,
+    /// Test-only: the engine thread panics at this step.
+    pub fault_panic_at_step: Option<u64>,
 }
 
 /// Default KV budget on the CPU: 1 GiB.
@@ -298,6 +315,11 @@ impl ServeArgs {
             ConfigError::invalid("--max-body-bytes", &self.max_body_bytes, "too large")
         })?;
         let drain_timeout = parse_duration("--drain-timeout", &self.drain_timeout)?;
+        let http_limits = http_limits(
+            &self.header_read_timeout,
+            &self.body_read_timeout,
+            &self.max_connections,
+        )?;
         Ok(ServeConfig {
             model,
             http,
@@ -313,9 +335,11 @@ impl ServeArgs {
             agent_id,
             max_body_bytes,
             drain_timeout,
+            http_limits,
             cache_dir: self.cache_dir.clone(),
             log_format: self.log_format,
             optimistic_admission: self.optimistic_admission,
+            fault_panic_at_step: self.fault_panic_at_step,
         })
     }
 }
@@ -381,6 +405,41 @@ fn parse_u32(flag: &'static str, s: &str) -> Result<u32, ConfigError> {
 /// Parses a byte size ([`kvroute_contract::units::parse_size`]); errors name the flag.
 pub fn parse_size(flag: &'static str, s: &str) -> Result<u64, ConfigError> {
     units::parse_size(s).map_err(|e| ConfigError::invalid(flag, s, e.0))
+}
+
+/// Most `--max-connections` accepted.
+pub const MAX_CONNECTIONS_LIMIT: u32 = 1_000_000;
+
+/// `--header-read-timeout`, `--body-read-timeout`, `--max-connections`: both timeouts more
+/// than 0, connections 1 ..= [`MAX_CONNECTIONS_LIMIT`].
+pub fn http_limits(
+    header: &str,
+    body: &str,
+    connections: &str,
+) -> Result<kvroute_serve::Limits, ConfigError> {
+    let positive = |flag: &'static str, s: &str| {
+        let d = parse_duration(flag, s)?;
+        if d.is_zero() {
+            return Err(ConfigError::invalid(flag, s, "must be more than 0"));
+        }
+        Ok(d)
+    };
+    let header_read_timeout = positive("--header-read-timeout", header)?;
+    let body_read_timeout = positive("--body-read-timeout", body)?;
+    let max = parse_u32("--max-connections", connections)?;
+    if max == 0 || max > MAX_CONNECTIONS_LIMIT {
+        return Err(ConfigError::invalid(
+            "--max-connections",
+            connections,
+            format!("must be 1 to {MAX_CONNECTIONS_LIMIT}"),
+        ));
+    }
+    Ok(kvroute_serve::Limits {
+        header_read_timeout,
+        body_read_timeout,
+        max_connections: max as usize,
+        ..kvroute_serve::Limits::default()
+    })
 }
 
 /// Parses a duration ([`kvroute_contract::units::parse_duration`]); errors name the flag.
@@ -454,6 +513,9 @@ mod tests {
         assert_eq!(c.max_body_bytes, 4 << 20);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.http.port(), 8001);
+        assert_eq!(c.http_limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_limits.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.http_limits.max_connections, 8192);
     }
 
     #[test]
@@ -474,6 +536,25 @@ mod tests {
                 "forever",
             ),
             (&["--agent-id", " "], "--agent-id", " "),
+            (
+                &["--header-read-timeout", "0s"],
+                "--header-read-timeout",
+                "0s",
+            ),
+            (
+                &["--header-read-timeout", "soon"],
+                "--header-read-timeout",
+                "soon",
+            ),
+            (&["--body-read-timeout", "0"], "--body-read-timeout", "0"),
+            (&["--body-read-timeout", "1y"], "--body-read-timeout", "1y"),
+            (&["--max-connections", "0"], "--max-connections", "0"),
+            (
+                &["--max-connections", "1000001"],
+                "--max-connections",
+                "1000001",
+            ),
+            (&["--max-connections", "many"], "--max-connections", "many"),
         ];
         for (argv, flag, value) in cases {
             let e = args(argv).validate().unwrap_err().to_string();

@@ -385,6 +385,10 @@ impl InferenceBackend for EngineBackend {
     fn shutdown(&self) {
         self.engine.shutdown();
     }
+
+    fn failure(&self) -> Option<String> {
+        self.engine.failure()
+    }
 }
 
 /// Shows a spinner on a terminal while `f` runs.
@@ -426,6 +430,7 @@ pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
         max_model_len: cfg.max_model_len.map(|v| v as usize),
         threads: cfg.threads,
         admit_whole_future: !cfg.optimistic_admission,
+        fault_panic_at_step: cfg.fault_panic_at_step,
         ..EngineConfig::default()
     };
     Ok(Arc::new(EngineBackend::start(

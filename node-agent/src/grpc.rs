@@ -40,6 +40,9 @@ impl Agent for AgentService {
         request: Request<WatchCapacityRequest>,
     ) -> Result<Response<Self::WatchCapacityStream>, Status> {
         let l = self.state.loaded().ok_or_else(loading)?;
+        if let Some(reason) = self.state.lifecycle.failure() {
+            return Err(Status::unavailable(format!("the engine failed: {reason}")));
+        }
         let req = request.into_inner();
         let dispatcher = if req.dispatcher.is_empty() {
             None

@@ -96,8 +96,15 @@ async fn method_not_allowed() -> Response {
     .into_response()
 }
 
-async fn health() -> Response {
-    Json(json!({"status": "ok"})).into_response()
+async fn health(State(state): State<Arc<AgentState>>) -> Response {
+    match state.lifecycle.failure() {
+        Some(reason) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"status": "failed", "reason": reason})),
+        )
+            .into_response(),
+        None => Json(json!({"status": "ok"})).into_response(),
+    }
 }
 
 async fn ready(State(state): State<Arc<AgentState>>) -> Response {

@@ -34,6 +34,25 @@ pub enum ServeError {
     Load(String),
     #[error("the HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("the engine failed: {0}")]
+    EngineFailed(String),
+}
+
+/// How often the engine's health is checked.
+const ENGINE_CHECK_EVERY: Duration = Duration::from_millis(200);
+
+/// How long a failed agent keeps answering `/health` 500 (for probes and operators to see
+/// why) before it exits.
+const FAILED_EXIT_DELAY: Duration = Duration::from_secs(2);
+
+/// Resolves with the reason once the backend reports it can no longer serve.
+async fn engine_failure(backend: Arc<dyn InferenceBackend>) -> String {
+    loop {
+        tokio::time::sleep(ENGINE_CHECK_EVERY).await;
+        if let Some(reason) = backend.failure() {
+            return reason;
+        }
+    }
 }
 
 /// Addresses actually bound (port 0 resolved).
@@ -58,6 +77,8 @@ pub struct ServeOptions {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
     pub drain_timeout: Duration,
+    /// Header, body and connection limits of the HTTP server.
+    pub http_limits: kvroute_serve::Limits,
 }
 
 /// Runs the agent until `shutdown` resolves, then drains. `load` runs on a blocking thread.
@@ -97,12 +118,12 @@ where
     // HTTP: stops accepting when `stop_http` fires; open connections finish their requests.
     let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
     let app = http::router(state.clone());
+    let limits = opts.http_limits;
     let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_http_rx.await;
-            })
-            .await
+        kvroute_serve::serve(http_listener, app, limits, async move {
+            let _ = stop_http_rx.await;
+        })
+        .await
     });
 
     // gRPC with grpc.health.v1.
@@ -137,14 +158,24 @@ where
         Some(Ok(Err(e))) => Err(ServeError::Load(e)),
         Some(Ok(Ok(backend))) => {
             let info = backend.info().clone();
-            state.set_loaded(backend);
+            state.set_loaded(Arc::clone(&backend));
             health_reporter
                 .set_serving::<kvroute_proto::AgentServer<AgentService>>()
                 .await;
             tracing::info!(model = %info.name, block_size = info.block_size, max_model_len = info.max_model_len, "ready");
             on_event(ServeEvent::Ready(info.name.clone()));
-            shutdown.await;
-            Ok(())
+            tokio::select! {
+                _ = &mut shutdown => Ok(()),
+                reason = engine_failure(backend) => {
+                    tracing::error!(%reason, "the engine failed: /health answers 500, capacity streams end, exiting");
+                    state.lifecycle.fail(reason.clone());
+                    health_reporter
+                        .set_not_serving::<kvroute_proto::AgentServer<AgentService>>()
+                        .await;
+                    tokio::time::sleep(FAILED_EXIT_DELAY).await;
+                    Err(ServeError::EngineFailed(reason))
+                }
+            }
         }
     };
 

@@ -28,6 +28,8 @@ pub struct Lifecycle {
     idle: Notify,
     /// Turns true when the agent shuts down: capacity streams end.
     shutdown: watch::Sender<bool>,
+    /// Why the engine can no longer serve, once it cannot.
+    failed: std::sync::OnceLock<String>,
 }
 
 impl Default for Lifecycle {
@@ -37,6 +39,7 @@ impl Default for Lifecycle {
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
             shutdown: watch::channel(false).0,
+            failed: std::sync::OnceLock::new(),
         }
     }
 }
@@ -71,6 +74,19 @@ impl Lifecycle {
 
     pub fn shut_down(&self) {
         self.shutdown.send_replace(true);
+    }
+
+    /// The engine failed: `/health` answers 500 with `reason`, nothing new is accepted and
+    /// capacity streams end (gateways stop routing here at once).
+    pub fn fail(&self, reason: String) {
+        let _ = self.failed.set(reason);
+        self.start_draining();
+        self.shut_down();
+    }
+
+    /// Why the engine failed, once it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 }
 

@@ -197,6 +197,7 @@ async fn loading_state_then_ready() {
         http: "127.0.0.1:0".parse().unwrap(),
         grpc: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(5),
+        http_limits: kvroute_serve::Limits::default(),
     };
     let st = state.clone();
     let task = tokio::spawn(async move {
@@ -287,6 +288,7 @@ async fn load_failure_is_an_error() {
         http: "127.0.0.1:0".parse().unwrap(),
         grpc: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(5),
+        http_limits: kvroute_serve::Limits::default(),
     };
     let r = serve(
         state,

@@ -49,11 +49,16 @@ fn main() -> anyhow::Result<()> {
             init_tracing();
             let config = args.into_config()?;
             runtime()?.block_on(async move {
-                let gw = kvroute_operator::gateway::start(config).await?;
+                let drain_timeout = config.drain_timeout;
+                let mut gw = kvroute_operator::gateway::start(config).await?;
                 tracing::info!(addr = %gw.addr, "gateway listening");
                 tokio::select! {
-                    r = gw.task => r??,
-                    _ = shutdown_signal() => tracing::info!("shutting down"),
+                    r = &mut gw.task => r??,
+                    _ = shutdown_signal() => {
+                        tracing::info!(deadline = ?drain_timeout, "draining: no new connections, open requests finish");
+                        let how = gw.drain(drain_timeout).await?;
+                        tracing::info!(?how, "stopped");
+                    }
                 }
                 Ok(())
             })

@@ -45,6 +45,7 @@ pub async fn start_with(cfg: FakeConfig, max_body: usize, drain: Duration) -> Te
         http: "127.0.0.1:0".parse().unwrap(),
         grpc: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: drain,
+        http_limits: kvroute_serve::Limits::default(),
     };
     let st = state.clone();
     let task = tokio::spawn(async move {

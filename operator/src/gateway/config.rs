@@ -101,6 +101,20 @@ pub struct GatewayArgs {
     /// Largest request body accepted (e.g. `4MiB`); larger ones get 413. The agent's default.
     #[arg(long, default_value = "4MiB", value_parser = parse_body_limit)]
     pub max_body_bytes: usize,
+    /// A request's headers (and a connection's first byte, and a kept-alive connection's next
+    /// request) must arrive within this: a client that stalls is disconnected.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+    pub header_read_timeout: Duration,
+    /// A request body must arrive whole within this.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    pub body_read_timeout: Duration,
+    /// Most open client connections; more are answered 503 + Retry-After and closed.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// On SIGTERM: stop accepting, answer /ready 503, let open requests and streams finish for
+    /// up to this long, then exit.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 /// A bad flag value.
@@ -229,6 +243,10 @@ pub struct GatewayConfig {
     pub prefix_holds: bool,
     /// This replica's dispatcher id: agents acknowledge the requests it sends under it.
     pub gateway_id: String,
+    /// Header, body and connection limits of the HTTP server.
+    pub http_limits: kvroute_serve::Limits,
+    /// How long open requests may run on after SIGTERM.
+    pub drain_timeout: Duration,
 }
 
 /// This process's dispatcher id: `name` and a random suffix.
@@ -285,6 +303,15 @@ pub fn parse_scorer(s: &str) -> Result<(ScorerId, f64), String> {
 /// `1h`, or plain seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     kvroute_contract::units::parse_duration(s).map_err(|e| e.0)
+}
+
+/// A duration flag that must be more than 0.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
 }
 
 /// `--max-body-bytes`: a size from 1 KiB to 1 GiB.
@@ -393,6 +420,13 @@ impl GatewayArgs {
             max_body_bytes: self.max_body_bytes,
             prefix_holds: !self.no_prefix_holds,
             gateway_id: gateway_id(&self.gateway_name)?,
+            http_limits: kvroute_serve::Limits {
+                header_read_timeout: self.header_read_timeout,
+                body_read_timeout: self.body_read_timeout,
+                max_connections: self.max_connections as usize,
+                ..kvroute_serve::Limits::default()
+            },
+            drain_timeout: self.drain_timeout,
         })
     }
 }
@@ -427,6 +461,8 @@ impl GatewayConfig {
             max_body_bytes: kvroute_openai::DEFAULT_MAX_BODY_BYTES,
             prefix_holds: true,
             gateway_id: gateway_id("kvroute-gateway").unwrap_or_default(),
+            http_limits: kvroute_serve::Limits::default(),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -495,6 +531,46 @@ mod tests {
         let nine: Vec<&str> = ["--scorer", "queue=1"].repeat(9);
         let e = parse(&nine).unwrap_err();
         assert!(e.contains("--scorer") && e.contains("at most 8"), "{e}");
+    }
+
+    #[test]
+    fn server_limits_and_drain_flags() {
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.http_limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(d.http_limits.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(d.http_limits.max_connections, 8192);
+        assert_eq!(d.drain_timeout, Duration::from_secs(30));
+        let c = parse(&[
+            "--header-read-timeout",
+            "500ms",
+            "--body-read-timeout",
+            "2m",
+            "--max-connections",
+            "10",
+            "--drain-timeout",
+            "0s",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.http_limits.header_read_timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(c.http_limits.body_read_timeout, Duration::from_secs(120));
+        assert_eq!(c.http_limits.max_connections, 10);
+        assert_eq!(c.drain_timeout, Duration::ZERO);
+        for (flag, bad) in [
+            ("--header-read-timeout", "0s"),
+            ("--header-read-timeout", "soon"),
+            ("--body-read-timeout", "0"),
+            ("--body-read-timeout", "3d"),
+            ("--max-connections", "0"),
+            ("--max-connections", "1000001"),
+            ("--max-connections", "lots"),
+            ("--drain-timeout", "forever"),
+        ] {
+            let e = parse(&[flag, bad]).unwrap_err();
+            assert!(e.contains(flag) && e.contains(bad), "{flag} {bad}: {e}");
+        }
     }
 
     #[test]

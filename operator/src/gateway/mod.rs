@@ -19,4 +19,4 @@ pub mod source;
 pub mod types;
 
 pub use config::{GatewayArgs, GatewayConfig};
-pub use server::{start, start_with, Gateway, RunningGateway};
+pub use server::{start, start_with, Drained, Gateway, RunningGateway};

@@ -42,6 +42,8 @@ pub struct Gateway {
     /// tokenizer once per request.
     catalog_fetch: tokio::sync::Mutex<()>,
     client: HttpClient,
+    /// Set by [`RunningGateway::drain`]: `/ready` answers 503 so no new traffic is sent here.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Why the gateway could not start or stopped.
@@ -60,12 +62,41 @@ pub struct RunningGateway {
     pub addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     pub task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every open request finished.
+    Complete,
+    /// The deadline passed; what was still open was cut.
+    TimedOut,
 }
 
 impl RunningGateway {
     /// Stops serving (in-flight streams are dropped).
     pub fn abort(&self) {
         self.task.abort();
+    }
+
+    /// Stops accepting connections, answers `/ready` 503, lets open requests (queued ones and
+    /// streams) finish for up to `deadline`, then stops.
+    pub async fn drain(mut self, deadline: Duration) -> Result<Drained, ServeError> {
+        self.gateway
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(deadline, &mut self.task).await {
+            Ok(Ok(r)) => r.map(|()| Drained::Complete),
+            Ok(Err(e)) => Err(ServeError::Serve(std::io::Error::other(e.to_string()))),
+            Err(_) => {
+                self.task.abort();
+                Ok(Drained::TimedOut)
+            }
+        }
     }
 }
 
@@ -84,6 +115,7 @@ impl Gateway {
             catalog: ModelCatalog::default(),
             catalog_fetch: tokio::sync::Mutex::new(()),
             client: proxy::http_client(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -453,7 +485,9 @@ async fn models(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
-    if gw.router.agents().iter().any(|a| a.eligible) {
+    if gw.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if gw.router.agents().iter().any(|a| a.eligible) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "no eligible agent\n").into_response()
@@ -509,6 +543,8 @@ pub fn start_with(
     let (tx, rx) = watch::channel(AgentSet::default());
     let router = Arc::clone(&gw.router);
     let app = app(Arc::clone(&gw));
+    let limits = gw.config.http_limits;
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let pump = tokio::spawn(Arc::clone(&router).run_pump());
         let holds = router
@@ -520,7 +556,11 @@ pub fn start_with(
             WatchSettings::default(),
         ));
         let src = tokio::spawn(source.run(tx));
-        let served = axum::serve(listener, app).await.map_err(ServeError::Serve);
+        let served = kvroute_serve::serve(listener, app, limits, async move {
+            let _ = stop_rx.await;
+        })
+        .await
+        .map_err(ServeError::Serve);
         pump.abort();
         if let Some(h) = holds {
             h.abort();
@@ -533,6 +573,7 @@ pub fn start_with(
         addr,
         gateway: gw,
         task,
+        stop: Some(stop),
     })
 }
 

@@ -1,0 +1,288 @@
+//! Real `kvroute-agent` and `kvroute gateway` processes under hostile or ending traffic
+//! (issue 13): slowloris connections are cut at the header timeout while a normal client is
+//! served; a connection flood past the cap is shed with 503; SIGTERM on a gateway with 200 open
+//! streams lets every stream finish.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use kvroute_tests::{call, raise_open_file_limit, send, Agent, AgentOpts, Gateway};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Opens `n` connections to `addr` that send half a request header (every tenth: nothing).
+async fn slowloris(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        if i % 10 != 0 {
+            s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-slow: ")
+                .await
+                .unwrap();
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// Waits for every connection to be closed by the server; the time the last one took.
+async fn all_closed(conns: &mut [TcpStream], within: Duration) -> Duration {
+    let t = Instant::now();
+    let mut buf = [0u8; 512];
+    for s in conns.iter_mut() {
+        loop {
+            let left = within.saturating_sub(t.elapsed());
+            match tokio::time::timeout(left, s.read(&mut buf)).await {
+                Err(_) => panic!("a slowloris connection is still open after {within:?}"),
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_cut_at_the_header_timeout_while_requests_are_served() {
+    let nofile = raise_open_file_limit();
+    // This process holds the client side of both floods.
+    let n = 2000.min((nofile.saturating_sub(300) / 2) as usize);
+    assert!(
+        n >= 300,
+        "open-file limit {nofile} is too low for this test"
+    );
+    eprintln!("open-file limit {nofile}: {n} slowloris connections to each server");
+    let timeout = ["--header-read-timeout", "2s"];
+    let agent = Agent::spawn(AgentOpts {
+        extra: timeout.iter().map(|s| s.to_string()).collect(),
+        ..AgentOpts::default()
+    });
+    let gw = Gateway::spawn(&[&agent], &timeout).await;
+    let mut at_gateway = slowloris(gw.addr, n).await;
+    let mut at_agent = slowloris(agent.http, n).await;
+    let opened = Instant::now();
+    // Meanwhile a normal client's completions go through the gateway.
+    let body = json!({"model": agent.model, "prompt": "Hello", "max_tokens": 2, "temperature": 0});
+    for _ in 0..10 {
+        let (status, b) = call(
+            gw.addr,
+            "POST",
+            "/v1/completions",
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+    }
+    let g = all_closed(&mut at_gateway, Duration::from_secs(15)).await;
+    let a = all_closed(&mut at_agent, Duration::from_secs(15)).await;
+    eprintln!(
+        "all {n} + {n} closed {:?} after the floods were open (gateway {g:?}, agent {a:?} waiting)",
+        opened.elapsed()
+    );
+    // And both still serve.
+    let (status, _) = call(
+        gw.addr,
+        "POST",
+        "/v1/completions",
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_shed_with_503_and_retry_after() {
+    let agent = Agent::spawn(AgentOpts::default());
+    let gw = Gateway::spawn(&[&agent], &["--max-connections", "50"]).await;
+    let held = slowloris(gw.addr, 60).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(out.contains("retry-after: 1"), "{out}");
+    drop(held);
+    // Places free as the held connections close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = call(gw.addr, "GET", "/health", Vec::new()).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still shedding after the flood closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_200_open_streams_finish_then_the_gateway_exits() {
+    raise_open_file_limit();
+    let agent = Agent::spawn(AgentOpts::default());
+    let mut gw = Gateway::spawn(&[&agent], &["--drain-timeout", "120s"]).await;
+    let addr = gw.addr;
+    let streams: Vec<_> = (0..200)
+        .map(|i| {
+            let body = json!({
+                "model": agent.model, "prompt": format!("Count to ten, take {i}:"),
+                "max_tokens": 8, "temperature": 0, "stream": true, "ignore_eos": true,
+            });
+            tokio::spawn(async move {
+                let resp = send(
+                    addr,
+                    "POST",
+                    "/v1/completions",
+                    serde_json::to_vec(&body).unwrap(),
+                )
+                .await;
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.map(|b| b.to_bytes());
+                (status, bytes)
+            })
+        })
+        .collect();
+    // Every request is in: received by the agent or queued in the gateway. (The agent is read
+    // first: a request moving on between the two reads is missed, never counted twice.)
+    let sum =
+        |text: &str, name: &str| -> f64 { kvroute_tests::metric_values(text, name).iter().sum() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let at_agent = kvroute_tests::try_get_text(agent.http, "/metrics")
+            .await
+            .unwrap();
+        let at_gw = kvroute_tests::try_get_text(addr, "/metrics").await.unwrap();
+        let seen = sum(&at_agent, "kvroute_requests_received_total")
+            + sum(&at_gw, "kvroute_gateway_queue_depth");
+        if seen >= 200.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {seen} requests arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.sigterm();
+    // New connections are refused soon after.
+    let refused_by = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < refused_by, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut finished = 0;
+    for s in streams {
+        let (status, bytes) = s.await.unwrap();
+        assert_eq!(status, 200);
+        let text = String::from_utf8_lossy(&bytes.expect("the stream ended cleanly")).into_owned();
+        assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+        assert!(!text.contains("abort"), "{text}");
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        finished += 1;
+    }
+    assert_eq!(finished, 200);
+    let st = gw
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the gateway exits once drained");
+    assert!(st.success(), "exit status {st}; stderr:\n{}", gw.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_thread_panic_fails_the_agent_and_the_gateway_routes_around_it() {
+    use kvroute_proto::{AgentClient, WatchCapacityRequest};
+    let mut broken = Agent::spawn(AgentOpts {
+        extra: vec!["--fault-panic-at-step".into(), "20".into()],
+        ..AgentOpts::default()
+    });
+    let healthy = Agent::spawn(AgentOpts::default());
+    let gw = Gateway::spawn(&[&broken, &healthy], &[]).await;
+    let mut client = AgentClient::connect(broken.grpc_url()).await.unwrap();
+    let mut stream = client
+        .watch_capacity(WatchCapacityRequest {
+            subscriber: "fault-test".into(),
+            include_block_events: false,
+            dispatcher: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().unwrap().snapshot);
+    let (status, b) = call(broken.http, "GET", "/health", Vec::new()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+
+    // A request straight to the broken agent runs into the injected panic at step 20.
+    let long = json!({"model": broken.model, "prompt": "Once upon a time", "max_tokens": 40,
+                      "temperature": 0, "ignore_eos": true});
+    let (status, b) = call(
+        broken.http,
+        "POST",
+        "/v1/completions",
+        serde_json::to_vec(&long).unwrap(),
+    )
+    .await;
+    let failed_at = Instant::now();
+    assert_ne!(status, 200, "{}", String::from_utf8_lossy(&b));
+
+    // Within 3 s: /health 500 with the reason, and the capacity stream has ended.
+    let mut health_500 = false;
+    while failed_at.elapsed() < Duration::from_secs(3) {
+        if let Ok((status, b)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            call(broken.http, "GET", "/health", Vec::new()),
+        )
+        .await
+        {
+            if status == 500 {
+                let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+                assert_eq!(v["status"], "failed", "{v}");
+                assert!(
+                    v["reason"].as_str().unwrap().contains("injected fault"),
+                    "{v}"
+                );
+                health_500 = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(health_500, "/health did not answer 500 within 3 s");
+    let left = Duration::from_secs(3).saturating_sub(failed_at.elapsed());
+    let ended = tokio::time::timeout(left, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the capacity stream was still open 3 s after the failure"
+    );
+
+    // The next 100 requests through the gateway are all served (by the healthy agent).
+    let short = json!({"model": broken.model, "prompt": "Hi", "max_tokens": 2, "temperature": 0});
+    for i in 0..100 {
+        let (status, b) = call(
+            gw.addr,
+            "POST",
+            "/v1/completions",
+            serde_json::to_vec(&short).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "request {i}: {}", String::from_utf8_lossy(&b));
+    }
+    // And the broken agent exits with an error.
+    let st = tokio::task::spawn_blocking(move || broken.wait())
+        .await
+        .unwrap();
+    assert!(!st.success(), "a failed agent exits non-zero");
+}
