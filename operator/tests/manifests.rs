@@ -448,3 +448,155 @@ fn objects_the_operator_creates_validate_strictly() {
         "{out}"
     );
 }
+
+/// The environment variables a binary's subcommand reads, from its own `--help` (clap prints
+/// `[env: NAME=...]` for every flag that has one): derived from the code, not listed by hand.
+fn env_vars_read(bin: &Path, subcommand: &str) -> std::collections::BTreeSet<String> {
+    let out = run(Command::new(bin).args([subcommand, "--help"]));
+    assert!(out.status.success(), "{} {subcommand} --help", bin.display());
+    let re = regex::Regex::new(r"\[env: ([A-Z0-9_]+)=").unwrap();
+    let help = text(&out);
+    let mut vars: std::collections::BTreeSet<String> = re
+        .captures_iter(&help)
+        .map(|c| c[1].to_string())
+        .collect();
+    // Read by the logging set-up of every binary, not by a flag.
+    vars.insert("RUST_LOG".into());
+    assert!(vars.len() > 1, "no env vars found in --help:\n{help}");
+    vars
+}
+
+/// `kvroute-agent`, built next to this test's binary (scripts/test.sh builds every binary
+/// before the tests).
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("kvroute-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Every env var a template or the operator sets on a kvroute container is one its binary
+/// reads (a misspelt or wrong-binary variable is silently ignored otherwise: that is how the
+/// gateway once got `KVROUTE_WATCH_NAMESPACE`, read only by the operator, and watched every
+/// namespace), and a namespaced install tells the gateway its namespace.
+#[test]
+fn every_env_var_set_is_one_the_binary_reads() {
+    use kvroute_operator::controller::desired::{desired, AgentDefaults, Workload};
+    use kvroute_operator::crd::ModelDeployment;
+    let kvroute = PathBuf::from(env!("CARGO_BIN_EXE_kvroute"));
+    let reads = |sub: &str| env_vars_read(&kvroute, sub);
+    let (gateway, operator) = (reads("gateway"), reads("operator"));
+    for args in [
+        &[][..],
+        &["--set", "operator.watchNamespace=models"][..],
+    ] {
+        for d in docs(&template(args)) {
+            if kind_of(&d) != "Deployment" {
+                continue;
+            }
+            for c in d["spec"]["template"]["spec"]["containers"]
+                .as_sequence()
+                .unwrap()
+            {
+                let sub = c["args"][0].as_str().unwrap();
+                let known = match sub {
+                    "gateway" => &gateway,
+                    "operator" => &operator,
+                    other => panic!("unexpected subcommand {other}"),
+                };
+                for e in c["env"].as_sequence().into_iter().flatten() {
+                    let name = e["name"].as_str().unwrap();
+                    assert!(
+                        known.contains(name),
+                        "{args:?}: the {sub} container sets {name}, which `kvroute {sub}` does not read (it reads {known:?})"
+                    );
+                }
+            }
+        }
+    }
+    let ns = docs(&template(&["--set", "operator.watchNamespace=models"]));
+    let gw = ns
+        .iter()
+        .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == "kvroute-gateway")
+        .unwrap();
+    let env = &gw["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "KVROUTE_NAMESPACE" && e["value"] == "models"),
+        "a namespaced install scopes the gateway's discovery: {env:?}"
+    );
+    // Agent pods, as the operator creates them.
+    let agent = env_vars_read(&agent_bin(), "serve");
+    for f in std::fs::read_dir(root().join("deploy/samples")).unwrap() {
+        let f = f.unwrap().path();
+        let mut md: ModelDeployment =
+            serde_yaml::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        md.metadata.uid = Some("0b6d3f0e-1111-4222-8333-444455556666".into());
+        let d = desired(&md, &AgentDefaults::default()).unwrap();
+        let spec = match &d.workload {
+            Workload::Deployment(w) => w.spec.template.spec.clone(),
+            Workload::DaemonSet(w) => w.spec.template.spec.clone(),
+        }
+        .unwrap();
+        for c in &spec.containers {
+            for e in c.env.iter().flatten() {
+                // HOSTNAME is the pod name the agent falls back to for its id.
+                assert!(
+                    agent.contains(&e.name) || e.name == "HOSTNAME",
+                    "{}: the operator sets {} on the agent, which `kvroute-agent serve` does not read",
+                    f.display(),
+                    e.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gateways_are_spread_budgeted_drained_and_agents_fenced() {
+    let all = docs(&template(&[]));
+    fn find<'a>(all: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        all.iter().filter(move |d| kind_of(d) == kind)
+    }
+    let gw = find(&all, "Deployment")
+        .find(|d| d["metadata"]["name"] == "kvroute-gateway")
+        .unwrap();
+    assert_eq!(gw["spec"]["replicas"], 2);
+    let pod = &gw["spec"]["template"]["spec"];
+    assert!(!pod["affinity"]["podAntiAffinity"].is_null(), "{pod:?}");
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(args.contains(&"--drain-timeout=30s"), "{args:?}");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 45);
+    assert_eq!(
+        pod["containers"][0]["readinessProbe"]["httpGet"]["path"],
+        "/ready"
+    );
+    let pdb = find(&all, "PodDisruptionBudget").next().expect("a PDB for gateways");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    let np = find(&all, "NetworkPolicy").next().expect("a NetworkPolicy for agents");
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "agent"
+    );
+    // One replica: no budget (it would block every drain of its node).
+    let one = docs(&template(&["--set", "gateway.replicas=1"]));
+    assert!(!one.iter().any(|d| kind_of(d) == "PodDisruptionBudget"));
+    let off = docs(&template(&["--set", "networkPolicy.enabled=false"]));
+    assert!(!off.iter().any(|d| kind_of(d) == "NetworkPolicy"));
+    // Namespaced: the fence stands where the agents are.
+    let ns = docs(&template(&["--set", "operator.watchNamespace=models"]));
+    let np = ns.iter().find(|d| kind_of(d) == "NetworkPolicy").unwrap();
+    assert_eq!(np["metadata"]["namespace"], "models");
+}
