@@ -126,7 +126,7 @@ def run(args, admission: str, policy: str, n: int) -> dict:
         gws = []
         for _ in range(n):
             port = free_port()
-            cmd = [os.path.join(REL, "kvroute"), "gateway", "--listen", f"127.0.0.1:{port}",
+            cmd = [os.path.join(REL, "kvroute"), "gateway", "--auth", "off", "--listen", f"127.0.0.1:{port}",
                    "--policy", policy, "--max-queue", "1024", "--queue-timeout", "120s"]
             for http, grpc in agents:
                 cmd += ["--agent", f"http://127.0.0.1:{http},grpc://127.0.0.1:{grpc}"]

@@ -42,7 +42,7 @@ UP_HTTP=$(port); UP_GRPC=$(port); GW=$(port); NG=$(port)
 "$BIN/examples/stub_agent" serve --http "127.0.0.1:$UP_HTTP" --grpc "127.0.0.1:$UP_GRPC" \
   --agent-id stub --kv-memory 1GiB 2>"$WORK/stub.log" &
 PIDS+=($!)
-RUST_LOG=warn "$BIN/kvroute" gateway --listen "127.0.0.1:$GW" \
+RUST_LOG=warn "$BIN/kvroute" gateway --auth off --listen "127.0.0.1:$GW" \
   --agent "http://127.0.0.1:$UP_HTTP,grpc://127.0.0.1:$UP_GRPC" --max-queue 100000 \
   2>"$WORK/gateway.log" &
 PIDS+=($!)

@@ -305,7 +305,7 @@ start_router() {
       [ "$name" = kv-no-holds ] && { policy=kv; extra=(--no-prefix-holds); }
       # The queue timeout is long so that the kv policy's admission queue never answers 429 here:
       # the other routers have no queue that gives up, and a 429 would not be comparable.
-      start router "$GATEWAY_BIN" gateway --listen "127.0.0.1:$port" --policy "$policy" \
+      start router "$GATEWAY_BIN" gateway --auth off --listen "127.0.0.1:$port" --policy "$policy" \
         --agent "http://$H1,grpc://$G1" --agent "http://$H2,grpc://$G2" --queue-timeout 900s --seed 1 \
         ${extra[@]+"${extra[@]}"} ${KVROUTE_BENCH_GATEWAY_FLAGS:-} ;;
     sglang|sglang-tuned)

@@ -84,7 +84,13 @@ fn stub(id: &str, token_delay_ms: u64) -> (Proc, String) {
 async fn gateway_proc(agents: &[&str]) -> (Proc, String) {
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute"));
-    cmd.args(["gateway", "--listen", &format!("127.0.0.1:{port}")]);
+    cmd.args([
+        "gateway",
+        "--auth",
+        "off",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
     for a in agents {
         cmd.args(["--agent", a]);
     }

@@ -145,7 +145,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn rendered_chart_validates_strictly_in_every_configuration() {
-    let variants: [&[&str]; 5] = [
+    let variants: [&[&str]; 6] = [
         &[],
         &[
             "--set",
@@ -154,6 +154,7 @@ fn rendered_chart_validates_strictly_in_every_configuration() {
             "gateway.service.type=LoadBalancer",
         ],
         &["--set", "operator.watchNamespace=models"],
+        &["--set", "gateway.apiKeys.secretName=kvroute-keys"],
         &[
             "--set",
             "gateway.enabled=false",
@@ -453,13 +454,15 @@ fn objects_the_operator_creates_validate_strictly() {
 /// `[env: NAME=...]` for every flag that has one): derived from the code, not listed by hand.
 fn env_vars_read(bin: &Path, subcommand: &str) -> std::collections::BTreeSet<String> {
     let out = run(Command::new(bin).args([subcommand, "--help"]));
-    assert!(out.status.success(), "{} {subcommand} --help", bin.display());
+    assert!(
+        out.status.success(),
+        "{} {subcommand} --help",
+        bin.display()
+    );
     let re = regex::Regex::new(r"\[env: ([A-Z0-9_]+)=").unwrap();
     let help = text(&out);
-    let mut vars: std::collections::BTreeSet<String> = re
-        .captures_iter(&help)
-        .map(|c| c[1].to_string())
-        .collect();
+    let mut vars: std::collections::BTreeSet<String> =
+        re.captures_iter(&help).map(|c| c[1].to_string()).collect();
     // Read by the logging set-up of every binary, not by a flag.
     vars.insert("RUST_LOG".into());
     assert!(vars.len() > 1, "no env vars found in --help:\n{help}");
@@ -491,10 +494,7 @@ fn every_env_var_set_is_one_the_binary_reads() {
     let kvroute = PathBuf::from(env!("CARGO_BIN_EXE_kvroute"));
     let reads = |sub: &str| env_vars_read(&kvroute, sub);
     let (gateway, operator) = (reads("gateway"), reads("operator"));
-    for args in [
-        &[][..],
-        &["--set", "operator.watchNamespace=models"][..],
-    ] {
+    for args in [&[][..], &["--set", "operator.watchNamespace=models"][..]] {
         for d in docs(&template(args)) {
             if kind_of(&d) != "Deployment" {
                 continue;
@@ -583,13 +583,42 @@ fn gateways_are_spread_budgeted_drained_and_agents_fenced() {
         pod["containers"][0]["readinessProbe"]["httpGet"]["path"],
         "/ready"
     );
-    let pdb = find(&all, "PodDisruptionBudget").next().expect("a PDB for gateways");
+    let pdb = find(&all, "PodDisruptionBudget")
+        .next()
+        .expect("a PDB for gateways");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
-    let np = find(&all, "NetworkPolicy").next().expect("a NetworkPolicy for agents");
+    let np = find(&all, "NetworkPolicy")
+        .next()
+        .expect("a NetworkPolicy for agents");
     assert_eq!(
         np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
         "agent"
     );
+    // Keys: off (said in the notes) unless a Secret is named, then mounted whole.
+    assert!(args.contains(&"--auth=off"), "{args:?}");
+    let keyed = docs(&template(&[
+        "--set",
+        "gateway.apiKeys.secretName=kvroute-keys",
+    ]));
+    let kgw = keyed
+        .iter()
+        .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == "kvroute-gateway")
+        .unwrap();
+    let kpod = &kgw["spec"]["template"]["spec"];
+    let kargs: Vec<&str> = kpod["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        kargs.contains(&"--api-keys=/etc/kvroute/api-keys/keys.yaml")
+            && !kargs.contains(&"--auth=off"),
+        "{kargs:?}"
+    );
+    assert_eq!(kpod["volumes"][0]["secret"]["secretName"], "kvroute-keys");
+    assert!(kpod["containers"][0]["volumeMounts"][0]["subPath"].is_null());
+
     // One replica: no budget (it would block every drain of its node).
     let one = docs(&template(&["--set", "gateway.replicas=1"]));
     assert!(!one.iter().any(|d| kind_of(d) == "PodDisruptionBudget"));

@@ -359,6 +359,10 @@ impl Gateway {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(bin("kvroute"));
         cmd.args(["gateway", "--listen", &addr.to_string()]);
+        // Keys off unless the test is about them.
+        if !extra.iter().any(|a| *a == "--auth" || *a == "--api-keys") {
+            cmd.args(["--auth", "off"]);
+        }
         for a in agents {
             cmd.args(["--agent", &format!("http://{},grpc://{}", a.http, a.grpc)]);
         }

@@ -286,3 +286,181 @@ async fn an_engine_thread_panic_fails_the_agent_and_the_gateway_routes_around_it
         .unwrap();
     assert!(!st.success(), "a failed agent exits non-zero");
 }
+
+/// Hex SHA-256 of a key, as the key file stores it (computed with `sha256sum`, the tool the
+/// docs tell operators to use).
+fn sha256_hex(key: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(key.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_gate_the_gateway_fix_each_keys_class_and_reload_on_change() {
+    use kvroute_tests::call_with;
+    let dir = std::env::temp_dir().join(format!("kvroute-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.yaml");
+    let write_keys = |entries: &[(&str, &str, &str)]| {
+        let mut y = String::from("keys:\n");
+        for (name, key, priority) in entries {
+            y.push_str(&format!(
+                "  - name: {name}\n    sha256: {}\n    tenant: {name}-tenant\n    priority: {priority}\n",
+                sha256_hex(key)
+            ));
+        }
+        // Written whole, then renamed over: a reader never sees half a file.
+        let tmp = dir.join("keys.tmp");
+        std::fs::write(&tmp, y).unwrap();
+        std::fs::rename(&tmp, &keys).unwrap();
+    };
+    write_keys(&[("batch", "sk-batch-1", "low")]);
+    // A small pool so requests queue in the gateway, where their class and tenant show.
+    let agent = Agent::spawn(AgentOpts {
+        kv_memory: "4MiB",
+        ..AgentOpts::default()
+    });
+    let keys_arg = keys.display().to_string();
+    let gw = Gateway::spawn(&[&agent], &["--api-keys", &keys_arg]).await;
+    let body = serde_json::to_vec(
+        &json!({"model": agent.model, "prompt": "Hello", "max_tokens": 2, "temperature": 0}),
+    )
+    .unwrap();
+    let post = |headers: Vec<(&'static str, String)>| {
+        let body = body.clone();
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            call_with(gw.addr, "POST", "/v1/completions", &h, body).await
+        }
+    };
+    let bearer = |k: &str| ("authorization", format!("Bearer {k}"));
+    // No key, a wrong key: 401 in the OpenAI shape, the key never echoed.
+    for headers in [vec![], vec![bearer("sk-wrong-key")]] {
+        let (status, b) = post(headers).await;
+        assert_eq!(status, 401);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+        assert!(!String::from_utf8_lossy(&b).contains("sk-wrong-key"));
+    }
+    let (status, _) = call_with(gw.addr, "GET", "/v1/models", &[], Vec::new()).await;
+    assert_eq!(status, 401, "listing models needs a key too");
+    let (status, b) = post(vec![bearer("sk-batch-1")]).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+
+    // The key's class and tenant stand whatever headers it sends: watch the queue.
+    let long = serde_json::to_vec(
+        &json!({"model": agent.model, "prompt": "Tell me a story.", "max_tokens": 100,
+                "temperature": 0, "ignore_eos": true}),
+    )
+    .unwrap();
+    let flood: Vec<_> = (0..12)
+        .map(|_| {
+            let long = long.clone();
+            let addr = gw.addr;
+            tokio::spawn(async move {
+                call_with(
+                    addr,
+                    "POST",
+                    "/v1/completions",
+                    &[
+                        ("authorization", "Bearer sk-batch-1"),
+                        ("x-kvroute-priority", "255"),
+                        ("x-kvroute-tenant", "someone-else"),
+                    ],
+                    long,
+                )
+                .await
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let entries = loop {
+        let text = kvroute_tests::try_get_text(gw.addr, "/dashboard/state")
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let e = v["queue"]["entries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !e.is_empty() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "nothing ever queued: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for e in &entries {
+        assert_eq!(e["priority"], "low", "{entries:?}");
+        assert_eq!(e["tenant"], "batch-tenant", "{entries:?}");
+    }
+    for f in flood {
+        let (status, _) = f.await.unwrap();
+        assert!(status == 200 || status == 429, "{status}");
+    }
+
+    // A new key file is picked up without a restart; a removed key stops working.
+    write_keys(&[("interactive", "sk-inter-2", "high")]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _) = post(vec![bearer("sk-inter-2")]).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 401);
+        assert!(Instant::now() < deadline, "the new key never worked");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, _) = post(vec![bearer("sk-batch-1")]).await;
+    assert_eq!(status, 401, "the removed key no longer works");
+    // The keys never show in the gateway's own output.
+    let logs = gw.stderr();
+    assert!(!logs.contains("sk-batch-1") && !logs.contains("sk-inter-2"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_without_keys_refuses_to_start_unless_told_auth_off() {
+    let out = std::process::Command::new(kvroute_tests::bin("kvroute"))
+        .args([
+            "gateway",
+            "--agent",
+            "http://127.0.0.1:1,grpc://127.0.0.1:2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--api-keys") && err.contains("--auth off"),
+        "{err}"
+    );
+    let out = std::process::Command::new(kvroute_tests::bin("kvroute"))
+        .args([
+            "gateway",
+            "--agent",
+            "http://127.0.0.1:1,grpc://127.0.0.1:2",
+            "--api-keys",
+            "/nonexistent/keys.yaml",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("API keys") && err.contains("/nonexistent/keys.yaml"),
+        "{err}"
+    );
+}

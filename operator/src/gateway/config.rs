@@ -2,14 +2,12 @@
 //!
 //! Errors name the flag and the bad value. Nothing here starts anything.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::prompt::ReserveOutput;
 use super::types::AgentEndpoint;
 use kvroute_contract::dispatch::{check_dispatcher, MAX_DISPATCHER_LEN};
-use kvroute_routing::admission::Priority;
 use kvroute_routing::cost::{CostWeights, Priors};
 use kvroute_routing::{PolicyConfig, PolicyKind, ScorerId, ScorerList, Weights};
 
@@ -88,9 +86,15 @@ pub struct GatewayArgs {
     /// End a response whose upstream sent nothing for this long (SSE gets an error event).
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
-    /// Default priority class for an API key, as `KEY=low|normal|high|0..255` (repeatable).
-    #[arg(long = "priority-for", value_name = "API_KEY=CLASS")]
-    pub priority_for: Vec<String>,
+    /// `required`: every OpenAI request needs an `Authorization: Bearer` key listed in
+    /// `--api-keys` (401 otherwise). `off`: anyone who reaches the gateway may use it, and the
+    /// priority and tenant headers are honoured from anyone (said in the log at start).
+    #[arg(long, value_enum, env = "KVROUTE_AUTH", default_value = "required")]
+    pub auth: AuthMode,
+    /// The API key file: SHA-256 digests of keys with their name, tenant and priority class
+    /// (see docs/security.md); reloaded when it changes.
+    #[arg(long, env = "KVROUTE_API_KEYS_FILE", value_name = "FILE")]
+    pub api_keys: Option<std::path::PathBuf>,
     /// Seed of the tie-breaking random source (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -117,6 +121,20 @@ pub struct GatewayArgs {
     pub drain_timeout: Duration,
 }
 
+/// `--auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    Required,
+    Off,
+}
+
+/// Who may call the gateway, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthConfig {
+    Off,
+    Keys(std::path::PathBuf),
+}
+
 /// A bad flag value.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
@@ -128,6 +146,8 @@ pub enum ConfigError {
     },
     #[error("no agents: pass --agent http://HOST:PORT,grpc://HOST:PORT or --kubernetes")]
     NoAgents,
+    #[error("--auth required (the default) needs --api-keys FILE (see docs/security.md); pass --auth off to serve without keys")]
+    NoKeys,
 }
 
 /// The settings that may differ per model: a ModelDeployment's `spec.routing` and
@@ -235,7 +255,7 @@ pub struct GatewayConfig {
     pub reserve_output: ReserveOutput,
     pub max_retries: u32,
     pub upstream_idle_timeout: Duration,
-    pub key_priorities: HashMap<String, Priority>,
+    pub auth: AuthConfig,
     pub seed: u64,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
@@ -353,19 +373,18 @@ impl GatewayArgs {
                 reason: "must be at least 1".into(),
             });
         }
-        let mut key_priorities = HashMap::new();
-        for kv in &self.priority_for {
-            let invalid = |reason: String| ConfigError::Invalid {
-                flag: "--priority-for",
-                value: kv.clone(),
-                reason,
-            };
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| invalid("expected API_KEY=CLASS".into()))?;
-            let p: Priority = v.parse().map_err(invalid)?;
-            key_priorities.insert(k.to_string(), p);
-        }
+        let auth = match (self.auth, &self.api_keys) {
+            (AuthMode::Required, Some(path)) => AuthConfig::Keys(path.clone()),
+            (AuthMode::Required, None) => return Err(ConfigError::NoKeys),
+            (AuthMode::Off, None) => AuthConfig::Off,
+            (AuthMode::Off, Some(path)) => {
+                return Err(ConfigError::Invalid {
+                    flag: "--api-keys",
+                    value: path.display().to_string(),
+                    reason: "given with --auth off: say which you mean".into(),
+                })
+            }
+        };
         let scorers = if self.scorers.is_empty() {
             None
         } else {
@@ -415,7 +434,7 @@ impl GatewayArgs {
             reserve_output,
             max_retries: self.max_retries,
             upstream_idle_timeout: self.upstream_idle_timeout,
-            key_priorities,
+            auth,
             seed,
             max_body_bytes: self.max_body_bytes,
             prefix_holds: !self.no_prefix_holds,
@@ -456,7 +475,7 @@ impl GatewayConfig {
             reserve_output: ReserveOutput::Full,
             max_retries: 2,
             upstream_idle_timeout: Duration::from_secs(120),
-            key_priorities: HashMap::new(),
+            auth: AuthConfig::Off,
             seed: 0x006b_7672_6f75_7465,
             max_body_bytes: kvroute_openai::DEFAULT_MAX_BODY_BYTES,
             prefix_holds: true,
@@ -487,15 +506,22 @@ mod tests {
         gateway: GatewayArgs,
     }
 
+    /// Parses `flags` after `--agent ...` (and `--auth off`, unless `flags` name keys).
     fn parse(flags: &[&str]) -> Result<GatewayConfig, String> {
         use clap::Parser;
-        let args = [
-            "kvroute",
-            "--agent",
-            "http://127.0.0.1:1,grpc://127.0.0.1:2",
-        ]
-        .iter()
-        .chain(flags);
+        let keyed = flags.iter().any(|f| *f == "--auth" || *f == "--api-keys");
+        let base: &[&str] = if keyed {
+            &["kvroute", "--agent", "http://127.0.0.1:1,grpc://127.0.0.1:2"]
+        } else {
+            &[
+                "kvroute",
+                "--agent",
+                "http://127.0.0.1:1,grpc://127.0.0.1:2",
+                "--auth",
+                "off",
+            ]
+        };
+        let args = base.iter().chain(flags);
         let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
         cli.gateway.into_config().map_err(|e| e.to_string())
     }
@@ -531,6 +557,21 @@ mod tests {
         let nine: Vec<&str> = ["--scorer", "queue=1"].repeat(9);
         let e = parse(&nine).unwrap_err();
         assert!(e.contains("--scorer") && e.contains("at most 8"), "{e}");
+    }
+
+    #[test]
+    fn keys_are_required_unless_auth_is_off_explicitly() {
+        let e = parse(&["--auth", "required"]).unwrap_err();
+        assert!(e.contains("--api-keys") && e.contains("--auth off"), "{e}");
+        assert_eq!(
+            parse(&["--api-keys", "/etc/keys.yaml"]).unwrap().auth,
+            AuthConfig::Keys("/etc/keys.yaml".into())
+        );
+        assert_eq!(parse(&[]).unwrap().auth, AuthConfig::Off);
+        let e = parse(&["--auth", "off", "--api-keys", "k.yaml"]).unwrap_err();
+        assert!(e.contains("--api-keys") && e.contains("--auth off"), "{e}");
+        let e = parse(&["--auth", "maybe"]).unwrap_err();
+        assert!(e.contains("maybe"), "{e}");
     }
 
     #[test]

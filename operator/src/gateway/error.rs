@@ -35,6 +35,9 @@ pub enum Error {
     BodyTooLarge(usize),
     #[error("no agent could be reached: {0}")]
     Upstream(String),
+    /// No API key, or one not in the key file.
+    #[error("{0}")]
+    Unauthorized(String),
 }
 
 impl Error {
@@ -47,6 +50,7 @@ impl Error {
             Error::QueueFull { .. } | Error::QueueTimeout { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -60,6 +64,7 @@ impl Error {
             Error::QueueTimeout { .. } => "queue_timeout",
             Error::BodyTooLarge(_) => "body_too_large",
             Error::Upstream(_) => "upstream",
+            Error::Unauthorized(_) => "unauthorized",
         }
     }
 
@@ -74,6 +79,7 @@ impl Error {
             }
             Error::BodyTooLarge(_) => ("invalid_request_error", None),
             Error::Upstream(_) => ("api_error", Some("upstream_unavailable")),
+            Error::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
         }
     }
 

@@ -6,6 +6,7 @@
 //! token counts and block hashes; `proxy` streams responses through; `server` wires the HTTP
 //! endpoints, `metrics` and `dashboard` show what happens.
 
+pub mod auth;
 pub mod capacity;
 pub mod config;
 pub mod dashboard;

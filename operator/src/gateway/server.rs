@@ -19,8 +19,9 @@ use http_body_util::BodyExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::auth;
 use super::capacity::WatchSettings;
-use super::config::GatewayConfig;
+use super::config::{AuthConfig, GatewayConfig};
 use super::dashboard::{self, DashboardState};
 use super::error::Error;
 use super::metrics::Metrics;
@@ -29,7 +30,6 @@ use super::proxy::{self, HttpClient};
 use super::router::{AdmitError, HoldAction, Router};
 use super::source::{track_agents, AgentSet, AgentSource, KubernetesAgents, StaticAgents};
 use kvroute_contract::dispatch::DISPATCH_HEADER;
-use kvroute_routing::admission::Priority;
 use kvroute_routing::PolicyKind;
 
 /// Shared state of a running gateway.
@@ -42,6 +42,7 @@ pub struct Gateway {
     /// tokenizer once per request.
     catalog_fetch: tokio::sync::Mutex<()>,
     client: HttpClient,
+    auth: auth::Auth,
     /// Set by [`RunningGateway::drain`]: `/ready` answers 503 so no new traffic is sent here.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -55,6 +56,8 @@ pub enum ServeError {
     Serve(std::io::Error),
     #[error("--kubernetes: no Kubernetes client configuration: {0}")]
     Kubernetes(String),
+    #[error("API keys: {0}")]
+    Keys(String),
 }
 
 /// A gateway started in this process.
@@ -101,14 +104,26 @@ impl RunningGateway {
 }
 
 impl Gateway {
-    pub fn new(config: GatewayConfig) -> Arc<Self> {
+    /// A gateway for `config`; fails when its API key file cannot be read.
+    pub fn new(config: GatewayConfig) -> Result<Arc<Self>, ServeError> {
+        let auth = match &config.auth {
+            AuthConfig::Off => {
+                tracing::warn!("API keys are off (--auth off): anyone who reaches this gateway may use it and set its priority and tenant headers");
+                auth::Auth::Off
+            }
+            AuthConfig::Keys(path) => {
+                let store = auth::KeyStore::open(path.clone()).map_err(ServeError::Keys)?;
+                tracing::info!(file = %path.display(), keys = store.ring().len(), "API keys loaded");
+                auth::Auth::Keys(Arc::new(store))
+            }
+        };
         let metrics = Arc::new(Metrics::new(config.policy.kind.as_str()));
         let router = Arc::new(
             Router::new(config.model_defaults(), config.seed, Arc::clone(&metrics))
                 .with_gateway_id(config.gateway_id.clone()),
         );
         router.set_prefix_holds(config.prefix_holds);
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             config,
             router,
             metrics,
@@ -116,7 +131,8 @@ impl Gateway {
             catalog_fetch: tokio::sync::Mutex::new(()),
             client: proxy::http_client(),
             draining: std::sync::atomic::AtomicBool::new(false),
-        })
+            auth,
+        }))
     }
 
     /// The model's tokenizer and template, fetched once from an agent serving it.
@@ -183,34 +199,42 @@ impl Gateway {
         }
     }
 
-    /// Priority class and tenant of a request, from its headers.
-    fn classify(&self, headers: &HeaderMap) -> Result<(Priority, String), Error> {
-        let api_key = headers
+    /// Who sends a request: its API key (with `--auth required`) and the priority and tenant
+    /// headers it may set ([`auth::identify`]).
+    fn identify(&self, headers: &HeaderMap) -> Result<auth::Caller, Error> {
+        let text = |name: &str| -> Result<Option<&str>, Error> {
+            headers
+                .get(name)
+                .map(|v| {
+                    v.to_str().map_err(|_| Error::BadRequest {
+                        message: format!("header {name}: not text"),
+                        param: None,
+                    })
+                })
+                .transpose()
+        };
+        let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|k| !k.is_empty());
-        let priority = match headers.get("x-kvroute-priority") {
-            Some(v) => v
-                .to_str()
-                .map_err(|_| "not text".to_string())
-                .and_then(str::parse::<Priority>)
-                .map_err(|e| Error::BadRequest {
-                    message: format!("header x-kvroute-priority: {e}"),
-                    param: None,
-                })?,
-            None => api_key
-                .and_then(|k| self.config.key_priorities.get(k).copied())
-                .unwrap_or(Priority::NORMAL),
-        };
-        let tenant = headers
-            .get("x-kvroute-tenant")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| api_key.map(|k| format!("key:{}", &k[..k.len().min(12)])))
-            .unwrap_or_else(|| "anonymous".to_string());
-        Ok((priority, tenant))
+        auth::identify(
+            &self.auth,
+            bearer,
+            text("x-kvroute-priority")?,
+            text("x-kvroute-tenant")?,
+        )
+        .map_err(|d| match d {
+            auth::Denied::Missing => Error::Unauthorized(
+                "No API key provided: send it as `Authorization: Bearer <key>`.".into(),
+            ),
+            auth::Denied::Unknown => Error::Unauthorized("Incorrect API key provided.".into()),
+            auth::Denied::BadHeader(message) => Error::BadRequest {
+                message,
+                param: None,
+            },
+        })
     }
 
     /// The whole life of one OpenAI request.
@@ -219,6 +243,7 @@ impl Gateway {
         endpoint: Endpoint,
         path: &'static str,
         headers: HeaderMap,
+        caller: auth::Caller,
         body: Bytes,
     ) -> Result<Response, Error> {
         let value: serde_json::Value =
@@ -289,7 +314,9 @@ impl Gateway {
                 });
             }
         }
-        let (priority, tenant) = self.classify(&headers)?;
+        let auth::Caller {
+            priority, tenant, ..
+        } = caller;
         let deadline = Instant::now() + settings.queue_timeout;
         let retry_after_s = settings.queue_timeout.as_secs().clamp(1, 30);
         let mut exclude = Vec::new();
@@ -431,6 +458,13 @@ async fn respond(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let caller = match gw.identify(&headers) {
+        Ok(c) => c,
+        Err(e) => {
+            gw.metrics.count_request("", e.status().as_u16());
+            return e.into_response();
+        }
+    };
     let limit = gw.config.max_body_bytes;
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
@@ -441,7 +475,10 @@ async fn respond(
         }
     };
     let metrics = Arc::clone(&gw.metrics);
-    match gw.handle(endpoint, path, headers, bytes.clone()).await {
+    match gw
+        .handle(endpoint, path, headers, caller, bytes.clone())
+        .await
+    {
         Ok(r) => r,
         Err(e) => {
             let model = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -474,7 +511,10 @@ async fn chat_completions(
     .await
 }
 
-async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Err(e) = gw.identify(&headers) {
+        return e.into_response();
+    }
     let data: Vec<serde_json::Value> = gw
         .router
         .models()
@@ -539,10 +579,11 @@ pub fn start_with(
     let addr = listener
         .local_addr()
         .map_err(|e| ServeError::Bind(config.listen, e))?;
-    let gw = Gateway::new(config);
+    let gw = Gateway::new(config)?;
     let (tx, rx) = watch::channel(AgentSet::default());
     let router = Arc::clone(&gw.router);
     let app = app(Arc::clone(&gw));
+    let gw_auth = Arc::clone(&gw);
     let limits = gw.config.http_limits;
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -556,6 +597,10 @@ pub fn start_with(
             WatchSettings::default(),
         ));
         let src = tokio::spawn(source.run(tx));
+        let keys = match &gw_auth.auth {
+            auth::Auth::Keys(store) => Some(tokio::spawn(Arc::clone(store).watch())),
+            auth::Auth::Off => None,
+        };
         let served = kvroute_serve::serve(listener, app, limits, async move {
             let _ = stop_rx.await;
         })
@@ -567,6 +612,9 @@ pub fn start_with(
         }
         tracker.abort();
         src.abort();
+        if let Some(k) = keys {
+            k.abort();
+        }
         served
     });
     Ok(RunningGateway {
