@@ -464,3 +464,69 @@ async fn a_gateway_without_keys_refuses_to_start_unless_told_auth_off() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_over_its_guardrails_gets_400_or_429_with_retry_after_and_others_are_served() {
+    use kvroute_tests::{send_with, AgentOpts};
+    let dir = std::env::temp_dir().join(format!("kvroute-quota-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.yaml");
+    std::fs::write(
+        &keys,
+        format!(
+            "keys:\n  - name: metered\n    sha256: {}\n    tokens_per_minute: 100\n    max_output_tokens: 40\n  - name: free\n    sha256: {}\n",
+            sha256_hex("sk-metered"),
+            sha256_hex("sk-free")
+        ),
+    )
+    .unwrap();
+    let agent = Agent::spawn(AgentOpts::default());
+    let keys_arg = keys.display().to_string();
+    let gw = Gateway::spawn(&[&agent], &["--api-keys", &keys_arg]).await;
+    let req = |max_tokens: u32| {
+        serde_json::to_vec(&json!({"model": agent.model, "prompt": "Hello",
+                                   "max_tokens": max_tokens, "temperature": 0}))
+        .unwrap()
+    };
+    let as_key = |k: &'static str, body: Vec<u8>| async move {
+        let auth = format!("Bearer {k}");
+        let resp = send_with(
+            gw.addr,
+            "POST",
+            "/v1/completions",
+            &[("authorization", auth.as_str())],
+            body,
+        )
+        .await;
+        let status = resp.status();
+        let retry = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let b = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+        (status.as_u16(), retry, v)
+    };
+    // More output than the key allows: 400, for good.
+    let (status, _, v) = as_key("sk-metered", req(41)).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "key_limit_exceeded", "{v}");
+    assert_eq!(v["error"]["param"], "max_tokens", "{v}");
+    // Two requests of ~42 tokens fit the minute's 100; the third waits for the bucket.
+    for _ in 0..2 {
+        let (status, _, v) = as_key("sk-metered", req(40)).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, retry, v) = as_key("sk-metered", req(40)).await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+    let retry = retry.expect("Retry-After on a 429");
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // Another key is not held back.
+    for _ in 0..3 {
+        let (status, _, v) = as_key("sk-free", req(40)).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

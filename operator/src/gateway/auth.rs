@@ -11,6 +11,10 @@
 //!     priority: low               # low | normal | high | 0..255 (default normal)
 //!     may_set_priority: false     # honour the request's x-kvroute-priority header
 //!     may_set_tenant: false       # honour the request's x-kvroute-tenant header
+//!     max_prompt_tokens: 8192     # guardrails (each optional; see `quota`)
+//!     max_output_tokens: 1024
+//!     tokens_per_minute: 200000
+//!     max_concurrent: 32
 //! ```
 //!
 //! The file is read again when its contents change (checked every [`RELOAD_EVERY`]); a file
@@ -24,6 +28,8 @@ use std::time::Duration;
 
 use kvroute_routing::admission::Priority;
 use sha2::{Digest, Sha256};
+
+use super::quota::KeyLimits;
 
 /// How often the key file is checked for changes.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
@@ -42,6 +48,7 @@ pub struct KeyEntry {
     pub priority: Priority,
     pub may_set_priority: bool,
     pub may_set_tenant: bool,
+    pub limits: KeyLimits,
 }
 
 /// The keys loaded now, by digest.
@@ -98,6 +105,14 @@ struct FileKey {
     may_set_priority: bool,
     #[serde(default)]
     may_set_tenant: bool,
+    #[serde(default)]
+    max_prompt_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    max_concurrent: Option<u32>,
 }
 
 fn check_name(what: &str, s: &str) -> Result<(), String> {
@@ -148,12 +163,30 @@ pub fn parse_key_file(text: &str) -> Result<KeyRing, String> {
                 .map_err(|e| format!("{at}.priority: {e}"))?,
             None => Priority::NORMAL,
         };
+        for (field, v) in [
+            ("max_prompt_tokens", k.max_prompt_tokens),
+            ("max_output_tokens", k.max_output_tokens),
+            ("tokens_per_minute", k.tokens_per_minute),
+            ("max_concurrent", k.max_concurrent.map(u64::from)),
+        ] {
+            if v == Some(0) {
+                return Err(format!(
+                    "{at}.{field}: must be at least 1 (leave it out for no limit)"
+                ));
+            }
+        }
         let entry = Arc::new(KeyEntry {
             name: k.name,
             tenant,
             priority,
             may_set_priority: k.may_set_priority,
             may_set_tenant: k.may_set_tenant,
+            limits: KeyLimits {
+                max_prompt_tokens: k.max_prompt_tokens,
+                max_output_tokens: k.max_output_tokens,
+                tokens_per_minute: k.tokens_per_minute,
+                max_concurrent: k.max_concurrent,
+            },
         });
         if ring.by_digest.insert(digest, entry).is_some() {
             return Err(format!("{at}: the same key is listed twice"));
@@ -249,6 +282,8 @@ pub struct Caller {
     pub priority: Priority,
     /// The key's name (none with `--auth off`).
     pub key_name: Option<String>,
+    /// The key's guardrails (none with `--auth off`).
+    pub limits: KeyLimits,
 }
 
 /// Why a request was not let in.
@@ -293,6 +328,7 @@ pub fn identify(
                 ),
             },
             key_name: None,
+            limits: KeyLimits::default(),
         }),
         Auth::Keys(store) => {
             let key = bearer.ok_or(Denied::Missing)?;
@@ -311,6 +347,7 @@ pub fn identify(
                 tenant,
                 priority,
                 key_name: Some(entry.name.clone()),
+                limits: entry.limits,
             })
         }
     }
@@ -348,7 +385,8 @@ mod tests {
             Caller {
                 tenant: "team-a".into(),
                 priority: Priority::LOW,
-                key_name: Some("batch".into())
+                key_name: Some("batch".into()),
+                limits: KeyLimits::default(),
             }
         );
         let c = identify(&auth, Some("sk-admin"), Some("200"), Some("ops")).unwrap();
@@ -420,6 +458,14 @@ mod tests {
             (
                 &format!("keys:\n  - name: a\n    sha256: {h}\n    admin: true\n"),
                 "unknown field",
+            ),
+            (
+                &format!("keys:\n  - name: a\n    sha256: {h}\n    tokens_per_minute: 0\n"),
+                "keys[0].tokens_per_minute",
+            ),
+            (
+                &format!("keys:\n  - name: a\n    sha256: {h}\n    max_concurrent: -1\n"),
+                "not a key file",
             ),
         ] {
             let e = parse_key_file(text).unwrap_err();

@@ -511,7 +511,11 @@ mod tests {
         use clap::Parser;
         let keyed = flags.iter().any(|f| *f == "--auth" || *f == "--api-keys");
         let base: &[&str] = if keyed {
-            &["kvroute", "--agent", "http://127.0.0.1:1,grpc://127.0.0.1:2"]
+            &[
+                "kvroute",
+                "--agent",
+                "http://127.0.0.1:1,grpc://127.0.0.1:2",
+            ]
         } else {
             &[
                 "kvroute",

@@ -38,6 +38,14 @@ pub enum Error {
     /// No API key, or one not in the key file.
     #[error("{0}")]
     Unauthorized(String),
+    /// Over a guardrail of the request's API key.
+    #[error("{message}")]
+    KeyLimit {
+        message: String,
+        param: Option<&'static str>,
+        /// `Some`: a rate or concurrency limit (429, retry then); `None`: can never pass (400).
+        retry_after_s: Option<u64>,
+    },
 }
 
 impl Error {
@@ -51,6 +59,11 @@ impl Error {
             Error::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::KeyLimit {
+                retry_after_s: Some(_),
+                ..
+            } => StatusCode::TOO_MANY_REQUESTS,
+            Error::KeyLimit { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -65,6 +78,7 @@ impl Error {
             Error::BodyTooLarge(_) => "body_too_large",
             Error::Upstream(_) => "upstream",
             Error::Unauthorized(_) => "unauthorized",
+            Error::KeyLimit { .. } => "key_limit",
         }
     }
 
@@ -80,6 +94,11 @@ impl Error {
             Error::BodyTooLarge(_) => ("invalid_request_error", None),
             Error::Upstream(_) => ("api_error", Some("upstream_unavailable")),
             Error::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
+            Error::KeyLimit {
+                retry_after_s: Some(_),
+                ..
+            } => ("rate_limit_error", Some("rate_limit_exceeded")),
+            Error::KeyLimit { .. } => ("invalid_request_error", Some("key_limit_exceeded")),
         }
     }
 
@@ -91,6 +110,7 @@ impl Error {
             Error::Invalid { param, .. } => param.as_deref(),
             Error::PromptTooLarge(_) => Some("messages"),
             Error::ModelNotFound(_) => Some("model"),
+            Error::KeyLimit { param, .. } => *param,
             _ => None,
         };
         serde_json::json!({
@@ -133,7 +153,13 @@ impl From<kvroute_openai::RequestError> for Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
-        if let Error::QueueFull { retry_after_s } | Error::QueueTimeout { retry_after_s } = self {
+        if let Error::QueueFull { retry_after_s }
+        | Error::QueueTimeout { retry_after_s }
+        | Error::KeyLimit {
+            retry_after_s: Some(retry_after_s),
+            ..
+        } = self
+        {
             if let Ok(v) = HeaderValue::from_str(&retry_after_s.max(1).to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod metrics;
 pub mod prompt;
 pub mod proxy;
+pub mod quota;
 pub mod router;
 pub mod server;
 pub mod source;

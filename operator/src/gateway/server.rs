@@ -27,6 +27,7 @@ use super::error::Error;
 use super::metrics::Metrics;
 use super::prompt::{self, Endpoint, ModelCatalog, ModelInfo};
 use super::proxy::{self, HttpClient};
+use super::quota;
 use super::router::{AdmitError, HoldAction, Router};
 use super::source::{track_agents, AgentSet, AgentSource, KubernetesAgents, StaticAgents};
 use kvroute_contract::dispatch::DISPATCH_HEADER;
@@ -43,6 +44,7 @@ pub struct Gateway {
     catalog_fetch: tokio::sync::Mutex<()>,
     client: HttpClient,
     auth: auth::Auth,
+    quotas: Arc<quota::Quotas>,
     /// Set by [`RunningGateway::drain`]: `/ready` answers 503 so no new traffic is sent here.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -132,6 +134,7 @@ impl Gateway {
             client: proxy::http_client(),
             draining: std::sync::atomic::AtomicBool::new(false),
             auth,
+            quotas: Arc::new(quota::Quotas::default()),
         }))
     }
 
@@ -314,6 +317,34 @@ impl Gateway {
                 });
             }
         }
+        // The key's guardrails, charged now; the permit lives as long as the response.
+        let permit = match &caller.key_name {
+            Some(key) => self
+                .quotas
+                .admit(
+                    key,
+                    &caller.limits,
+                    plan.prompt_tokens,
+                    plan.output_tokens,
+                    Instant::now(),
+                )
+                .map_err(|over| match over {
+                    quota::Over::TooLarge { message, param } => Error::KeyLimit {
+                        message,
+                        param: Some(param),
+                        retry_after_s: None,
+                    },
+                    quota::Over::Busy {
+                        message,
+                        retry_after_s,
+                    } => Error::KeyLimit {
+                        message,
+                        param: None,
+                        retry_after_s: Some(retry_after_s),
+                    },
+                })?,
+            None => None,
+        };
         let auth::Caller {
             priority, tenant, ..
         } = caller;
@@ -412,7 +443,7 @@ impl Gateway {
                         "routed"
                     );
                     self.metrics.count_request(&model, resp.status().as_u16());
-                    return Ok(proxy::relay(
+                    let resp = proxy::relay(
                         resp,
                         &admitted.agent_id,
                         self.config.upstream_idle_timeout,
@@ -422,7 +453,17 @@ impl Gateway {
                             predicted_s: admitted.route.predicted_ttft_s,
                             calibrate: Some(admitted.ttft_calibrator()),
                         }),
-                    ));
+                    );
+                    return Ok(match permit {
+                        // The key's request counts as in flight until its body ends.
+                        Some(p) => resp.map(|b| {
+                            Body::new(b.map_frame(move |f| {
+                                let _held = &p;
+                                f
+                            }))
+                        }),
+                        None => resp,
+                    });
                 }
                 Err(e) => {
                     self.metrics.count_upstream_failure();
