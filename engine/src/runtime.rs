@@ -50,6 +50,9 @@ pub struct EngineConfig {
     /// Test-only fault injection: the engine thread panics at this step (counting steps that
     /// ran a batch), to exercise [`Engine::failure`] and what depends on it.
     pub fault_panic_at_step: Option<u64>,
+    /// Test-only: keep this many bits of each public block hash (so prefixes collide), to show
+    /// that a colliding prompt never shares another's KV. `None`: the full 64.
+    pub block_hash_bits_for_tests: Option<u32>,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +67,7 @@ impl Default for EngineConfig {
             max_pending: 4096,
             admit_whole_future: false,
             fault_panic_at_step: None,
+            block_hash_bits_for_tests: None,
         }
     }
 }
@@ -538,7 +542,11 @@ impl Engine {
         sc.max_model_len = max_model_len;
         sc.enable_events = true;
         sc.admit_whole_future = config.admit_whole_future;
-        Scheduler::new(sc).map_err(|e| EngineError::Config(e.to_string()))
+        let mut sched = Scheduler::new(sc).map_err(|e| EngineError::Config(e.to_string()))?;
+        if let Some(bits) = config.block_hash_bits_for_tests {
+            sched.set_block_hash_bits_for_tests(bits);
+        }
+        Ok(sched)
     }
 
     /// Starts the step loop: `sched` hands out the blocks `runner`'s KV cache holds.

@@ -482,3 +482,72 @@ fn a_shut_down_engine_is_not_a_failure() {
     e.shutdown();
     assert_eq!(e.failure(), None);
 }
+
+fn submit_tokens(e: &Engine, prompt: Vec<u32>, params: SamplingParams) -> Receiver<EngineEvent> {
+    let (tx, rx) = channel();
+    e.add_request(
+        GenerateRequest {
+            prompt: Prompt::Tokens(prompt),
+            params,
+            cache_key: None,
+            hold: None,
+            dispatch: None,
+            only_with_room: false,
+        },
+        Box::new(move |ev| tx.send(ev).is_ok()),
+    )
+    .unwrap();
+    rx
+}
+
+#[test]
+fn prompts_whose_block_hashes_collide_never_share_kv() {
+    use kvroute_engine::kv::hash_block;
+    // With public hashes cut to 16 bits, find two different first blocks that collide.
+    const MASK: u64 = 0xffff;
+    let mut seen = std::collections::HashMap::new();
+    let (a, b) = (0u32..)
+        .find_map(|i| {
+            let block: Vec<u32> = (0..16).map(|j| 1000 + (i * 16 + j) % 40000).collect();
+            let h = hash_block(None, b"", &block) & MASK;
+            seen.insert(h, block.clone())
+                .filter(|prev| *prev != block)
+                .map(|prev| (prev, block))
+        })
+        .unwrap();
+    let suffix: Vec<u32> = (500..520).collect();
+    let prompt = |first: &[u32]| [first, &suffix[..]].concat();
+    let start = || {
+        let m = load_path(&model_fixture::model_path()).unwrap();
+        let block_bytes = KvStorage::block_bytes(&m.config, 16);
+        Engine::start(
+            m,
+            EngineConfig {
+                block_size: 16,
+                kv_memory_bytes: (64 * block_bytes) as u64,
+                threads: 2,
+                block_hash_bits_for_tests: Some(16),
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap()
+    };
+    let e = start();
+    let first = collect(&submit_tokens(&e, prompt(&a), greedy(8)));
+    assert_eq!(first.usage.cached_tokens, 0);
+    // The same prompt again is a hit: the cache works at 16 bits.
+    let again = collect(&submit_tokens(&e, prompt(&a), greedy(8)));
+    assert_eq!(again.usage.cached_tokens, 32);
+    assert_eq!(again.tokens, first.tokens);
+    // The colliding prompt finds A's block under its public hash, but shares none of it.
+    let colliding = collect(&submit_tokens(&e, prompt(&b), greedy(8)));
+    assert_eq!(colliding.usage.cached_tokens, 0);
+    e.shutdown();
+    let fresh = start();
+    let alone = collect(&submit_tokens(&fresh, prompt(&b), greedy(8)));
+    fresh.shutdown();
+    assert_eq!(
+        colliding.tokens, alone.tokens,
+        "the colliding prompt's output equals its output on an empty cache"
+    );
+}

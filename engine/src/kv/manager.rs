@@ -11,9 +11,16 @@
 //!   produce logits);
 //! - a block is registered in the cache only once the caller says its tokens are computed
 //!   ([`KvManager::cache_computed`]), so a hit always finds a block whose KV is in memory;
-//! - a sequence's blocks are freed tail first, so its chain's tail is evicted before its head.
+//! - a sequence's blocks are freed tail first, so its chain's tail is evicted before its head;
+//! - a hit is verified, not trusted: the public block hash ([`super::hash`], which the gateway
+//!   computes too) only finds a candidate block, which is shared only if its token ids equal the
+//!   sequence's and its *verification digest* does too: a chained SipHash of the whole prefix
+//!   (tokens and extra key) under a key drawn at random per process, which never leaves it. A
+//!   prompt crafted to collide with another's public hash therefore never reads its KV.
 
-use super::hash::{extend_block_hashes, BlockHash};
+use std::hash::BuildHasher;
+
+use super::hash::{hash_block, BlockHash};
 use super::pool::{BlockEvent, BlockId, BlockPool};
 
 /// Settings of a [`KvManager`].
@@ -84,6 +91,10 @@ pub struct PrefixHit {
 struct SeqTable {
     blocks: Vec<BlockId>,
     hashes: Vec<BlockHash>,
+    /// Verification digests of the same blocks (see the module docs).
+    digests: Vec<u64>,
+    /// The token ids of the hashed blocks (`hashes.len() * block_size`).
+    tokens: Vec<u32>,
     /// Blocks `0..num_cached` were hits or have been offered to the cache.
     num_cached: usize,
     extra_key: Vec<u8>,
@@ -99,6 +110,14 @@ pub struct KvManager {
     free_slots: Vec<u32>,
     prefix_query_tokens: u64,
     prefix_hit_tokens: u64,
+    /// Verification digest and token ids of each block, as registered (meaningful while the
+    /// block is in the cache).
+    block_digest: Vec<u64>,
+    block_tokens: Vec<u32>,
+    /// The per-process key of the verification digests.
+    digest_key: std::hash::RandomState,
+    /// Public hashes are ANDed with this: all ones except in tests that need collisions.
+    hash_mask: u64,
 }
 
 impl KvManager {
@@ -121,7 +140,58 @@ impl KvManager {
             free_slots: Vec::new(),
             prefix_query_tokens: 0,
             prefix_hit_tokens: 0,
+            block_digest: vec![0; cfg.num_blocks],
+            block_tokens: vec![0; cfg.num_blocks * cfg.block_size],
+            digest_key: std::hash::RandomState::new(),
+            hash_mask: u64::MAX,
         })
+    }
+
+    /// Test-only: keeps `bits` (1..=64) bits of every public block hash, so different prefixes
+    /// collide often (to show that a collision never shares KV). Call before opening sequences.
+    pub fn set_hash_bits_for_tests(&mut self, bits: u32) {
+        self.hash_mask = if bits >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits.max(1)) - 1
+        };
+    }
+
+    /// Hashes the full blocks of `tokens` the table has not hashed yet (public hash,
+    /// verification digest, token copy).
+    fn extend_table(&mut self, slot: usize, tokens: &[u32]) {
+        let bs = self.block_size;
+        let full = tokens.len() / bs;
+        let t = &mut self.tables[slot];
+        if t.hashes.len() > full {
+            // Shorter tokens than hashed: keep what still holds.
+            t.hashes.truncate(full);
+            t.digests.truncate(full);
+            t.tokens.truncate(full * bs);
+            return;
+        }
+        while t.hashes.len() < full {
+            let i = t.hashes.len();
+            let block = &tokens[i * bs..(i + 1) * bs];
+            let h = hash_block(t.hashes.last().copied(), &t.extra_key, block) & self.hash_mask;
+            let d = self.digest_key.hash_one((
+                t.digests.last().copied(),
+                block,
+                t.extra_key.as_slice(),
+            ));
+            t.hashes.push(h);
+            t.digests.push(d);
+            t.tokens.extend_from_slice(block);
+        }
+    }
+
+    /// Whether cached block `b` holds exactly block `i` of the sequence in `t` (same tokens,
+    /// same whole prefix).
+    fn verified(&self, t: &SeqTable, i: usize, b: BlockId) -> bool {
+        let bs = self.block_size;
+        let at = b as usize * bs;
+        t.digests.get(i) == Some(&self.block_digest[b as usize])
+            && t.tokens.get(i * bs..(i + 1) * bs) == Some(&self.block_tokens[at..at + bs])
     }
 
     /// Tokens per block.
@@ -147,6 +217,8 @@ impl KvManager {
         debug_assert!(!t.open && t.blocks.is_empty());
         t.open = true;
         t.hashes.clear();
+        t.digests.clear();
+        t.tokens.clear();
         t.num_cached = 0;
         t.extra_key.clear();
         t.extra_key.extend_from_slice(extra_key);
@@ -161,6 +233,9 @@ impl KvManager {
         t.blocks.reserve(n.saturating_sub(t.blocks.len()));
         if self.prefix_caching {
             t.hashes.reserve(n.saturating_sub(t.hashes.len()));
+            t.digests.reserve(n.saturating_sub(t.digests.len()));
+            t.tokens
+                .reserve((n * self.block_size).saturating_sub(t.tokens.len()));
         }
     }
 
@@ -205,9 +280,9 @@ impl KvManager {
         if !self.prefix_caching {
             return;
         }
-        let t = &mut self.tables[seq.slot as usize];
-        if tokens.len() / self.block_size > t.hashes.len() {
-            extend_block_hashes(&mut t.hashes, tokens, self.block_size, &t.extra_key);
+        let slot = seq.slot as usize;
+        if tokens.len() / self.block_size > self.tables[slot].hashes.len() {
+            self.extend_table(slot, tokens);
         }
     }
 
@@ -223,8 +298,11 @@ impl KvManager {
         }
         let t = self.table(seq);
         let max = ((num_tokens - 1) / self.block_size).min(t.hashes.len());
-        while hit.blocks < max && self.pool.lookup(t.hashes[hit.blocks]).is_some() {
-            hit.blocks += 1;
+        while hit.blocks < max {
+            match self.pool.lookup(t.hashes[hit.blocks]) {
+                Some(b) if self.verified(t, hit.blocks, b) => hit.blocks += 1,
+                _ => break,
+            }
         }
         hit
     }
@@ -260,7 +338,9 @@ impl KvManager {
             return false;
         }
         match (t.hashes.get(i), o.hashes.get(i)) {
-            (Some(a), Some(b)) => a == b && i >= o.num_cached,
+            (Some(a), Some(b)) => {
+                a == b && t.digests.get(i) == o.digests.get(i) && i >= o.num_cached
+            }
             _ => false,
         }
     }
@@ -336,7 +416,7 @@ impl KvManager {
             return;
         }
         let slot = seq.slot as usize;
-        let t = &mut self.tables[slot];
+        let t = &self.tables[slot];
         // The common case: no new block became full (no division).
         if num_computed < (t.num_cached + 1) * self.block_size {
             return;
@@ -346,10 +426,18 @@ impl KvManager {
             return;
         }
         if t.hashes.len() < full {
-            extend_block_hashes(&mut t.hashes, tokens, self.block_size, &t.extra_key);
+            self.extend_table(slot, tokens);
         }
+        let bs = self.block_size;
+        let t = &mut self.tables[slot];
         for i in t.num_cached..full {
-            self.pool.register(t.blocks[i], t.hashes[i]);
+            let b = t.blocks[i];
+            if self.pool.register(b, t.hashes[i]) {
+                // What a later hit on this block is verified against.
+                self.block_digest[b as usize] = t.digests[i];
+                self.block_tokens[b as usize * bs..(b as usize + 1) * bs]
+                    .copy_from_slice(&t.tokens[i * bs..(i + 1) * bs]);
+            }
         }
         t.num_cached = full;
     }
@@ -588,5 +676,81 @@ mod tests {
         assert!(kv.block_hashes(&b).is_empty());
         kv.close(b);
         kv.check_invariants().unwrap();
+    }
+
+    /// Two different 2-token blocks whose public hashes collide under `mask`.
+    fn colliding_blocks(mask: u64) -> ([u32; 2], [u32; 2]) {
+        let mut seen = std::collections::HashMap::new();
+        for i in 0u32.. {
+            let b = [i, i.wrapping_mul(7) + 1];
+            let h = hash_block(None, b"", &b) & mask;
+            if let Some(prev) = seen.insert(h, b) {
+                return (prev, b);
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn a_colliding_public_hash_never_shares_a_block() {
+        let mut kv = mgr(2, 16);
+        kv.set_hash_bits_for_tests(8);
+        let (x, y) = colliding_blocks(0xff);
+        // A caches x then 7, 8; B starts with y (same public hash as x) then 7, 8.
+        let a = run(&mut kv, &[x[0], x[1], 7, 8, 9]);
+        let b = kv.open(b"");
+        let b_tokens = [y[0], y[1], 7, 8, 9];
+        kv.update_hashes(&b, &b_tokens);
+        assert_eq!(
+            kv.block_hashes(&b)[0],
+            kv.block_hashes(&a)[0],
+            "the public hashes collide"
+        );
+        assert_eq!(kv.lookup_prefix(&b, 5).blocks, 0, "but nothing is shared");
+        // B computes its own blocks; its second block has A's tokens under a different
+        // prefix: still no hit for a third sequence with A's tokens beyond A's own blocks.
+        kv.allocate_slots(&b, 5, Some(kv.lookup_prefix(&b, 5)))
+            .unwrap();
+        kv.cache_computed(&b, &b_tokens, 5);
+        kv.close(a);
+        let c = kv.open(b"");
+        kv.update_hashes(&c, &[x[0], x[1], 7, 8, 9]);
+        let hit = kv.lookup_prefix(&c, 5);
+        assert_eq!(hit.blocks, 2, "A's own blocks are still verified hits");
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_block_with_equal_tokens_under_another_prefix_is_not_a_hit() {
+        let mut kv = mgr(2, 16);
+        kv.set_hash_bits_for_tests(8);
+        let (x, y) = colliding_blocks(0xff);
+        // A caches only its first block (x).
+        let a = run(&mut kv, &[x[0], x[1], 5]);
+        // B (y, 7, 8): no hit; its first block is not cached (x holds that public hash), its
+        // second (7, 8) is, under the public hash that (x, 7, 8) would have too.
+        let b = run(&mut kv, &[y[0], y[1], 7, 8, 9]);
+        kv.close(a);
+        kv.close(b);
+        // C (x, 7, 8): its first block is A's (verified); its second block's public hash finds
+        // B's (7, 8), whose tokens are equal but whose KV was computed after y: not a hit.
+        let c = kv.open(b"");
+        kv.update_hashes(&c, &[x[0], x[1], 7, 8, 9]);
+        assert_eq!(kv.lookup_prefix(&c, 5).blocks, 1);
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn with_full_hashes_verification_changes_nothing() {
+        let mut kv = mgr(2, 16);
+        let a = run(&mut kv, &[1, 2, 3, 4, 5]);
+        kv.close(a);
+        let b = kv.open(b"");
+        kv.update_hashes(&b, &[1, 2, 3, 4, 6]);
+        assert_eq!(kv.lookup_prefix(&b, 5).blocks, 2);
+        // An extra key is part of the verified prefix too.
+        let c = kv.open(b"salt");
+        kv.update_hashes(&c, &[1, 2, 3, 4, 6]);
+        assert_eq!(kv.lookup_prefix(&c, 5).blocks, 0);
     }
 }

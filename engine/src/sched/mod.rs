@@ -381,6 +381,11 @@ impl Scheduler {
         &self.kv
     }
 
+    /// Test-only: see [`KvManager::set_hash_bits_for_tests`]. Call before adding sequences.
+    pub fn set_block_hash_bits_for_tests(&mut self, bits: u32) {
+        self.kv.set_hash_bits_for_tests(bits);
+    }
+
     /// Queues a request. Rejects prompts that can never run: empty, or with no room left for a
     /// generated token within [`Self::max_len`].
     pub fn add(&mut self, spec: SeqSpec) -> Result<(), SchedError> {
