@@ -4,4 +4,5 @@
 //! dependencies.
 
 pub mod dispatch;
+pub mod token;
 pub mod units;

@@ -16,6 +16,10 @@ use crate::state::AgentState;
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let gpu = GpuMonitor::start(Duration::from_secs(1));
     let state = AgentState::new(config.agent_id.clone(), config.max_body_bytes, gpu);
+    match &config.auth_token {
+        Some(t) => state.require_token(t.clone()),
+        None => tracing::warn!("no --auth-token-file: anyone who reaches this agent's ports may send requests and read its capacity"),
+    }
     let opts = ServeOptions {
         http: config.http,
         grpc: config.grpc,
@@ -78,6 +82,7 @@ impl ModelArgs {
             header_read_timeout: "10s".into(),
             body_read_timeout: "60s".into(),
             max_connections: "8192".into(),
+            auth_token_file: None,
             cache_dir: self.cache_dir.clone(),
             log_format: crate::config::LogFormat::Text,
             optimistic_admission: false,

@@ -106,6 +106,11 @@ pub struct ServeArgs {
     /// Most open HTTP connections; more are answered 503 + Retry-After and closed.
     #[arg(long, env = "KVROUTE_MAX_CONNECTIONS", default_value = "8192")]
     pub max_connections: String,
+    /// File holding a shared token: then every OpenAI, hold and gRPC call needs
+    /// `authorization: Bearer <token>` (gateways get the same file); `/health`, `/ready` and
+    /// `/metrics` stay open.
+    #[arg(long, env = "KVROUTE_AUTH_TOKEN_FILE", value_name = "FILE")]
+    pub auth_token_file: Option<std::path::PathBuf>,
     /// Where `--model default` is downloaded to.
     #[arg(long, env = "KVROUTE_CACHE")]
     pub cache_dir: Option<std::path::PathBuf>,
@@ -158,6 +163,8 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Header, body and connection limits of the HTTP server.
     pub http_limits: kvroute_serve::Limits,
+    /// The shared token callers must send (read from `--auth-token-file`).
+    pub auth_token: Option<String>,
     pub cache_dir: Option<std::path::PathBuf>,
     pub log_format: LogFormat,
     /// Start requests whose prompt fits and preempt when the pool runs out (vLLM's way),
@@ -320,6 +327,12 @@ impl ServeArgs {
             &self.body_read_timeout,
             &self.max_connections,
         )?;
+        let auth_token = match &self.auth_token_file {
+            Some(p) => Some(kvroute_contract::token::read_token_file(p).map_err(|e| {
+                ConfigError::invalid("--auth-token-file", p.display().to_string(), e)
+            })?),
+            None => None,
+        };
         Ok(ServeConfig {
             model,
             http,
@@ -336,6 +349,7 @@ impl ServeArgs {
             max_body_bytes,
             drain_timeout,
             http_limits,
+            auth_token,
             cache_dir: self.cache_dir.clone(),
             log_format: self.log_format,
             optimistic_admission: self.optimistic_admission,
@@ -555,6 +569,11 @@ mod tests {
                 "1000001",
             ),
             (&["--max-connections", "many"], "--max-connections", "many"),
+            (
+                &["--auth-token-file", "/nonexistent/token"],
+                "--auth-token-file",
+                "/nonexistent/token",
+            ),
         ];
         for (argv, flag, value) in cases {
             let e = args(argv).validate().unwrap_err().to_string();

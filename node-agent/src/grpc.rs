@@ -27,6 +27,21 @@ impl AgentService {
     }
 }
 
+/// Refuses a call without the agent's shared token, when it has one.
+fn authorize<T>(state: &AgentState, req: &Request<T>) -> Result<(), Status> {
+    let header = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    if state.authorized(header) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated(
+            "this agent needs its shared token: authorization: Bearer <token>",
+        ))
+    }
+}
+
 fn loading() -> Status {
     Status::unavailable("the model is loading")
 }
@@ -39,6 +54,7 @@ impl Agent for AgentService {
         &self,
         request: Request<WatchCapacityRequest>,
     ) -> Result<Response<Self::WatchCapacityStream>, Status> {
+        authorize(&self.state, &request)?;
         let l = self.state.loaded().ok_or_else(loading)?;
         if let Some(reason) = self.state.lifecycle.failure() {
             return Err(Status::unavailable(format!("the engine failed: {reason}")));
@@ -64,8 +80,9 @@ impl Agent for AgentService {
 
     async fn get_capacity(
         &self,
-        _request: Request<GetCapacityRequest>,
+        request: Request<GetCapacityRequest>,
     ) -> Result<Response<CapacityReport>, Status> {
+        authorize(&self.state, &request)?;
         let l = self.state.loaded().ok_or_else(loading)?;
         Ok(Response::new(l.hub.report(&l.hub.stats())))
     }

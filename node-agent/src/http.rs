@@ -51,6 +51,12 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/kvroute/model", get(model_info))
         .route("/v1/kvroute/hold", post(hold_prefix))
         .route("/v1/kvroute/hold/{id}", axum::routing::delete(release_hold))
+        // Everything above needs the shared token when the agent has one; probes and metrics
+        // below do not.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -58,6 +64,31 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// Lets a request through only with the agent's shared token, when it has one.
+async fn require_token(
+    State(state): State<Arc<AgentState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if state.authorized(header) {
+        return next.run(req).await;
+    }
+    fail(
+        &state,
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "This agent needs its shared token: `Authorization: Bearer <token>`.".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        },
+    )
 }
 
 fn fail(state: &AgentState, e: ApiError) -> Response {

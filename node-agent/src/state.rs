@@ -116,6 +116,8 @@ pub struct AgentState {
     pub max_body_bytes: usize,
     pub timing: StreamTiming,
     pub gpu: GpuMonitor,
+    /// The shared bearer token gateways must send (`--auth-token-file`); unset: none needed.
+    token: OnceLock<String>,
 }
 
 impl AgentState {
@@ -127,7 +129,21 @@ impl AgentState {
             max_body_bytes,
             timing: StreamTiming::default(),
             gpu,
+            token: OnceLock::new(),
         })
+    }
+
+    /// Requires `token` from every caller from now on (set once, before serving).
+    pub fn require_token(&self, token: String) {
+        let _ = self.token.set(token);
+    }
+
+    /// Whether an `Authorization` header value is let in.
+    pub fn authorized(&self, header: Option<&str>) -> bool {
+        match self.token.get() {
+            None => true,
+            Some(t) => kvroute_contract::token::bearer_matches(header, t),
+        }
     }
 
     /// Wires a loaded backend in: capacity observer, hub, metrics. Returns false if a model

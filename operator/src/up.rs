@@ -83,6 +83,50 @@ pub enum UpError {
     Gateway(#[from] crate::gateway::server::ServeError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("agent token file: {0}")]
+    Token(std::io::Error),
+}
+
+/// The shared token `kvroute up`'s agents require of its gateway: random per run, in a file
+/// only this user can read, removed when `kvroute up` ends.
+struct AgentToken {
+    dir: PathBuf,
+    path: PathBuf,
+    token: String,
+}
+
+impl AgentToken {
+    fn create() -> Result<Self, UpError> {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let mut bytes = [0u8; 24];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .map_err(UpError::Token)?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = std::env::temp_dir().join(format!("kvroute-up-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(UpError::Token)?;
+        let path = dir.join("agent-token");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(token.as_bytes()))
+            .map_err(UpError::Token)?;
+        Ok(Self { dir, path, token })
+    }
+}
+
+impl Drop for AgentToken {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Parses a size ([`kvroute_contract::units::parse_size`]: `256MiB`, `2GiB`, `512M`, `1G`,
@@ -163,6 +207,7 @@ fn spawn_agent(
     args: &UpArgs,
     kv_bytes: u64,
     threads: Option<usize>,
+    token_file: &std::path::Path,
 ) -> Result<AgentProcess, UpError> {
     let http = format!("127.0.0.1:{}", free_port()?);
     let grpc = format!("127.0.0.1:{}", free_port()?);
@@ -179,6 +224,9 @@ fn spawn_agent(
         cmd.args(["--threads", &t.to_string()]);
     }
     cmd.args(&args.agent_args)
+        // Only this run's gateway may call the agents (an env var, so an agent binary from
+        // before the flag existed still starts).
+        .env("KVROUTE_AUTH_TOKEN_FILE", token_file)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         // Its own process group: a terminal's Ctrl-C reaches only `kvroute up`, which then
@@ -286,10 +334,11 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     // Split cores only with an agent that takes --threads; otherwise each agent's runtime
     // sizes itself.
     let threads = agent_takes_threads(&bin).await.then_some(threads);
+    let token = AgentToken::create()?;
     let mut agents = Vec::new();
     for i in 0..n {
         let id = format!("agent-{}", i + 1);
-        match spawn_agent(&bin, &id, &args, per_agent, threads) {
+        match spawn_agent(&bin, &id, &args, per_agent, threads, &token.path) {
             Ok(a) => {
                 tracing::info!(agent = %a.id, pid = a.pid, http = %a.endpoint.http, grpc = %a.endpoint.grpc, "agent started");
                 println!(
@@ -304,7 +353,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
             }
         }
     }
-    let outcome = serve(&args, &mut agents, &mut term, &mut int).await;
+    let outcome = serve(&args, &mut agents, &mut term, &mut int, &token.token).await;
     // Whoever read our stdout may be gone (`kvroute up | head`): a failed write must not stop
     // the agents from being stopped, so these lines ignore write errors instead of panicking.
     say(format_args!("stopping {} agents", agents.len()));
@@ -318,6 +367,7 @@ async fn serve(
     agents: &mut [AgentProcess],
     term: &mut tokio::signal::unix::Signal,
     int: &mut tokio::signal::unix::Signal,
+    agent_token: &str,
 ) -> Result<(), UpError> {
     let client = crate::gateway::proxy::http_client();
     // Wait until every agent answers /ready, or one exits, or a signal comes.
@@ -351,6 +401,7 @@ async fn serve(
     config.policy.kind = args.policy;
     config.max_queue = args.max_queue.max(1);
     config.queue_timeout = args.queue_timeout;
+    config.agent_token = Some(agent_token.to_string());
     let gw = crate::gateway::start(config).await?;
     // Every agent known to the gateway and each with a fresh capacity report. (An empty list is
     // not "all eligible": the agent source registers the agents asynchronously after start.)

@@ -29,9 +29,15 @@ fn up_with_real_agents_serves_the_openai_client_and_stops_cleanly() {
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let (mut pids, mut url, mut model) = (Vec::new(), None, None);
+    let mut agent_urls = Vec::new();
     for line in stdout.lines() {
         let line = line.unwrap();
         if let Some(rest) = line.strip_prefix("agent ") {
+            agent_urls.extend(
+                rest.split_whitespace()
+                    .find(|w| w.starts_with("http://"))
+                    .map(str::to_string),
+            );
             pids.push(
                 rest.split_whitespace()
                     .nth(2)
@@ -72,6 +78,22 @@ fn up_with_real_agents_serves_the_openai_client_and_stops_cleanly() {
     assert_eq!(out["completion_stream"]["completion_tokens"], 12);
     assert!(!out["chat"]["text"].as_str().unwrap().is_empty(), "{out}");
     assert_eq!(out["chat_stream"]["text"], out["chat"]["text"]);
+
+    // The agents serve only this run's gateway: straight to one, no token, 401.
+    assert_eq!(agent_urls.len(), 2, "{agent_urls:?}");
+    let addr: std::net::SocketAddr = agent_urls[0].trim_start_matches("http://").parse().unwrap();
+    let body =
+        serde_json::to_vec(&serde_json::json!({"model": model, "prompt": "Hi", "max_tokens": 1}))
+            .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, _) = rt.block_on(kvroute_tests::call(addr, "POST", "/v1/completions", body));
+    assert_eq!(
+        status, 401,
+        "an agent of kvroute up answered a caller without its token"
+    );
 
     // SIGTERM to `kvroute up` stops the gateway and both agents.
     let pid = child.id().to_string();

@@ -530,3 +530,104 @@ async fn a_key_over_its_guardrails_gets_400_or_429_with_retry_after_and_others_a
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_with_a_shared_token_serve_only_gateways_that_send_it() {
+    use kvroute_proto::{AgentClient, WatchCapacityRequest};
+    use kvroute_tests::call_with;
+    let dir = std::env::temp_dir().join(format!("kvroute-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (good, bad) = (dir.join("token"), dir.join("wrong"));
+    std::fs::write(&good, "agent-token-0123456789abcdef\n").unwrap();
+    std::fs::write(&bad, "someone-else-0123456789abcdef\n").unwrap();
+    let agent = Agent::spawn(AgentOpts {
+        extra: vec!["--auth-token-file".into(), good.display().to_string()],
+        ..AgentOpts::default()
+    });
+    let good_arg = good.display().to_string();
+    let gw = Gateway::spawn(&[&agent], &["--agent-token-file", &good_arg]).await;
+    let body = serde_json::to_vec(
+        &json!({"model": agent.model, "prompt": "Hello", "max_tokens": 2, "temperature": 0}),
+    )
+    .unwrap();
+    // Through the gateway: served (the client's own Authorization is not what the agent sees).
+    let (status, b) = call_with(
+        gw.addr,
+        "POST",
+        "/v1/completions",
+        &[("authorization", "Bearer client-key-not-for-agents")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+    // Straight to the agent without the token, or with another: 401; probes stay open.
+    for auth in [None, Some("Bearer someone-else-0123456789abcdef")] {
+        let h: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let (status, b) = call_with(agent.http, "POST", "/v1/completions", &h, body.clone()).await;
+        assert_eq!(status, 401, "{}", String::from_utf8_lossy(&b));
+        let (status, _) = call_with(agent.http, "GET", "/v1/kvroute/model", &h, Vec::new()).await;
+        assert_eq!(status, 401);
+    }
+    for open in ["/health", "/ready", "/metrics"] {
+        let (status, _) = call_with(agent.http, "GET", open, &[], Vec::new()).await;
+        assert_eq!(status, 200, "{open}");
+    }
+    let (status, _) = call_with(
+        agent.http,
+        "POST",
+        "/v1/completions",
+        &[("authorization", "Bearer agent-token-0123456789abcdef")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // A plain gRPC client cannot watch capacity.
+    let mut client = AgentClient::connect(agent.grpc_url()).await.unwrap();
+    let refused = client
+        .watch_capacity(WatchCapacityRequest {
+            subscriber: "intruder".into(),
+            include_block_events: true,
+            dispatcher: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    // A gateway with the wrong token never sees the agent eligible: not ready.
+    let bad_arg = bad.display().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut wrong = std::process::Command::new(kvroute_tests::bin("kvroute"))
+        .args([
+            "gateway",
+            "--auth",
+            "off",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--agent",
+            &format!("http://{},grpc://{}", agent.http, agent.grpc),
+            "--agent-token-file",
+            &bad_arg,
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut answered = None;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(text) = kvroute_tests::try_get_text(addr, "/metrics").await {
+            answered = Some(text);
+        }
+    }
+    let text = answered.expect("the gateway with the wrong token serves /metrics");
+    let eligible: f64 = kvroute_tests::metric_values(&text, "kvroute_gateway_agent_eligible")
+        .iter()
+        .sum();
+    assert_eq!(eligible, 0.0, "{text}");
+    let _ = wrong.kill();
+    let _ = wrong.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

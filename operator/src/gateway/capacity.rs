@@ -133,6 +133,13 @@ async fn subscribe(
         include_block_events: true,
         dispatcher: router.gateway_id().to_string(),
     };
+    let mut request = tonic::Request::new(request);
+    if let Some(v) = router
+        .agent_token()
+        .and_then(|t| kvroute_contract::token::bearer(t).parse().ok())
+    {
+        request.metadata_mut().insert("authorization", v);
+    }
     let mut stream = match client.watch_capacity(request).await {
         Ok(r) => r.into_inner(),
         Err(s) => return s.into(),

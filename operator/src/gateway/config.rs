@@ -95,6 +95,10 @@ pub struct GatewayArgs {
     /// (see docs/security.md); reloaded when it changes.
     #[arg(long, env = "KVROUTE_API_KEYS_FILE", value_name = "FILE")]
     pub api_keys: Option<std::path::PathBuf>,
+    /// File holding the shared token the agents require (their `--auth-token-file`): sent on
+    /// every request, hold and capacity stream. Clients' own `Authorization` is never passed on.
+    #[arg(long, env = "KVROUTE_AGENT_TOKEN_FILE", value_name = "FILE")]
+    pub agent_token_file: Option<std::path::PathBuf>,
     /// Seed of the tie-breaking random source (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -267,6 +271,8 @@ pub struct GatewayConfig {
     pub http_limits: kvroute_serve::Limits,
     /// How long open requests may run on after SIGTERM.
     pub drain_timeout: Duration,
+    /// The shared token agents require.
+    pub agent_token: Option<String>,
 }
 
 /// This process's dispatcher id: `name` and a random suffix.
@@ -446,6 +452,18 @@ impl GatewayArgs {
                 ..kvroute_serve::Limits::default()
             },
             drain_timeout: self.drain_timeout,
+            agent_token: match &self.agent_token_file {
+                Some(p) => Some(
+                    kvroute_contract::token::read_token_file(p).map_err(|reason| {
+                        ConfigError::Invalid {
+                            flag: "--agent-token-file",
+                            value: p.display().to_string(),
+                            reason,
+                        }
+                    })?,
+                ),
+                None => None,
+            },
         })
     }
 }
@@ -482,6 +500,7 @@ impl GatewayConfig {
             gateway_id: gateway_id("kvroute-gateway").unwrap_or_default(),
             http_limits: kvroute_serve::Limits::default(),
             drain_timeout: Duration::from_secs(30),
+            agent_token: None,
         }
     }
 }

@@ -37,15 +37,22 @@ pub fn http_client() -> HttpClient {
 }
 
 /// Builds the upstream request for `path` on the agent at `endpoint` (`HOST:PORT`).
+///
+/// The client's `Authorization` (its API key for this gateway) is never passed on: the agent
+/// gets the gateway's shared agent token instead, when there is one.
 pub fn upstream_request(
     endpoint: &str,
     path: &str,
     headers: &HeaderMap,
     body: Bytes,
+    agent_token: Option<&str>,
 ) -> Result<Request<Full<Bytes>>, axum::http::Error> {
     let mut b = Request::post(format!("http://{endpoint}{path}"))
         .header(header::CONTENT_TYPE, "application/json");
-    for name in [header::ACCEPT, header::AUTHORIZATION, header::USER_AGENT] {
+    if let Some(t) = agent_token {
+        b = b.header(header::AUTHORIZATION, kvroute_contract::token::bearer(t));
+    }
+    for name in [header::ACCEPT, header::USER_AGENT] {
         if let Some(v) = headers.get(&name) {
             b = b.header(name, v);
         }
@@ -54,6 +61,16 @@ pub fn upstream_request(
         b = b.header("x-request-id", v);
     }
     b.body(Full::new(body))
+}
+
+/// Adds the shared agent token to a request the gateway makes of an agent.
+pub fn with_agent_token<B>(mut req: Request<B>, agent_token: Option<&str>) -> Request<B> {
+    if let Some(v) = agent_token
+        .and_then(|t| axum::http::HeaderValue::from_str(&kvroute_contract::token::bearer(t)).ok())
+    {
+        req.headers_mut().insert(header::AUTHORIZATION, v);
+    }
+    req
 }
 
 /// Hop-by-hop headers never forwarded.

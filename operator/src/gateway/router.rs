@@ -184,6 +184,8 @@ pub struct Router {
     hold_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<HoldAction>>>,
     /// This replica's dispatcher id (see [`Router::dispatch_header`]).
     gateway_id: String,
+    /// The shared token agents require (`--agent-token-file`).
+    agent_token: Option<Arc<str>>,
 }
 
 /// An admitted request: where to send it and the reservation made for it. Dropped without
@@ -292,7 +294,19 @@ impl Router {
             hold_tx,
             hold_rx: Mutex::new(Some(hold_rx)),
             gateway_id: super::config::gateway_id("kvroute-gateway").unwrap_or_default(),
+            agent_token: None,
         }
+    }
+
+    /// The shared token to send to agents on every call.
+    pub fn with_agent_token(mut self, token: Option<String>) -> Self {
+        self.agent_token = token.map(Arc::from);
+        self
+    }
+
+    /// The shared token agents require, if any.
+    pub fn agent_token(&self) -> Option<&str> {
+        self.agent_token.as_deref()
     }
 
     /// Names this replica to agents (a valid dispatcher id, see `config::gateway_id`).

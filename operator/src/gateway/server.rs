@@ -122,7 +122,8 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new(config.policy.kind.as_str()));
         let router = Arc::new(
             Router::new(config.model_defaults(), config.seed, Arc::clone(&metrics))
-                .with_gateway_id(config.gateway_id.clone()),
+                .with_gateway_id(config.gateway_id.clone())
+                .with_agent_token(config.agent_token.clone()),
         );
         router.set_prefix_holds(config.prefix_holds);
         Ok(Arc::new(Self {
@@ -156,6 +157,7 @@ impl Gateway {
             let req = hyper::Request::get(format!("http://{endpoint}/v1/kvroute/model"))
                 .body(http_body_util::Full::new(Bytes::new()))
                 .ok()?;
+            let req = proxy::with_agent_token(req, self.router.agent_token());
             let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
                 .await
                 .ok()?
@@ -389,8 +391,14 @@ impl Gateway {
                     return Err(Error::from_reject(&model, r));
                 }
             };
-            let mut req = proxy::upstream_request(&admitted.endpoint, path, &headers, body.clone())
-                .map_err(|e| Error::Upstream(e.to_string()))?;
+            let mut req = proxy::upstream_request(
+                &admitted.endpoint,
+                path,
+                &headers,
+                body.clone(),
+                self.router.agent_token(),
+            )
+            .map_err(|e| Error::Upstream(e.to_string()))?;
             if let Some(id) = admitted.hold {
                 req.headers_mut()
                     .insert(HOLD_HEADER, hyper::header::HeaderValue::from(id));
@@ -701,7 +709,7 @@ async fn run_holds(
                         "max_free_blocks": max_free,
                         "ttl_ms": ttl.as_millis() as u64,
                     });
-                    match hold_call(&client, &endpoint, body).await {
+                    match hold_call(&client, &endpoint, body, router.agent_token()).await {
                         HoldAnswer::Held { id, blocks } if blocks > 0 => {
                             router.hold_placed(entry, ask, endpoint, id, blocks);
                         }
@@ -714,6 +722,7 @@ async fn run_holds(
                         hyper::Request::delete(format!("http://{endpoint}/v1/kvroute/hold/{id}"))
                             .body(http_body_util::Full::new(Bytes::new()));
                     if let Ok(req) = req {
+                        let req = proxy::with_agent_token(req, router.agent_token());
                         let _ =
                             tokio::time::timeout(Duration::from_secs(2), client.request(req)).await;
                     }
@@ -743,8 +752,13 @@ enum HoldAnswer {
 }
 
 /// `POST /v1/kvroute/hold` on an agent.
-async fn hold_call(client: &HttpClient, endpoint: &str, body: serde_json::Value) -> HoldAnswer {
-    hold_call_inner(client, endpoint, body)
+async fn hold_call(
+    client: &HttpClient,
+    endpoint: &str,
+    body: serde_json::Value,
+    agent_token: Option<&str>,
+) -> HoldAnswer {
+    hold_call_inner(client, endpoint, body, agent_token)
         .await
         .unwrap_or(HoldAnswer::Failed)
 }
@@ -753,11 +767,13 @@ async fn hold_call_inner(
     client: &HttpClient,
     endpoint: &str,
     body: serde_json::Value,
+    agent_token: Option<&str>,
 ) -> Option<HoldAnswer> {
     let req = hyper::Request::post(format!("http://{endpoint}/v1/kvroute/hold"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(http_body_util::Full::new(Bytes::from(body.to_string())))
         .ok()?;
+    let req = proxy::with_agent_token(req, agent_token);
     let resp = tokio::time::timeout(Duration::from_secs(2), client.request(req))
         .await
         .ok()?
