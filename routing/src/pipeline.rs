@@ -200,6 +200,7 @@ impl Cluster {
             candidates,
             scores,
             totals,
+            best_local: last_best_local,
         } = &mut self.pipeline;
         candidates.clear();
         // The longest prefix any agent of the model holds or is computing (eligible or not).
@@ -295,6 +296,7 @@ impl Cluster {
                 break;
             }
         }
+        *last_best_local = best_local;
         if candidates.is_empty() {
             return self.why_not(req);
         }
@@ -349,6 +351,43 @@ impl Cluster {
         } else {
             Decision::Route(route)
         }
+    }
+}
+
+/// One candidate of a decision, as [`Cluster::explain`] shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CandidateTrace {
+    pub candidate: Candidate,
+    /// The weighted total of the scorers (what the picker compared; higher is better).
+    pub score: f64,
+    /// The cost model's terms there (the `kv` policy's scorer is minus its `cost`).
+    pub estimate: cost::Estimate,
+}
+
+impl Cluster {
+    /// The candidates of the last [`decide`](Cluster::decide) for `req` (call it right after,
+    /// with the same `cfg` and `req`), in the order they were scored, with their totals and
+    /// cost estimates. For debugging and decision traces: it allocates.
+    pub fn explain(&self, cfg: &PolicyConfig, req: &RouteRequest<'_>) -> Vec<CandidateTrace> {
+        let ctx = ScoreContext::new(req, cfg, self.pipeline.best_local, &self.hot);
+        self.pipeline
+            .candidates
+            .iter()
+            .zip(&self.pipeline.totals)
+            .filter_map(|(c, &score)| {
+                let a = self.hot.get(c.slot)?;
+                Some(CandidateTrace {
+                    candidate: *c,
+                    score,
+                    estimate: cost::estimate(
+                        &load_of(a, c),
+                        &ask_of(&ctx, a, c),
+                        &cfg.priors,
+                        &cfg.cost,
+                    ),
+                })
+            })
+            .collect()
     }
 }
 

@@ -80,6 +80,8 @@ pub(crate) struct PipelineScratch {
     pub(crate) candidates: Vec<Candidate>,
     pub(crate) scores: Vec<f64>,
     pub(crate) totals: Vec<f64>,
+    /// The last decision's `ScoreContext::best_local_blocks` (for [`Cluster::explain`]).
+    pub(crate) best_local: u64,
 }
 
 /// The fields a decision reads, packed per agent so a scan over 1,000 agents stays in cache

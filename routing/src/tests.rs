@@ -84,6 +84,48 @@ fn prefers_cached_prefix() {
     assert_eq!(r.need_blocks, 6 - 4);
 }
 
+#[test]
+fn explain_shows_every_candidate_with_the_picked_one_scoring_best() {
+    let mut c = cluster(&[(100, 50), (100, 60), (100, 0)]);
+    let hashes = [11, 12, 13, 14];
+    c.apply_report(
+        0,
+        Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(vec![11, 12, 13, 14])],
+            ..report("a0", 1, 100, 50)
+        },
+        1,
+    );
+    let cfg = PolicyConfig::default();
+    let r = req(70, 16, &hashes);
+    let Decision::Route(route) = c.decide(&cfg, &r, 1, &mut SplitMix64(1)) else {
+        panic!("routed")
+    };
+    let trace = c.explain(&cfg, &r);
+    let slots: Vec<usize> = trace.iter().map(|t| t.candidate.slot).collect();
+    assert_eq!(
+        slots,
+        [0, 1, 2],
+        "agents without room are candidates to wait for"
+    );
+    let best = trace
+        .iter()
+        .max_by(|a, b| a.score.total_cmp(&b.score))
+        .unwrap();
+    assert_eq!(best.candidate.slot, route.slot);
+    assert_eq!(best.score, route.score);
+    // The kv policy's one scorer is minus the cost the estimate names.
+    for t in &trace {
+        assert!((t.score + t.estimate.cost).abs() < 1e-9, "{t:?}");
+    }
+    assert_eq!(trace[0].candidate.cached_blocks, 4);
+    assert!(
+        trace[2].estimate.wait_s > 0.0,
+        "the full agent predicts a wait"
+    );
+}
+
 /// Two measured agents: a0 caches a 15-block prefix; `free0`/`free1` blocks of room.
 fn locality_cluster(free0: u64, free1: u64) -> Cluster {
     let mut c = Cluster::new();

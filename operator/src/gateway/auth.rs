@@ -11,6 +11,7 @@
 //!     priority: low               # low | normal | high | 0..255 (default normal)
 //!     may_set_priority: false     # honour the request's x-kvroute-priority header
 //!     may_set_tenant: false       # honour the request's x-kvroute-tenant header
+//!     may_debug: false            # answer x-kvroute-debug: 1 with the routing decision
 //!     max_prompt_tokens: 8192     # guardrails (each optional; see `quota`)
 //!     max_output_tokens: 1024
 //!     tokens_per_minute: 200000
@@ -48,6 +49,7 @@ pub struct KeyEntry {
     pub priority: Priority,
     pub may_set_priority: bool,
     pub may_set_tenant: bool,
+    pub may_debug: bool,
     pub limits: KeyLimits,
 }
 
@@ -105,6 +107,8 @@ struct FileKey {
     may_set_priority: bool,
     #[serde(default)]
     may_set_tenant: bool,
+    #[serde(default)]
+    may_debug: bool,
     #[serde(default)]
     max_prompt_tokens: Option<u64>,
     #[serde(default)]
@@ -181,6 +185,7 @@ pub fn parse_key_file(text: &str) -> Result<KeyRing, String> {
             priority,
             may_set_priority: k.may_set_priority,
             may_set_tenant: k.may_set_tenant,
+            may_debug: k.may_debug,
             limits: KeyLimits {
                 max_prompt_tokens: k.max_prompt_tokens,
                 max_output_tokens: k.max_output_tokens,
@@ -284,6 +289,8 @@ pub struct Caller {
     pub key_name: Option<String>,
     /// The key's guardrails (none with `--auth off`).
     pub limits: KeyLimits,
+    /// May ask for the routing decision (`x-kvroute-debug: 1`; anyone with `--auth off`).
+    pub may_debug: bool,
 }
 
 /// Why a request was not let in.
@@ -329,6 +336,7 @@ pub fn identify(
             },
             key_name: None,
             limits: KeyLimits::default(),
+            may_debug: true,
         }),
         Auth::Keys(store) => {
             let key = bearer.ok_or(Denied::Missing)?;
@@ -348,6 +356,7 @@ pub fn identify(
                 priority,
                 key_name: Some(entry.name.clone()),
                 limits: entry.limits,
+                may_debug: entry.may_debug,
             })
         }
     }
@@ -387,6 +396,7 @@ mod tests {
                 priority: Priority::LOW,
                 key_name: Some("batch".into()),
                 limits: KeyLimits::default(),
+                may_debug: false,
             }
         );
         let c = identify(&auth, Some("sk-admin"), Some("200"), Some("ops")).unwrap();

@@ -52,6 +52,15 @@ struct Waiter {
     looked_at: std::cell::Cell<bool>,
     /// The prefix hold kept for it on the agent it waits for, if any.
     hold: std::cell::Cell<HoldState>,
+    /// Wants the routing decision explained ([`Admitted::trace`]).
+    trace: bool,
+}
+
+/// One candidate agent of a routing decision, for a decision trace.
+#[derive(Debug, Clone)]
+pub struct TraceEntry {
+    pub agent_id: String,
+    pub trace: kvroute_routing::pipeline::CandidateTrace,
 }
 
 /// A waiting request's prefix hold (see [`HoldAction`]).
@@ -199,6 +208,8 @@ pub struct Admitted {
     sent: bool,
     /// The prefix hold the agent keeps for this request (sent as `x-kvroute-hold`).
     pub hold: Option<u64>,
+    /// Every candidate of the decision that routed it, when asked for.
+    pub trace: Option<Vec<TraceEntry>>,
 }
 
 impl std::fmt::Debug for Admitted {
@@ -570,6 +581,21 @@ impl Router {
         tenant: &str,
         deadline: Duration,
     ) -> Result<Admitted, AdmitError> {
+        self.admit_traced(plan, exclude, priority, tenant, deadline, false)
+            .await
+    }
+
+    /// [`Self::admit`]; with `trace`, the admission carries every candidate of the decision
+    /// that routed it ([`Admitted::trace`]).
+    pub async fn admit_traced(
+        self: &Arc<Self>,
+        plan: PromptPlan,
+        exclude: Vec<Slot>,
+        priority: Priority,
+        tenant: &str,
+        deadline: Duration,
+        trace: bool,
+    ) -> Result<Admitted, AdmitError> {
         let (tx, mut rx) = oneshot::channel();
         let id = {
             let mut core = self.lock();
@@ -586,6 +612,7 @@ impl Router {
                 priority,
                 looked_at: std::cell::Cell::new(false),
                 hold: std::cell::Cell::new(HoldState::None),
+                trace,
             };
             let id = match core.queue.push(priority, tenant, waiter) {
                 Ok(id) => id,
@@ -777,6 +804,32 @@ impl Router {
                 }
                 Decision::Reject(r) => Err(AdmitError::Reject(r)),
                 Decision::Route(route) => {
+                    let trace = w.trace.then(|| {
+                        let agents = core.cluster.agents();
+                        // What the estimates read of the request (its claims and holds were
+                        // already applied to the candidates' room).
+                        let req = RouteRequest {
+                            model: &w.plan.model,
+                            prompt_tokens: w.plan.prompt_tokens,
+                            output_tokens: w.plan.output_tokens,
+                            block_size: w.plan.block_size,
+                            block_hashes: &w.plan.block_hashes,
+                            exclude: &w.exclude,
+                            claimed: &[],
+                            held: &[],
+                            may_hold,
+                        };
+                        core.cluster
+                            .explain(&cfg, &req)
+                            .into_iter()
+                            .map(|t| TraceEntry {
+                                agent_id: agents
+                                    .get(t.candidate.slot)
+                                    .map_or_else(String::new, |a| a.report.agent_id.clone()),
+                                trace: t,
+                            })
+                            .collect()
+                    });
                     let hold = self.end_hold(core, w, Some(route.slot));
                     let handle = core.cluster.reserve(&route);
                     if cfg.kind == PolicyKind::Kv {
@@ -792,6 +845,7 @@ impl Router {
                         router: Arc::clone(self),
                         sent: false,
                         hold,
+                        trace,
                     })
                 }
             };

@@ -347,9 +347,14 @@ impl Gateway {
                 })?,
             None => None,
         };
+        let debug = caller.may_debug
+            && headers
+                .get(DEBUG_HEADER)
+                .is_some_and(|v| v.as_bytes() == b"1");
         let auth::Caller {
             priority, tenant, ..
         } = caller;
+        let mut no_room_retries = 0u32;
         let deadline = Instant::now() + settings.queue_timeout;
         let retry_after_s = settings.queue_timeout.as_secs().clamp(1, 30);
         let mut exclude = Vec::new();
@@ -365,7 +370,14 @@ impl Gateway {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let mut admitted = match self
                 .router
-                .admit(plan.clone(), exclude.clone(), priority, &tenant, remaining)
+                .admit_traced(
+                    plan.clone(),
+                    exclude.clone(),
+                    priority,
+                    &tenant,
+                    remaining,
+                    debug,
+                )
                 .await
             {
                 Ok(a) => a,
@@ -431,6 +443,7 @@ impl Gateway {
                     // gateway's view has caught up (the agent's refusal is acknowledged on its
                     // stream with the room it has now).
                     self.metrics.count_no_room();
+                    no_room_retries += 1;
                     tracing::debug!(agent = %admitted.agent_id, "agent had no room; routing again");
                     drop(admitted);
                     tokio::time::sleep(NO_ROOM_PAUSE).await;
@@ -462,6 +475,23 @@ impl Gateway {
                             calibrate: Some(admitted.ttft_calibrator()),
                         }),
                     );
+                    let mut resp = resp;
+                    if let Some(trace) = admitted.trace.take() {
+                        let waited = settings
+                            .queue_timeout
+                            .saturating_sub(deadline.saturating_duration_since(Instant::now()));
+                        let json = route_trace_json(
+                            self.config.policy.kind.as_str(),
+                            &admitted.agent_id,
+                            attempt + 1,
+                            no_room_retries,
+                            waited,
+                            &trace,
+                        );
+                        if let Ok(v) = hyper::header::HeaderValue::from_str(&json.to_string()) {
+                            resp.headers_mut().insert(ROUTE_HEADER, v);
+                        }
+                    }
                     return Ok(match permit {
                         // The key's request counts as in flight until its body ends.
                         Some(p) => resp.map(|b| {
@@ -671,6 +701,60 @@ pub fn start_with(
         gateway: gw,
         task,
         stop: Some(stop),
+    })
+}
+
+/// A request header: `1` asks for the routing decision in [`ROUTE_HEADER`] (keys with
+/// `may_debug`, or anyone with `--auth off`).
+pub const DEBUG_HEADER: &str = "x-kvroute-debug";
+
+/// The response header with the routing decision, as compact JSON.
+pub const ROUTE_HEADER: &str = "x-kvroute-route";
+
+/// Most candidates a decision trace lists (the header stays a few KiB).
+pub const TRACE_MAX_CANDIDATES: usize = 32;
+
+/// The routing decision of a request as JSON: the policy, the agent picked, the attempts and
+/// no-room re-routes it took, the time it waited, and each candidate with its score and the
+/// cost model's terms (seconds).
+fn route_trace_json(
+    policy: &str,
+    agent: &str,
+    attempts: u32,
+    no_room_retries: u32,
+    waited: Duration,
+    trace: &[super::router::TraceEntry],
+) -> serde_json::Value {
+    let r3 = |x: f64| (x * 1e3).round() / 1e3;
+    let candidates: Vec<serde_json::Value> = trace
+        .iter()
+        .take(TRACE_MAX_CANDIDATES)
+        .map(|t| {
+            let (c, e) = (&t.trace.candidate, &t.trace.estimate);
+            serde_json::json!({
+                "agent": t.agent_id,
+                "score": r3(t.trace.score),
+                "need_blocks": c.need_blocks,
+                "cached_blocks": c.cached_blocks,
+                "local_blocks": c.local_blocks,
+                "room_blocks": c.room,
+                "prefill_tokens": c.prefill_tokens,
+                "predicted_ttft_s": r3(e.ttft_s()),
+                "wait_s": r3(e.wait_s),
+                "prefill_s": r3(e.prefill_s),
+                "duplicate_s": r3(e.duplicate_s),
+                "decode_s": r3(e.decode_s),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "policy": policy,
+        "agent": agent,
+        "attempts": attempts,
+        "no_room_retries": no_room_retries,
+        "queue_wait_ms": waited.as_millis() as u64,
+        "candidates": candidates,
+        "candidates_total": trace.len(),
     })
 }
 

@@ -1,0 +1,66 @@
+//! Decision traces (issue 21): `x-kvroute-debug: 1` answers with the routing decision in
+//! `x-kvroute-route`, from real agents behind a real `kvroute gateway`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use http_body_util::BodyExt;
+use kvroute_tests::{send_with, Agent, AgentOpts, Gateway};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debug_request_gets_every_candidate_with_the_pick_scoring_best() {
+    let a = Agent::spawn(AgentOpts::default());
+    let b = Agent::spawn(AgentOpts {
+        extra: vec!["--agent-id".into(), "second".into()],
+        ..AgentOpts::default()
+    });
+    let gw = Gateway::spawn(&[&a, &b], &["--policy", "kv"]).await;
+    let body = serde_json::to_vec(
+        &json!({"model": a.model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+    )
+    .unwrap();
+    let ask = |headers: Vec<(&'static str, &'static str)>| {
+        let body = body.clone();
+        async move {
+            let resp = send_with(gw.addr, "POST", "/v1/completions", &headers, body).await;
+            let status = resp.status();
+            let h = resp.headers().clone();
+            let _ = resp.into_body().collect().await.unwrap();
+            (status, h)
+        }
+    };
+    let (status, h) = ask(vec![]).await;
+    assert_eq!(status, 200);
+    assert!(h.get("x-kvroute-route").is_none(), "no trace unless asked");
+    // Twice: the second time the first agent caches the prompt's prefix.
+    for _ in 0..2 {
+        let (status, h) = ask(vec![("x-kvroute-debug", "1")]).await;
+        assert_eq!(status, 200);
+        let trace: Value =
+            serde_json::from_str(h.get("x-kvroute-route").unwrap().to_str().unwrap()).unwrap();
+        assert_eq!(trace["policy"], "kv", "{trace}");
+        assert_eq!(trace["attempts"], 1, "{trace}");
+        let cands = trace["candidates"].as_array().unwrap();
+        assert_eq!(cands.len(), 2, "{trace}");
+        let mut ids: Vec<&str> = cands.iter().map(|c| c["agent"].as_str().unwrap()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["process-test", "second"]);
+        let best = cands
+            .iter()
+            .max_by(|x, y| {
+                x["score"]
+                    .as_f64()
+                    .unwrap()
+                    .total_cmp(&y["score"].as_f64().unwrap())
+            })
+            .unwrap();
+        assert_eq!(best["agent"], trace["agent"], "{trace}");
+        if let Some(served) = h.get("x-kvroute-agent") {
+            assert_eq!(served.to_str().unwrap(), trace["agent"].as_str().unwrap());
+        }
+        for c in cands {
+            let ttft = c["predicted_ttft_s"].as_f64().unwrap();
+            assert!(ttft >= 0.0 && ttft.is_finite(), "{c}");
+            assert!(c["need_blocks"].as_u64().unwrap() >= 1, "{c}");
+        }
+    }
+}
