@@ -2,6 +2,7 @@
 //! routes and admits requests by free KV blocks.
 pub mod controller;
 pub mod crd;
+pub mod explain;
 pub mod gateway;
 pub mod k8s;
 pub mod up;

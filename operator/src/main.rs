@@ -25,6 +25,8 @@ enum Command {
     Operator(Box<kvroute_operator::controller::app::OperatorArgs>),
     /// Print the ModelDeployment CRD as YAML (what deploy/crd.yaml holds).
     Crd,
+    /// Ask a running gateway where it would send a request now, and why (sends nothing).
+    Explain(Box<kvroute_operator::explain::ExplainArgs>),
 }
 
 fn init_tracing() {
@@ -71,6 +73,11 @@ fn main() -> anyhow::Result<()> {
         Command::Operator(args) => {
             init_tracing();
             runtime()?.block_on(kvroute_operator::controller::app::serve(*args))?;
+            Ok(())
+        }
+        Command::Explain(args) => {
+            let v = runtime()?.block_on(kvroute_operator::explain::run(&args))?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
         Command::Crd => {

@@ -64,3 +64,92 @@ async fn a_debug_request_gets_every_candidate_with_the_pick_scoring_best() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvroute_explain_says_where_a_request_would_go_without_sending_it() {
+    let a = Agent::spawn(AgentOpts::default());
+    let b = Agent::spawn(AgentOpts {
+        extra: vec!["--agent-id".into(), "second".into()],
+        ..AgentOpts::default()
+    });
+    let gw = Gateway::spawn(&[&a, &b], &["--policy", "kv"]).await;
+    let received = |agent: &Agent| {
+        let addr = agent.http;
+        async move {
+            let text = kvroute_tests::try_get_text(addr, "/metrics").await.unwrap();
+            kvroute_tests::metric_values(&text, "kvroute_requests_received_total")
+                .iter()
+                .sum::<f64>()
+        }
+    };
+    let before = received(&a).await + received(&b).await;
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(kvroute_tests::bin("kvroute"));
+        cmd.args(["explain", "--gateway", &format!("http://{}", gw.addr)])
+            .args(["--model", &a.model])
+            .args(extra);
+        cmd.output().unwrap()
+    };
+    let out = run(&["--prompt", "The capital of France is", "--max-tokens", "8"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["decision"], "route", "{v}");
+    assert_eq!(v["policy"], "kv", "{v}");
+    assert_eq!(v["output_tokens"], 8, "{v}");
+    assert!(v["prompt_tokens"].as_u64().unwrap() >= 5, "{v}");
+    assert_eq!(v["candidates"].as_array().unwrap().len(), 2, "{v}");
+    assert!(["process-test", "second"].contains(&v["agent"].as_str().unwrap()));
+    let out = run(&["--chat", "--prompt", "Hello"]);
+    assert!(out.status.success());
+    // Nothing was sent to any agent, and nothing is left reserved.
+    assert_eq!(received(&a).await + received(&b).await, before);
+    let text = kvroute_tests::try_get_text(gw.addr, "/metrics")
+        .await
+        .unwrap();
+    let reserved: f64 =
+        kvroute_tests::metric_values(&text, "kvroute_gateway_agent_reserved_blocks")
+            .iter()
+            .sum();
+    assert_eq!(reserved, 0.0);
+    // Errors are said plainly, with a non-zero exit.
+    let out = std::process::Command::new(kvroute_tests::bin("kvroute"))
+        .args([
+            "explain",
+            "--gateway",
+            "ftp://nowhere",
+            "--model",
+            "m",
+            "--prompt",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expected http://HOST:PORT"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(kvroute_tests::bin("kvroute"))
+        .args([
+            "explain",
+            "--gateway",
+            "http://127.0.0.1:1",
+            "--model",
+            "m",
+            "--prompt",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the gateway"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

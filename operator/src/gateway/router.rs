@@ -521,6 +521,60 @@ impl Router {
             .unwrap_or(self.defaults)
     }
 
+    /// What the policy would do with `plan` now, without queueing or reserving anything: the
+    /// decision's kind (`route`, `hold`: wait for that agent, `wait`: for any, `reject`), the
+    /// agent it names, and every candidate. Requests already queued are not counted against
+    /// the room (they may be admitted first).
+    pub fn explain_now(
+        &self,
+        plan: &PromptPlan,
+    ) -> (&'static str, Option<String>, Vec<TraceEntry>) {
+        let mut core = self.lock();
+        let cfg = core
+            .settings
+            .get(&plan.model)
+            .map_or(self.defaults.policy, |s| s.policy);
+        let req = RouteRequest {
+            model: &plan.model,
+            prompt_tokens: plan.prompt_tokens,
+            output_tokens: plan.output_tokens,
+            block_size: plan.block_size,
+            block_hashes: &plan.block_hashes,
+            exclude: &[],
+            claimed: &[],
+            held: &[],
+            may_hold: true,
+        };
+        let now = self.now_ms();
+        // Its own random source: asking must not change the tie-breaks of real requests.
+        let d = core.cluster.decide(&cfg, &req, now, &mut SplitMix64(0));
+        let (kind, route) = match &d {
+            Decision::Route(r) => ("route", Some(r.slot)),
+            Decision::Hold(r) => ("hold", Some(r.slot)),
+            Decision::Wait => ("wait", None),
+            Decision::Reject(_) => ("reject", None),
+        };
+        let agents = core.cluster.agents();
+        let name = |slot: Slot| {
+            agents
+                .get(slot)
+                .map_or_else(String::new, |a| a.report.agent_id.clone())
+        };
+        let trace = if route.is_some() {
+            core.cluster
+                .explain(&cfg, &req)
+                .into_iter()
+                .map(|t| TraceEntry {
+                    agent_id: name(t.candidate.slot),
+                    trace: t,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        (kind, route.map(name), trace)
+    }
+
     /// The router's clock: milliseconds since it was created (monotonic).
     pub fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64

@@ -640,6 +640,7 @@ pub fn app(gw: Arc<Gateway>) -> HttpRouter {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/kvroute/explain", post(explain))
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -725,8 +726,21 @@ fn route_trace_json(
     waited: Duration,
     trace: &[super::router::TraceEntry],
 ) -> serde_json::Value {
+    serde_json::json!({
+        "policy": policy,
+        "agent": agent,
+        "attempts": attempts,
+        "no_room_retries": no_room_retries,
+        "queue_wait_ms": waited.as_millis() as u64,
+        "candidates": candidates_json(trace),
+        "candidates_total": trace.len(),
+    })
+}
+
+/// The candidates of a decision trace (at most [`TRACE_MAX_CANDIDATES`]).
+fn candidates_json(trace: &[super::router::TraceEntry]) -> Vec<serde_json::Value> {
     let r3 = |x: f64| (x * 1e3).round() / 1e3;
-    let candidates: Vec<serde_json::Value> = trace
+    trace
         .iter()
         .take(TRACE_MAX_CANDIDATES)
         .map(|t| {
@@ -746,16 +760,68 @@ fn route_trace_json(
                 "decode_s": r3(e.decode_s),
             })
         })
-        .collect();
-    serde_json::json!({
-        "policy": policy,
+        .collect()
+}
+
+/// `POST /v1/kvroute/explain`: what the gateway would do with this OpenAI request body now,
+/// without sending or reserving anything (`kvroute explain`). Same keys as the debug header.
+async fn explain(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    let caller = match gw.identify(&headers) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if !caller.may_debug {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(serde_json::json!({"error": {
+                "message": "this API key may not ask for routing decisions (may_debug)",
+                "type": "invalid_request_error", "param": null, "code": "forbidden"}})),
+        )
+            .into_response();
+    }
+    let limit = gw.config.max_body_bytes;
+    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
+        return Error::BodyTooLarge(limit).into_response();
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        _ => {
+            return Error::BadRequest {
+                message: "the body must be a JSON object: an OpenAI completion or chat request"
+                    .into(),
+                param: None,
+            }
+            .into_response()
+        }
+    };
+    let endpoint = if value.get("messages").is_some() {
+        Endpoint::ChatCompletions
+    } else {
+        Endpoint::Completions
+    };
+    let model = match prompt::model_of(&value) {
+        Ok(m) => m.to_string(),
+        Err(e) => return bad_request(e).into_response(),
+    };
+    let info = gw.model_info(&model).await;
+    let settings = gw.router.settings(&model);
+    let plan = match prompt::plan(endpoint, &value, info.as_deref(), settings.reserve_output) {
+        Ok(p) => p,
+        Err(e) => return bad_request(e).into_response(),
+    };
+    let (kind, agent, trace) = gw.router.explain_now(&plan);
+    axum::Json(serde_json::json!({
+        "policy": gw.config.policy.kind.as_str(),
+        "decision": kind,
         "agent": agent,
-        "attempts": attempts,
-        "no_room_retries": no_room_retries,
-        "queue_wait_ms": waited.as_millis() as u64,
-        "candidates": candidates,
+        "prompt_tokens": plan.prompt_tokens,
+        "output_tokens": plan.output_tokens,
+        "prompt_blocks": plan.block_hashes.len(),
+        "tokenized": info.as_deref().is_some_and(|i| i.tokenizer.is_some()),
+        "candidates": candidates_json(&trace),
         "candidates_total": trace.len(),
-    })
+    }))
+    .into_response()
 }
 
 /// The request header that names the prefix hold an agent keeps for a request.
