@@ -65,8 +65,22 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Up(args) => {
-            init_tracing();
+        Command::Up(mut args) => {
+            if args.verbose {
+                init_tracing();
+            } else {
+                // The gateway's log goes beside the agents' (the folder is printed at start).
+                let dir = kvroute_operator::up::log_dir(&args)?;
+                let file = std::fs::File::create(dir.join("gateway.log"))?;
+                args.log_dir = Some(dir);
+                let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+                tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(file))
+                    .init();
+            }
             runtime()?.block_on(kvroute_operator::up::run(*args))?;
             Ok(())
         }

@@ -60,6 +60,31 @@ pub struct UpArgs {
     /// Extra argument passed to every agent's `serve` (repeatable), e.g. `--agent-arg=--max-batch=8`.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
+    /// Where the agents' and the gateway's logs go (default: a new folder under the cache,
+    /// `runs/up-<time>-<pid>`; printed at start).
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// Show the agents' and the gateway's logs on the terminal instead of in files.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// The folder this run's logs go to (`--log-dir`, or a new one under the cache), created.
+pub fn log_dir(args: &UpArgs) -> std::io::Result<PathBuf> {
+    let dir = match &args.log_dir {
+        Some(d) => d.clone(),
+        None => {
+            let cache = kvroute_engine::fetch::cache_dir().unwrap_or_else(|_| std::env::temp_dir());
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            cache
+                .join("runs")
+                .join(format!("up-{secs}-{}", std::process::id()))
+        }
+    };
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// Why `kvroute up` failed.
@@ -85,6 +110,8 @@ pub enum UpError {
     Signal(std::io::Error),
     #[error("agent token file: {0}")]
     Token(std::io::Error),
+    #[error("log folder: {0}")]
+    LogDir(std::io::Error),
 }
 
 /// The shared token `kvroute up`'s agents require of its gateway: random per run, in a file
@@ -208,6 +235,7 @@ fn spawn_agent(
     kv_bytes: u64,
     threads: Option<usize>,
     token_file: &std::path::Path,
+    logs: Option<&std::path::Path>,
 ) -> Result<AgentProcess, UpError> {
     let http = format!("127.0.0.1:{}", free_port()?);
     let grpc = format!("127.0.0.1:{}", free_port()?);
@@ -240,6 +268,15 @@ fn spawn_agent(
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
+    }
+    if let Some(dir) = logs {
+        // Both streams to one file per agent: the terminal stays for kvroute up's own lines.
+        let file = std::fs::File::create(dir.join(format!("{id}.log")))
+            .map_err(|e| UpError::Spawn(id.to_string(), e))?;
+        let err = file
+            .try_clone()
+            .map_err(|e| UpError::Spawn(id.to_string(), e))?;
+        cmd.stdout(Stdio::from(file)).stderr(Stdio::from(err));
     }
     let child = cmd.spawn().map_err(|e| UpError::Spawn(id.to_string(), e))?;
     let pid = child.id().unwrap_or(0);
@@ -335,10 +372,25 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     // sizes itself.
     let threads = agent_takes_threads(&bin).await.then_some(threads);
     let token = AgentToken::create()?;
+    let logs = if args.verbose {
+        None
+    } else {
+        let dir = log_dir(&args).map_err(UpError::LogDir)?;
+        println!("logs: {}", dir.display());
+        Some(dir)
+    };
     let mut agents = Vec::new();
     for i in 0..n {
         let id = format!("agent-{}", i + 1);
-        match spawn_agent(&bin, &id, &args, per_agent, threads, &token.path) {
+        match spawn_agent(
+            &bin,
+            &id,
+            &args,
+            per_agent,
+            threads,
+            &token.path,
+            logs.as_deref(),
+        ) {
             Ok(a) => {
                 tracing::info!(agent = %a.id, pid = a.pid, http = %a.endpoint.http, grpc = %a.endpoint.grpc, "agent started");
                 println!(

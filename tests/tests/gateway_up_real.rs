@@ -24,14 +24,27 @@ fn up_with_real_agents_serves_the_openai_client_and_stops_cleanly() {
         .args(["--model", &model_arg(), "--kv-memory", "128MiB"])
         .env("KVROUTE_AGENT_BIN", bin("kvroute-agent"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Read the terminal's other stream as it comes (the logs belong in files, not there).
+    let mut err_pipe = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err_pipe, &mut s);
+        s
+    });
     let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut log_dir = None;
+    let mut printed = Vec::new();
     let (mut pids, mut url, mut model) = (Vec::new(), None, None);
     let mut agent_urls = Vec::new();
     for line in stdout.lines() {
         let line = line.unwrap();
+        printed.push(line.clone());
+        if let Some(d) = line.strip_prefix("logs: ") {
+            log_dir = Some(std::path::PathBuf::from(d));
+        }
         if let Some(rest) = line.strip_prefix("agent ") {
             agent_urls.extend(
                 rest.split_whitespace()
@@ -112,4 +125,23 @@ fn up_with_real_agents_serves_the_openai_client_and_stops_cleanly() {
         pids.iter().all(|&p| !alive(p)),
         "agents still running after kvroute up exited: {pids:?}"
     );
+
+    // A calm terminal: kvroute up's own lines only; every process's log in the run folder.
+    let stderr = stderr.join().unwrap();
+    assert!(
+        !stderr.contains(" INFO ") && !stderr.contains("kvroute_agent"),
+        "logs on the terminal:\n{stderr}"
+    );
+    assert!(printed.iter().all(|l| !l.contains(" INFO ")), "{printed:?}");
+    let dir = log_dir.expect("kvroute up names its log folder");
+    for agent in ["agent-1", "agent-2"] {
+        let log = std::fs::read_to_string(dir.join(format!("{agent}.log"))).unwrap();
+        assert!(log.contains("kvroute-agent ready"), "{agent}.log:\n{log}");
+    }
+    let gw_log = std::fs::read_to_string(dir.join("gateway.log")).unwrap();
+    assert!(
+        gw_log.contains("API keys are off"),
+        "gateway.log:\n{gw_log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
