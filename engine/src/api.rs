@@ -38,7 +38,21 @@ pub struct SamplingParams {
     /// Keep generating past EOS (benchmarks).
     pub ignore_eos: bool,
     /// Return the log-probability of each sampled token and this many alternatives (0..=20).
+    /// They are the model's own (before penalties, temperature, top-k and top-p).
     pub logprobs: Option<u32>,
+    /// OpenAI's presence penalty, in [-2, 2]: subtracted once from the logit of every token
+    /// generated so far (the prompt's tokens are not counted).
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]: subtracted from the logit of every token
+    /// generated so far, times the times it was generated.
+    pub frequency_penalty: f32,
+}
+
+impl SamplingParams {
+    /// Whether a penalty applies.
+    pub fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    }
 }
 
 impl Default for SamplingParams {
@@ -53,6 +67,8 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }

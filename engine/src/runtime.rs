@@ -326,7 +326,7 @@ impl Runner {
 
 /// Whether `p` picks the most likely token (what the device argmax computes).
 fn is_greedy(p: &SamplingParams) -> bool {
-    (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none()
+    (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none() && !p.has_penalties()
 }
 
 /// Receives a prefix hold's outcome: (hold id, blocks held).
@@ -595,6 +595,7 @@ impl Engine {
             room_released: 0,
             block_bytes,
             top: Vec::new(),
+            penalized: Vec::new(),
             sampled: Vec::new(),
             logit_ids: Vec::new(),
             model: model.model.clone(),
@@ -653,6 +654,14 @@ impl Engine {
         }
         if p.logprobs.is_some_and(|n| n > 20) {
             return bad("logprobs must be at most 20".into());
+        }
+        for (name, v) in [
+            ("presence_penalty", p.presence_penalty),
+            ("frequency_penalty", p.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} {v} is outside [-2, 2]"));
+            }
         }
         if p.stop.iter().any(|s| s.is_empty()) {
             return bad("stop strings must not be empty".into());
@@ -848,6 +857,8 @@ struct Req {
     /// Log-probability of the token just sampled and its alternatives (when asked for).
     held_logprob: Option<f32>,
     top: Vec<(u32, f32)>,
+    /// Times each token was generated (only with penalties).
+    counts: HashMap<u32, u32>,
 }
 
 struct Loop {
@@ -867,6 +878,8 @@ struct Loop {
     room_released: u64,
     block_bytes: usize,
     top: Vec<(u32, f32)>,
+    /// Logits with penalties applied (reused).
+    penalized: Vec<f32>,
     sampled: Vec<(u64, u32)>,
     logit_ids: Vec<u64>,
     /// Prefix holds: (id, expiry), oldest first.
@@ -1008,6 +1021,7 @@ impl Loop {
                         prompt_tokens,
                         generated: 0,
                         held_logprob: None,
+                        counts: HashMap::new(),
                         top: Vec::new(),
                         params,
                         sink,
@@ -1179,7 +1193,21 @@ impl Loop {
                         let Some(r) = self.reqs.get_mut(&id) else {
                             continue;
                         };
-                        let tok = self.sampler.sample(row, &r.params, &mut r.rng);
+                        let tok = if r.params.has_penalties() {
+                            let p = &r.params;
+                            self.penalized.clear();
+                            self.penalized.extend_from_slice(row);
+                            for (&t, &n) in &r.counts {
+                                if let Some(l) = self.penalized.get_mut(t as usize) {
+                                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                                }
+                            }
+                            let tok = self.sampler.sample(&self.penalized, p, &mut r.rng);
+                            *r.counts.entry(tok).or_insert(0) += 1;
+                            tok
+                        } else {
+                            self.sampler.sample(row, &r.params, &mut r.rng)
+                        };
                         self.sampled.push((id, tok));
                         if let Some(n) = r.params.logprobs {
                             let lp = self.sampler.logprobs(row, tok, n as usize, &mut self.top);

@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use kvroute_contract::dispatch::{parse_dispatch, DISPATCH_HEADER};
 use kvroute_engine::api::{
-    EngineEvent, FinishReason, GenerateRequest, Prompt, RequestId, SamplingParams,
+    EngineEvent, FinishReason, GenerateRequest, Prompt, RequestId, SamplingParams, TokenEvent,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -579,7 +579,9 @@ async fn generate(
             stop: req.stop.clone(),
             stop_token_ids: req.stop_token_ids.clone(),
             ignore_eos: req.ignore_eos,
-            logprobs: None,
+            logprobs: req.logprobs,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
         },
         cache_key: req.cache_salt.clone(),
         hold,
@@ -643,6 +645,7 @@ async fn generate(
         created: unix_now(),
         model: info.name.clone(),
         endpoint,
+        logprobs: req.logprobs.is_some(),
     };
     if req.stream {
         Ok(stream_response(running, meta, req))
@@ -714,14 +717,88 @@ struct Meta {
     created: u64,
     model: String,
     endpoint: Endpoint,
+    /// The request asked for log-probabilities.
+    logprobs: bool,
+}
+
+/// Log-probabilities of generated tokens, gathered for an OpenAI answer (a whole response, or
+/// the tokens of one stream chunk).
+#[derive(Default)]
+struct Logprobs {
+    /// Per token: its text, its log-probability, the alternatives, its byte offset in the text.
+    entries: Vec<(String, f32, Vec<(String, f32)>, usize)>,
+}
+
+impl Logprobs {
+    fn push(&mut self, backend: &dyn InferenceBackend, t: &TokenEvent, offset: usize) {
+        let Some(lp) = t.logprob else {
+            return;
+        };
+        let text = backend.detokenize(&[t.token]).unwrap_or_default();
+        let top = t
+            .top_logprobs
+            .iter()
+            .map(|a| (a.text.clone(), a.logprob))
+            .collect();
+        self.entries.push((text, lp, top, offset));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The `logprobs` object of a completions choice.
+    fn completions_json(&self) -> Value {
+        let top: Vec<Value> = self
+            .entries
+            .iter()
+            .map(|(_, _, top, _)| {
+                Value::Object(top.iter().map(|(t, l)| (t.clone(), json!(l))).collect())
+            })
+            .collect();
+        json!({
+            "tokens": self.entries.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
+            "token_logprobs": self.entries.iter().map(|e| e.1).collect::<Vec<_>>(),
+            "top_logprobs": top,
+            "text_offset": self.entries.iter().map(|e| e.3).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The `logprobs` object of a chat choice.
+    fn chat_json(&self) -> Value {
+        let one = |t: &str, l: f32| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
+        let content: Vec<Value> = self
+            .entries
+            .iter()
+            .map(|(t, l, top, _)| {
+                let mut v = one(t, *l);
+                v["top_logprobs"] = top.iter().map(|(t, l)| one(t, *l)).collect();
+                v
+            })
+            .collect();
+        json!({ "content": content })
+    }
+
+    fn json(&self, endpoint: Endpoint) -> Value {
+        match endpoint {
+            Endpoint::Completions => self.completions_json(),
+            Endpoint::Chat => self.chat_json(),
+        }
+    }
 }
 
 async fn collect_response(mut run: Running, meta: Meta) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Logprobs::default();
     loop {
         match run.rx.recv().await {
             Some(EngineEvent::Started { .. }) => {}
-            Some(EngineEvent::Token(t)) => text.push_str(&t.text),
+            Some(EngineEvent::Token(t)) => {
+                if meta.logprobs {
+                    logprobs.push(run.abort.backend.as_ref(), &t, text.len());
+                }
+                text.push_str(&t.text);
+            }
             Some(EngineEvent::Finished { reason, usage }) => {
                 run.abort.finished = true;
                 let usage = usage_json(
@@ -729,11 +806,16 @@ async fn collect_response(mut run: Running, meta: Meta) -> Result<Response, ApiE
                     usage.completion_tokens,
                     usage.cached_tokens,
                 );
+                let lp = if meta.logprobs {
+                    logprobs.json(meta.endpoint)
+                } else {
+                    Value::Null
+                };
                 let body = match meta.endpoint {
                     Endpoint::Completions => json!({
                         "id": meta.id, "object": "text_completion", "created": meta.created,
                         "model": meta.model,
-                        "choices": [{"index": 0, "text": text, "logprobs": null,
+                        "choices": [{"index": 0, "text": text, "logprobs": lp,
                                      "finish_reason": reason.as_openai()}],
                         "usage": usage,
                     }),
@@ -742,7 +824,7 @@ async fn collect_response(mut run: Running, meta: Meta) -> Result<Response, ApiE
                         "model": meta.model,
                         "choices": [{"index": 0,
                                      "message": {"role": "assistant", "content": text},
-                                     "logprobs": null, "finish_reason": reason.as_openai()}],
+                                     "logprobs": lp, "finish_reason": reason.as_openai()}],
                         "usage": usage,
                     }),
                 };
@@ -777,6 +859,10 @@ struct SseState {
     include_usage: bool,
     sent_role: bool,
     done: bool,
+    /// Log-probabilities of tokens not yet sent (their text was held back).
+    pending: Logprobs,
+    /// Bytes of text sent so far (the next token's offset).
+    sent_bytes: usize,
 }
 
 impl SseState {
@@ -795,10 +881,17 @@ impl SseState {
         v
     }
 
-    fn text_choice(&self, text: &str, finish: Option<&str>) -> Value {
+    /// A choice with `text`, carrying the log-probabilities gathered since the last one.
+    fn text_choice(&mut self, text: &str, finish: Option<&str>) -> Value {
+        let lp = if self.meta.logprobs && !self.pending.is_empty() {
+            std::mem::take(&mut self.pending).json(self.meta.endpoint)
+        } else {
+            Value::Null
+        };
+        self.sent_bytes += text.len();
         match self.meta.endpoint {
             Endpoint::Completions => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
             }
             Endpoint::Chat => {
                 let delta = if finish.is_some() && text.is_empty() {
@@ -806,7 +899,7 @@ impl SseState {
                 } else {
                     json!({"content": text})
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish})
             }
         }
     }
@@ -828,17 +921,23 @@ impl SseState {
             match self.run.rx.recv().await {
                 Some(EngineEvent::Started { .. }) => {}
                 Some(EngineEvent::Token(t)) => {
+                    if self.meta.logprobs {
+                        let offset = self.sent_bytes;
+                        self.pending
+                            .push(self.run.abort.backend.as_ref(), &t, offset);
+                    }
                     if t.text.is_empty() {
                         continue;
                     }
-                    let c = self.chunk(self.text_choice(&t.text, None));
+                    let choice = self.text_choice(&t.text, None);
+                    let c = self.chunk(choice);
                     return Some(sse(&c));
                 }
                 Some(EngineEvent::Finished { reason, usage }) => {
                     self.run.abort.finished = true;
                     self.done = true;
-                    let mut out =
-                        sse(&self.chunk(self.text_choice("", Some(reason.as_openai())))).to_vec();
+                    let choice = self.text_choice("", Some(reason.as_openai()));
+                    let mut out = sse(&self.chunk(choice)).to_vec();
                     if self.include_usage {
                         let u = json!({
                             "id": self.meta.id,
@@ -890,6 +989,8 @@ fn stream_response(run: Running, meta: Meta, req: Request) -> Response {
         include_usage: req.include_usage,
         sent_role: false,
         done: false,
+        pending: Logprobs::default(),
+        sent_bytes: 0,
     };
     let stream = futures::stream::unfold(st, |mut st| async move {
         st.next().await.map(|b| (Ok::<Bytes, Infallible>(b), st))

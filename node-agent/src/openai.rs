@@ -245,8 +245,38 @@ mod tests {
             ),
             (
                 Endpoint::Completions,
-                r#"{"model":"m","prompt":"x","logprobs":3}"#,
+                r#"{"model":"m","prompt":"x","logprobs":21}"#,
                 Some("logprobs"),
+            ),
+            (
+                Endpoint::Completions,
+                r#"{"model":"m","prompt":"x","logprobs":-1}"#,
+                Some("logprobs"),
+            ),
+            (
+                Endpoint::Completions,
+                r#"{"model":"m","prompt":"x","presence_penalty":2.5}"#,
+                Some("presence_penalty"),
+            ),
+            (
+                Endpoint::Completions,
+                r#"{"model":"m","prompt":"x","frequency_penalty":"high"}"#,
+                Some("frequency_penalty"),
+            ),
+            (
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":3}"#,
+                Some("logprobs"),
+            ),
+            (
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#,
+                Some("top_logprobs"),
+            ),
+            (
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+                Some("top_logprobs"),
             ),
             (
                 Endpoint::Chat,

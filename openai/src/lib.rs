@@ -81,7 +81,18 @@ pub struct Request {
     pub stream: bool,
     pub include_usage: bool,
     pub cache_salt: Option<String>,
+    /// Subtracted from the logit of every token already generated (once), in [-2, 2].
+    pub presence_penalty: f32,
+    /// Subtracted from the logit of every token already generated, times its count, in [-2, 2].
+    pub frequency_penalty: f32,
+    /// Log-probabilities asked for: `Some(n)` = the sampled token's and the `n` most likely
+    /// alternatives' (0..=[`MAX_LOGPROBS`]). Completions: `logprobs: n`; chat: `logprobs: true`
+    /// with `top_logprobs: n`.
+    pub logprobs: Option<u32>,
 }
+
+/// Most alternatives `logprobs` / `top_logprobs` may ask for (OpenAI's chat limit).
+pub const MAX_LOGPROBS: u32 = 20;
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +249,11 @@ pub fn parse_value(value: &Value, endpoint: Endpoint) -> Result<Request, Request
     if get_bool(o, "echo")?.unwrap_or(false) {
         return Err(RequestError::new("`echo` is not supported", Some("echo")));
     }
-    for k in ["presence_penalty", "frequency_penalty"] {
+    let mut penalties = [0.0f32; 2];
+    for (i, k) in ["presence_penalty", "frequency_penalty"]
+        .into_iter()
+        .enumerate()
+    {
         if let Some(v) = get_f64(o, k)? {
             if !(-2.0..=2.0).contains(&v) {
                 return Err(RequestError::new(
@@ -246,24 +261,10 @@ pub fn parse_value(value: &Value, endpoint: Endpoint) -> Result<Request, Request
                     Some(k),
                 ));
             }
-            if v != 0.0 {
-                return Err(RequestError::new(
-                    format!("`{k}` other than 0 is not supported"),
-                    Some(k),
-                ));
-            }
+            penalties[i] = v as f32;
         }
     }
-    match opt(o, "logprobs") {
-        None | Some(Value::Bool(false)) => {}
-        Some(v) if v.as_u64() == Some(0) => {}
-        Some(_) => {
-            return Err(RequestError::new(
-                "`logprobs` is not supported",
-                Some("logprobs"),
-            ))
-        }
-    }
+    let logprobs = parse_logprobs(o, endpoint)?;
     let stop = match opt(o, "stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -311,7 +312,45 @@ pub fn parse_value(value: &Value, endpoint: Endpoint) -> Result<Request, Request
         stream,
         include_usage,
         cache_salt,
+        presence_penalty: penalties[0],
+        frequency_penalty: penalties[1],
+        logprobs,
     })
+}
+
+/// `logprobs` as each endpoint spells it (see [`Request::logprobs`]).
+fn parse_logprobs(o: &Map<String, Value>, endpoint: Endpoint) -> Result<Option<u32>, RequestError> {
+    let count = |param: &str, v: &Value| -> Result<u32, RequestError> {
+        match v.as_u64() {
+            Some(n) if n <= u64::from(MAX_LOGPROBS) => Ok(n as u32),
+            _ => Err(RequestError::new(
+                format!("`{param}` must be an integer from 0 to {MAX_LOGPROBS}"),
+                Some(param),
+            )),
+        }
+    };
+    match endpoint {
+        Endpoint::Completions => match opt(o, "logprobs") {
+            None => Ok(None),
+            Some(v) => count("logprobs", v).map(Some),
+        },
+        Endpoint::Chat => {
+            let on = match opt(o, "logprobs") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(type_err("logprobs", "a boolean")),
+            };
+            match (on, opt(o, "top_logprobs")) {
+                (false, None) => Ok(None),
+                (true, None) => Ok(Some(0)),
+                (true, Some(v)) => count("top_logprobs", v).map(Some),
+                (false, Some(_)) => Err(RequestError::new(
+                    "`top_logprobs` needs `logprobs: true`",
+                    Some("top_logprobs"),
+                )),
+            }
+        }
+    }
 }
 
 fn parse_prompt(o: &Map<String, Value>) -> Result<Input, RequestError> {
@@ -457,5 +496,39 @@ mod tests {
             panic!("not chat")
         };
         assert_eq!(messages[0].role, "system");
+    }
+
+    #[test]
+    fn logprobs_and_penalties_as_each_endpoint_spells_them() {
+        let chat = |extra: serde_json::Value| {
+            let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            parse_value(&b, Endpoint::Chat)
+        };
+        assert_eq!(chat(json!({})).unwrap().logprobs, None);
+        assert_eq!(chat(json!({"logprobs": false})).unwrap().logprobs, None);
+        assert_eq!(chat(json!({"logprobs": true})).unwrap().logprobs, Some(0));
+        assert_eq!(
+            chat(json!({"logprobs": true, "top_logprobs": 20}))
+                .unwrap()
+                .logprobs,
+            Some(20)
+        );
+        let c = |extra: serde_json::Value| {
+            let mut b = json!({"model": "m", "prompt": "x"});
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            parse_value(&b, Endpoint::Completions)
+        };
+        assert_eq!(c(json!({"logprobs": 0})).unwrap().logprobs, Some(0));
+        assert_eq!(c(json!({"logprobs": 5})).unwrap().logprobs, Some(5));
+        assert_eq!(c(json!({"logprobs": null})).unwrap().logprobs, None);
+        assert!(c(json!({"logprobs": true})).is_err());
+        let r = c(json!({"presence_penalty": -2, "frequency_penalty": 1.5})).unwrap();
+        assert_eq!((r.presence_penalty, r.frequency_penalty), (-2.0, 1.5));
+        assert!(c(json!({"frequency_penalty": -2.01})).is_err());
     }
 }

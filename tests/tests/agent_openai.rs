@@ -88,3 +88,73 @@ async fn model_info_carries_a_working_tokenizer_and_template() {
         assert_eq!(ids, want, "{}", c["text"]);
     }
 }
+
+/// Log-probabilities and penalties through a gateway, as the `openai` client asks for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_and_penalties_through_the_gateway_with_the_openai_client() {
+    let agent = Agent::spawn(AgentOpts::default());
+    let gw = kvroute_tests::Gateway::spawn(&[&agent], &[]).await;
+    let (url, model) = (format!("http://{}/v1", gw.addr), agent.model.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        run_py(
+            "openai_logprobs.py",
+            &[&url, &model, "The capital of France is", "12"],
+        )
+    })
+    .await
+    .unwrap();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    let c = &out["completion"];
+    let tokens: Vec<&str> = c["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(!tokens.is_empty(), "{out}");
+    assert_eq!(tokens.concat(), c["text"].as_str().unwrap(), "{out}");
+    let lps = c["token_logprobs"].as_array().unwrap();
+    let tops = c["top_logprobs"].as_array().unwrap();
+    let offsets = c["text_offset"].as_array().unwrap();
+    assert_eq!(
+        (lps.len(), tops.len(), offsets.len()),
+        (tokens.len(), tokens.len(), tokens.len())
+    );
+    assert_eq!(offsets[0], 0);
+    for i in 0..tokens.len() {
+        let lp = f(&lps[i]);
+        assert!(lp <= 0.0 && lp.is_finite(), "{out}");
+        let top = tops[i].as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 3, "{out}");
+        // Greedy: the sampled token is the most likely one.
+        let best = top.values().map(f).fold(f64::MIN, f64::max);
+        assert!(lp >= best - 1e-4, "token {i}: {lp} < {best}: {out}");
+        if i > 0 {
+            assert_eq!(
+                offsets[i].as_u64().unwrap(),
+                offsets[i - 1].as_u64().unwrap() + tokens[i - 1].len() as u64
+            );
+        }
+    }
+    let s = &out["completion_stream"];
+    assert_eq!(s["text"], c["text"], "{out}");
+    assert_eq!(s["tokens"], c["tokens"], "{out}");
+    assert_eq!(s["token_logprobs"], c["token_logprobs"], "{out}");
+    let chat = &out["chat"];
+    let n = chat["tokens"].as_array().unwrap().len();
+    assert!(n > 0, "{out}");
+    assert_eq!(chat["bytes_ok"], true);
+    assert!(chat["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t.as_array().unwrap().len() <= 2));
+    assert_eq!(out["chat_stream"]["text"], chat["text"], "{out}");
+    assert_eq!(out["chat_stream"]["logprob_tokens"], n, "{out}");
+    let p = &out["penalties"];
+    assert_ne!(
+        p["plain"], p["penalized"],
+        "strong penalties change a repeating greedy output: {out}"
+    );
+    assert_eq!(out["bad_penalty"], "presence_penalty", "{out}");
+}
