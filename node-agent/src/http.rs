@@ -725,22 +725,34 @@ struct Meta {
 /// the tokens of one stream chunk).
 #[derive(Default)]
 struct Logprobs {
-    /// Per token: its text, its log-probability, the alternatives, its byte offset in the text.
-    entries: Vec<(String, f32, Vec<(String, f32)>, usize)>,
+    entries: Vec<LogprobEntry>,
+}
+
+/// One generated token's log-probability.
+struct LogprobEntry {
+    text: String,
+    logprob: f32,
+    /// The most likely alternatives: (text, log-probability).
+    top: Vec<(String, f32)>,
+    /// Its byte offset in the output text.
+    offset: usize,
 }
 
 impl Logprobs {
     fn push(&mut self, backend: &dyn InferenceBackend, t: &TokenEvent, offset: usize) {
-        let Some(lp) = t.logprob else {
+        let Some(logprob) = t.logprob else {
             return;
         };
-        let text = backend.detokenize(&[t.token]).unwrap_or_default();
-        let top = t
-            .top_logprobs
-            .iter()
-            .map(|a| (a.text.clone(), a.logprob))
-            .collect();
-        self.entries.push((text, lp, top, offset));
+        self.entries.push(LogprobEntry {
+            text: backend.detokenize(&[t.token]).unwrap_or_default(),
+            logprob,
+            top: t
+                .top_logprobs
+                .iter()
+                .map(|a| (a.text.clone(), a.logprob))
+                .collect(),
+            offset,
+        });
     }
 
     fn is_empty(&self) -> bool {
@@ -749,18 +761,16 @@ impl Logprobs {
 
     /// The `logprobs` object of a completions choice.
     fn completions_json(&self) -> Value {
-        let top: Vec<Value> = self
-            .entries
+        let e = &self.entries;
+        let top: Vec<Value> = e
             .iter()
-            .map(|(_, _, top, _)| {
-                Value::Object(top.iter().map(|(t, l)| (t.clone(), json!(l))).collect())
-            })
+            .map(|e| Value::Object(e.top.iter().map(|(t, l)| (t.clone(), json!(l))).collect()))
             .collect();
         json!({
-            "tokens": self.entries.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
-            "token_logprobs": self.entries.iter().map(|e| e.1).collect::<Vec<_>>(),
+            "tokens": e.iter().map(|e| e.text.as_str()).collect::<Vec<_>>(),
+            "token_logprobs": e.iter().map(|e| e.logprob).collect::<Vec<_>>(),
             "top_logprobs": top,
-            "text_offset": self.entries.iter().map(|e| e.3).collect::<Vec<_>>(),
+            "text_offset": e.iter().map(|e| e.offset).collect::<Vec<_>>(),
         })
     }
 
@@ -770,9 +780,9 @@ impl Logprobs {
         let content: Vec<Value> = self
             .entries
             .iter()
-            .map(|(t, l, top, _)| {
-                let mut v = one(t, *l);
-                v["top_logprobs"] = top.iter().map(|(t, l)| one(t, *l)).collect();
+            .map(|e| {
+                let mut v = one(&e.text, e.logprob);
+                v["top_logprobs"] = e.top.iter().map(|(t, l)| one(t, *l)).collect();
                 v
             })
             .collect();
