@@ -7,6 +7,7 @@
 //! (owner references let the garbage collector remove children of a deleted ModelDeployment).
 
 pub mod app;
+pub mod autoscale;
 pub mod capacity;
 pub mod desired;
 pub mod metrics;

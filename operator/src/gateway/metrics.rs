@@ -343,3 +343,47 @@ fn escape(s: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
+
+/// Reads one number of a model's KV signal.
+type SignalField = fn(&crate::controller::autoscale::KvSignal) -> u64;
+
+/// The autoscaling signal per model (`Router::kv_signals`), for an HPA or KEDA to scale on:
+/// demand over `blocks_per_replica × target` is the replicas needed.
+pub fn render_kv_signals(signals: &[(String, crate::controller::autoscale::KvSignal)]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let families: [(&str, &str, SignalField); 5] = [
+        (
+            "kvroute_gateway_model_kv_demand_blocks",
+            "KV blocks a model's requests use, have reserved, and wait for beyond the room there is.",
+            |s| s.demand_blocks(),
+        ),
+        (
+            "kvroute_gateway_model_kv_shortfall_blocks",
+            "KV blocks a model's waiting requests need beyond the room its agents have.",
+            |s| s.shortfall_blocks,
+        ),
+        (
+            "kvroute_gateway_model_kv_used_blocks",
+            "KV blocks in use on a model's live agents.",
+            |s| s.used_blocks,
+        ),
+        (
+            "kvroute_gateway_model_kv_blocks_per_replica",
+            "KV blocks in one of a model's agents (the largest).",
+            |s| s.blocks_per_replica,
+        ),
+        (
+            "kvroute_gateway_model_waiting_requests",
+            "Requests of a model waiting in this gateway for room.",
+            |s| s.waiting_requests,
+        ),
+    ];
+    for (name, help, get) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (model, s) in signals {
+            let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", escape(model), get(s));
+        }
+    }
+    out
+}

@@ -1077,6 +1077,42 @@ impl Router {
             .retry_after_s(&plan.model, queued + blocks(plan), now, stale)
     }
 
+    /// Each model's KV demand, the signal autoscaling reads (`controller::autoscale`): blocks
+    /// used and reserved on its live agents, the blocks its waiting requests need beyond the
+    /// room those agents have (the shortfall), and one replica's pool.
+    pub fn kv_signals(&self) -> Vec<(String, crate::controller::autoscale::KvSignal)> {
+        use crate::controller::autoscale::KvSignal;
+        let now = self.now_ms();
+        let core = self.lock();
+        let mut by_model: BTreeMap<String, (KvSignal, u64)> = BTreeMap::new();
+        for a in core.cluster.agents() {
+            if !a.fresh(now, self.policy.stale_after_ms) {
+                continue;
+            }
+            let r = &a.report;
+            let (sig, room) = by_model.entry(r.model.clone()).or_default();
+            sig.used_blocks += r.total_blocks.saturating_sub(r.free_blocks);
+            sig.reserved_blocks += a.reserved_blocks();
+            sig.blocks_per_replica = sig.blocks_per_replica.max(r.total_blocks);
+            *room += r.free_blocks.saturating_sub(a.reserved_blocks());
+        }
+        let mut ids = Vec::new();
+        core.queue.order(&mut ids);
+        let mut need: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for w in ids.iter().filter_map(|&id| core.queue.get(id)) {
+            let p = &w.plan;
+            let e = need.entry(p.model.as_str()).or_default();
+            e.0 += (p.prompt_tokens + p.output_tokens).div_ceil(u64::from(p.block_size.max(1)));
+            e.1 += 1;
+        }
+        for (model, (blocks, waiting)) in need {
+            let (sig, room) = by_model.entry(model.to_string()).or_default();
+            sig.shortfall_blocks = blocks.saturating_sub(*room);
+            sig.waiting_requests = waiting;
+        }
+        by_model.into_iter().map(|(m, (s, _))| (m, s)).collect()
+    }
+
     /// The HTTP endpoint of an eligible agent serving `model` (for fetching model info).
     pub fn endpoint_for_model(&self, model: Option<&str>) -> Option<String> {
         let now = self.now_ms();

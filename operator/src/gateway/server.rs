@@ -24,7 +24,7 @@ use super::capacity::WatchSettings;
 use super::config::{AuthConfig, GatewayConfig};
 use super::dashboard::{self, DashboardState};
 use super::error::Error;
-use super::metrics::Metrics;
+use super::metrics::{self, Metrics};
 use super::prompt::{self, Endpoint, ModelCatalog, ModelInfo};
 use super::proxy::{self, HttpClient};
 use super::quota;
@@ -614,7 +614,8 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let text = gw.metrics.render(&gw.router.agents());
+    let mut text = gw.metrics.render(&gw.router.agents());
+    text.push_str(&metrics::render_kv_signals(&gw.router.kv_signals()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
