@@ -118,10 +118,17 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// Most template instructions one render may run (a long chat on a real template takes a few
+/// hundred thousand at most).
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
 impl ChatTemplate {
     /// Compiles `source`. `bos_token`/`eos_token` are the texts templates see under those names.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatError> {
         let mut env = Environment::new();
+        // Templates come with model files: a template that loops without end must fail, not
+        // hold a thread (the HTTP request's) forever.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         // Hugging Face's settings (transformers' _compile_jinja_template).
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);

@@ -179,3 +179,18 @@ fn strftime_matches_python() {
     let t = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}", "", "").unwrap();
     assert_eq!(t.render(&[], false).unwrap().len(), 11);
 }
+
+#[test]
+fn a_template_that_runs_without_end_fails_instead_of_hanging() {
+    let src = "{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}x";
+    let t = ChatTemplate::new(src, "", "").unwrap();
+    let start = std::time::Instant::now();
+    let e = t.render(&[user("hi")], true).unwrap_err();
+    assert!(matches!(e, ChatError::Render(_)), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("fuel"), "{e}");
+    // A long, real conversation still renders within the budget.
+    let many: Vec<ChatMessage> = (0..2000).map(|i| user(&format!("message {i}"))).collect();
+    let smol = ChatTemplate::new(SMOL, "<|im_start|>", "<|im_end|>").unwrap();
+    assert!(smol.render(&many, true).is_ok());
+    eprintln!("stopped after {:?}", start.elapsed());
+}

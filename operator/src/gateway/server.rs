@@ -274,8 +274,19 @@ impl Gateway {
         prompt::is_stream(&value).map_err(bad_request)?;
         let info = self.model_info(&model).await;
         let settings = self.router.settings(&model);
-        let mut plan = prompt::plan(endpoint, &value, info.as_deref(), settings.reserve_output)
-            .map_err(bad_request)?;
+        // Tokenizing and rendering the chat template take real CPU for long prompts: on a
+        // blocking thread, never on the async workers that move every other request's bytes.
+        let (value, plan) = {
+            let info = info.clone();
+            let reserve = settings.reserve_output;
+            tokio::task::spawn_blocking(move || {
+                let plan = prompt::plan(endpoint, &value, info.as_deref(), reserve);
+                (value, plan)
+            })
+            .await
+            .map_err(|e| Error::Upstream(format!("prompt planning failed: {e}")))?
+        };
+        let mut plan = plan.map_err(bad_request)?;
         if let Some(n) = settings.default_output_tokens {
             // The model's spec sizes requests that name no max_tokens.
             if ["max_tokens", "max_completion_tokens"]
