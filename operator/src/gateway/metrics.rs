@@ -104,9 +104,30 @@ impl Metrics {
         }
     }
 
+    /// Counts an answered request. The model label comes from the client's body, so it is
+    /// bounded: at most [`MAX_MODEL_LABELS`] distinct names (then `other`), each at most
+    /// [`MAX_LABEL_LEN`] bytes.
     pub fn count_request(&self, model: &str, status: u16) {
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((model.to_string(), status)).or_insert(0) += 1;
+        let mut end = model.len().min(MAX_LABEL_LEN);
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        let model = &model[..end];
+        let label = if m.keys().any(|(k, _)| k == model) {
+            model
+        } else {
+            let mut distinct: Vec<&str> = m.keys().map(|(k, _)| k.as_str()).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if distinct.len() < MAX_MODEL_LABELS {
+                model
+            } else {
+                OTHER_LABEL
+            }
+        }
+        .to_string();
+        *m.entry((label, status)).or_insert(0) += 1;
     }
 
     pub fn observe_decision(&self, d: Duration) {
@@ -344,6 +365,15 @@ fn escape(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Most distinct model labels on request counters (client-chosen; beyond: [`OTHER_LABEL`]).
+pub const MAX_MODEL_LABELS: usize = 64;
+
+/// Longest model label kept (longer names are cut).
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// The label of requests whose model name came after the first [`MAX_MODEL_LABELS`].
+pub const OTHER_LABEL: &str = "other";
+
 /// Reads one number of a model's KV signal.
 type SignalField = fn(&crate::controller::autoscale::KvSignal) -> u64;
 
@@ -386,4 +416,37 @@ pub fn render_kv_signals(signals: &[(String, crate::controller::autoscale::KvSig
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_chosen_model_labels_are_bounded() {
+        let m = Metrics::new("kv");
+        for i in 0..200 {
+            m.count_request(&format!("model-{i}"), 404);
+        }
+        m.count_request("model-3", 200);
+        m.count_request(&"x".repeat(10_000), 404);
+        let text = m.render(&[]);
+        let mut labels: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("kvroute_gateway_requests_total{"))
+            .filter_map(|l| l.split("model=\"").nth(1)?.split('"').next())
+            .collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), MAX_MODEL_LABELS + 1, "{labels:?}");
+        assert!(labels.contains(&OTHER_LABEL));
+        assert!(labels.contains(&"model-3"), "a known name keeps counting");
+        assert!(labels.iter().all(|l| l.len() <= MAX_LABEL_LEN));
+        let other: u64 = text
+            .lines()
+            .filter(|l| l.contains("model=\"other\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(other, 200 - MAX_MODEL_LABELS as u64 + 1);
+    }
 }
