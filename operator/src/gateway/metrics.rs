@@ -62,6 +62,10 @@ impl Histogram {
 pub struct Metrics {
     policy: &'static str,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// (tenant, status) → requests.
+    tenants: Mutex<BTreeMap<(String, u16), u64>>,
+    /// tenant → tokens reserved by its admitted requests.
+    tenant_tokens: Mutex<BTreeMap<String, u64>>,
     decision: Mutex<Histogram>,
     queue_wait: Mutex<Histogram>,
     /// The `kv` policy's predicted time to first token, what was observed (dispatch to the
@@ -86,6 +90,8 @@ impl Metrics {
         Self {
             policy,
             requests: Mutex::new(BTreeMap::new()),
+            tenants: Mutex::new(BTreeMap::new()),
+            tenant_tokens: Mutex::new(BTreeMap::new()),
             decision: Mutex::new(Histogram::new(DECISION_BUCKETS)),
             queue_wait: Mutex::new(Histogram::new(WAIT_BUCKETS)),
             ttft_predicted: Mutex::new(Histogram::new(WAIT_BUCKETS)),
@@ -109,25 +115,23 @@ impl Metrics {
     /// [`MAX_LABEL_LEN`] bytes.
     pub fn count_request(&self, model: &str, status: u16) {
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let mut end = model.len().min(MAX_LABEL_LEN);
-        while !model.is_char_boundary(end) {
-            end -= 1;
-        }
-        let model = &model[..end];
-        let label = if m.keys().any(|(k, _)| k == model) {
-            model
-        } else {
-            let mut distinct: Vec<&str> = m.keys().map(|(k, _)| k.as_str()).collect();
-            distinct.sort_unstable();
-            distinct.dedup();
-            if distinct.len() < MAX_MODEL_LABELS {
-                model
-            } else {
-                OTHER_LABEL
-            }
-        }
-        .to_string();
+        let label = bounded_label(m.keys().map(|(k, _)| k.as_str()), model);
         *m.entry((label, status)).or_insert(0) += 1;
+    }
+
+    /// Counts a request of `tenant` answered with `status`. Tenants are bounded like model
+    /// names.
+    pub fn count_tenant(&self, tenant: &str, status: u16) {
+        let mut m = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        let label = bounded_label(m.keys().map(|(k, _)| k.as_str()), tenant);
+        *m.entry((label, status)).or_insert(0) += 1;
+    }
+
+    /// Adds the tokens an admitted request of `tenant` reserved (prompt + output).
+    pub fn add_tenant_tokens(&self, tenant: &str, tokens: u64) {
+        let mut m = self.tenant_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let label = bounded_label(m.keys().map(String::as_str), tenant);
+        *m.entry(label).or_insert(0) += tokens;
     }
 
     pub fn observe_decision(&self, d: Duration) {
@@ -208,6 +212,26 @@ impl Metrics {
                 "kvroute_gateway_requests_total{{model=\"{}\",policy=\"{p}\",status=\"{status}\"}} {n}",
                 escape(model)
             );
+        }
+        {
+            let t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+            out.push_str("# HELP kvroute_gateway_tenant_requests_total Requests answered, by tenant (the API key's, or the header's with --auth off) and HTTP status.\n# TYPE kvroute_gateway_tenant_requests_total counter\n");
+            for ((tenant, status), n) in t.iter() {
+                let _ = writeln!(
+                    out,
+                    "kvroute_gateway_tenant_requests_total{{tenant=\"{}\",status=\"{status}\"}} {n}",
+                    escape(tenant)
+                );
+            }
+            out.push_str("# HELP kvroute_gateway_tenant_tokens_total Tokens reserved (prompt + output) by a tenant's admitted requests.\n# TYPE kvroute_gateway_tenant_tokens_total counter\n");
+            let tokens = self.tenant_tokens.lock().unwrap_or_else(|e| e.into_inner());
+            for (tenant, k) in tokens.iter() {
+                let _ = writeln!(
+                    out,
+                    "kvroute_gateway_tenant_tokens_total{{tenant=\"{}\"}} {k}",
+                    escape(tenant)
+                );
+            }
         }
         out.push_str("# HELP kvroute_gateway_queue_depth Requests waiting in the admission queue.\n# TYPE kvroute_gateway_queue_depth gauge\n");
         let _ = writeln!(
@@ -374,6 +398,28 @@ pub const MAX_LABEL_LEN: usize = 128;
 /// The label of requests whose model name came after the first [`MAX_MODEL_LABELS`].
 pub const OTHER_LABEL: &str = "other";
 
+/// The label to count `value` under, given the labels in use: itself (cut to
+/// [`MAX_LABEL_LEN`] bytes) if in use or while fewer than [`MAX_MODEL_LABELS`] are, else
+/// [`OTHER_LABEL`].
+fn bounded_label<'a>(in_use: impl Iterator<Item = &'a str>, value: &str) -> String {
+    let mut end = value.len().min(MAX_LABEL_LEN);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    let value = &value[..end];
+    let mut distinct: Vec<&str> = in_use.collect();
+    if distinct.contains(&value) {
+        return value.to_string();
+    }
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() < MAX_MODEL_LABELS {
+        value.to_string()
+    } else {
+        OTHER_LABEL.to_string()
+    }
+}
+
 /// Reads one number of a model's KV signal.
 type SignalField = fn(&crate::controller::autoscale::KvSignal) -> u64;
 
@@ -448,5 +494,30 @@ mod tests {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum();
         assert_eq!(other, 200 - MAX_MODEL_LABELS as u64 + 1);
+    }
+
+    #[test]
+    fn tenants_are_counted_with_bounded_labels() {
+        let m = Metrics::new("kv");
+        m.count_tenant("team-a", 200);
+        m.count_tenant("team-a", 200);
+        m.count_tenant("team-a", 429);
+        m.add_tenant_tokens("team-a", 100);
+        m.add_tenant_tokens("team-a", 28);
+        for i in 0..100 {
+            m.count_tenant(&format!("t{i}"), 200);
+        }
+        let text = m.render(&[]);
+        assert!(text
+            .contains("kvroute_gateway_tenant_requests_total{tenant=\"team-a\",status=\"200\"} 2"));
+        assert!(text
+            .contains("kvroute_gateway_tenant_requests_total{tenant=\"team-a\",status=\"429\"} 1"));
+        assert!(text.contains("kvroute_gateway_tenant_tokens_total{tenant=\"team-a\"} 128"));
+        let tenants = text
+            .lines()
+            .filter(|l| l.starts_with("kvroute_gateway_tenant_requests_total{"))
+            .count();
+        assert!(tenants <= MAX_MODEL_LABELS + 2, "{tenants}");
+        assert!(text.contains("tenant=\"other\""));
     }
 }

@@ -365,6 +365,8 @@ impl Gateway {
         let auth::Caller {
             priority, tenant, ..
         } = caller;
+        self.metrics
+            .add_tenant_tokens(&tenant, plan.prompt_tokens + plan.output_tokens);
         let mut no_room_retries = 0u32;
         let deadline = Instant::now() + settings.queue_timeout;
         let retry_after_s = settings.queue_timeout.as_secs().clamp(1, 30);
@@ -565,10 +567,18 @@ async fn respond(
         }
     };
     let metrics = Arc::clone(&gw.metrics);
-    match gw
+    let tenant = caller.tenant.clone();
+    let result = gw
         .handle(endpoint, path, headers, caller, bytes.clone())
-        .await
-    {
+        .await;
+    metrics.count_tenant(
+        &tenant,
+        match &result {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => e.status().as_u16(),
+        },
+    );
+    match result {
         Ok(r) => r,
         Err(e) => {
             let model = serde_json::from_slice::<serde_json::Value>(&bytes)
