@@ -646,6 +646,11 @@ async fn generate(
         model: info.name.clone(),
         endpoint,
         logprobs: req.logprobs.is_some(),
+        echo: if req.echo {
+            Some(echo_text(l.backend.as_ref(), &req.input)?)
+        } else {
+            None
+        },
     };
     if req.stream {
         Ok(stream_response(running, meta, req))
@@ -719,6 +724,22 @@ struct Meta {
     endpoint: Endpoint,
     /// The request asked for log-probabilities.
     logprobs: bool,
+    /// `echo`: the prompt's text, which the output starts with.
+    echo: Option<String>,
+}
+
+/// The text of a completions prompt, for `echo`.
+fn echo_text(backend: &dyn InferenceBackend, input: &Input) -> Result<String, ApiError> {
+    match input {
+        Input::Text(t) => Ok(t.clone()),
+        Input::Tokens(ids) => backend
+            .detokenize(ids)
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt"))),
+        Input::Chat { .. } => Err(ApiError::bad_request(
+            "`echo` is a completions parameter",
+            Some("echo"),
+        )),
+    }
 }
 
 /// Log-probabilities of generated tokens, gathered for an OpenAI answer (a whole response, or
@@ -798,7 +819,7 @@ impl Logprobs {
 }
 
 async fn collect_response(mut run: Running, meta: Meta) -> Result<Response, ApiError> {
-    let mut text = String::new();
+    let mut text = meta.echo.clone().unwrap_or_default();
     let mut logprobs = Logprobs::default();
     loop {
         match run.rx.recv().await {
@@ -926,6 +947,11 @@ impl SseState {
                                       "logprobs": null, "finish_reason": null}),
             );
             return Some(sse(&c));
+        }
+        if let Some(echo) = self.meta.echo.take() {
+            // `echo`: the prompt comes first, as its own chunk.
+            let choice = self.text_choice(&echo, None);
+            return Some(sse(&self.chunk(choice)));
         }
         loop {
             match self.run.rx.recv().await {

@@ -250,6 +250,16 @@ mod tests {
             ),
             (
                 Endpoint::Completions,
+                r#"{"model":"m","prompt":"x","echo":true,"logprobs":1}"#,
+                Some("echo"),
+            ),
+            (
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"echo":true}"#,
+                Some("echo"),
+            ),
+            (
+                Endpoint::Completions,
                 r#"{"model":"m","prompt":"x","logprobs":-1}"#,
                 Some("logprobs"),
             ),

@@ -89,6 +89,8 @@ pub struct Request {
     /// alternatives' (0..=[`MAX_LOGPROBS`]). Completions: `logprobs: n`; chat: `logprobs: true`
     /// with `top_logprobs: n`.
     pub logprobs: Option<u32>,
+    /// Completions: the output starts with the prompt.
+    pub echo: bool,
 }
 
 /// Most alternatives `logprobs` / `top_logprobs` may ask for (OpenAI's chat limit).
@@ -246,8 +248,12 @@ pub fn parse_value(value: &Value, endpoint: Endpoint) -> Result<Request, Request
             ));
         }
     }
-    if get_bool(o, "echo")?.unwrap_or(false) {
-        return Err(RequestError::new("`echo` is not supported", Some("echo")));
+    let echo = get_bool(o, "echo")?.unwrap_or(false);
+    if echo && endpoint == Endpoint::Chat {
+        return Err(RequestError::new(
+            "`echo` is a completions parameter",
+            Some("echo"),
+        ));
     }
     let mut penalties = [0.0f32; 2];
     for (i, k) in ["presence_penalty", "frequency_penalty"]
@@ -265,6 +271,12 @@ pub fn parse_value(value: &Value, endpoint: Endpoint) -> Result<Request, Request
         }
     }
     let logprobs = parse_logprobs(o, endpoint)?;
+    if echo && logprobs.is_some() {
+        return Err(RequestError::new(
+            "`echo` with `logprobs` is not supported (it needs the prompt's log-probabilities)",
+            Some("echo"),
+        ));
+    }
     let stop = match opt(o, "stop") {
         None => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -315,6 +327,7 @@ pub fn parse_value(value: &Value, endpoint: Endpoint) -> Result<Request, Request
         presence_penalty: penalties[0],
         frequency_penalty: penalties[1],
         logprobs,
+        echo,
     })
 }
 

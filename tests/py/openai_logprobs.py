@@ -65,6 +65,17 @@ penalized = client.completions.create(model=model, prompt=loop, max_tokens=max_t
                                       temperature=0, frequency_penalty=2.0, presence_penalty=2.0)
 out["penalties"] = {"plain": plain.choices[0].text, "penalized": penalized.choices[0].text}
 
+e = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, echo=True)
+out["echo"] = e.choices[0].text
+out["echo_stream"] = "".join(
+    ch.choices[0].text
+    for ch in client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
+                                        echo=True, stream=True)
+    if ch.choices
+)
+out["no_echo"] = client.completions.create(model=model, prompt=prompt, max_tokens=4,
+                                           temperature=0).choices[0].text
+
 try:
     client.completions.create(model=model, prompt=prompt, max_tokens=2, presence_penalty=3)
     out["bad_penalty"] = None

@@ -157,4 +157,10 @@ async fn logprobs_and_penalties_through_the_gateway_with_the_openai_client() {
         "strong penalties change a repeating greedy output: {out}"
     );
     assert_eq!(out["bad_penalty"], "presence_penalty", "{out}");
+    let echoed = format!(
+        "The capital of France is{}",
+        out["no_echo"].as_str().unwrap()
+    );
+    assert_eq!(out["echo"], echoed.as_str(), "{out}");
+    assert_eq!(out["echo_stream"], out["echo"], "{out}");
 }
