@@ -6,6 +6,10 @@
 
 use std::fmt;
 
+/// The response header an agent sets on a request it refused, before any byte, because it is
+/// draining: a gateway sends the request to another agent.
+pub const DRAINING_HEADER: &str = "x-kvroute-draining";
+
 /// The request header carrying a dispatch: `<dispatcher id>:<sequence number>`.
 pub const DISPATCH_HEADER: &str = "x-kvroute-dispatch";
 

@@ -99,6 +99,8 @@ pub struct CapacityHub {
     gpu: GpuMonitor,
     state: Mutex<HubState>,
     tx: broadcast::Sender<Arc<Delta>>,
+    /// Said in every report from now on (the next heartbeat at the latest).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// A point-in-time copy of the hub, consistent with the receiver handed out with it.
@@ -150,6 +152,7 @@ impl CapacityHub {
                 recent_acks: HashMap::new(),
             }),
             tx,
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -159,6 +162,12 @@ impl CapacityHub {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// From now on every report says the agent is draining.
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// An observer for `InferenceBackend::set_capacity_observer` feeding this hub.
@@ -301,6 +310,7 @@ impl CapacityHub {
             block_use_events: stats.block_use_events,
             acked_dispatches: Vec::new(),
             dispatch_acks: true,
+            draining: self.draining.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

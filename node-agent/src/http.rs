@@ -96,11 +96,17 @@ fn fail(state: &AgentState, e: ApiError) -> Response {
         l.metrics.error(e.status.as_u16());
     }
     tracing::debug!(status = e.status.as_u16(), message = %e.message, "request rejected");
-    let no_room = e.code == Some("no_room");
+    let (no_room, draining) = (e.code == Some("no_room"), e.code == Some("draining"));
     let mut r = e.into_response();
     if no_room {
         r.headers_mut()
             .insert(NO_ROOM_HEADER, axum::http::HeaderValue::from_static("1"));
+    }
+    if draining {
+        r.headers_mut().insert(
+            kvroute_contract::dispatch::DRAINING_HEADER,
+            axum::http::HeaderValue::from_static("1"),
+        );
     }
     r
 }

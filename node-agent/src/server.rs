@@ -185,6 +185,9 @@ where
         "draining: not ready, no new connections"
     );
     state.lifecycle.start_draining();
+    if let Some(l) = state.loaded() {
+        l.hub.set_draining();
+    }
     health_reporter
         .set_not_serving::<kvroute_proto::AgentServer<AgentService>>()
         .await;

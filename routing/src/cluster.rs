@@ -61,6 +61,8 @@ pub struct Report {
     /// Dispatches (reservation ids, see [`ReservationHandle::id`]) the agent took in or refused
     /// since the previous report; a snapshot may repeat older ones.
     pub acked_dispatches: Vec<u64>,
+    /// The agent is draining: no new request goes there.
+    pub draining: bool,
 }
 
 /// Blocks the gateway set aside on an agent for a request it dispatched there.
@@ -185,6 +187,7 @@ impl AgentState {
     pub fn fresh(&self, now_ms: u64, stale_after_ms: u64) -> bool {
         self.active
             && self.connected
+            && !self.report.draining
             && self
                 .last_report_ms
                 .is_some_and(|t| now_ms.saturating_sub(t) <= stale_after_ms)
@@ -263,7 +266,7 @@ impl Cluster {
     fn hot_of(a: &AgentState, model: u32) -> AgentView {
         let r = &a.report;
         AgentView {
-            live: a.active && a.connected && a.last_report_ms.is_some(),
+            live: a.active && a.connected && a.last_report_ms.is_some() && !r.draining,
             last_report_ms: a.last_report_ms.unwrap_or(0),
             model,
             block_size: r.block_size.max(1),

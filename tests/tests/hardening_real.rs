@@ -631,3 +631,71 @@ async fn agents_with_a_shared_token_serve_only_gateways_that_send_it() {
     let _ = wrong.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_agent_says_so_and_the_gateway_sends_new_requests_elsewhere() {
+    let mut leaving = Agent::spawn(AgentOpts {
+        extra: vec!["--drain-timeout".into(), "60s".into()],
+        ..AgentOpts::default()
+    });
+    let staying = Agent::spawn(AgentOpts {
+        extra: vec!["--agent-id".into(), "staying".into()],
+        ..AgentOpts::default()
+    });
+    let gw = Gateway::spawn(&[&leaving, &staying], &[]).await;
+    // A long stream on the agent that will leave.
+    let long = serde_json::to_vec(
+        &json!({"model": leaving.model, "prompt": "Once upon a time",
+        "max_tokens": 150, "temperature": 0, "ignore_eos": true, "stream": true}),
+    )
+    .unwrap();
+    let addr = leaving.http;
+    let stream = tokio::spawn(async move {
+        let resp = send(addr, "POST", "/v1/completions", long).await;
+        let b = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&b).into_owned()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    leaving.sigterm();
+    // Within a heartbeat the gateway sees it draining: not eligible.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = kvroute_tests::try_get_text(gw.addr, "/metrics")
+            .await
+            .unwrap();
+        let eligible: f64 = kvroute_tests::metric_values(&text, "kvroute_gateway_agent_eligible")
+            .iter()
+            .sum();
+        if eligible == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the draining agent still eligible:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // New requests all go to the other agent and succeed.
+    let body = serde_json::to_vec(
+        &json!({"model": staying.model, "prompt": "Hi", "max_tokens": 2, "temperature": 0}),
+    )
+    .unwrap();
+    for i in 0..20 {
+        let resp = send(gw.addr, "POST", "/v1/completions", body.clone()).await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        let agent = resp
+            .headers()
+            .get("x-kvroute-agent")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(agent.as_deref(), Some("staying"), "request {i}");
+        let _ = resp.into_body().collect().await;
+    }
+    // The stream that was running on the leaving agent finished whole.
+    let text = stream.await.unwrap();
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    let st = tokio::task::spawn_blocking(move || leaving.wait())
+        .await
+        .unwrap();
+    assert!(st.success(), "a drained agent exits 0");
+}

@@ -75,6 +75,7 @@ pub fn to_policy_report(r: CapacityReport) -> Report {
         block_use_events: r.block_use_events,
         events,
         dispatch_acks: r.dispatch_acks,
+        draining: r.draining,
         acked_dispatches: r.acked_dispatches,
     }
 }

@@ -449,6 +449,19 @@ impl Gateway {
             match self.client.request(req).await {
                 Ok(resp)
                     if resp.status() == StatusCode::SERVICE_UNAVAILABLE
+                        && resp
+                            .headers()
+                            .contains_key(kvroute_contract::dispatch::DRAINING_HEADER) =>
+                {
+                    // The agent is going away and took nothing: elsewhere, now (its reports
+                    // say so too, so the policy stops picking it).
+                    tracing::debug!(agent = %admitted.agent_id, "agent is draining; routing elsewhere");
+                    exclude.push(admitted.route.slot);
+                    drop(admitted);
+                    continue;
+                }
+                Ok(resp)
+                    if resp.status() == StatusCode::SERVICE_UNAVAILABLE
                         && resp.headers().contains_key(NO_ROOM_HEADER) =>
                 {
                     // The agent had no room after all (another replica's requests, or a direct
