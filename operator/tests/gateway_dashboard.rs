@@ -124,6 +124,38 @@ async fn dashboard_shows_agents_blocks_and_queue_in_chromium() {
         .await
     });
     wait_until("request queued", || router.queue().depth == 1).await;
+    // Three history samples (one a second) with the queue and the usage in them.
+    let hist_url = format!("http://{}/dashboard/history", gw.addr);
+    let mut samples = Vec::new();
+    for _ in 0..100 {
+        let (_, body) = get(&client(), &hist_url).await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        samples = v["samples"].as_array().cloned().unwrap_or_default();
+        if samples.len() >= 3 && samples.last().unwrap()["queue_depth"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(samples.len() >= 3, "{samples:?}");
+    let last = samples.last().unwrap();
+    assert_eq!(last["queue_depth"], 1, "as /metrics says: {last}");
+    let east = last["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == "east-1")
+        .unwrap();
+    assert_eq!(
+        (east["used"].as_u64(), east["free"].as_u64()),
+        (Some(677), Some(100))
+    );
+    let metrics = get(&client(), &format!("http://{}/metrics", gw.addr))
+        .await
+        .1;
+    assert!(
+        metrics.contains("kvroute_gateway_queue_depth 1"),
+        "{metrics}"
+    );
 
     let url = format!("http://{}/dashboard", gw.addr);
     let dom = tokio::task::spawn_blocking({
@@ -146,6 +178,19 @@ async fn dashboard_shows_agents_blocks_and_queue_in_chromium() {
     assert!(dom.contains("<span id=\"qdepth\">1</span>"), "{dom}");
     // The page's script ran and refreshed the view from /dashboard/state.
     assert!(dom.contains("data-updated=\""), "script did not run: {dom}");
+    // And drew the history: one line per agent, and the queue's.
+    for name in ["east-1", "west-2", "queue"] {
+        let at = dom
+            .find(&format!("class=\"series\" data-name=\"{name}\""))
+            .unwrap_or_else(|| panic!("no {name} line: {dom}"));
+        let points: usize = dom[at..]
+            .split("data-points=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert!(points >= 3, "{name}: {points} points");
+    }
 
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gateway-dashboard.png");
     let _ = std::fs::remove_file(&shot);

@@ -45,6 +45,12 @@ async fn up_serves_and_sigterm_leaves_no_orphans() {
             "--kv-memory",
             "64MiB",
         ])
+        // Logs into the test's own folder, not the user's cache.
+        .arg("--log-dir")
+        .arg(
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("up-logs-{}", std::process::id())),
+        )
         .env("KVROUTE_AGENT_BIN", stub_agent_bin())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

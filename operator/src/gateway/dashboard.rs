@@ -104,6 +104,9 @@ td,th{padding:6px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-ali
 .used{background:#d9534f}.cached{background:#f0ad4e}.free{background:#5cb85c}
 .st.ready{color:#2a7}.st.stale{color:#c80}.st.down{color:#c22}small{color:#777}
 .legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}
+.charts{display:flex;flex-wrap:wrap;gap:16px;margin-bottom:24px}.chart{width:460px}
+.chart svg{width:460px;height:140px;background:#fafafa;border:1px solid #ddd}
+.chart h3{font-size:14px;margin:4px 0}.chart polyline{fill:none;stroke-width:1.5}
 </style></head>
 <body>
 <h1>kvroute gateway <small>policy <b id="policy">{{POLICY}}</b></small></h1>
@@ -111,6 +114,13 @@ td,th{padding:6px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-ali
 <h2>Agents</h2>
 <table id="agents"><thead><tr><th>agent</th><th>model</th><th>status</th><th>KV blocks</th><th>reserved</th><th>running</th><th>waiting</th><th>preemptions</th></tr></thead>
 <tbody id="agent-rows">{{AGENTS}}</tbody></table>
+<h2>Last 15 minutes</h2>
+<div class="charts">
+<div class="chart"><h3>KV blocks used, per agent</h3><svg id="chart-kv" viewBox="0 0 460 140"></svg><div class="keys" id="keys-kv"></div></div>
+<div class="chart"><h3>Admission queue depth</h3><svg id="chart-queue" viewBox="0 0 460 140"></svg></div>
+<div class="chart"><h3>Requests/s: answered, 429, errors</h3><svg id="chart-rate" viewBox="0 0 460 140"></svg></div>
+<div class="chart"><h3>Time to first token p50 / p99 (s)</h3><svg id="chart-ttft" viewBox="0 0 460 140"></svg></div>
+</div>
 <h2>Admission queue: <span id="qdepth">{{QDEPTH}}</span> / <span id="qcap">{{QCAP}}</span></h2>
 <table id="queue"><thead><tr><th>priority</th><th>tenant</th><th>waiting</th></tr></thead><tbody id="queue-rows">{{QROWS}}</tbody></table>
 <script>
@@ -127,7 +137,24 @@ document.getElementById('agent-rows').innerHTML=s.agents.map(row).join('');
 document.getElementById('qdepth').textContent=s.queue.depth;
 document.getElementById('queue-rows').innerHTML=s.queue.entries.length?s.queue.entries.map(e=>`<tr><td>${esc(e.priority)}</td><td>${esc(e.tenant)}</td><td class=num>${e.depth}</td></tr>`).join(''):'<tr><td colspan=3>empty</td></tr>';
 document.body.dataset.updated=Date.now();}catch(e){}}
-setInterval(refresh,1000);refresh();
+const COLORS=['#1f77b4','#d62728','#2ca02c','#ff7f0e','#9467bd','#8c564b','#e377c2','#7f7f7f'];
+// Draws series [{name,points:[[t,v],...]}] as polylines, y from 0 to the largest value.
+function chart(id,series){const svg=document.getElementById(id);if(!svg)return;
+const pts=series.flatMap(s=>s.points);if(!pts.length){svg.innerHTML='';return}
+const t0=Math.min(...pts.map(p=>p[0])),t1=Math.max(...pts.map(p=>p[0])),ymax=Math.max(1e-9,...pts.map(p=>p[1]));
+const x=t=>t1>t0?4+452*(t-t0)/(t1-t0):230,y=v=>136-128*v/ymax;
+svg.innerHTML=series.map((s,i)=>`<polyline class="series" data-name="${esc(s.name)}" data-points="${s.points.length}" stroke="${COLORS[i%COLORS.length]}" points="${s.points.map(p=>x(p[0]).toFixed(1)+','+y(p[1]).toFixed(1)).join(' ')}"></polyline>`).join('')+
+`<text x="4" y="12" font-size="10">${ymax.toPrecision(3)}</text>`}
+async function history(){try{const r=await fetch('/dashboard/history');const h=(await r.json()).samples;
+const names=[...new Set(h.flatMap(s=>s.agents.map(a=>a.agent)))];
+chart('chart-kv',names.map(n=>({name:n,points:h.flatMap(s=>s.agents.filter(a=>a.agent===n).map(a=>[s.t_ms,a.used]))})));
+document.getElementById('keys-kv').innerHTML=names.map((n,i)=>`<span style="color:${COLORS[i%COLORS.length]}">■ ${esc(n)}</span>`).join(' ');
+chart('chart-queue',[{name:'queue',points:h.map(s=>[s.t_ms,s.queue_depth])}]);
+const rate=k=>h.slice(1).map((s,i)=>[s.t_ms,Math.max(0,(s[k]-h[i][k])*1000/Math.max(1,s.t_ms-h[i].t_ms))]);
+chart('chart-rate',[{name:'ok',points:rate('ok')},{name:'429',points:rate('rejected')},{name:'errors',points:rate('errors')}]);
+chart('chart-ttft',['ttft_p50_s','ttft_p99_s'].map(k=>({name:k,points:h.filter(s=>s[k]!==null).map(s=>[s.t_ms,s[k]])})));
+document.body.dataset.samples=h.length;}catch(e){}}
+setInterval(refresh,1000);refresh();setInterval(history,2000);history();
 </script>
 </body></html>
 "#;

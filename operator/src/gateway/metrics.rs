@@ -62,6 +62,9 @@ impl Histogram {
 pub struct Metrics {
     policy: &'static str,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Times to first token observed since the last [`Metrics::take_recent_ttfts`] (at most
+    /// [`RECENT_TTFTS`]).
+    recent_ttfts: Mutex<Vec<f64>>,
     /// (tenant, status) → requests.
     tenants: Mutex<BTreeMap<(String, u16), u64>>,
     /// tenant → tokens reserved by its admitted requests.
@@ -91,6 +94,7 @@ impl Metrics {
             policy,
             requests: Mutex::new(BTreeMap::new()),
             tenants: Mutex::new(BTreeMap::new()),
+            recent_ttfts: Mutex::new(Vec::new()),
             tenant_tokens: Mutex::new(BTreeMap::new()),
             decision: Mutex::new(Histogram::new(DECISION_BUCKETS)),
             queue_wait: Mutex::new(Histogram::new(WAIT_BUCKETS)),
@@ -117,6 +121,22 @@ impl Metrics {
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         let label = bounded_label(m.keys().map(|(k, _)| k.as_str()), model);
         *m.entry((label, status)).or_insert(0) += 1;
+    }
+
+    /// The times to first token observed since the last call (for the dashboard's history).
+    pub fn take_recent_ttfts(&self) -> Vec<f64> {
+        std::mem::take(&mut *self.recent_ttfts.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Requests answered so far: (2xx, 429, any other status).
+    pub fn status_totals(&self) -> (u64, u64, u64) {
+        let m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .fold((0, 0, 0), |(ok, r, e), ((_, status), n)| match status {
+                200..=299 => (ok + n, r, e),
+                429 => (ok, r + n, e),
+                _ => (ok, r, e + n),
+            })
     }
 
     /// Counts a request of `tenant` answered with `status`. Tenants are bounded like model
@@ -151,6 +171,12 @@ impl Metrics {
         let lock = |m: &'_ Mutex<Histogram>, v: f64| {
             m.lock().unwrap_or_else(|p| p.into_inner()).observe(v);
         };
+        {
+            let mut r = self.recent_ttfts.lock().unwrap_or_else(|p| p.into_inner());
+            if r.len() < RECENT_TTFTS {
+                r.push(obs);
+            }
+        }
         lock(&self.ttft_predicted, predicted_s);
         lock(&self.ttft_observed, obs);
         lock(&self.ttft_error, (obs - predicted_s).abs());
@@ -388,6 +414,9 @@ fn escape(s: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
+
+/// Most times to first token kept between two dashboard samples.
+pub const RECENT_TTFTS: usize = 4096;
 
 /// Most distinct model labels on request counters (client-chosen; beyond: [`OTHER_LABEL`]).
 pub const MAX_MODEL_LABELS: usize = 64;

@@ -11,6 +11,7 @@ pub mod capacity;
 pub mod config;
 pub mod dashboard;
 pub mod error;
+pub mod history;
 pub mod metrics;
 pub mod prompt;
 pub mod proxy;

@@ -45,6 +45,8 @@ pub struct Gateway {
     client: HttpClient,
     auth: auth::Auth,
     quotas: Arc<quota::Quotas>,
+    /// The dashboard's last 15 minutes.
+    history: super::history::History,
     /// Set by [`RunningGateway::drain`]: `/ready` answers 503 so no new traffic is sent here.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -136,6 +138,7 @@ impl Gateway {
             draining: std::sync::atomic::AtomicBool::new(false),
             auth,
             quotas: Arc::new(quota::Quotas::default()),
+            history: super::history::History::default(),
         }))
     }
 
@@ -661,6 +664,34 @@ async fn dashboard_json(State(gw): State<Arc<Gateway>>) -> Response {
     axum::Json(gw.dashboard_state()).into_response()
 }
 
+async fn dashboard_history(State(gw): State<Arc<Gateway>>) -> Response {
+    axum::Json(serde_json::json!({"samples": gw.history.samples()})).into_response()
+}
+
+/// Records one dashboard sample a second for as long as it runs.
+async fn sample_history(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let (ok, rejected, errors) = gw.metrics.status_totals();
+        let mut ttfts = gw.metrics.take_recent_ttfts();
+        let agents = gw.router.agents();
+        gw.history.push(super::history::Sample {
+            t_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            queue_depth: gw.router.queue().depth,
+            ok,
+            rejected,
+            errors,
+            ttft_p50_s: super::history::quantile(&mut ttfts, 0.5),
+            ttft_p99_s: super::history::quantile(&mut ttfts, 0.99),
+            agents: super::history::agent_points(&agents),
+        });
+    }
+}
+
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -681,6 +712,7 @@ pub fn app(gw: Arc<Gateway>) -> HttpRouter {
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_page))
         .route("/dashboard/state", get(dashboard_json))
+        .route("/dashboard/history", get(dashboard_history))
         .fallback(not_found)
         .with_state(gw)
 }
@@ -712,6 +744,7 @@ pub fn start_with(
             WatchSettings::default(),
         ));
         let src = tokio::spawn(source.run(tx));
+        let sampler = tokio::spawn(sample_history(Arc::clone(&gw_auth)));
         let keys = match &gw_auth.auth {
             auth::Auth::Keys(store) => Some(tokio::spawn(Arc::clone(store).watch())),
             auth::Auth::Off => None,
@@ -730,6 +763,7 @@ pub fn start_with(
         if let Some(k) = keys {
             k.abort();
         }
+        sampler.abort();
         served
     });
     Ok(RunningGateway {
