@@ -131,7 +131,11 @@ async fn dashboard_shows_agents_blocks_and_queue_in_chromium() {
         let (_, body) = get(&client(), &hist_url).await;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         samples = v["samples"].as_array().cloned().unwrap_or_default();
-        if samples.len() >= 3 && samples.last().unwrap()["queue_depth"] == 1 {
+        let with_agents = samples
+            .iter()
+            .filter(|s| s["agents"].as_array().is_some_and(|a| a.len() == 2))
+            .count();
+        if with_agents >= 3 && samples.last().unwrap()["queue_depth"] == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

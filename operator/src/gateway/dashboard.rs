@@ -141,7 +141,7 @@ const COLORS=['#1f77b4','#d62728','#2ca02c','#ff7f0e','#9467bd','#8c564b','#e377
 // Draws series [{name,points:[[t,v],...]}] as polylines, y from 0 to the largest value.
 function chart(id,series){const svg=document.getElementById(id);if(!svg)return;
 const pts=series.flatMap(s=>s.points);if(!pts.length){svg.innerHTML='';return}
-const t0=Math.min(...pts.map(p=>p[0])),t1=Math.max(...pts.map(p=>p[0])),ymax=Math.max(1e-9,...pts.map(p=>p[1]));
+const t0=Math.min(...pts.map(p=>p[0])),t1=Math.max(...pts.map(p=>p[0])),ymax=Math.max(...pts.map(p=>p[1]))||1;
 const x=t=>t1>t0?4+452*(t-t0)/(t1-t0):230,y=v=>136-128*v/ymax;
 svg.innerHTML=series.map((s,i)=>`<polyline class="series" data-name="${esc(s.name)}" data-points="${s.points.length}" stroke="${COLORS[i%COLORS.length]}" points="${s.points.map(p=>x(p[0]).toFixed(1)+','+y(p[1]).toFixed(1)).join(' ')}"></polyline>`).join('')+
 `<text x="4" y="12" font-size="10">${ymax.toPrecision(3)}</text>`}

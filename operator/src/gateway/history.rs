@@ -79,15 +79,13 @@ impl History {
 pub fn agent_points(agents: &[AgentSnapshot]) -> Vec<AgentPoint> {
     agents
         .iter()
+        // Not reported yet: no id to draw a line under.
+        .filter(|a| !a.agent_id.is_empty())
         .take(MAX_AGENTS_PER_SAMPLE)
         .map(|a| {
             let cached = a.cached_blocks.min(a.free_blocks);
             AgentPoint {
-                agent: if a.agent_id.is_empty() {
-                    a.endpoint.clone()
-                } else {
-                    a.agent_id.clone()
-                },
+                agent: a.agent_id.clone(),
                 used: a.used_blocks,
                 cached,
                 free: a.free_blocks - cached,
