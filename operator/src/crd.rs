@@ -40,6 +40,8 @@ pub enum SpecError {
     QueueTimeout(String),
     #[error("{field} {value:?} is not a relative path inside the volume")]
     VolumePath { field: &'static str, value: String },
+    #[error("spec.autoscaling: {0}")]
+    Autoscaling(String),
 }
 
 impl SpecError {
@@ -54,6 +56,7 @@ impl SpecError {
             SpecError::Replicas(_) => "replicas",
             SpecError::QueueTimeout(_) => "queue_timeout",
             SpecError::VolumePath { .. } => "volume_path",
+            SpecError::Autoscaling(_) => "autoscaling",
         }
     }
 }
@@ -130,6 +133,64 @@ pub struct ModelDeploymentSpec {
     /// Agent container image; the operator's `--agent-image` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_image: Option<String>,
+    /// KV-aware autoscaling: the operator sets `replicas` from the KV blocks the agents use and
+    /// the blocks their waiting requests need (not with `placement.perNode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// KV-aware autoscaling settings (see `controller::autoscale`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Fewest agents.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: u32,
+    /// Most agents.
+    #[schemars(range(min = 1))]
+    pub max_replicas: u32,
+    /// Fraction (0, 1] of each agent's KV blocks the demand may fill; default 0.8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_kv_utilization: Option<f64>,
+    /// Scale up to the highest need seen within this window, like `30s` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$"))]
+    pub scale_up_window: Option<String>,
+    /// Scale down only after this long of lower need, like `5m` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$"))]
+    pub scale_down_window: Option<String>,
+}
+
+fn default_min_replicas() -> u32 {
+    1
+}
+
+impl AutoscalingSpec {
+    /// The policy these settings stand for, checked.
+    pub fn policy(&self) -> Result<crate::controller::autoscale::AutoscalePolicy, SpecError> {
+        let d = crate::controller::autoscale::AutoscalePolicy::default();
+        let window = |field: &str, v: &Option<String>, default| match v {
+            None => Ok(default),
+            Some(s) if kvroute_contract::units::has_unit(s) => {
+                kvroute_contract::units::parse_duration(s)
+                    .map_err(|e| SpecError::Autoscaling(format!("{field} {s:?}: {}", e.0)))
+            }
+            Some(s) => Err(SpecError::Autoscaling(format!(
+                "{field} {s:?} is not a duration like 30s or 5m"
+            ))),
+        };
+        let p = crate::controller::autoscale::AutoscalePolicy {
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            target_utilization: self.target_kv_utilization.unwrap_or(d.target_utilization),
+            up_window: window("scaleUpWindow", &self.scale_up_window, d.up_window)?,
+            down_window: window("scaleDownWindow", &self.scale_down_window, d.down_window)?,
+        };
+        p.validate().map_err(SpecError::Autoscaling)?;
+        Ok(p)
+    }
 }
 
 fn default_replicas() -> i32 {
@@ -459,6 +520,9 @@ impl ModelDeploymentSpec {
         if self.replicas < 0 {
             return Err(SpecError::Replicas(self.replicas));
         }
+        if let Some(a) = &self.autoscaling {
+            a.policy()?;
+        }
         if let Some(e) = &self.engine {
             if let Some(b) = e.block_size {
                 if !BLOCK_SIZES.contains(&b) {
@@ -517,6 +581,21 @@ pub struct ModelDeploymentStatus {
     /// Base URL of the gateway that serves this model (OpenAI API; pass `model: spec.model.name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The autoscaler's last decision, its signal and why (with `spec.autoscaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// What the autoscaler saw and decided.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    pub desired_replicas: u32,
+    /// KV blocks in use on the agents plus the blocks their waiting requests need.
+    pub demand_blocks: u64,
+    /// Of the demand, the blocks waiting requests need beyond the room there is.
+    pub shortfall_blocks: u64,
+    pub reason: String,
 }
 
 /// KV-cache capacity summed over the agents that reported.
@@ -559,6 +638,55 @@ mod tests {
             routing: None,
             admission: None,
             agent_image: None,
+            autoscaling: None,
+        }
+    }
+
+    #[test]
+    fn autoscaling_settings_are_checked() {
+        let mut s = spec();
+        let ok = AutoscalingSpec {
+            min_replicas: 1,
+            max_replicas: 3,
+            target_kv_utilization: None,
+            scale_up_window: Some("15s".into()),
+            scale_down_window: None,
+        };
+        s.autoscaling = Some(ok.clone());
+        assert!(s.validate().is_ok());
+        let p = ok.policy().unwrap();
+        assert_eq!(
+            (p.up_window, p.target_utilization),
+            (std::time::Duration::from_secs(15), 0.8)
+        );
+        for bad in [
+            AutoscalingSpec {
+                min_replicas: 4,
+                ..ok.clone()
+            },
+            AutoscalingSpec {
+                max_replicas: 0,
+                ..ok.clone()
+            },
+            AutoscalingSpec {
+                target_kv_utilization: Some(1.5),
+                ..ok.clone()
+            },
+            AutoscalingSpec {
+                scale_up_window: Some("soon".into()),
+                ..ok.clone()
+            },
+            AutoscalingSpec {
+                scale_up_window: Some("10m".into()),
+                ..ok.clone()
+            },
+        ] {
+            s.autoscaling = Some(bad.clone());
+            let e = s.validate().unwrap_err();
+            assert!(
+                e.to_string().starts_with("spec.autoscaling"),
+                "{bad:?}: {e}"
+            );
         }
     }
 

@@ -301,6 +301,7 @@ fn rbac_is_least_privilege() {
             s(&["get", "list", "watch"]),
         ),
         (k("kvroute.dev", "modeldeployments/status"), s(&["patch"])),
+        (k("kvroute.dev", "modeldeployments/scale"), s(&["patch"])),
         (
             k("apps", "deployments"),
             s(&["get", "list", "watch", "create", "patch", "delete"]),

@@ -81,6 +81,10 @@ enum Scenario {
     Unchanged,
     /// The API server fails the first apply with a 500.
     ApiError,
+    /// `spec.autoscaling` with one ready agent whose queue needs more room than it has: the
+    /// children are applied, then `replicas` is raised through the scale subresource to `want`
+    /// with a Scaled Event, then the status (with the decision) is written.
+    Autoscale { md: ModelDeployment, want: u32 },
 }
 
 struct ApiServerVerifier(Handle);
@@ -323,6 +327,35 @@ impl ApiServerVerifier {
                 self.pods(vec![pod("a", "10.0.0.1", true), pod("b", "10.0.0.2", true)])
                     .await;
             }
+            Scenario::Autoscale { md, want } => {
+                self.service().await;
+                self.deployment(json!({"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1}))
+                    .await;
+                self.no_stale("/apis/apps/v1/namespaces/default/daemonsets/smollm-agent")
+                    .await;
+                self.pods(vec![pod("a", "10.0.0.1", true)]).await;
+                let (body, send, req) = self
+                    .next(
+                        Method::PATCH,
+                        "/apis/kvroute.dev/v1alpha1/namespaces/default/modeldeployments/smollm/scale",
+                    )
+                    .await;
+                assert_eq!(
+                    req.headers()["content-type"],
+                    "application/merge-patch+json"
+                );
+                assert_eq!(body, json!({"spec": {"replicas": want}}));
+                reply(
+                    send,
+                    200,
+                    &json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                            "metadata": {"name": "smollm", "namespace": "default"},
+                            "spec": {"replicas": want}, "status": {"replicas": 1}}),
+                );
+                self.event("Normal", "Scaled").await;
+                written.push(self.status(&md).await);
+                self.event("Normal", "Ready").await;
+            }
             Scenario::ApiError => {
                 let (_, send) = self
                     .apply("/api/v1/namespaces/default/services/smollm-agents")
@@ -457,6 +490,49 @@ async fn status_aggregates_capacity_of_ready_agents() {
     assert_eq!(kv.usage, "50.0%");
     assert_eq!(cond(&written[0], "Ready").status, "True");
     assert_eq!(cond(&written[0], "Degraded").status, "False");
+}
+
+#[tokio::test]
+async fn autoscaling_raises_replicas_through_the_scale_subresource_when_kv_runs_short() {
+    let mut md = ModelDeployment::test().with_replicas(1);
+    md.spec.autoscaling = Some(kvroute_operator::crd::AutoscalingSpec {
+        min_replicas: 1,
+        max_replicas: 4,
+        target_kv_utilization: Some(0.5),
+        scale_up_window: Some("30s".into()),
+        scale_down_window: Some("5m".into()),
+    });
+    // One agent: 100 blocks, all in use, 5 requests waiting whose prompts need 200 blocks.
+    let fake = FakeCapacity {
+        reports: HashMap::from([(
+            "http://10.0.0.1:50051".to_string(),
+            CapacityReport {
+                block_size: 16,
+                total_blocks: 100,
+                free_blocks: 0,
+                waiting_requests: 5,
+                waiting_prefill_tokens: 3200,
+                ..Default::default()
+            },
+        )]),
+        ..Default::default()
+    };
+    let (ctx, verifier, _) = context(fake);
+    // Demand 100 + 200 blocks over 50 per replica → 6, capped at maxReplicas 4.
+    let (res, written) = converse(
+        md.clone(),
+        ctx,
+        verifier,
+        Scenario::Autoscale { md, want: 4 },
+    )
+    .await;
+    res.unwrap();
+    let a = written[0].autoscaling.clone().unwrap();
+    assert_eq!(
+        (a.desired_replicas, a.demand_blocks, a.shortfall_blocks),
+        (4, 300, 200)
+    );
+    assert!(a.reason.contains("needs 4 replicas"), "{}", a.reason);
 }
 
 #[tokio::test]

@@ -559,6 +559,7 @@ pub mod fixtures {
                     routing: None,
                     admission: None,
                     agent_image: None,
+                    autoscaling: None,
                 },
             );
             md.metadata.namespace = Some("default".into());

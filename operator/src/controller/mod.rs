@@ -47,6 +47,8 @@ pub enum Error {
     MissingMeta(&'static str),
     #[error("serializing: {0}")]
     Serialize(#[from] serde_json::Error),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -59,6 +61,7 @@ impl Error {
             Error::Kube(_) => "kube_client",
             Error::MissingMeta(_) => "missing_meta",
             Error::Serialize(_) => "serialize",
+            Error::InvalidSpec(_) => "invalid_spec",
         }
     }
 }
@@ -96,6 +99,10 @@ pub struct Context {
     pub timing: Timing,
     /// Consecutive failures per object, for error_policy's backoff; cleared on success.
     failures: Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
+    /// Each autoscaled object's recent needs (`spec.autoscaling`).
+    autoscalers: Mutex<HashMap<ObjectRef<ModelDeployment>, autoscale::Autoscaler>>,
+    /// The autoscalers' clock.
+    started: Instant,
 }
 
 impl Context {
@@ -114,6 +121,8 @@ impl Context {
             capacity,
             timing: Timing::default(),
             failures: Mutex::new(HashMap::new()),
+            autoscalers: Mutex::new(HashMap::new()),
+            started: Instant::now(),
         }
     }
 
@@ -234,7 +243,10 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
         }
     }
 
-    let st = status::compute_status(md, &observed, &ctx.defaults, &now);
+    let mut st = status::compute_status(md, &observed, &ctx.defaults, &now);
+    if let (Some(spec), Workload::Deployment(_)) = (&md.spec.autoscaling, &desired.workload) {
+        st.autoscaling = Some(autoscale_step(md, spec, &observed, &mds, ctx).await?);
+    }
     patch_status(&mds, md, &name, &st, ctx).await?;
     info!(
         %name, namespace = %ns, ready = observed.ready, desired = observed.desired,
@@ -246,6 +258,60 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     } else {
         ctx.timing.progressing
     }))
+}
+
+/// Feeds the agents' reports to the object's autoscaler and applies its decision through the
+/// scale subresource (an Event says why). The agents' own queues are what the operator sees;
+/// the gateway's queue is in its `kvroute_gateway_model_kv_*` metrics.
+async fn autoscale_step(
+    md: &ModelDeployment,
+    spec: &crate::crd::AutoscalingSpec,
+    observed: &Observed,
+    mds: &Api<ModelDeployment>,
+    ctx: &Context,
+) -> Result<crate::crd::AutoscalingStatus> {
+    // Checked by `desired` already; a failure here would be a bug, not bad input.
+    let policy = spec
+        .policy()
+        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    let signal = autoscale::signal_of(&observed.reports);
+    let current = u32::try_from(md.spec.replicas).unwrap_or(0);
+    let now = ctx.started.elapsed();
+    let decision = {
+        let mut all = ctx.autoscalers.lock().unwrap_or_else(|p| p.into_inner());
+        let a = all.entry(ObjectRef::from_obj(md)).or_default();
+        a.observe(&policy, now, &signal);
+        a.decide(&policy, now, current)
+    };
+    if decision.replicas != current {
+        let name = md.name_any();
+        info!(%name, from = current, to = decision.replicas, reason = %decision.reason, "autoscaling");
+        mds.patch_scale(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": decision.replicas}})),
+        )
+        .await?;
+        let ev = Event {
+            type_: EventType::Normal,
+            reason: "Scaled".into(),
+            note: Some(format!(
+                "{current} → {} replicas: {}",
+                decision.replicas, decision.reason
+            )),
+            action: "Autoscale".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &md.object_ref(&())).await {
+            warn!(%name, error = %e, "publishing event failed");
+        }
+    }
+    Ok(crate::crd::AutoscalingStatus {
+        desired_replicas: decision.replicas,
+        demand_blocks: signal.demand_blocks(),
+        shortfall_blocks: signal.shortfall_blocks,
+        reason: decision.reason,
+    })
 }
 
 fn host_port(ip: &str, port: i32) -> String {

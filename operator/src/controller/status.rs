@@ -150,6 +150,7 @@ pub fn compute_status(
         selector: Some(selector_string(&name)),
         kv: aggregate_kv(&obs.reports),
         endpoint: defaults.gateway_endpoint.clone(),
+        autoscaling: None,
     }
 }
 
