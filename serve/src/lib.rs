@@ -205,11 +205,23 @@ async fn first_bytes(stream: &TcpStream) -> io::Result<bool> {
     }
 }
 
-/// Answers a connection over the cap and closes it.
+/// Answers a connection over the cap and closes it. What the client sent is read and dropped
+/// (for at most a second, 64 KiB) before the close, so the close does not reset the
+/// connection and lose the answer on the client's side.
 async fn shed(mut stream: TcpStream) {
+    use tokio::io::AsyncReadExt;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(SHED_RESPONSE).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        let mut buf = [0u8; 4096];
+        let mut read = 0usize;
+        while read < 64 << 10 {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
     })
     .await;
 }

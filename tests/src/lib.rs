@@ -203,12 +203,7 @@ impl Agent {
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -TERM failed");
+        sigterm(self.child.id());
     }
 
     /// Sends SIGKILL and reaps the process.
@@ -414,12 +409,7 @@ impl Gateway {
 
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -TERM failed");
+        sigterm(self.child.id());
     }
 
     /// Waits up to `within` for the process to exit.
@@ -433,6 +423,16 @@ impl Gateway {
         }
         None
     }
+}
+
+/// Sends SIGTERM to process `pid`.
+pub fn sigterm(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -TERM failed");
 }
 
 /// Raises this process's open-file limit to its hard limit (at most 65,536), so that it and

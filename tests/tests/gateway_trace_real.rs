@@ -116,40 +116,24 @@ async fn kvroute_explain_says_where_a_request_would_go_without_sending_it() {
             .sum();
     assert_eq!(reserved, 0.0);
     // Errors are said plainly, with a non-zero exit.
-    let out = std::process::Command::new(kvroute_tests::bin("kvroute"))
-        .args([
-            "explain",
-            "--gateway",
-            "ftp://nowhere",
-            "--model",
-            "m",
-            "--prompt",
-            "x",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("expected http://HOST:PORT"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = std::process::Command::new(kvroute_tests::bin("kvroute"))
-        .args([
-            "explain",
-            "--gateway",
-            "http://127.0.0.1:1",
-            "--model",
-            "m",
-            "--prompt",
-            "x",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot reach the gateway"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for (gateway, says) in [
+        ("ftp://nowhere", "expected http://HOST:PORT"),
+        ("http://127.0.0.1:1", "cannot reach the gateway"),
+    ] {
+        let out = std::process::Command::new(kvroute_tests::bin("kvroute"))
+            .args([
+                "explain",
+                "--gateway",
+                gateway,
+                "--model",
+                "m",
+                "--prompt",
+                "x",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{gateway}: {err}");
+    }
 }

@@ -56,6 +56,45 @@ struct Waiter {
     trace: bool,
 }
 
+/// The request the policy sees for `plan`, with no claims or holds counted.
+fn route_request<'a>(
+    plan: &'a PromptPlan,
+    exclude: &'a [Slot],
+    may_hold: bool,
+) -> RouteRequest<'a> {
+    RouteRequest {
+        model: &plan.model,
+        prompt_tokens: plan.prompt_tokens,
+        output_tokens: plan.output_tokens,
+        block_size: plan.block_size,
+        block_hashes: &plan.block_hashes,
+        exclude,
+        claimed: &[],
+        held: &[],
+        may_hold,
+    }
+}
+
+/// An agent's id, by slot (empty if unknown).
+fn agent_name(cluster: &Cluster, slot: Slot) -> String {
+    cluster
+        .agents()
+        .get(slot)
+        .map_or_else(String::new, |a| a.report.agent_id.clone())
+}
+
+/// The candidates of the decision `cluster` just made for `req`, named.
+fn trace_of(cluster: &Cluster, cfg: &PolicyConfig, req: &RouteRequest<'_>) -> Vec<TraceEntry> {
+    cluster
+        .explain(cfg, req)
+        .into_iter()
+        .map(|t| TraceEntry {
+            agent_id: agent_name(cluster, t.candidate.slot),
+            trace: t,
+        })
+        .collect()
+}
+
 /// One candidate agent of a routing decision, for a decision trace.
 #[derive(Debug, Clone)]
 pub struct TraceEntry {
@@ -534,17 +573,7 @@ impl Router {
             .settings
             .get(&plan.model)
             .map_or(self.defaults.policy, |s| s.policy);
-        let req = RouteRequest {
-            model: &plan.model,
-            prompt_tokens: plan.prompt_tokens,
-            output_tokens: plan.output_tokens,
-            block_size: plan.block_size,
-            block_hashes: &plan.block_hashes,
-            exclude: &[],
-            claimed: &[],
-            held: &[],
-            may_hold: true,
-        };
+        let req = route_request(plan, &[], true);
         let now = self.now_ms();
         // Its own random source: asking must not change the tie-breaks of real requests.
         let d = core.cluster.decide(&cfg, &req, now, &mut SplitMix64(0));
@@ -554,25 +583,13 @@ impl Router {
             Decision::Wait => ("wait", None),
             Decision::Reject(_) => ("reject", None),
         };
-        let agents = core.cluster.agents();
-        let name = |slot: Slot| {
-            agents
-                .get(slot)
-                .map_or_else(String::new, |a| a.report.agent_id.clone())
-        };
         let trace = if route.is_some() {
-            core.cluster
-                .explain(&cfg, &req)
-                .into_iter()
-                .map(|t| TraceEntry {
-                    agent_id: name(t.candidate.slot),
-                    trace: t,
-                })
-                .collect()
+            trace_of(&core.cluster, &cfg, &req)
         } else {
             Vec::new()
         };
-        (kind, route.map(name), trace)
+        let name = route.map(|slot| agent_name(&core.cluster, slot));
+        (kind, name, trace)
     }
 
     /// The router's clock: milliseconds since it was created (monotonic).
@@ -858,31 +875,14 @@ impl Router {
                 }
                 Decision::Reject(r) => Err(AdmitError::Reject(r)),
                 Decision::Route(route) => {
+                    // What the estimates read of the request (its claims and holds were already
+                    // applied to the candidates' room).
                     let trace = w.trace.then(|| {
-                        let agents = core.cluster.agents();
-                        // What the estimates read of the request (its claims and holds were
-                        // already applied to the candidates' room).
-                        let req = RouteRequest {
-                            model: &w.plan.model,
-                            prompt_tokens: w.plan.prompt_tokens,
-                            output_tokens: w.plan.output_tokens,
-                            block_size: w.plan.block_size,
-                            block_hashes: &w.plan.block_hashes,
-                            exclude: &w.exclude,
-                            claimed: &[],
-                            held: &[],
-                            may_hold,
-                        };
-                        core.cluster
-                            .explain(&cfg, &req)
-                            .into_iter()
-                            .map(|t| TraceEntry {
-                                agent_id: agents
-                                    .get(t.candidate.slot)
-                                    .map_or_else(String::new, |a| a.report.agent_id.clone()),
-                                trace: t,
-                            })
-                            .collect()
+                        trace_of(
+                            &core.cluster,
+                            &cfg,
+                            &route_request(&w.plan, &w.exclude, may_hold),
+                        )
                     });
                     let hold = self.end_hold(core, w, Some(route.slot));
                     let handle = core.cluster.reserve(&route);
