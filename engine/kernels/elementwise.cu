@@ -101,11 +101,11 @@ static __device__ void add_bias(u16* __restrict__ x, const u16* __restrict__ bia
 }
 
 #define KVR_ELEMENTWISE_ENTRIES(NAME, T)                                                         \
-    extern "C" __global__ void rms_norm_##NAME(u16* out, const u16* x, const u16* weight,        \
+    extern "C" __global__ void __launch_bounds__(1024) rms_norm_##NAME(u16* out, const u16* x, const u16* weight,        \
                                                int hidden, float eps) {                          \
         rms_norm<T>(out, x, weight, hidden, eps);                                                \
     }                                                                                            \
-    extern "C" __global__ void add_rms_norm_##NAME(u16* out, u16* residual, const u16* x,        \
+    extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_##NAME(u16* out, u16* residual, const u16* x,        \
                                                    const u16* weight, int hidden, float eps) {   \
         add_rms_norm<T>(out, residual, x, weight, hidden, eps);                                  \
     }                                                                                            \

@@ -29,7 +29,7 @@ KVR_DEVICE void block_best(float* v, int* i, float* sv, int* si) {
     }
 }
 
-extern "C" __global__ void argmax_f32(i32* __restrict__ out, const float* __restrict__ logits,
+extern "C" __global__ void __launch_bounds__(1024) argmax_f32(i32* __restrict__ out, const float* __restrict__ logits,
                                       int vocab) {
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -44,7 +44,7 @@ extern "C" __global__ void argmax_f32(i32* __restrict__ out, const float* __rest
 
 // The k best (value, index) pairs of each row, best first: k passes, each taking the best pair
 // strictly after the previous one in the order above. k is small (sampling's top-k).
-extern "C" __global__ void topk_f32(float* __restrict__ out_vals, i32* __restrict__ out_idx,
+extern "C" __global__ void __launch_bounds__(1024) topk_f32(float* __restrict__ out_vals, i32* __restrict__ out_idx,
                                     const float* __restrict__ logits, int vocab, int k) {
     __shared__ float sv[32];
     __shared__ int si[32];

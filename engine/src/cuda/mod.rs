@@ -120,6 +120,12 @@ impl CudaDevice {
             .max(1) as usize;
         let l2_bytes = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize;
         let name = ctx.name()?;
+        // One stream does all the work (kernels and cuBLAS), so cross-stream tracking buys
+        // nothing; left on, cudarc records an event and a stream wait per slice argument of
+        // every launch: thousands of driver calls a step, which makes batch-1 decode CPU-bound.
+        // SAFETY: every slice is created after this call and used on `stream` only (this is the
+        // only stream this engine creates).
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
         let kernels = Kernels::load(&ctx, arch, cfg)?;
