@@ -428,5 +428,5 @@ done
 python3 bench/routers/results.py table "$WORK/rows.jsonl"
 echo
 echo "# load average at end: $(cut -d' ' -f1-3 /proc/loadavg) (at start: $LOAD_START)"
-echo "# router command lines (<bench> = $BENCH):"; sed 's/^/#   /' "$WORK/commands.txt"
+echo "# router command lines (<bench> = \$KVROUTE_CACHE/bench-routers):"; sed 's/^/#   /' "$WORK/commands.txt"
 [ -z "$OUT" ] || echo "# rows written to $OUT"
