@@ -430,19 +430,26 @@ pub const OTHER_LABEL: &str = "other";
 /// The label to count `value` under, given the labels in use: itself (cut to
 /// [`MAX_LABEL_LEN`] bytes) if in use or while fewer than [`MAX_MODEL_LABELS`] are, else
 /// [`OTHER_LABEL`].
-fn bounded_label<'a>(in_use: impl Iterator<Item = &'a str>, value: &str) -> String {
+/// `in_use` comes from a `BTreeMap`'s keys: sorted, so equal labels are adjacent. Allocates
+/// nothing beyond the returned label.
+fn bounded_label<'a>(in_use: impl Iterator<Item = &'a str> + Clone, value: &str) -> String {
     let mut end = value.len().min(MAX_LABEL_LEN);
     while !value.is_char_boundary(end) {
         end -= 1;
     }
     let value = &value[..end];
-    let mut distinct: Vec<&str> = in_use.collect();
-    if distinct.contains(&value) {
+    if in_use.clone().any(|k| k == value) {
         return value.to_string();
     }
-    distinct.sort_unstable();
-    distinct.dedup();
-    if distinct.len() < MAX_MODEL_LABELS {
+    let mut distinct = 0usize;
+    let mut last = None;
+    for k in in_use {
+        if last != Some(k) {
+            distinct += 1;
+            last = Some(k);
+        }
+    }
+    if distinct < MAX_MODEL_LABELS {
         value.to_string()
     } else {
         OTHER_LABEL.to_string()
