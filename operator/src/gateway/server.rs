@@ -245,40 +245,14 @@ impl Gateway {
         })
     }
 
-    /// The whole life of one OpenAI request.
-    async fn handle(
-        self: Arc<Self>,
-        endpoint: Endpoint,
-        path: &'static str,
-        headers: HeaderMap,
-        caller: auth::Caller,
-        body: Bytes,
-    ) -> Result<Response, Error> {
-        let value: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| Error::BadRequest {
-                message: format!("request body is not valid JSON: {e}"),
-                param: None,
-            })?;
-        if !value.is_object() {
-            return Err(Error::BadRequest {
-                message: "request body must be a JSON object".into(),
-                param: None,
-            });
-        }
-        // The rules the agent applies, before anything is reserved for the request.
-        let checked = kvroute_openai::parse_value(
-            &value,
-            match endpoint {
-                Endpoint::Completions => kvroute_openai::Endpoint::Completions,
-                Endpoint::ChatCompletions => kvroute_openai::Endpoint::Chat,
-            },
-        )?;
+    /// A request body's model, the model's info and settings, and its plan (token counts,
+    /// block hashes, output reserved). Tokenizing and rendering the chat template take real CPU
+    /// for long prompts: they run on a blocking thread, never on the async workers that move
+    /// every other request's bytes.
+    async fn plan(&self, endpoint: Endpoint, value: serde_json::Value) -> Result<Planned, Error> {
         let model = prompt::model_of(&value).map_err(bad_request)?.to_string();
-        prompt::is_stream(&value).map_err(bad_request)?;
         let info = self.model_info(&model).await;
         let settings = self.router.settings(&model);
-        // Tokenizing and rendering the chat template take real CPU for long prompts: on a
-        // blocking thread, never on the async workers that move every other request's bytes.
         let (value, plan) = {
             let info = info.clone();
             let reserve = settings.reserve_output;
@@ -308,6 +282,49 @@ impl Gateway {
                 };
             }
         }
+        Ok(Planned {
+            model,
+            info,
+            settings,
+            plan,
+        })
+    }
+
+    /// The whole life of one OpenAI request.
+    async fn handle(
+        self: Arc<Self>,
+        endpoint: Endpoint,
+        path: &'static str,
+        headers: HeaderMap,
+        caller: auth::Caller,
+        body: Bytes,
+    ) -> Result<Response, Error> {
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| Error::BadRequest {
+                message: format!("request body is not valid JSON: {e}"),
+                param: None,
+            })?;
+        if !value.is_object() {
+            return Err(Error::BadRequest {
+                message: "request body must be a JSON object".into(),
+                param: None,
+            });
+        }
+        // The rules the agent applies, before anything is reserved for the request.
+        let checked = kvroute_openai::parse_value(
+            &value,
+            match endpoint {
+                Endpoint::Completions => kvroute_openai::Endpoint::Completions,
+                Endpoint::ChatCompletions => kvroute_openai::Endpoint::Chat,
+            },
+        )?;
+        prompt::is_stream(&value).map_err(bad_request)?;
+        let Planned {
+            model,
+            info,
+            settings,
+            plan,
+        } = self.plan(endpoint, value).await?;
         if let (Some(i), Some(m)) = (info.as_deref(), checked.max_tokens) {
             // Tokenized like the agent does: its context check, answered here.
             let max_len = u64::from(i.max_model_len);
@@ -774,6 +791,14 @@ pub fn start_with(
     })
 }
 
+/// What [`Gateway::plan`] makes of a request body.
+struct Planned {
+    model: String,
+    info: Option<Arc<ModelInfo>>,
+    settings: super::config::ModelSettings,
+    plan: super::types::PromptPlan,
+}
+
 /// A request header: `1` asks for the routing decision in [`ROUTE_HEADER`] (keys with
 /// `may_debug`, or anyone with `--auth off`).
 pub const DEBUG_HEADER: &str = "x-kvroute-debug";
@@ -868,15 +893,9 @@ async fn explain(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body)
     } else {
         Endpoint::Completions
     };
-    let model = match prompt::model_of(&value) {
-        Ok(m) => m.to_string(),
-        Err(e) => return bad_request(e).into_response(),
-    };
-    let info = gw.model_info(&model).await;
-    let settings = gw.router.settings(&model);
-    let plan = match prompt::plan(endpoint, &value, info.as_deref(), settings.reserve_output) {
+    let Planned { info, plan, .. } = match gw.plan(endpoint, value).await {
         Ok(p) => p,
-        Err(e) => return bad_request(e).into_response(),
+        Err(e) => return e.into_response(),
     };
     let (kind, agent, trace) = gw.router.explain_now(&plan);
     axum::Json(serde_json::json!({
