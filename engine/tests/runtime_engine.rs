@@ -42,11 +42,19 @@ fn greedy(max_tokens: u32) -> SamplingParams {
 }
 
 fn submit(e: &Engine, prompt: &str, params: SamplingParams) -> (u64, Receiver<EngineEvent>) {
+    submit_prompt(e, Prompt::Text(prompt.into()), params)
+}
+
+fn submit_prompt(
+    e: &Engine,
+    prompt: Prompt,
+    params: SamplingParams,
+) -> (u64, Receiver<EngineEvent>) {
     let (tx, rx) = channel();
     let id = e
         .add_request(
             GenerateRequest {
-                prompt: Prompt::Text(prompt.into()),
+                prompt,
                 params,
                 cache_key: None,
                 hold: None,
@@ -484,20 +492,7 @@ fn a_shut_down_engine_is_not_a_failure() {
 }
 
 fn submit_tokens(e: &Engine, prompt: Vec<u32>, params: SamplingParams) -> Receiver<EngineEvent> {
-    let (tx, rx) = channel();
-    e.add_request(
-        GenerateRequest {
-            prompt: Prompt::Tokens(prompt),
-            params,
-            cache_key: None,
-            hold: None,
-            dispatch: None,
-            only_with_room: false,
-        },
-        Box::new(move |ev| tx.send(ev).is_ok()),
-    )
-    .unwrap();
-    rx
+    submit_prompt(e, Prompt::Tokens(prompt), params).1
 }
 
 #[test]
