@@ -183,8 +183,12 @@ fn main() {
                     cached_hashes.remove(h);
                 }),
                 BlockEvent::AllCleared => cached_hashes.clear(),
-                // Which cached blocks are in use does not change the cached set.
-                BlockEvent::InUse(_) | BlockEvent::Evictable(_) => {}
+                // Which cached blocks are in use does not change the cached set; this
+                // simulation has no host tier.
+                BlockEvent::InUse(_)
+                | BlockEvent::Evictable(_)
+                | BlockEvent::HostStored(_)
+                | BlockEvent::HostRemoved(_) => {}
             }
         }
         if step % args.every == 0 || step == args.steps {

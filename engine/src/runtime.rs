@@ -34,6 +34,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Memory for the KV cache; blocks = this / block bytes.
     pub kv_memory_bytes: u64,
+    /// Host memory for evicted prefix blocks (the host tier, see [`crate::kv::host`]); 0 =
+    /// none. Slots = this / block bytes.
+    pub kv_offload_memory_bytes: u64,
     /// Most requests running at once.
     pub max_num_seqs: usize,
     /// Most tokens in one step (prefill chunks plus decodes).
@@ -60,6 +63,7 @@ impl Default for EngineConfig {
         EngineConfig {
             block_size: 16,
             kv_memory_bytes: 256 << 20,
+            kv_offload_memory_bytes: 0,
             max_num_seqs: 256,
             max_num_batched_tokens: 512,
             max_model_len: None,
@@ -310,6 +314,18 @@ impl Runner {
         }
     }
 
+    /// Performs a step's host-tier copies (before its forward pass).
+    fn copy_blocks(&mut self, copies: &crate::kv::KvCopies) -> Result<(), StepError> {
+        match self {
+            Runner::Cpu(r) => Ok(r.kv_mut().copy_blocks(copies)?),
+            // The CUDA engine refuses a host tier at start, so it never has copies.
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(_) => Err(StepError::Model(ModelError::Config(
+                "the CUDA backend has no KV host tier".into(),
+            ))),
+        }
+    }
+
     /// The greedy token of every sequence with `want_logits`, in batch order.
     fn step_greedy(&mut self, inputs: &[SeqInput<'_>]) -> Result<&[u32], StepError> {
         #[cfg(not(feature = "cuda"))]
@@ -441,6 +457,12 @@ impl Engine {
             max_seqs: config.max_num_seqs.clamp(1, max_tokens),
             max_context: max_model_len,
         };
+        if config.kv_offload_memory_bytes > 0 {
+            return Err(EngineError::Config(
+                "--kv-offload-memory (the KV host tier) is not supported on the CUDA backend yet"
+                    .into(),
+            ));
+        }
         let runner = CudaRunner::start(&mc, model.weights.as_ref(), &opts, limits)
             .map_err(|e| EngineError::Device(format!("--device cuda: {e}")))?;
         let z = runner.sizing();
@@ -495,20 +517,32 @@ impl Engine {
         } else {
             config.threads
         };
-        let sched = Engine::scheduler(&config, num_blocks, max_model_len)?;
+        let host_slots = (config.kv_offload_memory_bytes / block_bytes as u64) as usize;
+        if config.kv_offload_memory_bytes > 0 && host_slots == 0 {
+            return Err(EngineError::Config(format!(
+                "--kv-offload-memory {} bytes holds no KV block ({block_bytes} bytes each for block size {})",
+                config.kv_offload_memory_bytes, config.block_size
+            )));
+        }
+        let mut sched = Engine::scheduler(&config, num_blocks, max_model_len)?;
+        sched
+            .set_host_tier(host_slots)
+            .map_err(|e| EngineError::Config(e.to_string()))?;
         let max_len = sched.max_len();
-        let runner = CpuRunner::new(
+        let mut runner = CpuRunner::new(
             model.model.clone(),
             config.block_size,
             num_blocks,
             config.max_num_batched_tokens.max(1),
             threads,
         )?;
+        runner.kv_mut().set_host_slots(host_slots)?;
         tracing::info!(
             blocks = num_blocks,
             block_size = config.block_size,
             block_bytes,
             kv_cache_tokens = num_blocks * config.block_size,
+            host_tier_blocks = host_slots,
             max_model_len = max_len,
             max_concurrency = format!(
                 "{:.2}",
@@ -1130,6 +1164,25 @@ impl Loop {
 
     fn step(&mut self) {
         let view = self.sched.schedule();
+        let copies = view.copies();
+        if !copies.is_empty() {
+            if let Err(e) = self.runner.copy_blocks(copies) {
+                // The blocks involved may hold wrong KV now: forget the cache and end the
+                // step's requests, like a failed forward pass.
+                let ids: Vec<RequestId> = view.plan().seqs().iter().map(|s| s.id).collect();
+                let _ = self.sched.complete_step(&[]);
+                self.sched.reset_prefix_cache();
+                tracing::error!(error = %e, "KV host-tier copy failed; ending the step's requests");
+                for id in ids {
+                    if let Some(mut r) = self.reqs.remove(&id) {
+                        (r.sink)(EngineEvent::Error(format!("KV copy error: {e}")));
+                        let _ = self.sched.abort(id);
+                        self.pending.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                return;
+            }
+        }
         if view.is_empty() {
             return;
         }

@@ -39,7 +39,25 @@ enum Op {
     Close {
         i: usize,
     },
+    /// Open a sequence with sequence `i`'s tokens and key (a returning conversation: its
+    /// prefix may be cached, or evicted to the host tier).
+    Again {
+        i: usize,
+    },
     Reset,
+}
+
+/// Operations that keep prefixes coming back after their blocks were freed and evicted: many
+/// closes and returning prompts, no cache reset.
+fn churn_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => (prop::collection::vec(0u32..2, 0..12), 0u8..2).prop_map(|(prompt, key)| Op::Open { prompt, key }),
+        4 => (0usize..8, 1usize..12).prop_map(|(i, chunk)| Op::Admit { i, chunk }),
+        2 => (0usize..8, 1usize..4, 0u32..2).prop_map(|(i, n, tok)| Op::Step { i, n, tok }),
+        2 => (0usize..8).prop_map(|i| Op::Free { i }),
+        4 => (0usize..8).prop_map(|i| Op::Close { i }),
+        3 => (0usize..8).prop_map(|i| Op::Again { i }),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -49,6 +67,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0usize..8, 1usize..6, 0u32..3).prop_map(|(i, n, tok)| Op::Step { i, n, tok }),
         1 => (0usize..8).prop_map(|i| Op::Free { i }),
         2 => (0usize..8).prop_map(|i| Op::Close { i }),
+        2 => (0usize..8).prop_map(|i| Op::Again { i }),
         1 => Just(Op::Reset),
     ]
 }
@@ -69,6 +88,10 @@ struct Sim {
     cached: HashSet<u64>,
     /// Of `cached`, the hashes the events say no sequence uses.
     idle: HashSet<u64>,
+    /// What each host-tier slot holds (copied by `flush`, as the runner would).
+    host_shadow: Vec<(Vec<u8>, Vec<Option<u32>>)>,
+    /// The host tier's hashes, from the events.
+    host: HashSet<u64>,
     events_ok: bool,
 }
 
@@ -95,6 +118,24 @@ impl Sim {
                 assert_eq!(content[p % self.bs], Some(s.tokens[p]), "position {p}");
             }
         }
+    }
+
+    /// Performs the step's copies on the shadow (offloads, then reloads), as the runner does
+    /// before a forward pass, and ends the step.
+    fn flush(&mut self) {
+        let c = self.kv.copies().clone();
+        for &(b, s) in &c.offload {
+            self.host_shadow[s as usize] = self.shadow[b as usize].clone();
+        }
+        for &(s, b) in &c.reload {
+            assert_eq!(
+                self.kv.pool().ref_count(b),
+                1,
+                "reloading into a shared block"
+            );
+            self.shadow[b as usize] = self.host_shadow[s as usize].clone();
+        }
+        self.kv.begin_step();
     }
 
     fn compute(&mut self, i: usize, upto: usize) {
@@ -142,19 +183,22 @@ impl Sim {
                 self.kv.update_hashes(&s.h, &s.tokens);
                 let hit = self.kv.lookup_prefix(&s.h, s.tokens.len());
                 assert!(
-                    hit.blocks * self.bs < s.tokens.len(),
+                    hit.total() * self.bs < s.tokens.len(),
                     "hit covers the last token"
                 );
-                let start = hit.blocks * self.bs;
+                let start = hit.total() * self.bs;
                 let upto = (start + chunk).min(s.tokens.len());
                 let before = self.kv.snapshot();
                 match self.kv.allocate_slots(&s.h, upto, Some(hit)) {
                     Ok(new) => {
+                        self.flush();
+                        let s = &self.seqs[i];
                         let t = self.kv.block_table(&s.h);
                         assert_eq!(t.len(), upto.div_ceil(self.bs));
                         assert_eq!(new, t.len() - hit.blocks);
-                        // Hit blocks hold exactly this sequence's tokens and key.
-                        for (j, &b) in t[..hit.blocks].iter().enumerate() {
+                        // Hit blocks (device ones, and host ones once copied back) hold
+                        // exactly this sequence's tokens and key.
+                        for (j, &b) in t[..hit.total()].iter().enumerate() {
                             let (key, content) = &self.shadow[b as usize];
                             assert_eq!(key, &s.key);
                             let want = &s.tokens[j * self.bs..(j + 1) * self.bs];
@@ -196,6 +240,7 @@ impl Sim {
                 let had = self.kv.block_table(&s.h).len();
                 match self.kv.allocate_slots(&s.h, upto, None) {
                     Ok(new) => {
+                        self.flush();
                         assert_eq!(new, upto.div_ceil(self.bs).saturating_sub(had));
                         self.compute(i, upto);
                     }
@@ -219,6 +264,21 @@ impl Sim {
                     self.kv.close(s.h);
                 }
             }
+            Op::Again { i } => {
+                if self.seqs.len() < 8 {
+                    if let Some(s) = self.seqs.get(i) {
+                        let (key, tokens) = (s.key.clone(), s.tokens.clone());
+                        let h = self.kv.open(&key);
+                        self.kv.update_hashes(&h, &tokens);
+                        self.seqs.push(SimSeq {
+                            h,
+                            key,
+                            tokens,
+                            computed: 0,
+                        });
+                    }
+                }
+            }
             Op::Reset => self.kv.reset_prefix_cache(),
         }
         // Replaying the events gives exactly the cached set.
@@ -239,6 +299,17 @@ impl Sim {
                 BlockEvent::AllCleared => {
                     self.cached.clear();
                     self.idle.clear();
+                    self.host.clear();
+                }
+                BlockEvent::HostStored(hs) => {
+                    for h in hs {
+                        self.events_ok &= self.host.insert(h);
+                    }
+                }
+                BlockEvent::HostRemoved(hs) => {
+                    for h in hs {
+                        self.events_ok &= self.host.remove(&h);
+                    }
                 }
                 BlockEvent::InUse(hs) => {
                     for h in hs {
@@ -261,8 +332,60 @@ impl Sim {
         );
         let now: HashSet<u64> = self.kv.pool().cached_hashes().collect();
         assert_eq!(now, self.cached, "events replay to the cache's contents");
+        let host: HashSet<u64> = self
+            .kv
+            .host()
+            .map(|h| h.hashes().collect())
+            .unwrap_or_default();
+        assert_eq!(
+            host, self.host,
+            "host events replay to the host tier's contents"
+        );
         self.check();
     }
+}
+
+/// Runs `ops` on a fresh manager (with a host tier of `host_slots`, 0 = none), checking every
+/// invariant after each, then closes every sequence and checks the pool is whole again.
+fn run_ops(
+    bs: usize,
+    num_blocks: usize,
+    caching: bool,
+    host_slots: usize,
+    ops: Vec<Op>,
+) -> kvroute_engine::kv::CapacitySnapshot {
+    let mut kv = KvManager::new(&KvConfig {
+        block_size: bs,
+        num_blocks,
+        enable_prefix_caching: caching,
+        enable_events: true,
+    })
+    .unwrap();
+    let host_slots = if caching { host_slots } else { 0 };
+    kv.set_host_tier(host_slots).unwrap();
+    let mut sim = Sim {
+        kv,
+        bs,
+        seqs: Vec::new(),
+        shadow: vec![(Vec::new(), vec![None; bs]); num_blocks],
+        cached: HashSet::new(),
+        idle: HashSet::new(),
+        host_shadow: vec![(Vec::new(), vec![None; bs]); host_slots],
+        host: HashSet::new(),
+        events_ok: true,
+    };
+    for o in ops {
+        sim.apply(o);
+    }
+    // Closing everything frees the whole pool.
+    while let Some(s) = sim.seqs.pop() {
+        sim.kv.close(s.h);
+    }
+    let snap = sim.kv.snapshot();
+    assert_eq!(snap.free, snap.total);
+    assert_eq!(snap.cached_evictable as usize, sim.kv.pool().cached());
+    sim.kv.check_invariants().unwrap();
+    snap
 }
 
 proptest! {
@@ -273,35 +396,23 @@ proptest! {
         bs in 1usize..5,
         num_blocks in 1usize..24,
         caching in prop::bool::weighted(0.85),
+        host_slots in prop_oneof![Just(0usize), 1usize..12],
         ops in prop::collection::vec(op(), 1..80),
     ) {
-        let kv = KvManager::new(&KvConfig {
-            block_size: bs,
-            num_blocks,
-            enable_prefix_caching: caching,
-            enable_events: true,
-        })
-        .unwrap();
-        let mut sim = Sim {
-            kv,
-            bs,
-            seqs: Vec::new(),
-            shadow: vec![(Vec::new(), vec![None; bs]); num_blocks],
-            cached: HashSet::new(),
-            idle: HashSet::new(),
-            events_ok: true,
-        };
-        for o in ops {
-            sim.apply(o);
-        }
-        // Closing everything frees the whole pool.
-        while let Some(s) = sim.seqs.pop() {
-            sim.kv.close(s.h);
-        }
-        let snap = sim.kv.snapshot();
-        prop_assert_eq!(snap.free, snap.total);
-        prop_assert_eq!(snap.cached_evictable as usize, sim.kv.pool().cached());
-        sim.kv.check_invariants().unwrap();
+        run_ops(bs, num_blocks, caching, host_slots, ops);
+    }
+
+    /// The host tier under pressure: small pools, always a tier, long runs, so blocks move
+    /// between the tiers many times (offloaded, copied back, evicted from both).
+    #[test]
+    fn blocks_move_between_the_tiers_without_leaking_or_losing_contents(
+        bs in 1usize..3,
+        num_blocks in 2usize..8,
+        host_slots in 1usize..8,
+        ops in prop::collection::vec(churn_op(), 40..200),
+    ) {
+        let snap = run_ops(bs, num_blocks, true, host_slots, ops);
+        prop_assert!(snap.host_used <= snap.host_total);
     }
 
     #[test]

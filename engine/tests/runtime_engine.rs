@@ -546,3 +546,71 @@ fn prompts_whose_block_hashes_collide_never_share_kv() {
         "the colliding prompt's output equals its output on an empty cache"
     );
 }
+
+#[test]
+fn a_prefix_evicted_to_the_host_tier_comes_back_with_the_same_output() {
+    let start = |host_blocks: usize| {
+        let m = load_path(&model_fixture::model_path()).unwrap();
+        let block_bytes = KvStorage::block_bytes(&m.config, 16);
+        Engine::start(
+            m,
+            EngineConfig {
+                block_size: 16,
+                // 12 blocks: a 170-token prompt takes all of them.
+                kv_memory_bytes: (12 * block_bytes) as u64,
+                kv_offload_memory_bytes: (host_blocks * block_bytes) as u64,
+                threads: 2,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap()
+    };
+    let a: Vec<u32> = (1000..1080).collect();
+    let b: Vec<u32> = (2000..2170).collect();
+    let e = start(32);
+    let first = collect(&submit_tokens(&e, a.clone(), greedy(8)));
+    assert_eq!(first.usage.cached_tokens, 0);
+    // B needs every block: A's cached blocks are evicted, to the host tier.
+    collect(&submit_tokens(&e, b, greedy(8)));
+    let after_b = e.stats().capacity;
+    assert!(after_b.offloaded_blocks >= 4, "{after_b:?}");
+    assert!(after_b.host_used >= 4);
+    // A again: its four full prompt blocks before the last token come back from the host.
+    let again = collect(&submit_tokens(&e, a.clone(), greedy(8)));
+    let s = e.stats().capacity;
+    e.shutdown();
+    assert_eq!(again.usage.cached_tokens, 64);
+    assert_eq!(s.reloaded_blocks - after_b.reloaded_blocks, 4);
+    assert_eq!(s.prefix_host_hit_tokens, 64);
+    assert_eq!(
+        again.tokens, first.tokens,
+        "copied-back KV gives the same output"
+    );
+    // Without a host tier the same sequence recomputes A.
+    let plain = start(0);
+    collect(&submit_tokens(&plain, a.clone(), greedy(8)));
+    collect(&submit_tokens(&plain, (2000..2170).collect(), greedy(8)));
+    let recomputed = collect(&submit_tokens(&plain, a, greedy(8)));
+    plain.shutdown();
+    assert_eq!(recomputed.usage.cached_tokens, 0);
+    assert_eq!(recomputed.tokens, first.tokens);
+}
+
+#[test]
+fn a_host_tier_smaller_than_a_block_is_refused_clearly() {
+    let m = load_path(&model_fixture::model_path()).unwrap();
+    let block_bytes = KvStorage::block_bytes(&m.config, 16);
+    let err = Engine::start(
+        m,
+        EngineConfig {
+            block_size: 16,
+            kv_memory_bytes: (12 * block_bytes) as u64,
+            kv_offload_memory_bytes: (block_bytes / 2) as u64,
+            threads: 1,
+            ..EngineConfig::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("--kv-offload-memory"), "{err}");
+}

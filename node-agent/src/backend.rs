@@ -64,6 +64,13 @@ pub struct CapacityStats {
     pub room_released_blocks: u64,
     /// Prompt tokens the waiting queue still has to compute (ignoring cache hits).
     pub waiting_prefill_tokens: u64,
+    /// The KV host tier: slots, slots holding a block, blocks copied there and back, and
+    /// prompt tokens copied back (included in `prefix_hit_tokens`). All 0 without one.
+    pub host_total_blocks: u64,
+    pub host_used_blocks: u64,
+    pub offloaded_blocks: u64,
+    pub reloaded_blocks: u64,
+    pub prefix_host_hit_tokens: u64,
 }
 
 /// A change to the set of cached block hashes.
@@ -76,6 +83,10 @@ pub enum CacheEvent {
     InUse(Vec<u64>),
     /// Cached blocks no request uses any more (evictable).
     Evictable(Vec<u64>),
+    /// The host tier keeps these hashes (evicted from the device, copied back on a hit).
+    HostStored(Vec<u64>),
+    /// These hashes are gone from the host tier.
+    HostRemoved(Vec<u64>),
 }
 
 /// What the engine reports after every change: the new counters and the cache events since the

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kvroute_proto::v1::block_event::Kind;
+use kvroute_proto::v1::block_event::{Kind, Tier};
 use kvroute_proto::{BlockEvent, CapacityReport};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -62,6 +62,8 @@ struct HubState {
     cached: HashSet<u64>,
     /// Of `cached`, the blocks no request uses (evictable).
     idle: HashSet<u64>,
+    /// The host tier's hashes.
+    host: HashSet<u64>,
     /// Per dispatcher: the version of its last acknowledgement, and its recent ones.
     recent_acks: HashMap<std::sync::Arc<str>, (u64, VecDeque<u64>)>,
 }
@@ -110,6 +112,8 @@ struct Snapshot {
     hashes: Vec<u64>,
     /// Of `hashes`, the evictable ones.
     idle: Vec<u64>,
+    /// The host tier's hashes.
+    host: Vec<u64>,
     /// The subscriber's dispatcher's recent acknowledgements.
     acks: Vec<u64>,
 }
@@ -149,6 +153,7 @@ impl CapacityHub {
                 stats: initial,
                 cached: HashSet::new(),
                 idle: HashSet::new(),
+                host: HashSet::new(),
                 recent_acks: HashMap::new(),
             }),
             tx,
@@ -196,6 +201,13 @@ impl CapacityHub {
                 CacheEvent::AllCleared => {
                     s.cached.clear();
                     s.idle.clear();
+                    s.host.clear();
+                }
+                CacheEvent::HostStored(h) => s.host.extend(h.iter().copied()),
+                CacheEvent::HostRemoved(h) => {
+                    for x in h {
+                        s.host.remove(x);
+                    }
                 }
                 CacheEvent::InUse(h) => {
                     for x in h {
@@ -266,12 +278,15 @@ impl CapacityHub {
         hashes.sort_unstable();
         let mut idle: Vec<u64> = s.idle.iter().copied().collect();
         idle.sort_unstable();
+        let mut host: Vec<u64> = s.host.iter().copied().collect();
+        host.sort_unstable();
         (
             Snapshot {
                 version: s.version,
                 stats: s.stats,
                 hashes,
                 idle,
+                host,
                 acks,
             },
             rx,
@@ -311,6 +326,9 @@ impl CapacityHub {
             acked_dispatches: Vec::new(),
             dispatch_acks: true,
             draining: self.draining.load(std::sync::atomic::Ordering::Relaxed),
+            host_total_blocks: stats.host_total_blocks,
+            host_used_blocks: stats.host_used_blocks,
+            prefix_host_hit_tokens: stats.prefix_host_hit_tokens,
         }
     }
 
@@ -354,14 +372,23 @@ impl CapacityHub {
                 report.events.push(BlockEvent {
                     kind: Kind::Stored as i32,
                     block_hashes: snap.hashes,
+                    tier: Tier::Device as i32,
                 });
                 if snap.stats.block_use_events && !snap.idle.is_empty() {
                     // Stored means in use: the idle ones are named right after.
                     report.events.push(BlockEvent {
                         kind: Kind::Evictable as i32,
                         block_hashes: snap.idle,
+                        tier: Tier::Device as i32,
                     });
                 }
+            }
+            if include_events && !snap.host.is_empty() {
+                report.events.push(BlockEvent {
+                    kind: Kind::Stored as i32,
+                    block_hashes: snap.host,
+                    tier: Tier::Host as i32,
+                });
             }
             if tx.send(wrap(report)).await.is_err() {
                 return;
@@ -424,20 +451,27 @@ impl CapacityHub {
 pub fn to_proto_events(events: Vec<CacheEvent>) -> Vec<BlockEvent> {
     let mut out: Vec<BlockEvent> = Vec::new();
     for ev in events {
-        let (kind, hashes) = match ev {
-            CacheEvent::Stored(h) => (Kind::Stored, h),
-            CacheEvent::Removed(h) => (Kind::Removed, h),
-            CacheEvent::AllCleared => (Kind::AllCleared, Vec::new()),
-            CacheEvent::InUse(h) => (Kind::InUse, h),
-            CacheEvent::Evictable(h) => (Kind::Evictable, h),
+        let (kind, hashes, tier) = match ev {
+            CacheEvent::Stored(h) => (Kind::Stored, h, Tier::Device),
+            CacheEvent::Removed(h) => (Kind::Removed, h, Tier::Device),
+            CacheEvent::AllCleared => (Kind::AllCleared, Vec::new(), Tier::Device),
+            CacheEvent::InUse(h) => (Kind::InUse, h, Tier::Device),
+            CacheEvent::Evictable(h) => (Kind::Evictable, h, Tier::Device),
+            CacheEvent::HostStored(h) => (Kind::Stored, h, Tier::Host),
+            CacheEvent::HostRemoved(h) => (Kind::Removed, h, Tier::Host),
         };
         match out.last_mut() {
-            Some(last) if last.kind == kind as i32 && kind != Kind::AllCleared => {
+            Some(last)
+                if last.kind == kind as i32
+                    && last.tier == tier as i32
+                    && kind != Kind::AllCleared =>
+            {
                 last.block_hashes.extend(hashes)
             }
             _ => out.push(BlockEvent {
                 kind: kind as i32,
                 block_hashes: hashes,
+                tier: tier as i32,
             }),
         }
     }
@@ -525,6 +559,70 @@ mod tests {
         let next = rx.recv().await.unwrap();
         assert_eq!(next.events[0].kind, Kind::Evictable as i32);
         assert_eq!(next.events[0].block_hashes, vec![7]);
+    }
+
+    #[tokio::test]
+    async fn host_tier_blocks_stream_with_their_tier_and_are_in_the_snapshot() {
+        let hub = hub();
+        let st = CapacityStats {
+            host_total_blocks: 8,
+            host_used_blocks: 2,
+            prefix_host_hit_tokens: 32,
+            ..stats(90)
+        };
+        hub.apply(&CapacityUpdate {
+            stats: st,
+            events: vec![
+                CacheEvent::Stored(vec![1, 2]),
+                // 1 moves to the host tier; 3 goes there and leaves again.
+                CacheEvent::Removed(vec![1]),
+                CacheEvent::HostStored(vec![1, 3]),
+                CacheEvent::HostRemoved(vec![3]),
+            ],
+            acks: Vec::new(),
+        });
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut rx = hub.watch(true, None, timing(), stop, |r| r);
+        let first = rx.recv().await.unwrap();
+        let got: Vec<(i32, i32, Vec<u64>)> = first
+            .events
+            .iter()
+            .map(|e| (e.kind, e.tier, e.block_hashes.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Kind::Stored as i32, Tier::Device as i32, vec![2]),
+                (Kind::Stored as i32, Tier::Host as i32, vec![1]),
+            ]
+        );
+        assert_eq!((first.host_total_blocks, first.host_used_blocks), (8, 2));
+        assert_eq!(first.prefix_host_hit_tokens, 32);
+        // Streamed changes keep the tier, and runs of one kind and tier merge.
+        hub.apply(&CapacityUpdate {
+            stats: st,
+            events: vec![
+                CacheEvent::Stored(vec![5]),
+                CacheEvent::HostStored(vec![6]),
+                CacheEvent::HostStored(vec![7]),
+                CacheEvent::AllCleared,
+            ],
+            acks: Vec::new(),
+        });
+        let next = rx.recv().await.unwrap();
+        let got: Vec<(i32, i32, Vec<u64>)> = next
+            .events
+            .iter()
+            .map(|e| (e.kind, e.tier, e.block_hashes.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Kind::Stored as i32, Tier::Device as i32, vec![5]),
+                (Kind::Stored as i32, Tier::Host as i32, vec![6, 7]),
+                (Kind::AllCleared as i32, Tier::Device as i32, vec![]),
+            ]
+        );
     }
 
     fn dispatch(source: &str, seq: u64) -> Dispatch {

@@ -71,6 +71,7 @@ impl ModelArgs {
             device: self.device,
             kv_memory,
             gpu_memory_utilization: None,
+            kv_offload_memory: None,
             block_size: "16".into(),
             max_num_seqs: "256".into(),
             threads: None,

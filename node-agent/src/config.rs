@@ -72,6 +72,11 @@ pub struct ServeArgs {
     /// Fraction of GPU memory (0 < f ≤ 1) for weights plus KV cache (CUDA only).
     #[arg(long, env = "KVROUTE_GPU_MEMORY_UTILIZATION")]
     pub gpu_memory_utilization: Option<String>,
+    /// Host memory for prefix blocks evicted from the KV cache, e.g. `2GiB` (the host tier):
+    /// a request whose prefix was evicted gets it copied back instead of recomputed. Default:
+    /// none. CPU backend only for now.
+    #[arg(long, env = "KVROUTE_KV_OFFLOAD_MEMORY")]
+    pub kv_offload_memory: Option<String>,
     /// Tokens per KV block.
     #[arg(long, env = "KVROUTE_BLOCK_SIZE", default_value = "16")]
     pub block_size: String,
@@ -152,6 +157,8 @@ pub struct ServeConfig {
     /// How `device` was chosen (for the start-up log): `--device auto` says what it found.
     pub device_note: String,
     pub kv_budget: KvBudget,
+    /// Bytes of the KV host tier (0: none).
+    pub kv_offload_memory: u64,
     pub block_size: u32,
     pub max_num_seqs: u32,
     /// CPU compute threads (≥ 1).
@@ -249,6 +256,20 @@ impl ServeArgs {
             }
             (None, None) => KvBudget::Bytes(DEFAULT_KV_MEMORY),
         };
+        let kv_offload_memory = match &self.kv_offload_memory {
+            None => 0,
+            Some(m) => {
+                let bytes = parse_size("--kv-offload-memory", m)?;
+                if bytes > 0 && device == Device::Cuda {
+                    return Err(ConfigError::invalid(
+                        "--kv-offload-memory",
+                        m,
+                        "the host tier is not supported on --device cuda yet",
+                    ));
+                }
+                bytes
+            }
+        };
         let block_size = parse_u32("--block-size", &self.block_size)?;
         if !(1..=256).contains(&block_size) {
             return Err(ConfigError::invalid(
@@ -340,6 +361,7 @@ impl ServeArgs {
             device,
             device_note,
             kv_budget,
+            kv_offload_memory,
             block_size,
             max_num_seqs,
             threads,
@@ -538,6 +560,16 @@ mod tests {
             (&["--http", "localhost"], "--http", "localhost"),
             (&["--kv-memory", "lots"], "--kv-memory", "lots"),
             (&["--kv-memory", "0"], "--kv-memory", "0"),
+            (
+                &["--kv-offload-memory", "much"],
+                "--kv-offload-memory",
+                "much",
+            ),
+            (
+                &["--kv-offload-memory", "99999999999999TiB"],
+                "--kv-offload-memory",
+                "99999999999999TiB",
+            ),
             (&["--block-size", "0"], "--block-size", "0"),
             (&["--block-size", "sixteen"], "--block-size", "sixteen"),
             (&["--max-num-seqs", "0"], "--max-num-seqs", "0"),

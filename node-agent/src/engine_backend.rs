@@ -247,6 +247,11 @@ fn stats_from(s: &EngineStats) -> CapacityStats {
         room_released_blocks: s.room_released_blocks,
         waiting_prefill_tokens: (s.waiting_prompt_blocks as u64)
             .saturating_mul(u64::from(s.capacity.block_size)),
+        host_total_blocks: s.capacity.host_total,
+        host_used_blocks: s.capacity.host_used,
+        offloaded_blocks: s.capacity.offloaded_blocks,
+        reloaded_blocks: s.capacity.reloaded_blocks,
+        prefix_host_hit_tokens: s.capacity.prefix_host_hit_tokens,
     }
 }
 
@@ -257,6 +262,8 @@ fn event_from(e: &BlockEvent) -> CacheEvent {
         BlockEvent::AllCleared => CacheEvent::AllCleared,
         BlockEvent::InUse(h) => CacheEvent::InUse(h.clone()),
         BlockEvent::Evictable(h) => CacheEvent::Evictable(h.clone()),
+        BlockEvent::HostStored(h) => CacheEvent::HostStored(h.clone()),
+        BlockEvent::HostRemoved(h) => CacheEvent::HostRemoved(h.clone()),
     }
 }
 
@@ -426,6 +433,7 @@ pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
     let config = EngineConfig {
         block_size: cfg.block_size as usize,
         kv_memory_bytes,
+        kv_offload_memory_bytes: cfg.kv_offload_memory,
         max_num_seqs: cfg.max_num_seqs as usize,
         max_model_len: cfg.max_model_len.map(|v| v as usize),
         threads: cfg.threads,

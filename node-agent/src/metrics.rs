@@ -258,6 +258,41 @@ impl Metrics {
         );
         counter(
             &mut o,
+            "kvroute_prefix_cache_host_hit_tokens_total",
+            "Of the prompt tokens found in the prefix cache, those copied back from the host tier.",
+            &m,
+            stats.prefix_host_hit_tokens as f64,
+        );
+        gauge(
+            &mut o,
+            "kvroute_kv_host_blocks",
+            "Slots of the KV host tier (--kv-offload-memory; 0: none).",
+            &m,
+            stats.host_total_blocks as f64,
+        );
+        gauge(
+            &mut o,
+            "kvroute_kv_host_blocks_used",
+            "Slots of the KV host tier holding an evicted prefix block.",
+            &m,
+            stats.host_used_blocks as f64,
+        );
+        counter(
+            &mut o,
+            "kvroute_kv_offloaded_blocks_total",
+            "Prefix blocks copied to the host tier as the KV cache evicted them.",
+            &m,
+            stats.offloaded_blocks as f64,
+        );
+        counter(
+            &mut o,
+            "kvroute_kv_reloaded_blocks_total",
+            "Prefix blocks copied back from the host tier instead of recomputed.",
+            &m,
+            stats.reloaded_blocks as f64,
+        );
+        counter(
+            &mut o,
             "kvroute_prompt_tokens_total",
             "Prompt tokens of finished requests.",
             &m,

@@ -24,6 +24,7 @@ fn report(sequence: u64, free: u64) -> CapacityReport {
         events: vec![BlockEvent {
             kind: Kind::Stored as i32,
             block_hashes: vec![sequence, u64::MAX],
+            ..BlockEvent::default()
         }],
         ..Default::default()
     }

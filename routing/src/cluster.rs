@@ -21,6 +21,11 @@ pub enum CacheEvent {
     InUse(Vec<u64>),
     /// Cached blocks no request uses any more (free until reused: evictable).
     Evictable(Vec<u64>),
+    /// The agent's host tier keeps these blocks (evicted from its device pool; a hit there is
+    /// copied back, not recomputed).
+    HostStored(Vec<u64>),
+    /// These blocks are gone from the agent's host tier.
+    HostRemoved(Vec<u64>),
 }
 
 /// One capacity report, decoupled from the wire type so the simulator can produce them.
@@ -117,6 +122,8 @@ pub struct AgentState {
     pub(crate) cached: BlockSet,
     /// Of `cached`, the blocks the agent said no request uses (agents with `block_use_events`).
     idle: BlockSet,
+    /// The blocks its host tier keeps (may overlap `cached`: the tier is inclusive).
+    host: BlockSet,
     reservations: VecDeque<Reservation>,
     reserved_blocks: u64,
     /// Of the reservations, prompt tokens still to compute.
@@ -209,6 +216,11 @@ pub struct Cluster {
     pub(crate) inflight_index: BlockMap<Holders>,
     /// Block hash → agents caching it with a request using it (agents with `block_use_events`).
     pub(crate) in_use_index: BlockMap<Holders>,
+    /// Block hash → agents holding it in either tier (device cache or host tier); empty while
+    /// no agent reports a host tier, and then not walked.
+    pub(crate) reach_index: BlockMap<Holders>,
+    /// Host-tier entries known over all agents (0: `reach_index` is not kept).
+    pub(crate) host_entries: usize,
     /// Round-robin cursor per model (by `AgentView::model`): the slot after the last one reserved.
     pub(crate) rr_next: Vec<Slot>,
     pub(crate) next_reservation_id: u64,
@@ -217,6 +229,7 @@ pub struct Cluster {
     pub(crate) scratch: Scratch,
     pub(crate) scratch_inflight: Scratch,
     pub(crate) scratch_in_use: Scratch,
+    pub(crate) scratch_reach: Scratch,
     /// Scorers by id (the built-in ones, then any the program registered).
     pub(crate) scorers: ScorerRegistry,
     pub(crate) pipeline: PipelineScratch,
@@ -352,9 +365,31 @@ impl Cluster {
         let a = &mut self.agents[slot];
         a.idle.clear();
         let hashes: Vec<u64> = a.cached.drain().collect();
-        for h in hashes {
+        let host: Vec<u64> = a.host.drain().collect();
+        self.host_entries -= host.len();
+        for h in hashes.into_iter().chain(host) {
             remove_holder(&mut self.index, h, slot, words);
             remove_holder(&mut self.in_use_index, h, slot, words);
+            remove_holder(&mut self.reach_index, h, slot, words);
+        }
+        if self.host_entries == 0 {
+            self.reach_index.clear();
+        }
+    }
+
+    /// Whether the reach index (either tier) is kept: some agent has reported a host tier.
+    fn keeps_reach(&self) -> bool {
+        self.host_entries > 0
+    }
+
+    /// Indexes every cached block of every agent in `reach_index` (the first host-tier entry
+    /// of the cluster turns the index on).
+    fn build_reach(&mut self) {
+        let words = words_for(self.agents.len());
+        for (slot, a) in self.agents.iter().enumerate() {
+            for &h in a.cached.iter().chain(&a.host) {
+                add_holder(&mut self.reach_index, h, slot, words);
+            }
         }
     }
 
@@ -490,6 +525,9 @@ impl Cluster {
                         let was_idle = a.idle.remove(&h);
                         if newly {
                             add_holder(&mut self.index, h, slot, words);
+                            if self.host_entries > 0 {
+                                add_holder(&mut self.reach_index, h, slot, words);
+                            }
                         }
                         if tracks_use && (newly || was_idle) {
                             add_holder(&mut self.in_use_index, h, slot, words);
@@ -501,8 +539,37 @@ impl Cluster {
                         let a = &mut self.agents[slot];
                         a.idle.remove(&h);
                         if a.cached.remove(&h) {
+                            let in_host = a.host.contains(&h);
                             remove_holder(&mut self.index, h, slot, words);
                             remove_holder(&mut self.in_use_index, h, slot, words);
+                            if !in_host {
+                                remove_holder(&mut self.reach_index, h, slot, words);
+                            }
+                        }
+                    }
+                }
+                CacheEvent::HostStored(hashes) => {
+                    for h in hashes {
+                        if self.agents[slot].host.insert(h) {
+                            if self.host_entries == 0 {
+                                self.build_reach();
+                            }
+                            self.host_entries += 1;
+                            add_holder(&mut self.reach_index, h, slot, words);
+                        }
+                    }
+                }
+                CacheEvent::HostRemoved(hashes) => {
+                    for h in hashes {
+                        let a = &mut self.agents[slot];
+                        if a.host.remove(&h) {
+                            self.host_entries -= 1;
+                            if !a.cached.contains(&h) {
+                                remove_holder(&mut self.reach_index, h, slot, words);
+                            }
+                            if self.host_entries == 0 {
+                                self.reach_index.clear();
+                            }
                         }
                     }
                 }
@@ -683,13 +750,21 @@ impl Cluster {
             prefix_overlap(&self.inflight_index, hashes, n, &mut self.scratch_inflight);
             &self.scratch_inflight.overlap
         };
+        let reach: &[u32] = if self.host_entries > 0 {
+            prefix_overlap(&self.reach_index, hashes, n, &mut self.scratch_reach);
+            &self.scratch_reach.overlap
+        } else {
+            &[]
+        };
         let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
         slots
             .iter()
             .map(|&s| {
                 let s = s as usize;
                 let cached = self.scratch.overlap.get(s).copied().unwrap_or(0);
-                cached.max(inflight.get(s).copied().unwrap_or(0))
+                cached
+                    .max(inflight.get(s).copied().unwrap_or(0))
+                    .max(reach.get(s).copied().unwrap_or(0))
             })
             .max()
             .map_or(0, u64::from)
@@ -859,6 +934,36 @@ impl Cluster {
                     return Err(format!("in-use index: hash {h} on {s} not cached in use"));
                 }
             }
+        }
+        let host: usize = self.agents.iter().map(|a| a.host.len()).sum();
+        if host != self.host_entries {
+            return Err(format!(
+                "{} host entries counted, {host} held",
+                self.host_entries
+            ));
+        }
+        if self.keeps_reach() {
+            for (slot, a) in self.agents.iter().enumerate() {
+                for h in a.cached.iter().chain(&a.host) {
+                    if !self
+                        .reach_index
+                        .get(h)
+                        .is_some_and(|s| s.contains(slot as u32))
+                    {
+                        return Err(format!("agent {slot}: hash {h} missing from reach index"));
+                    }
+                }
+            }
+            for (h, holders) in &self.reach_index {
+                for s in 0..self.agents.len() {
+                    let a = &self.agents[s];
+                    if holders.contains(s as u32) && !a.cached.contains(h) && !a.host.contains(h) {
+                        return Err(format!("reach index: hash {h} on {s} in neither tier"));
+                    }
+                }
+            }
+        } else if !self.reach_index.is_empty() {
+            return Err("reach index kept with no host entries".into());
         }
         for (h, holders) in &self.inflight_index {
             for s in 0..self.agents.len() {

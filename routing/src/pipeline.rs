@@ -182,6 +182,18 @@ impl Cluster {
         } else {
             &[]
         };
+        // Leading prompt blocks each agent holds in either tier (agents with a host tier).
+        let reach: &[u32] = if preset.walks_cache && self.host_entries > 0 {
+            prefix_overlap(
+                &self.reach_index,
+                req.block_hashes,
+                n,
+                &mut self.scratch_reach,
+            );
+            &self.scratch_reach.overlap
+        } else {
+            &[]
+        };
         let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
         let model = model as u32;
         // Round-robin walks from the cursor (cyclically, in slot order); the others from the
@@ -214,7 +226,8 @@ impl Cluster {
             };
             let reported = overlap.get(slot).copied().unwrap_or(0);
             let local_any = reported.max(inflight.get(slot).copied().unwrap_or(0));
-            best_local = best_local.max(u64::from(local_any));
+            let reachable = reach.get(slot).copied().unwrap_or(0);
+            best_local = best_local.max(u64::from(local_any.max(reachable)));
             if !h.live
                 || h.model != model
                 || now_ms.saturating_sub(h.last_report_ms) > cfg.stale_after_ms
@@ -252,6 +265,11 @@ impl Cluster {
             } else {
                 0
             };
+            let host = if same_size {
+                u64::from(reachable).min(max_hit).saturating_sub(local)
+            } else {
+                0
+            };
             // Cached prefix blocks that no running request holds are counted in `free` too:
             // using them takes them out of `free`; sharing blocks a running request holds takes
             // nothing. Blocks surely in use: the leading run the agent reported in use (its
@@ -281,9 +299,13 @@ impl Cluster {
                 local_blocks: local,
                 shared_blocks: shared,
                 room,
-                prefill_tokens: req
-                    .prompt_tokens
-                    .saturating_sub(local * u64::from(h.block_size)),
+                host_blocks: host,
+                prefill_tokens: req.prompt_tokens.saturating_sub(
+                    local * u64::from(h.block_size)
+                        + ((host * u64::from(h.block_size)) as f64
+                            * (1.0 - crate::scorer::HOST_BLOCK_COST))
+                            as u64,
+                ),
             };
             let fits = c.headroom() >= 0;
             match preset.room {

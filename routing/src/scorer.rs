@@ -18,9 +18,18 @@ pub struct Candidate {
     /// Blocks the request may take there now: free less this gateway's reservations and the
     /// blocks earlier queued requests wait for there (negative: over-booked).
     pub room: i64,
-    /// Prompt tokens the agent would compute (not local there).
+    /// Leading prompt blocks after the local ones that its host tier keeps: copied back, not
+    /// computed (agents with a host tier).
+    pub host_blocks: u64,
+    /// Prompt tokens the agent would compute (not local there), with each host-tier block
+    /// counted as [`HOST_BLOCK_COST`] of a block to compute.
     pub prefill_tokens: u64,
 }
+
+/// What a prompt block copied back from an agent's host tier costs, as a fraction of
+/// computing it: a hit there is worth less than a device hit (the copy takes time and device
+/// room) but far more than none. A prior, not measured yet (see docs/gateway.md).
+pub const HOST_BLOCK_COST: f64 = 0.25;
 
 impl Candidate {
     /// Blocks left after this request (negative: it does not fit now).

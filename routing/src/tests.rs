@@ -1296,3 +1296,59 @@ fn preemptions_while_room_is_reserved_count_as_over_admission_and_a_new_epoch_dr
     );
     c.check_invariants().unwrap();
 }
+
+#[test]
+fn a_prefix_in_an_agents_host_tier_counts_less_than_on_its_device_but_more_than_none() {
+    let hashes = [11, 12, 13, 14];
+    let pick = |c: &mut Cluster| {
+        let d = c.decide(
+            &PolicyConfig::default(),
+            &req(70, 16, &hashes),
+            1,
+            &mut SplitMix64(1),
+        );
+        let Decision::Route(r) = d else {
+            panic!("{d:?}")
+        };
+        let trace = c.explain(&PolicyConfig::default(), &req(70, 16, &hashes));
+        (r.slot, trace)
+    };
+    let event = |c: &mut Cluster, slot: Slot, ev: CacheEvent| {
+        c.apply_report(
+            slot,
+            Report {
+                snapshot: false,
+                events: vec![ev],
+                ..report(&format!("a{slot}"), 1, 100, 60)
+            },
+            1,
+        );
+        c.check_invariants().unwrap();
+    };
+    // a1 has the most room, a0 keeps the prompt's blocks in its host tier.
+    let mut c = cluster(&[(100, 60), (100, 70)]);
+    event(&mut c, 0, CacheEvent::HostStored(hashes.to_vec()));
+    let (slot, trace) = pick(&mut c);
+    assert_eq!(slot, 0, "a host-tier hit beats recomputing: {trace:?}");
+    let t0 = trace.iter().find(|t| t.candidate.slot == 0).unwrap();
+    assert_eq!(
+        (t0.candidate.cached_blocks, t0.candidate.host_blocks),
+        (0, 4)
+    );
+    // Only a quarter of the four blocks' tokens counts as computed there.
+    assert_eq!(t0.candidate.prefill_tokens, 70 - 48);
+    // A device hit is worth more: a1 caching them on its device wins.
+    event(&mut c, 1, CacheEvent::Stored(hashes.to_vec()));
+    assert_eq!(pick(&mut c).0, 1);
+    // a1 evicts them to its host tier too: both hold them there; the device view is exact.
+    event(&mut c, 1, CacheEvent::Removed(hashes.to_vec()));
+    event(&mut c, 1, CacheEvent::HostStored(hashes.to_vec()));
+    let (_, trace) = pick(&mut c);
+    assert!(trace.iter().all(|t| t.candidate.host_blocks == 4));
+    // Gone from a0's host tier, and a1 cleared everything: nobody holds them.
+    event(&mut c, 0, CacheEvent::HostRemoved(hashes.to_vec()));
+    event(&mut c, 1, CacheEvent::AllCleared);
+    let (_, trace) = pick(&mut c);
+    assert!(trace.iter().all(|t| t.candidate.host_blocks == 0));
+    assert_eq!(c.local_prefix_blocks("m", &hashes), 0);
+}

@@ -21,7 +21,8 @@
 use std::hash::BuildHasher;
 
 use super::hash::{hash_block, BlockHash};
-use super::pool::{BlockEvent, BlockId, BlockPool};
+use super::host::{HostSlot, HostTier, Stored};
+use super::pool::{BlockEvent, BlockId, BlockPool, EventKind};
 
 /// Settings of a [`KvManager`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,8 +68,32 @@ pub struct CapacitySnapshot {
     pub used: u64,
     /// Tokens looked up in the prefix cache at admissions.
     pub prefix_query_tokens: u64,
-    /// Of those, tokens found cached.
+    /// Of those, tokens found cached (in either tier).
     pub prefix_hit_tokens: u64,
+    /// Of those, tokens copied back from the host tier.
+    pub prefix_host_hit_tokens: u64,
+    /// Slots of the host tier, and those holding a block.
+    pub host_total: u64,
+    pub host_used: u64,
+    /// Blocks copied to the host tier, and copied back from it.
+    pub offloaded_blocks: u64,
+    pub reloaded_blocks: u64,
+}
+
+/// The copies one step needs before its forward pass, in this order: first every offload
+/// (device block → host slot: an evicted prefix block, read before anything writes to the
+/// block), then every reload (host slot → device block: a host-tier hit). No offload targets a
+/// slot a reload of the same step reads (those slots are pinned).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KvCopies {
+    pub offload: Vec<(BlockId, HostSlot)>,
+    pub reload: Vec<(HostSlot, BlockId)>,
+}
+
+impl KvCopies {
+    pub fn is_empty(&self) -> bool {
+        self.offload.is_empty() && self.reload.is_empty()
+    }
 }
 
 /// An open sequence's handle. Not `Clone`: [`KvManager::close`] consumes it, so a sequence
@@ -81,8 +106,10 @@ pub struct KvSeq {
 /// Result of a prefix lookup, to pass back to [`KvManager::allocate_slots`] on admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PrefixHit {
-    /// Leading full blocks found in the cache.
+    /// Leading full blocks found in the device pool.
     pub blocks: usize,
+    /// Full blocks after those found in the host tier (copied back on admission).
+    pub host_blocks: usize,
     /// Tokens the lookup was for (the sequence's known tokens).
     pub query_tokens: usize,
 }
@@ -118,6 +145,21 @@ pub struct KvManager {
     digest_key: std::hash::RandomState,
     /// Public hashes are ANDed with this: all ones except in tests that need collisions.
     hash_mask: u64,
+    /// Evicted prefix blocks kept in host memory (none without `--kv-offload-memory`).
+    host: Option<HostTier>,
+    /// The copies the current step needs (see [`KvCopies`]).
+    copies: KvCopies,
+    prefix_host_hit_tokens: u64,
+    offloaded_blocks: u64,
+    reloaded_blocks: u64,
+}
+
+impl PrefixHit {
+    /// Blocks not to compute: device hits and host-tier hits.
+    #[inline]
+    pub fn total(&self) -> usize {
+        self.blocks + self.host_blocks
+    }
 }
 
 impl KvManager {
@@ -144,7 +186,75 @@ impl KvManager {
             block_tokens: vec![0; cfg.num_blocks * cfg.block_size],
             digest_key: std::hash::RandomState::new(),
             hash_mask: u64::MAX,
+            host: None,
+            copies: KvCopies::default(),
+            prefix_host_hit_tokens: 0,
+            offloaded_blocks: 0,
+            reloaded_blocks: 0,
         })
+    }
+
+    /// Adds a host tier of `slots` blocks: prefix blocks the pool evicts are copied there and
+    /// hits on them copied back (see [`super::host`]). Needs prefix caching; 0 slots = none.
+    /// Call before any sequence is opened.
+    pub fn set_host_tier(&mut self, slots: usize) -> Result<(), KvError> {
+        if slots >= u32::MAX as usize {
+            return Err(KvError::Config(format!("{slots} host slots are too many")));
+        }
+        if slots > 0 && !self.prefix_caching {
+            return Err(KvError::Config(
+                "a host tier needs prefix caching (it keeps evicted prefix blocks)".into(),
+            ));
+        }
+        self.host = (slots > 0).then(|| HostTier::new(slots, self.block_size));
+        self.copies.offload.reserve(slots.min(4096));
+        self.copies.reload.reserve(slots.min(4096));
+        Ok(())
+    }
+
+    /// The host tier, if any.
+    pub fn host(&self) -> Option<&HostTier> {
+        self.host.as_ref()
+    }
+
+    /// Starts a step: the previous step's copies are done (the caller performed them before
+    /// its forward pass), so they are forgotten and no host slot is pinned any more.
+    pub fn begin_step(&mut self) {
+        self.copies.offload.clear();
+        self.copies.reload.clear();
+        if let Some(h) = &mut self.host {
+            h.unpin_all();
+        }
+    }
+
+    /// The copies this step needs before its forward pass.
+    pub fn copies(&self) -> &KvCopies {
+        &self.copies
+    }
+
+    /// Offloads block `b`, just taken off the free list, which held `hash`: its contents go to
+    /// the host tier (a copy recorded for this step) unless the tier already has them.
+    fn offload(&mut self, b: BlockId, hash: BlockHash) {
+        let Some(host) = &mut self.host else {
+            return;
+        };
+        let bs = self.block_size;
+        let at = b as usize * bs;
+        match host.store(
+            hash,
+            self.block_digest[b as usize],
+            &self.block_tokens[at..at + bs],
+        ) {
+            Stored::Present | Stored::NoRoom => {}
+            Stored::Into(slot, replaced) => {
+                if let Some(r) = replaced {
+                    self.pool.record(EventKind::HostRemoved, r);
+                }
+                self.pool.record(EventKind::HostStored, hash);
+                self.copies.offload.push((b, slot));
+                self.offloaded_blocks += 1;
+            }
+        }
     }
 
     /// Test-only: keeps `bits` (1..=64) bits of every public block hash, so different prefixes
@@ -291,6 +401,7 @@ impl KvManager {
     pub fn lookup_prefix(&self, seq: &KvSeq, num_tokens: usize) -> PrefixHit {
         let mut hit = PrefixHit {
             blocks: 0,
+            host_blocks: 0,
             query_tokens: num_tokens,
         };
         if !self.prefix_caching || num_tokens == 0 {
@@ -302,6 +413,18 @@ impl KvManager {
             match self.pool.lookup(t.hashes[hit.blocks]) {
                 Some(b) if self.verified(t, hit.blocks, b) => hit.blocks += 1,
                 _ => break,
+            }
+        }
+        if let Some(host) = &self.host {
+            let bs = self.block_size;
+            while hit.total() < max {
+                let i = hit.total();
+                match host.lookup(t.hashes[i]) {
+                    Some(s) if host.verified(s, t.digests[i], &t.tokens[i * bs..(i + 1) * bs]) => {
+                        hit.host_blocks += 1
+                    }
+                    _ => break,
+                }
             }
         }
         hit
@@ -332,7 +455,7 @@ impl KvManager {
             return false;
         }
         let (t, o) = (self.table(seq), self.table(other));
-        let i = hit.blocks;
+        let i = hit.total();
         // Never the block holding `seq`'s last known token: a hit stops before it.
         if i >= (hit.query_tokens.saturating_sub(1)) / self.block_size {
             return false;
@@ -366,19 +489,45 @@ impl KvManager {
             return Ok(0);
         }
         let hit_blocks = hit.map_or(0, |h| h.blocks);
+        let host_blocks = hit.map_or(0, |h| h.host_blocks);
         let want = num_tokens.div_ceil(self.block_size);
-        if hit_blocks > 0 {
+        if hit_blocks + host_blocks > 0 {
             let t = &self.tables[slot];
-            if have != 0 || hit_blocks > t.hashes.len() {
-                return Err(KvError::StaleHit { blocks: hit_blocks });
+            if have != 0 || hit_blocks + host_blocks > t.hashes.len() {
+                return Err(KvError::StaleHit {
+                    blocks: hit_blocks + host_blocks,
+                });
             }
         }
         let needed = want.saturating_sub(have + hit_blocks);
+        if needed < host_blocks {
+            // A host hit is copied into a new block, so it must be within the positions asked.
+            return Err(KvError::StaleHit {
+                blocks: hit_blocks + host_blocks,
+            });
+        }
         let mut hits_in_free = 0;
         for &h in &self.tables[slot].hashes[..hit_blocks] {
             match self.pool.lookup(h) {
                 Some(b) => hits_in_free += usize::from(self.pool.ref_count(b) == 0),
                 None => return Err(KvError::StaleHit { blocks: hit_blocks }),
+            }
+        }
+        let host_hits = hit_blocks..hit_blocks + host_blocks;
+        if host_blocks > 0 {
+            let Some(host) = &self.host else {
+                return Err(KvError::StaleHit {
+                    blocks: host_blocks,
+                });
+            };
+            let t = &self.tables[slot];
+            if t.hashes[host_hits.clone()]
+                .iter()
+                .any(|&h| host.lookup(h).is_none())
+            {
+                return Err(KvError::StaleHit {
+                    blocks: host_blocks,
+                });
             }
         }
         let available = self.pool.free() - hits_in_free;
@@ -394,18 +543,58 @@ impl KvManager {
             self.pool.touch(b);
             t.blocks.push(b);
         }
+        if let Some(host) = &mut self.host {
+            // Pinned, the slots read this step keep their contents while the allocations
+            // below offload evicted blocks.
+            for &h in &t.hashes[host_hits.clone()] {
+                if let Some(s) = host.lookup(h) {
+                    host.pin(s);
+                }
+            }
+        }
         if let Some(h) = hit {
-            t.num_cached = hit_blocks;
+            t.num_cached = hit_blocks + host_blocks;
             self.prefix_query_tokens += h.query_tokens as u64;
-            self.prefix_hit_tokens += (hit_blocks * self.block_size) as u64;
+            self.prefix_hit_tokens += ((hit_blocks + host_blocks) * self.block_size) as u64;
+            self.prefix_host_hit_tokens += (host_blocks * self.block_size) as u64;
         }
         for _ in 0..needed {
-            let Some(b) = self.pool.allocate() else {
+            let Some((b, evicted)) = self.pool.allocate_evicting() else {
                 unreachable!("free count checked above")
             };
-            t.blocks.push(b);
+            if let Some(h) = evicted {
+                self.offload(b, h);
+            }
+            self.tables[slot].blocks.push(b);
+        }
+        if host_blocks > 0 {
+            self.reload(slot, host_hits);
         }
         Ok(needed)
+    }
+
+    /// Copies back the host hits `range` of the sequence in `slot` into the blocks just
+    /// allocated for them, and caches those blocks under their hashes.
+    fn reload(&mut self, slot: usize, range: std::ops::Range<usize>) {
+        let bs = self.block_size;
+        let Some(host) = &self.host else {
+            return;
+        };
+        let t = &self.tables[slot];
+        for i in range {
+            let b = t.blocks[i];
+            // Pinned above, so still there.
+            let Some(s) = host.lookup(t.hashes[i]) else {
+                unreachable!("host hit pinned above")
+            };
+            self.copies.reload.push((s, b));
+            self.reloaded_blocks += 1;
+            if self.pool.register(b, t.hashes[i]) {
+                self.block_digest[b as usize] = t.digests[i];
+                self.block_tokens[b as usize * bs..(b as usize + 1) * bs]
+                    .copy_from_slice(&t.tokens[i * bs..(i + 1) * bs]);
+            }
+        }
     }
 
     /// Registers in the prefix cache every full block of the sequence whose tokens are now
@@ -477,6 +666,9 @@ impl KvManager {
     /// Empties the prefix cache (emits `AllCleared`).
     pub fn reset_prefix_cache(&mut self) {
         self.pool.reset_cache();
+        if let Some(h) = &mut self.host {
+            h.clear();
+        }
         for t in &mut self.tables {
             // Nothing is cached any more. The blocks in use still hold valid KV, so they are
             // offered to the cache again at the sequence's next `cache_computed`.
@@ -496,6 +688,11 @@ impl KvManager {
             used: total - free,
             prefix_query_tokens: self.prefix_query_tokens,
             prefix_hit_tokens: self.prefix_hit_tokens,
+            prefix_host_hit_tokens: self.prefix_host_hit_tokens,
+            host_total: self.host.as_ref().map_or(0, |h| h.capacity() as u64),
+            host_used: self.host.as_ref().map_or(0, |h| h.len() as u64),
+            offloaded_blocks: self.offloaded_blocks,
+            reloaded_blocks: self.reloaded_blocks,
         }
     }
 
@@ -510,6 +707,9 @@ impl KvManager {
     /// covers no fewer hashes than the blocks it offered to the cache.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.pool.check()?;
+        if let Some(h) = &self.host {
+            h.check()?;
+        }
         let mut refs = vec![0u32; self.pool.total()];
         for (slot, t) in self.tables.iter().enumerate() {
             if !t.open && !t.blocks.is_empty() {
@@ -567,6 +767,115 @@ mod tests {
         kv.allocate_slots(&s, tokens.len(), Some(hit)).unwrap();
         kv.cache_computed(&s, tokens, tokens.len());
         s
+    }
+
+    /// Admits `tokens` as a new sequence computing all of them (performing the step's copies
+    /// on `data`, a stand-in for the KV: one value per block and slot), and returns it with its
+    /// hit.
+    fn admit_with_copies(
+        kv: &mut KvManager,
+        data: &mut (Vec<Vec<u32>>, Vec<Vec<u32>>),
+        tokens: &[u32],
+    ) -> (KvSeq, PrefixHit) {
+        let s = kv.open(&[]);
+        kv.update_hashes(&s, tokens);
+        let hit = kv.lookup_prefix(&s, tokens.len());
+        kv.allocate_slots(&s, tokens.len(), Some(hit)).unwrap();
+        let c = kv.copies().clone();
+        for &(b, h) in &c.offload {
+            data.1[h as usize] = data.0[b as usize].clone();
+        }
+        for &(h, b) in &c.reload {
+            data.0[b as usize] = data.1[h as usize].clone();
+        }
+        kv.begin_step();
+        let bs = kv.block_size();
+        let table = kv.block_table(&s).to_vec();
+        for p in hit.total() * bs..tokens.len() {
+            data.0[table[p / bs] as usize][p % bs] = tokens[p];
+        }
+        kv.cache_computed(&s, tokens, tokens.len());
+        // Every block of the table holds the sequence's own tokens.
+        for (p, &t) in tokens.iter().enumerate() {
+            assert_eq!(data.0[table[p / bs] as usize][p % bs], t, "position {p}");
+        }
+        kv.check_invariants().unwrap();
+        (s, hit)
+    }
+
+    #[test]
+    fn an_evicted_prefix_comes_back_from_the_host_tier_with_its_contents() {
+        let mut kv = mgr(2, 4);
+        kv.set_host_tier(4).unwrap();
+        let mut data = (vec![vec![0; 2]; 4], vec![vec![0; 2]; 4]);
+        let a = [1, 2, 3, 4, 5];
+        let (s, hit) = admit_with_copies(&mut kv, &mut data, &a);
+        assert_eq!(hit.total(), 0);
+        kv.close(s);
+        kv.take_events();
+        // Another prompt takes every block: A's two cached blocks go to the host tier.
+        let (s, _) = admit_with_copies(&mut kv, &mut data, &[7, 8, 9, 10, 11, 12, 13]);
+        let ev = kv.take_events();
+        let host_stored: usize = ev
+            .iter()
+            .map(|e| match e {
+                BlockEvent::HostStored(h) => h.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(host_stored, 2);
+        assert_eq!(kv.snapshot().offloaded_blocks, 2);
+        kv.close(s);
+        // A again: nothing of it is on the device, both full blocks come back from the host.
+        let (s, hit) = admit_with_copies(&mut kv, &mut data, &a);
+        assert_eq!((hit.blocks, hit.host_blocks), (0, 2));
+        let snap = kv.snapshot();
+        assert_eq!((snap.reloaded_blocks, snap.prefix_host_hit_tokens), (2, 4));
+        assert_eq!(snap.host_used, 4);
+        kv.close(s);
+        // And now it is on the device again (the tier is inclusive: no copy to evict it).
+        let s2 = kv.open(&[]);
+        kv.update_hashes(&s2, &a);
+        let hit = kv.lookup_prefix(&s2, a.len());
+        assert_eq!((hit.blocks, hit.host_blocks), (2, 0));
+        kv.close(s2);
+    }
+
+    #[test]
+    fn a_host_slot_read_this_step_is_not_overwritten_by_an_offload_of_the_same_step() {
+        // One host slot. [5, 6] evicts [1, 2]'s blocks: the slot ends up with block [1].
+        // Admitting [1, 2] again copies that slot back while its allocations evict [5, 6]'s
+        // blocks, whose offloads would want the same (only) slot: they are dropped instead, so
+        // the copy back reads [1], not [5, 6]'s KV (admit_with_copies checks the contents).
+        let mut kv = mgr(1, 2);
+        kv.set_host_tier(1).unwrap();
+        let mut data = (vec![vec![0; 1]; 2], vec![vec![0; 1]; 1]);
+        let (s, _) = admit_with_copies(&mut kv, &mut data, &[1, 2]);
+        kv.close(s);
+        let (s, _) = admit_with_copies(&mut kv, &mut data, &[5, 6]);
+        kv.close(s);
+        let offloaded = kv.snapshot().offloaded_blocks;
+        let (s, hit) = admit_with_copies(&mut kv, &mut data, &[1, 2]);
+        assert_eq!((hit.blocks, hit.host_blocks), (0, 1));
+        assert_eq!(
+            kv.snapshot().offloaded_blocks,
+            offloaded,
+            "no offload this step"
+        );
+        kv.close(s);
+    }
+
+    #[test]
+    fn a_host_tier_needs_prefix_caching() {
+        let mut kv = KvManager::new(&KvConfig {
+            block_size: 2,
+            num_blocks: 2,
+            enable_prefix_caching: false,
+            enable_events: false,
+        })
+        .unwrap();
+        assert!(kv.set_host_tier(2).is_err());
+        assert!(kv.set_host_tier(0).is_ok());
     }
 
     #[test]

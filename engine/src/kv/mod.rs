@@ -6,9 +6,11 @@
 //! blocks it names, and the agent reports its [`CapacitySnapshot`] and [`BlockEvent`]s.
 
 pub mod hash;
+pub mod host;
 pub mod manager;
 pub mod pool;
 
 pub use hash::{block_hashes, extend_block_hashes, hash_block, BlockHash};
-pub use manager::{CapacitySnapshot, KvConfig, KvError, KvManager, KvSeq, PrefixHit};
+pub use host::HostTier;
+pub use manager::{CapacitySnapshot, KvConfig, KvCopies, KvError, KvManager, KvSeq, PrefixHit};
 pub use pool::{BlockEvent, BlockId, BlockPool};

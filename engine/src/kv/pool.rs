@@ -28,6 +28,11 @@ const NIL: u32 = u32::MAX;
 pub enum BlockEvent {
     /// These blocks now hold these chained hashes (full blocks only).
     Stored(Vec<BlockHash>),
+    /// The host tier now keeps these hashes (blocks the device pool evicted, see
+    /// [`super::host`]): a prefix hit there is copied back instead of recomputed.
+    HostStored(Vec<BlockHash>),
+    /// These hashes are gone from the host tier.
+    HostRemoved(Vec<BlockHash>),
     /// These hashes are gone from the cache (their blocks were reallocated).
     Removed(Vec<BlockHash>),
     /// Every cached hash is gone (cache reset).
@@ -40,9 +45,11 @@ pub enum BlockEvent {
 }
 
 #[derive(Clone, Copy)]
-enum EventKind {
+pub(crate) enum EventKind {
     Stored,
     Removed,
+    HostStored,
+    HostRemoved,
     InUse,
     Evictable,
 }
@@ -243,7 +250,7 @@ impl BlockPool {
         self.head = id;
     }
 
-    fn record(&mut self, kind: EventKind, hash: BlockHash) {
+    pub(crate) fn record(&mut self, kind: EventKind, hash: BlockHash) {
         if !self.events_enabled {
             return;
         }
@@ -251,12 +258,16 @@ impl BlockPool {
             (Some(BlockEvent::Stored(v)), EventKind::Stored)
             | (Some(BlockEvent::Removed(v)), EventKind::Removed)
             | (Some(BlockEvent::InUse(v)), EventKind::InUse)
-            | (Some(BlockEvent::Evictable(v)), EventKind::Evictable) => v.push(hash),
+            | (Some(BlockEvent::Evictable(v)), EventKind::Evictable)
+            | (Some(BlockEvent::HostStored(v)), EventKind::HostStored)
+            | (Some(BlockEvent::HostRemoved(v)), EventKind::HostRemoved) => v.push(hash),
             _ => self.events.push(match kind {
                 EventKind::Stored => BlockEvent::Stored(vec![hash]),
                 EventKind::Removed => BlockEvent::Removed(vec![hash]),
                 EventKind::InUse => BlockEvent::InUse(vec![hash]),
                 EventKind::Evictable => BlockEvent::Evictable(vec![hash]),
+                EventKind::HostStored => BlockEvent::HostStored(vec![hash]),
+                EventKind::HostRemoved => BlockEvent::HostRemoved(vec![hash]),
             }),
         }
     }
@@ -265,6 +276,13 @@ impl BlockPool {
     /// returns it with a reference count of 1. `None` when every block is referenced.
     #[inline]
     pub fn allocate(&mut self) -> Option<BlockId> {
+        self.allocate_evicting().map(|(id, _)| id)
+    }
+
+    /// [`Self::allocate`], also returning the hash the block held, if it evicted one (its
+    /// contents are still in the block until the caller writes to it).
+    #[inline]
+    pub fn allocate_evicting(&mut self) -> Option<(BlockId, Option<BlockHash>)> {
         let id = self.head;
         if id == NIL {
             return None;
@@ -278,8 +296,9 @@ impl BlockPool {
             let h = b.hash;
             self.map.remove(&h);
             self.record(EventKind::Removed, h);
+            return Some((id, Some(h)));
         }
-        Some(id)
+        Some((id, None))
     }
 
     /// Adds a reference to a block (a prefix-cache hit). A free block leaves the free list and

@@ -254,6 +254,11 @@ pub struct KvStorage {
     head_dim: usize,
     k: Vec<Vec<u16>>,
     v: Vec<Vec<u16>>,
+    /// The host tier's slots (see [`crate::kv::host`]), same layout, per layer; empty without
+    /// one. On the CPU both tiers are host memory: what the tier saves here is the recompute.
+    host_k: Vec<Vec<u16>>,
+    host_v: Vec<Vec<u16>>,
+    host_slots: usize,
 }
 
 impl KvStorage {
@@ -280,7 +285,66 @@ impl KvStorage {
             head_dim: cfg.head_dim,
             k: (0..cfg.num_layers).map(|_| vec![0u16; per_layer]).collect(),
             v: (0..cfg.num_layers).map(|_| vec![0u16; per_layer]).collect(),
+            host_k: Vec::new(),
+            host_v: Vec::new(),
+            host_slots: 0,
         })
+    }
+
+    /// Allocates `slots` host-tier slots (replacing any).
+    pub fn set_host_slots(&mut self, slots: usize) -> Result<(), ModelError> {
+        let per_layer = slots
+            .checked_mul(self.block_elems())
+            .ok_or_else(|| ModelError::Config("KV host tier size overflows".into()))?;
+        let layers = self.k.len();
+        self.host_k = (0..layers).map(|_| vec![0u16; per_layer]).collect();
+        self.host_v = (0..layers).map(|_| vec![0u16; per_layer]).collect();
+        self.host_slots = slots;
+        Ok(())
+    }
+
+    /// Elements of one block of one layer's K (or V).
+    #[inline]
+    fn block_elems(&self) -> usize {
+        self.kv_heads * self.block_size * self.head_dim
+    }
+
+    /// Performs a step's host-tier copies: every offload, then every reload (see
+    /// [`crate::kv::KvCopies`]).
+    pub fn copy_blocks(&mut self, copies: &crate::kv::KvCopies) -> Result<(), ModelError> {
+        let n = self.block_elems();
+        let bad = |what: &str, i: usize, max: usize| {
+            Err(ModelError::Batch(format!(
+                "KV copy names {what} {i}, beyond the {max} there are"
+            )))
+        };
+        for &(b, s) in &copies.offload {
+            let (b, s) = (b as usize, s as usize);
+            if b >= self.num_blocks {
+                return bad("block", b, self.num_blocks);
+            }
+            if s >= self.host_slots {
+                return bad("host slot", s, self.host_slots);
+            }
+            for l in 0..self.k.len() {
+                self.host_k[l][s * n..(s + 1) * n].copy_from_slice(&self.k[l][b * n..(b + 1) * n]);
+                self.host_v[l][s * n..(s + 1) * n].copy_from_slice(&self.v[l][b * n..(b + 1) * n]);
+            }
+        }
+        for &(s, b) in &copies.reload {
+            let (b, s) = (b as usize, s as usize);
+            if b >= self.num_blocks {
+                return bad("block", b, self.num_blocks);
+            }
+            if s >= self.host_slots {
+                return bad("host slot", s, self.host_slots);
+            }
+            for l in 0..self.k.len() {
+                self.k[l][b * n..(b + 1) * n].copy_from_slice(&self.host_k[l][s * n..(s + 1) * n]);
+                self.v[l][b * n..(b + 1) * n].copy_from_slice(&self.host_v[l][s * n..(s + 1) * n]);
+            }
+        }
+        Ok(())
     }
 
     pub fn block_size(&self) -> usize {
@@ -405,6 +469,11 @@ impl CpuRunner {
 
     pub fn kv(&self) -> &KvStorage {
         &self.kv
+    }
+
+    /// The KV cache, to add a host tier or perform copies.
+    pub fn kv_mut(&mut self) -> &mut KvStorage {
+        &mut self.kv
     }
 
     pub fn threads(&self) -> usize {

@@ -202,6 +202,11 @@ impl<'a> StepView<'a> {
     pub fn plan(&self) -> &'a StepPlan {
         &self.sched.plan
     }
+    /// The KV copies (host tier) to perform before this step's forward pass, even when the
+    /// plan is empty.
+    pub fn copies(&self) -> &'a crate::kv::KvCopies {
+        self.sched.kv.copies()
+    }
 }
 
 /// Counters and capacity.
@@ -386,6 +391,14 @@ impl Scheduler {
         self.kv.set_hash_bits_for_tests(bits);
     }
 
+    /// Adds a host tier of `slots` blocks to the KV manager (see [`crate::kv::host`]); the
+    /// runner must then perform each step's [`StepView::copies`]. Call before adding requests.
+    pub fn set_host_tier(&mut self, slots: usize) -> Result<(), SchedError> {
+        self.kv
+            .set_host_tier(slots)
+            .map_err(|e| SchedError::Config(e.to_string()))
+    }
+
     /// Queues a request. Rejects prompts that can never run: empty, or with no room left for a
     /// generated token within [`Self::max_len`].
     pub fn add(&mut self, spec: SeqSpec) -> Result<(), SchedError> {
@@ -486,6 +499,8 @@ impl Scheduler {
     /// could not run, just call `schedule` again: progress only advances in `complete_step`, so
     /// the same positions are planned again (the blocks already allocated for them are kept).
     pub fn schedule(&mut self) -> StepView<'_> {
+        // The previous step's copies were performed before its forward pass.
+        self.kv.begin_step();
         self.plan.seqs.clear();
         self.plan.preempted.clear();
         self.plan.num_tokens = 0;
@@ -573,7 +588,7 @@ impl Scheduler {
                 w += 1;
                 continue;
             }
-            let start = hit.blocks * self.cfg.block_size;
+            let start = hit.total() * self.cfg.block_size;
             let mut len = known - start;
             if len > budget {
                 if !chunked {

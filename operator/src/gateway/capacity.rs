@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvroute_proto::v1::block_event::Kind;
+use kvroute_proto::v1::block_event::{Kind, Tier};
 use kvroute_proto::{AgentClient, CapacityReport, WatchCapacityRequest};
 use tonic::transport::Endpoint;
 
@@ -42,13 +42,17 @@ pub fn to_policy_report(r: CapacityReport) -> Report {
     let events = r
         .events
         .iter()
-        .filter_map(|e| match e.kind() {
-            Kind::Stored => Some(CacheEvent::Stored(e.block_hashes.clone())),
-            Kind::Removed => Some(CacheEvent::Removed(e.block_hashes.clone())),
-            Kind::AllCleared => Some(CacheEvent::AllCleared),
-            Kind::InUse => Some(CacheEvent::InUse(e.block_hashes.clone())),
-            Kind::Evictable => Some(CacheEvent::Evictable(e.block_hashes.clone())),
-            Kind::Unspecified => None,
+        .filter_map(|e| match (e.kind(), Tier::try_from(e.tier).ok()?) {
+            (Kind::Stored, Tier::Host) => Some(CacheEvent::HostStored(e.block_hashes.clone())),
+            (Kind::Removed, Tier::Host) => Some(CacheEvent::HostRemoved(e.block_hashes.clone())),
+            // Use events speak of device blocks only.
+            (Kind::InUse | Kind::Evictable, Tier::Host) => None,
+            (Kind::Stored, _) => Some(CacheEvent::Stored(e.block_hashes.clone())),
+            (Kind::Removed, _) => Some(CacheEvent::Removed(e.block_hashes.clone())),
+            (Kind::AllCleared, _) => Some(CacheEvent::AllCleared),
+            (Kind::InUse, _) => Some(CacheEvent::InUse(e.block_hashes.clone())),
+            (Kind::Evictable, _) => Some(CacheEvent::Evictable(e.block_hashes.clone())),
+            (Kind::Unspecified, _) => None,
         })
         .collect();
     Report {
@@ -171,6 +175,12 @@ mod tests {
         let ev = |kind: i32, h: Vec<u64>| BlockEvent {
             kind,
             block_hashes: h,
+            tier: Tier::Device as i32,
+        };
+        let host = |kind: i32, h: Vec<u64>| BlockEvent {
+            kind,
+            block_hashes: h,
+            tier: Tier::Host as i32,
         };
         let r = to_policy_report(CapacityReport {
             block_use_events: true,
@@ -182,6 +192,15 @@ mod tests {
                 ev(Kind::AllCleared as i32, Vec::new()),
                 // A kind from a newer agent: skipped, not misread.
                 ev(99, vec![3]),
+                host(Kind::Stored as i32, vec![4]),
+                host(Kind::Removed as i32, vec![4]),
+                // Use events of the host tier mean nothing; a tier from a newer agent is
+                // skipped, not read as the device.
+                host(Kind::InUse as i32, vec![4]),
+                BlockEvent {
+                    tier: 7,
+                    ..ev(Kind::Stored as i32, vec![5])
+                },
             ],
             ..CapacityReport::default()
         });
@@ -194,6 +213,8 @@ mod tests {
                 CacheEvent::InUse(vec![2]),
                 CacheEvent::Removed(vec![1]),
                 CacheEvent::AllCleared,
+                CacheEvent::HostStored(vec![4]),
+                CacheEvent::HostRemoved(vec![4]),
             ]
         );
     }

@@ -111,6 +111,7 @@ impl StubState {
                 vec![BlockEvent {
                     kind: Kind::Stored as i32,
                     block_hashes: i.cached.clone(),
+                    ..BlockEvent::default()
                 }]
             } else {
                 Vec::new()
