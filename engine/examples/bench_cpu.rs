@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 gen_tokens: num(3, 64),
                 batch,
                 threads: num(5, 0),
+                kv_cache_dtype: Default::default(),
             },
         )?;
         println!(

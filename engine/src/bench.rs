@@ -21,6 +21,8 @@ pub struct BenchConfig {
     pub batch: usize,
     /// CPU threads (0 = all available cores).
     pub threads: usize,
+    /// The KV cache's element type.
+    pub kv_cache_dtype: crate::model::KvCacheDtype,
 }
 
 /// Results: rates summed over the batch's sequences.
@@ -66,6 +68,7 @@ pub fn run(model: Arc<Model>, cfg: BenchConfig) -> Result<BenchResult, ModelErro
         max_step,
         threads,
     )?;
+    runner.set_kv_dtype(cfg.kv_cache_dtype)?;
     let tables: Vec<Vec<u32>> = (0..cfg.batch)
         .map(|s| ((s * per_seq_blocks) as u32..((s + 1) * per_seq_blocks) as u32).collect())
         .collect();

@@ -37,6 +37,8 @@ pub struct EngineConfig {
     /// Host memory for evicted prefix blocks (the host tier, see [`crate::kv::host`]); 0 =
     /// none. Slots = this / block bytes.
     pub kv_offload_memory_bytes: u64,
+    /// The KV cache's element type (CPU backend: `f16` or `q8_0`); block bytes follow it.
+    pub kv_cache_dtype: crate::model::KvCacheDtype,
     /// Most requests running at once.
     pub max_num_seqs: usize,
     /// Most tokens in one step (prefill chunks plus decodes).
@@ -64,6 +66,7 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_memory_bytes: 256 << 20,
             kv_offload_memory_bytes: 0,
+            kv_cache_dtype: crate::model::KvCacheDtype::F16,
             max_num_seqs: 256,
             max_num_batched_tokens: 512,
             max_model_len: None,
@@ -197,6 +200,9 @@ pub struct EngineStats {
     pub decode_batch: u32,
     /// Room (`free - committed` blocks) given back by requests that ended, since start.
     pub room_released_blocks: u64,
+    /// Measured nanoseconds to copy one block between the KV cache and its host tier (0 = not
+    /// measured, or no host tier).
+    pub kv_copy_block_ns: u32,
 }
 
 /// Moving averages of the engine's own step times, so a router can predict how long a request
@@ -209,6 +215,8 @@ pub struct StepSpeed {
     /// Seconds per decode-only step, and its batch size.
     pub decode_step_s: f64,
     pub decode_batch: f64,
+    /// Seconds to copy one block between the KV cache and its host tier (either way).
+    pub copy_block_s: f64,
 }
 
 impl StepSpeed {
@@ -246,6 +254,15 @@ impl StepSpeed {
         let prefill_s = (seconds - decode_part).max(seconds / 3.0);
         self.prefill_tokens_per_s =
             Self::ewma(self.prefill_tokens_per_s, prefill_tokens as f64 / prefill_s);
+    }
+
+    /// Records one step's host-tier copies: `blocks` blocks in `seconds`.
+    pub fn record_copies(&mut self, seconds: f64, blocks: usize) {
+        if blocks > 0 && seconds.is_finite() && seconds >= 0.0 {
+            // A copy never takes no time: keep the average positive (0 means not measured).
+            let per = (seconds / blocks as f64).max(1e-9);
+            self.copy_block_s = Self::ewma(self.copy_block_s, per);
+        }
     }
 }
 
@@ -457,6 +474,12 @@ impl Engine {
             max_seqs: config.max_num_seqs.clamp(1, max_tokens),
             max_context: max_model_len,
         };
+        if config.kv_cache_dtype != crate::model::KvCacheDtype::F16 {
+            return Err(EngineError::Config(format!(
+                "--kv-cache-dtype {} is not supported on the CUDA backend yet (f16 only)",
+                config.kv_cache_dtype.name()
+            )));
+        }
         if config.kv_offload_memory_bytes > 0 {
             return Err(EngineError::Config(
                 "--kv-offload-memory (the KV host tier) is not supported on the CUDA backend yet"
@@ -500,7 +523,7 @@ impl Engine {
         if config.block_size == 0 {
             return Err(EngineError::Config("block size must be at least 1".into()));
         }
-        let block_bytes = KvStorage::block_bytes(&mc, config.block_size);
+        let block_bytes = KvStorage::block_bytes_of(&mc, config.block_size, config.kv_cache_dtype);
         let num_blocks = (config.kv_memory_bytes / block_bytes as u64) as usize;
         if num_blocks == 0 {
             return Err(EngineError::Config(format!(
@@ -536,6 +559,7 @@ impl Engine {
             config.max_num_batched_tokens.max(1),
             threads,
         )?;
+        runner.set_kv_dtype(config.kv_cache_dtype)?;
         runner.kv_mut().set_host_slots(host_slots)?;
         tracing::info!(
             blocks = num_blocks,
@@ -543,6 +567,7 @@ impl Engine {
             block_bytes,
             kv_cache_tokens = num_blocks * config.block_size,
             host_tier_blocks = host_slots,
+            kv_cache_dtype = config.kv_cache_dtype.name(),
             max_model_len = max_len,
             max_concurrency = format!(
                 "{:.2}",
@@ -1166,7 +1191,13 @@ impl Loop {
         let view = self.sched.schedule();
         let copies = view.copies();
         if !copies.is_empty() {
-            if let Err(e) = self.runner.copy_blocks(copies) {
+            let started = std::time::Instant::now();
+            let copied = self.runner.copy_blocks(copies);
+            self.speed.record_copies(
+                started.elapsed().as_secs_f64(),
+                copies.offload.len() + copies.reload.len(),
+            );
+            if let Err(e) = copied {
                 // The blocks involved may hold wrong KV now: forget the cache and end the
                 // step's requests, like a failed forward pass.
                 let ids: Vec<RequestId> = view.plan().seqs().iter().map(|s| s.id).collect();
@@ -1403,6 +1434,9 @@ impl Loop {
             decode_step_us: (self.speed.decode_step_s * 1e6).round() as u32,
             decode_batch: self.speed.decode_batch.round() as u32,
             room_released_blocks: self.room_released,
+            kv_copy_block_ns: (self.speed.copy_block_s * 1e9)
+                .round()
+                .min(f64::from(u32::MAX)) as u32,
         }
     }
 

@@ -614,3 +614,35 @@ fn a_host_tier_smaller_than_a_block_is_refused_clearly() {
     .unwrap();
     assert!(err.to_string().contains("--kv-offload-memory"), "{err}");
 }
+
+#[test]
+fn a_q8_0_kv_cache_holds_more_blocks_in_the_same_memory_and_serves() {
+    use kvroute_engine::model::KvCacheDtype;
+    let m = load_path(&model_fixture::model_path()).unwrap();
+    let f16 = KvStorage::block_bytes(&m.config, 16);
+    let q8 = KvStorage::block_bytes_of(&m.config, 16, KvCacheDtype::Q8_0);
+    let e = Engine::start(
+        m,
+        EngineConfig {
+            block_size: 16,
+            kv_memory_bytes: (12 * f16) as u64,
+            kv_cache_dtype: KvCacheDtype::Q8_0,
+            // The host tier follows the cache's type.
+            kv_offload_memory_bytes: (4 * q8) as u64,
+            threads: 2,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let s = e.stats();
+    assert_eq!(s.capacity.total as usize, 12 * f16 / q8);
+    assert_eq!(
+        s.capacity.total, 22,
+        "12 f16 blocks' memory holds 22 q8_0 blocks"
+    );
+    assert_eq!(s.capacity.host_total, 4);
+    assert_eq!(s.block_bytes, q8);
+    let d = collect(&submit(&e, PROMPTS[0], greedy(8)).1);
+    e.shutdown();
+    assert_eq!(d.tokens.len(), 8);
+}

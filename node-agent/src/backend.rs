@@ -71,6 +71,8 @@ pub struct CapacityStats {
     pub offloaded_blocks: u64,
     pub reloaded_blocks: u64,
     pub prefix_host_hit_tokens: u64,
+    /// Measured nanoseconds to copy one block to or from the host tier (0: not measured).
+    pub host_copy_block_ns: u32,
 }
 
 /// A change to the set of cached block hashes.

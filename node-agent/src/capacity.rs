@@ -329,6 +329,7 @@ impl CapacityHub {
             host_total_blocks: stats.host_total_blocks,
             host_used_blocks: stats.host_used_blocks,
             prefix_host_hit_tokens: stats.prefix_host_hit_tokens,
+            host_copy_block_nanos: stats.host_copy_block_ns,
         }
     }
 

@@ -72,6 +72,7 @@ impl ModelArgs {
             kv_memory,
             gpu_memory_utilization: None,
             kv_offload_memory: None,
+            kv_cache_dtype: "f16".into(),
             block_size: "16".into(),
             max_num_seqs: "256".into(),
             threads: None,
@@ -160,6 +161,9 @@ pub struct BenchArgs {
     /// KV-cache memory (with `--requests`).
     #[arg(long, default_value = "1GiB")]
     pub kv_memory: String,
+    /// KV cache element type of the forward-pass benchmark: `f16` or `q8_0`.
+    #[arg(long, default_value = "f16")]
+    pub kv_cache_dtype: String,
 }
 
 /// Most tokens one forward-pass benchmark may hold in KV at once (batch × (prompt + gen)):
@@ -282,6 +286,10 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let shape = args.forward()?;
+    let kv_cache_dtype: kvroute_engine::model::KvCacheDtype = args
+        .kv_cache_dtype
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--kv-cache-dtype: {e}"))?;
     let cfg = args.model.serve_config(None)?;
     // `auto` may pick a GPU; this benchmark measures the CPU forward pass whatever it found.
     if args.model.device == DeviceArg::Cuda {
@@ -303,8 +311,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let isa = model.isa().name();
     if !args.json {
         println_flush(&format!(
-            "model {} ({isa}), prompt {} tokens, gen {} tokens",
-            loaded.name, shape.prompt_tokens, shape.gen_tokens
+            "model {} ({isa}), prompt {} tokens, gen {} tokens, KV cache {}",
+            loaded.name,
+            shape.prompt_tokens,
+            shape.gen_tokens,
+            kv_cache_dtype.name()
         ));
         println_flush(
             "batch  prefill tok/s  decode tok/s  prefill tok/CPU-s  decode tok/CPU-s  peak RSS MiB",
@@ -318,6 +329,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 gen_tokens: shape.gen_tokens,
                 batch,
                 threads: shape.threads,
+                kv_cache_dtype,
             },
         )?;
         let per_cpu = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
@@ -331,6 +343,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     "gen_tokens": shape.gen_tokens,
                     "threads": shape.threads,
                     "isa": isa,
+                    "kv_cache_dtype": kv_cache_dtype.name(),
                     "prefill_tok_s": r.prefill_tok_s,
                     "decode_tok_s": r.decode_tok_s,
                     "prefill_secs": r.prefill_secs,

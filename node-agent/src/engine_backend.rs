@@ -252,6 +252,7 @@ fn stats_from(s: &EngineStats) -> CapacityStats {
         offloaded_blocks: s.capacity.offloaded_blocks,
         reloaded_blocks: s.capacity.reloaded_blocks,
         prefix_host_hit_tokens: s.capacity.prefix_host_hit_tokens,
+        host_copy_block_ns: s.kv_copy_block_ns,
     }
 }
 
@@ -434,6 +435,7 @@ pub fn load(cfg: &ServeConfig) -> Result<Arc<dyn InferenceBackend>, LoadError> {
         block_size: cfg.block_size as usize,
         kv_memory_bytes,
         kv_offload_memory_bytes: cfg.kv_offload_memory,
+        kv_cache_dtype: cfg.kv_cache_dtype,
         max_num_seqs: cfg.max_num_seqs as usize,
         max_model_len: cfg.max_model_len.map(|v| v as usize),
         threads: cfg.threads,

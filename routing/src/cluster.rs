@@ -68,6 +68,11 @@ pub struct Report {
     pub acked_dispatches: Vec<u64>,
     /// The agent is draining: no new request goes there.
     pub draining: bool,
+    /// The agent's KV host tier: its slots and those holding a block (0: none).
+    pub host_total_blocks: u64,
+    pub host_used_blocks: u64,
+    /// Measured nanoseconds to copy one block back from the host tier (0: not measured).
+    pub host_copy_block_ns: u32,
 }
 
 /// Blocks the gateway set aside on an agent for a request it dispatched there.
@@ -294,6 +299,11 @@ impl Cluster {
             reserved: a.reserved_blocks,
             queued_prefill: r.waiting_prefill_tokens.saturating_add(a.pending_prefill),
             prefill_tps: r.prefill_tokens_per_s,
+            host_block_cost: crate::scorer::host_block_cost(
+                r.host_copy_block_ns,
+                r.prefill_tokens_per_s,
+                r.block_size,
+            ),
             decode_step_us: r.decode_step_us,
             decode_batch: r.decode_batch,
             release_per_s: a.release.blocks_per_s,

@@ -303,7 +303,7 @@ impl Cluster {
                 prefill_tokens: req.prompt_tokens.saturating_sub(
                     local * u64::from(h.block_size)
                         + ((host * u64::from(h.block_size)) as f64
-                            * (1.0 - crate::scorer::HOST_BLOCK_COST))
+                            * (1.0 - f64::from(h.host_block_cost)))
                             as u64,
                 ),
             };

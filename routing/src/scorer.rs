@@ -27,9 +27,20 @@ pub struct Candidate {
 }
 
 /// What a prompt block copied back from an agent's host tier costs, as a fraction of
-/// computing it: a hit there is worth less than a device hit (the copy takes time and device
-/// room) but far more than none. A prior, not measured yet (see docs/gateway.md).
-pub const HOST_BLOCK_COST: f64 = 0.25;
+/// computing it, until the agent has measured both (a prior: a PCIe copy of a block against
+/// its prefill on a GPU; see docs/gateway.md).
+pub const HOST_BLOCK_COST: f64 = 0.1;
+
+/// The agent's measured cost of a host-tier block as a fraction of computing it: the time to
+/// copy one block (`copy_ns`) over the time to prefill `block_size` tokens at `prefill_tps`,
+/// clamped to 0..=1; [`HOST_BLOCK_COST`] until both are measured.
+pub fn host_block_cost(copy_ns: u32, prefill_tps: u32, block_size: u32) -> f32 {
+    if copy_ns == 0 || prefill_tps == 0 || block_size == 0 {
+        return HOST_BLOCK_COST as f32;
+    }
+    let block_prefill_s = f64::from(block_size) / f64::from(prefill_tps);
+    ((f64::from(copy_ns) * 1e-9) / block_prefill_s).clamp(0.0, 1.0) as f32
+}
 
 impl Candidate {
     /// Blocks left after this request (negative: it does not fit now).
@@ -116,6 +127,9 @@ pub struct AgentView {
     /// Prompt tokens ahead of a new request: the engine's queue and our unreported dispatches.
     pub queued_prefill: u64,
     pub prefill_tps: u32,
+    /// What copying one block back from its host tier costs there, as a fraction of computing
+    /// it (see [`host_block_cost`]).
+    pub host_block_cost: f32,
     pub decode_step_us: u32,
     pub decode_batch: u32,
     pub release_per_s: f64,

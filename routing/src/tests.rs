@@ -1335,8 +1335,10 @@ fn a_prefix_in_an_agents_host_tier_counts_less_than_on_its_device_but_more_than_
         (t0.candidate.cached_blocks, t0.candidate.host_blocks),
         (0, 4)
     );
-    // Only a quarter of the four blocks' tokens counts as computed there.
-    assert_eq!(t0.candidate.prefill_tokens, 70 - 48);
+    // The four blocks count as computed there but for their copy's cost (the prior: the
+    // report measured no copy).
+    let copy = (64.0 * (1.0 - crate::scorer::HOST_BLOCK_COST)) as u64;
+    assert_eq!(t0.candidate.prefill_tokens, 70 - copy);
     // A device hit is worth more: a1 caching them on its device wins.
     event(&mut c, 1, CacheEvent::Stored(hashes.to_vec()));
     assert_eq!(pick(&mut c).0, 1);
@@ -1351,4 +1353,17 @@ fn a_prefix_in_an_agents_host_tier_counts_less_than_on_its_device_but_more_than_
     let (_, trace) = pick(&mut c);
     assert!(trace.iter().all(|t| t.candidate.host_blocks == 0));
     assert_eq!(c.local_prefix_blocks("m", &hashes), 0);
+}
+
+#[test]
+fn a_host_blocks_cost_is_its_measured_copy_time_over_its_prefill_time() {
+    use crate::scorer::{host_block_cost, HOST_BLOCK_COST};
+    // Not measured (no copy yet, or no prefill yet): the prior.
+    assert_eq!(host_block_cost(0, 400, 16), HOST_BLOCK_COST as f32);
+    assert_eq!(host_block_cost(30_000, 0, 16), HOST_BLOCK_COST as f32);
+    // 16 tokens at 400 tok/s take 40 ms; a 4 ms copy is a tenth of that.
+    assert!((host_block_cost(4_000_000, 400, 16) - 0.1).abs() < 1e-6);
+    // A 30 us copy on the CPU is nearly free; a copy slower than the prefill is capped.
+    assert!(host_block_cost(30_000, 160, 16) < 0.001);
+    assert_eq!(host_block_cost(u32::MAX, 100_000, 16), 1.0);
 }

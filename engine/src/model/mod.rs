@@ -9,6 +9,7 @@
 //! Never allocates per token: scratch is sized at start for the most tokens a step may hold.
 //! Block accounting (which blocks a sequence owns) is not done here; that is `engine::kv`'s job.
 
+pub mod kv_plane;
 pub mod matmul;
 pub mod pool;
 
@@ -17,6 +18,8 @@ pub use pool::ThreadPool;
 use crate::config::{Arch, ModelConfig, RopeStyle};
 use crate::quant::{dequantize_row, GgmlType, Isa};
 use crate::weights::WeightSource;
+pub use kv_plane::KvCacheDtype;
+use kv_plane::Plane;
 use matmul::{matmul, Acts, Mat, MatJob};
 use pool::SyncPtr;
 use std::sync::{Arc, Mutex};
@@ -245,35 +248,60 @@ impl Model {
 }
 
 /// The paged KV cache's memory: per layer, `num_blocks` blocks, each `block_size` positions ×
-/// `kv_heads` × `head_dim`, as f16 (llama.cpp's default cache type). Laid out
-/// `[block][kv_head][slot][dim]` so one head's block is contiguous for the attention kernel.
+/// `kv_heads` × `head_dim`, as f16 (llama.cpp's default cache type) or q8_0 (see
+/// [`kv_plane`]). Laid out `[block][kv_head][slot][dim]` so one head's block is contiguous for
+/// the attention kernel.
 pub struct KvStorage {
     block_size: usize,
     num_blocks: usize,
     kv_heads: usize,
     head_dim: usize,
-    k: Vec<Vec<u16>>,
-    v: Vec<Vec<u16>>,
+    dtype: KvCacheDtype,
+    k: Vec<Plane>,
+    v: Vec<Plane>,
     /// The host tier's slots (see [`crate::kv::host`]), same layout, per layer; empty without
     /// one. On the CPU both tiers are host memory: what the tier saves here is the recompute.
-    host_k: Vec<Vec<u16>>,
-    host_v: Vec<Vec<u16>>,
+    host_k: Vec<Plane>,
+    host_v: Vec<Plane>,
     host_slots: usize,
 }
 
 impl KvStorage {
-    /// Bytes one block takes over all layers, K and V.
+    /// Bytes one f16 block takes over all layers, K and V.
     pub fn block_bytes(cfg: &ModelConfig, block_size: usize) -> usize {
-        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * block_size
+        Self::block_bytes_of(cfg, block_size, KvCacheDtype::F16)
     }
 
+    /// Bytes one block of `dtype` takes over all layers, K and V.
+    pub fn block_bytes_of(cfg: &ModelConfig, block_size: usize, dtype: KvCacheDtype) -> usize {
+        2 * cfg.num_layers * dtype.bytes(cfg.num_kv_heads * cfg.head_dim * block_size)
+    }
+
+    /// An f16 cache.
     pub fn new(
         cfg: &ModelConfig,
         block_size: usize,
         num_blocks: usize,
     ) -> Result<Self, ModelError> {
+        Self::new_of(cfg, block_size, num_blocks, KvCacheDtype::F16)
+    }
+
+    /// A cache of `dtype` (`q8_0` needs a head size that is a multiple of 32).
+    pub fn new_of(
+        cfg: &ModelConfig,
+        block_size: usize,
+        num_blocks: usize,
+        dtype: KvCacheDtype,
+    ) -> Result<Self, ModelError> {
         if block_size == 0 {
             return Err(ModelError::Config("KV block size is 0".into()));
+        }
+        if dtype == KvCacheDtype::Q8_0 && !cfg.head_dim.is_multiple_of(kv_plane::Q8_GROUP) {
+            return Err(ModelError::Config(format!(
+                "--kv-cache-dtype q8_0 needs a head size that is a multiple of {}; this model's is {}",
+                kv_plane::Q8_GROUP,
+                cfg.head_dim
+            )));
         }
         let per_layer = num_blocks
             .checked_mul(block_size * cfg.num_kv_heads * cfg.head_dim)
@@ -283,12 +311,22 @@ impl KvStorage {
             num_blocks,
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
-            k: (0..cfg.num_layers).map(|_| vec![0u16; per_layer]).collect(),
-            v: (0..cfg.num_layers).map(|_| vec![0u16; per_layer]).collect(),
+            dtype,
+            k: (0..cfg.num_layers)
+                .map(|_| Plane::new(dtype, per_layer))
+                .collect(),
+            v: (0..cfg.num_layers)
+                .map(|_| Plane::new(dtype, per_layer))
+                .collect(),
             host_k: Vec::new(),
             host_v: Vec::new(),
             host_slots: 0,
         })
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> KvCacheDtype {
+        self.dtype
     }
 
     /// Allocates `slots` host-tier slots (replacing any).
@@ -297,8 +335,12 @@ impl KvStorage {
             .checked_mul(self.block_elems())
             .ok_or_else(|| ModelError::Config("KV host tier size overflows".into()))?;
         let layers = self.k.len();
-        self.host_k = (0..layers).map(|_| vec![0u16; per_layer]).collect();
-        self.host_v = (0..layers).map(|_| vec![0u16; per_layer]).collect();
+        self.host_k = (0..layers)
+            .map(|_| Plane::new(self.dtype, per_layer))
+            .collect();
+        self.host_v = (0..layers)
+            .map(|_| Plane::new(self.dtype, per_layer))
+            .collect();
         self.host_slots = slots;
         Ok(())
     }
@@ -327,8 +369,8 @@ impl KvStorage {
                 return bad("host slot", s, self.host_slots);
             }
             for l in 0..self.k.len() {
-                self.host_k[l][s * n..(s + 1) * n].copy_from_slice(&self.k[l][b * n..(b + 1) * n]);
-                self.host_v[l][s * n..(s + 1) * n].copy_from_slice(&self.v[l][b * n..(b + 1) * n]);
+                self.k[l].copy_to(b * n, &mut self.host_k[l], s * n, n);
+                self.v[l].copy_to(b * n, &mut self.host_v[l], s * n, n);
             }
         }
         for &(s, b) in &copies.reload {
@@ -340,8 +382,8 @@ impl KvStorage {
                 return bad("host slot", s, self.host_slots);
             }
             for l in 0..self.k.len() {
-                self.k[l][b * n..(b + 1) * n].copy_from_slice(&self.host_k[l][s * n..(s + 1) * n]);
-                self.v[l][b * n..(b + 1) * n].copy_from_slice(&self.host_v[l][s * n..(s + 1) * n]);
+                self.host_k[l].copy_to(s * n, &mut self.k[l], b * n, n);
+                self.host_v[l].copy_to(s * n, &mut self.v[l], b * n, n);
             }
         }
         Ok(())
@@ -474,6 +516,16 @@ impl CpuRunner {
     /// The KV cache, to add a host tier or perform copies.
     pub fn kv_mut(&mut self) -> &mut KvStorage {
         &mut self.kv
+    }
+
+    /// Makes the KV cache hold `dtype` (same blocks; call before the first step: the cache is
+    /// made anew, empty).
+    pub fn set_kv_dtype(&mut self, dtype: KvCacheDtype) -> Result<(), ModelError> {
+        if dtype != self.kv.dtype {
+            let c = self.model.config();
+            self.kv = KvStorage::new_of(c, self.kv.block_size, self.kv.num_blocks, dtype)?;
+        }
+        Ok(())
     }
 
     pub fn threads(&self) -> usize {
@@ -771,8 +823,8 @@ fn write_kv(
             for g in 0..kvh {
                 let off = kv.offset(blk, g, p % bs);
                 let src = t * kvd + g * hd..t * kvd + (g + 1) * hd;
-                isa.f32_to_f16(&k[src.clone()], &mut kv.k[layer][off..off + hd]);
-                isa.f32_to_f16(&v[src], &mut kv.v[layer][off..off + hd]);
+                kv.k[layer].store(off, &k[src.clone()], isa);
+                kv.v[layer].store(off, &v[src], isa);
             }
         }
     }
@@ -892,8 +944,8 @@ fn attention(
             let kstart = b * bs;
             let nvalid = bs.min(last_pos + 1 - kstart);
             let off = kv.offset(blk, g, 0);
-            isa.f16_to_f32(&kl[off..off + nvalid * hd], &mut sc.k[..nvalid * hd]);
-            isa.f16_to_f32(&vl[off..off + nvalid * hd], &mut sc.v[..nvalid * hd]);
+            kl.load(off, &mut sc.k[..nvalid * hd], isa);
+            vl.load(off, &mut sc.v[..nvalid * hd], isa);
             for qi in q0..q1 {
                 let pos = seq.start_pos + qi;
                 if pos < kstart {

@@ -81,6 +81,9 @@ pub fn to_policy_report(r: CapacityReport) -> Report {
         dispatch_acks: r.dispatch_acks,
         draining: r.draining,
         acked_dispatches: r.acked_dispatches,
+        host_total_blocks: r.host_total_blocks,
+        host_used_blocks: r.host_used_blocks,
+        host_copy_block_ns: r.host_copy_block_nanos,
     }
 }
 

@@ -48,7 +48,7 @@ fn agent_row(a: &AgentSnapshot) -> String {
     format!(
         r#"<tr class="agent" data-agent="{id}"><td>{id}<br><small>{ep}</small></td><td>{model}</td><td class="st {status}">{status}</td>
 <td><div class="bar"><span class="used" style="width:{pu:.1}%"></span><span class="cached" style="width:{pc:.1}%"></span><span class="free" style="width:{pf:.1}%"></span></div>
-<span class="blocks">used {used} / cached {cached} / free {free} of {total} blocks</span></td>
+<span class="blocks">used {used} / cached {cached} / free {free} of {total} blocks</span>{host}</td>
 <td class="num">{reserved}</td><td class="num">{running}</td><td class="num">{waiting}</td><td class="num">{pre}</td></tr>"#,
         id = esc(if a.agent_id.is_empty() {
             &a.endpoint
@@ -64,6 +64,20 @@ fn agent_row(a: &AgentSnapshot) -> String {
         running = a.running_requests,
         waiting = a.waiting_requests,
         pre = a.preemptions,
+        host = host_bar(a),
+    )
+}
+
+/// The host tier's bar under the KV bar (nothing for an agent without one).
+fn host_bar(a: &AgentSnapshot) -> String {
+    if a.host_total_blocks == 0 {
+        return String::new();
+    }
+    let used = a.host_used_blocks.min(a.host_total_blocks);
+    format!(
+        r#"<div class="bar host"><span class="offloaded" style="width:{pu:.1}%"></span></div><span class="blocks">host tier: {used} of {total} blocks hold evicted prefixes</span>"#,
+        pu = pct(used, a.host_total_blocks),
+        total = a.host_total_blocks,
     )
 }
 
@@ -102,6 +116,7 @@ h1{font-size:20px} table{border-collapse:collapse;width:100%;margin-bottom:24px}
 td,th{padding:6px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
 .num{text-align:right}.bar{display:flex;width:360px;height:16px;background:#eee;border-radius:3px;overflow:hidden}
 .used{background:#d9534f}.cached{background:#f0ad4e}.free{background:#5cb85c}
+.bar.host{height:8px;margin-top:4px}.offloaded{background:#5b8fd9}
 .st.ready{color:#2a7}.st.stale{color:#c80}.st.down{color:#c22}small{color:#777}
 .legend span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}
 .charts{display:flex;flex-wrap:wrap;gap:16px;margin-bottom:24px}.chart{width:460px}
@@ -110,7 +125,7 @@ td,th{padding:6px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-ali
 </style></head>
 <body>
 <h1>kvroute gateway <small>policy <b id="policy">{{POLICY}}</b></small></h1>
-<div class="legend">KV blocks: <span class="used"></span>used<span class="cached"></span>cached (free, holds a prefix)<span class="free"></span>free</div>
+<div class="legend">KV blocks: <span class="used"></span>used<span class="cached"></span>cached (free, holds a prefix)<span class="free"></span>free<span class="offloaded"></span>host tier (evicted prefixes kept in host memory)</div>
 <h2>Agents</h2>
 <table id="agents"><thead><tr><th>agent</th><th>model</th><th>status</th><th>KV blocks</th><th>reserved</th><th>running</th><th>waiting</th><th>preemptions</th></tr></thead>
 <tbody id="agent-rows">{{AGENTS}}</tbody></table>
@@ -126,11 +141,13 @@ td,th{padding:6px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-ali
 <script>
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
 function pct(p,t){return t?100*p/t:0}
+function hostBar(a){if(!a.host_total_blocks)return'';const u=Math.min(a.host_used_blocks,a.host_total_blocks);
+return `<div class="bar host"><span class="offloaded" style="width:${pct(u,a.host_total_blocks).toFixed(1)}%"></span></div><span class="blocks">host tier: ${u} of ${a.host_total_blocks} blocks hold evicted prefixes</span>`}
 function row(a){const cached=Math.min(a.cached_blocks,a.free_blocks),free=a.free_blocks-cached,t=a.total_blocks;
 const st=a.eligible?'ready':(a.connected?'stale':'down');const id=a.agent_id||a.endpoint;
 return `<tr class="agent" data-agent="${esc(id)}"><td>${esc(id)}<br><small>${esc(a.endpoint)}</small></td><td>${esc(a.model)}</td><td class="st ${st}">${st}</td>`+
 `<td><div class="bar"><span class="used" style="width:${pct(a.used_blocks,t).toFixed(1)}%"></span><span class="cached" style="width:${pct(cached,t).toFixed(1)}%"></span><span class="free" style="width:${pct(free,t).toFixed(1)}%"></span></div>`+
-`<span class="blocks">used ${a.used_blocks} / cached ${cached} / free ${free} of ${t} blocks</span></td>`+
+`<span class="blocks">used ${a.used_blocks} / cached ${cached} / free ${free} of ${t} blocks</span>${hostBar(a)}</td>`+
 `<td class="num">${a.reserved_blocks}</td><td class="num">${a.running_requests}</td><td class="num">${a.waiting_requests}</td><td class="num">${a.preemptions}</td></tr>`}
 async function refresh(){try{const r=await fetch('/dashboard/state');const s=await r.json();
 document.getElementById('agent-rows').innerHTML=s.agents.map(row).join('');
@@ -158,3 +175,56 @@ setInterval(refresh,1000);refresh();setInterval(history,2000);history();
 </script>
 </body></html>
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(host_total: u64, host_used: u64) -> AgentSnapshot {
+        AgentSnapshot {
+            slot: 0,
+            endpoint: "http://a".into(),
+            agent_id: "a<1>".into(),
+            model: "m".into(),
+            active: true,
+            connected: true,
+            eligible: true,
+            report_age_ms: Some(1),
+            epoch: 1,
+            total_blocks: 100,
+            free_blocks: 60,
+            cached_blocks: 20,
+            used_blocks: 40,
+            reserved_blocks: 0,
+            pending_requests: 0,
+            running_requests: 1,
+            waiting_requests: 0,
+            requests_received: 1,
+            preemptions: 0,
+            gpu_utilization_percent: None,
+            prefix_hashes: 0,
+            dispatches_acked: 0,
+            dispatches_expired: 0,
+            over_admissions: 0,
+            host_total_blocks: host_total,
+            host_used_blocks: host_used,
+        }
+    }
+
+    #[test]
+    fn a_row_shows_the_kv_bar_and_the_host_tier_only_when_there_is_one() {
+        let row = agent_row(&agent(0, 0));
+        assert!(
+            row.contains("used 40 / cached 20 / free 40 of 100 blocks"),
+            "{row}"
+        );
+        assert!(row.contains("a&lt;1&gt;"), "ids are escaped: {row}");
+        assert!(!row.contains("host tier"), "{row}");
+        let row = agent_row(&agent(8, 3));
+        assert!(row.contains("host tier: 3 of 8 blocks"), "{row}");
+        assert!(row.contains("width:37.5%"), "{row}");
+        // A report claiming more used than total is drawn full, not past the bar.
+        let row = agent_row(&agent(8, 12));
+        assert!(row.contains("host tier: 8 of 8 blocks"), "{row}");
+    }
+}

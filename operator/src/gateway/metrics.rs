@@ -364,6 +364,18 @@ impl Metrics {
                 |a| a.total_blocks,
             ),
             (
+                "kvroute_gateway_agent_host_blocks",
+                "Slots of the agent's KV host tier (0: none).",
+                "gauge",
+                |a| a.host_total_blocks,
+            ),
+            (
+                "kvroute_gateway_agent_host_blocks_used",
+                "Slots of the agent's KV host tier holding an evicted prefix block.",
+                "gauge",
+                |a| a.host_used_blocks,
+            ),
+            (
                 "kvroute_gateway_agent_reserved_blocks",
                 "KV blocks this gateway reserved on the agent, not yet covered by a report.",
                 "gauge",

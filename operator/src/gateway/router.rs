@@ -1028,6 +1028,8 @@ impl Router {
                     dispatches_acked: a.dispatches_acked(),
                     dispatches_expired: a.dispatches_expired(),
                     over_admissions: a.over_admissions(),
+                    host_total_blocks: r.host_total_blocks,
+                    host_used_blocks: r.host_used_blocks,
                 }
             })
             .collect()

@@ -101,6 +101,10 @@ pub struct AgentSnapshot {
     pub dispatches_expired: u64,
     /// Preemptions the agent reported while this gateway had room reserved there.
     pub over_admissions: u64,
+    /// The agent's KV host tier (evicted prefixes kept in host memory): slots, slots in use,
+    /// and the hashes this gateway knows it holds. 0 without one.
+    pub host_total_blocks: u64,
+    pub host_used_blocks: u64,
 }
 
 /// Queue depth per class and tenant.
