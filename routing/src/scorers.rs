@@ -118,7 +118,10 @@ pub fn load_of(a: &AgentView, c: &Candidate) -> AgentLoad {
 
 /// What the cost model is asked for one candidate.
 pub fn ask_of(ctx: &ScoreContext<'_>, a: &AgentView, c: &Candidate) -> Ask {
-    let duplicate_tokens = (ctx.best_local_blocks.saturating_sub(c.local_blocks)
+    // Blocks it would copy back from its host tier are not computed again either.
+    let duplicate_tokens = (ctx
+        .best_local_blocks
+        .saturating_sub(c.local_blocks + c.host_blocks)
         * u64::from(a.block_size))
     .min(c.prefill_tokens);
     Ask {

@@ -1339,6 +1339,10 @@ fn a_prefix_in_an_agents_host_tier_counts_less_than_on_its_device_but_more_than_
     // report measured no copy).
     let copy = (64.0 * (1.0 - crate::scorer::HOST_BLOCK_COST)) as u64;
     assert_eq!(t0.candidate.prefill_tokens, 70 - copy);
+    // Copying them back duplicates nothing; computing them on a1 would.
+    assert_eq!(t0.estimate.duplicate_s, 0.0, "{t0:?}");
+    let t1 = trace.iter().find(|t| t.candidate.slot == 1).unwrap();
+    assert!(t1.estimate.duplicate_s > 0.0, "{t1:?}");
     // A device hit is worth more: a1 caching them on its device wins.
     event(&mut c, 1, CacheEvent::Stored(hashes.to_vec()));
     assert_eq!(pick(&mut c).0, 1);
