@@ -342,6 +342,15 @@ pub struct EngineSpec {
     /// Bytes of KV cache, as the agent's `--kv-memory` (for example `2GiB`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_memory: Option<String>,
+    /// KV cache element type, as the agent's `--kv-cache-dtype`: `f16`, or `q8_0` (8-bit, 1.88×
+    /// the blocks in the same memory; CPU agents only so far).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_dtype: Option<KvCacheDtype>,
+    /// Host memory for prefix blocks evicted from the KV cache, as the agent's
+    /// `--kv-offload-memory` (for example `8GiB`): they are copied back instead of recomputed.
+    /// Count it in the agent's memory request. CPU agents only so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_offload_memory: Option<String>,
     /// Longest request (prompt + output tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -353,6 +362,25 @@ pub struct EngineSpec {
     /// Compute device; `auto` uses CUDA when the agent has a GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<Device>,
+}
+
+/// KV cache element type.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum KvCacheDtype {
+    #[serde(rename = "f16")]
+    F16,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl KvCacheDtype {
+    /// The agent's `--kv-cache-dtype` value.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            KvCacheDtype::F16 => "f16",
+            KvCacheDtype::Q8_0 => "q8_0",
+        }
+    }
 }
 
 /// Agent compute device.

@@ -358,6 +358,12 @@ fn pod_template(
     if let Some(m) = &engine.kv_memory {
         envs.push(env("KVROUTE_KV_MEMORY", m.clone()));
     }
+    if let Some(t) = engine.kv_cache_dtype {
+        envs.push(env("KVROUTE_KV_CACHE_DTYPE", t.as_flag().to_string()));
+    }
+    if let Some(m) = &engine.kv_offload_memory {
+        envs.push(env("KVROUTE_KV_OFFLOAD_MEMORY", m.clone()));
+    }
     if let Some(n) = engine.max_model_len {
         envs.push(env("KVROUTE_MAX_MODEL_LEN", n.to_string()));
     }
@@ -698,6 +704,33 @@ mod tests {
     }
 
     #[test]
+    fn kv_cache_type_and_host_tier_become_agent_settings() {
+        let md = ModelDeployment::test().with_engine(EngineSpec {
+            kv_memory: Some("2GiB".into()),
+            kv_cache_dtype: Some(crate::crd::KvCacheDtype::Q8_0),
+            kv_offload_memory: Some("8GiB".into()),
+            ..Default::default()
+        });
+        let d = desired(&md, &AgentDefaults::default()).unwrap();
+        let tpl = &deployment(&d).spec.template;
+        let c = agent(tpl);
+        assert_eq!(env_of(c, "KVROUTE_KV_MEMORY").as_deref(), Some("2GiB"));
+        assert_eq!(env_of(c, "KVROUTE_KV_CACHE_DTYPE").as_deref(), Some("q8_0"));
+        assert_eq!(
+            env_of(c, "KVROUTE_KV_OFFLOAD_MEMORY").as_deref(),
+            Some("8GiB")
+        );
+        // The names the CRD accepts are the agent's.
+        let spec: EngineSpec =
+            serde_json::from_value(serde_json::json!({"kvCacheDtype": "f16"})).unwrap();
+        assert_eq!(spec.kv_cache_dtype, Some(crate::crd::KvCacheDtype::F16));
+        assert!(
+            serde_json::from_value::<EngineSpec>(serde_json::json!({"kvCacheDtype": "fp8"}))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn gpus_become_resource_requests_and_cuda() {
         let md = ModelDeployment::test()
             .with_gpus(2)
@@ -720,6 +753,8 @@ mod tests {
         );
         assert_eq!(env_of(c, "KVROUTE_MAX_NUM_SEQS").as_deref(), Some("64"));
         assert_eq!(env_of(c, "KVROUTE_KV_MEMORY"), None);
+        assert_eq!(env_of(c, "KVROUTE_KV_CACHE_DTYPE"), None);
+        assert_eq!(env_of(c, "KVROUTE_KV_OFFLOAD_MEMORY"), None);
         let tol = tpl.spec.as_ref().unwrap().tolerations.as_ref().unwrap();
         assert_eq!(tol[0].key.as_deref(), Some("nvidia.com/gpu"));
         let ru = deployment(&d)
