@@ -14,7 +14,7 @@ stderr.
 
 usage: multiturn.py --base-url http://127.0.0.1:8080/v1 [--conversations 32] [--turns 6]
                     [--system-words 48] [--question-words 30] [--max-tokens 16] [--model NAME]
-                    [--deadline 900] [--seed 1]
+                    [--deadline 900] [--seed 1] [--show-agents]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ async def conversation(client, a, i: int, out: dict) -> None:
         answer = []
         usage = None
         try:
-            stream = await client.completions.create(
+            raw = await client.completions.with_raw_response.create(
                 model=a.model,
                 prompt=prompt,
                 max_tokens=a.max_tokens,
@@ -65,6 +65,8 @@ async def conversation(client, a, i: int, out: dict) -> None:
                 stream_options={"include_usage": True},
                 extra_body={"ignore_eos": True},
             )
+            agent = raw.headers.get("x-kvroute-agent", "?")
+            stream = raw.parse()
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:
                     if first is None:
@@ -84,6 +86,11 @@ async def conversation(client, a, i: int, out: dict) -> None:
         if usage is not None:
             out["prompt_tokens"] += usage.prompt_tokens
             out["output_tokens"] += usage.completion_tokens
+        if a.show_agents:
+            details = getattr(usage, "prompt_tokens_details", None) if usage else None
+            cached = getattr(details, "cached_tokens", None) if details else None
+            print(f"conversation {i} turn {turn}: agent {agent}, prompt "
+                  f"{getattr(usage, 'prompt_tokens', '?')} tokens, cached {cached}", file=sys.stderr)
         history = prompt + "".join(answer) + "\n"
 
 
@@ -98,6 +105,8 @@ async def main() -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--deadline", type=float, default=900.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--show-agents", action="store_true",
+                   help="print each turn's agent (the gateway's x-kvroute-agent) and cached tokens on stderr")
     a = p.parse_args()
     for name in ("conversations", "turns", "max_tokens"):
         if getattr(a, name) < 1:
