@@ -18,8 +18,7 @@ mod model_fixture;
 
 use kvroute_engine::config::ModelConfig;
 use kvroute_engine::gguf::Gguf;
-use kvroute_engine::model::{CpuRunner, KvCacheDtype, KvStorage, Model, SeqInput};
-use kvroute_engine::sample::argmax;
+use kvroute_engine::model::{CpuRunner, KvCacheDtype, KvStorage, Model};
 use std::sync::Arc;
 
 fn prompts() -> Vec<Vec<u32>> {
@@ -37,35 +36,6 @@ fn prompts() -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
-}
-
-/// First-step logits and `n` greedy tokens.
-fn greedy(runner: &mut CpuRunner, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let table: Vec<u32> = (0..((prompt.len() + n) / 16 + 1) as u32).collect();
-    let first = runner
-        .step(&[SeqInput {
-            tokens: prompt,
-            start_pos: 0,
-            block_table: &table,
-            want_logits: true,
-        }])
-        .unwrap()
-        .to_vec();
-    let mut out = vec![argmax(&first)];
-    while out.len() < n {
-        let pos = prompt.len() + out.len() - 1;
-        let tok = [*out.last().unwrap()];
-        let l = runner
-            .step(&[SeqInput {
-                tokens: &tok,
-                start_pos: pos,
-                block_table: &table,
-                want_logits: true,
-            }])
-            .unwrap();
-        out.push(argmax(l));
-    }
-    (first, out)
 }
 
 #[test]
@@ -94,8 +64,8 @@ fn q8_0_kv_stays_close_to_f16_kv() {
     let (mut worst, mut sum, mut count) = (0.0f32, 0.0f64, 0usize);
     let (mut shortest, mut whole) = (n, 0);
     for (i, p) in prompts().iter().enumerate() {
-        let (la, ta) = greedy(&mut f16, p, n);
-        let (lb, tb) = greedy(&mut q8, p, n);
+        let (la, ta) = model_fixture::greedy(&mut f16, p, n);
+        let (lb, tb) = model_fixture::greedy(&mut q8, p, n);
         let mut idx: Vec<usize> = (0..la.len()).collect();
         idx.sort_by(|&x, &y| la[y].total_cmp(&la[x]));
         for &t in &idx[..10] {
@@ -124,4 +94,37 @@ fn q8_0_kv_stays_close_to_f16_kv() {
         whole >= 2,
         "only {whole} of 8 prompts keep all {n} greedy tokens"
     );
+}
+
+#[test]
+fn host_tier_copies_naming_blocks_or_slots_that_do_not_exist_are_errors() {
+    use kvroute_engine::kv::KvCopies;
+    let g = Gguf::open(model_fixture::model_path()).unwrap();
+    let cfg = ModelConfig::from_gguf(&g).unwrap();
+    for dtype in [KvCacheDtype::F16, KvCacheDtype::Q8_0] {
+        let mut kv = KvStorage::new_of(&cfg, 16, 4, dtype).unwrap();
+        kv.set_host_slots(2).unwrap();
+        let ok = KvCopies {
+            offload: vec![(3, 1)],
+            reload: vec![(1, 0)],
+        };
+        kv.copy_blocks(&ok).unwrap();
+        for bad in [
+            KvCopies {
+                offload: vec![(4, 0)],
+                reload: vec![],
+            },
+            KvCopies {
+                offload: vec![(0, 2)],
+                reload: vec![],
+            },
+            KvCopies {
+                offload: vec![],
+                reload: vec![(0, 9)],
+            },
+        ] {
+            let e = kv.copy_blocks(&bad).unwrap_err().to_string();
+            assert!(e.contains("beyond"), "{dtype:?}: {e}");
+        }
+    }
 }

@@ -69,36 +69,6 @@ fn cases() -> Vec<Case> {
         .collect()
 }
 
-/// Greedy generation of `n` tokens for one prompt; returns (first-step logits, tokens).
-fn greedy(runner: &mut CpuRunner, prompt: &[u32], n: usize) -> (Vec<f32>, Vec<u32>) {
-    let bs = 16;
-    let table: Vec<u32> = (0..((prompt.len() + n) / bs + 1) as u32).collect();
-    let first = runner
-        .step(&[SeqInput {
-            tokens: prompt,
-            start_pos: 0,
-            block_table: &table,
-            want_logits: true,
-        }])
-        .unwrap()
-        .to_vec();
-    let mut out = vec![argmax(&first)];
-    while out.len() < n {
-        let pos = prompt.len() + out.len() - 1;
-        let tok = [*out.last().unwrap()];
-        let l = runner
-            .step(&[SeqInput {
-                tokens: &tok,
-                start_pos: pos,
-                block_table: &table,
-                want_logits: true,
-            }])
-            .unwrap();
-        out.push(argmax(l));
-    }
-    (first, out)
-}
-
 #[test]
 fn first_step_logits_and_greedy_continuations_match_llamacpp() {
     let model = load(None);
@@ -108,7 +78,7 @@ fn first_step_logits_and_greedy_continuations_match_llamacpp() {
     let mut worst = 0.0f32;
     let mut matching = 0;
     for (i, c) in cases.iter().enumerate() {
-        let (logits, toks) = greedy(&mut runner, &c.prompt_ids, c.greedy.len());
+        let (logits, toks) = model_fixture::greedy(&mut runner, &c.prompt_ids, c.greedy.len());
         assert_eq!(
             argmax(&logits),
             c.top10[0].0,

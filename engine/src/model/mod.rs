@@ -355,35 +355,33 @@ impl KvStorage {
     /// [`crate::kv::KvCopies`]).
     pub fn copy_blocks(&mut self, copies: &crate::kv::KvCopies) -> Result<(), ModelError> {
         let n = self.block_elems();
-        let bad = |what: &str, i: usize, max: usize| {
-            Err(ModelError::Batch(format!(
-                "KV copy names {what} {i}, beyond the {max} there are"
-            )))
+        let (blocks, slots) = (self.num_blocks, self.host_slots);
+        let check = move |b: usize, s: usize| {
+            let beyond = |what: &str, i: usize, max: usize| {
+                Err(ModelError::Batch(format!(
+                    "KV copy names {what} {i}, beyond the {max} there are"
+                )))
+            };
+            if b >= blocks {
+                return beyond("block", b, blocks);
+            }
+            if s >= slots {
+                return beyond("host slot", s, slots);
+            }
+            Ok((b * n, s * n))
         };
         for &(b, s) in &copies.offload {
-            let (b, s) = (b as usize, s as usize);
-            if b >= self.num_blocks {
-                return bad("block", b, self.num_blocks);
-            }
-            if s >= self.host_slots {
-                return bad("host slot", s, self.host_slots);
-            }
+            let (at, to) = check(b as usize, s as usize)?;
             for l in 0..self.k.len() {
-                self.k[l].copy_to(b * n, &mut self.host_k[l], s * n, n);
-                self.v[l].copy_to(b * n, &mut self.host_v[l], s * n, n);
+                self.k[l].copy_to(at, &mut self.host_k[l], to, n);
+                self.v[l].copy_to(at, &mut self.host_v[l], to, n);
             }
         }
         for &(s, b) in &copies.reload {
-            let (b, s) = (b as usize, s as usize);
-            if b >= self.num_blocks {
-                return bad("block", b, self.num_blocks);
-            }
-            if s >= self.host_slots {
-                return bad("host slot", s, self.host_slots);
-            }
+            let (to, from) = check(b as usize, s as usize)?;
             for l in 0..self.k.len() {
-                self.host_k[l].copy_to(s * n, &mut self.k[l], b * n, n);
-                self.host_v[l].copy_to(s * n, &mut self.v[l], b * n, n);
+                self.host_k[l].copy_to(from, &mut self.k[l], to, n);
+                self.host_v[l].copy_to(from, &mut self.v[l], to, n);
             }
         }
         Ok(())

@@ -48,3 +48,39 @@ pub fn fixture() -> serde_json::Value {
     });
     serde_json::from_str(&text).unwrap()
 }
+
+/// Greedy generation of `n` tokens for one prompt on a runner of 16-token blocks (blocks
+/// `0..` in order): returns the first step's logits and the tokens.
+pub fn greedy(
+    runner: &mut kvroute_engine::model::CpuRunner,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    use kvroute_engine::model::SeqInput;
+    use kvroute_engine::sample::argmax;
+    let table: Vec<u32> = (0..((prompt.len() + n) / 16 + 1) as u32).collect();
+    let first = runner
+        .step(&[SeqInput {
+            tokens: prompt,
+            start_pos: 0,
+            block_table: &table,
+            want_logits: true,
+        }])
+        .unwrap()
+        .to_vec();
+    let mut out = vec![argmax(&first)];
+    while out.len() < n {
+        let pos = prompt.len() + out.len() - 1;
+        let tok = [*out.last().unwrap()];
+        let l = runner
+            .step(&[SeqInput {
+                tokens: &tok,
+                start_pos: pos,
+                block_table: &table,
+                want_logits: true,
+            }])
+            .unwrap();
+        out.push(argmax(l));
+    }
+    (first, out)
+}

@@ -845,6 +845,7 @@ fn candidates_json(trace: &[super::router::TraceEntry]) -> Vec<serde_json::Value
                 "need_blocks": c.need_blocks,
                 "cached_blocks": c.cached_blocks,
                 "local_blocks": c.local_blocks,
+                "host_blocks": c.host_blocks,
                 "room_blocks": c.room,
                 "prefill_tokens": c.prefill_tokens,
                 "predicted_ttft_s": r3(e.ttft_s()),
