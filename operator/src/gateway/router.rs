@@ -885,6 +885,14 @@ impl Router {
                         )
                     });
                     let hold = self.end_hold(core, w, Some(route.slot));
+                    tracing::debug!(
+                        slot = route.slot,
+                        need = route.need_blocks,
+                        cached = route.cached_blocks,
+                        prefix = w.plan.block_hashes.first().map_or(0, |h| h % 10_000),
+                        held = hold.is_some(),
+                        "routed"
+                    );
                     let handle = core.cluster.reserve(&route);
                     if cfg.kind == PolicyKind::Kv {
                         let hashes = &w.plan.block_hashes;
