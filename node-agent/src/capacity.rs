@@ -562,6 +562,14 @@ mod tests {
         assert_eq!(next.events[0].block_hashes, vec![7]);
     }
 
+    /// A report's events as (kind, tier, hashes).
+    fn tiered(r: &CapacityReport) -> Vec<(i32, i32, Vec<u64>)> {
+        r.events
+            .iter()
+            .map(|e| (e.kind, e.tier, e.block_hashes.clone()))
+            .collect()
+    }
+
     #[tokio::test]
     async fn host_tier_blocks_stream_with_their_tier_and_are_in_the_snapshot() {
         let hub = hub();
@@ -585,13 +593,8 @@ mod tests {
         let (_stop_tx, stop) = watch::channel(false);
         let mut rx = hub.watch(true, None, timing(), stop, |r| r);
         let first = rx.recv().await.unwrap();
-        let got: Vec<(i32, i32, Vec<u64>)> = first
-            .events
-            .iter()
-            .map(|e| (e.kind, e.tier, e.block_hashes.clone()))
-            .collect();
         assert_eq!(
-            got,
+            tiered(&first),
             vec![
                 (Kind::Stored as i32, Tier::Device as i32, vec![2]),
                 (Kind::Stored as i32, Tier::Host as i32, vec![1]),
@@ -611,13 +614,8 @@ mod tests {
             acks: Vec::new(),
         });
         let next = rx.recv().await.unwrap();
-        let got: Vec<(i32, i32, Vec<u64>)> = next
-            .events
-            .iter()
-            .map(|e| (e.kind, e.tier, e.block_hashes.clone()))
-            .collect();
         assert_eq!(
-            got,
+            tiered(&next),
             vec![
                 (Kind::Stored as i32, Tier::Device as i32, vec![5]),
                 (Kind::Stored as i32, Tier::Host as i32, vec![6, 7]),
