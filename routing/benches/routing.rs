@@ -78,6 +78,7 @@ fn decide(c: &mut Cluster, cfg: &PolicyConfig, hashes: &[u64], rng: &mut SplitMi
         claimed: &[],
         held: &[],
         may_hold: true,
+        home: None,
     };
     c.decide(cfg, &req, 0, rng)
 }

@@ -322,7 +322,7 @@ impl Cluster {
         if candidates.is_empty() {
             return self.why_not(req);
         }
-        let ctx = ScoreContext::new(req, cfg, best_local, &self.hot);
+        let ctx = ScoreContext::new(req, cfg, best_local, home_of(req, candidates), &self.hot);
         totals.clear();
         totals.resize(candidates.len(), 0.0);
         for (i, &(id, weight)) in preset.scorers.as_slice().iter().enumerate() {
@@ -391,7 +391,13 @@ impl Cluster {
     /// with the same `cfg` and `req`), in the order they were scored, with their totals and
     /// cost estimates. For debugging and decision traces: it allocates.
     pub fn explain(&self, cfg: &PolicyConfig, req: &RouteRequest<'_>) -> Vec<CandidateTrace> {
-        let ctx = ScoreContext::new(req, cfg, self.pipeline.best_local, &self.hot);
+        let ctx = ScoreContext::new(
+            req,
+            cfg,
+            self.pipeline.best_local,
+            home_of(req, &self.pipeline.candidates),
+            &self.hot,
+        );
         self.pipeline
             .candidates
             .iter()
@@ -411,6 +417,15 @@ impl Cluster {
             })
             .collect()
     }
+}
+
+/// The request's home agent and the prefix it has there, when that agent is a candidate.
+fn home_of(req: &RouteRequest<'_>, candidates: &[Candidate]) -> Option<(usize, u64)> {
+    let home = req.home?;
+    candidates
+        .iter()
+        .find(|c| c.slot == home)
+        .map(|c| (home, c.local_blocks))
 }
 
 /// Index of the highest total; equal totals (within 1e-12) go to the candidate with more blocks

@@ -158,6 +158,9 @@ pub struct RouteRequest<'a> {
     /// The request may wait in the queue for a specific agent (`kv` policy); false: only agents
     /// with room now are considered.
     pub may_hold: bool,
+    /// The agent this queued request waits for (its last decision was to hold there), if any:
+    /// elsewhere, the prompt tokens that agent caches are priced by the cost model's `stick`.
+    pub home: Option<Slot>,
 }
 
 /// The chosen agent and what the choice costs there.

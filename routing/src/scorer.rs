@@ -62,6 +62,9 @@ pub struct ScoreContext<'a> {
     /// The longest prefix of the prompt that any agent of the model holds or is computing, in
     /// blocks (what a candidate without it would compute a second time).
     pub best_local_blocks: u64,
+    /// The request's home agent ([`RouteRequest::home`]) and the prefix it caches or computes
+    /// there, in blocks, when that agent is a candidate.
+    pub home: Option<(Slot, u64)>,
     agents: &'a [AgentView],
 }
 
@@ -70,12 +73,14 @@ impl<'a> ScoreContext<'a> {
         request: &'a RouteRequest<'a>,
         config: &'a PolicyConfig,
         best_local_blocks: u64,
+        home: Option<(Slot, u64)>,
         agents: &'a [AgentView],
     ) -> Self {
         Self {
             request,
             config,
             best_local_blocks,
+            home,
             agents,
         }
     }

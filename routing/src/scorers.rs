@@ -124,10 +124,19 @@ pub fn ask_of(ctx: &ScoreContext<'_>, a: &AgentView, c: &Candidate) -> Ask {
         .saturating_sub(c.local_blocks + c.host_blocks)
         * u64::from(a.block_size))
     .min(c.prefill_tokens);
+    // What it would recompute here of the prefix the agent it waits for keeps for it.
+    let moved_tokens = match ctx.home {
+        Some((home, blocks)) if home != c.slot => {
+            (blocks.saturating_sub(c.local_blocks + c.host_blocks) * u64::from(a.block_size))
+                .min(c.prefill_tokens)
+        }
+        _ => 0,
+    };
     Ask {
         need_blocks: c.need_blocks,
         uncached_tokens: c.prefill_tokens,
         duplicate_tokens,
+        moved_tokens,
         output_tokens: ctx.request.output_tokens,
     }
 }

@@ -29,6 +29,7 @@ fn req<'a>(prompt: u64, output: u64, hashes: &'a [u64]) -> RouteRequest<'a> {
         claimed: &[],
         held: &[],
         may_hold: true,
+        home: None,
     }
 }
 
@@ -208,6 +209,7 @@ fn kv_spills_when_the_wait_behind_earlier_requests_exceeds_the_recompute() {
         &PolicyConfig::default(),
         &RouteRequest {
             may_hold: false,
+            home: None,
             ..req(280, 32, &hashes)
         },
         0,
@@ -470,6 +472,7 @@ fn waits_when_no_room_and_rejects_never_fitting() {
     assert!(matches!(d, Decision::Hold(r) if r.slot == 1), "{d:?}");
     let no_hold = RouteRequest {
         may_hold: false,
+        home: None,
         ..req(64, 16, &[])
     };
     assert_eq!(
@@ -930,6 +933,7 @@ fn run(ops: &[Op], seed: u64, kind: PolicyKind) -> (Vec<Decision>, Sim) {
                     claimed: &[],
                     held: &[],
                     may_hold: true,
+                    home: None,
                 };
                 let d = sim.c.decide(&cfg, &rq, sim.now, &mut rng);
                 if let Decision::Hold(r) = &d {
@@ -1370,4 +1374,97 @@ fn a_host_blocks_cost_is_its_measured_copy_time_over_its_prefill_time() {
     // A 30 us copy on the CPU is nearly free; a copy slower than the prefill is capped.
     assert!(host_block_cost(30_000, 160, 16) < 0.001);
     assert_eq!(host_block_cost(u32::MAX, 100_000, 16), 1.0);
+}
+
+#[test]
+fn a_request_waiting_for_its_agent_moves_only_when_the_other_is_cheaper_by_its_recompute() {
+    // A conversation: a0 caches its last turn (10 blocks) on its device and has no room; a1 has
+    // room and keeps the conversation's older turns (8 blocks) in its host tier.
+    let hashes: Vec<u64> = (1..=11).collect();
+    let measured = |id: &str, free: u64| Report {
+        running_requests: 4,
+        prefill_tokens_per_s: 1000,
+        decode_step_us: 20_000,
+        decode_batch: 4,
+        cached_evictable_blocks: 10,
+        ..report(id, 1, 100, free)
+    };
+    let mut c = Cluster::new();
+    for (id, free, ev) in [
+        ("a0", 0, CacheEvent::Stored(hashes[..10].to_vec())),
+        ("a1", 60, CacheEvent::HostStored(hashes[..8].to_vec())),
+    ] {
+        let s = c.upsert_agent(id);
+        c.apply_report(s, measured(id, free), 0);
+        c.apply_report(
+            s,
+            Report {
+                snapshot: false,
+                events: vec![ev],
+                ..measured(id, free)
+            },
+            1,
+        );
+    }
+    c.check_invariants().unwrap();
+    let first = req(180, 64, &hashes);
+    let waiting = RouteRequest {
+        home: Some(0),
+        ..first
+    };
+    let cfg = PolicyConfig::default();
+    let decide = |c: &mut Cluster, cfg: &PolicyConfig, r: &RouteRequest<'_>| {
+        let d = c.decide(cfg, r, 1, &mut SplitMix64(1));
+        (d, c.explain(cfg, r))
+    };
+    // A new request: a1 now beats waiting for a0 (the two blocks it recomputes cost less).
+    let (d, trace) = decide(&mut c, &cfg, &first);
+    assert!(
+        matches!(d, Decision::Route(r) if r.slot == 1),
+        "{d:?} {trace:?}"
+    );
+    assert!(trace.iter().all(|t| t.estimate.move_s == 0.0));
+    // The same request once it waits for a0: recomputing a0's two blocks on a1 is priced `stick`
+    // times more, and it keeps waiting there.
+    let (d, trace) = decide(&mut c, &cfg, &waiting);
+    assert!(
+        matches!(d, Decision::Hold(r) if r.slot == 0),
+        "{d:?} {trace:?}"
+    );
+    let t1 = trace.iter().find(|t| t.candidate.slot == 1).unwrap();
+    assert_eq!(t1.estimate.move_s, 32.0 / 1000.0, "{t1:?}");
+    let t0 = trace.iter().find(|t| t.candidate.slot == 0).unwrap();
+    assert_eq!(t0.estimate.move_s, 0.0);
+    // Without the stick weight it moves as a new request would.
+    let loose = PolicyConfig {
+        cost: crate::cost::CostWeights {
+            stick: 0.0,
+            ..cfg.cost
+        },
+        ..cfg
+    };
+    let (d, _) = decide(&mut c, &loose, &waiting);
+    assert!(matches!(d, Decision::Route(r) if r.slot == 1), "{d:?}");
+    // Once a1 caches the whole conversation on its device, moving recomputes nothing: it goes.
+    c.apply_report(
+        1,
+        Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(hashes[..10].to_vec())],
+            ..measured("a1", 60)
+        },
+        1,
+    );
+    let (d, trace) = decide(&mut c, &cfg, &waiting);
+    assert!(
+        matches!(d, Decision::Route(r) if r.slot == 1),
+        "{d:?} {trace:?}"
+    );
+    // A home that is no candidate (gone, excluded) prices nothing.
+    let gone = RouteRequest {
+        home: Some(7),
+        ..first
+    };
+    let (_, trace) = decide(&mut c, &cfg, &gone);
+    assert!(trace.iter().all(|t| t.estimate.move_s == 0.0));
 }

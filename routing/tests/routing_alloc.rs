@@ -108,6 +108,7 @@ fn decisions_allocate_nothing_once_warm() {
             claimed: &[],
             held: &[],
             may_hold: true,
+            home: None,
         };
         c.decide(&cfg, &req, 0, &mut rng)
     };

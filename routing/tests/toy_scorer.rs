@@ -52,6 +52,7 @@ fn request() -> RouteRequest<'static> {
         claimed: &[],
         held: &[],
         may_hold: true,
+        home: None,
     }
 }
 

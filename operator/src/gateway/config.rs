@@ -68,6 +68,10 @@ pub struct GatewayArgs {
     /// kv policy: weight of the decode time the request adds to the agent's running batch.
     #[arg(long, default_value_t = 1.0)]
     pub cost_decode: f64,
+    /// kv policy: extra weight, for a request waiting for one agent, of recomputing elsewhere the
+    /// prefix that agent caches (keeps a waiting conversation from moving back and forth).
+    #[arg(long, default_value_t = kvroute_routing::cost::STICK)]
+    pub cost_stick: f64,
     /// kv policy: how long a queued request may be passed by later ones with more of their
     /// prompt cached on an agent (they take little room and prefill; 0 = arrival order).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -363,6 +367,7 @@ impl GatewayArgs {
             ("--cost-prefill", self.cost_prefill),
             ("--cost-duplicate", self.cost_duplicate),
             ("--cost-decode", self.cost_decode),
+            ("--cost-stick", self.cost_stick),
         ] {
             if !w.is_finite() || w < 0.0 {
                 return Err(ConfigError::Invalid {
@@ -429,6 +434,7 @@ impl GatewayArgs {
                     prefill: self.cost_prefill,
                     duplicate: self.cost_duplicate,
                     decode: self.cost_decode,
+                    stick: self.cost_stick,
                 },
                 priors: Priors::default(),
                 stale_after_ms: self.stale_after.as_millis() as u64,
@@ -580,6 +586,27 @@ mod tests {
         let nine: Vec<&str> = ["--scorer", "queue=1"].repeat(9);
         let e = parse(&nine).unwrap_err();
         assert!(e.contains("--scorer") && e.contains("at most 8"), "{e}");
+    }
+
+    #[test]
+    fn cost_stick_is_a_finite_weight_of_at_least_zero() {
+        assert_eq!(
+            parse(&[]).unwrap().policy.cost.stick,
+            kvroute_routing::cost::STICK
+        );
+        assert_eq!(
+            parse(&["--cost-stick", "0"]).unwrap().policy.cost.stick,
+            0.0
+        );
+        for bad in ["-1", "nan", "inf", "1e999"] {
+            let e = parse(&[&format!("--cost-stick={bad}")]).unwrap_err();
+            assert!(
+                e.contains("--cost-stick") && e.contains("finite"),
+                "{bad}: {e}"
+            );
+        }
+        let e = parse(&["--cost-stick", "lots"]).unwrap_err();
+        assert!(e.contains("--cost-stick"), "{e}");
     }
 
     #[test]

@@ -52,6 +52,8 @@ struct Waiter {
     looked_at: std::cell::Cell<bool>,
     /// The prefix hold kept for it on the agent it waits for, if any.
     hold: std::cell::Cell<HoldState>,
+    /// The agent its last decision had it wait for, if any (the cost model's `stick`).
+    home: std::cell::Cell<Option<Slot>>,
     /// Wants the routing decision explained ([`Admitted::trace`]).
     trace: bool,
 }
@@ -61,6 +63,7 @@ fn route_request<'a>(
     plan: &'a PromptPlan,
     exclude: &'a [Slot],
     may_hold: bool,
+    home: Option<Slot>,
 ) -> RouteRequest<'a> {
     RouteRequest {
         model: &plan.model,
@@ -72,6 +75,7 @@ fn route_request<'a>(
         claimed: &[],
         held: &[],
         may_hold,
+        home,
     }
 }
 
@@ -573,7 +577,7 @@ impl Router {
             .settings
             .get(&plan.model)
             .map_or(self.defaults.policy, |s| s.policy);
-        let req = route_request(plan, &[], true);
+        let req = route_request(plan, &[], true, None);
         let now = self.now_ms();
         // Its own random source: asking must not change the tie-breaks of real requests.
         let d = core.cluster.decide(&cfg, &req, now, &mut SplitMix64(0));
@@ -683,6 +687,7 @@ impl Router {
                 priority,
                 looked_at: std::cell::Cell::new(false),
                 hold: std::cell::Cell::new(HoldState::None),
+                home: std::cell::Cell::new(None),
                 trace,
             };
             let id = match core.queue.push(priority, tenant, waiter) {
@@ -799,6 +804,7 @@ impl Router {
                 claimed: &claimed,
                 held: &held,
                 may_hold,
+                home: w.home.get(),
             };
             let now = self.now_ms();
             let decision = if blocked_model {
@@ -857,6 +863,7 @@ impl Router {
                 }
                 Decision::Hold(route) => {
                     self.metrics.count_held();
+                    w.home.set(Some(route.slot));
                     // It waits for this agent: later requests must not take that room.
                     let before = held.get(route.slot).copied().unwrap_or(0);
                     if let Some(h) = held.get_mut(route.slot) {
@@ -881,7 +888,7 @@ impl Router {
                         trace_of(
                             &core.cluster,
                             &cfg,
-                            &route_request(&w.plan, &w.exclude, may_hold),
+                            &route_request(&w.plan, &w.exclude, may_hold, w.home.get()),
                         )
                     });
                     let hold = self.end_hold(core, w, Some(route.slot));

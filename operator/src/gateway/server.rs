@@ -853,6 +853,7 @@ fn candidates_json(trace: &[super::router::TraceEntry]) -> Vec<serde_json::Value
                 "prefill_s": r3(e.prefill_s),
                 "duplicate_s": r3(e.duplicate_s),
                 "decode_s": r3(e.decode_s),
+                "move_s": r3(e.move_s),
             })
         })
         .collect()
