@@ -15,7 +15,8 @@ use crate::cost;
 use crate::cost::{AgentLoad, Ask};
 use crate::scorer::{AgentView, Candidate, ScoreContext, Scorer};
 
-/// `cost`: the `kv` policy's prediction (wait for room + prefill + duplication + decode slow-down).
+/// `cost`: the `kv` policy's prediction (wait for room + prefill + duplication + decode
+/// slow-down, and for a waiting request the recompute of what its agent caches).
 pub struct Cost;
 
 impl Scorer for Cost {
