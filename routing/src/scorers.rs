@@ -119,18 +119,16 @@ pub fn load_of(a: &AgentView, c: &Candidate) -> AgentLoad {
 
 /// What the cost model is asked for one candidate.
 pub fn ask_of(ctx: &ScoreContext<'_>, a: &AgentView, c: &Candidate) -> Ask {
-    // Blocks it would copy back from its host tier are not computed again either.
-    let duplicate_tokens = (ctx
-        .best_local_blocks
-        .saturating_sub(c.local_blocks + c.host_blocks)
-        * u64::from(a.block_size))
-    .min(c.prefill_tokens);
+    // Tokens of a prefix of `blocks` blocks it would compute here: blocks it would copy back from
+    // its host tier are not computed again either.
+    let recomputed = |blocks: u64| {
+        (blocks.saturating_sub(c.local_blocks + c.host_blocks) * u64::from(a.block_size))
+            .min(c.prefill_tokens)
+    };
+    let duplicate_tokens = recomputed(ctx.best_local_blocks);
     // What it would recompute here of the prefix the agent it waits for keeps for it.
     let moved_tokens = match ctx.home {
-        Some((home, blocks)) if home != c.slot => {
-            (blocks.saturating_sub(c.local_blocks + c.host_blocks) * u64::from(a.block_size))
-                .min(c.prefill_tokens)
-        }
+        Some((home, blocks)) if home != c.slot => recomputed(blocks),
         _ => 0,
     };
     Ask {
