@@ -3,16 +3,52 @@
 //!
 //! Criterion reports mean/median; after it, a plain sample loop prints p50/p99/max per size
 //! (criterion does not report tail percentiles), both wall-clock and the thread's own CPU time
-//! (so a loaded machine's scheduling shows as the gap between the two), and `/proc/loadavg`.
+//! (so a loaded machine's scheduling shows as the gap between the two), `/proc/loadavg`, and the
+//! heap allocations per decision once warm (a counting global allocator; the target is 0).
 //! Run: `cargo bench -p kvroute-routing --bench routing`.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion};
 use kvroute_routing::{
     CacheEvent, Cluster, Decision, PolicyConfig, RandomSource, Report, RouteRequest, SplitMix64,
 };
+
+/// The system allocator, counting allocations (and reallocations) so the sample loop can report
+/// how many a warm decision makes.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counter has no effect on
+// the memory handed out.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed through as is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, i.e. from `System`, with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System` with `layout`; the caller guarantees `new_size`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 const BLOCK: u32 = 16;
 const PROMPT_TOKENS: u64 = 4096;
@@ -126,6 +162,11 @@ fn percentiles() {
         let mut rng = SplitMix64(1);
         let mut wall = Vec::with_capacity(20_000);
         let mut cpu = Vec::with_capacity(20_000);
+        // Warm the scratch buffers, then count what the measured decisions allocate.
+        for p in &prompts {
+            black_box(decide(&mut c, &cfg, p, &mut rng));
+        }
+        let allocs0 = ALLOCATIONS.load(Ordering::Relaxed);
         for i in 0..20_000usize {
             let p = &prompts[i % prompts.len()];
             let c0 = thread_cpu_ns();
@@ -134,18 +175,20 @@ fn percentiles() {
             wall.push(t.elapsed().as_nanos() as u64);
             cpu.push(thread_cpu_ns().saturating_sub(c0));
         }
+        let allocs = ALLOCATIONS.load(Ordering::Relaxed) - allocs0;
         let mean_cpu = cpu.iter().sum::<u64>() as f64 / cpu.len() as f64 / 1000.0;
         wall.sort_unstable();
         cpu.sort_unstable();
         let pct = |s: &[u64], q: f64| s[((s.len() as f64 - 1.0) * q) as usize] as f64 / 1000.0;
         println!(
-            "  agents={n:5}  wall p50={:8.2} us  p99={:8.2} us  max={:8.2} us | thread CPU mean={:8.2} us  p50={:8.2} us  p99={:8.2} us",
+            "  agents={n:5}  wall p50={:8.2} us  p99={:8.2} us  max={:8.2} us | thread CPU mean={:8.2} us  p50={:8.2} us  p99={:8.2} us | allocations/decision={:.3}",
             pct(&wall, 0.5),
             pct(&wall, 0.99),
             pct(&wall, 1.0),
             mean_cpu,
             pct(&cpu, 0.5),
             pct(&cpu, 0.99),
+            allocs as f64 / 20_000.0,
         );
     }
 }
