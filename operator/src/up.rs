@@ -6,10 +6,17 @@
 //! agent is ready and the gateway sees them; prints how to use it; and on Ctrl-C or SIGTERM (or an
 //! agent exiting) stops every agent (SIGTERM to its group, SIGKILL after a grace period) and reaps
 //! it, so no process outlives it.
+//!
+//! What it prints is a status block ([`status`]): the model check or download, the agents
+//! loading, each agent's KV blocks and the gateway, redrawn in place on a terminal and as plain
+//! lines on state changes elsewhere.
+
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
@@ -18,6 +25,10 @@ use crate::gateway::config::parse_duration;
 use crate::gateway::types::AgentEndpoint;
 use crate::gateway::GatewayConfig;
 use kvroute_routing::PolicyKind;
+use status::{AgentLine, Kv, ModelLine, Phase, Screen, Status};
+
+/// The status block on stdout.
+type Out = Screen<std::io::Stdout>;
 
 /// Flags of `kvroute up`.
 #[derive(Debug, Clone, clap::Args)]
@@ -112,6 +123,8 @@ pub enum UpError {
     Token(std::io::Error),
     #[error("log folder: {0}")]
     LogDir(std::io::Error),
+    #[error("model: {0}")]
+    Model(String),
 }
 
 /// The shared token `kvroute up`'s agents require of its gateway: random per run, in a file
@@ -199,12 +212,6 @@ pub struct AgentProcess {
     pub endpoint: AgentEndpoint,
     pub child: Child,
     pub pid: u32,
-}
-
-/// Prints a line on stdout, ignoring a closed pipe.
-fn say(line: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// The name every agent of this `up` serves: `--served-model-name`, else the model file's stem
@@ -341,8 +348,82 @@ pub async fn stop_agents(agents: &mut [AgentProcess], grace: Duration) {
     }
 }
 
+/// Progress of the model fetch, shared with the status block.
+struct ModelProgress(Arc<Mutex<ModelLine>>);
+
+impl ModelProgress {
+    fn with(&self, f: impl FnOnce(&mut ModelLine)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+impl kvroute_engine::fetch::Progress for ModelProgress {
+    fn stage(&self, name: &str) {
+        self.with(|m| {
+            m.stage = name.to_string();
+            m.done = 0;
+            m.total = None;
+        });
+    }
+    fn bytes(&self, done: u64, total: Option<u64>) {
+        self.with(|m| {
+            m.done = done;
+            m.total = total;
+        });
+    }
+}
+
+/// For `--model default`: fetches or checks the default model here, once, with a progress bar,
+/// before the agents start (they then find it in the cache, marked as checked). False when a
+/// signal came first.
+async fn prepare_model(
+    args: &UpArgs,
+    status: &mut Status,
+    screen: &mut Out,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> Result<bool, UpError> {
+    use kvroute_engine::fetch::{self, ModelRef};
+    if !matches!(args.model.parse::<ModelRef>(), Ok(ModelRef::Default)) {
+        return Ok(true);
+    }
+    let cache = fetch::cache_dir().map_err(|e| UpError::Model(e.to_string()))?;
+    let shared = Arc::new(Mutex::new(ModelLine {
+        stage: "looking in the cache".into(),
+        ..ModelLine::default()
+    }));
+    let progress = ModelProgress(shared.clone());
+    let mut job =
+        tokio::task::spawn_blocking(move || fetch::resolve(&ModelRef::Default, &cache, &progress));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let resolved = loop {
+        tokio::select! {
+            r = &mut job => break r,
+            _ = tick.tick() => {
+                status.model = Some(shared.lock().unwrap_or_else(|e| e.into_inner()).clone());
+                screen.draw(status);
+            }
+            _ = term.recv() => return Ok(false),
+            _ = int.recv() => return Ok(false),
+        }
+    };
+    let path = resolved
+        .map_err(|e| UpError::Model(e.to_string()))?
+        .map_err(|e| UpError::Model(e.to_string()))?
+        .path
+        .display()
+        .to_string();
+    status.model = Some(ModelLine {
+        path: Some(path),
+        ..ModelLine::default()
+    });
+    screen.draw(status);
+    Ok(true)
+}
+
 /// Runs `kvroute up` until Ctrl-C or SIGTERM.
 pub async fn run(args: UpArgs) -> Result<(), UpError> {
+    use std::io::IsTerminal;
     use tokio::signal::unix::{signal, SignalKind};
     if args.agents == 0 {
         return Err(UpError::NoAgents);
@@ -372,13 +453,24 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     // sizes itself.
     let threads = agent_takes_threads(&bin).await.then_some(threads);
     let token = AgentToken::create()?;
+    // In place only on a terminal, and not while the processes' logs share it (--verbose).
+    let terminal = std::io::stdout().is_terminal() && !args.verbose;
+    let mut screen = Screen::new(
+        std::io::stdout(),
+        terminal,
+        status::terminal_width().unwrap_or(80),
+    );
+    let mut status = Status::default();
     let logs = if args.verbose {
         None
     } else {
         let dir = log_dir(&args).map_err(UpError::LogDir)?;
-        println!("logs: {}", dir.display());
+        screen.say(&format!("logs: {}", dir.display()));
         Some(dir)
     };
+    if !prepare_model(&args, &mut status, &mut screen, &mut term, &mut int).await? {
+        return Ok(());
+    }
     let mut agents = Vec::new();
     for i in 0..n {
         let id = format!("agent-{}", i + 1);
@@ -393,10 +485,16 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         ) {
             Ok(a) => {
                 tracing::info!(agent = %a.id, pid = a.pid, http = %a.endpoint.http, grpc = %a.endpoint.grpc, "agent started");
-                println!(
+                screen.say(&format!(
                     "agent {} pid {} http://{} {}",
                     a.id, a.pid, a.endpoint.http, a.endpoint.grpc
-                );
+                ));
+                status.agents.push(AgentLine {
+                    id: a.id.clone(),
+                    http: a.endpoint.http.clone(),
+                    phase: Phase::Starting,
+                    kv: None,
+                });
                 agents.push(a);
             }
             Err(e) => {
@@ -405,13 +503,65 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
             }
         }
     }
-    let outcome = serve(&args, &mut agents, &mut term, &mut int, &token.token).await;
+    screen.draw(&status);
+    let outcome = serve(
+        &args,
+        &mut agents,
+        &mut term,
+        &mut int,
+        &token.token,
+        &mut status,
+        &mut screen,
+    )
+    .await;
     // Whoever read our stdout may be gone (`kvroute up | head`): a failed write must not stop
-    // the agents from being stopped, so these lines ignore write errors instead of panicking.
-    say(format_args!("stopping {} agents", agents.len()));
+    // the agents from being stopped, so the screen ignores write errors instead of panicking.
+    screen.say(&format!("stopping {} agents", agents.len()));
     stop_agents(&mut agents, Duration::from_secs(10)).await;
-    say(format_args!("stopped"));
+    screen.say("stopped");
     outcome
+}
+
+/// Polls every agent not yet ready once: exited, ready, loading (answers `/health`) or still
+/// starting. Returns the first that exited.
+async fn poll_agents(
+    client: &crate::gateway::proxy::HttpClient,
+    agents: &mut [AgentProcess],
+    status: &mut Status,
+) -> Option<(String, String)> {
+    for (a, line) in agents.iter_mut().zip(status.agents.iter_mut()) {
+        if let Ok(Some(exit)) = a.child.try_wait() {
+            line.phase = Phase::Exited(exit.to_string());
+            return Some((a.id.clone(), exit.to_string()));
+        }
+        if line.phase == Phase::Ready {
+            continue;
+        }
+        line.phase = if http_ok(client, &format!("http://{}/ready", a.endpoint.http)).await {
+            Phase::Ready
+        } else if http_ok(client, &format!("http://{}/health", a.endpoint.http)).await {
+            Phase::Loading
+        } else {
+            Phase::Starting
+        };
+    }
+    None
+}
+
+/// Copies the gateway's view of each agent's KV blocks, and its queue, into the status.
+fn gateway_view(gw: &crate::gateway::RunningGateway, status: &mut Status, bound: usize) {
+    let seen = gw.gateway.router.agents();
+    for line in &mut status.agents {
+        line.kv = seen.iter().find(|a| a.agent_id == line.id).map(|a| Kv {
+            total: a.total_blocks,
+            used: a.used_blocks,
+            cached: a.cached_blocks,
+            running: a.running_requests,
+            waiting: a.waiting_requests,
+        });
+    }
+    let url = format!("http://{}", gw.addr);
+    status.gateway = Some((url, gw.gateway.router.queue().depth, bound));
 }
 
 async fn serve(
@@ -420,31 +570,29 @@ async fn serve(
     term: &mut tokio::signal::unix::Signal,
     int: &mut tokio::signal::unix::Signal,
     agent_token: &str,
+    status: &mut Status,
+    screen: &mut Out,
 ) -> Result<(), UpError> {
     let client = crate::gateway::proxy::http_client();
     // Wait until every agent answers /ready, or one exits, or a signal comes.
     let deadline = Instant::now() + args.ready_timeout;
-    let ready = async {
-        for a in agents.iter_mut() {
-            loop {
-                if let Ok(Some(status)) = a.child.try_wait() {
-                    return Err(UpError::AgentExited(a.id.clone(), status.to_string()));
-                }
-                if http_ok(&client, &format!("http://{}/ready", a.endpoint.http)).await {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(UpError::NotReady(args.ready_timeout));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+    loop {
+        if let Some((id, exit)) = poll_agents(&client, agents, status).await {
+            screen.draw(status);
+            return Err(UpError::AgentExited(id, exit));
         }
-        Ok(())
-    };
-    tokio::select! {
-        r = ready => r?,
-        _ = term.recv() => return Ok(()),
-        _ = int.recv() => return Ok(()),
+        screen.draw(status);
+        if status.agents.iter().all(|a| a.phase == Phase::Ready) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(UpError::NotReady(args.ready_timeout));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
     }
     let mut config = GatewayConfig::for_agents(
         args.listen,
@@ -454,6 +602,7 @@ async fn serve(
     config.max_queue = args.max_queue.max(1);
     config.queue_timeout = args.queue_timeout;
     config.agent_token = Some(agent_token.to_string());
+    let bound = config.max_queue;
     let gw = crate::gateway::start(config).await?;
     // Every agent known to the gateway and each with a fresh capacity report. (An empty list is
     // not "all eligible": the agent source registers the agents asynchronously after start.)
@@ -472,40 +621,43 @@ async fn serve(
         _ = term.recv() => { gw.abort(); return Ok(()) },
         _ = int.recv() => { gw.abort(); return Ok(()) },
     }
+    gateway_view(&gw, status, bound);
     let url = format!("http://{}", gw.addr);
-    println!();
-    println!(
-        "kvroute is up: {} agents serving {:?} (model {})",
-        agents.len(),
-        served_name(args),
-        args.model
-    );
-    println!("  OpenAI endpoint: {url}/v1");
-    println!("  dashboard:       {url}/dashboard");
-    println!("  metrics:         {url}/metrics");
-    println!("  try: curl {url}/v1/chat/completions -H 'content-type: application/json' \\");
-    println!(
-        "         -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32}}'",
-        served_name(args)
-    );
-    println!("Ctrl-C stops everything.");
-    println!("READY {url}");
-    let exited = async {
-        loop {
-            for a in agents.iter_mut() {
-                if let Ok(Some(status)) = a.child.try_wait() {
-                    return (a.id.clone(), status.to_string());
+    let name = served_name(args);
+    for line in [
+        String::new(),
+        format!(
+            "kvroute is up: {} agents serving {name:?} (model {})",
+            agents.len(),
+            args.model
+        ),
+        format!("  OpenAI endpoint: {url}/v1"),
+        format!("  dashboard:       {url}/dashboard"),
+        format!("  metrics:         {url}/metrics"),
+        format!("  try: curl {url}/v1/chat/completions -H 'content-type: application/json' \\"),
+        format!(
+            "         -d '{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32}}'"
+        ),
+        "Ctrl-C stops everything.".to_string(),
+        format!("READY {url}"),
+    ] {
+        screen.say(&line);
+    }
+    screen.draw(status);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let result = loop {
+        tokio::select! {
+            _ = term.recv() => break Ok(()),
+            _ = int.recv() => break Ok(()),
+            _ = tick.tick() => {
+                let exited = poll_agents(&client, agents, status).await;
+                gateway_view(&gw, status, bound);
+                screen.draw(status);
+                if let Some((id, exit)) = exited {
+                    tracing::error!(agent = %id, %exit, "agent exited; stopping");
+                    break Err(UpError::AgentExited(id, exit));
                 }
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    };
-    let result = tokio::select! {
-        _ = term.recv() => Ok(()),
-        _ = int.recv() => Ok(()),
-        (id, status) = exited => {
-            tracing::error!(agent = %id, %status, "agent exited; stopping");
-            Err(UpError::AgentExited(id, status))
         }
     };
     gw.abort();

@@ -2,6 +2,8 @@
 //! processes with the default model and the gateway; the official `openai` client talks to the
 //! gateway (completions and chat, plain and streamed, greedy), the answers come from the model
 //! (the greedy completion starts with llama.cpp's first token), and SIGTERM stops the whole tree.
+//! Its stdout is a pipe, so its status block comes as plain lines (`up_terminal_real` has the
+//! terminal).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
@@ -68,6 +70,19 @@ fn up_with_real_agents_serves_the_openai_client_and_stops_cleanly() {
         }
     }
     let url = url.expect("kvroute up printed READY");
+    // Not a terminal: the status block comes as plain lines, one per change, no escape codes.
+    assert!(printed.iter().all(|l| !l.contains('\x1b')), "{printed:?}");
+    for want in [
+        "agents: 2/2 ready",
+        "agent-1: ready http://",
+        "agent-2: ready http://",
+    ] {
+        assert_eq!(
+            printed.iter().filter(|l| l.starts_with(want)).count(),
+            1,
+            "{want:?} once in {printed:#?}"
+        );
+    }
     let model = model.expect("kvroute up printed the served model name");
     assert_eq!(pids.len(), 2);
 
