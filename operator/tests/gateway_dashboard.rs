@@ -108,6 +108,16 @@ async fn dashboard_shows_agents_blocks_and_queue_in_chromium() {
         s.iter().any(|x| x.free_blocks == 100) && s.iter().any(|x| x.free_blocks == 0)
     })
     .await;
+    // A small request is served (east-1 has the room): the decision log has it.
+    let (status, _, body) = post(
+        &client(),
+        gw.addr,
+        "/v1/completions",
+        &completion("hello there", 1, false),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     // A request too big for east-1's free blocks waits in the queue while the page renders.
     let c = client();
     let addr = gw.addr;
@@ -182,6 +192,30 @@ async fn dashboard_shows_agents_blocks_and_queue_in_chromium() {
     assert!(dom.contains("<span id=\"qdepth\">1</span>"), "{dom}");
     // The page's script ran and refreshed the view from /dashboard/state.
     assert!(dom.contains("data-updated=\""), "script did not run: {dom}");
+    // And listed the one decision so far from /dashboard/decisions: east-1, the only agent
+    // with room, picked over west-2, each with its score.
+    let (_, log) = get(
+        &client(),
+        &format!("http://{}/dashboard/decisions", gw.addr),
+    )
+    .await;
+    let log: serde_json::Value = serde_json::from_str(&log).unwrap();
+    assert_eq!(log["decisions"].as_array().map(Vec::len), Some(1), "{log}");
+    assert_eq!(log["decisions"][0]["route"]["agent"], "east-1", "{log}");
+    assert!(dom.contains("data-decisions=\"1\""), "{dom}");
+    let rows = dom.split("id=\"decision-rows\">").nth(1).unwrap_or("");
+    assert!(rows.contains("200 routed</td><td>east-1</td>"), "{rows}");
+    for c in log["decisions"][0]["route"]["candidates"]
+        .as_array()
+        .unwrap()
+    {
+        let li = format!(
+            "<li>{}: score {},",
+            c["agent"].as_str().unwrap(),
+            c["score"]
+        );
+        assert!(rows.contains(&li), "{li} not in {rows}");
+    }
     // And drew the history: one line per agent, and the queue's.
     for name in ["east-1", "west-2", "queue"] {
         let at = dom

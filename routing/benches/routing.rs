@@ -103,8 +103,8 @@ fn prompt(chain: u64) -> Vec<u64> {
         .collect()
 }
 
-fn decide(c: &mut Cluster, cfg: &PolicyConfig, hashes: &[u64], rng: &mut SplitMix64) -> Decision {
-    let req = RouteRequest {
+fn request(hashes: &[u64]) -> RouteRequest<'_> {
+    RouteRequest {
         model: "default",
         prompt_tokens: PROMPT_TOKENS,
         output_tokens: 256,
@@ -115,8 +115,11 @@ fn decide(c: &mut Cluster, cfg: &PolicyConfig, hashes: &[u64], rng: &mut SplitMi
         held: &[],
         may_hold: true,
         home: None,
-    };
-    c.decide(cfg, &req, 0, rng)
+    }
+}
+
+fn decide(c: &mut Cluster, cfg: &PolicyConfig, hashes: &[u64], rng: &mut SplitMix64) -> Decision {
+    c.decide(cfg, &request(hashes), 0, rng)
 }
 
 fn bench(cr: &mut Criterion) {
@@ -189,6 +192,24 @@ fn percentiles() {
             pct(&cpu, 0.5),
             pct(&cpu, 0.99),
             allocs as f64 / 20_000.0,
+        );
+        // What a traced decision adds (the gateway's decision log and debug header): explain
+        // right after decide.
+        let mut explain = Vec::with_capacity(2_000);
+        let cfg_ref = &cfg;
+        for i in 0..2_000usize {
+            let hashes = &prompts[i % prompts.len()];
+            black_box(decide(&mut c, cfg_ref, hashes, &mut rng));
+            let req = request(hashes);
+            let t = Instant::now();
+            black_box(c.explain(cfg_ref, &req));
+            explain.push(t.elapsed().as_nanos() as u64);
+        }
+        explain.sort_unstable();
+        println!(
+            "  agents={n:5}  explain (a traced decision's extra) p50={:8.2} us  p99={:8.2} us",
+            pct(&explain, 0.5),
+            pct(&explain, 0.99),
         );
     }
 }

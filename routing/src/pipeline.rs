@@ -382,14 +382,17 @@ pub struct CandidateTrace {
     pub candidate: Candidate,
     /// The weighted total of the scorers (what the picker compared; higher is better).
     pub score: f64,
+    /// Each scorer's value here (unweighted), in the order of [`Preset::scorers`] for the
+    /// decision's config; entries past that list's length are 0.
+    pub values: [f64; crate::policy::MAX_SCORERS],
     /// The cost model's terms there (the `kv` policy's scorer is minus its `cost`).
     pub estimate: cost::Estimate,
 }
 
 impl Cluster {
     /// The candidates of the last [`decide`](Cluster::decide) for `req` (call it right after,
-    /// with the same `cfg` and `req`), in the order they were scored, with their totals and
-    /// cost estimates. For debugging and decision traces: it allocates.
+    /// with the same `cfg` and `req`), in the order they were scored, with their totals, each
+    /// scorer's value and the cost estimates. For debugging and decision traces: it allocates.
     pub fn explain(&self, cfg: &PolicyConfig, req: &RouteRequest<'_>) -> Vec<CandidateTrace> {
         let ctx = ScoreContext::new(
             req,
@@ -398,15 +401,38 @@ impl Cluster {
             home_of(req, &self.pipeline.candidates),
             &self.hot,
         );
-        self.pipeline
-            .candidates
+        let candidates = &self.pipeline.candidates;
+        let totals = &self.pipeline.totals;
+        let mut values = vec![[0.0; crate::policy::MAX_SCORERS]; candidates.len()];
+        let mut one = vec![0.0; candidates.len()];
+        let scorers = Preset::of(cfg).scorers;
+        for (i, &(id, weight)) in scorers.as_slice().iter().enumerate() {
+            if scorers.as_slice().len() == 1 && weight != 0.0 {
+                // One scorer: its value is the total over its weight (no second pass).
+                for (v, &t) in values.iter_mut().zip(totals) {
+                    v[0] = t / weight;
+                }
+                break;
+            }
+            let Some(scorer) = self.scorers.get(id) else {
+                continue;
+            };
+            one.iter_mut().for_each(|v| *v = 0.0);
+            scorer.score(&ctx, candidates, &mut one);
+            for (v, &x) in values.iter_mut().zip(&one) {
+                v[i] = x;
+            }
+        }
+        candidates
             .iter()
-            .zip(&self.pipeline.totals)
-            .filter_map(|(c, &score)| {
+            .zip(totals)
+            .zip(values)
+            .filter_map(|((c, &score), values)| {
                 let a = self.hot.get(c.slot)?;
                 Some(CandidateTrace {
                     candidate: *c,
                     score,
+                    values,
                     estimate: cost::estimate(
                         &load_of(a, c),
                         &ask_of(&ctx, a, c),

@@ -119,12 +119,52 @@ fn explain_shows_every_candidate_with_the_picked_one_scoring_best() {
     // The kv policy's one scorer is minus the cost the estimate names.
     for t in &trace {
         assert!((t.score + t.estimate.cost).abs() < 1e-9, "{t:?}");
+        assert_eq!(t.values[0], t.score, "{t:?}");
+        assert!(t.values[1..].iter().all(|&v| v == 0.0), "{t:?}");
     }
     assert_eq!(trace[0].candidate.cached_blocks, 4);
     assert!(
         trace[2].estimate.wait_s > 0.0,
         "the full agent predicts a wait"
     );
+}
+
+#[test]
+fn explain_gives_each_scorers_value_whose_weighted_sum_is_the_score() {
+    let mut c = cluster(&[(100, 50), (100, 60), (100, 90)]);
+    c.apply_report(
+        0,
+        Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(vec![11, 12, 13, 14])],
+            ..report("a0", 1, 100, 50)
+        },
+        1,
+    );
+    let cfg = PolicyConfig {
+        kind: PolicyKind::KvScore,
+        ..PolicyConfig::default()
+    };
+    let r = req(70, 16, &[11, 12, 13, 14]);
+    let Decision::Route(_) = c.decide(&cfg, &r, 1, &mut SplitMix64(1)) else {
+        panic!("routed")
+    };
+    let trace = c.explain(&cfg, &r);
+    assert_eq!(trace.len(), 3);
+    let scorers = crate::pipeline::Preset::of(&cfg).scorers;
+    assert_eq!(scorers.as_slice().len(), 3, "prefix, headroom, queue");
+    for t in &trace {
+        let sum: f64 = scorers
+            .as_slice()
+            .iter()
+            .zip(t.values)
+            .map(|(&(_, w), v)| w * v)
+            .sum();
+        assert!((sum - t.score).abs() < 1e-9, "{t:?}: {sum}");
+    }
+    // The prefix scorer (first) is highest on the agent caching the prompt's blocks.
+    assert!(trace[0].values[0] > trace[1].values[0], "{trace:?}");
+    assert_eq!(trace[1].values[0], trace[2].values[0], "{trace:?}");
 }
 
 /// Two measured agents: a0 caches a 15-block prefix; `free0`/`free1` blocks of room.

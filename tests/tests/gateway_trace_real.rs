@@ -137,3 +137,97 @@ async fn kvroute_explain_says_where_a_request_would_go_without_sending_it() {
         assert!(err.contains(says), "{gateway}: {err}");
     }
 }
+
+/// Two prefix groups, two requests each, one after another: the dashboard's decision log
+/// (`/dashboard/decisions`, newest first) has each request with its candidates, and the second
+/// request of each group went where the first did, decided by the prefix cache: under `kv` a
+/// prefix term of the cost model (`prefill_s`, or `duplicate_s`: recomputing what the other
+/// agent caches), under `kv-score` the `prefix` scorer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decision_log_shows_the_prefix_deciding_the_second_request_of_each_group() {
+    let a = Agent::spawn(AgentOpts::default());
+    let b = Agent::spawn(AgentOpts {
+        extra: vec!["--agent-id".into(), "second".into()],
+        ..AgentOpts::default()
+    });
+    for (policy, topics, prefix_terms) in [
+        (
+            "kv",
+            ["rivers", "mountains"],
+            &["prefill_s", "duplicate_s"][..],
+        ),
+        ("kv-score", ["deserts", "glaciers"], &["prefix"][..]),
+    ] {
+        let gw = Gateway::spawn(&[&a, &b], &["--policy", policy]).await;
+        let mut sent = Vec::new();
+        for round in 0..2 {
+            for topic in topics {
+                let prompt = format!(
+                    "{} Question {round}: name one of the {topic}.",
+                    format!("This is a long shared introduction about {topic} of the world. ")
+                        .repeat(8)
+                );
+                let body = serde_json::to_vec(&json!({
+                    "model": a.model, "prompt": prompt, "max_tokens": 2, "temperature": 0
+                }))
+                .unwrap();
+                let resp = send_with(gw.addr, "POST", "/v1/completions", &[], body).await;
+                assert_eq!(resp.status(), 200, "{policy}");
+                let agent = resp.headers()["x-kvroute-agent"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let _ = resp.into_body().collect().await.unwrap();
+                sent.push((topic, agent));
+            }
+        }
+        let text = kvroute_tests::try_get_text(gw.addr, "/dashboard/decisions")
+            .await
+            .unwrap();
+        let log: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(log["capacity"], 50, "{log}");
+        let mut ds = log["decisions"].as_array().unwrap().clone();
+        assert_eq!(ds.len(), 4, "{log}");
+        ds.reverse(); // oldest first, as sent
+        for (d, (_, agent)) in ds.iter().zip(&sent) {
+            assert_eq!(d["status"], 200, "{d}");
+            assert_eq!(d["outcome"], "routed", "{d}");
+            assert_eq!(d["model"], a.model.as_str(), "{d}");
+            assert_eq!(d["route"]["agent"], agent.as_str(), "{d}");
+            assert_eq!(d["route"]["policy"], policy, "{d}");
+            assert_eq!(d["route"]["candidates"].as_array().unwrap().len(), 2, "{d}");
+        }
+        for g in 0..2 {
+            let (first, second) = (&sent[g], &sent[g + 2]);
+            assert_eq!(first.1, second.1, "{policy}: group {g} moved: {sent:?}");
+            let route = &ds[g + 2]["route"];
+            let term = route["deciding"]["term"].as_str().unwrap_or("none");
+            assert!(
+                prefix_terms.contains(&term),
+                "{policy}: group {g}'s second request decided by {term}: {route}"
+            );
+            assert!(route["deciding"]["lead"].as_f64().unwrap() > 0.0, "{route}");
+            let pick = route["candidates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["agent"] == route["agent"])
+                .unwrap();
+            assert!(pick["cached_blocks"].as_u64().unwrap() >= 4, "{route}");
+        }
+        // The page lists them too (rendered on the server).
+        let page = kvroute_tests::try_get_text(gw.addr, "/dashboard")
+            .await
+            .unwrap();
+        let rows = page
+            .split(r#"id="decision-rows">"#)
+            .nth(1)
+            .and_then(|t| t.split("</tbody>").next())
+            .unwrap();
+        assert_eq!(
+            rows.matches(r#"<tr class="decision">"#).count(),
+            4,
+            "{rows}"
+        );
+    }
+}

@@ -106,6 +106,12 @@ pub struct GatewayArgs {
     /// Seed of the tie-breaking random source (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// How many of the last requests' routing decisions the dashboard keeps and shows
+    /// (`/dashboard/decisions`; each routed request is then traced: one more pass over its
+    /// candidates). 0 turns it off.
+    #[arg(long, default_value_t = super::decisions::DEFAULT_LEN,
+          value_parser = clap::value_parser!(u16).range(0..=super::decisions::MAX_LEN as i64))]
+    pub decision_log: u16,
     /// Names this gateway replica to agents (the pod name in Kubernetes). A random suffix is
     /// added per process, so every replica and every restart stamps its own dispatch ids.
     #[arg(long, env = "POD_NAME", default_value = "kvroute-gateway")]
@@ -277,6 +283,8 @@ pub struct GatewayConfig {
     pub drain_timeout: Duration,
     /// The shared token agents require.
     pub agent_token: Option<String>,
+    /// Decisions the dashboard keeps (0: none, and no request is traced for it).
+    pub decision_log: usize,
 }
 
 /// This process's dispatcher id: `name` and a random suffix.
@@ -470,6 +478,7 @@ impl GatewayArgs {
                 ),
                 None => None,
             },
+            decision_log: usize::from(self.decision_log),
         })
     }
 }
@@ -507,6 +516,7 @@ impl GatewayConfig {
             http_limits: kvroute_serve::Limits::default(),
             drain_timeout: Duration::from_secs(30),
             agent_token: None,
+            decision_log: usize::from(super::decisions::DEFAULT_LEN),
         }
     }
 }
@@ -607,6 +617,23 @@ mod tests {
         }
         let e = parse(&["--cost-stick", "lots"]).unwrap_err();
         assert!(e.contains("--cost-stick"), "{e}");
+    }
+
+    #[test]
+    fn decision_log_keeps_0_to_1000_decisions() {
+        assert_eq!(
+            parse(&[]).unwrap().decision_log,
+            usize::from(super::super::decisions::DEFAULT_LEN)
+        );
+        assert_eq!(parse(&["--decision-log", "0"]).unwrap().decision_log, 0);
+        assert_eq!(
+            parse(&["--decision-log", "1000"]).unwrap().decision_log,
+            1000
+        );
+        for bad in ["1001", "-1", "70000", "many", ""] {
+            let e = parse(&[&format!("--decision-log={bad}")]).unwrap_err();
+            assert!(e.contains("--decision-log"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! `GET /dashboard`: a live page of each agent's KV blocks (used / cached / free, plus this
 //! gateway's reservations) and queue, and the admission queue; `GET /dashboard/state`: the same
-//! data as JSON, which the page polls.
+//! data as JSON, which the page polls. The page also charts `/dashboard/history` and lists the
+//! last routing decisions from `/dashboard/decisions`.
 //!
 //! The page is rendered on the server with the current state (so it shows data without script)
 //! and then refreshed by a small inline script. It never changes routing state.
 
 use serde::Serialize;
 
+use super::decisions::DecisionRecord;
 use super::types::{AgentSnapshot, QueueSnapshot};
 
 /// Everything the dashboard shows.
@@ -98,10 +100,63 @@ fn queue_rows(q: &QueueSnapshot) -> String {
         .collect()
 }
 
-/// The page, with the current state already in it.
-pub fn render(state: &DashboardState) -> String {
+/// One decision's row (the script renders the same markup): when, model, outcome, the agent
+/// picked, the queue wait, what decided, and each candidate's score and blocks.
+fn decision_row(d: &DecisionRecord) -> String {
+    let route = d.route.as_ref();
+    let get = |k: &str| route.and_then(|r| r.get(k));
+    let agent = get("agent").and_then(|v| v.as_str()).unwrap_or("");
+    let waited = get("queue_wait_ms").and_then(|v| v.as_u64());
+    let deciding = match get("deciding") {
+        Some(v) if !v.is_null() => format!(
+            "{} by {} over {}",
+            v.get("term").and_then(|t| t.as_str()).unwrap_or("?"),
+            v.get("lead").and_then(|t| t.as_f64()).unwrap_or(0.0),
+            v.get("over").and_then(|t| t.as_str()).unwrap_or("?"),
+        ),
+        _ => String::new(),
+    };
+    let candidates: String = get("candidates")
+        .and_then(|c| c.as_array())
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    let s = |k: &str| c.get(k).map(|v| v.to_string()).unwrap_or_default();
+                    format!(
+                        "<li>{}: score {}, cached {}/{} blocks, room {}, TTFT {} s</li>",
+                        esc(c.get("agent").and_then(|a| a.as_str()).unwrap_or("")),
+                        s("score"),
+                        s("cached_blocks"),
+                        s("need_blocks"),
+                        s("room_blocks"),
+                        s("predicted_ttft_s"),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        r#"<tr class="decision"><td class="t" data-t="{t}">{t}</td><td>{model}</td><td>{status} {outcome}</td><td>{agent}</td><td class="num">{waited}</td><td>{deciding}</td><td><ul>{candidates}</ul></td></tr>"#,
+        t = d.t_ms,
+        model = esc(&d.model),
+        status = d.status,
+        outcome = d.outcome,
+        agent = esc(agent),
+        waited = waited.map_or_else(String::new, |w| w.to_string()),
+        deciding = esc(&deciding),
+    )
+}
+
+/// The page, with the current state and the last decisions already in it.
+pub fn render(state: &DashboardState, decisions: &[DecisionRecord]) -> String {
     let rows: String = state.agents.iter().map(agent_row).collect();
-    PAGE.replace("{{POLICY}}", state.policy)
+    let drows: String = if decisions.is_empty() {
+        "<tr><td colspan=7>none yet</td></tr>".into()
+    } else {
+        decisions.iter().map(decision_row).collect()
+    };
+    PAGE.replace("{{DECISIONS}}", &drows)
+        .replace("{{POLICY}}", state.policy)
         .replace("{{AGENTS}}", &rows)
         .replace("{{QDEPTH}}", &state.queue.depth.to_string())
         .replace("{{QCAP}}", &state.queue.capacity.to_string())
@@ -138,6 +193,8 @@ td,th{padding:6px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-ali
 </div>
 <h2>Admission queue: <span id="qdepth">{{QDEPTH}}</span> / <span id="qcap">{{QCAP}}</span></h2>
 <table id="queue"><thead><tr><th>priority</th><th>tenant</th><th>waiting</th></tr></thead><tbody id="queue-rows">{{QROWS}}</tbody></table>
+<h2>Last decisions <small>newest first</small></h2>
+<table id="decisions"><thead><tr><th>time</th><th>model</th><th>outcome</th><th>agent</th><th>queue wait (ms)</th><th>deciding term</th><th>candidates</th></tr></thead><tbody id="decision-rows">{{DECISIONS}}</tbody></table>
 <script>
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
 function pct(p,t){return t?100*p/t:0}
@@ -171,7 +228,13 @@ const rate=k=>h.slice(1).map((s,i)=>[s.t_ms,Math.max(0,(s[k]-h[i][k])*1000/Math.
 chart('chart-rate',[{name:'ok',points:rate('ok')},{name:'429',points:rate('rejected')},{name:'errors',points:rate('errors')}]);
 chart('chart-ttft',['ttft_p50_s','ttft_p99_s'].map(k=>({name:k,points:h.filter(s=>s[k]!==null).map(s=>[s.t_ms,s[k]])})));
 document.body.dataset.samples=h.length;}catch(e){}}
-setInterval(refresh,1000);refresh();setInterval(history,2000);history();
+function drow(d){const r=d.route||{};const dc=r.deciding?`${r.deciding.term} by ${r.deciding.lead} over ${r.deciding.over}`:'';
+const cs=(r.candidates||[]).map(c=>`<li>${esc(c.agent)}: score ${c.score}, cached ${c.cached_blocks}/${c.need_blocks} blocks, room ${c.room_blocks}, TTFT ${c.predicted_ttft_s} s</li>`).join('');
+return `<tr class="decision"><td class="t" data-t="${d.t_ms}">${new Date(d.t_ms).toLocaleTimeString()}</td><td>${esc(d.model)}</td><td>${d.status} ${esc(d.outcome)}</td><td>${esc(r.agent||'')}</td><td class="num">${r.queue_wait_ms??''}</td><td>${esc(dc)}</td><td><ul>${cs}</ul></td></tr>`}
+async function decisions(){try{const r=await fetch('/dashboard/decisions');const ds=(await r.json()).decisions;
+document.getElementById('decision-rows').innerHTML=ds.length?ds.map(drow).join(''):'<tr><td colspan=7>none yet</td></tr>';
+document.body.dataset.decisions=ds.length;}catch(e){}}
+setInterval(refresh,1000);refresh();setInterval(history,2000);history();setInterval(decisions,2000);decisions();
 </script>
 </body></html>
 "#;
@@ -209,6 +272,48 @@ mod tests {
             host_total_blocks: host_total,
             host_used_blocks: host_used,
         }
+    }
+
+    #[test]
+    fn a_decision_row_names_the_pick_what_decided_and_each_candidate_escaped() {
+        let d = DecisionRecord {
+            t_ms: 5,
+            model: "m<x>".into(),
+            prompt_tokens: 10,
+            output_tokens: 4,
+            status: 200,
+            outcome: "routed",
+            route: Some(serde_json::json!({
+                "agent": "a1", "queue_wait_ms": 7,
+                "deciding": {"term": "prefill_s", "lead": 0.25, "over": "a<2>"},
+                "candidates": [
+                    {"agent": "a1", "score": -0.1, "cached_blocks": 3, "need_blocks": 4, "room_blocks": 50, "predicted_ttft_s": 0.1},
+                    {"agent": "a<2>", "score": -0.35, "cached_blocks": 0, "need_blocks": 4, "room_blocks": 60, "predicted_ttft_s": 0.35}
+                ]
+            })),
+        };
+        let row = decision_row(&d);
+        assert!(
+            row.contains("m&lt;x&gt;") && row.contains("200 routed"),
+            "{row}"
+        );
+        assert!(row.contains("prefill_s by 0.25 over a&lt;2&gt;"), "{row}");
+        assert!(
+            row.contains("<li>a1: score -0.1, cached 3/4 blocks, room 50, TTFT 0.1 s</li>"),
+            "{row}"
+        );
+        assert!(row.contains(r#"<td class="num">7</td>"#), "{row}");
+        // A refusal has no route: outcome only.
+        let refused = decision_row(&DecisionRecord {
+            status: 429,
+            outcome: "queue_full",
+            route: None,
+            ..d
+        });
+        assert!(
+            refused.contains("429 queue_full") && !refused.contains("<li>"),
+            "{refused}"
+        );
     }
 
     #[test]

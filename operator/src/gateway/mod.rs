@@ -10,6 +10,7 @@ pub mod auth;
 pub mod capacity;
 pub mod config;
 pub mod dashboard;
+pub mod decisions;
 pub mod error;
 pub mod history;
 pub mod metrics;

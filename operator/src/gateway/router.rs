@@ -99,12 +99,7 @@ fn trace_of(cluster: &Cluster, cfg: &PolicyConfig, req: &RouteRequest<'_>) -> Ve
         .collect()
 }
 
-/// One candidate agent of a routing decision, for a decision trace.
-#[derive(Debug, Clone)]
-pub struct TraceEntry {
-    pub agent_id: String,
-    pub trace: kvroute_routing::pipeline::CandidateTrace,
-}
+pub use super::decisions::TraceEntry;
 
 /// A waiting request's prefix hold (see [`HoldAction`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -594,6 +589,29 @@ impl Router {
         };
         let name = route.map(|slot| agent_name(&core.cluster, slot));
         (kind, name, trace)
+    }
+
+    /// The policy `model` is routed by, and its scorers with their weights, for decision traces.
+    pub fn policy_of(&self, model: &str) -> (PolicyConfig, Vec<super::decisions::ScorerInfo>) {
+        let core = self.lock();
+        let cfg = core
+            .settings
+            .get(model)
+            .map_or(self.defaults.policy, |s| s.policy);
+        let scorers = kvroute_routing::pipeline::Preset::of(&cfg)
+            .scorers
+            .as_slice()
+            .iter()
+            .map(|&(id, weight)| super::decisions::ScorerInfo {
+                name: core
+                    .cluster
+                    .scorers()
+                    .name(id)
+                    .map_or_else(|| format!("scorer-{}", id.0), str::to_string),
+                weight,
+            })
+            .collect();
+        (cfg, scorers)
     }
 
     /// The router's clock: milliseconds since it was created (monotonic).

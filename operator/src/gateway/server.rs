@@ -23,6 +23,7 @@ use super::auth;
 use super::capacity::WatchSettings;
 use super::config::{AuthConfig, GatewayConfig};
 use super::dashboard::{self, DashboardState};
+use super::decisions;
 use super::error::Error;
 use super::metrics::{self, Metrics};
 use super::prompt::{self, Endpoint, ModelCatalog, ModelInfo};
@@ -47,6 +48,8 @@ pub struct Gateway {
     quotas: Arc<quota::Quotas>,
     /// The dashboard's last 15 minutes.
     history: super::history::History,
+    /// The dashboard's last routing decisions.
+    decisions: super::decisions::Decisions,
     /// Set by [`RunningGateway::drain`]: `/ready` answers 503 so no new traffic is sent here.
     draining: std::sync::atomic::AtomicBool,
 }
@@ -110,6 +113,7 @@ impl RunningGateway {
 impl Gateway {
     /// A gateway for `config`; fails when its API key file cannot be read.
     pub fn new(config: GatewayConfig) -> Result<Arc<Self>, ServeError> {
+        let decision_log = config.decision_log;
         let auth = match &config.auth {
             AuthConfig::Off => {
                 tracing::warn!("API keys are off (--auth off): anyone who reaches this gateway may use it and set its priority and tenant headers");
@@ -139,6 +143,7 @@ impl Gateway {
             auth,
             quotas: Arc::new(quota::Quotas::default()),
             history: super::history::History::default(),
+            decisions: super::decisions::Decisions::new(decision_log),
         }))
     }
 
@@ -387,6 +392,10 @@ impl Gateway {
         } = caller;
         self.metrics
             .add_tenant_tokens(&tenant, plan.prompt_tokens + plan.output_tokens);
+        let traced = debug || self.decisions.enabled();
+        // Every exit of the routing loop below is this block's value (a refusal is recorded
+        // for the dashboard after it).
+        let outcome: Result<Response, Error> = async {
         let mut no_room_retries = 0u32;
         let deadline = Instant::now() + settings.queue_timeout;
         let retry_after_s = settings.queue_timeout.as_secs().clamp(1, 30);
@@ -409,7 +418,7 @@ impl Gateway {
                     priority,
                     &tenant,
                     remaining,
-                    debug,
+                    traced,
                 )
                 .await
             {
@@ -526,17 +535,32 @@ impl Gateway {
                         let waited = settings
                             .queue_timeout
                             .saturating_sub(deadline.saturating_duration_since(Instant::now()));
-                        let json = route_trace_json(
-                            self.config.policy.kind.as_str(),
-                            &admitted.agent_id,
-                            attempt + 1,
-                            no_room_retries,
-                            waited,
+                        let (cfg, scorers) = self.router.policy_of(&model);
+                        let json = decisions::trace_json(
+                            &decisions::TraceHead {
+                                policy: cfg.kind.as_str(),
+                                scorers: &scorers,
+                                cost: cfg.cost,
+                                agent: &admitted.agent_id,
+                                attempts: attempt + 1,
+                                no_room_retries,
+                                waited,
+                            },
                             &trace,
                         );
-                        if let Ok(v) = hyper::header::HeaderValue::from_str(&json.to_string()) {
-                            resp.headers_mut().insert(ROUTE_HEADER, v);
+                        if debug {
+                            if let Ok(v) = hyper::header::HeaderValue::from_str(&json.to_string())
+                            {
+                                resp.headers_mut().insert(ROUTE_HEADER, v);
+                            }
                         }
+                        self.record(
+                            &model,
+                            &plan,
+                            resp.status().as_u16(),
+                            "routed",
+                            Some(json),
+                        );
                     }
                     return Ok(match permit {
                         // The key's request counts as in flight until its body ends.
@@ -566,6 +590,42 @@ impl Gateway {
             }
         }
         Err(Error::Upstream(last_error))
+        }
+        .await;
+        if let Err(e) = &outcome {
+            self.record(&model, &plan, e.status().as_u16(), refusal_of(e), None);
+        }
+        outcome
+    }
+
+    /// Keeps a request's decision for the dashboard ([`super::decisions`]).
+    fn record(
+        &self,
+        model: &str,
+        plan: &super::types::PromptPlan,
+        status: u16,
+        outcome: &'static str,
+        route: Option<serde_json::Value>,
+    ) {
+        self.decisions.push(decisions::DecisionRecord {
+            t_ms: decisions::unix_ms(),
+            model: model.to_string(),
+            prompt_tokens: plan.prompt_tokens,
+            output_tokens: plan.output_tokens,
+            status,
+            outcome,
+            route,
+        });
+    }
+}
+
+/// The dashboard's word for why a request got no answer from an agent.
+fn refusal_of(e: &Error) -> &'static str {
+    match e {
+        Error::QueueFull { .. } => "queue_full",
+        Error::QueueTimeout { .. } => "queue_timeout",
+        Error::Upstream(_) => "upstream_failed",
+        _ => "rejected",
     }
 }
 
@@ -674,7 +734,18 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn dashboard_page(State(gw): State<Arc<Gateway>>) -> Html<String> {
-    Html(dashboard::render(&gw.dashboard_state()))
+    Html(dashboard::render(
+        &gw.dashboard_state(),
+        &gw.decisions.recent(),
+    ))
+}
+
+async fn dashboard_decisions(State(gw): State<Arc<Gateway>>) -> Response {
+    axum::Json(serde_json::json!({
+        "capacity": gw.decisions.capacity(),
+        "decisions": gw.decisions.recent(),
+    }))
+    .into_response()
 }
 
 async fn dashboard_json(State(gw): State<Arc<Gateway>>) -> Response {
@@ -730,6 +801,7 @@ pub fn app(gw: Arc<Gateway>) -> HttpRouter {
         .route("/dashboard", get(dashboard_page))
         .route("/dashboard/state", get(dashboard_json))
         .route("/dashboard/history", get(dashboard_history))
+        .route("/dashboard/decisions", get(dashboard_decisions))
         .fallback(not_found)
         .with_state(gw)
 }
@@ -806,59 +878,6 @@ pub const DEBUG_HEADER: &str = "x-kvroute-debug";
 /// The response header with the routing decision, as compact JSON.
 pub const ROUTE_HEADER: &str = "x-kvroute-route";
 
-/// Most candidates a decision trace lists (the header stays a few KiB).
-pub const TRACE_MAX_CANDIDATES: usize = 32;
-
-/// The routing decision of a request as JSON: the policy, the agent picked, the attempts and
-/// no-room re-routes it took, the time it waited, and each candidate with its score and the
-/// cost model's terms (seconds).
-fn route_trace_json(
-    policy: &str,
-    agent: &str,
-    attempts: u32,
-    no_room_retries: u32,
-    waited: Duration,
-    trace: &[super::router::TraceEntry],
-) -> serde_json::Value {
-    serde_json::json!({
-        "policy": policy,
-        "agent": agent,
-        "attempts": attempts,
-        "no_room_retries": no_room_retries,
-        "queue_wait_ms": waited.as_millis() as u64,
-        "candidates": candidates_json(trace),
-        "candidates_total": trace.len(),
-    })
-}
-
-/// The candidates of a decision trace (at most [`TRACE_MAX_CANDIDATES`]).
-fn candidates_json(trace: &[super::router::TraceEntry]) -> Vec<serde_json::Value> {
-    let r3 = |x: f64| (x * 1e3).round() / 1e3;
-    trace
-        .iter()
-        .take(TRACE_MAX_CANDIDATES)
-        .map(|t| {
-            let (c, e) = (&t.trace.candidate, &t.trace.estimate);
-            serde_json::json!({
-                "agent": t.agent_id,
-                "score": r3(t.trace.score),
-                "need_blocks": c.need_blocks,
-                "cached_blocks": c.cached_blocks,
-                "local_blocks": c.local_blocks,
-                "host_blocks": c.host_blocks,
-                "room_blocks": c.room,
-                "prefill_tokens": c.prefill_tokens,
-                "predicted_ttft_s": r3(e.ttft_s()),
-                "wait_s": r3(e.wait_s),
-                "prefill_s": r3(e.prefill_s),
-                "duplicate_s": r3(e.duplicate_s),
-                "decode_s": r3(e.decode_s),
-                "move_s": r3(e.move_s),
-            })
-        })
-        .collect()
-}
-
 /// `POST /v1/kvroute/explain`: what the gateway would do with this OpenAI request body now,
 /// without sending or reserving anything (`kvroute explain`). Same keys as the debug header.
 async fn explain(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
@@ -900,15 +919,27 @@ async fn explain(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body)
         Err(e) => return e.into_response(),
     };
     let (kind, agent, trace) = gw.router.explain_now(&plan);
+    let (cfg, scorers) = gw.router.policy_of(&plan.model);
+    let head = decisions::TraceHead {
+        policy: cfg.kind.as_str(),
+        scorers: &scorers,
+        cost: cfg.cost,
+        agent: agent.as_deref().unwrap_or(""),
+        attempts: 0,
+        no_room_retries: 0,
+        waited: Duration::ZERO,
+    };
     axum::Json(serde_json::json!({
-        "policy": gw.config.policy.kind.as_str(),
+        "policy": cfg.kind.as_str(),
         "decision": kind,
         "agent": agent,
         "prompt_tokens": plan.prompt_tokens,
         "output_tokens": plan.output_tokens,
         "prompt_blocks": plan.block_hashes.len(),
         "tokenized": info.as_deref().is_some_and(|i| i.tokenizer.is_some()),
-        "candidates": candidates_json(&trace),
+        "scorers": scorers.iter().map(|s| serde_json::json!({"name": s.name, "weight": s.weight})).collect::<Vec<_>>(),
+        "deciding": decisions::deciding(&head, &trace),
+        "candidates": decisions::candidates_json(&trace, scorers.len()),
         "candidates_total": trace.len(),
     }))
     .into_response()
