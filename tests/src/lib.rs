@@ -7,6 +7,8 @@
 //! stdout, so tests never race for ports. Every spawned process is killed when its handle drops.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod chromium;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

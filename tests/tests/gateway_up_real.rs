@@ -3,7 +3,7 @@
 //! gateway (completions and chat, plain and streamed, greedy), the answers come from the model
 //! (the greedy completion starts with llama.cpp's first token), and SIGTERM stops the whole tree.
 //! Its stdout is a pipe, so its status block comes as plain lines (`up_terminal_real` has the
-//! terminal).
+//! terminal). Its dashboard after that load is checked in headless Chromium against `/metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
@@ -17,6 +17,81 @@ fn alive(pid: u32) -> bool {
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))
             .unwrap_or(false)
+}
+
+/// `kvroute up`'s dashboard after the client's requests, in headless Chromium: the history's
+/// last sample counts the answered requests `/metrics` counts, the page draws a KV line per
+/// agent and lists every decision `/dashboard/decisions` has, and a screenshot is taken.
+fn dashboard_under_load(rt: &tokio::runtime::Runtime, url: &str) {
+    let gw: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let text = |path: &str| rt.block_on(kvroute_tests::try_get_text(gw, path)).unwrap();
+    let answered = |metrics: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("kvroute_gateway_requests_total{") && l.contains("status=\"200\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (ok, sample) = loop {
+        let ok = answered(&text("/metrics"));
+        let h: serde_json::Value = serde_json::from_str(&text("/dashboard/history")).unwrap();
+        let last = h["samples"].as_array().and_then(|s| s.last()).cloned();
+        if let Some(last) = last.filter(|l| l["ok"].as_f64() == Some(ok)) {
+            break (ok, last);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no history sample counts {ok} answered: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        ok >= 4.0,
+        "the client's four generations were answered: {ok}"
+    );
+    assert_eq!(
+        sample["agents"].as_array().map(Vec::len),
+        Some(2),
+        "{sample}"
+    );
+    let log: serde_json::Value = serde_json::from_str(&text("/dashboard/decisions")).unwrap();
+    let decisions = log["decisions"].as_array().unwrap();
+    // The client's four generations, routed, and its request for a model nobody serves,
+    // refused (`/metrics` counts its model list among the answered too).
+    let routed = decisions
+        .iter()
+        .filter(|d| d["outcome"] == "routed")
+        .count();
+    assert_eq!(routed, 4, "{log}");
+    assert!(
+        decisions
+            .iter()
+            .any(|d| d["outcome"] == "rejected" && d["status"] == 404 && d["route"].is_null()),
+        "{log}"
+    );
+
+    let scratch = std::env::temp_dir();
+    let page = format!("{url}/dashboard");
+    let dom = kvroute_tests::chromium::run_chromium(&page, &["--dump-dom"], &scratch);
+    for agent in ["agent-1", "agent-2"] {
+        assert!(
+            dom.contains(&format!("class=\"series\" data-name=\"{agent}\"")),
+            "no KV line for {agent}: {dom}"
+        );
+    }
+    assert!(
+        dom.contains(&format!("data-decisions=\"{}\"", decisions.len())),
+        "{dom}"
+    );
+    let shot = scratch.join(format!("kvroute-up-dashboard-{}.png", std::process::id()));
+    let arg = format!("--screenshot={}", shot.display());
+    kvroute_tests::chromium::run_chromium(&page, &[&arg], &scratch);
+    let png = std::fs::read(&shot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let _ = std::fs::remove_file(&shot);
 }
 
 #[test]
@@ -107,16 +182,18 @@ fn up_with_real_agents_serves_the_openai_client_and_stops_cleanly() {
     assert!(!out["chat"]["text"].as_str().unwrap().is_empty(), "{out}");
     assert_eq!(out["chat_stream"]["text"], out["chat"]["text"]);
 
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    dashboard_under_load(&rt, &url);
+
     // The agents serve only this run's gateway: straight to one, no token, 401.
     assert_eq!(agent_urls.len(), 2, "{agent_urls:?}");
     let addr: std::net::SocketAddr = agent_urls[0].trim_start_matches("http://").parse().unwrap();
     let body =
         serde_json::to_vec(&serde_json::json!({"model": model, "prompt": "Hi", "max_tokens": 1}))
             .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let (status, _) = rt.block_on(kvroute_tests::call(addr, "POST", "/v1/completions", body));
     assert_eq!(
         status, 401,

@@ -445,6 +445,11 @@ impl Gateway {
                     return Err(Error::from_reject(&model, r));
                 }
             };
+            // Time since arrival (queue wait and earlier attempts), taken at admission: the
+            // agent's answer below may take the whole prefill.
+            let waited = settings
+                .queue_timeout
+                .saturating_sub(deadline.saturating_duration_since(Instant::now()));
             let mut req = proxy::upstream_request(
                 &admitted.endpoint,
                 path,
@@ -511,10 +516,7 @@ impl Gateway {
                         cached = admitted.route.cached_blocks,
                         prefill = admitted.route.prefill_tokens,
                         predicted_ttft_ms = (admitted.route.predicted_ttft_s * 1e3) as u64,
-                        waited_ms = settings
-                            .queue_timeout
-                            .saturating_sub(deadline.saturating_duration_since(Instant::now()))
-                            .as_millis() as u64,
+                        waited_ms = waited.as_millis() as u64,
                         prefix = plan.block_hashes.first().map_or(0, |h| h % 10_000),
                         "routed"
                     );
@@ -532,9 +534,6 @@ impl Gateway {
                     );
                     let mut resp = resp;
                     if let Some(trace) = admitted.trace.take() {
-                        let waited = settings
-                            .queue_timeout
-                            .saturating_sub(deadline.saturating_duration_since(Instant::now()));
                         let (cfg, scorers) = self.router.policy_of(&model);
                         let json = decisions::trace_json(
                             &decisions::TraceHead {
