@@ -228,13 +228,7 @@ impl Cluster {
             let local_any = reported.max(inflight.get(slot).copied().unwrap_or(0));
             let reachable = reach.get(slot).copied().unwrap_or(0);
             best_local = best_local.max(u64::from(local_any.max(reachable)));
-            if !h.live
-                || h.model != model
-                || now_ms.saturating_sub(h.last_report_ms) > cfg.stale_after_ms
-                || (h.max_model_len > 0 && req.prompt_tokens >= u64::from(h.max_model_len))
-                || req.exclude.contains(&slot)
-                || has_bit(req.claimed, slot)
-            {
+            if first_filters(h, slot, model, req, cfg, now_ms).is_some() {
                 continue;
             }
             if sized.0 != h.block_size {
@@ -440,6 +434,112 @@ impl Cluster {
                         &cfg.cost,
                     ),
                 })
+            })
+            .collect()
+    }
+}
+
+/// Why the pipeline's filters left an agent out of a decision's candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not connected, or no report in its current epoch.
+    Down,
+    /// Serves another model.
+    OtherModel,
+    /// Its last report is older than `stale_after_ms`.
+    Stale,
+    /// The prompt reaches its `max_model_len`.
+    PromptTooLong,
+    /// Excluded by the request (a retry after it failed there).
+    Excluded,
+    /// Claimed by an earlier queued request.
+    Claimed,
+    /// Its whole pool cannot hold the prompt.
+    PoolTooSmall,
+    /// No room now, and the preset (or the request) does not wait for room.
+    NoRoom,
+    /// Round-robin took the first eligible agent from its cursor; this one was not looked at.
+    NotTried,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Down => "down",
+            Verdict::OtherModel => "other_model",
+            Verdict::Stale => "stale",
+            Verdict::PromptTooLong => "prompt_too_long",
+            Verdict::Excluded => "excluded",
+            Verdict::Claimed => "claimed",
+            Verdict::PoolTooSmall => "pool_too_small",
+            Verdict::NoRoom => "no_room",
+            Verdict::NotTried => "not_tried",
+        }
+    }
+}
+
+/// The filters that need nothing of the request's size on the agent, in order; the first that
+/// leaves agent `slot` out.
+#[inline]
+fn first_filters(
+    h: &crate::scorer::AgentView,
+    slot: usize,
+    model: u32,
+    req: &RouteRequest<'_>,
+    cfg: &PolicyConfig,
+    now_ms: u64,
+) -> Option<Verdict> {
+    if !h.live {
+        Some(Verdict::Down)
+    } else if h.model != model {
+        Some(Verdict::OtherModel)
+    } else if now_ms.saturating_sub(h.last_report_ms) > cfg.stale_after_ms {
+        Some(Verdict::Stale)
+    } else if h.max_model_len > 0 && req.prompt_tokens >= u64::from(h.max_model_len) {
+        Some(Verdict::PromptTooLong)
+    } else if req.exclude.contains(&slot) {
+        Some(Verdict::Excluded)
+    } else if has_bit(req.claimed, slot) {
+        Some(Verdict::Claimed)
+    } else {
+        None
+    }
+}
+
+impl Cluster {
+    /// The agents serving `req`'s model that the last [`decide`](Cluster::decide) for `req`
+    /// (same `cfg`, `req` and `now_ms`, called right after) left out of its candidates, with
+    /// why. For decision traces: it allocates.
+    pub fn filter_verdicts(
+        &self,
+        cfg: &PolicyConfig,
+        req: &RouteRequest<'_>,
+        now_ms: u64,
+    ) -> Vec<(usize, Verdict)> {
+        let Some(model) = self.models.iter().position(|m| m == req.model) else {
+            return Vec::new();
+        };
+        let preset = Preset::of(cfg);
+        let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
+        let candidates = &self.pipeline.candidates;
+        slots
+            .iter()
+            .map(|&s| s as usize)
+            .filter(|s| !candidates.iter().any(|c| c.slot == *s))
+            .filter_map(|slot| {
+                let h = self.hot.get(slot)?;
+                let verdict = first_filters(h, slot, model as u32, req, cfg, now_ms)
+                    .or_else(|| {
+                        let prompt_min =
+                            crate::policy::blocks_for(req.prompt_tokens + 1, h.block_size);
+                        (prompt_min > h.total).then_some(Verdict::PoolTooSmall)
+                    })
+                    .unwrap_or(if preset.picker == Picker::RoundRobin {
+                        Verdict::NotTried
+                    } else {
+                        Verdict::NoRoom
+                    });
+                Some((slot, verdict))
             })
             .collect()
     }

@@ -167,6 +167,71 @@ fn explain_gives_each_scorers_value_whose_weighted_sum_is_the_score() {
     assert_eq!(trace[1].values[0], trace[2].values[0], "{trace:?}");
 }
 
+#[test]
+fn filter_verdicts_say_why_each_agent_was_left_out() {
+    use crate::pipeline::Verdict;
+    // a0 fits; a1 is disconnected; a2's pool is too small for the prompt; a3 has no room now;
+    // a4 is excluded; a5's max_model_len is below the prompt; a6 last reported long ago.
+    let now = 10_000;
+    let mut c = Cluster::new();
+    for (i, total, free, max_len) in [
+        (0, 100, 90, 100_000),
+        (1, 100, 90, 100_000),
+        (2, 3, 3, 100_000),
+        (3, 100, 0, 100_000),
+        (4, 100, 90, 100_000),
+        (5, 100, 90, 50),
+        (6, 100, 90, 100_000),
+    ] {
+        let id = format!("a{i}");
+        let s = c.upsert_agent(&id);
+        let at = if i == 6 { 0 } else { now };
+        c.apply_report(
+            s,
+            Report {
+                max_model_len: max_len,
+                ..report(&id, 1, total, free)
+            },
+            at,
+        );
+    }
+    c.set_disconnected(1);
+    let exclude = [4usize];
+    let r = RouteRequest {
+        exclude: &exclude,
+        ..req(70, 16, &[])
+    };
+    let verdicts = |c: &mut Cluster, kind| {
+        let cfg = PolicyConfig {
+            kind,
+            ..PolicyConfig::default()
+        };
+        let d = c.decide(&cfg, &r, now, &mut SplitMix64(1));
+        (d, c.filter_verdicts(&cfg, &r, now))
+    };
+    let (d, v) = verdicts(&mut c, PolicyKind::KvScore);
+    assert!(matches!(d, Decision::Route(ref x) if x.slot == 0), "{d:?}");
+    assert_eq!(
+        v,
+        [
+            (1, Verdict::Down),
+            (2, Verdict::PoolTooSmall),
+            (3, Verdict::NoRoom),
+            (4, Verdict::Excluded),
+            (5, Verdict::PromptTooLong),
+            (6, Verdict::Stale),
+        ]
+    );
+    // kv may wait for room: a3 is a candidate there, not filtered.
+    let (_, v) = verdicts(&mut c, PolicyKind::Kv);
+    assert!(v.iter().all(|&(s, _)| s != 3), "{v:?}");
+    assert_eq!(v.len(), 5, "{v:?}");
+    // Round-robin stops at the first eligible agent: the others were not tried.
+    let (_, v) = verdicts(&mut c, PolicyKind::RoundRobin);
+    assert!(v.contains(&(3, Verdict::NotTried)), "{v:?}");
+    assert!(v.contains(&(1, Verdict::Down)), "{v:?}");
+}
+
 /// Two measured agents: a0 caches a 15-block prefix; `free0`/`free1` blocks of room.
 fn locality_cluster(free0: u64, free1: u64) -> Cluster {
     let mut c = Cluster::new();

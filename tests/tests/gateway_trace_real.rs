@@ -231,3 +231,41 @@ async fn the_decision_log_shows_the_prefix_deciding_the_second_request_of_each_g
         );
     }
 }
+
+/// An agent whose whole KV pool cannot hold the prompt (it reports as its `max_model_len` the
+/// tokens its pool holds) is left out by the filters, and the trace says so (`filtered`),
+/// beside the candidate that served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_names_the_agents_the_filters_left_out_and_why() {
+    let a = Agent::spawn(AgentOpts::default());
+    let tiny = Agent::spawn(AgentOpts {
+        kv_memory: "1MiB",
+        extra: vec!["--agent-id".into(), "tiny".into()],
+    });
+    let gw = Gateway::spawn(&[&a, &tiny], &["--policy", "kv"]).await;
+    let prompt = "A long prompt about the sea and its many moods. ".repeat(30);
+    let body = serde_json::to_vec(
+        &json!({"model": a.model, "prompt": prompt, "max_tokens": 2, "temperature": 0}),
+    )
+    .unwrap();
+    let resp = send_with(
+        gw.addr,
+        "POST",
+        "/v1/completions",
+        &[("x-kvroute-debug", "1")],
+        body,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let trace: Value =
+        serde_json::from_str(resp.headers()["x-kvroute-route"].to_str().unwrap()).unwrap();
+    let _ = resp.into_body().collect().await.unwrap();
+    assert_eq!(trace["agent"], "process-test", "{trace}");
+    assert_eq!(trace["candidates"].as_array().unwrap().len(), 1, "{trace}");
+    assert_eq!(
+        trace["filtered"],
+        json!([{"agent": "tiny", "verdict": "prompt_too_long"}]),
+        "{trace}"
+    );
+    assert!(trace["deciding"].is_null(), "one candidate: {trace}");
+}

@@ -135,6 +135,22 @@ fn decision_row(d: &DecisionRecord) -> String {
                 .collect()
         })
         .unwrap_or_default();
+    let filtered: String = get("filtered")
+        .and_then(|c| c.as_array())
+        .map(|fs| {
+            fs.iter()
+                .map(|f| {
+                    let s = |k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or("");
+                    format!(
+                        r#"<li class="filtered">{}: left out, {}</li>"#,
+                        esc(s("agent")),
+                        esc(s("verdict"))
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let candidates = candidates + &filtered;
     format!(
         r#"<tr class="decision"><td class="t" data-t="{t}">{t}</td><td>{model}</td><td>{status} {outcome}</td><td>{agent}</td><td class="num">{waited}</td><td>{deciding}</td><td><ul>{candidates}</ul></td></tr>"#,
         t = d.t_ms,
@@ -229,7 +245,8 @@ chart('chart-rate',[{name:'ok',points:rate('ok')},{name:'429',points:rate('rejec
 chart('chart-ttft',['ttft_p50_s','ttft_p99_s'].map(k=>({name:k,points:h.filter(s=>s[k]!==null).map(s=>[s.t_ms,s[k]])})));
 document.body.dataset.samples=h.length;}catch(e){}}
 function drow(d){const r=d.route||{};const dc=r.deciding?`${r.deciding.term} by ${r.deciding.lead} over ${r.deciding.over}`:'';
-const cs=(r.candidates||[]).map(c=>`<li>${esc(c.agent)}: score ${c.score}, cached ${c.cached_blocks}/${c.need_blocks} blocks, room ${c.room_blocks}, TTFT ${c.predicted_ttft_s} s</li>`).join('');
+const cs=(r.candidates||[]).map(c=>`<li>${esc(c.agent)}: score ${c.score}, cached ${c.cached_blocks}/${c.need_blocks} blocks, room ${c.room_blocks}, TTFT ${c.predicted_ttft_s} s</li>`).join('')+
+(r.filtered||[]).map(f=>`<li class="filtered">${esc(f.agent)}: left out, ${esc(f.verdict)}</li>`).join('');
 return `<tr class="decision"><td class="t" data-t="${d.t_ms}">${new Date(d.t_ms).toLocaleTimeString()}</td><td>${esc(d.model)}</td><td>${d.status} ${esc(d.outcome)}</td><td>${esc(r.agent||'')}</td><td class="num">${r.queue_wait_ms??''}</td><td>${esc(dc)}</td><td><ul>${cs}</ul></td></tr>`}
 async function decisions(){try{const r=await fetch('/dashboard/decisions');const ds=(await r.json()).decisions;
 document.getElementById('decision-rows').innerHTML=ds.length?ds.map(drow).join(''):'<tr><td colspan=7>none yet</td></tr>';
@@ -289,7 +306,8 @@ mod tests {
                 "candidates": [
                     {"agent": "a1", "score": -0.1, "cached_blocks": 3, "need_blocks": 4, "room_blocks": 50, "predicted_ttft_s": 0.1},
                     {"agent": "a<2>", "score": -0.35, "cached_blocks": 0, "need_blocks": 4, "room_blocks": 60, "predicted_ttft_s": 0.35}
-                ]
+                ],
+                "filtered": [{"agent": "a3", "verdict": "stale"}]
             })),
         };
         let row = decision_row(&d);
@@ -303,6 +321,10 @@ mod tests {
             "{row}"
         );
         assert!(row.contains(r#"<td class="num">7</td>"#), "{row}");
+        assert!(
+            row.contains(r#"<li class="filtered">a3: left out, stale</li>"#),
+            "{row}"
+        );
         // A refusal has no route: outcome only.
         let refused = decision_row(&DecisionRecord {
             status: 429,

@@ -18,6 +18,14 @@ use serde_json::{json, Value};
 
 use kvroute_routing::cost::CostWeights;
 
+/// A routing decision's candidates, and the agents of its model the filters left out (agent id,
+/// why: [`kvroute_routing::pipeline::Verdict`]).
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    pub candidates: Vec<TraceEntry>,
+    pub filtered: Vec<(String, &'static str)>,
+}
+
 /// One candidate agent of a routing decision, for a decision trace.
 #[derive(Debug, Clone)]
 pub struct TraceEntry {
@@ -59,7 +67,8 @@ fn r3(x: f64) -> f64 {
 }
 
 /// The routing decision of a request as JSON.
-pub fn trace_json(head: &TraceHead<'_>, trace: &[TraceEntry]) -> Value {
+pub fn trace_json(head: &TraceHead<'_>, t: &Trace) -> Value {
+    let trace = &t.candidates;
     json!({
         "policy": head.policy,
         "scorers": head.scorers.iter().map(|s| json!({"name": s.name, "weight": s.weight})).collect::<Vec<_>>(),
@@ -70,7 +79,17 @@ pub fn trace_json(head: &TraceHead<'_>, trace: &[TraceEntry]) -> Value {
         "deciding": deciding(head, trace),
         "candidates": candidates_json(trace, head.scorers.len()),
         "candidates_total": trace.len(),
+        "filtered": filtered_json(&t.filtered),
     })
+}
+
+/// The agents the filters left out, with why (at most [`TRACE_MAX_CANDIDATES`]).
+pub fn filtered_json(filtered: &[(String, &'static str)]) -> Vec<Value> {
+    filtered
+        .iter()
+        .take(TRACE_MAX_CANDIDATES)
+        .map(|(agent, why)| json!({"agent": agent, "verdict": why}))
+        .collect()
 }
 
 /// The candidates of a decision trace, best score first (at most [`TRACE_MAX_CANDIDATES`]: a
@@ -320,7 +339,14 @@ mod tests {
         let d = deciding(&head(&scorers, "a"), &trace).unwrap_or_default();
         assert_eq!(d["term"], "prefix", "{d}");
         assert_eq!(d["lead"], 1.8, "{d}");
-        let v = trace_json(&head(&scorers, "a"), &trace);
+        let v = trace_json(
+            &head(&scorers, "a"),
+            &Trace {
+                candidates: trace.to_vec(),
+                filtered: vec![("c".into(), "stale")],
+            },
+        );
+        assert_eq!(v["filtered"], json!([{"agent": "c", "verdict": "stale"}]));
         assert_eq!(v["scorers"][0], json!({"name": "prefix", "weight": 2.0}));
         assert_eq!(v["candidates"][1]["values"], json!([0.0, 0.8]));
         // Best score first, whatever order the pipeline scored them in.

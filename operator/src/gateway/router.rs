@@ -88,18 +88,33 @@ fn agent_name(cluster: &Cluster, slot: Slot) -> String {
 }
 
 /// The candidates of the decision `cluster` just made for `req`, named.
-fn trace_of(cluster: &Cluster, cfg: &PolicyConfig, req: &RouteRequest<'_>) -> Vec<TraceEntry> {
-    cluster
-        .explain(cfg, req)
-        .into_iter()
-        .map(|t| TraceEntry {
-            agent_id: agent_name(cluster, t.candidate.slot),
-            trace: t,
-        })
-        .collect()
+/// `filters_req` is what the filters saw (with the claims of requests queued before it); the
+/// estimates read `req` (claims and holds already applied to the candidates' room).
+fn trace_of(
+    cluster: &Cluster,
+    cfg: &PolicyConfig,
+    req: &RouteRequest<'_>,
+    filters_req: &RouteRequest<'_>,
+    now_ms: u64,
+) -> Trace {
+    Trace {
+        candidates: cluster
+            .explain(cfg, req)
+            .into_iter()
+            .map(|t| TraceEntry {
+                agent_id: agent_name(cluster, t.candidate.slot),
+                trace: t,
+            })
+            .collect(),
+        filtered: cluster
+            .filter_verdicts(cfg, filters_req, now_ms)
+            .into_iter()
+            .map(|(slot, v)| (agent_name(cluster, slot), v.as_str()))
+            .collect(),
+    }
 }
 
-pub use super::decisions::TraceEntry;
+pub use super::decisions::{Trace, TraceEntry};
 
 /// A waiting request's prefix hold (see [`HoldAction`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,7 +262,7 @@ pub struct Admitted {
     /// The prefix hold the agent keeps for this request (sent as `x-kvroute-hold`).
     pub hold: Option<u64>,
     /// Every candidate of the decision that routed it, when asked for.
-    pub trace: Option<Vec<TraceEntry>>,
+    pub trace: Option<Trace>,
 }
 
 impl std::fmt::Debug for Admitted {
@@ -563,10 +578,7 @@ impl Router {
     /// decision's kind (`route`, `hold`: wait for that agent, `wait`: for any, `reject`), the
     /// agent it names, and every candidate. Requests already queued are not counted against
     /// the room (they may be admitted first).
-    pub fn explain_now(
-        &self,
-        plan: &PromptPlan,
-    ) -> (&'static str, Option<String>, Vec<TraceEntry>) {
+    pub fn explain_now(&self, plan: &PromptPlan) -> (&'static str, Option<String>, Trace) {
         let mut core = self.lock();
         let cfg = core
             .settings
@@ -583,9 +595,9 @@ impl Router {
             Decision::Reject(_) => ("reject", None),
         };
         let trace = if route.is_some() {
-            trace_of(&core.cluster, &cfg, &req)
+            trace_of(&core.cluster, &cfg, &req, &req, now)
         } else {
-            Vec::new()
+            Trace::default()
         };
         let name = route.map(|slot| agent_name(&core.cluster, slot));
         (kind, name, trace)
@@ -903,11 +915,12 @@ impl Router {
                     // What the estimates read of the request (its claims and holds were already
                     // applied to the candidates' room).
                     let trace = w.trace.then(|| {
-                        trace_of(
-                            &core.cluster,
-                            &cfg,
-                            &route_request(&w.plan, &w.exclude, may_hold, w.home.get()),
-                        )
+                        let req = route_request(&w.plan, &w.exclude, may_hold, w.home.get());
+                        let filters_req = RouteRequest {
+                            claimed: &claimed,
+                            ..req
+                        };
+                        trace_of(&core.cluster, &cfg, &req, &filters_req, now)
                     });
                     let hold = self.end_hold(core, w, Some(route.slot));
                     tracing::debug!(

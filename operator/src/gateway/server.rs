@@ -937,9 +937,10 @@ async fn explain(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body)
         "prompt_blocks": plan.block_hashes.len(),
         "tokenized": info.as_deref().is_some_and(|i| i.tokenizer.is_some()),
         "scorers": scorers.iter().map(|s| serde_json::json!({"name": s.name, "weight": s.weight})).collect::<Vec<_>>(),
-        "deciding": decisions::deciding(&head, &trace),
-        "candidates": decisions::candidates_json(&trace, scorers.len()),
-        "candidates_total": trace.len(),
+        "deciding": decisions::deciding(&head, &trace.candidates),
+        "candidates": decisions::candidates_json(&trace.candidates, scorers.len()),
+        "candidates_total": trace.candidates.len(),
+        "filtered": decisions::filtered_json(&trace.filtered),
     }))
     .into_response()
 }
