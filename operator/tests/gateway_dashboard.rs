@@ -167,7 +167,8 @@ async fn dashboard_shows_agents_blocks_and_queue_in_chromium() {
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gateway-dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let arg = format!("--screenshot={}", shot.display());
-    tokio::task::spawn_blocking(move || run_chromium(&url, &[&arg]))
+    // Tall enough for the queue and the decision log below the charts.
+    tokio::task::spawn_blocking(move || run_chromium(&url, &[&arg, "--window-size=1280,1150"]))
         .await
         .unwrap();
     let png = std::fs::read(&shot).unwrap();

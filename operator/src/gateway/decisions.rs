@@ -161,7 +161,9 @@ pub fn deciding(head: &TraceHead<'_>, trace: &[TraceEntry]) -> Option<Value> {
         .into_iter()
         .filter(|(_, lead)| lead.is_finite() && *lead > 1e-12)
         .max_by(|a, b| a.1.total_cmp(&b.1))?;
-    Some(json!({"term": term, "lead": r3(lead), "over": other.agent_id}))
+    // Microseconds: a lead of a fraction of a millisecond still decides.
+    let lead = (lead * 1e6).round() / 1e6;
+    Some(json!({"term": term, "lead": lead, "over": other.agent_id}))
 }
 
 /// One request as the dashboard lists it.
