@@ -396,199 +396,199 @@ impl Gateway {
         // Every exit of the routing loop below is this block's value (a refusal is recorded
         // for the dashboard after it).
         let outcome: Result<Response, Error> = async {
-        let mut no_room_retries = 0u32;
-        let deadline = Instant::now() + settings.queue_timeout;
-        let retry_after_s = settings.queue_timeout.as_secs().clamp(1, 30);
-        let mut exclude = Vec::new();
-        let mut last_error = String::from("no agent tried");
-        // KV policies ask the agent to refuse rather than over-fill (another gateway replica
-        // may have filled the room this one saw); baselines let the engine queue, as they would.
-        // With `--reserve-output expected` the gateway admits on expected output on purpose;
-        // the agent's whole-future check would undo that, so it is not asked then.
-        let require_room = matches!(settings.policy.kind, PolicyKind::Kv | PolicyKind::KvScore)
-            && settings.reserve_output == prompt::ReserveOutput::Full;
-        let mut attempt = 0;
-        while attempt <= self.config.max_retries {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let mut admitted = match self
-                .router
-                .admit_traced(
-                    plan.clone(),
-                    exclude.clone(),
-                    priority,
-                    &tenant,
-                    remaining,
-                    traced,
-                )
-                .await
-            {
-                Ok(a) => a,
-                Err(AdmitError::QueueFull) => {
-                    self.metrics.count_queue_full();
-                    return Err(Error::QueueFull {
-                        retry_after_s: self.router.retry_after_s(&plan).unwrap_or(1),
-                    });
-                }
-                Err(AdmitError::Timeout) if attempt > 0 => {
-                    return Err(Error::Upstream(last_error));
-                }
-                Err(AdmitError::Timeout) => {
-                    self.metrics.count_queue_timeout();
-                    return Err(Error::QueueTimeout {
-                        retry_after_s: self.router.retry_after_s(&plan).unwrap_or(retry_after_s),
-                    });
-                }
-                Err(AdmitError::Reject(r)) => {
-                    if attempt > 0 {
+            let mut no_room_retries = 0u32;
+            let deadline = Instant::now() + settings.queue_timeout;
+            let retry_after_s = settings.queue_timeout.as_secs().clamp(1, 30);
+            let mut exclude = Vec::new();
+            let mut last_error = String::from("no agent tried");
+            // KV policies ask the agent to refuse rather than over-fill (another gateway replica
+            // may have filled the room this one saw); baselines let the engine queue, as they would.
+            // With `--reserve-output expected` the gateway admits on expected output on purpose;
+            // the agent's whole-future check would undo that, so it is not asked then.
+            let require_room = matches!(settings.policy.kind, PolicyKind::Kv | PolicyKind::KvScore)
+                && settings.reserve_output == prompt::ReserveOutput::Full;
+            let mut attempt = 0;
+            while attempt <= self.config.max_retries {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let mut admitted = match self
+                    .router
+                    .admit_traced(
+                        plan.clone(),
+                        exclude.clone(),
+                        priority,
+                        &tenant,
+                        remaining,
+                        traced,
+                    )
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(AdmitError::QueueFull) => {
+                        self.metrics.count_queue_full();
+                        return Err(Error::QueueFull {
+                            retry_after_s: self.router.retry_after_s(&plan).unwrap_or(1),
+                        });
+                    }
+                    Err(AdmitError::Timeout) if attempt > 0 => {
                         return Err(Error::Upstream(last_error));
                     }
-                    return Err(Error::from_reject(&model, r));
-                }
-            };
-            // Time since arrival (queue wait and earlier attempts), taken at admission: the
-            // agent's answer below may take the whole prefill.
-            let waited = settings
-                .queue_timeout
-                .saturating_sub(deadline.saturating_duration_since(Instant::now()));
-            let mut req = proxy::upstream_request(
-                &admitted.endpoint,
-                path,
-                &headers,
-                body.clone(),
-                self.router.agent_token(),
-            )
-            .map_err(|e| Error::Upstream(e.to_string()))?;
-            if let Some(id) = admitted.hold {
-                req.headers_mut()
-                    .insert(HOLD_HEADER, hyper::header::HeaderValue::from(id));
-            }
-            // A client's own dispatch header is never passed on: the agent would acknowledge it
-            // to whichever gateway it names.
-            req.headers_mut().remove(DISPATCH_HEADER);
-            req.headers_mut().remove(REQUIRE_ROOM_HEADER);
-            if require_room {
-                req.headers_mut().insert(
-                    REQUIRE_ROOM_HEADER,
-                    hyper::header::HeaderValue::from_static("1"),
-                );
-            }
-            if let Some(v) = admitted
-                .dispatch_header()
-                .and_then(|v| hyper::header::HeaderValue::from_str(&v).ok())
-            {
-                req.headers_mut().insert(DISPATCH_HEADER, v);
-            }
-            admitted.mark_sent();
-            let sent = std::time::Instant::now();
-            match self.client.request(req).await {
-                Ok(resp)
-                    if resp.status() == StatusCode::SERVICE_UNAVAILABLE
-                        && resp
-                            .headers()
-                            .contains_key(kvroute_contract::dispatch::DRAINING_HEADER) =>
-                {
-                    // The agent is going away and took nothing: elsewhere, now (its reports
-                    // say so too, so the policy stops picking it).
-                    tracing::debug!(agent = %admitted.agent_id, "agent is draining; routing elsewhere");
-                    exclude.push(admitted.route.slot);
-                    drop(admitted);
-                    continue;
-                }
-                Ok(resp)
-                    if resp.status() == StatusCode::SERVICE_UNAVAILABLE
-                        && resp.headers().contains_key(NO_ROOM_HEADER) =>
-                {
-                    // The agent had no room after all (another replica's requests, or a direct
-                    // client's, took it). Nothing was sent back yet: route it again once this
-                    // gateway's view has caught up (the agent's refusal is acknowledged on its
-                    // stream with the room it has now).
-                    self.metrics.count_no_room();
-                    no_room_retries += 1;
-                    tracing::debug!(agent = %admitted.agent_id, "agent had no room; routing again");
-                    drop(admitted);
-                    tokio::time::sleep(NO_ROOM_PAUSE).await;
-                    continue;
-                }
-                Ok(resp) => {
-                    tracing::debug!(
-                        agent = %admitted.agent_id,
-                        need = admitted.route.need_blocks,
-                        cached = admitted.route.cached_blocks,
-                        prefill = admitted.route.prefill_tokens,
-                        predicted_ttft_ms = (admitted.route.predicted_ttft_s * 1e3) as u64,
-                        waited_ms = waited.as_millis() as u64,
-                        prefix = plan.block_hashes.first().map_or(0, |h| h % 10_000),
-                        "routed"
-                    );
-                    self.metrics.count_request(&model, resp.status().as_u16());
-                    let resp = proxy::relay(
-                        resp,
-                        &admitted.agent_id,
-                        self.config.upstream_idle_timeout,
-                        Arc::clone(&self.metrics),
-                        (admitted.route.predicted_ttft_s > 0.0).then(|| proxy::TtftProbe {
-                            sent,
-                            predicted_s: admitted.route.predicted_ttft_s,
-                            calibrate: Some(admitted.ttft_calibrator()),
-                        }),
-                    );
-                    let mut resp = resp;
-                    if let Some(trace) = admitted.trace.take() {
-                        let (cfg, scorers) = self.router.policy_of(&model);
-                        let json = decisions::trace_json(
-                            &decisions::TraceHead {
-                                policy: cfg.kind.as_str(),
-                                scorers: &scorers,
-                                cost: cfg.cost,
-                                agent: &admitted.agent_id,
-                                attempts: attempt + 1,
-                                no_room_retries,
-                                waited,
-                            },
-                            &trace,
-                        );
-                        if debug {
-                            if let Ok(v) = hyper::header::HeaderValue::from_str(&json.to_string())
-                            {
-                                resp.headers_mut().insert(ROUTE_HEADER, v);
-                            }
+                    Err(AdmitError::Timeout) => {
+                        self.metrics.count_queue_timeout();
+                        return Err(Error::QueueTimeout {
+                            retry_after_s: self.router.retry_after_s(&plan).unwrap_or(retry_after_s),
+                        });
+                    }
+                    Err(AdmitError::Reject(r)) => {
+                        if attempt > 0 {
+                            return Err(Error::Upstream(last_error));
                         }
-                        self.record(
-                            &model,
-                            &plan,
-                            resp.status().as_u16(),
-                            "routed",
-                            Some(json),
-                        );
+                        return Err(Error::from_reject(&model, r));
                     }
-                    return Ok(match permit {
-                        // The key's request counts as in flight until its body ends.
-                        Some(p) => resp.map(|b| {
-                            Body::new(b.map_frame(move |f| {
-                                let _held = &p;
-                                f
-                            }))
-                        }),
-                        None => resp,
-                    });
+                };
+                // Time since arrival (queue wait and earlier attempts), taken at admission: the
+                // agent's answer below may take the whole prefill.
+                let waited = settings
+                    .queue_timeout
+                    .saturating_sub(deadline.saturating_duration_since(Instant::now()));
+                let mut req = proxy::upstream_request(
+                    &admitted.endpoint,
+                    path,
+                    &headers,
+                    body.clone(),
+                    self.router.agent_token(),
+                )
+                .map_err(|e| Error::Upstream(e.to_string()))?;
+                if let Some(id) = admitted.hold {
+                    req.headers_mut()
+                        .insert(HOLD_HEADER, hyper::header::HeaderValue::from(id));
                 }
-                Err(e) => {
-                    self.metrics.count_upstream_failure();
-                    last_error = format!("{}: {e}", admitted.endpoint);
-                    tracing::warn!(agent = %admitted.agent_id, endpoint = %admitted.endpoint, error = %e, connect = e.is_connect(), "upstream failed before the first byte");
-                    exclude.push(admitted.route.slot);
-                    if e.is_connect() {
-                        // Never reached the agent: its blocks are free again.
-                        admitted.cancel();
+                // A client's own dispatch header is never passed on: the agent would acknowledge it
+                // to whichever gateway it names.
+                req.headers_mut().remove(DISPATCH_HEADER);
+                req.headers_mut().remove(REQUIRE_ROOM_HEADER);
+                if require_room {
+                    req.headers_mut().insert(
+                        REQUIRE_ROOM_HEADER,
+                        hyper::header::HeaderValue::from_static("1"),
+                    );
+                }
+                if let Some(v) = admitted
+                    .dispatch_header()
+                    .and_then(|v| hyper::header::HeaderValue::from_str(&v).ok())
+                {
+                    req.headers_mut().insert(DISPATCH_HEADER, v);
+                }
+                admitted.mark_sent();
+                let sent = std::time::Instant::now();
+                match self.client.request(req).await {
+                    Ok(resp)
+                        if resp.status() == StatusCode::SERVICE_UNAVAILABLE
+                            && resp
+                                .headers()
+                                .contains_key(kvroute_contract::dispatch::DRAINING_HEADER) =>
+                    {
+                        // The agent is going away and took nothing: elsewhere, now (its reports
+                        // say so too, so the policy stops picking it).
+                        tracing::debug!(agent = %admitted.agent_id, "agent is draining; routing elsewhere");
+                        exclude.push(admitted.route.slot);
+                        drop(admitted);
+                        continue;
                     }
-                    if attempt < self.config.max_retries {
-                        self.metrics.count_retry();
+                    Ok(resp)
+                        if resp.status() == StatusCode::SERVICE_UNAVAILABLE
+                            && resp.headers().contains_key(NO_ROOM_HEADER) =>
+                    {
+                        // The agent had no room after all (another replica's requests, or a direct
+                        // client's, took it). Nothing was sent back yet: route it again once this
+                        // gateway's view has caught up (the agent's refusal is acknowledged on its
+                        // stream with the room it has now).
+                        self.metrics.count_no_room();
+                        no_room_retries += 1;
+                        tracing::debug!(agent = %admitted.agent_id, "agent had no room; routing again");
+                        drop(admitted);
+                        tokio::time::sleep(NO_ROOM_PAUSE).await;
+                        continue;
                     }
-                    attempt += 1;
+                    Ok(resp) => {
+                        tracing::debug!(
+                            agent = %admitted.agent_id,
+                            need = admitted.route.need_blocks,
+                            cached = admitted.route.cached_blocks,
+                            prefill = admitted.route.prefill_tokens,
+                            predicted_ttft_ms = (admitted.route.predicted_ttft_s * 1e3) as u64,
+                            waited_ms = waited.as_millis() as u64,
+                            prefix = plan.block_hashes.first().map_or(0, |h| h % 10_000),
+                            "routed"
+                        );
+                        self.metrics.count_request(&model, resp.status().as_u16());
+                        let resp = proxy::relay(
+                            resp,
+                            &admitted.agent_id,
+                            self.config.upstream_idle_timeout,
+                            Arc::clone(&self.metrics),
+                            (admitted.route.predicted_ttft_s > 0.0).then(|| proxy::TtftProbe {
+                                sent,
+                                predicted_s: admitted.route.predicted_ttft_s,
+                                calibrate: Some(admitted.ttft_calibrator()),
+                            }),
+                        );
+                        let mut resp = resp;
+                        if let Some(trace) = admitted.trace.take() {
+                            let (cfg, scorers) = self.router.policy_of(&model);
+                            let json = decisions::trace_json(
+                                &decisions::TraceHead {
+                                    policy: cfg.kind.as_str(),
+                                    scorers: &scorers,
+                                    cost: cfg.cost,
+                                    agent: &admitted.agent_id,
+                                    attempts: attempt + 1,
+                                    no_room_retries,
+                                    waited,
+                                },
+                                &trace,
+                            );
+                            if debug {
+                                if let Ok(v) = hyper::header::HeaderValue::from_str(&json.to_string())
+                                {
+                                    resp.headers_mut().insert(ROUTE_HEADER, v);
+                                }
+                            }
+                            self.record(
+                                &model,
+                                &plan,
+                                resp.status().as_u16(),
+                                "routed",
+                                Some(json),
+                            );
+                        }
+                        return Ok(match permit {
+                            // The key's request counts as in flight until its body ends.
+                            Some(p) => resp.map(|b| {
+                                Body::new(b.map_frame(move |f| {
+                                    let _held = &p;
+                                    f
+                                }))
+                            }),
+                            None => resp,
+                        });
+                    }
+                    Err(e) => {
+                        self.metrics.count_upstream_failure();
+                        last_error = format!("{}: {e}", admitted.endpoint);
+                        tracing::warn!(agent = %admitted.agent_id, endpoint = %admitted.endpoint, error = %e, connect = e.is_connect(), "upstream failed before the first byte");
+                        exclude.push(admitted.route.slot);
+                        if e.is_connect() {
+                            // Never reached the agent: its blocks are free again.
+                            admitted.cancel();
+                        }
+                        if attempt < self.config.max_retries {
+                            self.metrics.count_retry();
+                        }
+                        attempt += 1;
+                    }
                 }
             }
-        }
-        Err(Error::Upstream(last_error))
+            Err(Error::Upstream(last_error))
         }
         .await;
         if let Err(e) = &outcome {
