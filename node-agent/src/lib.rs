@@ -16,3 +16,4 @@ pub mod oneshot;
 pub mod openai;
 pub mod server;
 pub mod state;
+pub mod vllm;
