@@ -25,6 +25,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         grpc: config.grpc,
         drain_timeout: config.drain_timeout,
         http_limits: config.http_limits,
+        max_capacity_subscribers: config.max_capacity_subscribers,
     };
     tracing::info!(model = %config.model, device = ?config.device, device_choice = %config.device_note, agent_id = %config.agent_id, "starting");
     let load_cfg = config.clone();
@@ -84,6 +85,7 @@ impl ModelArgs {
             header_read_timeout: "10s".into(),
             body_read_timeout: "60s".into(),
             max_connections: "8192".into(),
+            max_capacity_subscribers: "256".into(),
             auth_token_file: None,
             cache_dir: self.cache_dir.clone(),
             log_format: crate::config::LogFormat::Text,

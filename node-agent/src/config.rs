@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// Most open HTTP connections; more are answered 503 + Retry-After and closed.
     #[arg(long, env = "KVROUTE_MAX_CONNECTIONS", default_value = "8192")]
     pub max_connections: String,
+    /// Most concurrent `WatchCapacity` streams (gateway replicas, dashboards); more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KVROUTE_MAX_CAPACITY_SUBSCRIBERS", default_value = "256")]
+    pub max_capacity_subscribers: String,
     /// File holding a shared token: then every OpenAI, hold and gRPC call needs
     /// `authorization: Bearer <token>` (gateways get the same file); `/health`, `/ready` and
     /// `/metrics` stay open.
@@ -175,6 +179,8 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Header, body and connection limits of the HTTP server.
     pub http_limits: kvroute_serve::Limits,
+    /// Most concurrent capacity streams.
+    pub max_capacity_subscribers: usize,
     /// The shared token callers must send (read from `--auth-token-file`).
     pub auth_token: Option<String>,
     pub cache_dir: Option<std::path::PathBuf>,
@@ -364,6 +370,14 @@ impl ServeArgs {
             &self.body_read_timeout,
             &self.max_connections,
         )?;
+        let subscribers = parse_u32("--max-capacity-subscribers", &self.max_capacity_subscribers)?;
+        if subscribers == 0 || subscribers > MAX_SUBSCRIBERS_LIMIT {
+            return Err(ConfigError::invalid(
+                "--max-capacity-subscribers",
+                &self.max_capacity_subscribers,
+                format!("must be 1 to {MAX_SUBSCRIBERS_LIMIT}"),
+            ));
+        }
         let auth_token = match &self.auth_token_file {
             Some(p) => Some(kvroute_contract::token::read_token_file(p).map_err(|e| {
                 ConfigError::invalid("--auth-token-file", p.display().to_string(), e)
@@ -388,6 +402,7 @@ impl ServeArgs {
             max_body_bytes,
             drain_timeout,
             http_limits,
+            max_capacity_subscribers: subscribers as usize,
             auth_token,
             cache_dir: self.cache_dir.clone(),
             log_format: self.log_format,
@@ -459,6 +474,9 @@ fn parse_u32(flag: &'static str, s: &str) -> Result<u32, ConfigError> {
 pub fn parse_size(flag: &'static str, s: &str) -> Result<u64, ConfigError> {
     units::parse_size(s).map_err(|e| ConfigError::invalid(flag, s, e.0))
 }
+
+/// Most `--max-capacity-subscribers` accepted.
+pub const MAX_SUBSCRIBERS_LIMIT: u32 = 100_000;
 
 /// Most `--max-connections` accepted.
 pub const MAX_CONNECTIONS_LIMIT: u32 = 1_000_000;
@@ -569,6 +587,7 @@ mod tests {
         assert_eq!(c.http_limits.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.http_limits.body_read_timeout, Duration::from_secs(60));
         assert_eq!(c.http_limits.max_connections, 8192);
+        assert_eq!(c.max_capacity_subscribers, 256);
     }
 
     #[test]
@@ -624,6 +643,21 @@ mod tests {
                 "1000001",
             ),
             (&["--max-connections", "many"], "--max-connections", "many"),
+            (
+                &["--max-capacity-subscribers", "0"],
+                "--max-capacity-subscribers",
+                "0",
+            ),
+            (
+                &["--max-capacity-subscribers", "100001"],
+                "--max-capacity-subscribers",
+                "100001",
+            ),
+            (
+                &["--max-capacity-subscribers", "-3"],
+                "--max-capacity-subscribers",
+                "-3",
+            ),
             (
                 &["--auth-token-file", "/nonexistent/token"],
                 "--auth-token-file",

@@ -79,7 +79,15 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Header, body and connection limits of the HTTP server.
     pub http_limits: kvroute_serve::Limits,
+    /// Most concurrent `WatchCapacity` streams.
+    pub max_capacity_subscribers: usize,
 }
+
+/// The gRPC server's limits: streams per connection, HTTP/2 and TCP keep-alive (a peer that
+/// vanished without closing is found and its streams freed).
+pub const GRPC_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+pub const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the agent until `shutdown` resolves, then drains. `load` runs on a blocking thread.
 /// `on_event` hears when the listeners are bound and when the model is ready.
@@ -132,9 +140,13 @@ where
         .set_not_serving::<kvroute_proto::AgentServer<AgentService>>()
         .await;
     let mut grpc_shutdown = state.lifecycle.shutdown_receiver();
-    let grpc_service = AgentService::server(state.clone());
+    let grpc_service = AgentService::server(state.clone(), opts.max_capacity_subscribers);
     let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .max_concurrent_streams(GRPC_MAX_STREAMS_PER_CONNECTION)
+            .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+            .tcp_keepalive(Some(GRPC_KEEPALIVE_INTERVAL))
             .add_service(health_service)
             .add_service(grpc_service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {

@@ -1,6 +1,7 @@
 //! The gRPC capacity service read by a real tonic client over 127.0.0.1: snapshot first, free
 //! blocks fall while a request runs and return after, cached blocks and STORED hashes appear,
-//! a disconnected streaming client frees its blocks, many subscribers, health.
+//! a disconnected streaming client frees its blocks, many subscribers, health; the subscriber
+//! cap and the request size limit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -321,4 +322,57 @@ async fn dispatches_are_acknowledged_on_their_routers_stream_only() {
         let err = open(bad).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
     }
+}
+
+#[tokio::test]
+async fn subscribers_beyond_the_cap_are_refused_until_one_leaves() {
+    let agent = start_limited(cfg(), 2).await;
+    let mut a = watch(&agent, false).await;
+    let b = watch(&agent, false).await;
+    assert!(a.message().await.unwrap().unwrap().snapshot);
+    let mut client = AgentClient::connect(agent.grpc_url()).await.unwrap();
+    let req = || WatchCapacityRequest {
+        subscriber: "third".into(),
+        include_block_events: false,
+        dispatcher: String::new(),
+    };
+    let e = client.watch_capacity(req()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("--max-capacity-subscribers"), "{e}");
+    // One-shot reads are not streams: still answered.
+    assert!(client.get_capacity(GetCapacityRequest {}).await.is_ok());
+    // The second subscriber leaves: its place is given back once the agent sees it gone.
+    drop(b);
+    let third = tokio::time::timeout(GUARD, async {
+        loop {
+            match client.watch_capacity(req()).await {
+                Ok(s) => return s.into_inner(),
+                Err(e) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    drop(third);
+    // The first is still served.
+    assert!(a.message().await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_and_the_agent_keeps_serving() {
+    let agent = start(cfg()).await;
+    let mut client = AgentClient::connect(agent.grpc_url()).await.unwrap();
+    let e = client
+        .watch_capacity(WatchCapacityRequest {
+            subscriber: "x".repeat(kvroute_agent::grpc::MAX_REQUEST_BYTES + 1),
+            include_block_events: false,
+            dispatcher: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+    // The refused stream holds no subscriber place and the agent still answers.
+    let mut s = watch(&agent, false).await;
+    assert!(s.message().await.unwrap().unwrap().snapshot);
 }

@@ -198,6 +198,7 @@ async fn loading_state_then_ready() {
         grpc: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(5),
         http_limits: kvroute_serve::Limits::default(),
+        max_capacity_subscribers: 256,
     };
     let st = state.clone();
     let task = tokio::spawn(async move {
@@ -289,6 +290,7 @@ async fn load_failure_is_an_error() {
         grpc: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: Duration::from_secs(5),
         http_limits: kvroute_serve::Limits::default(),
+        max_capacity_subscribers: 256,
     };
     let r = serve(
         state,

@@ -36,6 +36,21 @@ pub async fn start(cfg: FakeConfig) -> TestAgent {
 }
 
 pub async fn start_with(cfg: FakeConfig, max_body: usize, drain: Duration) -> TestAgent {
+    start_full(cfg, max_body, drain, 256).await
+}
+
+/// An agent that streams capacity to at most `max_subscribers` at once.
+#[allow(dead_code)]
+pub async fn start_limited(cfg: FakeConfig, max_subscribers: usize) -> TestAgent {
+    start_full(cfg, 4 << 20, Duration::from_secs(30), max_subscribers).await
+}
+
+async fn start_full(
+    cfg: FakeConfig,
+    max_body: usize,
+    drain: Duration,
+    max_subscribers: usize,
+) -> TestAgent {
     let backend = FakeBackend::start(cfg);
     let state = AgentState::new("test-agent".into(), max_body, GpuMonitor::absent());
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -46,6 +61,7 @@ pub async fn start_with(cfg: FakeConfig, max_body: usize, drain: Duration) -> Te
         grpc: "127.0.0.1:0".parse().unwrap(),
         drain_timeout: drain,
         http_limits: kvroute_serve::Limits::default(),
+        max_capacity_subscribers: max_subscribers,
     };
     let st = state.clone();
     let task = tokio::spawn(async move {
