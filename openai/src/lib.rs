@@ -103,6 +103,10 @@ pub enum Endpoint {
     Chat,
 }
 
+/// Longest `cache_salt` accepted (it is hashed into every block of the request, by the agent
+/// and by the gateway; a gateway isolating tenants prefixes the tenant to it).
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
+
 fn type_err(param: &str, want: &str) -> RequestError {
     RequestError::new(format!("`{param}` must be {want}"), Some(param))
 }
@@ -310,6 +314,15 @@ pub fn parse_value(value: &Value, endpoint: Endpoint) -> Result<Request, Request
         Some(_) => return Err(type_err("stream_options", "an object")),
     };
     let cache_salt = get_str(o, "cache_salt")?.map(str::to_string);
+    if cache_salt
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_CACHE_SALT_BYTES)
+    {
+        return Err(RequestError::new(
+            format!("`cache_salt` must be at most {MAX_CACHE_SALT_BYTES} bytes"),
+            Some("cache_salt"),
+        ));
+    }
     Ok(Request {
         model,
         input,
@@ -509,6 +522,30 @@ mod tests {
             panic!("not chat")
         };
         assert_eq!(messages[0].role, "system");
+    }
+
+    #[test]
+    fn cache_salt_is_a_bounded_string() {
+        let with = |salt: serde_json::Value| {
+            parse_value(
+                &json!({"model": "m", "prompt": "hi", "cache_salt": salt}),
+                Endpoint::Completions,
+            )
+        };
+        assert_eq!(
+            with(json!("tenant-a")).unwrap().cache_salt.as_deref(),
+            Some("tenant-a")
+        );
+        let max = "s".repeat(MAX_CACHE_SALT_BYTES);
+        assert!(with(json!(max)).is_ok());
+        for bad in [
+            json!("s".repeat(MAX_CACHE_SALT_BYTES + 1)),
+            json!(7),
+            json!(["a"]),
+        ] {
+            let e = with(bad.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("cache_salt"), "{bad}: {e}");
+        }
     }
 
     #[test]

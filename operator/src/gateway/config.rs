@@ -106,6 +106,10 @@ pub struct GatewayArgs {
     /// Seed of the tie-breaking random source (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Tenants never share cached prefix blocks: every request's `cache_salt` is set from its
+    /// tenant (the API key's; the header's with `--auth off`), the client's own salt folded in.
+    #[arg(long)]
+    pub isolate_tenant_caches: bool,
     /// How many of the last requests' routing decisions the dashboard keeps and shows
     /// (`/dashboard/decisions`; each routed request is then traced: one more pass over its
     /// candidates). 0 turns it off.
@@ -285,6 +289,8 @@ pub struct GatewayConfig {
     pub agent_token: Option<String>,
     /// Decisions the dashboard keeps (0: none, and no request is traced for it).
     pub decision_log: usize,
+    /// Each request's cache salt is its tenant's.
+    pub isolate_tenant_caches: bool,
 }
 
 /// This process's dispatcher id: `name` and a random suffix.
@@ -479,6 +485,7 @@ impl GatewayArgs {
                 None => None,
             },
             decision_log: usize::from(self.decision_log),
+            isolate_tenant_caches: self.isolate_tenant_caches,
         })
     }
 }
@@ -517,6 +524,7 @@ impl GatewayConfig {
             drain_timeout: Duration::from_secs(30),
             agent_token: None,
             decision_log: usize::from(super::decisions::DEFAULT_LEN),
+            isolate_tenant_caches: false,
         }
     }
 }
@@ -617,6 +625,18 @@ mod tests {
         }
         let e = parse(&["--cost-stick", "lots"]).unwrap_err();
         assert!(e.contains("--cost-stick"), "{e}");
+    }
+
+    #[test]
+    fn tenant_cache_isolation_is_off_unless_asked() {
+        assert!(!parse(&[]).unwrap().isolate_tenant_caches);
+        assert!(
+            parse(&["--isolate-tenant-caches"])
+                .unwrap()
+                .isolate_tenant_caches
+        );
+        let e = parse(&["--isolate-tenant-caches=maybe"]).unwrap_err();
+        assert!(e.contains("--isolate-tenant-caches"), "{e}");
     }
 
     #[test]

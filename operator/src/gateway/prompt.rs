@@ -369,8 +369,14 @@ pub fn plan(
         ReserveOutput::Expected(n) => output.min(n),
     };
     let block_size = info.map_or(16, |i| i.block_size);
+    // The agent mixes the request's cache salt into its block hashes: so does the plan, or a
+    // salted prompt would look cached where only its unsalted twin is.
+    let salt = body
+        .get("cache_salt")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let block_hashes = match &first_ids {
-        Some(ids) if info.is_some() => block_hashes(ids, block_size as usize, b""),
+        Some(ids) if info.is_some() => block_hashes(ids, block_size as usize, salt.as_bytes()),
         _ => Vec::new(),
     };
     Ok(PromptPlan {
@@ -400,6 +406,38 @@ mod tests {
             block_hashes(&[1, 2], 2, b"lora"),
             block_hashes(&[1, 2], 2, b"")
         );
+    }
+
+    #[test]
+    fn a_cache_salt_is_mixed_into_the_plans_block_hashes_as_the_agent_does() {
+        let info = ModelInfo {
+            model: "m".into(),
+            block_size: 2,
+            max_model_len: 0,
+            tokenizer: None,
+            chat_template: None,
+        };
+        let hashes = |salt: Option<&str>| {
+            let mut body = json!({"model": "m", "prompt": [1, 2, 3, 4, 5], "max_tokens": 1});
+            if let Some(s) = salt {
+                body["cache_salt"] = json!(s);
+            }
+            plan(
+                Endpoint::Completions,
+                &body,
+                Some(&info),
+                ReserveOutput::Full,
+            )
+            .map(|p| p.block_hashes)
+            .unwrap_or_default()
+        };
+        assert_eq!(hashes(None), block_hashes(&[1, 2, 3, 4, 5], 2, b""));
+        assert_eq!(
+            hashes(Some("tenant:a")),
+            block_hashes(&[1, 2, 3, 4, 5], 2, b"tenant:a")
+        );
+        assert_eq!(hashes(Some("tenant:a")).len(), 2);
+        assert_ne!(hashes(Some("tenant:a"))[0], hashes(Some("tenant:b"))[0]);
     }
 
     #[test]

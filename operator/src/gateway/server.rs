@@ -324,6 +324,20 @@ impl Gateway {
             },
         )?;
         prompt::is_stream(&value).map_err(bad_request)?;
+        // Tenants never share cached blocks: the request's cache salt becomes its tenant's (with
+        // the client's own salt, if any, folded in), for the agent and for the plan's hashes.
+        let (value, body) = if self.config.isolate_tenant_caches {
+            let mut value = value;
+            let salt = tenant_salt(&caller.tenant, checked.cache_salt.as_deref());
+            value["cache_salt"] = serde_json::Value::String(salt);
+            let body = Bytes::from(serde_json::to_vec(&value).map_err(|e| Error::BadRequest {
+                message: format!("request body: {e}"),
+                param: None,
+            })?);
+            (value, body)
+        } else {
+            (value, body)
+        };
         let Planned {
             model,
             info,
@@ -615,6 +629,38 @@ impl Gateway {
             outcome,
             route,
         });
+    }
+}
+
+/// The cache salt of a request of `tenant` under `--isolate-tenant-caches`: `tenant:<tenant>`,
+/// and when the client sent a salt, `|` and the first 16 hex digits of its SHA-256 (so the
+/// result stays short whatever the client sent; tenants are at most 64 characters).
+pub fn tenant_salt(tenant: &str, client: Option<&str>) -> String {
+    use sha2::Digest;
+    match client {
+        None => format!("tenant:{tenant}"),
+        Some(c) => {
+            let d = sha2::Sha256::digest(c.as_bytes());
+            let hex: String = d.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            format!("tenant:{tenant}|{hex}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod salt_tests {
+    use super::tenant_salt;
+
+    #[test]
+    fn a_tenant_salt_names_the_tenant_and_stays_short_whatever_the_client_sent() {
+        assert_eq!(tenant_salt("alpha", None), "tenant:alpha");
+        let long = "x".repeat(256);
+        let s = tenant_salt(&"t".repeat(64), Some(&long));
+        assert!(s.len() <= 7 + 64 + 1 + 16, "{s}");
+        assert!(s.starts_with(&format!("tenant:{}|", "t".repeat(64))), "{s}");
+        assert_ne!(tenant_salt("a", Some("s1")), tenant_salt("a", Some("s2")));
+        assert_ne!(tenant_salt("a", Some("s1")), tenant_salt("b", Some("s1")));
+        assert_ne!(tenant_salt("a", None), tenant_salt("a", Some("")));
     }
 }
 
