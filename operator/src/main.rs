@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(async move {
                 let drain_timeout = config.drain_timeout;
                 let mut gw = kvroute_operator::gateway::start(config).await?;
-                tracing::info!(addr = %gw.addr, "gateway listening");
+                tracing::info!(addr = %gw.addr, admin = ?gw.admin_addr, "gateway listening");
                 tokio::select! {
                     r = &mut gw.task => r??,
                     _ = shutdown_signal() => {

@@ -461,3 +461,63 @@ async fn metrics_and_dashboard_state_show_agents_and_requests() {
     assert_eq!(status, 200);
     let _ = Arc::clone(&gw.gateway);
 }
+
+/// `--admin-listen`: `/metrics` and `/dashboard*` move to their own listener (404 on the API's
+/// port), the OpenAI API stays on the API's port only, and both answer `/health` and `/ready`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_listener_takes_the_metrics_and_dashboard_off_the_api_port() {
+    use kvroute_operator::gateway::server::start_with_admin;
+    use kvroute_operator::gateway::source::StaticAgents;
+    use kvroute_operator::gateway::GatewayConfig;
+    let a = StubAgent::start(StubConfig::default()).await;
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = GatewayConfig::for_agents(api.local_addr().unwrap(), vec![a.endpoint()]);
+    cfg.admin_listen = Some(admin.local_addr().unwrap());
+    let agents = cfg.agents.clone();
+    let gw = start_with_admin(cfg, api, Some(admin), Box::new(StaticAgents(agents))).unwrap();
+    let admin_addr = gw.admin_addr.unwrap();
+    let router = gw.gateway.router.clone();
+    wait_until("gateway sees the agent", || {
+        router.agents().iter().any(|x| x.eligible)
+    })
+    .await;
+    let c = client();
+    let on = |addr: std::net::SocketAddr, path: &str| format!("http://{addr}{path}");
+    for path in [
+        "/metrics",
+        "/dashboard",
+        "/dashboard/state",
+        "/dashboard/decisions",
+    ] {
+        assert_eq!(
+            get(&c, &on(gw.addr, path)).await.0,
+            404,
+            "{path} on the API port"
+        );
+        assert_eq!(
+            get(&c, &on(admin_addr, path)).await.0,
+            200,
+            "{path} on the admin port"
+        );
+    }
+    for path in ["/health", "/ready"] {
+        assert_eq!(get(&c, &on(gw.addr, path)).await.0, 200, "{path}");
+        assert_eq!(get(&c, &on(admin_addr, path)).await.0, 200, "{path}");
+    }
+    assert_eq!(get(&c, &on(admin_addr, "/v1/models")).await.0, 404);
+    let (status, _, body) = post(
+        &c,
+        gw.addr,
+        "/v1/completions",
+        &completion("hi", 1, false),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, metrics) = get(&c, &on(admin_addr, "/metrics")).await;
+    assert!(
+        metrics.contains("kvroute_gateway_requests_total{"),
+        "{metrics}"
+    );
+}

@@ -17,6 +17,10 @@ pub struct GatewayArgs {
     /// Address to serve the OpenAI API, /metrics and /dashboard on.
     #[arg(long, default_value = "127.0.0.1:8080", env = "KVROUTE_LISTEN")]
     pub listen: SocketAddr,
+    /// Serve /metrics and /dashboard on this address instead, and not on --listen (they show
+    /// agents, tenants and routing decisions: keep them off the port clients reach).
+    #[arg(long, env = "KVROUTE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// An agent to route to, as `http://HOST:PORT,grpc://HOST:PORT` (repeatable).
     #[arg(long = "agent", value_name = "http://HOST:PORT,grpc://HOST:PORT")]
     pub agents: Vec<AgentEndpoint>,
@@ -264,6 +268,8 @@ impl ModelSettings {
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
+    /// Where /metrics and /dashboard are served when not on `listen`.
+    pub admin_listen: Option<SocketAddr>,
     pub agents: Vec<AgentEndpoint>,
     pub kubernetes: bool,
     pub namespace: Option<String>,
@@ -391,6 +397,15 @@ impl GatewayArgs {
                 });
             }
         }
+        if let Some(admin) = self.admin_listen {
+            if admin == self.listen && admin.port() != 0 {
+                return Err(ConfigError::Invalid {
+                    flag: "--admin-listen",
+                    value: admin.to_string(),
+                    reason: "is the --listen address: give the admin endpoints their own".into(),
+                });
+            }
+        }
         if self.max_queue == 0 {
             return Err(ConfigError::Invalid {
                 flag: "--max-queue",
@@ -486,6 +501,7 @@ impl GatewayArgs {
             },
             decision_log: usize::from(self.decision_log),
             isolate_tenant_caches: self.isolate_tenant_caches,
+            admin_listen: self.admin_listen,
         })
     }
 }
@@ -525,6 +541,7 @@ impl GatewayConfig {
             agent_token: None,
             decision_log: usize::from(super::decisions::DEFAULT_LEN),
             isolate_tenant_caches: false,
+            admin_listen: None,
         }
     }
 }
@@ -625,6 +642,19 @@ mod tests {
         }
         let e = parse(&["--cost-stick", "lots"]).unwrap_err();
         assert!(e.contains("--cost-stick"), "{e}");
+    }
+
+    #[test]
+    fn the_admin_address_is_optional_and_not_the_api_address() {
+        assert_eq!(parse(&[]).unwrap().admin_listen, None);
+        let c = parse(&["--admin-listen", "127.0.0.1:9090"]).unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        let e = parse(&["--listen", "0.0.0.0:8080", "--admin-listen", "0.0.0.0:8080"]).unwrap_err();
+        assert!(e.contains("--admin-listen") && e.contains("own"), "{e}");
+        for bad in ["9090", "localhost", "1.2.3.4:99999", ""] {
+            let e = parse(&[&format!("--admin-listen={bad}")]).unwrap_err();
+            assert!(e.contains("--admin-listen"), "{bad}: {e}");
+        }
     }
 
     #[test]

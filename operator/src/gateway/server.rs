@@ -70,6 +70,8 @@ pub enum ServeError {
 /// A gateway started in this process.
 pub struct RunningGateway {
     pub addr: SocketAddr,
+    /// Where `/metrics` and `/dashboard` are served when not on `addr`.
+    pub admin_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     pub task: tokio::task::JoinHandle<Result<(), ServeError>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -833,20 +835,38 @@ async fn not_found() -> Response {
         .into_response()
 }
 
-/// The HTTP routes.
+/// The HTTP routes: the API's, and the admin ones (`/metrics`, `/dashboard*`) unless they
+/// have their own listener (`--admin-listen`, [`admin_app`]). `/health` and `/ready` are on both.
 pub fn app(gw: Arc<Gateway>) -> HttpRouter {
-    HttpRouter::new()
+    let api = HttpRouter::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/kvroute/explain", post(explain))
         .route("/health", get(|| async { "ok\n" }))
-        .route("/ready", get(ready))
+        .route("/ready", get(ready));
+    let api = if gw.config.admin_listen.is_some() {
+        api
+    } else {
+        api.merge(admin_routes())
+    };
+    api.fallback(not_found).with_state(gw)
+}
+
+fn admin_routes() -> HttpRouter<Arc<Gateway>> {
+    HttpRouter::new()
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_page))
         .route("/dashboard/state", get(dashboard_json))
         .route("/dashboard/history", get(dashboard_history))
         .route("/dashboard/decisions", get(dashboard_decisions))
+}
+
+/// The admin listener's routes: `/metrics`, `/dashboard*`, `/health`, `/ready`.
+pub fn admin_app(gw: Arc<Gateway>) -> HttpRouter {
+    admin_routes()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
         .fallback(not_found)
         .with_state(gw)
 }
@@ -857,10 +877,36 @@ pub fn start_with(
     listener: TcpListener,
     source: Box<dyn AgentSource>,
 ) -> Result<RunningGateway, ServeError> {
+    start_with_admin(config, listener, None, source)
+}
+
+/// [`start_with`], with the admin endpoints on their own bound listener (`--admin-listen`).
+pub fn start_with_admin(
+    config: GatewayConfig,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    source: Box<dyn AgentSource>,
+) -> Result<RunningGateway, ServeError> {
     let addr = listener
         .local_addr()
         .map_err(|e| ServeError::Bind(config.listen, e))?;
+    let admin_addr = match (&admin, config.admin_listen) {
+        (Some(l), Some(want)) => Some(l.local_addr().map_err(|e| ServeError::Bind(want, e))?),
+        _ => None,
+    };
+    let mut config = config;
+    if admin.is_none() {
+        // No listener of its own: the admin endpoints stay on the API's.
+        config.admin_listen = None;
+    }
     let gw = Gateway::new(config)?;
+    let admin_task = admin.map(|l| {
+        let app = admin_app(Arc::clone(&gw));
+        let limits = gw.config.http_limits;
+        tokio::spawn(async move {
+            kvroute_serve::serve(l, app, limits, std::future::pending::<()>()).await
+        })
+    });
     let (tx, rx) = watch::channel(AgentSet::default());
     let router = Arc::clone(&gw.router);
     let app = app(Arc::clone(&gw));
@@ -898,10 +944,14 @@ pub fn start_with(
             k.abort();
         }
         sampler.abort();
+        if let Some(a) = admin_task {
+            a.abort();
+        }
         served
     });
     Ok(RunningGateway {
         addr,
+        admin_addr,
         gateway: gw,
         task,
         stop: Some(stop),
@@ -1130,5 +1180,13 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, ServeError> 
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServeError::Bind(config.listen, e))?;
-    start_with(config, listener, source)
+    let admin = match config.admin_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| ServeError::Bind(a, e))?,
+        ),
+        None => None,
+    };
+    start_with_admin(config, listener, admin, source)
 }
