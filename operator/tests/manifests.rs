@@ -145,7 +145,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn rendered_chart_validates_strictly_in_every_configuration() {
-    let variants: [&[&str]; 6] = [
+    let variants: [&[&str]; 7] = [
         &[],
         &[
             "--set",
@@ -167,6 +167,12 @@ fn rendered_chart_validates_strictly_in_every_configuration() {
             "--set",
             "operator.replicas=1",
         ],
+        &[
+            "--set",
+            "gateway.adminPort=9090",
+            "--set",
+            "gateway.isolateTenantCaches=true",
+        ],
     ];
     for args in variants {
         let yaml = template(args);
@@ -180,6 +186,42 @@ fn rendered_chart_validates_strictly_in_every_configuration() {
             "{out}"
         );
     }
+    // The admin address and tenant cache isolation reach the gateway's flags and ports.
+    let gateway_of = |args: &[&str]| {
+        docs(&template(args))
+            .into_iter()
+            .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == "kvroute-gateway")
+            .unwrap()
+    };
+    let g = gateway_of(&[
+        "--set",
+        "gateway.adminPort=9090",
+        "--set",
+        "gateway.isolateTenantCaches=true",
+    ]);
+    let c = &g["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(args.contains(&"--admin-listen=0.0.0.0:9090"), "{args:?}");
+    assert!(args.contains(&"--isolate-tenant-caches"), "{args:?}");
+    assert!(c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "admin" && p["containerPort"] == 9090));
+    let plain = gateway_of(&[]);
+    let plain_args = format!(
+        "{:?}",
+        plain["spec"]["template"]["spec"]["containers"][0]["args"]
+    );
+    assert!(
+        !plain_args.contains("admin-listen") && !plain_args.contains("isolate"),
+        "{plain_args}"
+    );
     let ingress = template(&["--set", "ingress.enabled=true"]);
     assert!(docs(&ingress).iter().any(|d| kind_of(d) == "Ingress"));
     assert!(
