@@ -459,7 +459,8 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         std::io::stdout(),
         terminal,
         status::terminal_width().unwrap_or(80),
-    );
+    )
+    .follow_width(status::terminal_width);
     let mut status = Status::default();
     let logs = if args.verbose {
         None

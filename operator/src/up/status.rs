@@ -197,6 +197,8 @@ pub struct Screen<W: Write> {
     out: W,
     terminal: bool,
     width: usize,
+    /// Reads the terminal's width again before each draw (it may have been resized).
+    width_of: Option<fn() -> Option<usize>>,
     /// Lines of the block now on the terminal (below the cursor's line start after a draw).
     drawn: usize,
     last: Vec<Line>,
@@ -211,10 +213,17 @@ impl<W: Write> Screen<W> {
             out,
             terminal,
             width: width.max(20),
+            width_of: None,
             drawn: 0,
             last: Vec::new(),
             printed: Default::default(),
         }
+    }
+
+    /// Follows the terminal's width as it changes, read with `f` before each draw.
+    pub fn follow_width(mut self, f: fn() -> Option<usize>) -> Self {
+        self.width_of = Some(f);
+        self
     }
 
     /// Shows `s` (write errors are ignored: a closed stdout must not stop `kvroute up`).
@@ -262,6 +271,9 @@ impl<W: Write> Screen<W> {
     }
 
     fn paint(&mut self) -> std::io::Result<()> {
+        if let Some(w) = self.width_of.and_then(|f| f()) {
+            self.width = w.max(20);
+        }
         for l in &self.last {
             writeln!(self.out, "\x1b[2K{}", fit(&l.terminal, self.width - 1))?;
         }
@@ -395,6 +407,20 @@ mod tests {
         for line in out.split('\n') {
             let visible = line.rsplit("\x1b[2K").next().unwrap_or("");
             assert!(visible.chars().count() <= 29, "{visible:?} wider than 29");
+        }
+    }
+
+    #[test]
+    fn a_resized_terminal_gets_lines_cut_to_its_new_width() {
+        fn narrow() -> Option<usize> {
+            Some(25)
+        }
+        let mut screen = Screen::new(Vec::new(), true, 120).follow_width(narrow);
+        screen.draw(&status());
+        let out = String::from_utf8(screen.into_inner()).unwrap_or_default();
+        for line in out.split('\n') {
+            let visible = line.rsplit("\x1b[2K").next().unwrap_or("");
+            assert!(visible.chars().count() <= 24, "{visible:?} wider than 24");
         }
     }
 
