@@ -201,12 +201,7 @@ fn up_with_real_agents_serves_the_openai_client_and_stops_cleanly() {
     );
 
     // SIGTERM to `kvroute up` stops the gateway and both agents.
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    kvroute_tests::sigterm(child.id());
     let status = child.wait().unwrap();
     assert!(status.success(), "kvroute up exited with {status}");
     let deadline = Instant::now() + Duration::from_secs(30);

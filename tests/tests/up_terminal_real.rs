@@ -144,12 +144,7 @@ fn up_on_a_terminal_draws_progress_and_a_status_block_in_place() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    kvroute_tests::sigterm(child.id());
     let status = child.wait().unwrap();
     drop(master);
     let _ = reader.join();
