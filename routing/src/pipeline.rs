@@ -521,11 +521,17 @@ impl Cluster {
         };
         let preset = Preset::of(cfg);
         let slots: &[u32] = self.model_slots.get(model).map_or(&[], Vec::as_slice);
-        let candidates = &self.pipeline.candidates;
+        // The candidates' slots as a bitset: one pass, not one scan per agent.
+        let mut picked = vec![0u64; crate::index::words_for(self.hot.len())];
+        for c in &self.pipeline.candidates {
+            if let Some(w) = picked.get_mut(c.slot / 64) {
+                *w |= 1 << (c.slot % 64);
+            }
+        }
         slots
             .iter()
             .map(|&s| s as usize)
-            .filter(|s| !candidates.iter().any(|c| c.slot == *s))
+            .filter(|&s| !has_bit(&picked, s))
             .filter_map(|slot| {
                 let h = self.hot.get(slot)?;
                 let verdict = first_filters(h, slot, model as u32, req, cfg, now_ms)
