@@ -654,7 +654,7 @@ mod tests {
                 "100001",
             ),
             (
-                &["--max-capacity-subscribers", "-3"],
+                &["--max-capacity-subscribers=-3"],
                 "--max-capacity-subscribers",
                 "-3",
             ),
