@@ -28,6 +28,10 @@ fn stub_agent_bin() -> PathBuf {
     p
 }
 
+#[path = "../../tests/src/kill_on_drop.rs"]
+mod kill_on_drop;
+use kill_on_drop::KillOnDrop;
+
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(pid, 0) == 0 }
@@ -35,27 +39,29 @@ fn alive(pid: i32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_and_sigterm_leaves_no_orphans() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-        .args([
-            "up",
-            "--agents",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--kv-memory",
-            "64MiB",
-        ])
-        // Logs into the test's own folder, not the user's cache.
-        .arg("--log-dir")
-        .arg(
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("up-logs-{}", std::process::id())),
-        )
-        .env("KVROUTE_AGENT_BIN", stub_agent_bin())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_kvroute"))
+            .args([
+                "up",
+                "--agents",
+                "2",
+                "--listen",
+                "127.0.0.1:0",
+                "--kv-memory",
+                "64MiB",
+            ])
+            // Logs into the test's own folder, not the user's cache.
+            .arg("--log-dir")
+            .arg(
+                PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                    .join(format!("up-logs-{}", std::process::id())),
+            )
+            .env("KVROUTE_AGENT_BIN", stub_agent_bin())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let mut pids = Vec::new();
     let mut url = None;

@@ -8,6 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod chromium;
+mod kill_on_drop;
+pub use kill_on_drop::KillOnDrop;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -96,14 +96,16 @@ fn dashboard_under_load(rt: &tokio::runtime::Runtime, url: &str) {
 
 #[test]
 fn up_with_real_agents_serves_the_openai_client_and_stops_cleanly() {
-    let mut child = Command::new(bin("kvroute"))
-        .args(["up", "--agents", "2", "--listen", "127.0.0.1:0"])
-        .args(["--model", &model_arg(), "--kv-memory", "128MiB"])
-        .env("KVROUTE_AGENT_BIN", bin("kvroute-agent"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = kvroute_tests::KillOnDrop(
+        Command::new(bin("kvroute"))
+            .args(["up", "--agents", "2", "--listen", "127.0.0.1:0"])
+            .args(["--model", &model_arg(), "--kv-memory", "128MiB"])
+            .env("KVROUTE_AGENT_BIN", bin("kvroute-agent"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Read the terminal's other stream as it comes (the logs belong in files, not there).
     let mut err_pipe = child.stderr.take().unwrap();
     let stderr = std::thread::spawn(move || {

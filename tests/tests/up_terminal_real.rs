@@ -101,13 +101,14 @@ fn up_on_a_terminal_draws_progress_and_a_status_block_in_place() {
         Some(dir) => cmd.args(["--model", "default"]).env("KVROUTE_CACHE", dir),
         None => cmd.args(["--model", &model_arg()]),
     };
-    let mut child = cmd
-        .env("KVROUTE_AGENT_BIN", bin("kvroute-agent"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(slave.try_clone().unwrap()))
-        .stderr(Stdio::from(slave))
-        .spawn()
-        .unwrap();
+    let mut child = kvroute_tests::KillOnDrop(
+        cmd.env("KVROUTE_AGENT_BIN", bin("kvroute-agent"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave))
+            .spawn()
+            .unwrap(),
+    );
     // The command holds the terminal's other side too: drop it, so the reader sees the end.
     drop(cmd);
     let raw = Arc::new(Mutex::new(Vec::<u8>::new()));
