@@ -521,3 +521,41 @@ async fn an_admin_listener_takes_the_metrics_and_dashboard_off_the_api_port() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_names_the_policy_and_its_scorers_whatever_it_decides() {
+    let a = StubAgent::start(cfg("a1", 40)).await;
+    let gw = gateway(&[&a], |c| c.policy.kind = PolicyKind::KvScore).await;
+    let c = client();
+    let explain = |prompt: String| {
+        let c = c.clone();
+        async move {
+            let (status, _, body) = post(
+                &c,
+                gw.addr,
+                "/v1/kvroute/explain",
+                &completion(&prompt, 1, false),
+                &[],
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let routed = explain("hello".into()).await;
+    // Too long for the 40-block pool: rejected, and still named under the same policy.
+    let rejected = explain("y".repeat(3000)).await;
+    assert_eq!(routed["decision"], "route", "{routed}");
+    assert_eq!(rejected["decision"], "reject", "{rejected}");
+    for v in [&routed, &rejected] {
+        assert_eq!(v["policy"], "kv-score", "{v}");
+        let names: Vec<&str> = v["scorers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["prefix", "headroom", "queue"], "{v}");
+    }
+    assert_eq!(a.state.inner.lock().unwrap().received, 0);
+}

@@ -24,6 +24,10 @@ use kvroute_routing::cost::CostWeights;
 pub struct Trace {
     pub candidates: Vec<TraceEntry>,
     pub filtered: Vec<(String, &'static str)>,
+    /// The policy the decision was made under, and its scorers with their weights (taken
+    /// under the same router lock as the decision).
+    pub policy: kvroute_routing::PolicyConfig,
+    pub scorers: Vec<ScorerInfo>,
 }
 
 /// One candidate agent of a routing decision, for a decision trace.
@@ -346,6 +350,7 @@ mod tests {
             &Trace {
                 candidates: trace.to_vec(),
                 filtered: vec![("c".into(), "stale")],
+                ..Trace::default()
             },
         );
         assert_eq!(v["filtered"], json!([{"agent": "c", "verdict": "stale"}]));

@@ -111,7 +111,25 @@ fn trace_of(
             .into_iter()
             .map(|(slot, v)| (agent_name(cluster, slot), v.as_str()))
             .collect(),
+        policy: *cfg,
+        scorers: scorers_of(cluster, cfg),
     }
+}
+
+/// The scorers of `cfg`'s pipeline with their weights, named as `cluster`'s registry names them.
+fn scorers_of(cluster: &Cluster, cfg: &PolicyConfig) -> Vec<super::decisions::ScorerInfo> {
+    kvroute_routing::pipeline::Preset::of(cfg)
+        .scorers
+        .as_slice()
+        .iter()
+        .map(|&(id, weight)| super::decisions::ScorerInfo {
+            name: cluster
+                .scorers()
+                .name(id)
+                .map_or_else(|| format!("scorer-{}", id.0), str::to_string),
+            weight,
+        })
+        .collect()
 }
 
 pub use super::decisions::{Trace, TraceEntry};
@@ -597,33 +615,14 @@ impl Router {
         let trace = if route.is_some() {
             trace_of(&core.cluster, &cfg, &req, &req, now)
         } else {
-            Trace::default()
+            Trace {
+                policy: cfg,
+                scorers: scorers_of(&core.cluster, &cfg),
+                ..Trace::default()
+            }
         };
         let name = route.map(|slot| agent_name(&core.cluster, slot));
         (kind, name, trace)
-    }
-
-    /// The policy `model` is routed by, and its scorers with their weights, for decision traces.
-    pub fn policy_of(&self, model: &str) -> (PolicyConfig, Vec<super::decisions::ScorerInfo>) {
-        let core = self.lock();
-        let cfg = core
-            .settings
-            .get(model)
-            .map_or(self.defaults.policy, |s| s.policy);
-        let scorers = kvroute_routing::pipeline::Preset::of(&cfg)
-            .scorers
-            .as_slice()
-            .iter()
-            .map(|&(id, weight)| super::decisions::ScorerInfo {
-                name: core
-                    .cluster
-                    .scorers()
-                    .name(id)
-                    .map_or_else(|| format!("scorer-{}", id.0), str::to_string),
-                weight,
-            })
-            .collect();
-        (cfg, scorers)
     }
 
     /// The router's clock: milliseconds since it was created (monotonic).

@@ -550,12 +550,11 @@ impl Gateway {
                         );
                         let mut resp = resp;
                         if let Some(trace) = admitted.trace.take() {
-                            let (cfg, scorers) = self.router.policy_of(&model);
                             let json = decisions::trace_json(
                                 &decisions::TraceHead {
-                                    policy: cfg.kind.as_str(),
-                                    scorers: &scorers,
-                                    cost: cfg.cost,
+                                    policy: trace.policy.kind.as_str(),
+                                    scorers: &trace.scorers,
+                                    cost: trace.policy.cost,
                                     agent: &admitted.agent_id,
                                     attempts: attempt + 1,
                                     no_room_retries,
@@ -1014,10 +1013,10 @@ async fn explain(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body)
         Err(e) => return e.into_response(),
     };
     let (kind, agent, trace) = gw.router.explain_now(&plan);
-    let (cfg, scorers) = gw.router.policy_of(&plan.model);
+    let (cfg, scorers) = (trace.policy, &trace.scorers);
     let head = decisions::TraceHead {
         policy: cfg.kind.as_str(),
-        scorers: &scorers,
+        scorers,
         cost: cfg.cost,
         agent: agent.as_deref().unwrap_or(""),
         attempts: 0,
