@@ -5,4 +5,5 @@ pub mod crd;
 pub mod explain;
 pub mod gateway;
 pub mod k8s;
+pub mod sim;
 pub mod up;

@@ -27,6 +27,8 @@ enum Command {
     Crd,
     /// Ask a running gateway where it would send a request now, and why (sends nothing).
     Explain(Box<kvroute_operator::explain::ExplainArgs>),
+    /// Simulate agents and gateways at scale with the real router and KV block manager.
+    Sim(Box<kvroute_operator::sim::SimArgs>),
 }
 
 fn init_tracing() {
@@ -94,6 +96,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
+        Command::Sim(args) => kvroute_operator::sim::run(&args),
         Command::Crd => {
             print!("{}", kvroute_operator::crd::crd_yaml()?);
             Ok(())

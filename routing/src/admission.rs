@@ -143,11 +143,22 @@ impl<T> AdmissionQueue<T> {
         }
     }
 
-    /// The entry `id`, if queued.
+    /// The entry `id`, if queued. A tenant's entries are in id order (ids grow with every
+    /// push, and entries are only appended), so this is a binary search, not a scan: the
+    /// gateway looks up every queued entry on every pass over its queue.
     pub fn get(&self, id: EntryId) -> Option<&T> {
         let (key, tenant) = self.located.get(&id)?;
         let q = self.classes.get(key)?.tenants.get(tenant)?;
-        q.iter().find(|(i, _)| *i == id).map(|(_, item)| item)
+        let pos = q.binary_search_by_key(&id, |(i, _)| *i).ok()?;
+        q.get(pos).map(|(_, item)| item)
+    }
+
+    /// The entry `id` to change in place, if queued.
+    pub fn get_mut(&mut self, id: EntryId) -> Option<&mut T> {
+        let (key, tenant) = self.located.get(&id)?;
+        let q = self.classes.get_mut(key)?.tenants.get_mut(tenant)?;
+        let pos = q.binary_search_by_key(&id, |(i, _)| *i).ok()?;
+        q.get_mut(pos).map(|(_, item)| item)
     }
 
     /// Serves the entry `id` out of turn: removed, and its tenant's turn passes to the next
@@ -199,7 +210,7 @@ impl<T> AdmissionQueue<T> {
         let (key, tenant) = self.located.remove(&id)?;
         let class = self.classes.get_mut(&key)?;
         let q = class.tenants.get_mut(&tenant)?;
-        let pos = q.iter().position(|(i, _)| *i == id)?;
+        let pos = q.binary_search_by_key(&id, |(i, _)| *i).ok()?;
         let (_, item) = q.remove(pos)?;
         if q.is_empty() {
             class.tenants.remove(&tenant);
@@ -307,6 +318,51 @@ mod tests {
             q.order(&mut order);
             let popped: Vec<EntryId> = std::iter::from_fn(|| q.pop().map(|(id, _)| id)).collect();
             prop_assert_eq!(order, popped);
+        }
+
+        /// `get`, `get_mut` and `remove` find every queued entry by its id (they binary-search a
+        /// tenant's entries), whatever pops, takes and removes came before.
+        #[test]
+        fn lookups_by_id_find_the_pushed_item(
+            ops in prop::collection::vec((0..3u8, 0..4u8, 0..4u8), 1..150)
+        ) {
+            let mut q = AdmissionQueue::new(64);
+            let mut live: Vec<(EntryId, usize)> = Vec::new();
+            for (i, (p, t, op)) in ops.iter().enumerate() {
+                match op {
+                    0 if !live.is_empty() => {
+                        let (id, v) = live.swap_remove(i % live.len());
+                        prop_assert_eq!(q.remove(id), Some(v));
+                        prop_assert_eq!(q.get(id), None);
+                    }
+                    1 if !live.is_empty() => {
+                        let (id, v) = live.swap_remove(i % live.len());
+                        prop_assert_eq!(q.take(id), Some(v));
+                    }
+                    2 => {
+                        if let Some((id, v)) = q.pop() {
+                            let k = live.iter().position(|e| e.0 == id);
+                            prop_assert!(k.is_some());
+                            prop_assert_eq!(live.swap_remove(k.unwrap_or(0)).1, v);
+                        }
+                    }
+                    _ => {
+                        if let Ok(id) = q.push(Priority(*p), &t.to_string(), i) {
+                            live.push((id, i));
+                        }
+                    }
+                }
+                for &(id, v) in &live {
+                    prop_assert_eq!(q.get(id), Some(&v));
+                }
+                if let Some(&(id, v)) = live.first() {
+                    if let Some(item) = q.get_mut(id) {
+                        *item += 1_000;
+                    }
+                    prop_assert_eq!(q.get(id), Some(&(v + 1_000)));
+                    live[0].1 = v + 1_000;
+                }
+            }
         }
 
         /// Whatever the interleaving, the queue's length matches its contents, every pushed item
