@@ -1,4 +1,5 @@
 //! Whole simulations: determinism, what the policies do to preemptions and prefix hits, sessions,
+#![allow(clippy::unwrap_used)]
 //! trace replay, CPU-measured agents, and configurations that must be refused.
 
 use std::path::Path;
