@@ -1,6 +1,6 @@
 //! Whole simulations: determinism, what the policies do to preemptions and prefix hits, sessions,
-#![allow(clippy::unwrap_used)]
 //! trace replay, CPU-measured agents, and configurations that must be refused.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 
