@@ -189,6 +189,8 @@ pub struct EngineStats {
     pub prefix_hit_tokens: u64,
     /// Blocks the waiting queue needs for its prompts.
     pub waiting_prompt_blocks: usize,
+    /// Prompt tokens the running requests have still to compute.
+    pub running_prefill_tokens: usize,
     /// Free blocks promised to live requests' remaining tokens (see
     /// [`crate::sched::SchedStats::committed_blocks`]).
     pub committed_blocks: usize,
@@ -198,6 +200,8 @@ pub struct EngineStats {
     pub prefill_tokens_per_s: u32,
     pub decode_step_us: u32,
     pub decode_batch: u32,
+    /// What one more sequence adds to a decode step ([`StepSpeed::decode_per_seq_s`]).
+    pub decode_step_per_seq_ns: u32,
     /// Room (`free - committed` blocks) given back by requests that ended, since start.
     pub room_released_blocks: u64,
     /// Measured nanoseconds to copy one block between the KV cache and its host tier (0 = not
@@ -217,11 +221,39 @@ pub struct StepSpeed {
     pub decode_batch: f64,
     /// Seconds to copy one block between the KV cache and its host tier (either way).
     pub copy_block_s: f64,
+    /// Decode-only steps, for the fit of step time over batch size: decayed sums of their
+    /// weight, the batch `b`, `b²`, the time `t` and `b·t`.
+    fit: [f64; 5],
 }
 
 impl StepSpeed {
     /// Weight of a new sample in the moving averages.
     const ALPHA: f64 = 0.2;
+    /// Decay of the decode fit per sample (its memory is a few hundred steps).
+    const FIT_DECAY: f64 = 0.995;
+    /// Least variance of the batch sizes (sequences²) the fit needs to say anything.
+    const FIT_MIN_VARIANCE: f64 = 0.25;
+
+    /// Seconds one more sequence adds to a decode step: the least-squares slope of decode-only
+    /// step times over their batch sizes (recent steps weigh more), within
+    /// `0..=decode_step_s / decode_batch`. 0 while the batches seen have not varied enough.
+    pub fn decode_per_seq_s(&self) -> f64 {
+        let [w, sb, sbb, st, sbt] = self.fit;
+        if w <= 0.0 {
+            return 0.0;
+        }
+        let var = sbb / w - (sb / w).powi(2);
+        if var < Self::FIT_MIN_VARIANCE {
+            return 0.0;
+        }
+        let slope = (sbt / w - (sb / w) * (st / w)) / var;
+        let most = if self.decode_batch > 0.0 {
+            self.decode_step_s / self.decode_batch
+        } else {
+            0.0
+        };
+        slope.clamp(0.0, most)
+    }
 
     fn ewma(old: f64, sample: f64) -> f64 {
         if old <= 0.0 {
@@ -243,6 +275,14 @@ impl StepSpeed {
             if decode_seqs > 0 {
                 self.decode_step_s = Self::ewma(self.decode_step_s, seconds);
                 self.decode_batch = Self::ewma(self.decode_batch, decode_seqs as f64);
+                let b = decode_seqs as f64;
+                for (s, v) in self
+                    .fit
+                    .iter_mut()
+                    .zip([1.0, b, b * b, seconds, b * seconds])
+                {
+                    *s = *s * Self::FIT_DECAY + v;
+                }
             }
             return;
         }
@@ -1427,12 +1467,14 @@ impl Loop {
             prefix_query_tokens: s.capacity.prefix_query_tokens,
             prefix_hit_tokens: s.capacity.prefix_hit_tokens,
             waiting_prompt_blocks: s.waiting_prompt_blocks,
+            running_prefill_tokens: s.running_prefill_tokens,
             committed_blocks: s.committed_blocks,
             max_model_len: self.sched.max_len(),
             block_bytes: self.block_bytes,
             prefill_tokens_per_s: self.speed.prefill_tokens_per_s.round() as u32,
             decode_step_us: (self.speed.decode_step_s * 1e6).round() as u32,
             decode_batch: self.speed.decode_batch.round() as u32,
+            decode_step_per_seq_ns: (self.speed.decode_per_seq_s() * 1e9).round() as u32,
             room_released_blocks: self.room_released,
             kv_copy_block_ns: (self.speed.copy_block_s * 1e9)
                 .round()
@@ -1499,6 +1541,41 @@ fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_fit_finds_the_cost_of_one_more_sequence() {
+        let mut s = StepSpeed::default();
+        // Unvaried batches say nothing about the slope.
+        for _ in 0..50 {
+            s.record(0.008 + 40e-6 * 8.0, 0, 8);
+        }
+        assert_eq!(s.decode_per_seq_s(), 0.0);
+        // A GPU-like step: 8 ms fixed plus 40 µs per sequence, batches 1..=64.
+        for i in 0..400 {
+            let b = 1 + (i * 7) % 64;
+            s.record(0.008 + 40e-6 * b as f64, 0, b);
+        }
+        let slope = s.decode_per_seq_s();
+        assert!((slope - 40e-6).abs() < 2e-6, "{slope}");
+        // Mixed steps (with prefill) do not feed the fit.
+        s.record(5.0, 4096, 3);
+        assert!((s.decode_per_seq_s() - slope).abs() < 1e-12);
+        // Bad samples are ignored.
+        s.record(f64::NAN, 0, 10);
+        s.record(-1.0, 0, 10);
+        assert!((s.decode_per_seq_s() - slope).abs() < 1e-12);
+        // A CPU-like step, cost proportional to (2 + b): the slope follows once it has seen it.
+        let mut c = StepSpeed::default();
+        for i in 0..400 {
+            let b = 1 + i % 16;
+            c.record(0.005 * (2.0 + b as f64), 0, b);
+        }
+        assert!(
+            (c.decode_per_seq_s() - 0.005).abs() < 1e-4,
+            "{}",
+            c.decode_per_seq_s()
+        );
+    }
 
     #[test]
     fn only_plain_greedy_requests_take_the_device_argmax() {

@@ -60,10 +60,14 @@ pub struct CapacityStats {
     pub prefill_tokens_per_s: u32,
     pub decode_step_us: u32,
     pub decode_batch: u32,
+    /// What one more sequence adds to a decode step (0: not measured).
+    pub decode_step_per_seq_ns: u32,
     /// Room (`free - committed`) given back by requests that ended, since start (monotonic).
     pub room_released_blocks: u64,
     /// Prompt tokens the waiting queue still has to compute (ignoring cache hits).
     pub waiting_prefill_tokens: u64,
+    /// Prompt tokens the running requests have still to compute.
+    pub running_prefill_tokens: u64,
     /// The KV host tier: slots, slots holding a block, blocks copied there and back, and
     /// prompt tokens copied back (included in `prefix_hit_tokens`). All 0 without one.
     pub host_total_blocks: u64,

@@ -244,9 +244,11 @@ fn stats_from(s: &EngineStats) -> CapacityStats {
         prefill_tokens_per_s: s.prefill_tokens_per_s,
         decode_step_us: s.decode_step_us,
         decode_batch: s.decode_batch,
+        decode_step_per_seq_ns: s.decode_step_per_seq_ns,
         room_released_blocks: s.room_released_blocks,
         waiting_prefill_tokens: (s.waiting_prompt_blocks as u64)
             .saturating_mul(u64::from(s.capacity.block_size)),
+        running_prefill_tokens: s.running_prefill_tokens as u64,
         host_total_blocks: s.capacity.host_total,
         host_used_blocks: s.capacity.host_used,
         offloaded_blocks: s.capacity.offloaded_blocks,

@@ -49,10 +49,14 @@ pub struct Report {
     pub prefill_tokens_per_s: u32,
     pub decode_step_us: u32,
     pub decode_batch: u32,
+    /// What one more sequence adds to a decode step, as the agent fitted it (0: not measured).
+    pub decode_step_per_seq_ns: u32,
     /// Room given back by ended requests since the epoch began (monotonic).
     pub room_released_blocks: u64,
     /// Prompt tokens waiting in the engine's queue.
     pub waiting_prefill_tokens: u64,
+    /// Prompt tokens the engine's running requests have still to compute.
+    pub running_prefill_tokens: u64,
     /// True: `events` hold the agent's whole cache; what was known before is dropped.
     pub snapshot: bool,
     /// The agent reports which cached blocks are in use (`InUse` / `Evictable` events; a stored
@@ -297,7 +301,10 @@ impl Cluster {
             free: r.free_blocks,
             cached_evictable: r.cached_evictable_blocks,
             reserved: a.reserved_blocks,
-            queued_prefill: r.waiting_prefill_tokens.saturating_add(a.pending_prefill),
+            queued_prefill: r
+                .waiting_prefill_tokens
+                .saturating_add(r.running_prefill_tokens)
+                .saturating_add(a.pending_prefill),
             prefill_tps: r.prefill_tokens_per_s,
             host_block_cost: crate::scorer::host_block_cost(
                 r.host_copy_block_ns,
@@ -306,6 +313,7 @@ impl Cluster {
             ),
             decode_step_us: r.decode_step_us,
             decode_batch: r.decode_batch,
+            decode_per_seq_ns: r.decode_step_per_seq_ns,
             release_per_s: a.release.blocks_per_s,
             ttft_scale: a.ttft.scale(),
             credited_pending: a.reservations.iter().filter(|r| r.shared).count() as u32,

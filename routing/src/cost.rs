@@ -95,6 +95,8 @@ pub struct AgentLoad {
     /// the blocks earlier queued requests are waiting for there (may be negative).
     pub room: i64,
     pub running: u32,
+    /// Requests in the engine's waiting queue: they join the running batch before this one.
+    pub waiting: u32,
     /// Prompt tokens queued ahead of this request there: the engine's waiting queue plus requests
     /// this gateway sent that the agent has not counted yet.
     pub queued_prefill_tokens: u64,
@@ -102,6 +104,9 @@ pub struct AgentLoad {
     pub prefill_tokens_per_s: f64,
     pub decode_step_s: f64,
     pub decode_batch: f64,
+    /// What one more sequence adds to a decode step, as the agent measured it (0: not
+    /// measured: the step is taken to grow as `DECODE_OVERHEAD_SEQS + batch`).
+    pub decode_per_seq_s: f64,
     /// Room the agent gives back per second while busy, as observed (0: not observed).
     pub release_blocks_per_s: f64,
     /// Observed over predicted time to first token on this agent ([`TtftScale`]); multiplies
@@ -153,7 +158,13 @@ pub fn decode_step_at(load: &AgentLoad, priors: &Priors, b: f64) -> f64 {
     } else {
         (priors.decode_step_s, 1.0)
     };
-    step * (DECODE_OVERHEAD_SEQS + b.max(1.0)) / (DECODE_OVERHEAD_SEQS + at)
+    let b = b.max(1.0);
+    if load.decode_per_seq_s > 0.0 && load.decode_step_s > 0.0 {
+        // The agent's own fit: a fixed part, and the slope per sequence.
+        let fixed = (step - load.decode_per_seq_s * at).max(0.0);
+        return fixed + load.decode_per_seq_s * b;
+    }
+    step * (DECODE_OVERHEAD_SEQS + b) / (DECODE_OVERHEAD_SEQS + at)
 }
 
 /// The predicted cost of `ask` on an agent with `load`.
@@ -185,9 +196,16 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
     let prefill_s = (load.queued_prefill_tokens + ask.uncached_tokens) as f64 / prefill_rate;
     let duplicate_s = ask.duplicate_tokens.min(ask.uncached_tokens) as f64 / prefill_rate;
     let move_s = ask.moved_tokens.min(ask.uncached_tokens) as f64 / prefill_rate;
-    // One more sequence makes every step longer by one sequence's share; the `running` requests
-    // there pay that for as many steps as this request decodes.
-    let per_seq = decode_step_at(load, priors, 1.0) / (DECODE_OVERHEAD_SEQS + 1.0);
+    // One more sequence makes every step longer by one sequence's share; the requests there
+    // pay that for as many steps as this request decodes: the running ones, and the waiting
+    // ones, which will be running beside it (an agent busy prefilling a long queue has few
+    // running requests now, but not for long).
+    let running = running + f64::from(load.waiting);
+    let per_seq = if load.decode_per_seq_s > 0.0 && load.decode_step_s > 0.0 {
+        load.decode_per_seq_s
+    } else {
+        decode_step_at(load, priors, 1.0) / (DECODE_OVERHEAD_SEQS + 1.0)
+    };
     let decode_s = running * ask.output_tokens as f64 * per_seq;
     let scale = if load.ttft_scale > 0.0 {
         load.ttft_scale
@@ -339,13 +357,72 @@ mod tests {
             total_blocks: 100,
             room: 50,
             running: 4,
+            waiting: 0,
             queued_prefill_tokens: 0,
             prefill_tokens_per_s: 1000.0,
             decode_step_s: 0.012,
             decode_batch: 4.0,
+            decode_per_seq_s: 0.0,
             release_blocks_per_s: 20.0,
             ttft_scale: 0.0,
         }
+    }
+
+    #[test]
+    fn waiting_requests_count_in_the_decode_slow_down() {
+        let ask = Ask {
+            need_blocks: 1,
+            uncached_tokens: 10,
+            output_tokens: 100,
+            ..Ask::default()
+        };
+        let w = CostWeights::default();
+        let now = estimate(&measured(), &ask, &p(), &w);
+        // Eight requests waiting to prefill there will decode beside this one: three times the
+        // batch it slows down (4 running + 8 waiting against 4).
+        let queue = AgentLoad {
+            waiting: 8,
+            ..measured()
+        };
+        let later = estimate(&queue, &ask, &p(), &w);
+        assert!(
+            (later.decode_s - 3.0 * now.decode_s).abs() < 1e-12,
+            "{later:?} {now:?}"
+        );
+        assert_eq!(later.prefill_s, now.prefill_s);
+    }
+
+    #[test]
+    fn an_agent_fitted_slope_replaces_the_overhead_prior() {
+        // A GPU: 12 ms at batch 4, but one more sequence adds only 50 µs.
+        let gpu = AgentLoad {
+            decode_per_seq_s: 50e-6,
+            ..measured()
+        };
+        let at = |load: &AgentLoad, b: f64| decode_step_at(load, &p(), b);
+        assert!((at(&gpu, 4.0) - 0.012).abs() < 1e-12);
+        assert!((at(&gpu, 100.0) - (0.012 + 96.0 * 50e-6)).abs() < 1e-12);
+        // Without the fit, the step grows as (2 + b): 100 sequences would take 17× longer.
+        assert!((at(&measured(), 100.0) - 0.012 * 102.0 / 6.0).abs() < 1e-12);
+        let ask = Ask {
+            need_blocks: 1,
+            output_tokens: 100,
+            ..Ask::default()
+        };
+        let w = CostWeights::default();
+        let fitted = estimate(&gpu, &ask, &p(), &w);
+        assert!(
+            (fitted.decode_s - 4.0 * 100.0 * 50e-6).abs() < 1e-12,
+            "{fitted:?}"
+        );
+        let prior = estimate(&measured(), &ask, &p(), &w);
+        assert!(prior.decode_s > 10.0 * fitted.decode_s);
+        // A slope larger than the whole step cannot make the fixed part negative.
+        let odd = AgentLoad {
+            decode_per_seq_s: 0.01,
+            ..measured()
+        };
+        assert!((at(&odd, 1.0) - 0.01).abs() < 1e-12);
     }
 
     fn p() -> Priors {

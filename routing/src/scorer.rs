@@ -137,6 +137,8 @@ pub struct AgentView {
     pub host_block_cost: f32,
     pub decode_step_us: u32,
     pub decode_batch: u32,
+    /// What one more sequence adds to a decode step there (0: not measured).
+    pub decode_per_seq_ns: u32,
     pub release_per_s: f64,
     /// Observed over predicted time to first token there (1: not calibrated yet).
     pub ttft_scale: f64,

@@ -108,10 +108,12 @@ pub fn load_of(a: &AgentView, c: &Candidate) -> AgentLoad {
         total_blocks: a.total,
         room: c.room,
         running: a.running,
+        waiting: a.waiting,
         queued_prefill_tokens: a.queued_prefill,
         prefill_tokens_per_s: f64::from(a.prefill_tps),
         decode_step_s: f64::from(a.decode_step_us) / 1e6,
         decode_batch: f64::from(a.decode_batch),
+        decode_per_seq_s: f64::from(a.decode_per_seq_ns) / 1e9,
         release_blocks_per_s: a.release_per_s,
         ttft_scale: a.ttft_scale,
     }

@@ -396,6 +396,50 @@ fn kv_balances_unshared_requests_by_running_batch_and_queued_prefill() {
 }
 
 #[test]
+fn kv_counts_the_prefill_running_requests_have_left_and_waiting_ones_in_the_batch() {
+    // Agent 0 looks idle by its running batch (1), but its running prompts have 20,000 tokens
+    // left to compute and 6 requests wait to join the batch; agent 1 runs 4 with nothing left to
+    // prefill. Both measured alike: a GPU-like decode (one more sequence adds 50 µs).
+    let mut c = Cluster::new();
+    for (i, running, waiting, left) in [(0, 1u32, 6u32, 20_000u64), (1, 4, 0, 0)] {
+        let id = format!("a{i}");
+        let s = c.upsert_agent(&id);
+        let r = Report {
+            running_requests: running,
+            waiting_requests: waiting,
+            running_prefill_tokens: left,
+            prefill_tokens_per_s: 10_000,
+            decode_step_us: 10_000,
+            decode_batch: 4,
+            decode_step_per_seq_ns: 50_000,
+            ..report(&id, 1, 100, 50)
+        };
+        c.apply_report(s, r, 0);
+    }
+    let cfg = PolicyConfig::default();
+    let d = c.decide(&cfg, &req(200, 32, &[1, 2, 3]), 0, &mut SplitMix64(3));
+    assert!(matches!(d, Decision::Route(r) if r.slot == 1), "{d:?}");
+    let e = c.explain(&cfg, &req(200, 32, &[1, 2, 3]));
+    let on = |slot: usize| {
+        e.iter()
+            .find(|t| t.candidate.slot == slot)
+            .map(|t| t.estimate)
+    };
+    let (busy, idle) = (on(0).unwrap(), on(1).unwrap());
+    // 20,200 tokens at 10,000 tok/s ahead of its first token there.
+    assert!((busy.prefill_s - 2.02).abs() < 1e-9, "{busy:?}");
+    // 7 requests (1 running, 6 waiting) pay 32 steps × 50 µs each, against 4 on agent 1.
+    assert!(
+        (busy.decode_s - 7.0 * 32.0 * 50e-6).abs() < 1e-9,
+        "{busy:?}"
+    );
+    assert!(
+        (idle.decode_s - 4.0 * 32.0 * 50e-6).abs() < 1e-9,
+        "{idle:?}"
+    );
+}
+
+#[test]
 fn a_prefix_a_running_request_uses_takes_no_room() {
     // 6 blocks, 4 of them a cached prefix; the agent reports which cached blocks are in use.
     let hashes = [11, 12, 13, 14];

@@ -113,6 +113,10 @@ pub struct GatewaysConfig {
     /// A dispatched request reaches its agent this long after the decision.
     #[serde(default = "default_network_ms")]
     pub network_delay_ms: f64,
+    /// A gateway looks at its queue at most this often: wake-ups (arrivals, reports) in
+    /// between wait for the interval's end.
+    #[serde(default = "default_pump_ms")]
+    pub pump_interval_ms: f64,
     /// Requests a gateway queues; one more is refused (429).
     #[serde(default = "default_max_queue")]
     pub max_queue: u32,
@@ -133,6 +137,9 @@ fn default_report_delay_ms() -> f64 {
 fn default_network_ms() -> f64 {
     0.5
 }
+fn default_pump_ms() -> f64 {
+    2.0
+}
 fn default_max_queue() -> u32 {
     10_000
 }
@@ -147,6 +154,7 @@ impl Default for GatewaysConfig {
             report_interval_ms: default_report_ms(),
             report_delay_ms: default_report_delay_ms(),
             network_delay_ms: default_network_ms(),
+            pump_interval_ms: default_pump_ms(),
             max_queue: default_max_queue(),
             queue_timeout_s: default_queue_timeout(),
         }
@@ -355,6 +363,7 @@ impl SimConfig {
             (g.report_interval_ms, "report_interval_ms", 0.1),
             (g.report_delay_ms, "report_delay_ms", 0.0),
             (g.network_delay_ms, "network_delay_ms", 0.0),
+            (g.pump_interval_ms, "pump_interval_ms", 0.0),
             (g.queue_timeout_s, "queue_timeout_s", 0.001),
         ] {
             if !(v.is_finite() && v >= lo && v <= 3_600_000.0) {

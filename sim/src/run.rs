@@ -11,6 +11,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::time::Instant;
 
 use kvroute_engine::kv::{block_hashes, BlockEvent};
+use kvroute_engine::runtime::StepSpeed;
 use kvroute_engine::sched::{SchedConfig, Scheduler, SeqSpec};
 use kvroute_routing::admission::{AdmissionQueue, EntryId, Priority};
 use kvroute_routing::{
@@ -51,6 +52,8 @@ pub struct RequestRecord {
     pub first_token_ns: u64,
     pub done_ns: u64,
     pub cached_tokens: u32,
+    /// Tokens generated (the spec's, or fewer where the agent's length cap ended it).
+    pub output_tokens: u32,
     pub preemptions: u32,
     pub agent: u32,
     pub gateway: u32,
@@ -102,9 +105,8 @@ struct Agent {
     dirty: bool,
     last_report_ns: u64,
     busy_ns_since_report: u64,
-    prefill_tok_s: f64,
-    decode_step_s: f64,
-    decode_batch: u32,
+    /// The agent's own measure of its speed (the engine's: what a real agent reports).
+    speed: StepSpeed,
     events: Vec<CacheEvent>,
     snapshot_sent: bool,
 }
@@ -136,6 +138,8 @@ struct Gateway {
     held: Vec<u64>,
     rng: SplitMix64,
     pump_at: Option<u64>,
+    /// When the last pass over the queue ran.
+    last_pump: Option<u64>,
 }
 
 /// Counters of one run.
@@ -219,9 +223,7 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
             dirty: true,
             last_report_ns: 0,
             busy_ns_since_report: 0,
-            prefill_tok_s: 0.0,
-            decode_step_s: 0.0,
-            decode_batch: 0,
+            speed: StepSpeed::default(),
             events: Vec::new(),
             snapshot_sent: false,
         });
@@ -250,6 +252,7 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
             held: Vec::new(),
             rng: SplitMix64(cfg.seed ^ (g as u64).wrapping_mul(0x5555_5555_5555_5555)),
             pump_at: None,
+            last_pump: None,
         });
     }
     let (generator, first_turns) = match (&cfg.workload, &r.trace) {
@@ -341,6 +344,7 @@ impl Sim<'_> {
             first_token_ns: 0,
             done_ns: 0,
             cached_tokens: 0,
+            output_tokens: 0,
             preemptions: 0,
             agent: u32::MAX,
             gateway: 0,
@@ -362,9 +366,31 @@ impl Sim<'_> {
     }
 
     fn run_loop(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        let mut told = 0u64;
         while let Some(Reverse((t, _, e))) = self.heap.pop() {
             self.now = t;
             self.stats.events += 1;
+            if self.stats.events.is_multiple_of(256) {
+                let secs = started.elapsed().as_secs();
+                if secs >= told + 10 {
+                    told = secs;
+                    let done = self
+                        .records
+                        .iter()
+                        .filter(|r| r.outcome != Outcome::Pending)
+                        .count();
+                    eprintln!(
+                        "  {}: {:.1} s simulated in {secs} s; {done} of {} requests ended, {} queued, {} on agents, {} decisions",
+                        self.policy.kind.as_str(),
+                        t as f64 / NS,
+                        self.records.len(),
+                        self.gateways.iter().map(|g| g.queue.len()).sum::<usize>(),
+                        self.agents.iter().map(|a| a.seqs.len()).sum::<usize>(),
+                        self.stats.decisions,
+                    );
+                }
+            }
             match e {
                 Event::Arrive(idx) => {
                     self.arrivals_ahead -= 1;
@@ -421,7 +447,7 @@ impl Sim<'_> {
             self.end(idx, Outcome::QueueFull);
             return Ok(());
         }
-        self.pump(g);
+        self.want_pump(g);
         Ok(())
     }
 
@@ -434,10 +460,21 @@ impl Sim<'_> {
         self.history.remove(&session);
     }
 
+    /// Asks gateway `g` to look at its queue: at once, or, within `pump_interval_ms` of its
+    /// last look, when that interval ends (wake-ups in between are coalesced, as the gateway's
+    /// pump task coalesces its notifications while it works).
     fn want_pump(&mut self, g: u32) {
-        let at = self.now;
+        let interval = ns(self.r.cfg.gateways.pump_interval_ms / 1e3);
         let gw = &mut self.gateways[g as usize];
-        if gw.pump_at.is_none() && !gw.queue.is_empty() {
+        if gw.pump_at.is_some() || gw.queue.is_empty() {
+            return;
+        }
+        let at = gw
+            .last_pump
+            .map_or(self.now, |l| (l + interval).max(self.now));
+        if at == self.now {
+            self.pump(g);
+        } else {
             gw.pump_at = Some(at);
             self.push(at, Event::Pump(g));
         }
@@ -448,6 +485,7 @@ impl Sim<'_> {
     /// requests before it and the room of the ones held for an agent; routed ones reserve room
     /// and go to their agent.
     fn pump(&mut self, g: u32) {
+        self.gateways[g as usize].last_pump = Some(self.now);
         let now_ms = self.now / 1_000_000;
         let timeout = ns(self.r.cfg.gateways.queue_timeout_s);
         let max_queue = self.r.cfg.gateways.max_queue as usize;
@@ -645,12 +683,11 @@ impl Sim<'_> {
             }
         }
         let dt = self.step.step_s(&shape);
-        if shape.decode_seqs > 0 && shape.prefill_tokens == 0 {
-            agent.decode_step_s = ewma(agent.decode_step_s, dt);
-            agent.decode_batch = shape.decode_seqs as u32;
-        } else if shape.prefill_tokens > 0 && dt > 0.0 {
-            agent.prefill_tok_s = ewma(agent.prefill_tok_s, shape.prefill_tokens as f64 / dt);
-        }
+        agent.speed.record(
+            dt,
+            shape.prefill_tokens as usize,
+            shape.decode_seqs as usize,
+        );
         agent.busy = true;
         agent.step_start_ns = now;
         self.stats.steps += 1;
@@ -676,14 +713,21 @@ impl Sim<'_> {
                 if run.produced == 1 {
                     first.push(*run);
                 }
-                if run.produced >= run.target {
-                    finished.push((id, *run));
-                }
             }
             agent
                 .sched
                 .complete_step(&sampled)
                 .map_err(|e| format!("agent {a}: {e}"))?;
+            // Done: all its tokens, or as long as the agent lets a sequence grow (finish
+            // reason "length").
+            for &(id, _) in &sampled {
+                let Some(run) = agent.seqs.get(&id) else {
+                    continue;
+                };
+                if run.produced >= run.target || agent.sched.is_length_capped(id) == Some(true) {
+                    finished.push((id, *run));
+                }
+            }
             let before = agent.room();
             for (id, _) in &finished {
                 agent.seqs.remove(id);
@@ -693,6 +737,7 @@ impl Sim<'_> {
                     .map_err(|e| format!("agent {a}: {e}"))?;
                 let rec = &mut self.records[*id as usize];
                 rec.cached_tokens = usage.cached_tokens as u32;
+                rec.output_tokens = usage.output_tokens as u32;
             }
             agent.room_released += agent.room().saturating_sub(before);
         }
@@ -733,7 +778,7 @@ impl Sim<'_> {
         let own = prompt_tokens(&spec, &[]);
         let h = self.history.entry(spec.session).or_default();
         h.extend_from_slice(&own[spec.shared_tokens as usize..]);
-        h.extend((0..u64::from(run.target)).map(|i| answer_token(spec.seed, i)));
+        h.extend((0..u64::from(run.produced)).map(|i| answer_token(spec.seed, i)));
         let idx = self.new_record(next)?;
         self.push(ns(next.arrival_s), Event::Arrive(idx));
         Ok(())
@@ -775,12 +820,14 @@ impl Sim<'_> {
                 preemptions: s.preemptions,
                 gpu_utilization_percent: Some(util),
                 max_model_len: self.r.cfg.agents.max_model_len,
-                prefill_tokens_per_s: agent.prefill_tok_s.round() as u32,
-                decode_step_us: (agent.decode_step_s * 1e6).round() as u32,
-                decode_batch: agent.decode_batch,
+                prefill_tokens_per_s: agent.speed.prefill_tokens_per_s.round() as u32,
+                decode_step_us: (agent.speed.decode_step_s * 1e6).round() as u32,
+                decode_batch: agent.speed.decode_batch.round() as u32,
+                decode_step_per_seq_ns: (agent.speed.decode_per_seq_s() * 1e9).round() as u32,
                 room_released_blocks: agent.room_released,
                 waiting_prefill_tokens: (s.waiting_prompt_blocks as u64)
                     .saturating_mul(u64::from(s.capacity.block_size)),
+                running_prefill_tokens: s.running_prefill_tokens as u64,
                 snapshot,
                 block_use_events: true,
                 events: agent.events.clone(),
@@ -841,14 +888,6 @@ impl Sim<'_> {
         self.stats
             .kv_timeline
             .push((self.now as f64 / NS, sum / n, max, queued));
-    }
-}
-
-fn ewma(old: f64, new: f64) -> f64 {
-    if old == 0.0 {
-        new
-    } else {
-        0.8 * old + 0.2 * new
     }
 }
 

@@ -31,6 +31,9 @@ pub struct Summary {
     pub ttft_p99_s: f64,
     pub tpot_p50_s: f64,
     pub tpot_p99_s: f64,
+    /// Time in the gateway's queue (arrival to dispatch) of completed requests.
+    pub queue_wait_p50_s: f64,
+    pub queue_wait_p99_s: f64,
     pub preemptions: u64,
     /// Prompt tokens served from the prefix cache / prompt tokens of completed requests.
     pub prefix_hit_rate: f64,
@@ -46,7 +49,7 @@ pub struct Summary {
 /// TTFT (from arrival at the gateway) and TPOT of a completed request.
 fn latencies(r: &RequestRecord) -> (f64, f64) {
     let ttft = r.first_token_ns.saturating_sub(r.arrival_ns) as f64 / 1e9;
-    let out = r.spec.output_tokens;
+    let out = r.output_tokens;
     let tpot = if out > 1 {
         r.done_ns.saturating_sub(r.first_token_ns) as f64 / 1e9 / f64::from(out - 1)
     } else {
@@ -63,6 +66,7 @@ impl Summary {
         let count = |o: Outcome| recs.iter().filter(|r| r.outcome == o).count();
         let mut ttft = Vec::with_capacity(done.len());
         let mut tpot = Vec::with_capacity(done.len());
+        let mut waits = Vec::with_capacity(done.len());
         let mut good = 0usize;
         let mut out_tokens = 0u64;
         let (mut prompt, mut cached) = (0u64, 0u64);
@@ -70,15 +74,17 @@ impl Summary {
             let (t, p) = latencies(r);
             ttft.push(t);
             tpot.push(p);
+            waits.push(r.dispatched_ns.saturating_sub(r.arrival_ns) as f64 / 1e9);
             if t <= slo.ttft_s && p <= slo.tpot_s {
                 good += 1;
             }
-            out_tokens += u64::from(r.spec.output_tokens);
+            out_tokens += u64::from(r.output_tokens);
             prompt += u64::from(r.prompt_tokens);
             cached += u64::from(r.cached_tokens);
         }
         ttft.sort_by(f64::total_cmp);
         tpot.sort_by(f64::total_cmp);
+        waits.sort_by(f64::total_cmp);
         let start = recs.iter().map(|r| r.arrival_ns).min().unwrap_or(0);
         let end = recs.iter().map(|r| r.done_ns).max().unwrap_or(0);
         let span = (end.saturating_sub(start) as f64 / 1e9).max(1e-9);
@@ -101,6 +107,8 @@ impl Summary {
             ttft_p99_s: quantile(&ttft, 0.99),
             tpot_p50_s: quantile(&tpot, 0.5),
             tpot_p99_s: quantile(&tpot, 0.99),
+            queue_wait_p50_s: quantile(&waits, 0.5),
+            queue_wait_p99_s: quantile(&waits, 0.99),
             preemptions: result.stats.preemptions,
             prefix_hit_rate: if prompt > 0 {
                 cached as f64 / prompt as f64
@@ -136,6 +144,8 @@ impl Summary {
             "ttft_p99_s": self.ttft_p99_s,
             "tpot_p50_s": self.tpot_p50_s,
             "tpot_p99_s": self.tpot_p99_s,
+            "queue_wait_p50_s": self.queue_wait_p50_s,
+            "queue_wait_p99_s": self.queue_wait_p99_s,
             "preemptions": self.preemptions,
             "prefix_hit_rate": self.prefix_hit_rate,
             "kv_use_mean": self.kv_use_mean,
@@ -156,7 +166,7 @@ impl Summary {
 /// A table of summaries, one line each, for a terminal.
 pub fn table(rows: &[Summary]) -> String {
     let mut s = format!(
-        "{:<16} {:>9} {:>8} {:>6} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8}\n",
+        "{:<16} {:>9} {:>8} {:>6} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8}\n",
         "policy",
         "completed",
         "429",
@@ -167,13 +177,14 @@ pub fn table(rows: &[Summary]) -> String {
         "TTFT p99",
         "TPOT p50",
         "TPOT p99",
+        "queue p50",
         "preem",
         "hit rate",
         "KV use"
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<16} {:>9} {:>8} {:>6} {:>10.2} {:>10.1} {:>8.3}s {:>8.3}s {:>8.4}s {:>8.4}s {:>6} {:>7.1}% {:>7.1}%\n",
+            "{:<16} {:>9} {:>8} {:>6} {:>10.2} {:>10.1} {:>8.3}s {:>8.3}s {:>8.4}s {:>8.4}s {:>8.3}s {:>6} {:>7.1}% {:>7.1}%\n",
             r.policy,
             r.completed,
             r.queue_full + r.queue_timeout,
@@ -184,6 +195,7 @@ pub fn table(rows: &[Summary]) -> String {
             r.ttft_p99_s,
             r.tpot_p50_s,
             r.tpot_p99_s,
+            r.queue_wait_p50_s,
             r.preemptions,
             100.0 * r.prefix_hit_rate,
             100.0 * r.kv_use_mean,

@@ -223,6 +223,9 @@ pub struct SchedStats {
     pub requests_aborted: u64,
     /// Blocks the waiting queue needs for its known tokens (ignoring cache hits).
     pub waiting_prompt_blocks: usize,
+    /// Prompt tokens the running sequences have still to compute (chunked prefill spreads a
+    /// prompt over several steps; cache hits count as computed).
+    pub running_prefill_tokens: usize,
     /// Blocks the live sequences (running and waiting) have yet to allocate to reach their
     /// length cap (`prompt + max_tokens`, at most the longest sequence), ignoring cache hits:
     /// free blocks already promised to admitted requests. A router that admits only into
@@ -845,6 +848,14 @@ impl Scheduler {
             requests_finished: self.finished,
             requests_aborted: self.aborted,
             waiting_prompt_blocks: self.waiting_prompt_blocks,
+            running_prefill_tokens: self
+                .running
+                .iter()
+                .map(|&slot| {
+                    let s = self.seq(slot);
+                    s.prompt_len.saturating_sub(s.num_computed)
+                })
+                .sum(),
             committed_blocks: self.committed_blocks(),
             capacity: self.kv.snapshot(),
         }

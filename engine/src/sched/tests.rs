@@ -815,3 +815,30 @@ fn a_prefix_computed_in_chunks_is_waited_for_chunk_by_chunk() {
     let (p, _) = step(&mut s);
     assert_eq!(p, vec![(1, 14, 1, true), (2, 12, 2, true)]);
 }
+
+#[test]
+fn running_prefill_tokens_count_what_running_prompts_have_left() {
+    // 64 tokens a step: a 150-token prompt takes three steps; a second prompt waits behind it.
+    let mut s = Scheduler::new(cfg(16, 64)).unwrap();
+    s.add(spec(1, (0..150).collect(), 4)).unwrap();
+    assert_eq!(
+        s.stats().running_prefill_tokens,
+        0,
+        "nothing runs before a step"
+    );
+    step(&mut s);
+    assert_eq!(s.stats().running_prefill_tokens, 150 - 64);
+    s.add(spec(2, (1000..1100).collect(), 4)).unwrap();
+    step(&mut s);
+    // 64 more of the first: 22 left. The second waits (the step's budget went to the first)
+    // and is not counted here: the waiting queue is `waiting_prompt_blocks`.
+    let st = s.stats();
+    assert_eq!((st.running, st.waiting), (1, 1));
+    assert_eq!(st.running_prefill_tokens, 22, "{st:?}");
+    step(&mut s);
+    // The first's last 22, and 42 of the second's 100.
+    assert_eq!(s.stats().running_prefill_tokens, 100 - 42);
+    step(&mut s);
+    // Both prompts computed: decoding needs no prefill.
+    assert_eq!(s.stats().running_prefill_tokens, 0);
+}
