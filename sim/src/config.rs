@@ -201,6 +201,35 @@ pub struct SimConfig {
     /// KV utilisation is sampled this often (simulated seconds).
     #[serde(default = "default_sample_s")]
     pub sample_s: f64,
+    /// The `kv` policy's cost weights (as `kvroute gateway --cost-*`); unset ones keep the
+    /// gateway's defaults.
+    #[serde(default)]
+    pub kv_cost: KvCost,
+}
+
+/// The `kv` policy's cost weights, each optional.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvCost {
+    pub wait: Option<f64>,
+    pub prefill: Option<f64>,
+    pub duplicate: Option<f64>,
+    pub decode: Option<f64>,
+    pub stick: Option<f64>,
+}
+
+impl KvCost {
+    /// The gateway's defaults with the weights given here.
+    pub fn weights(&self) -> kvroute_routing::cost::CostWeights {
+        let d = kvroute_routing::cost::CostWeights::default();
+        kvroute_routing::cost::CostWeights {
+            wait: self.wait.unwrap_or(d.wait),
+            prefill: self.prefill.unwrap_or(d.prefill),
+            duplicate: self.duplicate.unwrap_or(d.duplicate),
+            decode: self.decode.unwrap_or(d.decode),
+            stick: self.stick.unwrap_or(d.stick),
+        }
+    }
 }
 
 fn default_seed() -> u64 {
@@ -384,6 +413,18 @@ impl SimConfig {
         }
         if !(self.sample_s.is_finite() && self.sample_s >= 0.001) {
             return Err(format!("sample_s must be ≥ 0.001 (got {})", self.sample_s));
+        }
+        let w = self.kv_cost.weights();
+        for (v, what) in [
+            (w.wait, "wait"),
+            (w.prefill, "prefill"),
+            (w.duplicate, "duplicate"),
+            (w.decode, "decode"),
+            (w.stick, "stick"),
+        ] {
+            if !(v.is_finite() && (0.0..=1000.0).contains(&v)) {
+                return Err(format!("kv_cost.{what} must be in 0..=1000 (got {v})"));
+            }
         }
         if self.policies.is_empty() {
             return Err("policies: name at least one (kv, kv-score, round-robin, least-requests, gpu-utilization)".into());

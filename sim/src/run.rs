@@ -230,6 +230,7 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
     }
     let policy_cfg = PolicyConfig {
         kind: policy,
+        cost: cfg.kv_cost.weights(),
         ..PolicyConfig::default()
     };
     let mut gateways = Vec::with_capacity(replicas);

@@ -262,6 +262,14 @@ fn bad_configurations_are_refused_with_what_is_wrong() {
             "slo",
         ),
         (with(&["sample_s"], 0.into()), "sample_s"),
+        (
+            with(&["kv_cost"], serde_json::json!({"decode": -1})),
+            "kv_cost.decode",
+        ),
+        (
+            with(&["kv_cost"], serde_json::json!({"speed": 1})),
+            "unknown field",
+        ),
     ];
     for (text, want) in cases {
         let e = match SimConfig::parse(&text) {
