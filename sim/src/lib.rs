@@ -23,17 +23,7 @@ pub use config::{Resolved, SimConfig};
 pub use summary::Summary;
 
 /// Peak resident memory of this process in bytes (Linux; 0 elsewhere).
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
+pub use kvroute_engine::bench::peak_rss_bytes;
 
 /// Runs every policy of `r` in turn; `progress` is told of each policy's result.
 pub fn run_all(
