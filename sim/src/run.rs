@@ -186,6 +186,9 @@ struct Sim<'a> {
     first_turns: u64,
     /// Arrivals scheduled and not yet happened.
     arrivals_ahead: u64,
+    /// Requests created and not yet ended (checked after every event: a counter, not a walk
+    /// over the agents).
+    open: u64,
     next_gateway: u32,
     stats: RunStats,
     step: &'a StepModel,
@@ -286,6 +289,7 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
         next_first: 0,
         first_turns,
         arrivals_ahead: 0,
+        open: 0,
         next_gateway: 0,
         stats: RunStats::default(),
         step: &r.step,
@@ -337,6 +341,7 @@ impl Sim<'_> {
     fn new_record(&mut self, spec: RequestSpec) -> Result<u32, String> {
         let idx = u32::try_from(self.records.len())
             .map_err(|_| "more than 4 billion requests".to_string())?;
+        self.open += 1;
         self.records.push(RequestRecord {
             spec,
             prompt_tokens: 0,
@@ -357,13 +362,7 @@ impl Sim<'_> {
 
     /// Whether nothing is left to happen besides periodic events.
     fn finished(&self) -> bool {
-        self.next_first >= self.first_turns && self.arrivals_ahead == 0 && self.open_requests() == 0
-    }
-
-    fn open_requests(&self) -> usize {
-        self.agents.iter().map(|a| a.seqs.len()).sum::<usize>()
-            + self.gateways.iter().map(|g| g.queue.len()).sum::<usize>()
-            + self.in_transit.len()
+        self.next_first >= self.first_turns && self.arrivals_ahead == 0 && self.open == 0
     }
 
     fn run_loop(&mut self) -> Result<(), String> {
@@ -454,6 +453,7 @@ impl Sim<'_> {
 
     /// Ends request `idx` at the gateway (never served); a session ends with it.
     fn end(&mut self, idx: u32, outcome: Outcome) {
+        self.open = self.open.saturating_sub(1);
         let rec = &mut self.records[idx as usize];
         rec.outcome = outcome;
         rec.done_ns = self.now;
@@ -763,6 +763,7 @@ impl Sim<'_> {
 
     /// A request's last token: record it; a session's next turn is scheduled.
     fn complete(&mut self, run: SeqRun) -> Result<(), String> {
+        self.open = self.open.saturating_sub(1);
         let rec = &mut self.records[run.req as usize];
         rec.outcome = Outcome::Done;
         rec.done_ns = self.now;
