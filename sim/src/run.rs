@@ -107,7 +107,6 @@ struct Agent {
     busy_ns_since_report: u64,
     /// The agent's own measure of its speed (the engine's: what a real agent reports).
     speed: StepSpeed,
-    events: Vec<CacheEvent>,
     snapshot_sent: bool,
 }
 
@@ -227,7 +226,6 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
             last_report_ns: 0,
             busy_ns_since_report: 0,
             speed: StepSpeed::default(),
-            events: Vec::new(),
             snapshot_sent: false,
         });
     }
@@ -800,13 +798,11 @@ impl Sim<'_> {
             agent.dirty = false;
             agent.sequence += 1;
             let s = agent.sched.stats();
-            agent.events.clear();
             let snapshot = !agent.snapshot_sent;
             let taken = agent.sched.take_events();
             if snapshot {
                 agent.snapshot_sent = true;
             }
-            agent.events.extend(taken.iter().map(event_of));
             let base = Report {
                 agent_id: format!("agent-{a}"),
                 epoch: 1,
@@ -832,7 +828,7 @@ impl Sim<'_> {
                 running_prefill_tokens: s.running_prefill_tokens as u64,
                 snapshot,
                 block_use_events: true,
-                events: agent.events.clone(),
+                events: taken.iter().map(event_of).collect(),
                 dispatch_acks: true,
                 acked_dispatches: Vec::new(),
                 draining: false,
@@ -841,8 +837,16 @@ impl Sim<'_> {
                 host_copy_block_ns: 0,
             };
             let replicas = self.gateways.len();
+            let mut base = Some(base);
             for g in 0..replicas {
-                let mut rep = base.clone();
+                // The last gateway takes the report itself: one copy fewer per report.
+                let Some(mut rep) = (if g + 1 == replicas {
+                    base.take()
+                } else {
+                    base.clone()
+                }) else {
+                    break;
+                };
                 rep.acked_dispatches = std::mem::take(&mut self.agents[a as usize].acks[g]);
                 let m = match self.mailbox_free.pop() {
                     Some(m) => {
