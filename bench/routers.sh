@@ -15,7 +15,8 @@
 #   bench/routers.sh --out routers.jsonl                                       # everything, 3 rounds
 #
 # Routers: kv, kv-fifo (kv with the admission queue in arrival order), kv-no-holds (kv without
-# prefix holds), kv-score, round-robin, and
+# prefix holds), kv-score, round-robin, cache-aware and llm-d (kvroute's gateway running its
+# re-implementations of the peers' policies: a check of those against the peers themselves), and
 # the peers with and without -tuned. KVROUTE_BENCH_GATEWAY_FLAGS adds flags to every kvroute
 # gateway (experiments, e.g. "--cost-duplicate 2"); KVROUTE_BENCH_AGENT_FLAGS to every agent
 # (e.g. "--optimistic-admission", vLLM's start-on-prompt-fit, as the agents ran before 2026-12-06).
@@ -33,7 +34,7 @@ CALLER_PWD="$PWD"
 cd "$(dirname "$0")/.."
 
 ALL_WORKLOADS=(shared-prefix shared-prefix-long multi-turn no-sharing mixed-long)
-ALL_ROUTERS=(kv kv-fifo kv-no-holds kv-score round-robin sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
+ALL_ROUTERS=(kv kv-fifo kv-no-holds kv-score round-robin cache-aware llm-d sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
 
 ROUNDS=3
 ROUNDS_SET=0
@@ -236,7 +237,7 @@ done
 ROUTERS_RUN=()
 for r in "${RT[@]}"; do
   base="${r%-tuned}"
-  case "$base" in kv|kv-fifo|kv-no-holds|kv-score|round-robin) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
+  case "$base" in kv|kv-fifo|kv-no-holds|kv-score|round-robin|cache-aware|llm-d) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
 done
 [ ${#ROUTERS_RUN[@]} -gt 0 ] || die "none of the selected routers is available"
 
@@ -295,7 +296,7 @@ start_router() {
     *-tuned) tuned=("${PEER_TUNED[@]}") ;;
   esac
   case "$name" in
-    kv|kv-fifo|kv-no-holds|kv-score|round-robin)
+    kv|kv-fifo|kv-no-holds|kv-score|round-robin|cache-aware|llm-d)
       kind=kvroute
       local policy="$name" extra=()
       # kv-fifo: the kv policy with the admission queue in arrival order (no cache-first window),

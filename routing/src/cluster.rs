@@ -10,6 +10,7 @@ use crate::index::{has_bit, prefix_overlap, words_for, BlockMap, BlockSet, Holde
 use crate::policy::{blocks_for, Decision, PolicyConfig, Reject, Route, RouteRequest, Slot};
 use crate::registry::ScorerRegistry;
 use crate::scorer::{AgentView, PipelineScratch};
+use crate::sent::SentTree;
 
 /// Prefix-cache changes carried by a report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,6 +243,8 @@ pub struct Cluster {
     /// Scorers by id (the built-in ones, then any the program registered).
     pub(crate) scorers: ScorerRegistry,
     pub(crate) pipeline: PipelineScratch,
+    /// What was sent to each agent (kept for the `cache-aware` policy only).
+    pub(crate) sent: SentTree,
 }
 
 impl Cluster {
@@ -349,6 +352,7 @@ impl Cluster {
     pub fn deactivate(&mut self, slot: Slot) {
         if slot < self.agents.len() {
             self.forget(slot);
+            self.sent.forget(slot);
             let a = &mut self.agents[slot];
             a.active = false;
             a.connected = false;
@@ -661,6 +665,12 @@ impl Cluster {
         a.last_report_ms = Some(now_ms);
         self.sync_hot(slot);
         new_epoch
+    }
+
+    /// What this gateway sent to the agent in `slot` and still remembers, in blocks
+    /// (`cache-aware` policy).
+    pub fn sent_blocks(&self, slot: Slot) -> u64 {
+        self.sent.size(slot)
     }
 
     /// Reserves `route.need_blocks` on the chosen agent for a request about to be dispatched.

@@ -19,14 +19,15 @@ pub mod policy;
 pub mod registry;
 pub mod scorer;
 pub mod scorers;
+pub mod sent;
 
 #[cfg(test)]
 mod tests;
 
 pub use cluster::{AgentState, CacheEvent, Cluster, Report, ReservationHandle};
 pub use policy::{
-    Decision, PolicyConfig, PolicyKind, RandomSource, Reject, Route, RouteRequest, ScorerId,
-    ScorerList, Slot, SplitMix64, Weights,
+    CacheAwareParams, Decision, PolicyConfig, PolicyKind, RandomSource, Reject, Route,
+    RouteRequest, ScorerId, ScorerList, Slot, SplitMix64, Weights,
 };
 pub use registry::ScorerRegistry;
 pub use scorer::{AgentView, Candidate, ScoreContext, Scorer};

@@ -13,12 +13,14 @@
 //!
 //! A [`PolicyKind`] is a preset of the three: `kv` = room-or-wait, the `cost` scorer, best with
 //! headroom ties; `kv-score` = room now, `prefix` + `headroom` + `queue`; `least-requests` and
-//! `gpu-utilization` = room ignored, one scorer each; `round-robin` = room ignored, the cursor.
+//! `gpu-utilization` = room ignored, one scorer each; `round-robin` = room ignored, the cursor;
+//! the peers' policies: `llm-d` = room ignored, `prefix` 3 + `kv-usage` 2 + `waiting` 2;
+//! `cache-aware` = room ignored, SGLang router's choice over what was sent ([`sent`](crate::sent)).
 //! [`PolicyConfig::scorers`] replaces a preset's scorers with any weighted list.
 //!
 //! Pure: no I/O, no clock, no allocation once the scratch buffers are warm.
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ReservationHandle};
 use crate::cost;
 use crate::index::{has_bit, prefix_overlap};
 use crate::policy::{
@@ -45,6 +47,8 @@ pub enum Picker {
     Best { headroom_ties: bool },
     /// The first candidate from the model's round-robin cursor.
     RoundRobin,
+    /// SGLang router's `cache_aware` choice over what this gateway sent (see [`sent`](crate::sent)).
+    CacheAware,
 }
 
 /// The filter rule, picker and default scorers a [`PolicyKind`] stands for.
@@ -56,6 +60,8 @@ pub struct Preset {
     pub walks_cache: bool,
     /// Count prefixes in flight to an agent as local there.
     pub tracks_inflight: bool,
+    /// Remember what was sent to each agent (the `cache-aware` picker reads it).
+    pub records_sent: bool,
     pub scorers: ScorerList,
 }
 
@@ -76,6 +82,7 @@ impl Preset {
                 },
                 walks_cache: true,
                 tracks_inflight: true,
+                records_sent: false,
                 scorers: one(ScorerId::COST, 1.0),
             },
             PolicyKind::KvScore => {
@@ -91,6 +98,7 @@ impl Preset {
                     },
                     walks_cache: true,
                     tracks_inflight: false,
+                    records_sent: false,
                     scorers: l,
                 }
             }
@@ -99,6 +107,7 @@ impl Preset {
                 picker: Picker::RoundRobin,
                 walks_cache: false,
                 tracks_inflight: false,
+                records_sent: false,
                 scorers: ScorerList::default(),
             },
             PolicyKind::LeastRequests => Preset {
@@ -108,6 +117,7 @@ impl Preset {
                 },
                 walks_cache: false,
                 tracks_inflight: false,
+                records_sent: false,
                 scorers: one(ScorerId::REQUESTS, 1.0),
             },
             PolicyKind::GpuUtilization => Preset {
@@ -117,14 +127,41 @@ impl Preset {
                 },
                 walks_cache: false,
                 tracks_inflight: false,
+                records_sent: false,
                 scorers: one(ScorerId::GPU, 1.0),
             },
+            PolicyKind::CacheAware => Preset {
+                room: RoomRule::Ignore,
+                picker: Picker::CacheAware,
+                walks_cache: false,
+                tracks_inflight: false,
+                records_sent: true,
+                scorers: ScorerList::default(),
+            },
+            PolicyKind::LlmD => {
+                let mut l = ScorerList::default();
+                let _ = l.push(ScorerId::PREFIX, 3.0);
+                let _ = l.push(ScorerId::KV_USAGE, 2.0);
+                let _ = l.push(ScorerId::WAITING, 2.0);
+                Preset {
+                    room: RoomRule::Ignore,
+                    picker: Picker::Best {
+                        headroom_ties: false,
+                    },
+                    walks_cache: true,
+                    tracks_inflight: false,
+                    records_sent: false,
+                    scorers: l,
+                }
+            }
         };
         if let Some(list) = cfg.scorers {
             p.scorers = list;
             // Scorers that read the cache need the walk whatever the preset.
             p.walks_cache |= list.as_slice().iter().any(|&(id, _)| {
-                id == ScorerId::COST || id == ScorerId::PREFIX || id.0 as usize >= 6
+                id == ScorerId::COST
+                    || id == ScorerId::PREFIX
+                    || usize::from(id.0) >= ScorerId::BUILTIN.len()
             });
         }
         p
@@ -342,6 +379,13 @@ impl Cluster {
         let pick = match preset.picker {
             Picker::RoundRobin => 0,
             Picker::Best { headroom_ties } => pick_best(candidates, totals, headroom_ties, rng),
+            Picker::CacheAware => self.sent.pick(
+                candidates,
+                &self.hot,
+                req.block_hashes,
+                req.prompt_tokens,
+                &cfg.cache_aware,
+            ),
         };
         let (Some(&c), Some(&score)) = (candidates.get(pick), totals.get(pick)) else {
             return self.why_not(req);
@@ -367,6 +411,32 @@ impl Cluster {
         } else {
             Decision::Route(route)
         }
+    }
+}
+
+impl Cluster {
+    /// Commits a routed request under `cfg`: reserves its room ([`reserve`](Cluster::reserve)),
+    /// and records its prompt's block hashes where the policy reads them later (in flight to
+    /// the agent for `kv`, [`track_inflight`](Cluster::track_inflight); sent to it for
+    /// `cache-aware`). What the gateway and the simulator call once a request is dispatched.
+    pub fn dispatch(
+        &mut self,
+        cfg: &PolicyConfig,
+        route: &Route,
+        hashes: &[u64],
+        now_ms: u64,
+    ) -> Option<ReservationHandle> {
+        let handle = self.reserve(route);
+        let preset = Preset::of(cfg);
+        if preset.tracks_inflight {
+            self.track_inflight(route.slot, hashes, now_ms);
+        }
+        if preset.records_sent && route.slot < self.hot.len() {
+            let block_size = u64::from(self.hot[route.slot].block_size.max(1));
+            let max_blocks = cfg.cache_aware.tree_tokens / block_size;
+            self.sent.insert(route.slot, hashes, now_ms, max_blocks);
+        }
+        handle
     }
 }
 

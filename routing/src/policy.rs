@@ -22,6 +22,14 @@ pub enum PolicyKind {
     LeastRequests,
     /// Baseline: lowest GPU utilization (KV usage when the agent has no GPU), ignoring KV room.
     GpuUtilization,
+    /// Peer: SGLang's / vLLM-router's `cache_aware`, re-implemented over block hashes (see
+    /// [`sent`](crate::sent)): the agent sent the longest prefix of the prompt, unless loads are
+    /// out of balance; ignores KV room and what agents report cached.
+    CacheAware,
+    /// Peer: llm-d's default scheduling profile (prefix-cache scorer 3, KV-utilisation scorer
+    /// 2, queue scorer 2, highest total), its prefix scorer fed by the agents' block events
+    /// (llm-d's "precise" one); ignores KV room.
+    LlmD,
 }
 
 impl PolicyKind {
@@ -33,6 +41,8 @@ impl PolicyKind {
             PolicyKind::RoundRobin => "round-robin",
             PolicyKind::LeastRequests => "least-requests",
             PolicyKind::GpuUtilization => "gpu-utilization",
+            PolicyKind::CacheAware => "cache-aware",
+            PolicyKind::LlmD => "llm-d",
         }
     }
 }
@@ -46,8 +56,10 @@ impl std::str::FromStr for PolicyKind {
             "round-robin" => Ok(PolicyKind::RoundRobin),
             "least-requests" => Ok(PolicyKind::LeastRequests),
             "gpu-utilization" => Ok(PolicyKind::GpuUtilization),
+            "cache-aware" => Ok(PolicyKind::CacheAware),
+            "llm-d" => Ok(PolicyKind::LlmD),
             other => Err(format!(
-                "unknown policy {other:?} (expected kv, kv-score, round-robin, least-requests or gpu-utilization)"
+                "unknown policy {other:?} (expected kv, kv-score, round-robin, least-requests, gpu-utilization, cache-aware or llm-d)"
             )),
         }
     }
@@ -74,6 +86,31 @@ impl Default for Weights {
     }
 }
 
+/// The `cache-aware` policy's settings, with SGLang router's defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheAwareParams {
+    /// Loads are out of balance when the most and least loaded candidates differ by more than
+    /// this many requests...
+    pub balance_abs: u32,
+    /// ...and the most loaded has more than this times the least loaded's.
+    pub balance_rel: f64,
+    /// Follow the longest sent prefix only when it covers more than this fraction of the prompt.
+    pub match_threshold: f64,
+    /// Prompt tokens remembered per agent (theirs: 2^26 characters, about 2^24 tokens).
+    pub tree_tokens: u64,
+}
+
+impl Default for CacheAwareParams {
+    fn default() -> Self {
+        Self {
+            balance_abs: 64,
+            balance_rel: 1.5,
+            match_threshold: 0.3,
+            tree_tokens: 1 << 24,
+        }
+    }
+}
+
 /// Policy settings, validated once at start.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PolicyConfig {
@@ -91,6 +128,8 @@ pub struct PolicyConfig {
     pub cache_first_ms: u64,
     /// Scorers (with weights) in place of the preset's own; `None`: the preset's.
     pub scorers: Option<ScorerList>,
+    /// The `cache-aware` policy's settings.
+    pub cache_aware: CacheAwareParams,
 }
 
 impl Default for PolicyConfig {
@@ -103,6 +142,7 @@ impl Default for PolicyConfig {
             stale_after_ms: 3_000,
             cache_first_ms: 2_000,
             scorers: None,
+            cache_aware: CacheAwareParams::default(),
         }
     }
 }
@@ -225,10 +265,13 @@ impl ScorerId {
     pub const QUEUE: ScorerId = ScorerId(3);
     pub const REQUESTS: ScorerId = ScorerId(4);
     pub const GPU: ScorerId = ScorerId(5);
+    pub const KV_USAGE: ScorerId = ScorerId(6);
+    pub const WAITING: ScorerId = ScorerId(7);
 
     /// The built-in scorers' names, by id.
-    pub const BUILTIN: [&'static str; 6] =
-        ["cost", "prefix", "headroom", "queue", "requests", "gpu"];
+    pub const BUILTIN: [&'static str; 8] = [
+        "cost", "prefix", "headroom", "queue", "requests", "gpu", "kv-usage", "waiting",
+    ];
 
     /// The id of a built-in scorer (what flags and specs may name).
     pub fn builtin(name: &str) -> Option<ScorerId> {

@@ -19,13 +19,15 @@ impl std::fmt::Debug for ScorerRegistry {
 
 impl Default for ScorerRegistry {
     fn default() -> Self {
-        let builtins: [Box<dyn Scorer>; 6] = [
+        let builtins: [Box<dyn Scorer>; 8] = [
             Box::new(scorers::Cost),
             Box::new(scorers::Prefix),
             Box::new(scorers::Headroom),
             Box::new(scorers::Queue),
             Box::new(scorers::Requests),
             Box::new(scorers::Gpu),
+            Box::new(scorers::KvUsage),
+            Box::new(scorers::Waiting),
         ];
         Self {
             entries: ScorerId::BUILTIN

@@ -10,6 +10,8 @@
 //! | `queue` | minus the share of its requests that wait (engine queue + unreported) | `kv-score` |
 //! | `requests` | minus running + waiting + unreported requests | `least-requests` |
 //! | `gpu` | minus GPU utilisation (KV use where there is no GPU), in percent | `gpu-utilization` |
+//! | `kv-usage` | the fraction of the pool not in use, as last reported | `llm-d` |
+//! | `waiting` | engine queue (+ unreported) scaled to 0..1 across the candidates, least = 1 | `llm-d` |
 
 use crate::cost;
 use crate::cost::{AgentLoad, Ask};
@@ -97,6 +99,48 @@ impl Scorer for Gpu {
                     100.0 * (a.total - a.free.min(a.total)) as f64 / a.total as f64
                 }
                 None => 0.0,
+            };
+        }
+    }
+}
+
+/// `kv-usage`: 1 minus the fraction of the pool in use (free blocks as last reported; this
+/// gateway's reservations not counted), as llm-d's KV-cache-utilisation scorer.
+pub struct KvUsage;
+
+impl Scorer for KvUsage {
+    fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
+        for (o, c) in out.iter_mut().zip(candidates) {
+            let a = ctx.agent(c.slot);
+            *o = if a.total > 0 {
+                a.free.min(a.total) as f64 / a.total as f64
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// `waiting`: the agent's queue (waiting in its engine, and sent by this gateway but not
+/// reported yet) scaled between the candidates' shortest (1) and longest (0), as llm-d's queue
+/// scorer; 1 for all when the queues are equal.
+pub struct Waiting;
+
+impl Scorer for Waiting {
+    fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
+        let queue = |c: &Candidate| {
+            let a = ctx.agent(c.slot);
+            u64::from(a.waiting) + u64::from(a.pending)
+        };
+        let (min, max) = candidates
+            .iter()
+            .map(queue)
+            .fold((u64::MAX, 0), |(lo, hi), q| (lo.min(q), hi.max(q)));
+        for (o, c) in out.iter_mut().zip(candidates) {
+            *o = if max > min {
+                (max - queue(c)) as f64 / (max - min) as f64
+            } else {
+                1.0
             };
         }
     }

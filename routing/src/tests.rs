@@ -1617,3 +1617,171 @@ fn a_request_waiting_for_its_agent_moves_only_when_the_other_is_cheaper_by_its_r
     let (_, trace) = decide(&mut c, &cfg, &gone);
     assert!(trace.iter().all(|t| t.estimate.move_s == 0.0));
 }
+
+fn routed_slot(c: &mut Cluster, cfg: &PolicyConfig, r: &RouteRequest<'_>, now: u64) -> Slot {
+    match c.decide(cfg, r, now, &mut SplitMix64(7)) {
+        Decision::Route(route) => {
+            c.dispatch(cfg, &route, r.block_hashes, now);
+            route.slot
+        }
+        d => panic!("{d:?}"),
+    }
+}
+
+fn loaded(id: &str, running: u32, waiting: u32) -> Report {
+    Report {
+        running_requests: running,
+        waiting_requests: waiting,
+        ..report(id, 1, 100, 50)
+    }
+}
+
+#[test]
+fn cache_aware_follows_what_it_sent_and_ignores_what_agents_report() {
+    let cfg = PolicyConfig {
+        kind: PolicyKind::CacheAware,
+        ..PolicyConfig::default()
+    };
+    let mut c = cluster(&[(100, 50), (100, 50), (100, 50)]);
+    // a2 reports the prefix cached: a text-matching router does not look.
+    c.apply_report(
+        2,
+        Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(vec![1, 2, 3])],
+            ..report("a2", 1, 100, 50)
+        },
+        1,
+    );
+    let group_a = [1, 2, 3, 10];
+    let first = routed_slot(&mut c, &cfg, &req(70, 16, &group_a), 1);
+    assert_eq!(c.sent_blocks(first), 4);
+    // Nothing was sent before: the smallest tree, the lowest slot of the empty ones.
+    assert_eq!(first, 0);
+    // Same prefix, another question: 3 of 4 blocks (48 of 70 tokens) match, above 0.3.
+    let again = routed_slot(&mut c, &cfg, &req(70, 16, &[1, 2, 3, 11]), 2);
+    assert_eq!(again, first);
+    // Another group: its first block matches nothing, so the smallest tree (a1) takes it.
+    let other = routed_slot(&mut c, &cfg, &req(70, 16, &[20, 21, 22, 23]), 3);
+    assert_eq!(other, 1);
+    // A match below the threshold (1 block of 16 tokens out of 70 = 0.23) does not count:
+    // the smallest tree (a2, never sent anything) gets it.
+    let weak = routed_slot(&mut c, &cfg, &req(70, 16, &[1, 40, 41, 42]), 4);
+    assert_eq!(weak, 2);
+}
+
+#[test]
+fn cache_aware_goes_to_the_least_loaded_only_when_loads_are_out_of_balance() {
+    let mut cfg = PolicyConfig {
+        kind: PolicyKind::CacheAware,
+        ..PolicyConfig::default()
+    };
+    let mut c = cluster(&[(100, 50), (100, 50)]);
+    let prompt = [5, 6, 7, 8];
+    assert_eq!(routed_slot(&mut c, &cfg, &req(64, 16, &prompt), 1), 0);
+    // a0 runs 40 more requests than a1: within SGLang's default thresholds (64 apart), so
+    // the prefix still wins.
+    c.apply_report(0, loaded("a0", 40, 10), 2);
+    c.apply_report(1, loaded("a1", 10, 0), 2);
+    assert_eq!(routed_slot(&mut c, &cfg, &req(64, 16, &prompt), 3), 0);
+    // Tighter thresholds (the bench's tuned variant): 40 apart and 5x is out of balance.
+    cfg.cache_aware.balance_abs = 4;
+    cfg.cache_aware.balance_rel = 1.2;
+    assert_eq!(routed_slot(&mut c, &cfg, &req(64, 16, &prompt), 4), 1);
+    // The balanced pick is remembered too: a1 now matches the prompt as well.
+    assert_eq!(c.sent_blocks(1), 4);
+}
+
+#[test]
+fn cache_aware_evicts_an_agents_oldest_prompts_past_its_bound_and_forgets_a_gone_agent() {
+    let cfg = PolicyConfig {
+        kind: PolicyKind::CacheAware,
+        cache_aware: CacheAwareParams {
+            tree_tokens: 6 * 16,
+            ..CacheAwareParams::default()
+        },
+        ..PolicyConfig::default()
+    };
+    let mut c = cluster(&[(100, 50)]);
+    routed_slot(&mut c, &cfg, &req(64, 16, &[1, 2, 3, 4]), 1);
+    // The shared prefix is used again later, so it outlives the first prompt's tail.
+    routed_slot(&mut c, &cfg, &req(64, 16, &[1, 2, 30, 31]), 2);
+    assert_eq!(c.sent_blocks(0), 6);
+    // Two more blocks: the two least recently used go, the first prompt's tail (3, 4), while
+    // the prefix used since stays, so a prompt sharing it still follows to a0.
+    c.upsert_agent("a1");
+    c.apply_report(1, report("a1", 1, 100, 50), 3);
+    assert_eq!(
+        routed_slot(&mut c, &cfg, &req(64, 16, &[1, 2, 50, 51]), 3),
+        0
+    );
+    assert_eq!(c.sent_blocks(0), 6);
+    assert_eq!(
+        routed_slot(&mut c, &cfg, &req(64, 16, &[1, 2, 3, 60]), 4),
+        0,
+        "1, 2 kept"
+    );
+    // A prompt starting with an evicted block (4) matches nothing: a1, the smaller tree.
+    assert_eq!(
+        routed_slot(&mut c, &cfg, &req(64, 16, &[4, 70, 71, 72]), 5),
+        1
+    );
+    c.deactivate(0);
+    assert_eq!(c.sent_blocks(0), 0);
+}
+
+#[test]
+fn llm_d_weighs_reported_prefix_kv_usage_and_queue_and_ignores_room() {
+    let cfg = PolicyConfig {
+        kind: PolicyKind::LlmD,
+        ..PolicyConfig::default()
+    };
+    // a0 caches the whole prompt but has no room; a1 is empty. llm-d does not look at room:
+    // prefix 3 x 1.0 + kv-usage 2 x 0 + queue 2 x 1 = 5 beats 0 + 2 + 2 = 4.
+    let mut c = cluster(&[(100, 0), (100, 100)]);
+    c.apply_report(
+        0,
+        Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(vec![1, 2, 3, 4])],
+            ..report("a0", 1, 100, 0)
+        },
+        1,
+    );
+    let r = req(70, 16, &[1, 2, 3, 4]);
+    let Decision::Route(route) = c.decide(&cfg, &r, 1, &mut SplitMix64(1)) else {
+        panic!("llm-d routes whatever the room")
+    };
+    assert_eq!(route.slot, 0);
+    assert!((route.score - 5.0).abs() < 1e-9, "{route:?}");
+    // With a long queue there (scaled to 0 against a1's empty one), a1 wins: 3 + 0 + 0 < 0 + 2 + 2.
+    c.apply_report(
+        0,
+        Report {
+            snapshot: false,
+            events: vec![CacheEvent::Stored(vec![1, 2, 3, 4])],
+            free_blocks: 0,
+            ..loaded("a0", 1, 9)
+        },
+        2,
+    );
+    let Decision::Route(route) = c.decide(&cfg, &r, 2, &mut SplitMix64(1)) else {
+        panic!("routed")
+    };
+    assert_eq!(route.slot, 1);
+    let trace = c.explain(&cfg, &r);
+    let a0 = trace.iter().find(|t| t.candidate.slot == 0).unwrap();
+    assert_eq!(a0.values[..3], [1.0, 0.0, 0.0], "{a0:?}");
+}
+
+#[test]
+fn peer_policies_parse_by_name() {
+    for kind in [PolicyKind::CacheAware, PolicyKind::LlmD] {
+        assert_eq!(kind.as_str().parse::<PolicyKind>(), Ok(kind));
+    }
+    let err = "sglang".parse::<PolicyKind>().unwrap_err();
+    assert!(
+        err.contains("cache-aware") && err.contains("llm-d"),
+        "{err}"
+    );
+}

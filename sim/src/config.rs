@@ -427,7 +427,7 @@ impl SimConfig {
             }
         }
         if self.policies.is_empty() {
-            return Err("policies: name at least one (kv, kv-score, round-robin, least-requests, gpu-utilization)".into());
+            return Err("policies: name at least one (kv, kv-score, round-robin, least-requests, gpu-utilization, cache-aware, llm-d)".into());
         }
         let policies = self
             .policies

@@ -580,10 +580,7 @@ impl Sim<'_> {
                         }
                     }
                     Decision::Route(route) => {
-                        let handle = gw.cluster.reserve(&route);
-                        if cfg.kind == PolicyKind::Kv {
-                            gw.cluster.track_inflight(route.slot, &w.hashes, now_ms);
-                        }
+                        let handle = gw.cluster.dispatch(&cfg, &route, &w.hashes, now_ms);
                         let agent = gw.agent_of.get(route.slot).copied().unwrap_or(0);
                         if let Some(w) = gw.queue.remove(id) {
                             routed.push((

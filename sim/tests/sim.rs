@@ -117,6 +117,26 @@ fn on_preempting_engines_kv_never_overfills_a_pool_and_round_robin_does() {
 }
 
 #[test]
+fn peer_policies_run_through_the_same_pipeline_and_place_by_prefix() {
+    // vLLM-style agents, overloaded: the peers ignore room, so they are preempted like
+    // round-robin, and both place by prefix, so they hit the cache more than round-robin.
+    let r = resolve(&config(60.0, false, 500));
+    let rr = summary(&r, PolicyKind::RoundRobin);
+    for p in [PolicyKind::CacheAware, PolicyKind::LlmD] {
+        let s = summary(&r, p);
+        assert_eq!(s.completed, s.requests, "{s:?}");
+        assert_eq!(s.policy, p.as_str());
+        assert!(s.preemptions > 0, "{s:?}");
+        assert!(
+            s.prefix_hit_rate > rr.prefix_hit_rate,
+            "{p:?}: {} vs round-robin {}",
+            s.prefix_hit_rate,
+            rr.prefix_hit_rate
+        );
+    }
+}
+
+#[test]
 fn sessions_run_every_turn_and_later_turns_hit_their_history() {
     let json = r#"{
         "agents": {"count": 3, "gpu": "h200", "model": "llama-3.1-8b", "kv_blocks": 4000},

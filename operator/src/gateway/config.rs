@@ -31,7 +31,9 @@ pub struct GatewayArgs {
     #[arg(long, env = "KVROUTE_NAMESPACE", requires = "kubernetes")]
     pub namespace: Option<String>,
     /// Routing policy: kv (lowest predicted time, waits for the agent caching the prefix),
-    /// kv-score (the earlier weighted score), round-robin, least-requests or gpu-utilization.
+    /// kv-score (the earlier weighted score), round-robin, least-requests or gpu-utilization;
+    /// or, to compare, re-implementations of peers' policies: cache-aware (SGLang router's) and
+    /// llm-d (llm-d's default scheduling profile).
     #[arg(long, default_value = "kv", env = "KVROUTE_POLICY")]
     pub policy: PolicyKind,
     /// Requests of one model that may wait for room at once; more are answered 429 (the default
@@ -85,7 +87,7 @@ pub struct GatewayArgs {
     #[arg(long)]
     pub no_prefix_holds: bool,
     /// Scorers in place of the policy's own, as `NAME=WEIGHT` (repeatable; NAME one of cost,
-    /// prefix, headroom, queue, requests, gpu): the policy keeps its filters and picker.
+    /// prefix, headroom, queue, requests, gpu, kv-usage, waiting): the policy keeps its filters and picker.
     #[arg(long = "scorer", value_name = "NAME=WEIGHT", value_parser = parse_scorer)]
     pub scorers: Vec<(ScorerId, f64)>,
     /// Other agents to try when connecting to the chosen one fails before the first byte.
@@ -469,6 +471,7 @@ impl GatewayArgs {
                 stale_after_ms: self.stale_after.as_millis() as u64,
                 cache_first_ms: self.cache_first_for.as_millis().min(u128::from(u64::MAX)) as u64,
                 scorers,
+                cache_aware: Default::default(),
             },
             max_queue: self.max_queue,
             queue_timeout: self.queue_timeout,

@@ -930,11 +930,9 @@ impl Router {
                         held = hold.is_some(),
                         "routed"
                     );
-                    let handle = core.cluster.reserve(&route);
-                    if cfg.kind == PolicyKind::Kv {
-                        let hashes = &w.plan.block_hashes;
-                        core.cluster.track_inflight(route.slot, hashes, now);
-                    }
+                    let handle = core
+                        .cluster
+                        .dispatch(&cfg, &route, &w.plan.block_hashes, now);
                     let a = &core.cluster.agents()[route.slot];
                     Ok(Admitted {
                         route,
