@@ -64,6 +64,9 @@ pub struct CostWeights {
     pub decode: f64,
     /// Extra weight on what a request waiting for one agent would recompute elsewhere.
     pub stick: f64,
+    /// Weight of the stall the request's prefill imposes on the requests running or waiting
+    /// there (its prefill time, once per such request).
+    pub stall: f64,
 }
 
 impl Default for CostWeights {
@@ -74,6 +77,7 @@ impl Default for CostWeights {
             duplicate: 1.0,
             decode: 1.0,
             stick: STICK,
+            stall: STALL,
         }
     }
 }
@@ -85,6 +89,9 @@ impl Default for CostWeights {
 /// rose with it: 67.3 % at 0, 68.1 % at 1, 68.8 % at 3, against 69.2 % for a router that never
 /// moves a conversation.
 pub const STICK: f64 = 3.0;
+
+/// Default [`CostWeights::stall`].
+pub const STALL: f64 = 0.0;
 
 /// What the model needs to know of one agent.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -140,6 +147,9 @@ pub struct Estimate {
     pub decode_s: f64,
     /// Prefill time of [`Ask::moved_tokens`].
     pub move_s: f64,
+    /// The request's own prefill time times the requests running or waiting there: what its
+    /// prefill delays them by, together.
+    pub stall_s: f64,
     /// Weighted sum: what the policy minimises.
     pub cost: f64,
 }
@@ -207,6 +217,7 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
         decode_step_at(load, priors, 1.0) / (DECODE_OVERHEAD_SEQS + 1.0)
     };
     let decode_s = running * ask.output_tokens as f64 * per_seq;
+    let stall_s = running * ask.uncached_tokens as f64 / prefill_rate;
     let scale = if load.ttft_scale > 0.0 {
         load.ttft_scale
     } else {
@@ -220,11 +231,13 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
         duplicate_s,
         decode_s,
         move_s,
+        stall_s,
         cost: w.wait * wait_s
             + w.prefill * prefill_s
             + w.duplicate * duplicate_s
             + w.decode * decode_s
-            + w.stick * move_s,
+            + w.stick * move_s
+            + w.stall * stall_s,
     }
 }
 
@@ -366,6 +379,37 @@ mod tests {
             release_blocks_per_s: 20.0,
             ttft_scale: 0.0,
         }
+    }
+
+    #[test]
+    fn the_stall_is_the_own_prefill_once_per_request_there_and_weighs_only_when_asked() {
+        let ask = Ask {
+            need_blocks: 1,
+            uncached_tokens: 500,
+            duplicate_tokens: 0,
+            moved_tokens: 0,
+            output_tokens: 10,
+        };
+        let busy = AgentLoad {
+            waiting: 2,
+            ..measured()
+        };
+        let off = estimate(&busy, &ask, &p(), &w());
+        // 0.5 s of prefill, delaying 4 running + 2 waiting requests.
+        assert!((off.stall_s - 3.0).abs() < 1e-9, "{off:?}");
+        let on = estimate(&busy, &ask, &p(), &CostWeights { stall: 2.0, ..w() });
+        assert!((on.cost - off.cost - 6.0).abs() < 1e-9, "{on:?} {off:?}");
+        // Nothing cached to compute, or nobody there to delay: no stall.
+        let idle = AgentLoad {
+            running: 0,
+            ..measured()
+        };
+        assert_eq!(estimate(&idle, &ask, &p(), &w()).stall_s, 0.0);
+        let cached = Ask {
+            uncached_tokens: 0,
+            ..ask
+        };
+        assert_eq!(estimate(&busy, &cached, &p(), &w()).stall_s, 0.0);
     }
 
     #[test]

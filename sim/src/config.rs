@@ -205,6 +205,11 @@ pub struct SimConfig {
     /// gateway's defaults.
     #[serde(default)]
     pub kv_cost: KvCost,
+    /// Scorers in place of the `kv` policy's `cost` scorer, as `[name, weight]` pairs (as
+    /// `kvroute gateway --scorer NAME=WEIGHT`): `kv` keeps its room rule, holds and in-flight
+    /// prefixes. Unset: `cost`.
+    #[serde(default)]
+    pub kv_scorers: Option<Vec<(String, f64)>>,
 }
 
 /// The `kv` policy's cost weights, each optional.
@@ -216,6 +221,7 @@ pub struct KvCost {
     pub duplicate: Option<f64>,
     pub decode: Option<f64>,
     pub stick: Option<f64>,
+    pub stall: Option<f64>,
 }
 
 impl KvCost {
@@ -228,6 +234,7 @@ impl KvCost {
             duplicate: self.duplicate.unwrap_or(d.duplicate),
             decode: self.decode.unwrap_or(d.decode),
             stick: self.stick.unwrap_or(d.stick),
+            stall: self.stall.unwrap_or(d.stall),
         }
     }
 }
@@ -246,6 +253,8 @@ pub struct Resolved {
     pub step: StepModel,
     pub kv_blocks: u64,
     pub policies: Vec<PolicyKind>,
+    /// `kv_scorers`, checked.
+    pub kv_scorers: Option<kvroute_routing::ScorerList>,
     /// The trace's requests (when `trace` is set).
     pub trace: Option<Vec<RequestSpec>>,
 }
@@ -421,11 +430,38 @@ impl SimConfig {
             (w.duplicate, "duplicate"),
             (w.decode, "decode"),
             (w.stick, "stick"),
+            (w.stall, "stall"),
         ] {
             if !(v.is_finite() && (0.0..=1000.0).contains(&v)) {
                 return Err(format!("kv_cost.{what} must be in 0..=1000 (got {v})"));
             }
         }
+        let kv_scorers = match &self.kv_scorers {
+            None => None,
+            Some(list) => {
+                let mut scorers = kvroute_routing::ScorerList::default();
+                for (name, weight) in list {
+                    let id = kvroute_routing::ScorerId::builtin(name).ok_or_else(|| {
+                        format!(
+                            "kv_scorers: unknown scorer {name:?} (expected one of {})",
+                            kvroute_routing::ScorerId::BUILTIN.join(", ")
+                        )
+                    })?;
+                    if !(weight.is_finite() && (0.0..=1000.0).contains(weight)) {
+                        return Err(format!(
+                            "kv_scorers: weight of {name} must be in 0..=1000 (got {weight})"
+                        ));
+                    }
+                    scorers
+                        .push(id, *weight)
+                        .map_err(|e| format!("kv_scorers: {e}"))?;
+                }
+                if scorers.is_empty() {
+                    return Err("kv_scorers: name at least one scorer, or leave it out".into());
+                }
+                Some(scorers)
+            }
+        };
         if self.policies.is_empty() {
             return Err("policies: name at least one (kv, kv-score, round-robin, least-requests, gpu-utilization, cache-aware, llm-d)".into());
         }
@@ -453,6 +489,7 @@ impl SimConfig {
             step,
             kv_blocks,
             policies,
+            kv_scorers,
             trace,
         })
     }

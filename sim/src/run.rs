@@ -232,6 +232,11 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
     let policy_cfg = PolicyConfig {
         kind: policy,
         cost: cfg.kv_cost.weights(),
+        scorers: if policy == PolicyKind::Kv {
+            r.kv_scorers
+        } else {
+            None
+        },
         ..PolicyConfig::default()
     };
     let mut gateways = Vec::with_capacity(replicas);

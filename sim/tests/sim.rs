@@ -137,6 +137,28 @@ fn peer_policies_run_through_the_same_pipeline_and_place_by_prefix() {
 }
 
 #[test]
+fn kv_scorers_replace_the_cost_scorer_of_kv_only() {
+    let base = config(30.0, true, 300);
+    let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
+    v["kv_scorers"] = serde_json::json!([["requests", 1.0]]);
+    let scored = resolve(&v.to_string());
+    let plain = resolve(&base);
+    let agents = |r: &kvroute_sim::Resolved, p: PolicyKind| -> Vec<u32> {
+        run(r, p).unwrap().records.iter().map(|x| x.agent).collect()
+    };
+    assert_ne!(
+        agents(&plain, PolicyKind::Kv),
+        agents(&scored, PolicyKind::Kv),
+        "kv with the requests scorer places differently from kv with cost"
+    );
+    assert_eq!(
+        agents(&plain, PolicyKind::RoundRobin),
+        agents(&scored, PolicyKind::RoundRobin),
+        "other policies keep their own scorers"
+    );
+}
+
+#[test]
 fn sessions_run_every_turn_and_later_turns_hit_their_history() {
     let json = r#"{
         "agents": {"count": 3, "gpu": "h200", "model": "llama-3.1-8b", "kv_blocks": 4000},
@@ -289,6 +311,30 @@ fn bad_configurations_are_refused_with_what_is_wrong() {
         (
             with(&["kv_cost"], serde_json::json!({"speed": 1})),
             "unknown field",
+        ),
+        (
+            with(&["kv_cost"], serde_json::json!({"stall": -1})),
+            "kv_cost.stall",
+        ),
+        (
+            with(&["kv_scorers"], serde_json::json!([["fastest", 1]])),
+            "unknown scorer",
+        ),
+        (
+            with(&["kv_scorers"], serde_json::json!([["prefix", -3]])),
+            "weight of prefix",
+        ),
+        (with(&["kv_scorers"], serde_json::json!([])), "kv_scorers"),
+        (
+            with(
+                &["kv_scorers"],
+                serde_json::Value::Array(vec![serde_json::json!(["prefix", 1]); 9]),
+            ),
+            "at most 8",
+        ),
+        (
+            with(&["kv_scorers"], serde_json::json!({"prefix": 1})),
+            "configuration",
         ),
     ];
     for (text, want) in cases {

@@ -78,6 +78,10 @@ pub struct GatewayArgs {
     /// prefix that agent caches (keeps a waiting conversation from moving back and forth).
     #[arg(long, default_value_t = kvroute_routing::cost::STICK)]
     pub cost_stick: f64,
+    /// kv policy: weight of the stall the request's prefill imposes on the requests running or
+    /// waiting on the agent (its uncached prefill time, once per such request).
+    #[arg(long, default_value_t = kvroute_routing::cost::STALL)]
+    pub cost_stall: f64,
     /// kv policy: how long a queued request may be passed by later ones with more of their
     /// prompt cached on an agent (they take little room and prefill; 0 = arrival order).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -390,6 +394,7 @@ impl GatewayArgs {
             ("--cost-duplicate", self.cost_duplicate),
             ("--cost-decode", self.cost_decode),
             ("--cost-stick", self.cost_stick),
+            ("--cost-stall", self.cost_stall),
         ] {
             if !w.is_finite() || w < 0.0 {
                 return Err(ConfigError::Invalid {
@@ -466,6 +471,7 @@ impl GatewayArgs {
                     duplicate: self.cost_duplicate,
                     decode: self.cost_decode,
                     stick: self.cost_stick,
+                    stall: self.cost_stall,
                 },
                 priors: Priors::default(),
                 stale_after_ms: self.stale_after.as_millis() as u64,
@@ -624,6 +630,22 @@ mod tests {
         let nine: Vec<&str> = ["--scorer", "queue=1"].repeat(9);
         let e = parse(&nine).unwrap_err();
         assert!(e.contains("--scorer") && e.contains("at most 8"), "{e}");
+    }
+
+    #[test]
+    fn cost_stall_is_a_finite_weight_of_at_least_zero_and_off_by_default() {
+        assert_eq!(parse(&[]).unwrap().policy.cost.stall, 0.0);
+        assert_eq!(
+            parse(&["--cost-stall", "10"]).unwrap().policy.cost.stall,
+            10.0
+        );
+        for bad in ["-0.5", "nan", "inf"] {
+            let e = parse(&[&format!("--cost-stall={bad}")]).unwrap_err();
+            assert!(
+                e.contains("--cost-stall") && e.contains("finite"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
