@@ -68,11 +68,21 @@ pub struct Preset {
 impl Preset {
     /// The preset of `cfg.kind`, with `cfg.scorers` in place of its own when set.
     pub fn of(cfg: &PolicyConfig) -> Preset {
-        let one = |id: ScorerId, w: f64| {
-            let mut l = ScorerList::default();
-            // One item always fits.
-            let _ = l.push(id, w);
-            l
+        let list = |items: &[(ScorerId, f64)]| {
+            // Presets name at most three scorers: they always fit.
+            ScorerList::new(items).unwrap_or_default()
+        };
+        // The highest weighted total wins, not looking at what the agents cache or were sent
+        // unless `walks_cache`.
+        let best = |room: RoomRule, walks_cache: bool, scorers: ScorerList| Preset {
+            room,
+            picker: Picker::Best {
+                headroom_ties: false,
+            },
+            walks_cache,
+            tracks_inflight: false,
+            records_sent: false,
+            scorers,
         };
         let mut p = match cfg.kind {
             PolicyKind::Kv => Preset {
@@ -83,76 +93,39 @@ impl Preset {
                 walks_cache: true,
                 tracks_inflight: true,
                 records_sent: false,
-                scorers: one(ScorerId::COST, 1.0),
+                scorers: list(&[(ScorerId::COST, 1.0)]),
             },
             PolicyKind::KvScore => {
                 let w = cfg.weights;
-                let mut l = ScorerList::default();
-                let _ = l.push(ScorerId::PREFIX, w.prefix);
-                let _ = l.push(ScorerId::HEADROOM, w.headroom);
-                let _ = l.push(ScorerId::QUEUE, w.queue);
-                Preset {
-                    room: RoomRule::Now,
-                    picker: Picker::Best {
-                        headroom_ties: false,
-                    },
-                    walks_cache: true,
-                    tracks_inflight: false,
-                    records_sent: false,
-                    scorers: l,
-                }
+                let scorers = list(&[
+                    (ScorerId::PREFIX, w.prefix),
+                    (ScorerId::HEADROOM, w.headroom),
+                    (ScorerId::QUEUE, w.queue),
+                ]);
+                best(RoomRule::Now, true, scorers)
             }
             PolicyKind::RoundRobin => Preset {
-                room: RoomRule::Ignore,
                 picker: Picker::RoundRobin,
-                walks_cache: false,
-                tracks_inflight: false,
-                records_sent: false,
-                scorers: ScorerList::default(),
+                ..best(RoomRule::Ignore, false, ScorerList::default())
             },
-            PolicyKind::LeastRequests => Preset {
-                room: RoomRule::Ignore,
-                picker: Picker::Best {
-                    headroom_ties: false,
-                },
-                walks_cache: false,
-                tracks_inflight: false,
-                records_sent: false,
-                scorers: one(ScorerId::REQUESTS, 1.0),
-            },
-            PolicyKind::GpuUtilization => Preset {
-                room: RoomRule::Ignore,
-                picker: Picker::Best {
-                    headroom_ties: false,
-                },
-                walks_cache: false,
-                tracks_inflight: false,
-                records_sent: false,
-                scorers: one(ScorerId::GPU, 1.0),
-            },
+            PolicyKind::LeastRequests => {
+                best(RoomRule::Ignore, false, list(&[(ScorerId::REQUESTS, 1.0)]))
+            }
+            PolicyKind::GpuUtilization => {
+                best(RoomRule::Ignore, false, list(&[(ScorerId::GPU, 1.0)]))
+            }
             PolicyKind::CacheAware => Preset {
-                room: RoomRule::Ignore,
                 picker: Picker::CacheAware,
-                walks_cache: false,
-                tracks_inflight: false,
                 records_sent: true,
-                scorers: ScorerList::default(),
+                ..best(RoomRule::Ignore, false, ScorerList::default())
             },
             PolicyKind::LlmD => {
-                let mut l = ScorerList::default();
-                let _ = l.push(ScorerId::PREFIX, 3.0);
-                let _ = l.push(ScorerId::KV_USAGE, 2.0);
-                let _ = l.push(ScorerId::WAITING, 2.0);
-                Preset {
-                    room: RoomRule::Ignore,
-                    picker: Picker::Best {
-                        headroom_ties: false,
-                    },
-                    walks_cache: true,
-                    tracks_inflight: false,
-                    records_sent: false,
-                    scorers: l,
-                }
+                let scorers = list(&[
+                    (ScorerId::PREFIX, 3.0),
+                    (ScorerId::KV_USAGE, 2.0),
+                    (ScorerId::WAITING, 2.0),
+                ]);
+                best(RoomRule::Ignore, true, scorers)
             }
         };
         if let Some(list) = cfg.scorers {

@@ -100,7 +100,7 @@ fn every_request_ends_and_the_figures_add_up() {
 }
 
 #[test]
-fn on_preempting_engines_kv_never_overfills_a_pool_and_round_robin_does() {
+fn on_preempting_engines_kv_never_overfills_a_pool_and_round_robin_and_the_peers_do() {
     // vLLM-style agents (start a request when its prompt fits), overloaded.
     let r = resolve(&config(60.0, false, 500));
     let kv = summary(&r, PolicyKind::Kv);
@@ -114,14 +114,8 @@ fn on_preempting_engines_kv_never_overfills_a_pool_and_round_robin_does() {
         kv.prefix_hit_rate,
         rr.prefix_hit_rate
     );
-}
-
-#[test]
-fn peer_policies_run_through_the_same_pipeline_and_place_by_prefix() {
-    // vLLM-style agents, overloaded: the peers ignore room, so they are preempted like
-    // round-robin, and both place by prefix, so they hit the cache more than round-robin.
-    let r = resolve(&config(60.0, false, 500));
-    let rr = summary(&r, PolicyKind::RoundRobin);
+    // The peers' policies run through the same pipeline: they ignore room, so they are
+    // preempted like round-robin, and both place by prefix, so they hit the cache more.
     for p in [PolicyKind::CacheAware, PolicyKind::LlmD] {
         let s = summary(&r, p);
         assert_eq!(s.completed, s.requests, "{s:?}");
