@@ -206,25 +206,26 @@ impl SentTree {
         {
             return least;
         }
-        // The deepest prompt block sent to a candidate, and the candidate it went to last.
-        let mut matched = None;
-        for (depth, h) in hashes.iter().enumerate() {
-            let Some(t) = self.nodes.get(h) else {
-                break;
-            };
-            let latest = t
-                .iter()
-                .filter_map(|(s, at)| {
+        // The deepest prompt block sent to a candidate, and the candidate it went to last:
+        // find how deep the record goes (hash lookups only), then look at the agents of the
+        // deepest blocks first, stopping at the first block sent to a candidate.
+        let present = hashes
+            .iter()
+            .take_while(|h| self.nodes.contains_key(h))
+            .count();
+        let matched = hashes[..present]
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(depth, h)| {
+                let latest = self.nodes.get(h)?.iter().filter_map(|(s, at)| {
                     candidates
                         .binary_search_by_key(&(s as usize), |c| c.slot)
                         .ok()
                         .map(|i| (at, i))
-                })
-                .max();
-            if let Some((_, i)) = latest {
-                matched = Some((depth + 1, i));
-            }
-        }
+                });
+                latest.max().map(|(_, i)| (depth + 1, i))
+            });
         if let Some((blocks, i)) = matched {
             let block_size = candidates
                 .get(i)
