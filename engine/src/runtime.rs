@@ -200,8 +200,13 @@ pub struct EngineStats {
     pub prefill_tokens_per_s: u32,
     pub decode_step_us: u32,
     pub decode_batch: u32,
-    /// What one more sequence adds to a decode step ([`StepSpeed::decode_per_seq_s`]).
+    /// What one more sequence adds to a decode step ([`StepSpeed::decode_fit`]).
     pub decode_step_per_seq_ns: u32,
+    /// What one more KV token read adds to a decode step, in picoseconds
+    /// ([`StepSpeed::decode_fit`]).
+    pub decode_step_per_kv_token_ps: u32,
+    /// Tokens the running sequences hold in the KV cache (computed so far).
+    pub running_kv_tokens: usize,
     /// Room (`free - committed` blocks) given back by requests that ended, since start.
     pub room_released_blocks: u64,
     /// Measured nanoseconds to copy one block between the KV cache and its host tier (0 = not
@@ -221,9 +226,17 @@ pub struct StepSpeed {
     pub decode_batch: f64,
     /// Seconds to copy one block between the KV cache and its host tier (either way).
     pub copy_block_s: f64,
-    /// Decode-only steps, for the fit of step time over batch size: decayed sums of their
-    /// weight, the batch `b`, `b²`, the time `t` and `b·t`.
-    fit: [f64; 5],
+    /// Decode-only steps, for the fit of step time over batch size `b` and the KV tokens the
+    /// step reads `c`: decayed sums of their weight, `b`, `c`, `b²`, `c²`, `b·c`, the time `t`,
+    /// `b·t` and `c·t`.
+    fit: [f64; 9],
+}
+
+/// The decode step's fitted shape: `fixed + per_seq_s · batch + per_token_s · KV tokens read`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DecodeFit {
+    pub per_seq_s: f64,
+    pub per_token_s: f64,
 }
 
 impl StepSpeed {
@@ -234,25 +247,66 @@ impl StepSpeed {
     /// Least variance of the batch sizes (sequences²) the fit needs to say anything.
     const FIT_MIN_VARIANCE: f64 = 0.25;
 
-    /// Seconds one more sequence adds to a decode step: the least-squares slope of decode-only
-    /// step times over their batch sizes (recent steps weigh more), within
-    /// `0..=decode_step_s / decode_batch`. 0 while the batches seen have not varied enough.
+    /// Least variance of the KV tokens read (tokens²) the fit needs to use them.
+    const FIT_MIN_TOKEN_VARIANCE: f64 = 64.0;
+    /// Least share of the KV tokens' variance the batch size must leave unexplained for the
+    /// two slopes to be told apart (below it, batches of like lengths: one slope, per sequence).
+    const FIT_MIN_INDEPENDENCE: f64 = 0.02;
+
+    /// Seconds one more sequence adds to a decode step ([`StepSpeed::decode_fit`]).
     pub fn decode_per_seq_s(&self) -> f64 {
-        let [w, sb, sbb, st, sbt] = self.fit;
+        self.decode_fit().per_seq_s
+    }
+
+    /// The least-squares fit of decode-only step times (recent steps weigh more) over their
+    /// batch size and the KV tokens they read, both slopes at least 0 and each at most the
+    /// average step divided by its average amount. A GPU's decode step grows with the KV it
+    /// reads rather than with the number of sequences; a CPU's with both. A slope the steps seen
+    /// cannot tell (batches or lengths that have not varied) is 0; with batches of like lengths
+    /// the two are one, and it is put on the sequence.
+    pub fn decode_fit(&self) -> DecodeFit {
+        let [w, sb, sc, sbb, scc, sbc, st, sbt, sct] = self.fit;
         if w <= 0.0 {
-            return 0.0;
+            return DecodeFit::default();
         }
-        let var = sbb / w - (sb / w).powi(2);
-        if var < Self::FIT_MIN_VARIANCE {
-            return 0.0;
-        }
-        let slope = (sbt / w - (sb / w) * (st / w)) / var;
-        let most = if self.decode_batch > 0.0 {
-            self.decode_step_s / self.decode_batch
-        } else {
-            0.0
+        let (mb, mc, mt) = (sb / w, sc / w, st / w);
+        let vbb = sbb / w - mb * mb;
+        let vcc = scc / w - mc * mc;
+        let vbc = sbc / w - mb * mc;
+        let vbt = sbt / w - mb * mt;
+        let vct = sct / w - mc * mt;
+        let most = |mean: f64| if mean > 0.0 { mt / mean } else { 0.0 };
+        let one = |v: f64, cov: f64, min: f64| if v >= min { cov / v } else { 0.0 };
+        let seq_only = || DecodeFit {
+            per_seq_s: one(vbb, vbt, Self::FIT_MIN_VARIANCE).clamp(0.0, most(mb)),
+            per_token_s: 0.0,
         };
-        slope.clamp(0.0, most)
+        let token_only = || DecodeFit {
+            per_seq_s: 0.0,
+            per_token_s: one(vcc, vct, Self::FIT_MIN_TOKEN_VARIANCE).clamp(0.0, most(mc)),
+        };
+        if vcc < Self::FIT_MIN_TOKEN_VARIANCE {
+            return seq_only();
+        }
+        if vbb < Self::FIT_MIN_VARIANCE {
+            return token_only();
+        }
+        let det = vbb * vcc - vbc * vbc;
+        if det < Self::FIT_MIN_INDEPENDENCE * vbb * vcc {
+            return seq_only();
+        }
+        let per_seq = (vbt * vcc - vct * vbc) / det;
+        let per_token = (vct * vbb - vbt * vbc) / det;
+        match (per_seq >= 0.0, per_token >= 0.0) {
+            (true, true) => DecodeFit {
+                per_seq_s: per_seq.min(most(mb)),
+                per_token_s: per_token.min(most(mc)),
+            },
+            // One slope negative: the other alone explains the steps better.
+            (true, false) => seq_only(),
+            (false, true) => token_only(),
+            (false, false) => DecodeFit::default(),
+        }
     }
 
     fn ewma(old: f64, sample: f64) -> f64 {
@@ -264,10 +318,17 @@ impl StepSpeed {
     }
 
     /// Records one step of `seconds` that computed `prefill_tokens` prompt tokens and advanced
-    /// `decode_seqs` sequences by one token. A mixed step's prefill time is what is left after
-    /// the decode part, estimated from the decode average (at least a third of the step is
-    /// credited to prefill, so a poor decode estimate cannot make prefill look free).
-    pub fn record(&mut self, seconds: f64, prefill_tokens: usize, decode_seqs: usize) {
+    /// `decode_seqs` sequences by one token, reading the KV of `decode_kv_tokens` tokens for
+    /// them. A mixed step's prefill time is what is left after the decode part, estimated from
+    /// the decode average (at least a third of the step is credited to prefill, so a poor
+    /// decode estimate cannot make prefill look free).
+    pub fn record(
+        &mut self,
+        seconds: f64,
+        prefill_tokens: usize,
+        decode_seqs: usize,
+        decode_kv_tokens: usize,
+    ) {
         if !(seconds.is_finite() && seconds > 0.0) {
             return;
         }
@@ -275,11 +336,11 @@ impl StepSpeed {
             if decode_seqs > 0 {
                 self.decode_step_s = Self::ewma(self.decode_step_s, seconds);
                 self.decode_batch = Self::ewma(self.decode_batch, decode_seqs as f64);
-                let b = decode_seqs as f64;
-                for (s, v) in self
-                    .fit
-                    .iter_mut()
-                    .zip([1.0, b, b * b, seconds, b * seconds])
+                let (b, c, t) = (decode_seqs as f64, decode_kv_tokens as f64, seconds);
+                for (s, v) in
+                    self.fit
+                        .iter_mut()
+                        .zip([1.0, b, c, b * b, c * c, b * c, t, b * t, c * t])
                 {
                     *s = *s * Self::FIT_DECAY + v;
                 }
@@ -1289,6 +1350,11 @@ impl Loop {
             .map(|i| i.tokens.len())
             .sum();
         let decode_seqs = inputs.iter().filter(|i| i.tokens.len() == 1).count();
+        let decode_kv_tokens: usize = inputs
+            .iter()
+            .filter(|i| i.tokens.len() == 1)
+            .map(|i| i.start_pos + 1)
+            .sum();
         let started = std::time::Instant::now();
         let result = if greedy {
             match self.runner.step_greedy(&inputs) {
@@ -1361,8 +1427,12 @@ impl Loop {
             return;
         }
         drop(inputs);
-        self.speed
-            .record(started.elapsed().as_secs_f64(), prefill_tokens, decode_seqs);
+        self.speed.record(
+            started.elapsed().as_secs_f64(),
+            prefill_tokens,
+            decode_seqs,
+            decode_kv_tokens,
+        );
         if let Err(e) = self.sched.complete_step(&self.sampled) {
             tracing::warn!(error = %e, "scheduler refused a sampled token");
         }
@@ -1458,6 +1528,7 @@ impl Loop {
 
     fn current_stats(&self) -> EngineStats {
         let s = self.sched.stats();
+        let fit = self.speed.decode_fit();
         EngineStats {
             capacity: s.capacity,
             running: s.running,
@@ -1474,7 +1545,10 @@ impl Loop {
             prefill_tokens_per_s: self.speed.prefill_tokens_per_s.round() as u32,
             decode_step_us: (self.speed.decode_step_s * 1e6).round() as u32,
             decode_batch: self.speed.decode_batch.round() as u32,
-            decode_step_per_seq_ns: (self.speed.decode_per_seq_s() * 1e9).round() as u32,
+            decode_step_per_seq_ns: (fit.per_seq_s * 1e9).round() as u32,
+            decode_step_per_kv_token_ps: (fit.per_token_s * 1e12).round().min(f64::from(u32::MAX))
+                as u32,
+            running_kv_tokens: s.running_kv_tokens,
             room_released_blocks: self.room_released,
             kv_copy_block_ns: (self.speed.copy_block_s * 1e9)
                 .round()
@@ -1547,34 +1621,80 @@ mod tests {
         let mut s = StepSpeed::default();
         // Unvaried batches say nothing about the slope.
         for _ in 0..50 {
-            s.record(0.008 + 40e-6 * 8.0, 0, 8);
+            s.record(0.008 + 40e-6 * 8.0, 0, 8, 8 * 300);
         }
         assert_eq!(s.decode_per_seq_s(), 0.0);
         // A GPU-like step: 8 ms fixed plus 40 µs per sequence, batches 1..=64.
         for i in 0..400 {
             let b = 1 + (i * 7) % 64;
-            s.record(0.008 + 40e-6 * b as f64, 0, b);
+            s.record(0.008 + 40e-6 * b as f64, 0, b, b * 300);
         }
         let slope = s.decode_per_seq_s();
         assert!((slope - 40e-6).abs() < 2e-6, "{slope}");
         // Mixed steps (with prefill) do not feed the fit.
-        s.record(5.0, 4096, 3);
+        s.record(5.0, 4096, 3, 900);
         assert!((s.decode_per_seq_s() - slope).abs() < 1e-12);
         // Bad samples are ignored.
-        s.record(f64::NAN, 0, 10);
-        s.record(-1.0, 0, 10);
+        s.record(f64::NAN, 0, 10, 3000);
+        s.record(-1.0, 0, 10, 3000);
         assert!((s.decode_per_seq_s() - slope).abs() < 1e-12);
         // A CPU-like step, cost proportional to (2 + b): the slope follows once it has seen it.
         let mut c = StepSpeed::default();
         for i in 0..400 {
             let b = 1 + i % 16;
-            c.record(0.005 * (2.0 + b as f64), 0, b);
+            c.record(0.005 * (2.0 + b as f64), 0, b, b * 300);
         }
         assert!(
             (c.decode_per_seq_s() - 0.005).abs() < 1e-4,
             "{}",
             c.decode_per_seq_s()
         );
+        // Batches of like lengths: the KV tokens add nothing the batch size does not say.
+        assert_eq!(s.decode_fit().per_token_s, 0.0);
+    }
+
+    #[test]
+    fn decode_fit_tells_the_kv_read_from_the_batch_size() {
+        // A GPU-like step: 8 ms of weights plus 40 ns per KV token read; the batch size itself
+        // costs nothing. Batches of 1..=64 sequences of 100..=4,000 tokens each.
+        let mut g = StepSpeed::default();
+        for i in 0..600usize {
+            let b = 1 + (i * 7) % 64;
+            let c = b * (100 + (i * 131) % 3_900);
+            g.record(0.008 + 40e-9 * c as f64, 0, b, c);
+        }
+        let fit = g.decode_fit();
+        assert!((fit.per_token_s - 40e-9).abs() < 1e-9, "{fit:?}");
+        assert!(fit.per_seq_s < 1e-6, "{fit:?}");
+        // A CPU-like step: 5 ms per sequence (and two of overhead) plus 10 ns per KV token.
+        let mut c = StepSpeed::default();
+        for i in 0..600usize {
+            let b = 1 + i % 16;
+            let kv = b * (50 + (i * 97) % 1_000);
+            c.record(0.005 * (2.0 + b as f64) + 10e-9 * kv as f64, 0, b, kv);
+        }
+        let fit = c.decode_fit();
+        assert!((fit.per_seq_s - 0.005).abs() < 1e-4, "{fit:?}");
+        assert!((fit.per_token_s - 10e-9).abs() < 1e-9, "{fit:?}");
+        // Lengths that vary while the batch does not: the slope is all on the tokens.
+        let mut t = StepSpeed::default();
+        for i in 0..300usize {
+            let kv = 8 * (100 + (i * 37) % 500);
+            t.record(0.002 + 20e-9 * kv as f64, 0, 8, kv);
+        }
+        let fit = t.decode_fit();
+        assert!((fit.per_token_s - 20e-9).abs() < 1e-9, "{fit:?}");
+        assert_eq!(fit.per_seq_s, 0.0);
+        // Times that shrink as either grows (noise, another load on the machine): no negative
+        // slope comes out.
+        let mut n = StepSpeed::default();
+        for i in 0..300usize {
+            let b = 1 + i % 16;
+            let kv = b * (100 + (i * 37) % 500);
+            n.record(1.0 / (b as f64 + kv as f64), 0, b, kv);
+        }
+        let fit = n.decode_fit();
+        assert!(fit.per_seq_s >= 0.0 && fit.per_token_s >= 0.0, "{fit:?}");
     }
 
     #[test]

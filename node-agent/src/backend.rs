@@ -62,6 +62,10 @@ pub struct CapacityStats {
     pub decode_batch: u32,
     /// What one more sequence adds to a decode step (0: not measured).
     pub decode_step_per_seq_ns: u32,
+    /// What one more KV token read adds to a decode step, picoseconds (0: not measured).
+    pub decode_step_per_kv_token_ps: u32,
+    /// Tokens the running requests hold in the KV cache.
+    pub running_kv_tokens: u64,
     /// Room (`free - committed`) given back by requests that ended, since start (monotonic).
     pub room_released_blocks: u64,
     /// Prompt tokens the waiting queue still has to compute (ignoring cache hits).

@@ -321,6 +321,8 @@ impl CapacityHub {
             decode_step_micros: stats.decode_step_us,
             decode_batch: stats.decode_batch,
             decode_step_per_seq_nanos: stats.decode_step_per_seq_ns,
+            decode_step_per_kv_token_picos: stats.decode_step_per_kv_token_ps,
+            running_kv_tokens: stats.running_kv_tokens,
             room_released_blocks: stats.room_released_blocks,
             waiting_prefill_tokens: stats.waiting_prefill_tokens,
             running_prefill_tokens: stats.running_prefill_tokens,

@@ -245,6 +245,8 @@ fn stats_from(s: &EngineStats) -> CapacityStats {
         decode_step_us: s.decode_step_us,
         decode_batch: s.decode_batch,
         decode_step_per_seq_ns: s.decode_step_per_seq_ns,
+        decode_step_per_kv_token_ps: s.decode_step_per_kv_token_ps,
+        running_kv_tokens: s.running_kv_tokens as u64,
         room_released_blocks: s.room_released_blocks,
         waiting_prefill_tokens: (s.waiting_prompt_blocks as u64)
             .saturating_mul(u64::from(s.capacity.block_size)),

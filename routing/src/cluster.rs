@@ -52,6 +52,10 @@ pub struct Report {
     pub decode_batch: u32,
     /// What one more sequence adds to a decode step, as the agent fitted it (0: not measured).
     pub decode_step_per_seq_ns: u32,
+    /// What one more KV token read adds to a decode step there, picoseconds (0: not measured).
+    pub decode_step_per_kv_token_ps: u32,
+    /// Tokens the running requests hold in the KV cache there.
+    pub running_kv_tokens: u64,
     /// Room given back by ended requests since the epoch began (monotonic).
     pub room_released_blocks: u64,
     /// Prompt tokens waiting in the engine's queue.
@@ -104,6 +108,12 @@ pub const DISPATCH_ACK_TTL_MS: u64 = 15_000;
 /// How long a prefix sent to an agent counts as cached there before the agent reports it
 /// (it normally does within one prefill; this only bounds a request that never got there).
 pub const INFLIGHT_TTL_MS: u64 = 30_000;
+
+/// Longest a gateway leaves its queue without deciding it again (ms). A queued request waits for
+/// room, so the queue is decided again when a report opens room ([`Cluster::open_room`]) and a
+/// request arrives; this bounds the wait for what neither shows (a queue deadline, an agent that
+/// went stale, an agent whose cost fell below a hold's without room changing).
+pub const REPUMP_MS: u64 = 250;
 
 /// Names one reservation, to cancel it when the request never reached the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,6 +327,8 @@ impl Cluster {
             decode_step_us: r.decode_step_us,
             decode_batch: r.decode_batch,
             decode_per_seq_ns: r.decode_step_per_seq_ns,
+            decode_per_kv_token_ps: r.decode_step_per_kv_token_ps,
+            running_kv_tokens: r.running_kv_tokens,
             release_per_s: a.release.blocks_per_s,
             ttft_scale: a.ttft.scale(),
             credited_pending: a.reservations.iter().filter(|r| r.shared).count() as u32,
@@ -729,6 +741,17 @@ impl Cluster {
         }
         self.sync_hot(handle.slot);
         true
+    }
+
+    /// Room the agent in `slot` offers new requests now: its free blocks less this gateway's
+    /// reservations; `None` while it is not fresh at `now_ms` (or not listed). Compared before
+    /// and after a report, it says whether the report opened room a queued request could take:
+    /// most reports (a step's progress) only take room, and a queue pass then decides nothing
+    /// new.
+    pub fn open_room(&self, slot: Slot, now_ms: u64, stale_after_ms: u64) -> Option<u64> {
+        let a = self.agents.get(slot)?;
+        a.fresh(now_ms, stale_after_ms)
+            .then(|| a.report.free_blocks.saturating_sub(a.reserved_blocks))
     }
 
     /// `Retry-After` for a refused request of `model` when the model's requests need `needed`

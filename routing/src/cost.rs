@@ -6,7 +6,9 @@
 //! cost = wait for room          deficit blocks / the agent's measured room-release rate
 //!      + prefill                (queued prompt tokens + this prompt's uncached tokens) / prefill rate
 //!      + duplication            prompt tokens another agent holds or is computing / prefill rate
-//!      + decode slow-down       running requests × output tokens × one sequence's share of a step
+//!      + decode slow-down       output tokens × (sequences × one sequence's share of a step
+//!                                                + KV tokens × one token's share of a step),
+//!                               the sequences and KV tokens of the requests running or queued there
 //!      + stick                  (a queued request, elsewhere than the agent it waits for)
 //!                               prompt tokens that agent caches and this one would compute
 //!                               / prefill rate, times the `stick` weight
@@ -16,8 +18,11 @@
 //! time to first token there. The third prices the future: a prefix computed a second time also
 //! takes cache room a second time, and in a small cache it evicts another group's prefix that a
 //! later request must recompute; so a prefix held (or in flight) elsewhere costs its recompute
-//! twice. The decode term is the time the request adds to the batch already running there. The rates come from the agents' capacity reports (what each measures of its own steps)
-//! and from the release rate the gateway observes; until an agent has measured anything, the
+//! twice. The decode term is what the batch there adds to each of the request's decode steps: its
+//! sequences and the KV they read (a GPU's step is bound by the weights and the KV it reads, so
+//! ten long conversations slow it more than ten short questions); the same figure, summed the other
+//! way, is what the request adds to theirs. The rates come from the agents' capacity reports
+//! (what each measures of its own steps) and from the release rate the gateway observes; until an agent has measured anything, the
 //! priors below stand in. A request whose best agent has no room *waits for that agent* (it is
 //! not sent elsewhere) as long as that is predicted cheaper than recomputing its prefix on an
 //! agent with room now: that keeps each prefix group on the agent that caches it, instead of
@@ -114,6 +119,11 @@ pub struct AgentLoad {
     /// What one more sequence adds to a decode step, as the agent measured it (0: not
     /// measured: the step is taken to grow as `DECODE_OVERHEAD_SEQS + batch`).
     pub decode_per_seq_s: f64,
+    /// What one more KV token read adds to a decode step, as the agent measured it (0: not
+    /// measured).
+    pub decode_per_kv_token_s: f64,
+    /// Tokens the running requests hold in the KV cache there.
+    pub running_kv_tokens: u64,
     /// Room the agent gives back per second while busy, as observed (0: not observed).
     pub release_blocks_per_s: f64,
     /// Observed over predicted time to first token on this agent ([`TtftScale`]); multiplies
@@ -206,17 +216,23 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
     let prefill_s = (load.queued_prefill_tokens + ask.uncached_tokens) as f64 / prefill_rate;
     let duplicate_s = ask.duplicate_tokens.min(ask.uncached_tokens) as f64 / prefill_rate;
     let move_s = ask.moved_tokens.min(ask.uncached_tokens) as f64 / prefill_rate;
-    // One more sequence makes every step longer by one sequence's share; the requests there
-    // pay that for as many steps as this request decodes: the running ones, and the waiting
-    // ones, which will be running beside it (an agent busy prefilling a long queue has few
-    // running requests now, but not for long).
+    // Every step of this request's decode is longer by each sequence there and the KV it reads:
+    // the running ones, and the waiting ones, which will be running beside it (an agent busy
+    // prefilling a long queue has few running requests now, but not for long), with the prompt
+    // tokens queued there as their KV.
     let running = running + f64::from(load.waiting);
-    let per_seq = if load.decode_per_seq_s > 0.0 && load.decode_step_s > 0.0 {
-        load.decode_per_seq_s
+    let measured = load.decode_step_s > 0.0
+        && (load.decode_per_seq_s > 0.0 || load.decode_per_kv_token_s > 0.0);
+    let (per_seq, per_token) = if measured {
+        (load.decode_per_seq_s, load.decode_per_kv_token_s)
     } else {
-        decode_step_at(load, priors, 1.0) / (DECODE_OVERHEAD_SEQS + 1.0)
+        (
+            decode_step_at(load, priors, 1.0) / (DECODE_OVERHEAD_SEQS + 1.0),
+            0.0,
+        )
     };
-    let decode_s = running * ask.output_tokens as f64 * per_seq;
+    let kv_tokens = (load.running_kv_tokens + load.queued_prefill_tokens) as f64;
+    let decode_s = ask.output_tokens as f64 * (running * per_seq + kv_tokens * per_token);
     let stall_s = running * ask.uncached_tokens as f64 / prefill_rate;
     let scale = if load.ttft_scale > 0.0 {
         load.ttft_scale
@@ -376,6 +392,8 @@ mod tests {
             decode_step_s: 0.012,
             decode_batch: 4.0,
             decode_per_seq_s: 0.0,
+            decode_per_kv_token_s: 0.0,
+            running_kv_tokens: 0,
             release_blocks_per_s: 20.0,
             ttft_scale: 0.0,
         }
@@ -467,6 +485,49 @@ mod tests {
             ..measured()
         };
         assert!((at(&odd, 1.0) - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_kv_a_batch_reads_slows_every_step_of_the_request() {
+        // Two GPUs, four sequences each, a step costing 40 ns per KV token read and nothing per
+        // sequence: one holds four long conversations, the other four short questions.
+        let gpu = |kv: u64| AgentLoad {
+            decode_per_seq_s: 0.0,
+            decode_per_kv_token_s: 40e-9,
+            running_kv_tokens: kv,
+            ..measured()
+        };
+        let ask = Ask {
+            need_blocks: 1,
+            output_tokens: 200,
+            ..Ask::default()
+        };
+        let w = CostWeights::default();
+        let long = estimate(&gpu(4 * 30_000), &ask, &p(), &w);
+        let short = estimate(&gpu(4 * 500), &ask, &p(), &w);
+        assert!(
+            (long.decode_s - 200.0 * 120_000.0 * 40e-9).abs() < 1e-9,
+            "{long:?}"
+        );
+        assert!(long.cost > short.cost + 0.9, "{long:?} {short:?}");
+        // Prompts queued there will be read by the same steps once computed.
+        let queued = AgentLoad {
+            queued_prefill_tokens: 118_000,
+            ..gpu(4 * 500)
+        };
+        let q = estimate(&queued, &ask, &p(), &w);
+        assert!((q.decode_s - long.decode_s).abs() < 1e-9, "{q:?}");
+        // An agent that has fitted neither slope falls back on the prior, per sequence only.
+        let unfit = AgentLoad {
+            decode_per_kv_token_s: 0.0,
+            ..gpu(4 * 30_000)
+        };
+        let prior = estimate(&unfit, &ask, &p(), &w);
+        let per_seq = decode_step_at(&unfit, &p(), 1.0) / (DECODE_OVERHEAD_SEQS + 1.0);
+        assert!(
+            (prior.decode_s - 200.0 * 4.0 * per_seq).abs() < 1e-9,
+            "{prior:?}"
+        );
     }
 
     fn p() -> Priors {

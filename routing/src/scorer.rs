@@ -139,6 +139,10 @@ pub struct AgentView {
     pub decode_batch: u32,
     /// What one more sequence adds to a decode step there (0: not measured).
     pub decode_per_seq_ns: u32,
+    /// What one more KV token read adds to a decode step there, picoseconds (0: not measured).
+    pub decode_per_kv_token_ps: u32,
+    /// Tokens the running requests hold in the KV cache there.
+    pub running_kv_tokens: u64,
     pub release_per_s: f64,
     /// Observed over predicted time to first token there (1: not calibrated yet).
     pub ttft_scale: f64,

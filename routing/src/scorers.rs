@@ -158,6 +158,8 @@ pub fn load_of(a: &AgentView, c: &Candidate) -> AgentLoad {
         decode_step_s: f64::from(a.decode_step_us) / 1e6,
         decode_batch: f64::from(a.decode_batch),
         decode_per_seq_s: f64::from(a.decode_per_seq_ns) / 1e9,
+        decode_per_kv_token_s: f64::from(a.decode_per_kv_token_ps) / 1e12,
+        running_kv_tokens: a.running_kv_tokens,
         release_blocks_per_s: a.release_per_s,
         ttft_scale: a.ttft_scale,
     }

@@ -668,6 +668,43 @@ fn stale_and_disconnected_agents_are_not_eligible() {
 }
 
 #[test]
+fn open_room_says_which_reports_opened_room_for_the_queue() {
+    let stale = PolicyConfig::default().stale_after_ms;
+    let mut c = Cluster::new();
+    let slot = c.upsert_agent("a0");
+    assert_eq!(c.open_room(slot, 0, stale), None, "never reported");
+    assert_eq!(c.open_room(slot + 1, 0, stale), None, "not listed");
+    c.apply_report(slot, report("a0", 1, 100, 40), 0);
+    assert_eq!(c.open_room(slot, 0, stale), Some(40));
+    // A request sent there takes its blocks until the agent counts it.
+    let Decision::Route(r) = c.decide(
+        &PolicyConfig::default(),
+        &req(160, 0, &[]),
+        0,
+        &mut SplitMix64(1),
+    ) else {
+        panic!()
+    };
+    c.reserve(&r).unwrap();
+    assert_eq!(c.open_room(slot, 0, stale), Some(30));
+    // The agent counts it and a step takes two more blocks: no room opened.
+    let step = |free: u64| Report {
+        requests_received: 1,
+        snapshot: false,
+        ..report("a0", 1, 100, free)
+    };
+    c.apply_report(slot, step(28), 1);
+    assert_eq!(c.open_room(slot, 1, stale), Some(28));
+    // A request ends: room opened.
+    c.apply_report(slot, step(45), 2);
+    assert_eq!(c.open_room(slot, 2, stale), Some(45));
+    // Stale, or disconnected: none to offer.
+    assert_eq!(c.open_room(slot, 2 + stale + 1, stale), None);
+    c.set_disconnected(slot);
+    assert_eq!(c.open_room(slot, 2, stale), None);
+}
+
+#[test]
 fn reservations_retire_on_counter_and_reset_on_epoch() {
     let mut c = cluster(&[(100, 100)]);
     let cfg = PolicyConfig::default();

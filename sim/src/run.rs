@@ -14,6 +14,7 @@ use kvroute_engine::kv::{block_hashes, BlockEvent};
 use kvroute_engine::runtime::StepSpeed;
 use kvroute_engine::sched::{SchedConfig, Scheduler, SeqSpec};
 use kvroute_routing::admission::{AdmissionQueue, EntryId, Priority};
+use kvroute_routing::cluster::REPUMP_MS;
 use kvroute_routing::{
     CacheEvent, Cluster, Decision, PolicyConfig, PolicyKind, Report, RouteRequest, Slot, SplitMix64,
 };
@@ -75,6 +76,8 @@ enum Event {
     Dispatch(u32, u32, u32, u64),
     /// Gateway `0` looks at its queue.
     Pump(u32),
+    /// Gateway `0`'s pump task wakes on its own ([`REPUMP_MS`] after its last look).
+    Tick(u32),
     /// Sample KV utilisation.
     Sample,
 }
@@ -139,6 +142,8 @@ struct Gateway {
     pump_at: Option<u64>,
     /// When the last pass over the queue ran.
     last_pump: Option<u64>,
+    /// When the next backstop look at the queue is due ([`REPUMP_MS`]), if one is scheduled.
+    tick_at: Option<u64>,
 }
 
 /// Counters of one run.
@@ -260,6 +265,7 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
             rng: SplitMix64(cfg.seed ^ (g as u64).wrapping_mul(0x5555_5555_5555_5555)),
             pump_at: None,
             last_pump: None,
+            tick_at: None,
         });
     }
     let (generator, first_turns) = match (&cfg.workload, &r.trace) {
@@ -410,6 +416,7 @@ impl Sim<'_> {
                     self.gateways[g as usize].pump_at = None;
                     self.pump(g);
                 }
+                Event::Tick(g) => self.tick(g),
                 Event::Sample => {
                     self.sample();
                     if !self.finished() {
@@ -481,6 +488,31 @@ impl Sim<'_> {
         } else {
             gw.pump_at = Some(at);
             self.push(at, Event::Pump(g));
+        }
+    }
+
+    /// The pump task's own wake-up: a look at a queue nothing woke for `REPUMP_MS`, as the
+    /// gateway's pump task does (queue deadlines, and changes no report shows as new room).
+    fn tick(&mut self, g: u32) {
+        let repump = ns(REPUMP_MS as f64 / 1e3);
+        let gw = &mut self.gateways[g as usize];
+        gw.tick_at = None;
+        if gw.queue.is_empty() {
+            return;
+        }
+        let due = gw.last_pump.map_or(self.now, |l| l + repump);
+        if due <= self.now {
+            self.want_pump(g);
+        } else {
+            self.schedule_tick(g, due);
+        }
+    }
+
+    fn schedule_tick(&mut self, g: u32, at: u64) {
+        let gw = &mut self.gateways[g as usize];
+        if gw.tick_at.is_none() && !gw.queue.is_empty() {
+            gw.tick_at = Some(at);
+            self.push(at, Event::Tick(g));
         }
     }
 
@@ -604,6 +636,7 @@ impl Sim<'_> {
         for (req, outcome) in ended {
             self.end(req, outcome);
         }
+        self.schedule_tick(g, self.now + ns(REPUMP_MS as f64 / 1e3));
         for (req, agent, id, tokens, predicted) in routed {
             let rec = &mut self.records[req as usize];
             rec.dispatched_ns = self.now;
@@ -684,10 +717,12 @@ impl Sim<'_> {
             }
         }
         let dt = self.step.step_s(&shape);
+        // Decode-only steps feed the decode fit: their context is what the decode read.
         agent.speed.record(
             dt,
             shape.prefill_tokens as usize,
             shape.decode_seqs as usize,
+            shape.context_tokens as usize,
         );
         agent.busy = true;
         agent.step_start_ns = now;
@@ -800,6 +835,7 @@ impl Sim<'_> {
             agent.dirty = false;
             agent.sequence += 1;
             let s = agent.sched.stats();
+            let fit = agent.speed.decode_fit();
             let snapshot = !agent.snapshot_sent;
             let taken = agent.sched.take_events();
             if snapshot {
@@ -823,7 +859,11 @@ impl Sim<'_> {
                 prefill_tokens_per_s: agent.speed.prefill_tokens_per_s.round() as u32,
                 decode_step_us: (agent.speed.decode_step_s * 1e6).round() as u32,
                 decode_batch: agent.speed.decode_batch.round() as u32,
-                decode_step_per_seq_ns: (agent.speed.decode_per_seq_s() * 1e9).round() as u32,
+                decode_step_per_seq_ns: (fit.per_seq_s * 1e9).round() as u32,
+                decode_step_per_kv_token_ps: (fit.per_token_s * 1e12)
+                    .round()
+                    .min(f64::from(u32::MAX)) as u32,
+                running_kv_tokens: s.running_kv_tokens as u64,
                 room_released_blocks: agent.room_released,
                 waiting_prefill_tokens: (s.waiting_prompt_blocks as u64)
                     .saturating_mul(u64::from(s.capacity.block_size)),
@@ -875,11 +915,18 @@ impl Sim<'_> {
         };
         self.mailbox_free.push(m);
         let now_ms = self.now / 1_000_000;
+        let stale = self.policy.stale_after_ms;
         let gw = &mut self.gateways[g as usize];
+        // As the gateway does: the queue is decided again when the report opened room there.
+        let mut opened = false;
         if let Some(&slot) = gw.slot_of.get(a as usize) {
-            gw.cluster.apply_report(slot, report, now_ms);
+            let before = gw.cluster.open_room(slot, now_ms, stale);
+            let new_epoch = gw.cluster.apply_report(slot, report, now_ms);
+            opened = new_epoch || gw.cluster.open_room(slot, now_ms, stale) > before;
         }
-        self.want_pump(g);
+        if opened {
+            self.want_pump(g);
+        }
     }
 
     fn sample(&mut self) {

@@ -226,6 +226,9 @@ pub struct SchedStats {
     /// Prompt tokens the running sequences have still to compute (chunked prefill spreads a
     /// prompt over several steps; cache hits count as computed).
     pub running_prefill_tokens: usize,
+    /// Tokens the running sequences hold in the KV cache (computed so far, cache hits
+    /// included): what their next decode steps read.
+    pub running_kv_tokens: usize,
     /// Blocks the live sequences (running and waiting) have yet to allocate to reach their
     /// length cap (`prompt + max_tokens`, at most the longest sequence), ignoring cache hits:
     /// free blocks already promised to admitted requests. A router that admits only into
@@ -855,6 +858,11 @@ impl Scheduler {
                     let s = self.seq(slot);
                     s.prompt_len.saturating_sub(s.num_computed)
                 })
+                .sum(),
+            running_kv_tokens: self
+                .running
+                .iter()
+                .map(|&slot| self.seq(slot).num_computed)
                 .sum(),
             committed_blocks: self.committed_blocks(),
             capacity: self.kv.snapshot(),

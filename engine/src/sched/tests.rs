@@ -828,6 +828,8 @@ fn running_prefill_tokens_count_what_running_prompts_have_left() {
     );
     step(&mut s);
     assert_eq!(s.stats().running_prefill_tokens, 150 - 64);
+    // What it holds in the KV cache: the 64 computed.
+    assert_eq!(s.stats().running_kv_tokens, 64);
     s.add(spec(2, (1000..1100).collect(), 4)).unwrap();
     step(&mut s);
     // 64 more of the first: 22 left. The second waits (the step's budget went to the first)
@@ -838,7 +840,9 @@ fn running_prefill_tokens_count_what_running_prompts_have_left() {
     step(&mut s);
     // The first's last 22, and 42 of the second's 100.
     assert_eq!(s.stats().running_prefill_tokens, 100 - 42);
+    assert_eq!(s.stats().running_kv_tokens, 150 + 42);
     step(&mut s);
     // Both prompts computed: decoding needs no prefill.
     assert_eq!(s.stats().running_prefill_tokens, 0);
+    assert!(s.stats().running_kv_tokens >= 250, "{:?}", s.stats());
 }

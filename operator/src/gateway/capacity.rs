@@ -74,6 +74,8 @@ pub fn to_policy_report(r: CapacityReport) -> Report {
         decode_step_us: r.decode_step_micros,
         decode_batch: r.decode_batch,
         decode_step_per_seq_ns: r.decode_step_per_seq_nanos,
+        decode_step_per_kv_token_ps: r.decode_step_per_kv_token_picos,
+        running_kv_tokens: r.running_kv_tokens,
         room_released_blocks: r.room_released_blocks,
         waiting_prefill_tokens: r.waiting_prefill_tokens,
         running_prefill_tokens: r.running_prefill_tokens,

@@ -653,11 +653,17 @@ impl Router {
         self.lock().cluster.deactivate(slot);
     }
 
-    /// A report arrived from the agent in `slot`.
+    /// A report arrived from the agent in `slot`. The queue is decided again when the report
+    /// opened room there (or the agent is new); a report that only took room (a step's progress,
+    /// most of them) changes no queued request's decision, and every `REPUMP_MS` the pump task
+    /// looks anyway.
     pub fn on_report(self: &Arc<Self>, slot: Slot, report: Report) {
         let now = self.now_ms();
         let mut core = self.lock();
+        let stale = self.policy.stale_after_ms;
+        let before = core.cluster.open_room(slot, now, stale);
         let new_epoch = core.cluster.apply_report(slot, report, now);
+        let opened = core.cluster.open_room(slot, now, stale) > before;
         if new_epoch {
             // Perhaps another version now.
             if let Some(h) = core.holdless.get_mut(slot) {
@@ -668,7 +674,9 @@ impl Router {
                 "agent: new epoch, reset its cache view and reservations"
             );
         }
-        self.pump(&mut core);
+        if new_epoch || opened {
+            self.pump(&mut core);
+        }
     }
 
     /// The agent's capacity stream is down.
@@ -1026,13 +1034,24 @@ impl Router {
     }
 
     /// Runs until the process ends: applies cancellations and re-pumps the queue when woken, and
-    /// every 250 ms regardless (so nothing waits on a lost wake-up).
+    /// every `REPUMP_MS` regardless (so nothing waits on a lost wake-up, or on what no report
+    /// shows: a deadline, an agent gone stale).
     pub async fn run_pump(self: Arc<Self>) {
         loop {
-            let _ = tokio::time::timeout(Duration::from_millis(250), self.wake.notified()).await;
-            let mut core = self.lock();
-            self.pump(&mut core);
+            let _ = tokio::time::timeout(
+                Duration::from_millis(kvroute_routing::cluster::REPUMP_MS),
+                self.wake.notified(),
+            )
+            .await;
+            self.pump_now();
         }
+    }
+
+    /// One look at the queue, as the pump task takes when woken or every `REPUMP_MS`: applies
+    /// cancellations, drops requests whose clients left, asks for prefix holds again.
+    pub fn pump_now(self: &Arc<Self>) {
+        let mut core = self.lock();
+        self.pump(&mut core);
     }
 
     /// Copies of every active agent's state.
@@ -1436,7 +1455,9 @@ mod tests {
         r.hold_placed(entry, ask, "a:8000".into(), 78, 1);
         gone.abort();
         let _ = gone.await;
+        // The pump task's next look finds the client gone.
         r.on_report(a, at(1, Vec::new()));
+        r.pump_now();
         until_depth(&r, 0).await;
         assert_eq!(
             next(&mut actions).await,
@@ -1462,7 +1483,9 @@ mod tests {
         };
         gone.abort();
         let _ = gone.await;
+        // The pump task's next look finds the client gone.
         r.on_report(a, at(1, Vec::new()));
+        r.pump_now();
         until_depth(&r, 0).await;
         let small = spawn_admit(&r, plan("M", 16), vec![b], Priority::NORMAL);
         until_depth(&r, 1).await;
@@ -1508,9 +1531,11 @@ mod tests {
         // Reports keep coming: not asked again at once...
         r.on_report(a, at(2));
         assert!(actions.try_recv().is_err());
-        // ...but after HOLD_RETRY.
+        // ...but after HOLD_RETRY, on the pump task's next look (a report that opens no room
+        // does not look at the queue).
         tokio::time::sleep(HOLD_RETRY + Duration::from_millis(50)).await;
         r.on_report(a, at(2));
+        r.pump_now();
         let Some(HoldAction::Place { entry, ask, .. }) = next(&mut actions).await else {
             panic!("no hold asked for again");
         };
@@ -1518,10 +1543,12 @@ mod tests {
         r.hold_refused(entry, ask, true);
         tokio::time::sleep(HOLD_RETRY + Duration::from_millis(50)).await;
         r.on_report(a, at(2));
+        r.pump_now();
         assert!(actions.try_recv().is_err());
         r.on_report(a, Report { epoch: 2, ..at(2) });
         tokio::time::sleep(HOLD_RETRY + Duration::from_millis(50)).await;
         r.on_report(a, Report { epoch: 2, ..at(2) });
+        r.pump_now();
         assert!(matches!(
             next(&mut actions).await,
             Some(HoldAction::Place { .. })
