@@ -80,7 +80,7 @@ impl Default for CostWeights {
             wait: 1.0,
             prefill: 1.0,
             duplicate: 1.0,
-            decode: 1.0,
+            decode: DECODE,
             stick: STICK,
             stall: STALL,
         }
@@ -95,8 +95,19 @@ impl Default for CostWeights {
 /// moves a conversation.
 pub const STICK: f64 = 3.0;
 
-/// Default [`CostWeights::stall`].
-pub const STALL: f64 = 0.0;
+/// Default [`CostWeights::stall`] and [`CostWeights::decode`]: what a request does to the others
+/// on the agent (its prefill stalls their steps; its sequence and KV, and theirs, lengthen every
+/// step) weighs ten times what its own wait and prefill do. The request's own time to first token
+/// is one request's; the stall and the slow-down are paid by every request there, in the time
+/// per output token that goodput also counts. Calibrated on `kvroute sim` (bench/sim, three
+/// seeds each, 2026-12-07) and checked on `bench/routers.sh`: at 1 and 0 (the earlier defaults)
+/// `kv` met both SLOs for 68.4 % of the requests on 100 H100s (bench/sim/h100-100.json) against
+/// llm-d's 99.2 %; at 10 and 10, 99.2-99.4 % against 99.2-99.9 %, and on the hotter
+/// h100-100-hot.json 74.3-78.6 % against 72.2-76.1 %.
+pub const STALL: f64 = 10.0;
+
+/// Default [`CostWeights::decode`] (see [`STALL`]).
+pub const DECODE: f64 = 10.0;
 
 /// What the model needs to know of one agent.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -534,8 +545,13 @@ mod tests {
         Priors::default()
     }
 
+    /// Every term at weight 1 and the stall off: the terms' arithmetic, whatever the defaults.
     fn w() -> CostWeights {
-        CostWeights::default()
+        CostWeights {
+            decode: 1.0,
+            stall: 0.0,
+            ..CostWeights::default()
+        }
     }
 
     #[test]
@@ -627,6 +643,27 @@ mod tests {
         assert!(b_alone.cost < on_b.cost);
         // With many requests already waiting there (room far below zero), spilling wins.
         assert!(on_a(-100).cost > on_b.cost, "{:?} vs {on_b:?}", on_a(-100));
+        // With the default weights the stall of B's recompute (its 280 tokens delay B's four
+        // running requests) keeps the request on A longer: past the 5 s wait, not past 60 s.
+        let d = CostWeights::default();
+        let at = |room: i64, w: &CostWeights| {
+            let mut l = a;
+            l.room = room;
+            let ask = Ask {
+                need_blocks: 5,
+                uncached_tokens: 40,
+                output_tokens: 32,
+                ..Ask::default()
+            };
+            estimate(&l, &ask, &p(), w).cost
+        };
+        let b_default = estimate(&b, &ask_b, &p(), &d).cost;
+        assert!(at(-100, &d) < b_default, "{} vs {b_default}", at(-100, &d));
+        assert!(
+            at(-1_200, &d) > b_default,
+            "{} vs {b_default}",
+            at(-1_200, &d)
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 use crate::cluster::*;
-use crate::cost::TtftScale;
+use crate::cost::{CostWeights, TtftScale};
 use crate::index::*;
 use crate::policy::*;
 use proptest::prelude::*;
@@ -297,8 +297,9 @@ fn kv_waits_for_the_agent_caching_its_prefix_instead_of_spilling() {
 fn kv_spills_when_the_wait_behind_earlier_requests_exceeds_the_recompute() {
     let hashes = group_hashes();
     let mut c = locality_cluster(0, 60);
-    // Many blocks already promised to requests queued for a0.
-    let held = [2000, 0];
+    // Many blocks already promised to requests queued for a0: a wait longer than the recompute
+    // on a1 and the stall it imposes on a1's four running requests.
+    let held = [20_000, 0];
     let d = c.decide(
         &PolicyConfig::default(),
         &RouteRequest {
@@ -1598,7 +1599,16 @@ fn a_request_waiting_for_its_agent_moves_only_when_the_other_is_cheaper_by_its_r
         home: Some(0),
         ..first
     };
-    let cfg = PolicyConfig::default();
+    // The terms at weight 1 and no stall: the default stall weight prices a1's two recomputed
+    // blocks (a stall of a1's four running requests) above waiting for a0 already.
+    let cfg = PolicyConfig {
+        cost: CostWeights {
+            decode: 1.0,
+            stall: 0.0,
+            ..CostWeights::default()
+        },
+        ..PolicyConfig::default()
+    };
     let decide = |c: &mut Cluster, cfg: &PolicyConfig, r: &RouteRequest<'_>| {
         let d = c.decide(cfg, r, 1, &mut SplitMix64(1));
         (d, c.explain(cfg, r))

@@ -96,6 +96,24 @@ fn every_request_ends_and_the_figures_add_up() {
     // Under light load every request meets a 2 s TTFT.
     assert!(s.ttft_p99_s < 2.0, "{s:?}");
     assert!(s.goodput_rps > 0.0 && s.output_tok_s > 0.0);
+    // The share within both SLOs: those with both latencies inside them, of all 300.
+    let met = res
+        .records
+        .iter()
+        .filter(|x| {
+            let ttft = (x.first_token_ns - x.arrival_ns) as f64 / 1e9;
+            let tpot = (x.done_ns - x.first_token_ns) as f64
+                / 1e9
+                / f64::from(x.output_tokens.saturating_sub(1).max(1));
+            ttft <= r.cfg.slo.ttft_s && tpot <= r.cfg.slo.tpot_s
+        })
+        .count();
+    assert!(s.slo_met > 0.0 && s.slo_met <= 1.0, "{s:?}");
+    assert!(
+        (s.slo_met - met as f64 / 300.0).abs() < 0.02,
+        "{} against {met} of 300",
+        s.slo_met
+    );
     assert!(s.kv_use_mean > 0.0 && s.kv_use_mean <= 1.0);
 }
 

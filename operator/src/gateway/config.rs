@@ -71,8 +71,9 @@ pub struct GatewayArgs {
     /// room a duplicate takes from other prefixes).
     #[arg(long, default_value_t = 1.0)]
     pub cost_duplicate: f64,
-    /// kv policy: weight of the decode time the request adds to the agent's running batch.
-    #[arg(long, default_value_t = 1.0)]
+    /// kv policy: weight of the decode slow-down: what the batch there adds to each of the
+    /// request's decode steps (and the request to theirs).
+    #[arg(long, default_value_t = kvroute_routing::cost::DECODE)]
     pub cost_decode: f64,
     /// kv policy: extra weight, for a request waiting for one agent, of recomputing elsewhere the
     /// prefix that agent caches (keeps a waiting conversation from moving back and forth).
@@ -633,11 +634,18 @@ mod tests {
     }
 
     #[test]
-    fn cost_stall_is_a_finite_weight_of_at_least_zero_and_off_by_default() {
-        assert_eq!(parse(&[]).unwrap().policy.cost.stall, 0.0);
+    fn cost_stall_is_a_finite_weight_of_at_least_zero() {
         assert_eq!(
-            parse(&["--cost-stall", "10"]).unwrap().policy.cost.stall,
-            10.0
+            parse(&[]).unwrap().policy.cost.stall,
+            kvroute_routing::cost::STALL
+        );
+        assert_eq!(
+            parse(&["--cost-stall", "0"]).unwrap().policy.cost.stall,
+            0.0
+        );
+        assert_eq!(
+            parse(&["--cost-stall", "2.5"]).unwrap().policy.cost.stall,
+            2.5
         );
         for bad in ["-0.5", "nan", "inf"] {
             let e = parse(&[&format!("--cost-stall={bad}")]).unwrap_err();

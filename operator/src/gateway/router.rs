@@ -1316,6 +1316,20 @@ mod tests {
         until_depth(&r, 0).await;
     }
 
+    /// Agent "b", as busy as [`busy_a`] with `free` blocks free and nothing cached.
+    fn busy_b(r: &Arc<Router>, free: u64) -> Slot {
+        let b = r.add_agent("b:8000");
+        r.on_report(
+            b,
+            Report {
+                agent_id: "b".into(),
+                snapshot: true,
+                ..busy_a(free, Vec::new())
+            },
+        );
+        b
+    }
+
     /// Agent "a" serving "M" with 4 requests running, measured rates, `free` blocks free and
     /// `stored` newly cached.
     fn busy_a(free: u64, stored: Vec<u64>) -> Report {
@@ -1348,11 +1362,12 @@ mod tests {
                 ..busy_a(0, prefix.clone())
             },
         );
-        agent(&r, "b", "M", 100);
+        busy_b(&r, 100);
         let mut p = plan("M", 256);
         p.output_tokens = 32;
         p.block_hashes = prefix.clone();
-        // a has no room but caches all 15 blocks; b has room and nothing cached: it waits for a.
+        // a has no room but caches all 15 blocks; b, as busy, has room and nothing cached: it
+        // waits for a.
         let held = spawn_admit(&r, p, Vec::new(), Priority::NORMAL);
         until_depth(&r, 1).await;
         assert!(!held.is_finished());
@@ -1396,7 +1411,7 @@ mod tests {
                 ..at(2, prefix.clone())
             },
         );
-        let b = agent(&r, "b", "M", 100);
+        let b = busy_b(&r, 100);
         let request = |blocks: usize| {
             let mut p = plan("M", 256);
             p.output_tokens = 32;
