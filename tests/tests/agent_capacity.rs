@@ -133,8 +133,9 @@ async fn a_prefix_hold_keeps_blocks_until_its_request_is_admitted() {
     let body = json!({"model": agent.model, "prompt": ids, "max_tokens": 2, "ignore_eos": true, "temperature": 0});
     let (status, v) = post_json(agent.http, "/v1/completions", &body).await;
     assert_eq!(status, 200, "{v}");
+    // Reports sent before the request arrived are idle too; wait for one that shows its blocks.
     let idle = until(&mut s, |r| {
-        r.running_requests == 0 && r.free_blocks == total
+        r.running_requests == 0 && r.free_blocks == total && r.cached_evictable_blocks > 0
     })
     .await;
     let evictable = idle.last().unwrap().cached_evictable_blocks;
