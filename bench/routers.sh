@@ -14,8 +14,8 @@
 #   bench/routers.sh --quick --routers kv,sglang --workloads shared-prefix     # smoke test
 #   bench/routers.sh --out routers.jsonl                                       # everything, 3 rounds
 #
-# Routers: kv, kv-fifo (kv with the admission queue in arrival order), kv-no-holds (kv without
-# prefix holds), kv-score, round-robin, cache-aware and llm-d (kvroute's gateway running its
+# Routers: kv, kv-slo (kv told the benchmark's SLOs: --slo-ttft, --slo-tpot), kv-fifo (kv with
+# the admission queue in arrival order), kv-no-holds (kv without prefix holds), kv-score, round-robin, cache-aware and llm-d (kvroute's gateway running its
 # re-implementations of the peers' policies: a check of those against the peers themselves), and
 # the peers with and without -tuned. KVROUTE_BENCH_GATEWAY_FLAGS adds flags to every kvroute
 # gateway (experiments, e.g. "--cost-duplicate 2"); KVROUTE_BENCH_AGENT_FLAGS to every agent
@@ -34,7 +34,7 @@ CALLER_PWD="$PWD"
 cd "$(dirname "$0")/.."
 
 ALL_WORKLOADS=(shared-prefix shared-prefix-long multi-turn no-sharing mixed-long)
-ALL_ROUTERS=(kv kv-fifo kv-no-holds kv-score round-robin cache-aware llm-d sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
+ALL_ROUTERS=(kv kv-slo kv-fifo kv-no-holds kv-score round-robin cache-aware llm-d sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
 
 ROUNDS=3
 ROUNDS_SET=0
@@ -237,7 +237,7 @@ done
 ROUTERS_RUN=()
 for r in "${RT[@]}"; do
   base="${r%-tuned}"
-  case "$base" in kv|kv-fifo|kv-no-holds|kv-score|round-robin|cache-aware|llm-d) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
+  case "$base" in kv|kv-slo|kv-fifo|kv-no-holds|kv-score|round-robin|cache-aware|llm-d) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
 done
 [ ${#ROUTERS_RUN[@]} -gt 0 ] || die "none of the selected routers is available"
 
@@ -296,7 +296,7 @@ start_router() {
     *-tuned) tuned=("${PEER_TUNED[@]}") ;;
   esac
   case "$name" in
-    kv|kv-fifo|kv-no-holds|kv-score|round-robin|cache-aware|llm-d)
+    kv|kv-slo|kv-fifo|kv-no-holds|kv-score|round-robin|cache-aware|llm-d)
       kind=kvroute
       local policy="$name" extra=()
       # kv-fifo: the kv policy with the admission queue in arrival order (no cache-first window),
@@ -304,6 +304,8 @@ start_router() {
       [ "$name" = kv-fifo ] && { policy=kv; extra=(--cache-first-for 0); }
       # kv-no-holds: the kv policy without prefix holds, to show what they are worth.
       [ "$name" = kv-no-holds ] && { policy=kv; extra=(--no-prefix-holds); }
+      # kv-slo: the kv policy told the benchmark's SLOs (--slo-ttft, --slo-tpot).
+      [ "$name" = kv-slo ] && { policy=kv; extra=(--slo-ttft "${SLO_TTFT}s" --slo-tpot "${SLO_TPOT}s"); }
       # The queue timeout is long so that the kv policy's admission queue never answers 429 here:
       # the other routers have no queue that gives up, and a 429 would not be comparable.
       start router "$GATEWAY_BIN" gateway --auth off --listen "127.0.0.1:$port" --policy "$policy" \
@@ -350,12 +352,19 @@ run_one() { # ROUND WORKLOAD ROUTER
       --concurrency "$CONCURRENCY" --seed "$round" --slo-ttft "$SLO_TTFT" --slo-tpot "$SLO_TPOT" \
       >"$dir/config.yml"
     python3 bench/routers/results.py scrape "http://$H1" "http://$H2" >"$dir/before.json"
+    local rcpu0 acpu0 rcpu1 acpu1
+    rcpu0="$(python3 bench/routers/results.py cpu "$ROUTER_PID")"
+    acpu0="$(python3 bench/routers/results.py cpu "$AGENT1_PID" "$AGENT2_PID")"
     # In the background and waited for, so that Ctrl-C interrupts the wait at once.
     (cd "$dir" && exec setsid env HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 timeout 3600 \
       "$BENCH/venv-loadgen/bin/inference-perf" --config_file config.yml) >"$dir/inference-perf.log" 2>&1 &
     local lg=$!
     PIDS+=("$lg")
     wait "$lg" || rc=$?
+    rcpu1="$(python3 bench/routers/results.py cpu "$ROUTER_PID")"
+    acpu1="$(python3 bench/routers/results.py cpu "$AGENT1_PID" "$AGENT2_PID")"
+    CPU_ARGS=(--router_cpu "$(python3 -c "print(round($rcpu1 - $rcpu0, 2))")"
+      --agent_cpu "$(python3 -c "print(round($acpu1 - $acpu0, 2))")")
     python3 bench/routers/results.py scrape "http://$H1" "http://$H2" >"$dir/after.json" || true
     if [ ! -f "$dir/report/summary_lifecycle_metrics.json" ]; then
       err="inference-perf exit $rc, no report: $(grep -m1 -iE 'error|exception' "$dir/inference-perf.log" | cut -c1-200)"
@@ -366,7 +375,8 @@ run_one() { # ROUND WORKLOAD ROUTER
   local row
   if [ -z "$err" ]; then
     row="$(python3 bench/routers/results.py row --report "$dir/report" --before "$dir/before.json" \
-      --after "$dir/after.json" --router "$r" --workload "$w" --round "$round" --seq "$SEQ")"
+      --after "$dir/after.json" --router "$r" --workload "$w" --round "$round" --seq "$SEQ" \
+      "${CPU_ARGS[@]}")"
   else
     echo "  $r: $err (logs: $dir)" >&2
     KEEP=1

@@ -72,6 +72,13 @@ def num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+def cpu_arg(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
 def row(args: dict) -> dict:
     rep = args["report"]
     with open(os.path.join(rep, "summary_lifecycle_metrics.json")) as f:
@@ -122,6 +129,10 @@ def row(args: dict) -> dict:
         "preemptions": int(delta.get("preemptions", 0)),
         "agent_requests": per_agent_requests,
         "num_gpu_blocks": [after[u].get("num_gpu_blocks") for u in after],
+        # CPU seconds the router and the two agents spent during the measured run: on a small
+        # machine the router's share is taken from the agents.
+        "router_cpu_s": cpu_arg(args.get("router_cpu")),
+        "agent_cpu_s": cpu_arg(args.get("agent_cpu")),
     }
 
 
@@ -136,6 +147,8 @@ COLUMNS = [
     ("TPOT p50", "tpot_p50_s", "{:.0f}ms", 1000),
     ("hit rate", "prefix_hit_rate", "{:.1%}"),
     ("preempt", "preemptions", "{:.0f}"),
+    ("router CPU", "router_cpu_s", "{:.1f}s"),
+    ("agents CPU", "agent_cpu_s", "{:.1f}s"),
     ("ok", "completed", "{:.0f}"),
     ("failed", "failed", "{:.0f}"),
 ]
@@ -258,6 +271,21 @@ def ready(kind: str, url: str, workers: int, pid: int, timeout: float) -> int:
     return 1
 
 
+def cpu_seconds(pids: list[str]) -> float:
+    """User + system CPU seconds of the given processes (all threads), 0 for one that is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{int(pid)}/stat") as f:
+                # Fields after the command name, which is in parentheses and may hold spaces.
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def kv(argv: list[str]) -> dict:
     if len(argv) % 2:
         raise SystemExit(f"error: expected --key value pairs, got {argv}")
@@ -281,6 +309,8 @@ def main() -> int:
         print(json.dumps({"type": "run", "router": a["router"], "workload": a["workload"],
                           "round": int(a["round"]), "seq": int(a.get("seq", 0)),
                           "error": a["error"], "completed": 0, "failed": None}))
+    elif cmd == "cpu":
+        print(f"{cpu_seconds(rest):.2f}")
     elif cmd == "table":
         table(rest[0])
     elif cmd == "ready":

@@ -198,6 +198,15 @@ pub fn decode_step_at(load: &AgentLoad, priors: &Priors, b: f64) -> f64 {
     step * (DECODE_OVERHEAD_SEQS + b) / (DECODE_OVERHEAD_SEQS + at)
 }
 
+/// The decode step (seconds) predicted on an agent with `load` once `seqs` more sequences,
+/// holding `kv_tokens` more KV tokens, join the requests running and waiting there (whose queued
+/// prompts count as KV too).
+pub fn step_with(load: &AgentLoad, priors: &Priors, seqs: f64, kv_tokens: u64) -> f64 {
+    let batch = f64::from(load.running) + f64::from(load.waiting) + seqs;
+    let kv = load.queued_prefill_tokens.saturating_add(kv_tokens) as f64;
+    decode_step_at(load, priors, batch) + load.decode_per_kv_token_s.max(0.0) * kv
+}
+
 /// The predicted cost of `ask` on an agent with `load`.
 pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -> Estimate {
     let prefill_rate = if load.prefill_tokens_per_s > 0.0 {

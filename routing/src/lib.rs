@@ -26,8 +26,8 @@ mod tests;
 
 pub use cluster::{AgentState, CacheEvent, Cluster, Report, ReservationHandle};
 pub use policy::{
-    CacheAwareParams, Decision, PolicyConfig, PolicyKind, RandomSource, Reject, Route,
-    RouteRequest, ScorerId, ScorerList, Slot, SplitMix64, Weights,
+    CacheAwareParams, Decision, HeldPrefixes, PolicyConfig, PolicyKind, RandomSource, Reject,
+    Route, RouteRequest, ScorerId, ScorerList, Slot, SplitMix64, Weights,
 };
 pub use registry::ScorerRegistry;
 pub use scorer::{AgentView, Candidate, ScoreContext, Scorer};

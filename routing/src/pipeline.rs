@@ -26,8 +26,8 @@ use crate::index::{has_bit, prefix_overlap};
 use crate::policy::{
     Decision, PolicyConfig, PolicyKind, RandomSource, Route, RouteRequest, ScorerId, ScorerList,
 };
-use crate::scorer::{Candidate, PipelineScratch, ScoreContext};
-use crate::scorers::{ask_of, load_of};
+use crate::scorer::{AgentView, Candidate, PipelineScratch, ScoreContext};
+use crate::scorers::{ask_of, load_of, load_with_room};
 
 /// Which candidates the room filter keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,8 +294,14 @@ impl Cluster {
             };
             let need = blocks.saturating_sub(shared);
             let held = req.held.get(slot).copied().unwrap_or(0);
-            let room = (h.free as i128 - h.reserved as i128 - held as i128)
-                .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+            let mut room = (h.free as i128 - h.reserved as i128 - held as i128)
+                .clamp(i128::from(i64::MIN), i128::from(i64::MAX))
+                as i64;
+            if over_tpot_slo(cfg, preset.room, h, total_tokens) {
+                // Too slow a step to join now: no room, short by one block, so that it waits
+                // for this agent (or goes where the step is short enough) as for blocks.
+                room = room.min(i64::try_from(need).unwrap_or(i64::MAX).saturating_sub(1));
+            }
             let c = Candidate {
                 slot,
                 need_blocks: need,
@@ -595,6 +601,26 @@ impl Cluster {
 }
 
 /// The request's home agent and the prefix it has there, when that agent is a candidate.
+/// Whether joining agent `a`'s batch would make its predicted decode step longer than the
+/// policy's time-per-output-token target (`kv` with a target only; never for an idle agent).
+/// The requests this gateway sent there that the agent has not counted yet join it too.
+fn over_tpot_slo(cfg: &PolicyConfig, rule: RoomRule, a: &AgentView, kv_tokens: u64) -> bool {
+    if rule != RoomRule::NowOrWait || cfg.tpot_slo_s <= 0.0 {
+        return false;
+    }
+    let ahead = a
+        .running
+        .saturating_add(a.waiting)
+        .saturating_add(a.pending);
+    ahead > 0
+        && cost::step_with(
+            &load_with_room(a, 0),
+            &cfg.priors,
+            1.0 + f64::from(a.pending),
+            kv_tokens,
+        ) > cfg.tpot_slo_s
+}
+
 fn home_of(req: &RouteRequest<'_>, candidates: &[Candidate]) -> Option<(usize, u64)> {
     let home = req.home?;
     candidates

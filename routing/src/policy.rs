@@ -126,6 +126,16 @@ pub struct PolicyConfig {
     /// their model; once it has waited this long it is served in arrival order again. 0 keeps
     /// the queue in arrival order.
     pub cache_first_ms: u64,
+    /// `kv` only: the time per output token to keep (seconds; 0: no target). An agent whose
+    /// predicted decode step, with the request and the ones sent there ahead of it joining its
+    /// batch, is longer than this has no room for the request now: it waits, as for blocks,
+    /// until a request there ends (an idle agent always takes it).
+    pub tpot_slo_s: f64,
+    /// `kv` only: the time to first token to keep (milliseconds; 0: no target). A queued request
+    /// that has waited this long can no longer meet it: the queue pass serves it after the
+    /// requests of its class that still can (in arrival order, until the queue timeout), instead
+    /// of letting it make them late too.
+    pub ttft_slo_ms: u64,
     /// Scorers (with weights) in place of the preset's own; `None`: the preset's.
     pub scorers: Option<ScorerList>,
     /// The `cache-aware` policy's settings.
@@ -141,10 +151,33 @@ impl Default for PolicyConfig {
             priors: Priors::default(),
             stale_after_ms: 3_000,
             cache_first_ms: 2_000,
+            tpot_slo_s: 0.0,
+            ttft_slo_ms: 0,
             scorers: None,
             cache_aware: CacheAwareParams::default(),
         }
     }
+}
+
+/// [`queue_rank`]'s key: late, within the cache-first window, cached or in-flight blocks.
+pub type QueueRank = (bool, bool, std::cmp::Reverse<u64>);
+
+/// Where a queued request goes in a queue pass of its priority class, smallest first (the
+/// gateway and the simulator sort by it, stably, so equal keys keep the queue's order): with a
+/// `kv` policy, requests still within the time-to-first-token target before late ones
+/// ([`PolicyConfig::ttft_slo_ms`]); then, within the cache-first window
+/// ([`PolicyConfig::cache_first_ms`]), requests that have waited longer than the window first
+/// (none is passed for ever) and the younger ones by how many of their prompt blocks are cached
+/// or in flight on an agent, most first (`local`, asked for only then). Other policies: all
+/// keys equal.
+pub fn queue_rank(cfg: &PolicyConfig, waited_ms: u64, local: impl FnOnce() -> u64) -> QueueRank {
+    if cfg.kind != PolicyKind::Kv {
+        return (false, false, std::cmp::Reverse(0));
+    }
+    let late = cfg.ttft_slo_ms > 0 && waited_ms >= cfg.ttft_slo_ms;
+    let young = !late && cfg.cache_first_ms > 0 && waited_ms < cfg.cache_first_ms;
+    let local = if young { local() } else { 0 };
+    (late, young, std::cmp::Reverse(local))
 }
 
 /// A source of randomness, passed in so decisions are reproducible for a fixed seed.
@@ -218,6 +251,45 @@ pub struct Route {
     pub prefill_tokens: u64,
     /// `kv` policy: the predicted time to first token there (seconds; 0 for the others).
     pub predicted_ttft_s: f64,
+}
+
+/// The cached prefixes that requests held for an agent in one queue pass will take out of its
+/// evictable (free) blocks. A held request is charged its whole need against the room the
+/// requests after it see, cached prefix included: using evictable cached blocks takes them out
+/// of the free ones. A second held request of the same prefix on the same agent shares those
+/// blocks, so it is charged only the rest (charging it again made a few queued requests of one
+/// group look like several times the room they take, and the predicted wait sent the next
+/// request of the group to an agent without its prefix).
+#[derive(Debug, Default, Clone)]
+pub struct HeldPrefixes(std::collections::HashSet<(Slot, u64)>);
+
+impl HeldPrefixes {
+    /// Forgets every prefix (a new queue pass).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// The blocks a request held for `route` takes from that agent's room, given the requests
+    /// held before it in this pass; `hashes` are its prompt's block hashes. Two prompts share a
+    /// cached run when the hash of its last block is the same (a block's hash covers every
+    /// block before it).
+    pub fn charge(&mut self, route: &Route, hashes: &[u64]) -> u64 {
+        let evictable = route.cached_blocks.saturating_sub(route.shared_blocks);
+        let last = usize::try_from(route.cached_blocks)
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|i| hashes.get(i));
+        match last {
+            Some(&h) if evictable > 0 => {
+                if self.0.insert((route.slot, h)) {
+                    route.need_blocks
+                } else {
+                    route.need_blocks.saturating_sub(evictable)
+                }
+            }
+            _ => route.need_blocks,
+        }
+    }
 }
 
 /// Why a request can never be served as it is.

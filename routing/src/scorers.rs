@@ -148,9 +148,14 @@ impl Scorer for Waiting {
 
 /// The load figures the cost model reads, for one candidate.
 pub fn load_of(a: &AgentView, c: &Candidate) -> AgentLoad {
+    load_with_room(a, c.room)
+}
+
+/// What the cost model is told of agent `a` with `room` blocks left for the request.
+pub fn load_with_room(a: &AgentView, room: i64) -> AgentLoad {
     AgentLoad {
         total_blocks: a.total,
-        room: c.room,
+        room,
         running: a.running,
         waiting: a.waiting,
         queued_prefill_tokens: a.queued_prefill,

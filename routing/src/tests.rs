@@ -1832,3 +1832,151 @@ fn peer_policies_parse_by_name() {
         "{err}"
     );
 }
+
+/// With a time-per-output-token target, an agent whose decode step would grow past it with the
+/// request in its batch has no room for it now: the request waits for that agent, or goes to one
+/// whose step stays under the target; an idle agent takes it whatever its step.
+#[test]
+fn a_tpot_target_keeps_requests_off_batches_they_would_slow_past_it() {
+    // Four running, 20 ms steps at batch 4, 5 ms per sequence: 25 ms with one more.
+    let busy = |id: &str| Report {
+        running_requests: 4,
+        decode_step_us: 20_000,
+        decode_batch: 4,
+        decode_step_per_seq_ns: 5_000_000,
+        ..report(id, 1, 100, 90)
+    };
+    let mut c = Cluster::new();
+    let s0 = c.upsert_agent("a0");
+    c.apply_report(s0, busy("a0"), 0);
+    let tight = PolicyConfig {
+        tpot_slo_s: 0.024,
+        ..PolicyConfig::default()
+    };
+    let r = req(32, 16, &[]);
+    let d = c.decide(&tight, &r, 0, &mut SplitMix64(1));
+    assert!(matches!(&d, Decision::Hold(h) if h.slot == 0), "{d:?}");
+    for cfg in [
+        PolicyConfig {
+            tpot_slo_s: 0.026,
+            ..tight
+        },
+        PolicyConfig::default(),
+    ] {
+        let d = c.decide(&cfg, &r, 0, &mut SplitMix64(1));
+        assert!(matches!(&d, Decision::Route(h) if h.slot == 0), "{d:?}");
+    }
+    // Other policies do not read the target.
+    let rr = PolicyConfig {
+        kind: PolicyKind::RoundRobin,
+        ..tight
+    };
+    assert!(matches!(
+        c.decide(&rr, &r, 0, &mut SplitMix64(1)),
+        Decision::Route(_)
+    ));
+    // An idle agent measured slower than the target still takes it, and is chosen over
+    // waiting.
+    let s1 = c.upsert_agent("a1");
+    c.apply_report(
+        s1,
+        Report {
+            decode_step_us: 40_000,
+            decode_batch: 1,
+            ..report("a1", 1, 100, 90)
+        },
+        0,
+    );
+    let d = c.decide(&tight, &r, 0, &mut SplitMix64(1));
+    assert!(matches!(&d, Decision::Route(h) if h.slot == 1), "{d:?}");
+    // A request that may not wait is not held for the busy agent either.
+    c.apply_report(s1, busy("a1"), 1);
+    let no_wait = RouteRequest {
+        may_hold: false,
+        ..req(32, 16, &[])
+    };
+    let d = c.decide(&tight, &no_wait, 1, &mut SplitMix64(1));
+    assert!(
+        !matches!(d, Decision::Route(_) | Decision::Hold(_)),
+        "{d:?}"
+    );
+}
+
+/// The queue pass's order key: requests still within the time-to-first-token target before late
+/// ones; within the cache-first window, the ones past it first and the younger by cached blocks;
+/// the cache is read only for those; other policies keep the queue's order.
+#[test]
+fn queue_rank_serves_late_requests_last() {
+    let cfg = PolicyConfig {
+        ttft_slo_ms: 2_000,
+        cache_first_ms: 1_000,
+        ..PolicyConfig::default()
+    };
+    let unread = || -> u64 { panic!("the cache is read only within the window") };
+    let young = queue_rank(&cfg, 500, || 7);
+    let younger_more_cached = queue_rank(&cfg, 100, || 9);
+    let past_window = queue_rank(&cfg, 1_500, unread);
+    let late = queue_rank(&cfg, 2_000, unread);
+    let later = queue_rank(&cfg, 60_000, unread);
+    assert!(past_window < younger_more_cached, "{past_window:?}");
+    assert!(younger_more_cached < young);
+    assert!(young < late);
+    assert_eq!(
+        late, later,
+        "late ones keep the queue's order among themselves"
+    );
+    // Without a target nobody is late.
+    let no_target = PolicyConfig {
+        ttft_slo_ms: 0,
+        ..cfg
+    };
+    assert_eq!(
+        queue_rank(&no_target, 60_000, unread),
+        queue_rank(&no_target, 1_500, unread)
+    );
+    let other = PolicyConfig {
+        kind: PolicyKind::LlmD,
+        ..cfg
+    };
+    assert_eq!(
+        queue_rank(&other, 10, unread),
+        queue_rank(&other, 60_000, unread)
+    );
+}
+
+/// A second request held for the same agent with the same evictable cached prefix is charged
+/// only the blocks beyond it: the first takes the prefix out of the free blocks for both.
+#[test]
+fn held_requests_of_one_cached_prefix_charge_it_once_per_agent() {
+    let route = |slot: Slot, cached: u64, shared: u64| Route {
+        slot,
+        need_blocks: 20,
+        cached_blocks: cached,
+        shared_blocks: shared,
+        score: 0.0,
+        prefill_tokens: 64,
+        predicted_ttft_s: 0.0,
+    };
+    let group: Vec<u64> = (1..=20).collect();
+    let mut h = HeldPrefixes::default();
+    assert_eq!(h.charge(&route(0, 15, 0), &group), 20);
+    assert_eq!(h.charge(&route(0, 15, 0), &group), 5);
+    assert_eq!(h.charge(&route(0, 15, 0), &group), 5);
+    // Another agent, or a shorter cached run (a different last block): charged in full.
+    assert_eq!(h.charge(&route(1, 15, 0), &group), 20);
+    assert_eq!(h.charge(&route(0, 14, 0), &group), 20);
+    // Another prompt whose cached run ends in a different block: in full.
+    let other: Vec<u64> = (101..=120).collect();
+    assert_eq!(h.charge(&route(0, 15, 0), &other), 20);
+    // Blocks running requests hold are shared already and not in the need twice.
+    let mut h = HeldPrefixes::default();
+    assert_eq!(h.charge(&route(0, 15, 10), &group), 20);
+    assert_eq!(h.charge(&route(0, 15, 10), &group), 15);
+    // Nothing cached, or hashes shorter than the cached run (not a real prompt): in full.
+    assert_eq!(h.charge(&route(0, 0, 0), &group), 20);
+    assert_eq!(h.charge(&route(0, 30, 0), &group), 20);
+    assert_eq!(h.charge(&route(0, 30, 0), &group), 20);
+    // A new pass starts over.
+    h.clear();
+    assert_eq!(h.charge(&route(0, 15, 10), &group), 20);
+}

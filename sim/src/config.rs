@@ -216,6 +216,10 @@ pub struct SimConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KvCost {
+    /// As `kvroute gateway --slo-tpot` (seconds; unset or 0: none).
+    pub tpot_slo_s: Option<f64>,
+    /// As `kvroute gateway --slo-ttft` (seconds; unset or 0: none).
+    pub ttft_slo_s: Option<f64>,
     pub wait: Option<f64>,
     pub prefill: Option<f64>,
     pub duplicate: Option<f64>,
@@ -434,6 +438,18 @@ impl SimConfig {
         ] {
             if !(v.is_finite() && (0.0..=1000.0).contains(&v)) {
                 return Err(format!("kv_cost.{what} must be in 0..=1000 (got {v})"));
+            }
+        }
+        for (t, what) in [
+            (self.kv_cost.tpot_slo_s, "tpot_slo_s"),
+            (self.kv_cost.ttft_slo_s, "ttft_slo_s"),
+        ] {
+            if let Some(t) = t {
+                if !(t.is_finite() && (0.0..=3600.0).contains(&t)) {
+                    return Err(format!(
+                        "kv_cost.{what} must be in 0..=3600 seconds (got {t})"
+                    ));
+                }
             }
         }
         let kv_scorers = match &self.kv_scorers {

@@ -138,6 +138,7 @@ struct Gateway {
     order: Vec<EntryId>,
     claimed: Vec<u64>,
     held: Vec<u64>,
+    held_prefixes: kvroute_routing::HeldPrefixes,
     rng: SplitMix64,
     pump_at: Option<u64>,
     /// When the last pass over the queue ran.
@@ -237,6 +238,8 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
     let policy_cfg = PolicyConfig {
         kind: policy,
         cost: cfg.kv_cost.weights(),
+        tpot_slo_s: cfg.kv_cost.tpot_slo_s.unwrap_or(0.0),
+        ttft_slo_ms: (cfg.kv_cost.ttft_slo_s.unwrap_or(0.0) * 1000.0) as u64,
         scorers: if policy == PolicyKind::Kv {
             r.kv_scorers
         } else {
@@ -262,6 +265,7 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
             order: Vec::new(),
             claimed: Vec::new(),
             held: Vec::new(),
+            held_prefixes: Default::default(),
             rng: SplitMix64(cfg.seed ^ (g as u64).wrapping_mul(0x5555_5555_5555_5555)),
             pump_at: None,
             last_pump: None,
@@ -533,32 +537,34 @@ impl Sim<'_> {
             let gw = &mut self.gateways[g as usize];
             let mut order = std::mem::take(&mut gw.order);
             gw.queue.order(&mut order);
-            // Cache first: within the window, requests with more of their prompt local first.
-            if cfg.kind == PolicyKind::Kv && cfg.cache_first_ms > 0 && order.len() > 1 {
-                let window = cfg.cache_first_ms * 1_000_000;
-                let mut ranked: Vec<(bool, Reverse<u64>, EntryId)> =
+            // Late ones last, and cache first within the window (as the gateway's pass).
+            if cfg.kind == PolicyKind::Kv
+                && (cfg.cache_first_ms > 0 || cfg.ttft_slo_ms > 0)
+                && order.len() > 1
+            {
+                let mut ranked: Vec<(kvroute_routing::policy::QueueRank, EntryId)> =
                     Vec::with_capacity(order.len());
                 for &id in &order {
                     let Some(w) = gw.queue.get(id) else {
                         continue;
                     };
-                    let young = self.now.saturating_sub(w.queued_ns) < window;
-                    let local = if young {
-                        gw.cluster.local_prefix_blocks(MODEL, &w.hashes)
-                    } else {
-                        0
-                    };
-                    ranked.push((young, Reverse(local), id));
+                    let waited_ms = self.now.saturating_sub(w.queued_ns) / 1_000_000;
+                    let cluster = &mut gw.cluster;
+                    let rank = kvroute_routing::policy::queue_rank(&cfg, waited_ms, || {
+                        cluster.local_prefix_blocks(MODEL, &w.hashes)
+                    });
+                    ranked.push((rank, id));
                 }
-                ranked.sort_by_key(|&(young, local, _)| (young, local));
+                ranked.sort_by_key(|&(rank, _)| rank);
                 order.clear();
-                order.extend(ranked.iter().map(|r| r.2));
+                order.extend(ranked.iter().map(|r| r.1));
             }
             let n = gw.cluster.agents().len();
             gw.claimed.clear();
             gw.claimed.resize(n.div_ceil(64), 0);
             gw.held.clear();
             gw.held.resize(n, 0);
+            gw.held_prefixes.clear();
             let mut blocked = false;
             let queued = gw.queue.len();
             for &id in &order {
@@ -604,8 +610,9 @@ impl Sim<'_> {
                         blocked |= all;
                     }
                     Decision::Hold(route) => {
+                        let charge = gw.held_prefixes.charge(&route, &w.hashes);
                         if let Some(h) = gw.held.get_mut(route.slot) {
-                            *h = h.saturating_add(route.need_blocks);
+                            *h = h.saturating_add(charge);
                         }
                         if let Some(w) = gw.queue.get_mut(id) {
                             w.home = Some(route.slot);

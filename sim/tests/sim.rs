@@ -329,6 +329,14 @@ fn bad_configurations_are_refused_with_what_is_wrong() {
             "kv_cost.stall",
         ),
         (
+            with(&["kv_cost"], serde_json::json!({"tpot_slo_s": -0.05})),
+            "kv_cost.tpot_slo_s",
+        ),
+        (
+            with(&["kv_cost"], serde_json::json!({"ttft_slo_s": 1e9})),
+            "kv_cost.ttft_slo_s",
+        ),
+        (
             with(&["kv_scorers"], serde_json::json!([["fastest", 1]])),
             "unknown scorer",
         ),

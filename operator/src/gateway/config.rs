@@ -87,6 +87,16 @@ pub struct GatewayArgs {
     /// prompt cached on an agent (they take little room and prefill; 0 = arrival order).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub cache_first_for: Duration,
+    /// kv policy: the time per output token to keep (e.g. `100ms`; `0s`: none). A request waits
+    /// rather than join a batch whose decode step, as the agent measures it, would then be
+    /// longer; an idle agent always takes it.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub slo_tpot: Duration,
+    /// kv policy: the time to first token to keep (e.g. `2s`; `0s`: none). A queued request that
+    /// has waited this long is served after the ones that can still meet it (it keeps its place
+    /// among the late ones, until `--queue-timeout`).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub slo_ttft: Duration,
     /// kv policy: don't ask an agent to keep the cached prefix of a request waiting for it
     /// (`POST /v1/kvroute/hold`); without holds, requests admitted meanwhile may evict it.
     #[arg(long)]
@@ -477,6 +487,8 @@ impl GatewayArgs {
                 priors: Priors::default(),
                 stale_after_ms: self.stale_after.as_millis() as u64,
                 cache_first_ms: self.cache_first_for.as_millis().min(u128::from(u64::MAX)) as u64,
+                tpot_slo_s: self.slo_tpot.as_secs_f64(),
+                ttft_slo_ms: self.slo_ttft.as_millis().min(u128::from(u64::MAX)) as u64,
                 scorers,
                 cache_aware: Default::default(),
             },
@@ -788,6 +800,25 @@ mod tests {
         );
         assert!(parse(&["--cache-first-for", "soon"]).is_err());
         assert!(parse(&["--cache-first-for", "-1s"]).is_err());
+    }
+
+    #[test]
+    fn slo_targets_are_durations_off_by_default() {
+        let d = parse(&[]).unwrap().policy;
+        assert_eq!((d.tpot_slo_s, d.ttft_slo_ms), (0.0, 0));
+        let p = parse(&["--slo-tpot", "100ms", "--slo-ttft", "2s"])
+            .unwrap()
+            .policy;
+        assert!((p.tpot_slo_s - 0.1).abs() < 1e-12, "{}", p.tpot_slo_s);
+        assert_eq!(p.ttft_slo_ms, 2_000);
+        for (flag, bad) in [
+            ("--slo-tpot", "fast"),
+            ("--slo-tpot", "-100ms"),
+            ("--slo-ttft", "soon"),
+            ("--slo-ttft", "1e99s"),
+        ] {
+            assert!(parse(&[flag, bad]).is_err(), "{flag} {bad}");
+        }
     }
 
     #[test]

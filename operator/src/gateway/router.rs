@@ -191,13 +191,13 @@ fn count_ask(held: &mut [u64], ask: Option<(Slot, u64)>) {
 /// Longest prefix hold asked for (the agent's limit is 60 s).
 pub const MAX_HOLD: Duration = Duration::from_secs(60);
 
-/// A waiter's place in [`Router::cache_first`]'s order: class, no prefix hold, within its window,
-/// cached blocks, id.
+/// A waiter's place in [`Router::cache_first`]'s order: class, no prefix hold,
+/// [`queue_rank`](kvroute_routing::policy::queue_rank) (late, within its window, cached blocks),
+/// id.
 type Ranked = (
     std::cmp::Reverse<Priority>,
     bool,
-    bool,
-    std::cmp::Reverse<u64>,
+    kvroute_routing::policy::QueueRank,
     EntryId,
 );
 
@@ -214,6 +214,8 @@ struct Core {
     order: Vec<EntryId>,
     claimed: Vec<u64>,
     held: Vec<u64>,
+    /// Scratch for [`HeldPrefixes`] (one per pump).
+    held_prefixes: kvroute_routing::HeldPrefixes,
     blocked: Vec<String>,
     /// Holds asked for requests that stopped waiting for that agent before the answer came:
     /// (ask, slot, most free blocks it may take). Until the answer says nothing is held, or the
@@ -360,6 +362,7 @@ impl Router {
                 order: Vec::new(),
                 claimed: Vec::new(),
                 held: Vec::new(),
+                held_prefixes: Default::default(),
                 stray_asks: std::cell::RefCell::new(Vec::new()),
                 holdless: Vec::new(),
                 next_ask: std::cell::Cell::new(0),
@@ -778,6 +781,8 @@ impl Router {
         let mut held = std::mem::take(&mut core.held);
         held.clear();
         held.resize(core.cluster.agents().len(), 0);
+        let mut held_prefixes = std::mem::take(&mut core.held_prefixes);
+        held_prefixes.clear();
         // Holds asked and not yet answered may take up to their `max_free` blocks at any moment,
         // and the agent's reports do not show them yet: count them taken whatever the order (a
         // request ranked ahead of the asking one in this pump would otherwise be sent into that
@@ -903,8 +908,9 @@ impl Router {
                     w.home.set(Some(route.slot));
                     // It waits for this agent: later requests must not take that room.
                     let before = held.get(route.slot).copied().unwrap_or(0);
+                    let charge = held_prefixes.charge(&route, &w.plan.block_hashes);
                     if let Some(h) = held.get_mut(route.slot) {
-                        *h = h.saturating_add(route.need_blocks);
+                        *h = h.saturating_add(charge);
                     }
                     if cfg.kind == PolicyKind::Kv {
                         let max_free = core.cluster.agents().get(route.slot).map_or(0, |a| {
@@ -977,6 +983,7 @@ impl Router {
         core.order = order;
         core.claimed = claimed;
         core.held = held;
+        core.held_prefixes = held_prefixes;
         core.blocked = blocked;
         self.metrics.set_queue_depth(core.queue.len());
     }
@@ -1003,32 +1010,21 @@ impl Router {
                 .settings
                 .get(&w.plan.model)
                 .map_or(self.defaults.policy, |s| s.policy);
-            let window = Duration::from_millis(cfg.cache_first_ms);
-            let young = cfg.kind == PolicyKind::Kv
-                && cfg.cache_first_ms > 0
-                && w.queued_at.elapsed() < window;
-            let local = if young {
-                core.cluster
-                    .local_prefix_blocks(&w.plan.model, &w.plan.block_hashes)
-            } else {
-                0
-            };
+            let waited_ms = w.queued_at.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
+            let cluster = &mut core.cluster;
+            let rank = kvroute_routing::policy::queue_rank(&cfg, waited_ms, || {
+                cluster.local_prefix_blocks(&w.plan.model, &w.plan.block_hashes)
+            });
             // A request an agent keeps a prefix for goes first: the held blocks are idle until
             // it is admitted, and a request queued before it may need exactly that room.
             let holding = matches!(w.hold.get(), HoldState::Held(..));
-            reorders |= local > 0 || holding;
-            ranked.push((
-                std::cmp::Reverse(w.priority),
-                !holding,
-                young,
-                std::cmp::Reverse(local),
-                id,
-            ));
+            reorders |= rank.0 || rank.2 .0 > 0 || holding;
+            ranked.push((std::cmp::Reverse(w.priority), !holding, rank, id));
         }
         if reorders {
-            ranked.sort_by_key(|&(class, holding, young, local, _)| (class, holding, young, local));
+            ranked.sort_by_key(|&(class, holding, rank, _)| (class, holding, rank));
             order.clear();
-            order.extend(ranked.iter().map(|r| r.4));
+            order.extend(ranked.iter().map(|r| r.3));
         }
         core.ranked = ranked;
     }
@@ -1576,6 +1572,7 @@ mod tests {
     /// two admissions.
     async fn room_for_one_after_two_queued(
         cache_first_ms: u64,
+        ttft_slo_ms: u64,
         gap: Duration,
     ) -> (
         tokio::task::JoinHandle<Result<Admitted, AdmitError>>,
@@ -1585,6 +1582,7 @@ mod tests {
         let cfg = GatewayConfig::for_agents("127.0.0.1:0".parse().unwrap(), Vec::new());
         let mut defaults = cfg.model_defaults();
         defaults.policy.cache_first_ms = cache_first_ms;
+        defaults.policy.ttft_slo_ms = ttft_slo_ms;
         let r = Arc::new(Router::new(defaults, 1, Arc::new(Metrics::new("kv"))));
         let prefix: Vec<u64> = (1..=15).collect();
         let a = r.add_agent("a:8000");
@@ -1615,7 +1613,7 @@ mod tests {
 
     #[tokio::test]
     async fn kv_serves_a_queued_request_with_a_cached_prefix_before_an_older_uncached_one() {
-        let (uncached, cached, r) = room_for_one_after_two_queued(60_000, Duration::ZERO).await;
+        let (uncached, cached, r) = room_for_one_after_two_queued(60_000, 0, Duration::ZERO).await;
         let got = cached.await.unwrap().unwrap();
         assert_eq!(got.route.cached_blocks, 15);
         until_depth(&r, 1).await;
@@ -1625,7 +1623,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_cache_first_window_the_queue_keeps_arrival_order() {
         // The older request holds the room it waits for; the cached one stays behind it.
-        let (uncached, cached, r) = room_for_one_after_two_queued(0, Duration::ZERO).await;
+        let (uncached, cached, r) = room_for_one_after_two_queued(0, 0, Duration::ZERO).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(r.queue().depth, 2);
         assert!(!uncached.is_finished() && !cached.is_finished());
@@ -1634,10 +1632,22 @@ mod tests {
     #[tokio::test]
     async fn a_request_waiting_past_its_cache_first_window_is_passed_no_more() {
         let (uncached, cached, r) =
-            room_for_one_after_two_queued(50, Duration::from_millis(120)).await;
+            room_for_one_after_two_queued(50, 0, Duration::from_millis(120)).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(r.queue().depth, 2);
         assert!(!uncached.is_finished() && !cached.is_finished());
+    }
+
+    #[tokio::test]
+    async fn a_request_past_its_ttft_target_is_served_after_one_that_can_still_meet_it() {
+        // As above, but the older request has waited past the 100 ms target: it is late
+        // anyway, and the younger one takes the room (in arrival order it would wait too).
+        let (uncached, cached, r) =
+            room_for_one_after_two_queued(50, 100, Duration::from_millis(120)).await;
+        let got = cached.await.unwrap().unwrap();
+        assert_eq!(got.route.cached_blocks, 15);
+        until_depth(&r, 1).await;
+        assert!(!uncached.is_finished());
     }
 
     #[tokio::test]
