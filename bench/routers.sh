@@ -15,9 +15,10 @@
 #   bench/routers.sh --out routers.jsonl                                       # everything, 3 rounds
 #
 # Routers: kv, kv-slo (kv told the benchmark's SLOs: --slo-ttft, --slo-tpot), kv-fifo (kv with
-# the admission queue in arrival order), kv-no-holds (kv without prefix holds), kv-score, round-robin, cache-aware and llm-d (kvroute's gateway running its
-# re-implementations of the peers' policies: a check of those against the peers themselves), and
-# the peers with and without -tuned. KVROUTE_BENCH_GATEWAY_FLAGS adds flags to every kvroute
+# the admission queue in arrival order), kv-no-holds (kv without prefix holds), kv-score,
+# round-robin, cache-aware and llm-d (kvroute's gateway running its re-implementations of the
+# peers' policies: a check of those against the peers themselves), and the peers with and
+# without -tuned. KVROUTE_BENCH_GATEWAY_FLAGS adds flags to every kvroute
 # gateway (experiments, e.g. "--cost-duplicate 2"); KVROUTE_BENCH_AGENT_FLAGS to every agent
 # (e.g. "--optimistic-admission", vLLM's start-on-prompt-fit, as the agents ran before 2026-12-06).
 #

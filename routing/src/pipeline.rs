@@ -600,7 +600,6 @@ impl Cluster {
     }
 }
 
-/// The request's home agent and the prefix it has there, when that agent is a candidate.
 /// Whether joining agent `a`'s batch would make its predicted decode step longer than the
 /// policy's time-per-output-token target (`kv` with a target only; never for an idle agent).
 /// The requests this gateway sent there that the agent has not counted yet join it too.
@@ -621,6 +620,7 @@ fn over_tpot_slo(cfg: &PolicyConfig, rule: RoomRule, a: &AgentView, kv_tokens: u
         ) > cfg.tpot_slo_s
 }
 
+/// The request's home agent and the prefix it has there, when that agent is a candidate.
 fn home_of(req: &RouteRequest<'_>, candidates: &[Candidate]) -> Option<(usize, u64)> {
     let home = req.home?;
     candidates
