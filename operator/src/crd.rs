@@ -38,6 +38,8 @@ pub enum SpecError {
     Replicas(i32),
     #[error("spec.admission.queueTimeout {0:?} is not a duration like 500ms, 30s, 2m or 1h")]
     QueueTimeout(String),
+    #[error("spec.routing.slo.{field} {value:?} is not a duration like 100ms or 2s")]
+    Slo { field: &'static str, value: String },
     #[error("{field} {value:?} is not a relative path inside the volume")]
     VolumePath { field: &'static str, value: String },
     #[error("spec.autoscaling: {0}")]
@@ -55,6 +57,7 @@ impl SpecError {
             SpecError::KvSizing => "kv_sizing",
             SpecError::Replicas(_) => "replicas",
             SpecError::QueueTimeout(_) => "queue_timeout",
+            SpecError::Slo { .. } => "slo",
             SpecError::VolumePath { .. } => "volume_path",
             SpecError::Autoscaling(_) => "autoscaling",
         }
@@ -418,6 +421,53 @@ pub struct RoutingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 8))]
     pub scorers: Option<Vec<WeightedScorer>>,
+    /// The latencies that count (`kv` only; the gateway's `--slo-ttft` / `--slo-tpot` when
+    /// unset): the gateway admits for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<SloSpec>,
+}
+
+/// Latency targets of a model's requests (docs/gateway.md, "SLO targets").
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SloSpec {
+    /// Time to first token, like `2s`: a queued request that has waited this long is served after
+    /// the ones that can still meet it. `0s`: no target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$"))]
+    pub ttft: Option<String>,
+    /// Time per output token, like `100ms`: a request waits rather than join a batch whose
+    /// decode step would then be longer. `0s`: no target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$"))]
+    pub tpot: Option<String>,
+}
+
+/// [`SloSpec`] parsed; `None`: unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SloTargets {
+    pub ttft: Option<std::time::Duration>,
+    pub tpot: Option<std::time::Duration>,
+}
+
+impl SloSpec {
+    /// The targets it sets, parsed.
+    pub fn targets(&self) -> Result<SloTargets, SpecError> {
+        let parse = |field: &'static str, v: &Option<String>| {
+            v.as_deref()
+                .map(|t| {
+                    parse_duration(t).map_err(|_| SpecError::Slo {
+                        field,
+                        value: t.to_string(),
+                    })
+                })
+                .transpose()
+        };
+        Ok(SloTargets {
+            ttft: parse("ttft", &self.ttft)?,
+            tpot: parse("tpot", &self.tpot)?,
+        })
+    }
 }
 
 /// One scorer of a routing pipeline with its weight.
@@ -573,6 +623,9 @@ impl ModelDeploymentSpec {
             .and_then(|a| a.queue_timeout.as_ref())
         {
             parse_duration(t)?;
+        }
+        if let Some(slo) = self.routing.as_ref().and_then(|r| r.slo.as_ref()) {
+            slo.targets()?;
         }
         Ok(())
     }

@@ -259,6 +259,19 @@ impl ModelSettings {
                 }
                 out.policy.weights = weights;
             }
+            if let Some(slo) = &r.slo {
+                match slo.targets() {
+                    Ok(crate::crd::SloTargets { ttft, tpot }) => {
+                        if let Some(t) = ttft {
+                            out.policy.ttft_slo_ms = t.as_millis().min(u128::from(u64::MAX)) as u64;
+                        }
+                        if let Some(t) = tpot {
+                            out.policy.tpot_slo_s = t.as_secs_f64();
+                        }
+                    }
+                    Err(e) => warnings.push(format!("{e}; the gateway's targets stay")),
+                }
+            }
         }
         if let Some(a) = admission {
             if let Some(n) = a.max_queue {
@@ -849,6 +862,7 @@ mod tests {
                     weight: f64::INFINITY,
                 },
             ]),
+            slo: None,
         };
         let admission = AdmissionSpec {
             max_queue: Some(0),
@@ -887,5 +901,46 @@ mod tests {
         let (s, warnings) = ModelSettings::from_spec(&defaults, None, Some(&only));
         assert_eq!(s, defaults);
         assert!(warnings[0].contains("\"soon\""), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_models_slo_targets_replace_the_flags_and_bad_ones_are_named() {
+        use crate::crd::{RoutingSpec, SloSpec};
+        let cfg = GatewayConfig::for_agents("127.0.0.1:0".parse().unwrap(), Vec::new());
+        let defaults = cfg.model_defaults();
+        let with = |ttft: Option<&str>, tpot: Option<&str>| RoutingSpec {
+            slo: Some(SloSpec {
+                ttft: ttft.map(Into::into),
+                tpot: tpot.map(Into::into),
+            }),
+            ..RoutingSpec::default()
+        };
+        let (s, warnings) =
+            ModelSettings::from_spec(&defaults, Some(&with(Some("2s"), Some("100ms"))), None);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(s.policy.ttft_slo_ms, 2_000);
+        assert!((s.policy.tpot_slo_s - 0.1).abs() < 1e-12);
+        // Only one set: the other stays the gateway's.
+        let (s, _) = ModelSettings::from_spec(&defaults, Some(&with(None, Some("50ms"))), None);
+        assert_eq!(s.policy.ttft_slo_ms, defaults.policy.ttft_slo_ms);
+        assert!((s.policy.tpot_slo_s - 0.05).abs() < 1e-12);
+        // A bad one (bypassing the schema) leaves both at the gateway's, named.
+        for (ttft, tpot, bad) in [
+            (Some("fast"), Some("100ms"), "ttft \"fast\""),
+            (Some("2s"), Some("100"), "tpot \"100\""),
+            (Some("-2s"), None, "ttft \"-2s\""),
+        ] {
+            let (s, warnings) = ModelSettings::from_spec(&defaults, Some(&with(ttft, tpot)), None);
+            assert_eq!(s.policy.ttft_slo_ms, defaults.policy.ttft_slo_ms);
+            assert_eq!(s.policy.tpot_slo_s, defaults.policy.tpot_slo_s);
+            assert!(
+                warnings.len() == 1 && warnings[0].contains(bad),
+                "{bad}: {warnings:?}"
+            );
+            use crate::controller::desired::fixtures::ModelDeploymentFixture;
+            let mut md = crate::crd::ModelDeployment::test();
+            md.spec.routing = Some(with(ttft, tpot));
+            assert!(md.spec.validate().is_err(), "{bad}");
+        }
     }
 }

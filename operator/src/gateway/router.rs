@@ -1722,6 +1722,7 @@ mod tests {
                         policy: RoutingPolicy::RoundRobin,
                         weights: None,
                         scorers: None,
+                        slo: None,
                     }),
                     admission: None,
                 },

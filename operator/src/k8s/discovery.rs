@@ -316,6 +316,7 @@ mod tests {
             policy: RoutingPolicy::LeastRequests,
             weights: None,
             scorers: None,
+            slo: None,
         });
         Arc::new(m)
     }
