@@ -729,15 +729,9 @@ async fn post_raw(addr: SocketAddr, body: hyper::body::Bytes) -> Option<hyper::S
 
 /// Whether the gateway's /metrics shows every agent eligible (connected, last report fresh).
 async fn all_agents_eligible(addr: SocketAddr) -> bool {
-    let (status, b) = call(addr, "GET", "/metrics", Vec::new()).await;
-    assert_eq!(status, 200);
-    let text = String::from_utf8_lossy(&b);
-    let values: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("kvroute_gateway_agent_eligible{"))
-        .filter_map(|l| l.rsplit(' ').next())
-        .collect();
-    !values.is_empty() && values.iter().all(|v| *v == "1")
+    let text = kvroute_tests::try_get_text(addr, "/metrics").await.unwrap();
+    let values = kvroute_tests::metric_values(&text, "kvroute_gateway_agent_eligible");
+    !values.is_empty() && values.iter().all(|v| *v == 1.0)
 }
 
 /// 64 concurrent 16 MiB request bodies (a 16 MiB `user` field; both limits raised to 32 MiB) are
@@ -771,7 +765,14 @@ async fn sixty_four_16_mib_bodies_do_not_stall_capacity_processing() {
     let flood: Vec<_> = (0..64)
         .map(|_| tokio::spawn(post_raw(gw.addr, body.clone())))
         .collect();
-    let small = json!({"model": agent.model, "prompt": "Hi", "max_tokens": 2, "temperature": 0});
+    let small = serde_json::to_vec(
+        &json!({"model": agent.model, "prompt": "Hi", "max_tokens": 2, "temperature": 0}),
+    )
+    .unwrap();
+    let small_is_served = || async {
+        let (status, b) = call(gw.addr, "POST", "/v1/completions", small.clone()).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+    };
     let mut samples = 0;
     let mut small_ok = false;
     while flood.iter().any(|f| !f.is_finished()) {
@@ -785,14 +786,7 @@ async fn sixty_four_16_mib_bodies_do_not_stall_capacity_processing() {
         );
         samples += 1;
         if !small_ok {
-            let (status, b) = call(
-                gw.addr,
-                "POST",
-                "/v1/completions",
-                serde_json::to_vec(&small).unwrap(),
-            )
-            .await;
-            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+            small_is_served().await;
             small_ok = true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -806,13 +800,6 @@ async fn sixty_four_16_mib_bodies_do_not_stall_capacity_processing() {
     );
     assert!(small_ok || samples == 0);
     // And after it: served, and still eligible.
-    let (status, b) = call(
-        gw.addr,
-        "POST",
-        "/v1/completions",
-        serde_json::to_vec(&small).unwrap(),
-    )
-    .await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+    small_is_served().await;
     assert!(all_agents_eligible(gw.addr).await);
 }
