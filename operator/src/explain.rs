@@ -67,7 +67,7 @@ pub async fn run(args: &ExplainArgs) -> Result<serde_json::Value, ExplainError> 
     let req = req
         .body(Full::new(Bytes::from(body(args).to_string())))
         .map_err(|_| ExplainError::Gateway(args.gateway.clone()))?;
-    let client = crate::gateway::proxy::http_client();
+    let client = kvroute_gateway::proxy::http_client();
     let unreachable = |e: String| ExplainError::Unreachable(base.to_string(), e);
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
         .await

@@ -1,9 +1,9 @@
-//! kvroute control plane: the `ModelDeployment` CRD and its controller, and the gateway that
-//! routes and admits requests by free KV blocks.
+//! kvroute control plane: the `ModelDeployment` controller (the CRD's types are the crate
+//! `kvroute-crd`), and what the `kvroute` binary runs besides it: `up` (agents and gateway on one
+//! machine), `sim` and `explain`. The gateway is the crate `kvroute-gateway`.
+
 pub mod controller;
-pub mod crd;
 pub mod explain;
-pub mod gateway;
 pub mod k8s;
 pub mod sim;
 pub mod up;

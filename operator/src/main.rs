@@ -1,7 +1,7 @@
 //! `kvroute`: thin entry point; everything testable lives in the library.
 
 use clap::{Parser, Subcommand};
-use kvroute_operator::gateway::GatewayArgs;
+use kvroute_gateway::GatewayArgs;
 use kvroute_operator::up::UpArgs;
 
 #[derive(Parser)]
@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
             let config = args.into_config()?;
             runtime()?.block_on(async move {
                 let drain_timeout = config.drain_timeout;
-                let mut gw = kvroute_operator::gateway::start(config).await?;
+                let mut gw = kvroute_gateway::start(config).await?;
                 tracing::info!(addr = %gw.addr, admin = ?gw.admin_addr, "gateway listening");
                 tokio::select! {
                     r = &mut gw.task => r??,
@@ -98,7 +98,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Sim(args) => kvroute_operator::sim::run(&args),
         Command::Crd => {
-            print!("{}", kvroute_operator::crd::crd_yaml()?);
+            print!("{}", kvroute_crd::crd_yaml()?);
             Ok(())
         }
     }

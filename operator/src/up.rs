@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use crate::gateway::config::parse_duration;
-use crate::gateway::types::AgentEndpoint;
-use crate::gateway::GatewayConfig;
+use kvroute_gateway::config::parse_duration;
+use kvroute_gateway::types::AgentEndpoint;
+use kvroute_gateway::GatewayConfig;
 use kvroute_routing::PolicyKind;
 use status::{AgentLine, Kv, ModelLine, Phase, Screen, Status};
 
@@ -116,7 +116,7 @@ pub enum UpError {
     #[error("free port: {0}")]
     Port(std::io::Error),
     #[error("gateway: {0}")]
-    Gateway(#[from] crate::gateway::server::ServeError),
+    Gateway(#[from] kvroute_gateway::server::ServeError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
     #[error("agent token file: {0}")]
@@ -311,7 +311,7 @@ async fn agent_takes_threads(bin: &PathBuf) -> bool {
     }
 }
 
-async fn http_ok(client: &crate::gateway::proxy::HttpClient, url: &str) -> bool {
+async fn http_ok(client: &kvroute_gateway::proxy::HttpClient, url: &str) -> bool {
     let Ok(req) = hyper::Request::get(url).body(http_body_util::Full::new(Default::default()))
     else {
         return false;
@@ -526,7 +526,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
 /// Polls every agent not yet ready once: exited, ready, loading (answers `/health`) or still
 /// starting. Returns the first that exited.
 async fn poll_agents(
-    client: &crate::gateway::proxy::HttpClient,
+    client: &kvroute_gateway::proxy::HttpClient,
     agents: &mut [AgentProcess],
     status: &mut Status,
 ) -> Option<(String, String)> {
@@ -550,7 +550,7 @@ async fn poll_agents(
 }
 
 /// Copies the gateway's view of each agent's KV blocks, and its queue, into the status.
-fn gateway_view(gw: &crate::gateway::RunningGateway, status: &mut Status, bound: usize) {
+fn gateway_view(gw: &kvroute_gateway::RunningGateway, status: &mut Status, bound: usize) {
     let seen = gw.gateway.router.agents();
     for line in &mut status.agents {
         line.kv = seen.iter().find(|a| a.agent_id == line.id).map(|a| Kv {
@@ -574,7 +574,7 @@ async fn serve(
     status: &mut Status,
     screen: &mut Out,
 ) -> Result<(), UpError> {
-    let client = crate::gateway::proxy::http_client();
+    let client = kvroute_gateway::proxy::http_client();
     // Wait until every agent answers /ready, or one exits, or a signal comes.
     let deadline = Instant::now() + args.ready_timeout;
     loop {
@@ -604,7 +604,7 @@ async fn serve(
     config.queue_timeout = args.queue_timeout;
     config.agent_token = Some(agent_token.to_string());
     let bound = config.max_queue;
-    let gw = crate::gateway::start(config).await?;
+    let gw = kvroute_gateway::start(config).await?;
     // Every agent known to the gateway and each with a fresh capacity report. (An empty list is
     // not "all eligible": the agent source registers the agents asynchronously after start.)
     let want = agents.len();

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kvroute_operator::crd::{crd_yaml, ModelDeployment};
+use kvroute_crd::{crd_yaml, ModelDeployment};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -35,7 +35,7 @@ fn committed_crd_yaml_matches_the_rust_types() {
         let committed = read(&root().join(rel));
         assert!(
             committed == generated,
-            "{rel} drifted from operator/src/crd.rs; regenerate with `cargo run -p kvroute-operator -- crd > {rel}`"
+            "{rel} drifted from crd/src/resource.rs; regenerate with `cargo run -p kvroute-operator -- crd > {rel}`"
         );
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{endpoint_slice, model_deployment, FakeApiServer};
-use kvroute_operator::k8s::discovery::{self, Snapshot};
+use kvroute_gateway::discovery::{self, Snapshot};
 use tokio::sync::watch;
 
 /// Waits (guarded against hanging, not timed) until the snapshot satisfies `pred`.

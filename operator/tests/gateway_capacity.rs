@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use kvroute_operator::gateway::types::PromptPlan;
+use kvroute_gateway::types::PromptPlan;
 use kvroute_routing::admission::Priority;
 use support::stub::{StubAgent, StubConfig};
 use support::*;

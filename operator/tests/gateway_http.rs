@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use kvroute_operator::gateway::types::AgentEndpoint;
+use kvroute_gateway::types::AgentEndpoint;
 use kvroute_routing::PolicyKind;
 use support::stub::{StubAgent, StubConfig};
 use support::*;
@@ -91,15 +91,15 @@ async fn retries_on_the_next_agent_when_the_connection_is_refused() {
         grpc: format!("http://{}", a.grpc),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut config = kvroute_operator::gateway::GatewayConfig::for_agents(
+    let mut config = kvroute_gateway::GatewayConfig::for_agents(
         listener.local_addr().unwrap(),
         vec![broken.clone(), b.endpoint()],
     );
     config.max_retries = 2;
-    let gw = kvroute_operator::gateway::start_with(
+    let gw = kvroute_gateway::start_with(
         config,
         listener,
-        Box::new(kvroute_operator::gateway::source::StaticAgents(vec![
+        Box::new(kvroute_gateway::source::StaticAgents(vec![
             broken,
             b.endpoint(),
         ])),
@@ -466,9 +466,9 @@ async fn metrics_and_dashboard_state_show_agents_and_requests() {
 /// port), the OpenAI API stays on the API's port only, and both answer `/health` and `/ready`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_listener_takes_the_metrics_and_dashboard_off_the_api_port() {
-    use kvroute_operator::gateway::server::start_with_admin;
-    use kvroute_operator::gateway::source::StaticAgents;
-    use kvroute_operator::gateway::GatewayConfig;
+    use kvroute_gateway::server::start_with_admin;
+    use kvroute_gateway::source::StaticAgents;
+    use kvroute_gateway::GatewayConfig;
     let a = StubAgent::start(StubConfig::default()).await;
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

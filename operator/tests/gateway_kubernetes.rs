@@ -9,8 +9,8 @@ mod support;
 use std::time::Duration;
 
 use common::{endpoint_slice, model_deployment, FakeApiServer};
-use kvroute_operator::gateway::source::KubernetesAgents;
-use kvroute_operator::gateway::{start_with, GatewayConfig};
+use kvroute_gateway::source::KubernetesAgents;
+use kvroute_gateway::{start_with, GatewayConfig};
 use kvroute_routing::PolicyKind;
 use support::stub::{StubAgent, StubConfig};
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use kvroute_engine::gguf::Gguf;
 use kvroute_engine::kv::hash::block_hashes;
 use kvroute_engine::tokenizer::Tokenizer;
-use kvroute_operator::gateway::prompt::{plan, Endpoint, ModelInfo, ReserveOutput};
+use kvroute_gateway::prompt::{plan, Endpoint, ModelInfo, ReserveOutput};
 
 fn model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("KVROUTE_MODEL_PATH") {

@@ -448,8 +448,8 @@ fn dockerfiles_pass_hadolint_and_a_bad_one_does_not() {
 
 #[test]
 fn objects_the_operator_creates_validate_strictly() {
+    use kvroute_crd::ModelDeployment;
     use kvroute_operator::controller::desired::{desired, AgentDefaults, Workload};
-    use kvroute_operator::crd::ModelDeployment;
     let mut yaml = String::new();
     let mut kinds = Vec::new();
     let samples = std::fs::read_dir(root().join("deploy/samples")).unwrap();
@@ -532,8 +532,8 @@ fn agent_bin() -> PathBuf {
 /// namespace), and a namespaced install tells the gateway its namespace.
 #[test]
 fn every_env_var_set_is_one_the_binary_reads() {
+    use kvroute_crd::ModelDeployment;
     use kvroute_operator::controller::desired::{desired, AgentDefaults, Workload};
-    use kvroute_operator::crd::ModelDeployment;
     let kvroute = PathBuf::from(env!("CARGO_BIN_EXE_kvroute"));
     let reads = |sub: &str| env_vars_read(&kvroute, sub);
     let (gateway, operator) = (reads("gateway"), reads("operator"));

@@ -14,12 +14,12 @@ use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::Client;
+use kvroute_crd::fixtures::ModelDeploymentFixture;
+use kvroute_crd::{ModelDeployment, ModelDeploymentStatus, ModelSpec};
 use kvroute_operator::controller::capacity::{CapacityError, CapacityProbe};
-use kvroute_operator::controller::desired::fixtures::ModelDeploymentFixture;
 use kvroute_operator::controller::desired::AgentDefaults;
 use kvroute_operator::controller::metrics::Metrics;
 use kvroute_operator::controller::{error_policy, reconcile, Context, Error};
-use kvroute_operator::crd::{ModelDeployment, ModelDeploymentStatus, ModelSpec};
 use kvroute_proto::CapacityReport;
 use serde_json::{json, Value};
 
@@ -495,7 +495,7 @@ async fn status_aggregates_capacity_of_ready_agents() {
 #[tokio::test]
 async fn autoscaling_raises_replicas_through_the_scale_subresource_when_kv_runs_short() {
     let mut md = ModelDeployment::test().with_replicas(1);
-    md.spec.autoscaling = Some(kvroute_operator::crd::AutoscalingSpec {
+    md.spec.autoscaling = Some(kvroute_crd::AutoscalingSpec {
         min_replicas: 1,
         max_replicas: 4,
         target_kv_utilization: Some(0.5),

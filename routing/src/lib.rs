@@ -8,9 +8,11 @@
 //! - [`pipeline`]: a decision as filters → weighted [`Scorer`](scorer::Scorer)s → a picker;
 //!   [`scorer`]: what a scorer sees; [`scorers`]: the built-in ones; [`registry`]: scorers by name; [`policy`]: the presets and what a decision takes and
 //!   gives; [`cost`]: the `kv` policy's model of a request's time on an agent;
-//! - [`admission`]: the priority- and tenant-fair admission queue.
+//! - [`admission`]: the priority- and tenant-fair admission queue;
+//! - [`autoscale`]: how many replicas a model needs from its KV signal (used by the operator).
 
 pub mod admission;
+pub mod autoscale;
 pub mod cluster;
 pub mod cost;
 pub(crate) mod index;

@@ -22,11 +22,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{Device, ModelDeployment, ModelFormat, ModelSource, SpecError};
 use crate::k8s::{
     service_name, workload_name, COMPONENT_AGENT, GRPC_PORT, GRPC_PORT_NAME, HTTP_PORT,
     HTTP_PORT_NAME, LABEL_DEPLOYMENT, MAX_NAME_LEN, PART_OF,
 };
+use kvroute_crd::{Device, ModelDeployment, ModelFormat, ModelSource, SpecError};
 
 /// Operator-wide settings that shape every agent.
 #[derive(Clone, Debug, PartialEq)]
@@ -528,91 +528,11 @@ pub fn workload_kind(w: &Workload) -> &'static str {
     }
 }
 
-/// Test fixtures: `ModelDeployment::test().with_replicas(2)`.
-pub mod fixtures {
-    use super::*;
-    use crate::crd::{EngineSpec, ModelDeploymentSpec, ModelSpec, Placement};
-
-    /// Builder-style fixtures for tests (here and in `operator/tests/`).
-    pub trait ModelDeploymentFixture: Sized {
-        /// A valid CPU deployment `smollm` in namespace `default` with one replica.
-        fn test() -> Self;
-        fn with_replicas(self, n: i32) -> Self;
-        fn with_gpus(self, n: u32) -> Self;
-        fn with_per_node(self, node_selector: &[(&str, &str)]) -> Self;
-        fn with_engine(self, engine: EngineSpec) -> Self;
-        fn with_generation(self, g: i64) -> Self;
-        fn with_model(self, model: ModelSpec) -> Self;
-    }
-
-    impl ModelDeploymentFixture for ModelDeployment {
-        fn test() -> Self {
-            let mut md = ModelDeployment::new(
-                "smollm",
-                ModelDeploymentSpec {
-                    model: ModelSpec {
-                        name: "smollm2-135m".into(),
-                        pvc: Some(crate::crd::PvcSource {
-                            claim_name: "models".into(),
-                            path: "smollm2/model.gguf".into(),
-                        }),
-                        ..Default::default()
-                    },
-                    replicas: 1,
-                    placement: None,
-                    resources: None,
-                    engine: None,
-                    routing: None,
-                    admission: None,
-                    agent_image: None,
-                    autoscaling: None,
-                },
-            );
-            md.metadata.namespace = Some("default".into());
-            md.metadata.uid = Some("6f0c2c4e-0000-4000-8000-000000000001".into());
-            md.metadata.generation = Some(1);
-            md
-        }
-        fn with_replicas(mut self, n: i32) -> Self {
-            self.spec.replicas = n;
-            self
-        }
-        fn with_gpus(mut self, n: u32) -> Self {
-            let mut r = self.spec.resources.take().unwrap_or_default();
-            r.gpus = Some(n);
-            self.spec.resources = Some(r);
-            self
-        }
-        fn with_per_node(mut self, node_selector: &[(&str, &str)]) -> Self {
-            self.spec.placement = Some(Placement {
-                per_node: true,
-                node_selector: node_selector
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            });
-            self
-        }
-        fn with_engine(mut self, engine: EngineSpec) -> Self {
-            self.spec.engine = Some(engine);
-            self
-        }
-        fn with_generation(mut self, g: i64) -> Self {
-            self.metadata.generation = Some(g);
-            self
-        }
-        fn with_model(mut self, model: ModelSpec) -> Self {
-            self.spec.model = model;
-            self
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::fixtures::ModelDeploymentFixture;
     use super::*;
-    use crate::crd::{EngineSpec, ImageSource, ModelSpec};
+    use kvroute_crd::fixtures::ModelDeploymentFixture;
+    use kvroute_crd::{EngineSpec, ImageSource, ModelSpec};
 
     fn deployment(d: &Desired) -> &Deployment {
         match &d.workload {
@@ -707,7 +627,7 @@ mod tests {
     fn kv_cache_type_and_host_tier_become_agent_settings() {
         let md = ModelDeployment::test().with_engine(EngineSpec {
             kv_memory: Some("2GiB".into()),
-            kv_cache_dtype: Some(crate::crd::KvCacheDtype::Q8_0),
+            kv_cache_dtype: Some(kvroute_crd::KvCacheDtype::Q8_0),
             kv_offload_memory: Some("8GiB".into()),
             ..Default::default()
         });
@@ -723,7 +643,7 @@ mod tests {
         // The names the CRD accepts are the agent's.
         let spec: EngineSpec =
             serde_json::from_value(serde_json::json!({"kvCacheDtype": "f16"})).unwrap();
-        assert_eq!(spec.kv_cache_dtype, Some(crate::crd::KvCacheDtype::F16));
+        assert_eq!(spec.kv_cache_dtype, Some(kvroute_crd::KvCacheDtype::F16));
         assert!(
             serde_json::from_value::<EngineSpec>(serde_json::json!({"kvCacheDtype": "fp8"}))
                 .is_err()

@@ -31,10 +31,10 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::crd::ModelDeployment;
 use crate::k8s::{FIELD_MANAGER, GRPC_PORT};
 use capacity::CapacityProbe;
 use desired::{desired, selector_string, AgentDefaults, DesiredError, Workload};
+use kvroute_crd::ModelDeployment;
 use metrics::Metrics;
 use status::Observed;
 
@@ -265,11 +265,11 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
 /// the gateway's queue is in its `kvroute_gateway_model_kv_*` metrics.
 async fn autoscale_step(
     md: &ModelDeployment,
-    spec: &crate::crd::AutoscalingSpec,
+    spec: &kvroute_crd::AutoscalingSpec,
     observed: &Observed,
     mds: &Api<ModelDeployment>,
     ctx: &Context,
-) -> Result<crate::crd::AutoscalingStatus> {
+) -> Result<kvroute_crd::AutoscalingStatus> {
     // Checked by `desired` already; a failure here would be a bug, not bad input.
     let policy = spec
         .policy()
@@ -306,7 +306,7 @@ async fn autoscale_step(
             warn!(%name, error = %e, "publishing event failed");
         }
     }
-    Ok(crate::crd::AutoscalingStatus {
+    Ok(kvroute_crd::AutoscalingStatus {
         desired_replicas: decision.replicas,
         demand_blocks: signal.demand_blocks(),
         shortfall_blocks: signal.shortfall_blocks,
@@ -359,7 +359,7 @@ async fn patch_status(
     api: &Api<ModelDeployment>,
     md: &ModelDeployment,
     name: &str,
-    st: &crate::crd::ModelDeploymentStatus,
+    st: &kvroute_crd::ModelDeploymentStatus,
     ctx: &Context,
 ) -> Result<()> {
     if md.status.as_ref() == Some(st) {

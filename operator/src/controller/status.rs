@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kvroute_proto::CapacityReport;
 
 use crate::controller::desired::{selector_string, AgentDefaults};
-use crate::crd::{KvStatus, ModelDeployment, ModelDeploymentStatus};
+use kvroute_crd::{KvStatus, ModelDeployment, ModelDeploymentStatus};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -226,8 +226,8 @@ pub fn transitions(previous: &[Condition], next: &[Condition]) -> Vec<Transition
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::desired::fixtures::ModelDeploymentFixture;
     use k8s_openapi::jiff::Timestamp;
+    use kvroute_crd::fixtures::ModelDeploymentFixture;
 
     fn at(secs: i64) -> Time {
         Time(Timestamp::from_second(secs).unwrap())

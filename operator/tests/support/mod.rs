@@ -13,8 +13,8 @@ use hyper::{HeaderMap, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kvroute_operator::gateway::source::StaticAgents;
-use kvroute_operator::gateway::{start_with, GatewayConfig, RunningGateway};
+use kvroute_gateway::source::StaticAgents;
+use kvroute_gateway::{start_with, GatewayConfig, RunningGateway};
 use tokio::net::TcpListener;
 
 use stub::StubAgent;

@@ -19,8 +19,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::Stream;
-use kvroute_operator::gateway::prompt::{self, Endpoint, ReserveOutput};
-use kvroute_operator::gateway::types::AgentEndpoint;
+use kvroute_gateway::prompt::{self, Endpoint, ReserveOutput};
+use kvroute_gateway::types::AgentEndpoint;
 use kvroute_proto::v1::block_event::Kind;
 use kvroute_proto::{
     Agent, AgentServer, BlockEvent, CapacityReport, GetCapacityRequest, WatchCapacityRequest,

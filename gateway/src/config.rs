@@ -209,10 +209,10 @@ impl ModelSettings {
     /// keeps the default and is named in the returned warnings.
     pub fn from_spec(
         defaults: &ModelSettings,
-        routing: Option<&crate::crd::RoutingSpec>,
-        admission: Option<&crate::crd::AdmissionSpec>,
+        routing: Option<&kvroute_crd::RoutingSpec>,
+        admission: Option<&kvroute_crd::AdmissionSpec>,
     ) -> (ModelSettings, Vec<String>) {
-        use crate::crd::RoutingPolicy;
+        use kvroute_crd::RoutingPolicy;
         let mut out = *defaults;
         let mut warnings = Vec::new();
         if let Some(r) = routing {
@@ -261,7 +261,7 @@ impl ModelSettings {
             }
             if let Some(slo) = &r.slo {
                 match slo.targets() {
-                    Ok(crate::crd::SloTargets { ttft, tpot }) => {
+                    Ok(kvroute_crd::SloTargets { ttft, tpot }) => {
                         if let Some(t) = ttft {
                             out.policy.ttft_slo_ms = t.as_millis().min(u128::from(u64::MAX)) as u64;
                         }
@@ -278,7 +278,7 @@ impl ModelSettings {
                 out.max_queue = n as usize;
             }
             if let Some(t) = &a.queue_timeout {
-                match crate::crd::parse_duration(t) {
+                match kvroute_crd::parse_duration(t) {
                     Ok(d) => out.queue_timeout = d,
                     Err(e) => warnings.push(format!(
                         "{e}; using {}ms",
@@ -836,7 +836,7 @@ mod tests {
 
     #[test]
     fn model_settings_from_spec_override_only_what_the_spec_sets() {
-        use crate::crd::{
+        use kvroute_crd::{
             AdmissionSpec, RoutingPolicy, RoutingSpec, RoutingWeights, ScorerName, WeightedScorer,
         };
         let cfg = GatewayConfig::for_agents("127.0.0.1:0".parse().unwrap(), Vec::new());
@@ -905,7 +905,7 @@ mod tests {
 
     #[test]
     fn a_models_slo_targets_replace_the_flags_and_bad_ones_are_named() {
-        use crate::crd::{RoutingSpec, SloSpec};
+        use kvroute_crd::{RoutingSpec, SloSpec};
         let cfg = GatewayConfig::for_agents("127.0.0.1:0".parse().unwrap(), Vec::new());
         let defaults = cfg.model_defaults();
         let with = |ttft: Option<&str>, tpot: Option<&str>| RoutingSpec {
@@ -937,8 +937,8 @@ mod tests {
                 warnings.len() == 1 && warnings[0].contains(bad),
                 "{bad}: {warnings:?}"
             );
-            use crate::controller::desired::fixtures::ModelDeploymentFixture;
-            let mut md = crate::crd::ModelDeployment::test();
+            use kvroute_crd::fixtures::ModelDeploymentFixture;
+            let mut md = kvroute_crd::ModelDeployment::test();
             md.spec.routing = Some(with(ttft, tpot));
             assert!(md.spec.validate().is_err(), "{bad}");
         }

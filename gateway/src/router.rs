@@ -1140,8 +1140,8 @@ impl Router {
     /// Each model's KV demand, the signal autoscaling reads (`controller::autoscale`): blocks
     /// used and reserved on its live agents, the blocks its waiting requests need beyond the
     /// room those agents have (the shortfall), and one replica's pool.
-    pub fn kv_signals(&self) -> Vec<(String, crate::controller::autoscale::KvSignal)> {
-        use crate::controller::autoscale::KvSignal;
+    pub fn kv_signals(&self) -> Vec<(String, kvroute_routing::autoscale::KvSignal)> {
+        use kvroute_routing::autoscale::KvSignal;
         let now = self.now_ms();
         let core = self.lock();
         let mut by_model: BTreeMap<String, (KvSignal, u64)> = BTreeMap::new();
@@ -1205,8 +1205,8 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{AdmissionSpec, RoutingPolicy, RoutingSpec};
-    use crate::gateway::config::GatewayConfig;
+    use crate::config::GatewayConfig;
+    use kvroute_crd::{AdmissionSpec, RoutingPolicy, RoutingSpec};
     use kvroute_routing::PolicyKind;
 
     fn router() -> Arc<Router> {

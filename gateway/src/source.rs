@@ -69,14 +69,14 @@ pub struct KubernetesAgents {
 }
 
 /// The gateway's agent set from a discovery snapshot: every model's ready agents and settings.
-pub fn agent_set_of(snap: &crate::k8s::discovery::Snapshot) -> AgentSet {
+pub fn agent_set_of(snap: &crate::discovery::Snapshot) -> AgentSet {
     AgentSet {
         agents: endpoints_of(snap),
         models: snap
             .models
             .iter()
             .map(|(name, m)| {
-                let admission = (m.admission != crate::crd::AdmissionSpec::default())
+                let admission = (m.admission != kvroute_crd::AdmissionSpec::default())
                     .then(|| m.admission.clone());
                 (
                     name.clone(),
@@ -91,7 +91,7 @@ pub fn agent_set_of(snap: &crate::k8s::discovery::Snapshot) -> AgentSet {
 }
 
 /// The gateway's agents from a discovery snapshot (every model's ready agents).
-pub fn endpoints_of(snap: &crate::k8s::discovery::Snapshot) -> Vec<AgentEndpoint> {
+pub fn endpoints_of(snap: &crate::discovery::Snapshot) -> Vec<AgentEndpoint> {
     let mut out: Vec<AgentEndpoint> = snap
         .models
         .values()
@@ -117,9 +117,8 @@ impl AgentSource for KubernetesAgents {
         tx: watch::Sender<AgentSet>,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
         Box::pin(async move {
-            let (stx, mut srx) =
-                watch::channel(Arc::new(crate::k8s::discovery::Snapshot::default()));
-            let task = tokio::spawn(crate::k8s::discovery::run(self.client, self.namespace, stx));
+            let (stx, mut srx) = watch::channel(Arc::new(crate::discovery::Snapshot::default()));
+            let task = tokio::spawn(crate::discovery::run(self.client, self.namespace, stx));
             // The first (empty) snapshot is skipped: it means "not listed yet", not "no agents".
             while srx.changed().await.is_ok() {
                 let snap = srx.borrow_and_update().clone();

@@ -2,7 +2,8 @@
 //!
 //! The pure core (the cluster view, the routing pipeline, the cost model, the admission queue)
 //! is the crate `kvroute-routing`; `router` puts it behind one lock; `capacity` keeps it fed from the agents'
-//! `WatchCapacity` streams; `source` says which agents exist; `prompt` turns request bodies into
+//! `WatchCapacity` streams; `source` says which agents exist (a static list, or [`discovery`]'s watch of ModelDeployments
+//! and agent EndpointSlices); `prompt` turns request bodies into
 //! token counts and block hashes; `proxy` streams responses through; `server` wires the HTTP
 //! endpoints, `metrics` and `dashboard` show what happens.
 
@@ -11,6 +12,7 @@ pub mod capacity;
 pub mod config;
 pub mod dashboard;
 pub mod decisions;
+pub mod discovery;
 pub mod error;
 pub mod history;
 pub mod metrics;

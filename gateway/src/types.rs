@@ -68,8 +68,8 @@ impl std::str::FromStr for AgentEndpoint {
 /// A model's own settings as its ModelDeployment states them (`None`: the spec says nothing).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelSpecSettings {
-    pub routing: Option<crate::crd::RoutingSpec>,
-    pub admission: Option<crate::crd::AdmissionSpec>,
+    pub routing: Option<kvroute_crd::RoutingSpec>,
+    pub admission: Option<kvroute_crd::AdmissionSpec>,
 }
 
 /// A point-in-time copy of one agent for the dashboard and metrics.

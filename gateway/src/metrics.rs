@@ -469,11 +469,11 @@ fn bounded_label<'a>(in_use: impl Iterator<Item = &'a str> + Clone, value: &str)
 }
 
 /// Reads one number of a model's KV signal.
-type SignalField = fn(&crate::controller::autoscale::KvSignal) -> u64;
+type SignalField = fn(&kvroute_routing::autoscale::KvSignal) -> u64;
 
 /// The autoscaling signal per model (`Router::kv_signals`), for an HPA or KEDA to scale on:
 /// demand over `blocks_per_replica × target` is the replicas needed.
-pub fn render_kv_signals(signals: &[(String, crate::controller::autoscale::KvSignal)]) -> String {
+pub fn render_kv_signals(signals: &[(String, kvroute_routing::autoscale::KvSignal)]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let families: [(&str, &str, SignalField); 5] = [

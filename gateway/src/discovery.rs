@@ -20,10 +20,10 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch as channel;
 use tracing::{debug, warn};
 
-use crate::crd::{AdmissionSpec, ModelDeployment, RoutingSpec};
-use crate::k8s::{
+use kvroute_crd::names::{
     agent_selector, GRPC_PORT, GRPC_PORT_NAME, HTTP_PORT, HTTP_PORT_NAME, LABEL_DEPLOYMENT,
 };
+use kvroute_crd::{AdmissionSpec, ModelDeployment, RoutingSpec};
 
 /// One ready agent.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -253,11 +253,11 @@ fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::desired::fixtures::ModelDeploymentFixture;
-    use crate::crd::{RoutingPolicy, RoutingSpec};
     use k8s_openapi::api::core::v1::ObjectReference;
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kvroute_crd::fixtures::ModelDeploymentFixture;
+    use kvroute_crd::{RoutingPolicy, RoutingSpec};
 
     fn slice(
         ns: &str,
