@@ -1,13 +1,15 @@
-//! The gateway's Prometheus metrics (`kvroute_gateway_*`), rendered in the text exposition format.
+//! The gateway's Prometheus metrics (`kvroute_gateway_*`), rendered in the text exposition format
+//! ([`kvroute_contract::prom`]).
 //!
 //! Owns counters and histograms only; per-agent gauges are read from the router when rendered.
 //! Never blocks on I/O; every update is a short lock or an atomic.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use kvroute_contract::prom::{counter, gauge, header, sample, Histogram};
 
 use super::types::AgentSnapshot;
 
@@ -18,44 +20,6 @@ const DECISION_BUCKETS: &[f64] = &[
 const WAIT_BUCKETS: &[f64] = &[
     0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
-
-#[derive(Debug)]
-struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            counts: vec![0; bounds.len()],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-
-    fn observe(&mut self, v: f64) {
-        for (i, b) in self.bounds.iter().enumerate() {
-            if v <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str) {
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
-}
 
 /// The gateway's metrics registry.
 #[derive(Debug)]
@@ -69,13 +33,13 @@ pub struct Metrics {
     tenants: Mutex<BTreeMap<(String, u16), u64>>,
     /// tenant → tokens reserved by its admitted requests.
     tenant_tokens: Mutex<BTreeMap<String, u64>>,
-    decision: Mutex<Histogram>,
-    queue_wait: Mutex<Histogram>,
+    decision: Histogram,
+    queue_wait: Histogram,
     /// The `kv` policy's predicted time to first token, what was observed (dispatch to the
     /// agent's first body byte) and the absolute difference.
-    ttft_predicted: Mutex<Histogram>,
-    ttft_observed: Mutex<Histogram>,
-    ttft_error: Mutex<Histogram>,
+    ttft_predicted: Histogram,
+    ttft_observed: Histogram,
+    ttft_error: Histogram,
     held: AtomicU64,
     prefix_holds: AtomicU64,
     prefix_hold_blocks: AtomicU64,
@@ -96,11 +60,11 @@ impl Metrics {
             tenants: Mutex::new(BTreeMap::new()),
             recent_ttfts: Mutex::new(Vec::new()),
             tenant_tokens: Mutex::new(BTreeMap::new()),
-            decision: Mutex::new(Histogram::new(DECISION_BUCKETS)),
-            queue_wait: Mutex::new(Histogram::new(WAIT_BUCKETS)),
-            ttft_predicted: Mutex::new(Histogram::new(WAIT_BUCKETS)),
-            ttft_observed: Mutex::new(Histogram::new(WAIT_BUCKETS)),
-            ttft_error: Mutex::new(Histogram::new(WAIT_BUCKETS)),
+            decision: Histogram::new(DECISION_BUCKETS),
+            queue_wait: Histogram::new(WAIT_BUCKETS),
+            ttft_predicted: Histogram::new(WAIT_BUCKETS),
+            ttft_observed: Histogram::new(WAIT_BUCKETS),
+            ttft_error: Histogram::new(WAIT_BUCKETS),
             held: AtomicU64::new(0),
             prefix_holds: AtomicU64::new(0),
             prefix_hold_blocks: AtomicU64::new(0),
@@ -155,31 +119,26 @@ impl Metrics {
     }
 
     pub fn observe_decision(&self, d: Duration) {
-        let mut h = self.decision.lock().unwrap_or_else(|p| p.into_inner());
-        h.observe(d.as_secs_f64());
+        self.decision.observe_duration(d);
     }
 
     pub fn observe_queue_wait(&self, d: Duration) {
-        let mut h = self.queue_wait.lock().unwrap_or_else(|p| p.into_inner());
-        h.observe(d.as_secs_f64());
+        self.queue_wait.observe_duration(d);
     }
 
     /// A dispatched request's first body byte arrived `observed` after it was sent; the policy
     /// had predicted `predicted_s` seconds.
     pub fn observe_ttft(&self, predicted_s: f64, observed: Duration) {
         let obs = observed.as_secs_f64();
-        let lock = |m: &'_ Mutex<Histogram>, v: f64| {
-            m.lock().unwrap_or_else(|p| p.into_inner()).observe(v);
-        };
         {
             let mut r = self.recent_ttfts.lock().unwrap_or_else(|p| p.into_inner());
             if r.len() < RECENT_TTFTS {
                 r.push(obs);
             }
         }
-        lock(&self.ttft_predicted, predicted_s);
-        lock(&self.ttft_observed, obs);
-        lock(&self.ttft_error, (obs - predicted_s).abs());
+        self.ttft_predicted.observe(predicted_s);
+        self.ttft_observed.observe(obs);
+        self.ttft_error.observe((obs - predicted_s).abs());
     }
 
     /// A queued request chose to wait for one agent (the `kv` policy's locality) this pump.
@@ -226,56 +185,77 @@ impl Metrics {
     pub fn render(&self, agents: &[AgentSnapshot]) -> String {
         let mut out = String::new();
         let p = self.policy;
-        out.push_str("# HELP kvroute_gateway_requests_total Requests answered, by model, policy and HTTP status.\n# TYPE kvroute_gateway_requests_total counter\n");
+        header(
+            &mut out,
+            "kvroute_gateway_requests_total",
+            "Requests answered, by model, policy and HTTP status.",
+            "counter",
+        );
         for ((model, status), n) in self
             .requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            let _ = writeln!(
-                out,
-                "kvroute_gateway_requests_total{{model=\"{}\",policy=\"{p}\",status=\"{status}\"}} {n}",
-                escape(model)
+            let status = status.to_string();
+            sample(
+                &mut out,
+                "kvroute_gateway_requests_total",
+                &[("model", model), ("policy", p), ("status", &status)],
+                *n as f64,
             );
         }
         {
             let t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-            out.push_str("# HELP kvroute_gateway_tenant_requests_total Requests answered, by tenant (the API key's, or the header's with --auth off) and HTTP status.\n# TYPE kvroute_gateway_tenant_requests_total counter\n");
+            header(
+                &mut out,
+                "kvroute_gateway_tenant_requests_total",
+                "Requests answered, by tenant (the API key's, or the header's with --auth off) and HTTP status.",
+                "counter",
+            );
             for ((tenant, status), n) in t.iter() {
-                let _ = writeln!(
-                    out,
-                    "kvroute_gateway_tenant_requests_total{{tenant=\"{}\",status=\"{status}\"}} {n}",
-                    escape(tenant)
+                let status = status.to_string();
+                sample(
+                    &mut out,
+                    "kvroute_gateway_tenant_requests_total",
+                    &[("tenant", tenant), ("status", &status)],
+                    *n as f64,
                 );
             }
-            out.push_str("# HELP kvroute_gateway_tenant_tokens_total Tokens reserved (prompt + output) by a tenant's admitted requests.\n# TYPE kvroute_gateway_tenant_tokens_total counter\n");
+            header(
+                &mut out,
+                "kvroute_gateway_tenant_tokens_total",
+                "Tokens reserved (prompt + output) by a tenant's admitted requests.",
+                "counter",
+            );
             let tokens = self.tenant_tokens.lock().unwrap_or_else(|e| e.into_inner());
             for (tenant, k) in tokens.iter() {
-                let _ = writeln!(
-                    out,
-                    "kvroute_gateway_tenant_tokens_total{{tenant=\"{}\"}} {k}",
-                    escape(tenant)
+                sample(
+                    &mut out,
+                    "kvroute_gateway_tenant_tokens_total",
+                    &[("tenant", tenant)],
+                    *k as f64,
                 );
             }
         }
-        out.push_str("# HELP kvroute_gateway_queue_depth Requests waiting in the admission queue.\n# TYPE kvroute_gateway_queue_depth gauge\n");
-        let _ = writeln!(
-            out,
-            "kvroute_gateway_queue_depth {}",
-            self.queue_depth.load(Ordering::Relaxed)
+        gauge(
+            &mut out,
+            "kvroute_gateway_queue_depth",
+            "Requests waiting in the admission queue.",
+            &[],
+            self.queue_depth.load(Ordering::Relaxed) as f64,
         );
-        out.push_str("# HELP kvroute_gateway_queue_wait_seconds Time requests waited for admission.\n# TYPE kvroute_gateway_queue_wait_seconds histogram\n");
-        self.queue_wait
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .render(&mut out, "kvroute_gateway_queue_wait_seconds");
-        out.push_str("# HELP kvroute_gateway_routing_decision_seconds Time the policy took per decision.\n# TYPE kvroute_gateway_routing_decision_seconds histogram\n");
-        self.decision
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .render(&mut out, "kvroute_gateway_routing_decision_seconds");
         for (name, help, h) in [
+            (
+                "kvroute_gateway_queue_wait_seconds",
+                "Time requests waited for admission.",
+                &self.queue_wait,
+            ),
+            (
+                "kvroute_gateway_routing_decision_seconds",
+                "Time the policy took per decision.",
+                &self.decision,
+            ),
             (
                 "kvroute_gateway_ttft_predicted_seconds",
                 "Time to first token the kv policy predicted for each dispatched request.",
@@ -292,10 +272,7 @@ impl Metrics {
                 &self.ttft_error,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            h.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .render(&mut out, name);
+            h.write(&mut out, name, help, &[]);
         }
         for (name, help, v) in [
             (
@@ -344,11 +321,7 @@ impl Metrics {
                 &self.rejected_timeout,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            counter(&mut out, name, help, &[], v.load(Ordering::Relaxed) as f64);
         }
         for (name, help, kind, f) in [
             (
@@ -406,25 +379,18 @@ impl Metrics {
                 |a| a.dispatches_expired,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            header(&mut out, name, help, kind);
             for a in agents {
-                let _ = writeln!(
-                    out,
-                    "{name}{{agent=\"{}\",endpoint=\"{}\"}} {}",
-                    escape(&a.agent_id),
-                    escape(&a.endpoint),
-                    f(a)
+                sample(
+                    &mut out,
+                    name,
+                    &[("agent", &a.agent_id), ("endpoint", &a.endpoint)],
+                    f(a) as f64,
                 );
             }
         }
         out
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// Most times to first token kept between two dashboard samples.
@@ -474,7 +440,6 @@ type SignalField = fn(&kvroute_routing::autoscale::KvSignal) -> u64;
 /// The autoscaling signal per model (`Router::kv_signals`), for an HPA or KEDA to scale on:
 /// demand over `blocks_per_replica × target` is the replicas needed.
 pub fn render_kv_signals(signals: &[(String, kvroute_routing::autoscale::KvSignal)]) -> String {
-    use std::fmt::Write;
     let mut out = String::new();
     let families: [(&str, &str, SignalField); 5] = [
         (
@@ -504,9 +469,9 @@ pub fn render_kv_signals(signals: &[(String, kvroute_routing::autoscale::KvSigna
         ),
     ];
     for (name, help, get) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        header(&mut out, name, help, "gauge");
         for (model, s) in signals {
-            let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", escape(model), get(s));
+            sample(&mut out, name, &[("model", model)], get(s) as f64);
         }
     }
     out

@@ -776,7 +776,11 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let mut text = gw.metrics.render(&gw.router.agents());
     text.push_str(&metrics::render_kv_signals(&gw.router.kv_signals()));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    (
+        [(header::CONTENT_TYPE, kvroute_contract::prom::CONTENT_TYPE)],
+        text,
+    )
+        .into_response()
 }
 
 async fn dashboard_page(State(gw): State<Arc<Gateway>>) -> Html<String> {

@@ -1,4 +1,5 @@
-//! Prometheus metrics of the agent, in the text exposition format (0.0.4), written by hand.
+//! Prometheus metrics of the agent, in the text exposition format (0.0.4, written with
+//! [`kvroute_contract::prom`]).
 //!
 //! Two families of names: `kvroute_*`, and the names vLLM exposes (`vllm:*`) so schedulers built
 //! for vLLM (Gateway API Inference Extension, llm-d) read a kvroute agent unchanged. vLLM's
@@ -7,10 +8,10 @@
 //! capacity hub at scrape time; request counters and latency histograms are updated by the HTTP
 //! layer. Recording never blocks for long: a short uncontended mutex per histogram.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+
+use kvroute_contract::prom::{counter, gauge, header, sample, Histogram};
 
 use crate::backend::CapacityStats;
 use crate::gpu::GpuSample;
@@ -30,72 +31,6 @@ pub const E2E_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0,
 ];
-
-/// A fixed-bucket histogram.
-pub struct Histogram {
-    bounds: &'static [f64],
-    inner: Mutex<HistState>,
-}
-
-#[derive(Clone)]
-struct HistState {
-    /// Per-bucket (not cumulative) counts; the last entry is `+Inf`.
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            inner: Mutex::new(HistState {
-                counts: vec![0; bounds.len() + 1],
-                sum: 0.0,
-                count: 0,
-            }),
-        }
-    }
-
-    pub fn observe(&self, v: f64) {
-        let idx = self
-            .bounds
-            .iter()
-            .position(|&b| v <= b)
-            .unwrap_or(self.bounds.len());
-        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        s.counts[idx] += 1;
-        s.sum += v;
-        s.count += 1;
-    }
-
-    pub fn observe_duration(&self, d: Duration) {
-        self.observe(d.as_secs_f64());
-    }
-
-    /// Number of observations.
-    pub fn count(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).count
-    }
-
-    fn write(&self, out: &mut String, name: &str, help: &str, labels: &[(&str, &str)]) {
-        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        header(out, name, help, "histogram");
-        let mut cumulative = 0;
-        for (i, c) in s.counts.iter().enumerate() {
-            cumulative += c;
-            let le = match self.bounds.get(i) {
-                Some(b) => format_float(*b),
-                None => "+Inf".to_string(),
-            };
-            let mut l: Vec<(&str, &str)> = labels.to_vec();
-            l.push(("le", &le));
-            sample(out, &format!("{name}_bucket"), &l, cumulative as f64);
-        }
-        sample(out, &format!("{name}_sum"), labels, s.sum);
-        sample(out, &format!("{name}_count"), labels, s.count as f64);
-    }
-}
 
 /// Outcome label of a finished HTTP generation request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -496,71 +431,6 @@ impl Metrics {
             &m,
         );
         o
-    }
-}
-
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, labels: &[(&str, &str)], v: f64) {
-    header(out, name, help, "gauge");
-    sample(out, name, labels, v);
-}
-
-fn counter(out: &mut String, name: &str, help: &str, labels: &[(&str, &str)], v: f64) {
-    header(out, name, help, "counter");
-    sample(out, name, labels, v);
-}
-
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], v: f64) {
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (i, (k, val)) in labels.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{k}=\"{}\"", escape_label(val));
-        }
-        out.push('}');
-    }
-    let _ = writeln!(out, " {}", format_float(v));
-}
-
-/// Label values escape backslash, double quote and newline.
-pub fn escape_label(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
-        }
-    }
-    s
-}
-
-/// HELP text escapes backslash and newline.
-fn escape_help(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-fn format_float(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        }
-    } else if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
     }
 }
 

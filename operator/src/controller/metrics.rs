@@ -1,5 +1,5 @@
-//! Controller metrics in the Prometheus text format: reconciles, failures by error label,
-//! reconcile duration, and whether this replica leads.
+//! Controller metrics in the Prometheus text format ([`kvroute_contract::prom`]): reconciles,
+//! failures by error label, reconcile duration, and whether this replica leads.
 //!
 //! Owns only counters and their rendering; the HTTP server is `serve`.
 
@@ -9,33 +9,36 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kvroute_contract::prom::{self, counter, gauge, header, sample, Histogram};
+
 /// Upper bounds (seconds) of the reconcile-duration histogram buckets.
-const BUCKETS: [f64; 9] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Counters shared by reconcile, error_policy and the leader loop.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     reconciles: AtomicU64,
     failures: Mutex<BTreeMap<&'static str, u64>>,
-    bucket_counts: [AtomicU64; BUCKETS.len()],
-    duration_count: AtomicU64,
-    duration_sum_us: AtomicU64,
+    duration: Histogram,
     leader: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            reconciles: AtomicU64::new(0),
+            failures: Mutex::new(BTreeMap::new()),
+            duration: Histogram::new(BUCKETS),
+            leader: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Metrics {
     /// Counts one reconcile and its duration.
     pub fn observe_reconcile(&self, took: Duration) {
         self.reconciles.fetch_add(1, Ordering::Relaxed);
-        let secs = took.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                self.bucket_counts[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.duration_count.fetch_add(1, Ordering::Relaxed);
-        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.duration_sum_us.fetch_add(us, Ordering::Relaxed);
+        self.duration.observe_duration(took);
     }
 
     /// Counts one failed reconcile under its error label.
@@ -62,62 +65,42 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# HELP kvroute_operator_reconciles_total Reconciles run."
+        counter(
+            &mut s,
+            "kvroute_operator_reconciles_total",
+            "Reconciles run.",
+            &[],
+            self.reconciles() as f64,
         );
-        let _ = writeln!(s, "# TYPE kvroute_operator_reconciles_total counter");
-        let _ = writeln!(s, "kvroute_operator_reconciles_total {}", self.reconciles());
-        let _ = writeln!(
-            s,
-            "# HELP kvroute_operator_reconcile_errors_total Reconciles that failed, by error."
+        header(
+            &mut s,
+            "kvroute_operator_reconcile_errors_total",
+            "Reconciles that failed, by error.",
+            "counter",
         );
-        let _ = writeln!(s, "# TYPE kvroute_operator_reconcile_errors_total counter");
         if let Ok(f) = self.failures.lock() {
             for (label, n) in f.iter() {
-                let _ = writeln!(
-                    s,
-                    "kvroute_operator_reconcile_errors_total{{error=\"{label}\"}} {n}"
+                sample(
+                    &mut s,
+                    "kvroute_operator_reconcile_errors_total",
+                    &[("error", label)],
+                    *n as f64,
                 );
             }
         }
-        let _ = writeln!(
-            s,
-            "# HELP kvroute_operator_reconcile_duration_seconds Time spent in reconcile."
+        self.duration.write(
+            &mut s,
+            "kvroute_operator_reconcile_duration_seconds",
+            "Time spent in reconcile.",
+            &[],
         );
-        let _ = writeln!(
-            s,
-            "# TYPE kvroute_operator_reconcile_duration_seconds histogram"
-        );
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let n = self.bucket_counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                s,
-                "kvroute_operator_reconcile_duration_seconds_bucket{{le=\"{b}\"}} {n}"
-            );
-        }
-        let count = self.duration_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            s,
-            "kvroute_operator_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let sum = self.duration_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(s, "kvroute_operator_reconcile_duration_seconds_sum {sum}");
-        let _ = writeln!(
-            s,
-            "kvroute_operator_reconcile_duration_seconds_count {count}"
-        );
-        let _ = writeln!(
-            s,
-            "# HELP kvroute_operator_leader 1 when this replica holds the leader Lease."
-        );
-        let _ = writeln!(s, "# TYPE kvroute_operator_leader gauge");
-        let _ = writeln!(
-            s,
-            "kvroute_operator_leader {}",
-            u8::from(self.leader.load(Ordering::Relaxed))
+        gauge(
+            &mut s,
+            "kvroute_operator_leader",
+            "1 when this replica holds the leader Lease.",
+            &[],
+            f64::from(u8::from(self.leader.load(Ordering::Relaxed))),
         );
         s
     }
@@ -142,10 +125,7 @@ pub async fn serve_on(
                 let m = metrics.clone();
                 async move {
                     (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4",
-                        )],
+                        [(axum::http::header::CONTENT_TYPE, prom::CONTENT_TYPE)],
                         m.render(),
                     )
                 }
