@@ -6,8 +6,9 @@
    `use crate::{a, b}` groups) form a graph that must have no cycle. `lib.rs`, `main.rs` and
    `mod.rs` files only declare and re-export their children, so they are not sources of edges;
    test modules (`#[cfg(test)] mod ...` to the end of a file) are not counted.
-2. The routing core stays pure: `cargo tree -p kvroute-routing -e normal` names none of
-   tokio, hyper, tonic, axum or kube (skipped with --no-cargo).
+2. Dependency rules (`cargo tree -e normal`; skipped with --no-cargo): the routing core stays
+   pure (no tokio, hyper, tonic, axum or kube); the gateway and `kvroute-text` link no engine
+   (no weights, kernels or model-file readers).
 
 Usage: scripts/check-architecture.py [--no-cargo] [ROOT]
 """
@@ -18,6 +19,16 @@ import subprocess
 import sys
 
 RUNTIME_CRATES = ("tokio", "hyper", "tonic", "axum", "kube", "k8s-openapi")
+# (crate, crates it must not depend on, why)
+FORBIDDEN = [
+    ("kvroute-routing", RUNTIME_CRATES, "it must stay pure"),
+    (
+        "kvroute-gateway",
+        ("kvroute-engine", "cudarc", "safetensors", "memmap2"),
+        "the gateway needs only kvroute-text of a model (no weights, kernels or file readers)",
+    ),
+    ("kvroute-text", ("kvroute-engine", "tokio"), "it is the light part of a model"),
+]
 PATH_RE = re.compile(r"\b(crate|super)((?:::[A-Za-z_][A-Za-z0-9_]*)+)(::\{([^}]*)\})?")
 GROUP_RE = re.compile(r"\b(crate|super)::\{([^}]*)\}")
 TEST_MOD_RE = re.compile(r"^\s*#\[cfg\(test\)\]\s*\n\s*(pub(\(crate\))?\s+)?mod\s+\w+\s*\{", re.M)
@@ -135,23 +146,30 @@ def check_crate(src):
     return problems
 
 
-def check_routing_purity(root):
+def normal_deps(root, crate):
+    """The crates `crate` depends on (normal edges, transitively), or an error string."""
     out = subprocess.run(
-        ["cargo", "tree", "-p", "kvroute-routing", "-e", "normal", "--prefix", "none"],
+        ["cargo", "tree", "-p", crate, "-e", "normal", "--prefix", "none"],
         cwd=root,
         capture_output=True,
         text=True,
     )
     if out.returncode != 0:
-        return [f"cargo tree -p kvroute-routing failed: {out.stderr.strip()}"]
-    bad = sorted(
-        {
-            line.split()[0]
-            for line in out.stdout.splitlines()
-            if line.split() and line.split()[0] in RUNTIME_CRATES
-        }
-    )
-    return [f"kvroute-routing depends on {', '.join(bad)}: it must stay pure"] if bad else []
+        return None, f"cargo tree -p {crate} failed: {out.stderr.strip()}"
+    return {line.split()[0] for line in out.stdout.splitlines() if line.split()}, None
+
+
+def check_dependency_rules(root):
+    problems = []
+    for crate, banned, why in FORBIDDEN:
+        deps, err = normal_deps(root, crate)
+        if err:
+            problems.append(err)
+            continue
+        bad = sorted(deps & set(banned))
+        if bad:
+            problems.append(f"{crate} depends on {', '.join(bad)}: {why}")
+    return problems
 
 
 def main(argv):
@@ -168,7 +186,7 @@ def main(argv):
     for src in sorted(srcs):
         problems += check_crate(src)
     if cargo:
-        problems += check_routing_purity(root)
+        problems += check_dependency_rules(root)
     for p in problems:
         print(p, file=sys.stderr)
     print(f"architecture: {len(srcs)} crates checked, {len(problems)} problem(s)")

@@ -6,7 +6,6 @@
 
 pub mod api;
 pub mod bench;
-pub mod chat;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -21,5 +20,8 @@ pub mod runtime;
 pub mod safetensors;
 pub mod sample;
 pub mod sched;
-pub mod tokenizer;
 pub mod weights;
+
+/// The tokenizer, chat templates and block hash live in the light crate `kvroute-text` (what a
+/// gateway needs of a model without its weights); the engine's paths name them too.
+pub use kvroute_text::{chat, tokenizer};

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use kvroute_engine::chat::{ChatMessage, ChatTemplate};
-use kvroute_engine::tokenizer::Tokenizer;
+use kvroute_text::chat::{ChatMessage, ChatTemplate};
+use kvroute_text::tokenizer::Tokenizer;
 
 use super::types::PromptPlan;
 
-pub use kvroute_engine::kv::hash::block_hashes;
+pub use kvroute_text::hash::block_hashes;
 
 /// How many output tokens to reserve KV room for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

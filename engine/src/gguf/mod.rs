@@ -429,6 +429,35 @@ impl fmt::Debug for Gguf {
     }
 }
 
+/// The tokenizer (crate `kvroute-text`) reads its `tokenizer.ggml.*` keys through this.
+impl kvroute_text::tokenizer::Metadata for Gguf {
+    type Value = Value;
+    fn get(&self, key: &str) -> Option<&Value> {
+        Gguf::get(self, key)
+    }
+}
+
+impl kvroute_text::tokenizer::MetaValue for Value {
+    fn as_str(&self) -> Option<&str> {
+        Value::as_str(self)
+    }
+    fn as_u64(&self) -> Option<u64> {
+        Value::as_u64(self)
+    }
+    fn as_i64(&self) -> Option<i64> {
+        Value::as_i64(self)
+    }
+    fn as_bool(&self) -> Option<bool> {
+        Value::as_bool(self)
+    }
+    fn items(&self) -> Option<&[Value]> {
+        self.as_array()
+    }
+    fn describe(&self) -> String {
+        Value::describe(self)
+    }
+}
+
 impl Gguf {
     /// Reads the file at `path` into huge-page memory (see `read_into_huge_pages`) and parses it.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {

@@ -5,7 +5,7 @@
 //! exactly; the scheduler (`engine::sched`) decides with it, the model runner writes KV into the
 //! blocks it names, and the agent reports its [`CapacitySnapshot`] and [`BlockEvent`]s.
 
-pub mod hash;
+pub use kvroute_text::hash;
 pub mod host;
 pub mod manager;
 pub mod pool;

@@ -1,6 +1,14 @@
-use super::*;
-use crate::gguf::writer::{byte_level_alphabet, GgufWriter};
+//! The tokenizer (crate `kvroute-text`) built from GGUF metadata the engine reads: byte-level BPE,
+//! pre-tokenizers, special tokens, malformed metadata, the serialized form.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use kvroute_engine::gguf::writer::{byte_level_alphabet, GgufWriter};
+use kvroute_engine::gguf::Gguf;
+use kvroute_engine::tokenizer::*;
 use proptest::prelude::*;
+use std::path::Path;
+use tokenizers::models::bpe::BPE;
+use tokenizers::AddedToken;
 
 const SPECIALS: &[&str] = &["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 const MERGES: &[&str] = &[

@@ -23,8 +23,6 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 use tracing::debug;
 
-use crate::gguf::{Gguf, Value};
-
 /// Result alias for this module.
 pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
 
@@ -121,7 +119,30 @@ fn build_err(e: impl std::fmt::Display) -> TokenizerError {
     TokenizerError::Build(e.to_string())
 }
 
-fn meta_str<'a>(g: &'a Gguf, key: &'static str) -> Result<Option<&'a str>> {
+/// A model file's metadata, as the tokenizer reads it: GGUF's key/value pairs
+/// (`tokenizer.ggml.*`). The engine's GGUF reader implements it; nothing else here knows the file
+/// format.
+pub trait Metadata {
+    type Value: MetaValue;
+    /// The value under `key`, if the file has one.
+    fn get(&self, key: &str) -> Option<&Self::Value>;
+}
+
+/// One metadata value.
+pub trait MetaValue: Sized {
+    fn as_str(&self) -> Option<&str>;
+    /// An unsigned integer of any width.
+    fn as_u64(&self) -> Option<u64>;
+    /// A signed or unsigned integer that fits.
+    fn as_i64(&self) -> Option<i64>;
+    fn as_bool(&self) -> Option<bool>;
+    /// The items of an array.
+    fn items(&self) -> Option<&[Self]>;
+    /// What the value is, for error messages ("string", "array of 3 U32", ...).
+    fn describe(&self) -> String;
+}
+
+fn meta_str<'a, G: Metadata>(g: &'a G, key: &'static str) -> Result<Option<&'a str>> {
     match g.get(key) {
         None => Ok(None),
         Some(v) => v.as_str().map(Some).ok_or(TokenizerError::BadValue {
@@ -131,7 +152,7 @@ fn meta_str<'a>(g: &'a Gguf, key: &'static str) -> Result<Option<&'a str>> {
     }
 }
 
-fn meta_id(g: &Gguf, key: &'static str, vocab: usize) -> Result<Option<u32>> {
+fn meta_id<G: Metadata>(g: &G, key: &'static str, vocab: usize) -> Result<Option<u32>> {
     match g.get(key) {
         None => Ok(None),
         Some(v) => {
@@ -154,7 +175,7 @@ fn meta_id(g: &Gguf, key: &'static str, vocab: usize) -> Result<Option<u32>> {
     }
 }
 
-fn meta_bool(g: &Gguf, key: &'static str) -> Result<Option<bool>> {
+fn meta_bool<G: Metadata>(g: &G, key: &'static str) -> Result<Option<bool>> {
     match g.get(key) {
         None => Ok(None),
         Some(v) => v.as_bool().map(Some).ok_or(TokenizerError::BadValue {
@@ -164,23 +185,25 @@ fn meta_bool(g: &Gguf, key: &'static str) -> Result<Option<bool>> {
     }
 }
 
-fn meta_strings<'a>(g: &'a Gguf, key: &'static str) -> Result<Option<Vec<&'a str>>> {
+fn meta_strings<'a, G: Metadata>(g: &'a G, key: &'static str) -> Result<Option<Vec<&'a str>>> {
     match g.get(key) {
         None => Ok(None),
-        Some(Value::Array(_, items)) => items
-            .iter()
-            .map(|v| {
-                v.as_str().ok_or(TokenizerError::BadValue {
-                    key,
-                    why: format!("expected strings, found {}", v.describe()),
+        Some(v) => match v.items() {
+            Some(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_str().ok_or(TokenizerError::BadValue {
+                        key,
+                        why: format!("expected strings, found {}", v.describe()),
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some),
-        Some(v) => Err(TokenizerError::BadValue {
-            key,
-            why: format!("expected an array of strings, found {}", v.describe()),
-        }),
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            None => Err(TokenizerError::BadValue {
+                key,
+                why: format!("expected an array of strings, found {}", v.describe()),
+            }),
+        },
     }
 }
 
@@ -222,7 +245,7 @@ impl Tokenizer {
     /// Builds the tokenizer a GGUF file describes (`tokenizer.ggml.model = "gpt2"`: byte-level BPE
     /// with `tokenizer.ggml.tokens`, `.merges`, `.token_type`, `.pre`, special ids and
     /// `.add_bos_token`), plus its `tokenizer.chat_template`.
-    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+    pub fn from_gguf<G: Metadata>(g: &G) -> Result<Self> {
         let model = meta_str(g, "tokenizer.ggml.model")?
             .ok_or(TokenizerError::Missing("tokenizer.ggml.model"))?;
         if model != "gpt2" {
@@ -239,9 +262,9 @@ impl Tokenizer {
                 why: format!("{n} tokens"),
             });
         }
-        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").map(|v| (v, v.items())) {
             None => vec![1; n],
-            Some(Value::Array(_, items)) if items.len() == n => items
+            Some((_, Some(items))) if items.len() == n => items
                 .iter()
                 .map(|v| {
                     v.as_i64().ok_or(TokenizerError::BadValue {
@@ -250,7 +273,7 @@ impl Tokenizer {
                     })
                 })
                 .collect::<Result<_>>()?,
-            Some(v) => {
+            Some((v, _)) => {
                 return Err(TokenizerError::BadValue {
                     key: "tokenizer.ggml.token_type",
                     why: format!("expected an array of {n} integers, found {}", v.describe()),
@@ -623,6 +646,3 @@ impl StreamDecoder {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;
