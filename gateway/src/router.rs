@@ -26,6 +26,7 @@ use super::metrics::Metrics;
 use super::types::{AgentSnapshot, ModelSpecSettings, PromptPlan, QueueEntry, QueueSnapshot};
 use kvroute_contract::dispatch::format_dispatch;
 use kvroute_routing::admission::{AdmissionQueue, EntryId, Full, Priority};
+use kvroute_routing::queue::{QueuePass, Queued};
 use kvroute_routing::{
     Cluster, Decision, PolicyConfig, PolicyKind, Reject, Report, ReservationHandle, Route,
     RouteRequest, Slot, SplitMix64,
@@ -209,14 +210,10 @@ struct Core {
     settings: HashMap<String, ModelSettings>,
     /// Queued requests per model (for each model's queue bound).
     queued: HashMap<String, usize>,
-    /// Scratch of [`Router::pump`]: the queue's order, the claimed agents (bitset over slots)
-    /// and the models all of whose agents are claimed.
+    /// Scratch of [`Router::pump`]: the queue's order, and the pass over it (what the requests
+    /// decided so far claimed and hold).
     order: Vec<EntryId>,
-    claimed: Vec<u64>,
-    held: Vec<u64>,
-    /// Scratch for [`HeldPrefixes`] (one per pump).
-    held_prefixes: kvroute_routing::HeldPrefixes,
-    blocked: Vec<String>,
+    pass: QueuePass,
     /// Holds asked for requests that stopped waiting for that agent before the answer came:
     /// (ask, slot, most free blocks it may take). Until the answer says nothing is held, or the
     /// hold it placed is released, those blocks are counted as taken there: the agent's reports
@@ -360,14 +357,11 @@ impl Router {
                 settings: HashMap::new(),
                 queued: HashMap::new(),
                 order: Vec::new(),
-                claimed: Vec::new(),
-                held: Vec::new(),
-                held_prefixes: Default::default(),
+                pass: QueuePass::default(),
                 stray_asks: std::cell::RefCell::new(Vec::new()),
                 holdless: Vec::new(),
                 next_ask: std::cell::Cell::new(0),
                 ranked: Vec::new(),
-                blocked: Vec::new(),
             }),
             cancels: Mutex::new(Vec::new()),
             wake: Notify::new(),
@@ -775,14 +769,8 @@ impl Router {
         let mut order = std::mem::take(&mut core.order);
         core.queue.order(&mut order);
         self.cache_first(core, &mut order);
-        let mut claimed = std::mem::take(&mut core.claimed);
-        claimed.clear();
-        claimed.resize(core.cluster.agents().len().div_ceil(64), 0);
-        let mut held = std::mem::take(&mut core.held);
-        held.clear();
-        held.resize(core.cluster.agents().len(), 0);
-        let mut held_prefixes = std::mem::take(&mut core.held_prefixes);
-        held_prefixes.clear();
+        let mut pass = std::mem::take(&mut core.pass);
+        pass.begin(core.cluster.agents().len());
         // Holds asked and not yet answered may take up to their `max_free` blocks at any moment,
         // and the agent's reports do not show them yet: count them taken whatever the order (a
         // request ranked ahead of the asking one in this pump would otherwise be sent into that
@@ -795,13 +783,9 @@ impl Router {
             });
         let strays = core.stray_asks.borrow();
         for (slot, blocks) in asked.chain(strays.iter().map(|&(_, s, m)| (s, m))) {
-            if let Some(h) = held.get_mut(slot) {
-                *h = h.saturating_add(blocks);
-            }
+            count_ask(pass.held_mut(), Some((slot, blocks)));
         }
         drop(strays);
-        let mut blocked = std::mem::take(&mut core.blocked);
-        blocked.clear();
         for &id in &order {
             let Some(w) = core.queue.get(id) else {
                 continue;
@@ -811,7 +795,7 @@ impl Router {
                 self.forget(core, id);
                 continue;
             }
-            let blocked_model = blocked.contains(&w.plan.model);
+            let blocked_model = pass.is_blocked(&w.plan.model);
             if blocked_model && w.looked_at.get() {
                 continue;
             }
@@ -829,34 +813,33 @@ impl Router {
             // Its own unanswered ask takes nothing from itself.
             let own_ask = match w.hold.get() {
                 HoldState::Asked(slot, _, m) => {
-                    if let Some(h) = held.get_mut(slot) {
+                    if let Some(h) = pass.held_mut().get_mut(slot) {
                         *h = h.saturating_sub(m);
                     }
                     Some((slot, m))
                 }
                 _ => None,
             };
-            let req = RouteRequest {
+            let q = Queued {
                 model: &w.plan.model,
                 prompt_tokens: w.plan.prompt_tokens,
                 output_tokens: w.plan.output_tokens,
                 block_size: w.plan.block_size,
                 block_hashes: &w.plan.block_hashes,
                 exclude: &w.exclude,
-                claimed: &claimed,
-                held: &held,
                 may_hold,
                 home: w.home.get(),
             };
             let now = self.now_ms();
+            let mut held_before = 0;
             let decision = if blocked_model {
                 // Every agent of its model is claimed: it can only wait, unless it can never be
                 // served at all (told once, at once, rather than at its deadline).
                 w.looked_at.set(true);
-                match core.cluster.rejection(&req) {
+                match pass.rejection(&core.cluster, &q) {
                     Some(r) => Decision::Reject(r),
                     None => {
-                        count_ask(&mut held, own_ask);
+                        count_ask(pass.held_mut(), own_ask);
                         continue;
                     }
                 }
@@ -864,8 +847,10 @@ impl Router {
                 let first = !w.looked_at.get();
                 w.looked_at.set(true);
                 let t = Instant::now();
-                let d = core.cluster.decide(&cfg, &req, now, &mut core.rng);
+                let passed = pass.decide(&mut core.cluster, &cfg, &q, now, &mut core.rng);
                 self.metrics.observe_decision(t.elapsed());
+                held_before = passed.held_before;
+                let d = passed.decision;
                 if first {
                     let (kind, r) = match &d {
                         Decision::Route(r) => ("route", Some(r)),
@@ -886,38 +871,22 @@ impl Router {
             };
             // Unless it goes where it asked, its ask stays outstanding (or becomes stray).
             if !matches!((&decision, own_ask), (Decision::Route(r), Some((s, _))) if r.slot == s) {
-                count_ask(&mut held, own_ask);
+                count_ask(pass.held_mut(), own_ask);
             }
             let outcome = match decision {
-                Decision::Wait => {
-                    let all = core.cluster.claim_for(
-                        &cfg,
-                        &w.plan.model,
-                        w.plan.prompt_tokens,
-                        &w.exclude,
-                        now,
-                        &mut claimed,
-                    );
-                    if all {
-                        blocked.push(w.plan.model.clone());
-                    }
-                    continue;
-                }
+                // The pass claimed its agents (it waits for any of them).
+                Decision::Wait => continue,
                 Decision::Hold(route) => {
                     self.metrics.count_held();
                     w.home.set(Some(route.slot));
-                    // It waits for this agent: later requests must not take that room.
-                    let before = held.get(route.slot).copied().unwrap_or(0);
-                    let charge = held_prefixes.charge(&route, &w.plan.block_hashes);
-                    if let Some(h) = held.get_mut(route.slot) {
-                        *h = h.saturating_add(charge);
-                    }
+                    // It waits for this agent: the pass counts that room held from later
+                    // requests.
                     if cfg.kind == PolicyKind::Kv {
                         let max_free = core.cluster.agents().get(route.slot).map_or(0, |a| {
                             a.report
                                 .free_blocks
                                 .saturating_sub(a.reserved_blocks())
-                                .saturating_sub(before)
+                                .saturating_sub(held_before)
                         });
                         self.want_hold(core, (id, w), &route, max_free, timeout);
                     }
@@ -930,7 +899,7 @@ impl Router {
                     let trace = w.trace.then(|| {
                         let req = route_request(&w.plan, &w.exclude, may_hold, w.home.get());
                         let filters_req = RouteRequest {
-                            claimed: &claimed,
+                            claimed: pass.claimed(),
                             ..req
                         };
                         trace_of(&core.cluster, &cfg, &req, &filters_req, now)
@@ -981,10 +950,7 @@ impl Router {
             }
         }
         core.order = order;
-        core.claimed = claimed;
-        core.held = held;
-        core.held_prefixes = held_prefixes;
-        core.blocked = blocked;
+        core.pass = pass;
         self.metrics.set_queue_depth(core.queue.len());
     }
 

@@ -8,7 +8,9 @@
 //! - [`pipeline`]: a decision as filters → weighted [`Scorer`](scorer::Scorer)s → a picker;
 //!   [`scorer`]: what a scorer sees; [`scorers`]: the built-in ones; [`registry`]: scorers by name; [`policy`]: the presets and what a decision takes and
 //!   gives; [`cost`]: the `kv` policy's model of a request's time on an agent;
-//! - [`admission`]: the priority- and tenant-fair admission queue;
+//! - [`admission`]: the priority- and tenant-fair admission queue; [`queue`]: one pass over it
+//!   (each queued request decided with what the ones before it claimed or held), run by the
+//!   gateway's router and the simulator alike;
 //! - [`autoscale`]: how many replicas a model needs from its KV signal (used by the operator).
 
 pub mod admission;
@@ -18,6 +20,7 @@ pub mod cost;
 pub(crate) mod index;
 pub mod pipeline;
 pub mod policy;
+pub mod queue;
 pub mod registry;
 pub mod scorer;
 pub mod scorers;

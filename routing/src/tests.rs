@@ -1980,3 +1980,74 @@ fn held_requests_of_one_cached_prefix_charge_it_once_per_agent() {
     h.clear();
     assert_eq!(h.charge(&route(0, 15, 10), &group), 20);
 }
+
+fn queued<'a>(
+    prompt: u64,
+    output: u64,
+    hashes: &'a [u64],
+    may_hold: bool,
+) -> crate::queue::Queued<'a> {
+    crate::queue::Queued {
+        model: "m",
+        prompt_tokens: prompt,
+        output_tokens: output,
+        block_size: 16,
+        block_hashes: hashes,
+        exclude: &[],
+        may_hold,
+        home: None,
+    }
+}
+
+#[test]
+fn a_queue_pass_keeps_a_waiting_requests_agents_from_a_later_smaller_one() {
+    let mut c = cluster(&[(100, 5)]);
+    let cfg = PolicyConfig::default();
+    let mut pass = crate::queue::QueuePass::default();
+    pass.begin(c.agents().len());
+    // 10 blocks against 5 free: it waits, and claims the model's only agent.
+    let big = queued(144, 16, &[], false);
+    let d = pass.decide(&mut c, &cfg, &big, 0, &mut SplitMix64(1));
+    assert_eq!(d.decision, Decision::Wait);
+    assert!(pass.is_blocked("m"));
+    assert!(!pass.is_blocked("other"));
+    // 2 blocks would fit, but the room is the first one's.
+    let small = queued(16, 16, &[], false);
+    let d = pass.decide(&mut c, &cfg, &small, 0, &mut SplitMix64(1));
+    assert_eq!(d.decision, Decision::Wait);
+    // A new pass forgets the claims: alone, it routes.
+    pass.begin(c.agents().len());
+    assert!(!pass.is_blocked("m"));
+    let d = pass.decide(&mut c, &cfg, &small, 0, &mut SplitMix64(1));
+    assert!(
+        matches!(d.decision, Decision::Route(r) if r.slot == 0),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn a_queue_pass_counts_held_requests_room_for_the_ones_after_them() {
+    let hashes = group_hashes();
+    let mut c = locality_cluster(0, 60);
+    let cfg = PolicyConfig::default();
+    let mut pass = crate::queue::QueuePass::default();
+    pass.begin(c.agents().len());
+    let q = queued(280, 32, &hashes, true);
+    let first = pass.decide(&mut c, &cfg, &q, 0, &mut SplitMix64(1));
+    let Decision::Hold(r1) = first.decision else {
+        panic!("{first:?}")
+    };
+    assert_eq!((r1.slot, first.held_before), (0, 0));
+    assert_eq!(pass.held_mut()[0], r1.need_blocks);
+    // The second of the group waits there too, behind the first's blocks.
+    let second = pass.decide(&mut c, &cfg, &q, 0, &mut SplitMix64(1));
+    let Decision::Hold(r2) = second.decision else {
+        panic!("{second:?}")
+    };
+    assert_eq!((r2.slot, second.held_before), (0, r1.need_blocks));
+    assert_eq!(pass.held_mut()[0], r1.need_blocks + r2.need_blocks);
+    assert_eq!(pass.held_mut()[1], 0);
+    // A new pass starts with nothing held.
+    pass.begin(c.agents().len());
+    assert_eq!(pass.held_mut(), &[0, 0]);
+}

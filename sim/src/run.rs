@@ -15,8 +15,9 @@ use kvroute_engine::runtime::StepSpeed;
 use kvroute_engine::sched::{SchedConfig, Scheduler, SeqSpec};
 use kvroute_routing::admission::{AdmissionQueue, EntryId, Priority};
 use kvroute_routing::cluster::REPUMP_MS;
+use kvroute_routing::queue::Queued;
 use kvroute_routing::{
-    CacheEvent, Cluster, Decision, PolicyConfig, PolicyKind, Report, RouteRequest, Slot, SplitMix64,
+    CacheEvent, Cluster, Decision, PolicyConfig, PolicyKind, Report, Slot, SplitMix64,
 };
 
 use crate::config::Resolved;
@@ -136,9 +137,7 @@ struct Gateway {
     agent_of: Vec<u32>,
     queue: AdmissionQueue<Waiter>,
     order: Vec<EntryId>,
-    claimed: Vec<u64>,
-    held: Vec<u64>,
-    held_prefixes: kvroute_routing::HeldPrefixes,
+    pass: kvroute_routing::queue::QueuePass,
     rng: SplitMix64,
     pump_at: Option<u64>,
     /// When the last pass over the queue ran.
@@ -263,9 +262,7 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
             agent_of,
             queue: AdmissionQueue::new(cfg.gateways.max_queue as usize),
             order: Vec::new(),
-            claimed: Vec::new(),
-            held: Vec::new(),
-            held_prefixes: Default::default(),
+            pass: Default::default(),
             rng: SplitMix64(cfg.seed ^ (g as u64).wrapping_mul(0x5555_5555_5555_5555)),
             pump_at: None,
             last_pump: None,
@@ -559,13 +556,7 @@ impl Sim<'_> {
                 order.clear();
                 order.extend(ranked.iter().map(|r| r.1));
             }
-            let n = gw.cluster.agents().len();
-            gw.claimed.clear();
-            gw.claimed.resize(n.div_ceil(64), 0);
-            gw.held.clear();
-            gw.held.resize(n, 0);
-            gw.held_prefixes.clear();
-            let mut blocked = false;
+            gw.pass.begin(gw.cluster.agents().len());
             let queued = gw.queue.len();
             for &id in &order {
                 let Some(w) = gw.queue.get(id) else {
@@ -577,43 +568,30 @@ impl Sim<'_> {
                     }
                     continue;
                 }
-                if blocked {
+                if gw.pass.is_blocked(MODEL) {
                     continue;
                 }
                 let rec = &self.records[w.req as usize];
-                let req = RouteRequest {
+                let q = Queued {
                     model: MODEL,
                     prompt_tokens: u64::from(rec.prompt_tokens),
                     output_tokens: u64::from(rec.spec.output_tokens),
                     block_size: self.r.cfg.agents.block_size,
                     block_hashes: &w.hashes,
                     exclude: &[],
-                    claimed: &gw.claimed,
-                    held: &gw.held,
                     may_hold: queued <= max_queue,
                     home: w.home,
                 };
                 let t = Instant::now();
-                let d = gw.cluster.decide(&cfg, &req, now_ms, &mut gw.rng);
+                let d = gw
+                    .pass
+                    .decide(&mut gw.cluster, &cfg, &q, now_ms, &mut gw.rng)
+                    .decision;
                 self.stats.decisions += 1;
                 self.stats.decision_wall_ns += t.elapsed().as_nanos() as u64;
                 match d {
-                    Decision::Wait => {
-                        let all = gw.cluster.claim_for(
-                            &cfg,
-                            MODEL,
-                            u64::from(rec.prompt_tokens),
-                            &[],
-                            now_ms,
-                            &mut gw.claimed,
-                        );
-                        blocked |= all;
-                    }
+                    Decision::Wait => {}
                     Decision::Hold(route) => {
-                        let charge = gw.held_prefixes.charge(&route, &w.hashes);
-                        if let Some(h) = gw.held.get_mut(route.slot) {
-                            *h = h.saturating_add(charge);
-                        }
                         if let Some(w) = gw.queue.get_mut(id) {
                             w.home = Some(route.slot);
                         }
