@@ -83,6 +83,10 @@ pub struct GatewayArgs {
     /// waiting on the agent (its uncached prefill time, once per such request).
     #[arg(long, default_value_t = kvroute_routing::cost::STALL)]
     pub cost_stall: f64,
+    /// kv policy, with `--slo-ttft`: weight of each predicted second of a request's time to first
+    /// token past what is left of the target (a late request no longer counts toward goodput).
+    #[arg(long, default_value_t = kvroute_routing::cost::LATE)]
+    pub cost_late: f64,
     /// kv policy: how long a queued request may be passed by later ones with more of their
     /// prompt cached on an agent (they take little room and prefill; 0 = arrival order).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -419,6 +423,7 @@ impl GatewayArgs {
             ("--cost-decode", self.cost_decode),
             ("--cost-stick", self.cost_stick),
             ("--cost-stall", self.cost_stall),
+            ("--cost-late", self.cost_late),
         ] {
             if !w.is_finite() || w < 0.0 {
                 return Err(ConfigError::Invalid {
@@ -496,6 +501,7 @@ impl GatewayArgs {
                     decode: self.cost_decode,
                     stick: self.cost_stick,
                     stall: self.cost_stall,
+                    late: self.cost_late,
                 },
                 priors: Priors::default(),
                 stale_after_ms: self.stale_after.as_millis() as u64,
@@ -656,6 +662,22 @@ mod tests {
         let nine: Vec<&str> = ["--scorer", "queue=1"].repeat(9);
         let e = parse(&nine).unwrap_err();
         assert!(e.contains("--scorer") && e.contains("at most 8"), "{e}");
+    }
+
+    #[test]
+    fn cost_late_is_off_by_default_and_a_finite_weight_of_at_least_zero() {
+        assert_eq!(parse(&[]).unwrap().policy.cost.late, 0.0);
+        assert_eq!(
+            parse(&["--cost-late", "2.5"]).unwrap().policy.cost.late,
+            2.5
+        );
+        for bad in ["-1", "nan", "inf"] {
+            let e = parse(&[&format!("--cost-late={bad}")]).unwrap_err();
+            assert!(
+                e.contains("--cost-late") && e.contains("finite"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -65,6 +65,7 @@ fn route_request<'a>(
     exclude: &'a [Slot],
     may_hold: bool,
     home: Option<Slot>,
+    waited_ms: u64,
 ) -> RouteRequest<'a> {
     RouteRequest {
         model: &plan.model,
@@ -77,6 +78,7 @@ fn route_request<'a>(
         held: &[],
         may_hold,
         home,
+        waited_ms,
     }
 }
 
@@ -599,7 +601,7 @@ impl Router {
             .settings
             .get(&plan.model)
             .map_or(self.defaults.policy, |s| s.policy);
-        let req = route_request(plan, &[], true, None);
+        let req = route_request(plan, &[], true, None, 0);
         let now = self.now_ms();
         // Its own random source: asking must not change the tie-breaks of real requests.
         let d = core.cluster.decide(&cfg, &req, now, &mut SplitMix64(0));
@@ -829,6 +831,7 @@ impl Router {
                 exclude: &w.exclude,
                 may_hold,
                 home: w.home.get(),
+                waited_ms: w.queued_at.elapsed().as_millis().min(u128::from(u64::MAX)) as u64,
             };
             let now = self.now_ms();
             let mut held_before = 0;
@@ -897,7 +900,8 @@ impl Router {
                     // What the estimates read of the request (its claims and holds were already
                     // applied to the candidates' room).
                     let trace = w.trace.then(|| {
-                        let req = route_request(&w.plan, &w.exclude, may_hold, w.home.get());
+                        let req =
+                            route_request(&w.plan, &w.exclude, may_hold, w.home.get(), q.waited_ms);
                         let filters_req = RouteRequest {
                             claimed: pass.claimed(),
                             ..req

@@ -115,6 +115,7 @@ fn request(hashes: &[u64]) -> RouteRequest<'_> {
         held: &[],
         may_hold: true,
         home: None,
+        waited_ms: 0,
     }
 }
 

@@ -72,6 +72,10 @@ pub struct CostWeights {
     /// Weight of the stall the request's prefill imposes on the requests running or waiting
     /// there (its prefill time, once per such request).
     pub stall: f64,
+    /// Weight of each predicted second of time to first token past the request's budget
+    /// ([`Ask::ttft_budget_s`]): a request that misses its TTFT target no longer counts toward
+    /// goodput, so an agent that would make it miss costs more than its time.
+    pub late: f64,
 }
 
 impl Default for CostWeights {
@@ -83,6 +87,7 @@ impl Default for CostWeights {
             decode: DECODE,
             stick: STICK,
             stall: STALL,
+            late: LATE,
         }
     }
 }
@@ -105,6 +110,15 @@ pub const STICK: f64 = 3.0;
 /// llm-d's 99.2 %; at 10 and 10, 99.2-99.4 % against 99.2-99.9 %, and on the hotter
 /// h100-100-hot.json 74.3-78.6 % against 72.2-76.1 %.
 pub const STALL: f64 = 10.0;
+
+/// Default [`CostWeights::late`]: off. It counts only with a TTFT target set (`--slo-ttft`), and
+/// on `kvroute sim`'s hot workload (bench/sim/h100-100-hot.json with the TPOT and TTFT targets,
+/// seeds 1-3, 2026-12-07) it lost goodput: 164-197 req/s at 10 and 243-270 at 1 (mean 257;
+/// TTFT p99 3.1-3.4 s) against 255-285 at 0 (mean 270; 3.9-4.1 s). Moving a request off the
+/// agent it waits for, to one with room now, recomputes
+/// its prefix and slows that agent's decode steps: more requests then miss the TPOT target than
+/// the move saves from missing the TTFT one.
+pub const LATE: f64 = 0.0;
 
 /// Default [`CostWeights::decode`] (see [`STALL`]).
 pub const DECODE: f64 = 10.0;
@@ -155,6 +169,9 @@ pub struct Ask {
     /// waiting for an agent).
     pub moved_tokens: u64,
     pub output_tokens: u64,
+    /// Seconds left of the request's TTFT target (the target less the time it has waited; 0:
+    /// no target, or already missed).
+    pub ttft_budget_s: f64,
 }
 
 /// The prediction for one agent.
@@ -171,6 +188,8 @@ pub struct Estimate {
     /// The request's own prefill time times the requests running or waiting there: what its
     /// prefill delays them by, together.
     pub stall_s: f64,
+    /// Predicted time to first token past [`Ask::ttft_budget_s`] (0 within it, or with none).
+    pub late_s: f64,
     /// Weighted sum: what the policy minimises.
     pub cost: f64,
 }
@@ -260,6 +279,11 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
         1.0
     };
     let (wait_s, prefill_s) = (wait_s * scale, prefill_s * scale);
+    let late_s = if ask.ttft_budget_s > 0.0 {
+        (wait_s + prefill_s - ask.ttft_budget_s).max(0.0)
+    } else {
+        0.0
+    };
     Estimate {
         deficit_blocks: deficit,
         wait_s,
@@ -268,12 +292,14 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
         decode_s,
         move_s,
         stall_s,
+        late_s,
         cost: w.wait * wait_s
             + w.prefill * prefill_s
             + w.duplicate * duplicate_s
             + w.decode * decode_s
             + w.stick * move_s
-            + w.stall * stall_s,
+            + w.stall * stall_s
+            + w.late * late_s,
     }
 }
 
@@ -420,6 +446,37 @@ mod tests {
     }
 
     #[test]
+    fn time_past_the_ttft_budget_is_priced_by_the_late_weight_only() {
+        // No room: 10 blocks missing at 20 blocks/s (0.5 s), then 500 tokens at 1,000/s (0.5 s).
+        let load = AgentLoad {
+            room: -10,
+            ..measured()
+        };
+        let ask = |budget: f64| Ask {
+            need_blocks: 0,
+            uncached_tokens: 500,
+            duplicate_tokens: 0,
+            moved_tokens: 0,
+            output_tokens: 10,
+            ttft_budget_s: budget,
+        };
+        let late = CostWeights { late: 4.0, ..w() };
+        let none = estimate(&load, &ask(0.0), &p(), &late);
+        assert!((none.ttft_s() - 1.0).abs() < 1e-9, "{none:?}");
+        assert_eq!(none.late_s, 0.0, "no budget: no term");
+        let within = estimate(&load, &ask(1.5), &p(), &late);
+        assert_eq!(within.late_s, 0.0);
+        assert!((within.cost - none.cost).abs() < 1e-12);
+        let past = estimate(&load, &ask(0.25), &p(), &late);
+        assert!((past.late_s - 0.75).abs() < 1e-9, "{past:?}");
+        assert!((past.cost - none.cost - 3.0).abs() < 1e-9, "{past:?}");
+        // At the default weight (0) the term is reported but costs nothing.
+        let off = estimate(&load, &ask(0.25), &p(), &w());
+        assert!((off.late_s - 0.75).abs() < 1e-9);
+        assert!((off.cost - estimate(&load, &ask(0.0), &p(), &w()).cost).abs() < 1e-12);
+    }
+
+    #[test]
     fn the_stall_is_the_own_prefill_once_per_request_there_and_weighs_only_when_asked() {
         let ask = Ask {
             need_blocks: 1,
@@ -427,6 +484,7 @@ mod tests {
             duplicate_tokens: 0,
             moved_tokens: 0,
             output_tokens: 10,
+            ttft_budget_s: 0.0,
         };
         let busy = AgentLoad {
             waiting: 2,
@@ -574,6 +632,7 @@ mod tests {
                 duplicate_tokens: 0,
                 moved_tokens: 0,
                 output_tokens: 0,
+                ttft_budget_s: 0.0,
             },
             &p(),
             &w(),
@@ -596,6 +655,7 @@ mod tests {
                 duplicate_tokens: 0,
                 moved_tokens: 0,
                 output_tokens: 0,
+                ttft_budget_s: 0.0,
             },
             &p(),
             &w(),
@@ -627,6 +687,7 @@ mod tests {
                     duplicate_tokens: 0,
                     moved_tokens: 0,
                     output_tokens: 32,
+                    ttft_budget_s: 0.0,
                 },
                 &p(),
                 &w(),
@@ -638,6 +699,7 @@ mod tests {
             duplicate_tokens: 240,
             moved_tokens: 0,
             output_tokens: 32,
+            ttft_budget_s: 0.0,
         };
         let on_b = estimate(&b, &ask_b, &p(), &w());
         assert!(on_a(0).cost < on_b.cost, "{:?} vs {on_b:?}", on_a(0));
@@ -691,6 +753,7 @@ mod tests {
             duplicate_tokens: 0,
             moved_tokens: 0,
             output_tokens: 64,
+            ttft_budget_s: 0.0,
         };
         let e0 = estimate(&idle, &ask, &p(), &w());
         let e8 = estimate(&busy, &ask, &p(), &w());
@@ -719,6 +782,7 @@ mod tests {
                 duplicate_tokens: 0,
                 moved_tokens: 0,
                 output_tokens: 0,
+                ttft_budget_s: 0.0,
             },
             &p(),
             &w(),
@@ -771,6 +835,7 @@ mod tests {
             duplicate_tokens: 0,
             moved_tokens: 200,
             output_tokens: 10,
+            ttft_budget_s: 0.0,
         };
         let stay = estimate(
             &measured(),
@@ -808,6 +873,7 @@ mod tests {
             duplicate_tokens: 200,
             moved_tokens: 0,
             output_tokens: 10,
+            ttft_budget_s: 0.0,
         };
         let base = estimate(&measured(), &ask, &p(), &w());
         let slow = estimate(

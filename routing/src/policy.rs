@@ -134,7 +134,8 @@ pub struct PolicyConfig {
     /// `kv` only: the time to first token to keep (milliseconds; 0: no target). A queued request
     /// that has waited this long can no longer meet it: the queue pass serves it after the
     /// requests of its class that still can (in arrival order, until the queue timeout), instead
-    /// of letting it make them late too.
+    /// of letting it make them late too; and the `kv` cost model prices each predicted second of
+    /// a request's time to first token past what is left of it ([`crate::cost::CostWeights::late`]).
     pub ttft_slo_ms: u64,
     /// Scorers (with weights) in place of the preset's own; `None`: the preset's.
     pub scorers: Option<ScorerList>,
@@ -234,6 +235,9 @@ pub struct RouteRequest<'a> {
     /// The agent this queued request waits for (its last decision was to hold there), if any:
     /// elsewhere, the prompt tokens that agent caches are priced by the cost model's `stick`.
     pub home: Option<Slot>,
+    /// Milliseconds it has waited in the queue (0: new): with a TTFT target, what is left of it
+    /// is the cost model's budget.
+    pub waited_ms: u64,
 }
 
 /// The chosen agent and what the choice costs there.

@@ -33,6 +33,8 @@ pub struct Queued<'a> {
     pub may_hold: bool,
     /// The agent it waited for at its last decision, if any.
     pub home: Option<Slot>,
+    /// Milliseconds it has waited in the queue.
+    pub waited_ms: u64,
 }
 
 /// What the pass decided for one request.
@@ -93,6 +95,7 @@ impl QueuePass {
             held: &self.held,
             may_hold: q.may_hold,
             home: q.home,
+            waited_ms: q.waited_ms,
         }
     }
 

@@ -190,5 +190,6 @@ pub fn ask_of(ctx: &ScoreContext<'_>, a: &AgentView, c: &Candidate) -> Ask {
         duplicate_tokens,
         moved_tokens,
         output_tokens: ctx.request.output_tokens,
+        ttft_budget_s: ctx.config.ttft_slo_ms.saturating_sub(ctx.request.waited_ms) as f64 / 1e3,
     }
 }

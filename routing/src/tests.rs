@@ -30,6 +30,7 @@ fn req<'a>(prompt: u64, output: u64, hashes: &'a [u64]) -> RouteRequest<'a> {
         held: &[],
         may_hold: true,
         home: None,
+        waited_ms: 0,
     }
 }
 
@@ -316,6 +317,7 @@ fn kv_spills_when_the_wait_behind_earlier_requests_exceeds_the_recompute() {
         &RouteRequest {
             may_hold: false,
             home: None,
+            waited_ms: 0,
             ..req(280, 32, &hashes)
         },
         0,
@@ -623,6 +625,7 @@ fn waits_when_no_room_and_rejects_never_fitting() {
     let no_hold = RouteRequest {
         may_hold: false,
         home: None,
+        waited_ms: 0,
         ..req(64, 16, &[])
     };
     assert_eq!(
@@ -1121,6 +1124,7 @@ fn run(ops: &[Op], seed: u64, kind: PolicyKind) -> (Vec<Decision>, Sim) {
                     held: &[],
                     may_hold: true,
                     home: None,
+                    waited_ms: 0,
                 };
                 let d = sim.c.decide(&cfg, &rq, sim.now, &mut rng);
                 if let Decision::Hold(r) = &d {
@@ -1597,6 +1601,7 @@ fn a_request_waiting_for_its_agent_moves_only_when_the_other_is_cheaper_by_its_r
     let first = req(180, 64, &hashes);
     let waiting = RouteRequest {
         home: Some(0),
+        waited_ms: 0,
         ..first
     };
     // The terms at weight 1 and no stall: the default stall weight prices a1's two recomputed
@@ -1659,6 +1664,7 @@ fn a_request_waiting_for_its_agent_moves_only_when_the_other_is_cheaper_by_its_r
     // A home that is no candidate (gone, excluded) prices nothing.
     let gone = RouteRequest {
         home: Some(7),
+        waited_ms: 0,
         ..first
     };
     let (_, trace) = decide(&mut c, &cfg, &gone);
@@ -1996,6 +2002,7 @@ fn queued<'a>(
         exclude: &[],
         may_hold,
         home: None,
+        waited_ms: 0,
     }
 }
 
@@ -2050,4 +2057,35 @@ fn a_queue_pass_counts_held_requests_room_for_the_ones_after_them() {
     // A new pass starts with nothing held.
     pass.begin(c.agents().len());
     assert_eq!(pass.held_mut(), &[0, 0]);
+}
+
+#[test]
+fn the_ttft_budget_is_the_target_less_the_time_waited() {
+    let hashes = group_hashes();
+    let mut c = locality_cluster(0, 60);
+    let cfg = PolicyConfig {
+        ttft_slo_ms: 100,
+        ..PolicyConfig::default()
+    };
+    let late_on_a0 = |c: &mut Cluster, waited_ms: u64| {
+        let r = RouteRequest {
+            waited_ms,
+            ..req(280, 32, &hashes)
+        };
+        c.decide(&cfg, &r, 0, &mut SplitMix64(1));
+        let trace = c.explain(&cfg, &r);
+        let t0 = trace.iter().find(|t| t.candidate.slot == 0).unwrap();
+        (t0.estimate.late_s, t0.estimate.ttft_s())
+    };
+    let (fresh, ttft) = late_on_a0(&mut c, 0);
+    assert!(
+        ttft > 0.1,
+        "a0 has no room: a wait, then the prefill ({ttft} s)"
+    );
+    assert!((fresh - (ttft - 0.1)).abs() < 1e-9, "{fresh} {ttft}");
+    let (waited, _) = late_on_a0(&mut c, 60);
+    assert!((waited - (ttft - 0.04)).abs() < 1e-9, "{waited}");
+    // Already past the target: it can no longer be made late.
+    assert_eq!(late_on_a0(&mut c, 100).0, 0.0);
+    assert_eq!(late_on_a0(&mut c, 5_000).0, 0.0);
 }

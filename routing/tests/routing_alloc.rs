@@ -109,6 +109,7 @@ fn decisions_allocate_nothing_once_warm() {
             held: &[],
             may_hold: true,
             home: None,
+            waited_ms: 0,
         };
         c.decide(&cfg, &req, 0, &mut rng)
     };

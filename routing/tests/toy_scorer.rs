@@ -53,6 +53,7 @@ fn request() -> RouteRequest<'static> {
         held: &[],
         may_hold: true,
         home: None,
+        waited_ms: 0,
     }
 }
 

@@ -226,6 +226,7 @@ pub struct KvCost {
     pub decode: Option<f64>,
     pub stick: Option<f64>,
     pub stall: Option<f64>,
+    pub late: Option<f64>,
 }
 
 impl KvCost {
@@ -239,6 +240,7 @@ impl KvCost {
             decode: self.decode.unwrap_or(d.decode),
             stick: self.stick.unwrap_or(d.stick),
             stall: self.stall.unwrap_or(d.stall),
+            late: self.late.unwrap_or(d.late),
         }
     }
 }
@@ -435,6 +437,7 @@ impl SimConfig {
             (w.decode, "decode"),
             (w.stick, "stick"),
             (w.stall, "stall"),
+            (w.late, "late"),
         ] {
             if !(v.is_finite() && (0.0..=1000.0).contains(&v)) {
                 return Err(format!("kv_cost.{what} must be in 0..=1000 (got {v})"));

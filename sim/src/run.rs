@@ -581,6 +581,7 @@ impl Sim<'_> {
                     exclude: &[],
                     may_hold: queued <= max_queue,
                     home: w.home,
+                    waited_ms: self.now.saturating_sub(w.queued_ns) / 1_000_000,
                 };
                 let t = Instant::now();
                 let d = gw
