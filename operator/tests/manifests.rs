@@ -357,6 +357,7 @@ fn rbac_is_least_privilege() {
             s(&["get", "list", "watch", "create", "patch"]),
         ),
         (k("", "pods"), s(&["list"])),
+        (k("policy", "poddisruptionbudgets"), s(&["create", "patch"])),
         (k("events.k8s.io", "events"), s(&["create", "patch"])),
         (
             k("coordination.k8s.io", "leases"),

@@ -165,6 +165,20 @@ impl ApiServerVerifier {
         body
     }
 
+    /// The agents' PodDisruptionBudget: one agent evicted at a time.
+    async fn disruption_budget(&mut self) {
+        let (body, send) = self
+            .apply("/apis/policy/v1/namespaces/default/poddisruptionbudgets/smollm-agent")
+            .await;
+        assert_eq!(body["spec"]["maxUnavailable"], 1);
+        assert_eq!(
+            body["spec"]["selector"]["matchLabels"]["kvroute.dev/model-deployment"],
+            "smollm"
+        );
+        assert_eq!(body["metadata"]["ownerReferences"][0]["controller"], true);
+        reply(send, 200, &body);
+    }
+
     async fn deployment(&mut self, status: Value) -> Value {
         let (mut body, send) = self
             .apply("/apis/apps/v1/namespaces/default/deployments/smollm-agent")
@@ -238,6 +252,7 @@ impl ApiServerVerifier {
         match scenario {
             Scenario::Create(md) => {
                 self.service().await;
+                self.disruption_budget().await;
                 let dep = self
                     .deployment(json!({"replicas": 1, "updatedReplicas": 1, "readyReplicas": 0}))
                     .await;
@@ -250,6 +265,7 @@ impl ApiServerVerifier {
             }
             Scenario::SpecChange(md) => {
                 self.service().await;
+                self.disruption_budget().await;
                 let dep = self
                     .deployment(json!({"replicas": 3, "updatedReplicas": 1, "readyReplicas": 1}))
                     .await;
@@ -265,6 +281,7 @@ impl ApiServerVerifier {
             }
             Scenario::StatusWithCapacity(md) => {
                 self.service().await;
+                self.disruption_budget().await;
                 self.deployment(json!({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2}))
                     .await;
                 self.no_stale("/apis/apps/v1/namespaces/default/daemonsets/smollm-agent")
@@ -280,6 +297,7 @@ impl ApiServerVerifier {
             }
             Scenario::PerNodeSwitch(md) => {
                 self.service().await;
+                self.disruption_budget().await;
                 let (mut body, send) = self
                     .apply("/apis/apps/v1/namespaces/default/daemonsets/smollm-agent")
                     .await;
@@ -320,6 +338,7 @@ impl ApiServerVerifier {
             }
             Scenario::Unchanged => {
                 self.service().await;
+                self.disruption_budget().await;
                 self.deployment(json!({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2}))
                     .await;
                 self.no_stale("/apis/apps/v1/namespaces/default/daemonsets/smollm-agent")
@@ -329,6 +348,7 @@ impl ApiServerVerifier {
             }
             Scenario::Autoscale { md, want } => {
                 self.service().await;
+                self.disruption_budget().await;
                 self.deployment(json!({"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1}))
                     .await;
                 self.no_stale("/apis/apps/v1/namespaces/default/daemonsets/smollm-agent")

@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::{
     ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
     Toleration, TopologySpreadConstraint, Volume, VolumeMount,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -72,6 +73,9 @@ pub enum Workload {
 pub struct Desired {
     pub workload: Workload,
     pub service: Service,
+    /// At most one agent of the model evicted at a time (a node drain, a cluster upgrade): each
+    /// holds a KV cache and streams in flight, and evicting them all at once empties the pool.
+    pub disruption_budget: PodDisruptionBudget,
 }
 
 /// Labels selecting the agent pods of one ModelDeployment.
@@ -168,7 +172,23 @@ pub fn desired(md: &ModelDeployment, defaults: &AgentDefaults) -> Result<Desired
         }),
         ..Default::default()
     };
-    Ok(Desired { workload, service })
+    let disruption_budget = PodDisruptionBudget {
+        metadata: meta(workload_name(&name)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(Desired {
+        workload,
+        service,
+        disruption_budget,
+    })
 }
 
 /// GPU agents roll one at a time without a surge pod (a surge pod would need a free GPU that
@@ -833,5 +853,49 @@ mod tests {
         .unwrap();
         assert_ne!(a, c);
         assert_eq!(a.service, c.service, "replicas do not change the Service");
+        assert_eq!(a.disruption_budget, c.disruption_budget);
+    }
+
+    #[test]
+    fn agents_are_evicted_one_at_a_time_and_the_budget_selects_only_this_models() {
+        let md = ModelDeployment::test().with_replicas(4);
+        let d = desired(&md, &AgentDefaults::default()).unwrap();
+        let pdb = &d.disruption_budget;
+        assert_eq!(pdb.metadata.name.as_deref(), Some("smollm-agent"));
+        assert_eq!(pdb.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(
+            pdb.metadata.owner_references,
+            Some(vec![owner_ref(&md).unwrap()]),
+            "garbage-collected with its ModelDeployment"
+        );
+        let spec = pdb.spec.as_ref().unwrap();
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(spec.min_available, None);
+        let selects = spec
+            .selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(selects, &selector_labels("smollm"));
+        let template = match &d.workload {
+            Workload::Deployment(w) => &w.spec.template,
+            Workload::DaemonSet(w) => &w.spec.template,
+        };
+        let pods = template.metadata.as_ref().unwrap().labels.clone().unwrap();
+        assert!(
+            selects.iter().all(|(k, v)| pods.get(k) == Some(v)),
+            "{selects:?} must select the agent pods {pods:?}"
+        );
+        // Another ModelDeployment's agents are not in it.
+        let mut other = ModelDeployment::test();
+        other.metadata.name = Some("other".into());
+        let o = desired(&other, &AgentDefaults::default()).unwrap();
+        assert_ne!(
+            o.disruption_budget.spec.unwrap().selector,
+            spec.selector,
+            "one budget per model"
+        );
     }
 }

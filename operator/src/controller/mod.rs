@@ -1,6 +1,6 @@
 //! The ModelDeployment controller (`kvroute operator`): reconciles each ModelDeployment into its
-//! agent workload and headless Service, and writes its status (replicas, conditions, KV capacity
-//! from the agents' `GetCapacity`).
+//! agent workload, headless Service and PodDisruptionBudget, and writes its status (replicas,
+//! conditions, KV capacity from the agents' `GetCapacity`).
 //!
 //! Owns `Context`, `reconcile`, `error_policy` and `run`. Desired objects come from the pure
 //! [`desired::desired`]; status from the pure [`status`]. Must never delete what it does not own
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -175,6 +176,14 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action> 
     let svc_name = desired.service.name_any();
     services
         .patch(&svc_name, &apply_params(), &Patch::Apply(&desired.service))
+        .await?;
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    budgets
+        .patch(
+            &desired.disruption_budget.name_any(),
+            &apply_params(),
+            &Patch::Apply(&desired.disruption_budget),
+        )
         .await?;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
