@@ -63,7 +63,50 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            refuse_oversized,
+        ))
         .with_state(state)
+}
+
+/// Most bytes of a body declared longer than the limit that the agent reads and drops before it
+/// answers 413.
+pub const DRAIN_MAX_BYTES: u64 = 64 << 20;
+
+/// Answers 413 to a request whose declared body is longer than the limit, after reading and
+/// dropping that body (up to [`DRAIN_MAX_BYTES`], within the server's body timeout). A server
+/// that answers and closes while the client is still uploading resets the connection, and the
+/// client never reads the answer: a gateway whose own limit is higher saw a failed upstream and
+/// answered 502. Nothing is kept: the body is dropped frame by frame.
+async fn refuse_oversized(
+    State(state): State<Arc<AgentState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let limit = state.max_body_bytes as u64;
+    match declared {
+        Some(n) if n > limit => {
+            if n <= DRAIN_MAX_BYTES {
+                use http_body_util::BodyExt as _;
+                let mut body = req.into_body();
+                let mut read = 0u64;
+                while let Some(Ok(frame)) = body.frame().await {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if read > DRAIN_MAX_BYTES {
+                        break;
+                    }
+                }
+            }
+            fail(&state, ApiError::too_large(state.max_body_bytes))
+        }
+        _ => next.run(req).await,
+    }
 }
 
 /// Lets a request through only with the agent's shared token, when it has one.

@@ -803,3 +803,72 @@ async fn sixty_four_16_mib_bodies_do_not_stall_capacity_processing() {
     small_is_served().await;
     assert!(all_agents_eligible(gw.addr).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_gateway_accepts_and_the_agent_refuses_is_answered_413_never_502() {
+    // The gateway's limit above the agent's: the agent refuses these bodies by their declared
+    // length, before it has read them. It reads (and drops) the rest first, so the gateway gets
+    // its 413 instead of a connection reset mid-upload (which the gateway answered 502).
+    let agent = Agent::spawn(AgentOpts {
+        extra: vec!["--max-body-bytes".into(), "1MiB".into()],
+        ..AgentOpts::default()
+    });
+    let gw = Gateway::spawn(&[&agent], &["--max-body-bytes", "32MiB"]).await;
+    let t = Instant::now();
+    while !all_agents_eligible(gw.addr).await {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "agent never eligible"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut body = format!(
+        r#"{{"model":"{}","prompt":"Hi","max_tokens":2,"user":""#,
+        agent.model
+    )
+    .into_bytes();
+    body.resize(8 << 20, b'a');
+    body.extend_from_slice(b"\"}");
+    let body = hyper::body::Bytes::from(body);
+    let sent: Vec<_> = (0..32)
+        .map(|_| tokio::spawn(post_raw(gw.addr, body.clone())))
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for s in sent {
+        *statuses.entry(s.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses,
+        std::collections::BTreeMap::from([(Some(hyper::StatusCode::PAYLOAD_TOO_LARGE), 32)]),
+        "every oversized body answered 413"
+    );
+    // The agent is still serving.
+    let small = serde_json::to_vec(
+        &json!({"model": agent.model, "prompt": "Hi", "max_tokens": 2, "temperature": 0}),
+    )
+    .unwrap();
+    let (status, b) = call(gw.addr, "POST", "/v1/completions", small).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_declared_past_the_drain_bound_is_refused_without_reading_it() {
+    // 100 MiB declared, a few bytes sent: the agent must not wait for the rest (it reads an
+    // oversized body to the end only up to 64 MiB) and answers 413 at once.
+    let agent = Agent::spawn(AgentOpts::default());
+    let mut s = TcpStream::connect(agent.http).await.unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{{\"model\"",
+        agent.http,
+        100u64 << 20
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("no answer within 10 s: the agent waited for the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+}
