@@ -673,3 +673,167 @@ fn gateways_are_spread_budgeted_drained_and_agents_fenced() {
     let np = ns.iter().find(|d| kind_of(d) == "NetworkPolicy").unwrap();
     assert_eq!(np["metadata"]["namespace"], "models");
 }
+
+fn pod_monitors(yaml: &str) -> std::collections::BTreeMap<String, Value> {
+    docs(yaml)
+        .into_iter()
+        .filter(|d| kind_of(d) == "PodMonitor")
+        .map(|d| (d["metadata"]["name"].as_str().unwrap().to_string(), d))
+        .collect()
+}
+
+#[test]
+fn pod_monitors_are_off_by_default_and_each_selects_its_part_on_its_metrics_port() {
+    assert!(pod_monitors(&template(&[])).is_empty());
+    let on = template(&[
+        "--set",
+        "monitoring.podMonitors.enabled=true",
+        "--set",
+        "monitoring.podMonitors.labels.release=prometheus",
+    ]);
+    let m = pod_monitors(&on);
+    let names: Vec<&str> = m.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["kvroute-agents", "kvroute-gateway", "kvroute-operator"]
+    );
+    let port = |name: &str| m[name]["spec"]["podMetricsEndpoints"][0]["port"].clone();
+    let selects = |name: &str, key: &str| {
+        m[name]["spec"]["selector"]["matchLabels"][key]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(port("kvroute-gateway"), Value::from("http"));
+    assert_eq!(port("kvroute-operator"), Value::from("metrics"));
+    assert_eq!(port("kvroute-agents"), Value::from("http"));
+    for (name, component) in [
+        ("kvroute-gateway", "gateway"),
+        ("kvroute-operator", "operator"),
+        ("kvroute-agents", "agent"),
+    ] {
+        assert_eq!(selects(name, "app.kubernetes.io/component"), component);
+        assert_eq!(m[name]["metadata"]["labels"]["release"], "prometheus");
+        assert_eq!(
+            m[name]["spec"]["podMetricsEndpoints"][0]["path"],
+            "/metrics"
+        );
+    }
+    // The agents' labels are the operator's (crd/src/names.rs), in any namespace it watches.
+    assert_eq!(
+        selects("kvroute-agents", "app.kubernetes.io/part-of"),
+        kvroute_crd::names::PART_OF
+    );
+    assert_eq!(
+        selects("kvroute-agents", "app.kubernetes.io/component"),
+        kvroute_crd::names::COMPONENT_AGENT
+    );
+    assert_eq!(
+        m["kvroute-agents"]["spec"]["namespaceSelector"]["any"],
+        true
+    );
+    // Metrics on the admin port when the gateway has one; agents only where the operator looks.
+    let scoped = template(&[
+        "--set",
+        "monitoring.podMonitors.enabled=true",
+        "--set",
+        "gateway.adminPort=9100",
+        "--set",
+        "operator.watchNamespace=models",
+    ]);
+    let m = pod_monitors(&scoped);
+    assert_eq!(
+        m["kvroute-gateway"]["spec"]["podMetricsEndpoints"][0]["port"],
+        "admin"
+    );
+    assert_eq!(
+        m["kvroute-agents"]["spec"]["namespaceSelector"]["matchNames"][0],
+        "models"
+    );
+    // Everything else in that render is still valid Kubernetes (kubernetes-validate knows no
+    // Prometheus Operator schema).
+    let rest: Vec<Value> = docs(&scoped)
+        .into_iter()
+        .filter(|d| kind_of(d) != "PodMonitor")
+        .collect();
+    let rest = rest
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let (ok, out) = validate(&rest);
+    assert!(ok, "{out}");
+}
+
+/// Metric names (histogram series reduced to their family) a Grafana dashboard queries that
+/// neither the gateway nor the agent exposes.
+fn unknown_metrics(dashboard: &serde_json::Value) -> Vec<String> {
+    let exposed = ["gateway/src/metrics.rs", "node-agent/src/metrics.rs"]
+        .iter()
+        .map(|f| std::fs::read_to_string(root().join(f)).unwrap())
+        .collect::<String>();
+    let re = regex::Regex::new(r"\b(kvroute_[a-z_]+|vllm:[a-z_:]+)").unwrap();
+    let mut unknown = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for m in re.find_iter(expr) {
+                let name = m.as_str();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                if !exposed.contains(&format!("\"{family}\"")) {
+                    unknown.push(name.to_string());
+                }
+            }
+        }
+    }
+    unknown
+}
+
+#[test]
+fn the_grafana_dashboard_is_shipped_and_queries_only_metrics_kvroute_exposes() {
+    assert!(!template(&[]).contains("kvroute.json"), "off by default");
+    let yaml = template(&["--set", "monitoring.grafanaDashboard.enabled=true"]);
+    let cm = docs(&yaml)
+        .into_iter()
+        .find(|d| kind_of(d) == "ConfigMap" && d["metadata"]["name"] == "kvroute-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let text = cm["data"]["kvroute.json"].as_str().unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(text).unwrap();
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(chart().join("dashboards/kvroute.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dashboard, file, "the ConfigMap carries the file unchanged");
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["targets"][0]["expr"].as_str().unwrap())
+        .collect();
+    for wanted in [
+        "kvroute_gateway_agent_free_blocks",
+        "kvroute_gateway_queue_depth",
+        "kvroute_time_to_first_token_seconds_bucket",
+        "kvroute_time_per_output_token_seconds_bucket",
+        "status=\"429\"",
+        "kvroute_preemptions_total",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(wanted)),
+            "no panel queries {wanted}"
+        );
+    }
+    assert_eq!(unknown_metrics(&dashboard), Vec::<String>::new());
+    // A panel on a metric nobody exposes is caught.
+    let mut broken = dashboard.clone();
+    broken["panels"][0]["targets"][0]["expr"] =
+        "rate(kvroute_gateway_nonexistent_total[5m])".into();
+    assert_eq!(
+        unknown_metrics(&broken),
+        ["kvroute_gateway_nonexistent_total"]
+    );
+}
