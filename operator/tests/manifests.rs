@@ -145,7 +145,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn rendered_chart_validates_strictly_in_every_configuration() {
-    let variants: [&[&str]; 7] = [
+    let variants: [&[&str]; 8] = [
         &[],
         &[
             "--set",
@@ -172,6 +172,12 @@ fn rendered_chart_validates_strictly_in_every_configuration() {
             "gateway.adminPort=9090",
             "--set",
             "gateway.isolateTenantCaches=true",
+        ],
+        &[
+            "--set",
+            "operator.allowedImagePrefixes={registry.example/kvroute/,mirror.example/}",
+            "--set",
+            "operator.allowedHostPaths={/models}",
         ],
     ];
     for args in variants {
@@ -329,6 +335,35 @@ fn grants(
         }
     }
     out
+}
+
+#[test]
+fn the_operators_allow_lists_become_its_flags() {
+    let yaml = template(&[
+        "--set",
+        "operator.allowedImagePrefixes={registry.example/kvroute/,mirror.example/}",
+        "--set",
+        "operator.allowedHostPaths={/models}",
+    ]);
+    let operator = docs(&yaml)
+        .into_iter()
+        .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == "kvroute-operator")
+        .unwrap();
+    let args: Vec<String> = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    for want in [
+        "--allowed-image-prefix=registry.example/kvroute/",
+        "--allowed-image-prefix=mirror.example/",
+        "--allowed-host-path=/models",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} not in {args:?}");
+    }
+    // None by default (any image, any path, as before).
+    assert!(!template(&[]).contains("--allowed-"));
 }
 
 #[test]

@@ -37,6 +37,23 @@ pub struct OperatorArgs {
         default_value = "curlimages/curl:8.11.1"
     )]
     pub fetch_image: String,
+    /// Images a ModelDeployment may name (`agentImage`, `model.image.reference`) must start with
+    /// one of these (repeat the flag, or comma-separate; e.g. `registry.example/kvroute/`);
+    /// none: any image. A spec naming another is refused (status `Invalid`).
+    #[arg(
+        long = "allowed-image-prefix",
+        env = "KVROUTE_ALLOWED_IMAGE_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub allowed_image_prefixes: Vec<String>,
+    /// Directories a ModelDeployment's `model.hostPath` must lie in (repeat, or comma-separate);
+    /// none: any path. A spec naming another is refused (status `Invalid`).
+    #[arg(
+        long = "allowed-host-path",
+        env = "KVROUTE_ALLOWED_HOST_PATHS",
+        value_delimiter = ','
+    )]
+    pub allowed_host_paths: Vec<String>,
     /// Gateway base URL written into each ModelDeployment's `status.endpoint`.
     #[arg(long, env = "KVROUTE_GATEWAY_ENDPOINT")]
     pub gateway_endpoint: Option<String>,
@@ -99,6 +116,15 @@ impl OperatorArgs {
                 message: "must be within 4..=3600",
             });
         }
+        for p in &self.allowed_host_paths {
+            if !p.trim().is_empty() && !p.trim().starts_with('/') {
+                return Err(AppError::Flag {
+                    flag: "allowed-host-path",
+                    value: p.clone(),
+                    message: "must be an absolute directory",
+                });
+            }
+        }
         for (flag, v) in [
             ("agent-image", &self.agent_image),
             ("fetch-image", &self.fetch_image),
@@ -120,8 +146,18 @@ impl OperatorArgs {
             agent_image: self.agent_image.clone(),
             fetch_image: self.fetch_image.clone(),
             gateway_endpoint: self.gateway_endpoint.clone(),
+            allowed_image_prefixes: non_empty(&self.allowed_image_prefixes),
+            allowed_host_paths: non_empty(&self.allowed_host_paths),
         }
     }
+}
+
+/// The list without empty entries (an empty environment variable gives one).
+fn non_empty(list: &[String]) -> Vec<String> {
+    list.iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// Runs the operator until a shutdown signal (or until the Lease is lost, which is an error so
@@ -227,5 +263,31 @@ mod tests {
             .to_string()
             .contains("--lease-seconds"));
         assert!(Cli::try_parse_from(["x", "--metrics-addr", "nonsense"]).is_err());
+    }
+
+    #[test]
+    fn allow_lists_repeat_or_comma_separate_and_a_relative_host_path_is_refused() {
+        let ok = Cli::try_parse_from([
+            "x",
+            "--allowed-image-prefix",
+            "a.example/,b.example/kvroute/",
+            "--allowed-image-prefix",
+            "c.example/",
+            "--allowed-host-path",
+            "/models,",
+        ])
+        .unwrap();
+        assert!(ok.args.validate().is_ok());
+        let d = ok.args.defaults();
+        assert_eq!(
+            d.allowed_image_prefixes,
+            ["a.example/", "b.example/kvroute/", "c.example/"]
+        );
+        assert_eq!(d.allowed_host_paths, ["/models"], "empty entries dropped");
+        let none = Cli::try_parse_from(["x"]).unwrap().args.defaults();
+        assert!(none.allowed_image_prefixes.is_empty() && none.allowed_host_paths.is_empty());
+        let bad = Cli::try_parse_from(["x", "--allowed-host-path", "models"]).unwrap();
+        let e = bad.args.validate().unwrap_err().to_string();
+        assert!(e.starts_with("--allowed-host-path"), "{e}");
     }
 }

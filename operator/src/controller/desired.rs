@@ -38,6 +38,11 @@ pub struct AgentDefaults {
     pub fetch_image: String,
     /// Gateway base URL written into `status.endpoint`.
     pub gateway_endpoint: Option<String>,
+    /// Prefixes (`registry/` or `registry/repo`) the images a spec names (`agentImage`,
+    /// `model.image.reference`) must start with; empty: any image.
+    pub allowed_image_prefixes: Vec<String>,
+    /// Directories a spec's `model.hostPath` must lie in; empty: any path.
+    pub allowed_host_paths: Vec<String>,
 }
 
 impl Default for AgentDefaults {
@@ -46,6 +51,52 @@ impl Default for AgentDefaults {
             agent_image: "kvroute-agent:latest".into(),
             fetch_image: "curlimages/curl:8.11.1".into(),
             gateway_endpoint: None,
+            allowed_image_prefixes: Vec::new(),
+            allowed_host_paths: Vec::new(),
+        }
+    }
+}
+
+impl AgentDefaults {
+    /// Refuses an image the operator's `--allowed-image-prefix` list does not cover.
+    fn check_image(&self, field: &'static str, image: &str) -> Result<(), DesiredError> {
+        if self.allowed_image_prefixes.is_empty()
+            || self
+                .allowed_image_prefixes
+                .iter()
+                .any(|p| image.starts_with(p.as_str()))
+        {
+            return Ok(());
+        }
+        Err(DesiredError::ImageNotAllowed {
+            field,
+            image: image.to_string(),
+            allowed: self.allowed_image_prefixes.join(", "),
+        })
+    }
+
+    /// Refuses a host path outside the operator's `--allowed-host-path` directories (whole
+    /// components: `/models` covers `/models/a.gguf`, not `/models-old/a.gguf`; no `..`).
+    fn check_host_path(&self, path: &str) -> Result<(), DesiredError> {
+        if self.allowed_host_paths.is_empty() {
+            return Ok(());
+        }
+        let p = std::path::Path::new(path);
+        let inside = p.is_absolute()
+            && !p
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            && self
+                .allowed_host_paths
+                .iter()
+                .any(|dir| p.starts_with(std::path::Path::new(dir)));
+        if inside {
+            Ok(())
+        } else {
+            Err(DesiredError::HostPathNotAllowed {
+                path: path.to_string(),
+                allowed: self.allowed_host_paths.join(", "),
+            })
         }
     }
 }
@@ -59,6 +110,16 @@ pub enum DesiredError {
     NameTooLong(String),
     #[error("object has no {0} (not read from the API server?)")]
     MissingMeta(&'static str),
+    #[error(
+        "{field} {image:?} is not allowed: this operator accepts images starting with {allowed}"
+    )]
+    ImageNotAllowed {
+        field: &'static str,
+        image: String,
+        allowed: String,
+    },
+    #[error("spec.model.hostPath {path:?} is not allowed: this operator accepts host paths in {allowed}")]
+    HostPathNotAllowed { path: String, allowed: String },
 }
 
 /// The agent workload: a Deployment, or a DaemonSet when `placement.perNode`.
@@ -110,6 +171,16 @@ fn object_labels(name: &str) -> BTreeMap<String, String> {
 /// Computes the objects `md` should own.
 pub fn desired(md: &ModelDeployment, defaults: &AgentDefaults) -> Result<Desired, DesiredError> {
     md.spec.validate()?;
+    if let Some(image) = &md.spec.agent_image {
+        defaults.check_image("spec.agentImage", image)?;
+    }
+    match md.spec.model.source()? {
+        ModelSource::Image(i) => {
+            defaults.check_image("spec.model.image.reference", &i.reference)?
+        }
+        ModelSource::HostPath(p) => defaults.check_host_path(p)?,
+        ModelSource::Url(_) | ModelSource::Pvc(_) => {}
+    }
     let name = md
         .metadata
         .name
@@ -854,6 +925,68 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(a.service, c.service, "replicas do not change the Service");
         assert_eq!(a.disruption_budget, c.disruption_budget);
+    }
+
+    #[test]
+    fn images_and_host_paths_outside_the_operators_allow_lists_are_refused() {
+        let strict = AgentDefaults {
+            allowed_image_prefixes: vec!["registry.example/kvroute/".into()],
+            allowed_host_paths: vec!["/models".into()],
+            ..AgentDefaults::default()
+        };
+        let host = |path: &str| {
+            ModelDeployment::test().with_model(kvroute_crd::ModelSpec {
+                name: "m".into(),
+                host_path: Some(path.into()),
+                ..Default::default()
+            })
+        };
+        let image = |reference: &str| {
+            ModelDeployment::test().with_model(kvroute_crd::ModelSpec {
+                name: "m".into(),
+                image: Some(kvroute_crd::ImageSource {
+                    reference: reference.into(),
+                    path: "model.gguf".into(),
+                }),
+                ..Default::default()
+            })
+        };
+        let mut agent = ModelDeployment::test();
+        agent.spec.agent_image = Some("evil.example/agent:1".into());
+        let mut ours = ModelDeployment::test();
+        ours.spec.agent_image = Some("registry.example/kvroute/agent:1".into());
+        // Inside the lists (and a spec naming no image at all: the operator's own).
+        for ok in [
+            host("/models/a.gguf"),
+            host("/models/sub/b.gguf"),
+            image("registry.example/kvroute/models:smollm"),
+            ours,
+            ModelDeployment::test(),
+        ] {
+            assert!(desired(&ok, &strict).is_ok(), "{:?}", ok.spec);
+        }
+        for (bad, what) in [
+            (host("/etc/shadow"), "hostPath"),
+            (host("/models-old/a.gguf"), "hostPath"),
+            (host("/models/../etc/shadow"), "hostPath"),
+            (
+                image("docker.io/library/busybox"),
+                "spec.model.image.reference",
+            ),
+            (agent, "spec.agentImage"),
+        ] {
+            let e = desired(&bad, &strict).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DesiredError::ImageNotAllowed { .. } | DesiredError::HostPathNotAllowed { .. }
+                ),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains(what), "{e}");
+            // Without lists, the same spec is accepted.
+            assert!(desired(&bad, &AgentDefaults::default()).is_ok(), "{e}");
+        }
     }
 
     #[test]
