@@ -178,6 +178,10 @@ fn rendered_chart_validates_strictly_in_every_configuration() {
             "operator.allowedImagePrefixes={registry.example/kvroute/,mirror.example/}",
             "--set",
             "operator.allowedHostPaths={/models}",
+            "--set",
+            "agentToken.secretName=kvroute-agent-token",
+            "--set",
+            "gateway.apiKeys.secretName=kvroute-keys",
         ],
     ];
     for args in variants {
@@ -494,8 +498,12 @@ fn objects_the_operator_creates_validate_strictly() {
         let mut md: ModelDeployment =
             serde_yaml::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
         md.metadata.uid = Some("0b6d3f0e-1111-4222-8333-444455556666".into());
-        let d = desired(&md, &AgentDefaults::default())
-            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        // With the agent token, so that its Secret volume is checked too.
+        let defaults = AgentDefaults {
+            agent_token: Some(("kvroute-agent-token".into(), "token".into())),
+            ..AgentDefaults::default()
+        };
+        let d = desired(&md, &defaults).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         match &d.workload {
             Workload::Deployment(w) => {
                 kinds.push("Deployment");
@@ -508,6 +516,8 @@ fn objects_the_operator_creates_validate_strictly() {
         }
         yaml.push_str("---\n");
         yaml.push_str(&serde_yaml::to_string(&d.service).unwrap());
+        yaml.push_str("---\n");
+        yaml.push_str(&serde_yaml::to_string(&d.disruption_budget).unwrap());
         yaml.push_str("---\n");
     }
     assert!(
@@ -527,6 +537,50 @@ fn objects_the_operator_creates_validate_strictly() {
         out.contains("passed for resource service/smollm2-agents"),
         "{out}"
     );
+    assert!(
+        out.contains("passed for resource poddisruptionbudget/smollm2-agent"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_agent_token_secret_reaches_the_gateways_and_the_operator() {
+    let yaml = template(&["--set", "agentToken.secretName=kvroute-agent-token"]);
+    let deployment = |name: &str| {
+        docs(&yaml)
+            .into_iter()
+            .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == name)
+            .unwrap()
+    };
+    let args = |d: &Value| -> Vec<String> {
+        d["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let gw = deployment("kvroute-gateway");
+    assert!(args(&gw).contains(&"--agent-token-file=/etc/kvroute/agent-token/token".to_string()));
+    let pod = &gw["spec"]["template"]["spec"];
+    let vol = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "agent-token")
+        .unwrap();
+    assert_eq!(vol["secret"]["secretName"], "kvroute-agent-token");
+    assert_eq!(vol["secret"]["items"][0]["path"], "token");
+    assert!(pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "agent-token" && m["mountPath"] == "/etc/kvroute/agent-token"));
+    let op = args(&deployment("kvroute-operator"));
+    assert!(op.contains(&"--agent-token-secret=kvroute-agent-token".to_string()));
+    assert!(op.contains(&"--agent-token-key=token".to_string()));
+    // Off by default.
+    assert!(!template(&[]).contains("agent-token"));
 }
 
 /// The environment variables a binary's subcommand reads, from its own `--help` (clap prints

@@ -54,6 +54,14 @@ pub struct OperatorArgs {
         value_delimiter = ','
     )]
     pub allowed_host_paths: Vec<String>,
+    /// Secret (in each ModelDeployment's namespace) holding the token agents require of every
+    /// caller: mounted into agent pods as their `--auth-token-file`. Give the gateways the same
+    /// token (`--agent-token-file`; the chart's `agentToken.secretName` does both).
+    #[arg(long, env = "KVROUTE_AGENT_TOKEN_SECRET")]
+    pub agent_token_secret: Option<String>,
+    /// Key of the token in that Secret.
+    #[arg(long, env = "KVROUTE_AGENT_TOKEN_KEY", default_value = "token")]
+    pub agent_token_key: String,
     /// Gateway base URL written into each ModelDeployment's `status.endpoint`.
     #[arg(long, env = "KVROUTE_GATEWAY_ENDPOINT")]
     pub gateway_endpoint: Option<String>,
@@ -129,6 +137,7 @@ impl OperatorArgs {
             ("agent-image", &self.agent_image),
             ("fetch-image", &self.fetch_image),
             ("lease-name", &self.lease_name),
+            ("agent-token-key", &self.agent_token_key),
         ] {
             if v.trim().is_empty() {
                 return Err(AppError::Flag {
@@ -148,6 +157,11 @@ impl OperatorArgs {
             gateway_endpoint: self.gateway_endpoint.clone(),
             allowed_image_prefixes: non_empty(&self.allowed_image_prefixes),
             allowed_host_paths: non_empty(&self.allowed_host_paths),
+            agent_token: self
+                .agent_token_secret
+                .as_ref()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| (s.trim().to_string(), self.agent_token_key.clone())),
         }
     }
 }
@@ -286,6 +300,19 @@ mod tests {
         assert_eq!(d.allowed_host_paths, ["/models"], "empty entries dropped");
         let none = Cli::try_parse_from(["x"]).unwrap().args.defaults();
         assert!(none.allowed_image_prefixes.is_empty() && none.allowed_host_paths.is_empty());
+        assert_eq!(none.agent_token, None);
+        let token = Cli::try_parse_from(["x", "--agent-token-secret", "s"]).unwrap();
+        assert_eq!(
+            token.args.defaults().agent_token,
+            Some(("s".to_string(), "token".to_string()))
+        );
+        let bad = Cli::try_parse_from(["x", "--agent-token-key", " "]).unwrap();
+        assert!(bad
+            .args
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("--agent-token-key"));
         let bad = Cli::try_parse_from(["x", "--allowed-host-path", "models"]).unwrap();
         let e = bad.args.validate().unwrap_err().to_string();
         assert!(e.starts_with("--allowed-host-path"), "{e}");

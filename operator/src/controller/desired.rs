@@ -12,10 +12,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, ObjectFieldSelector,
+    HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
-    Toleration, TopologySpreadConstraint, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Toleration, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -43,7 +43,13 @@ pub struct AgentDefaults {
     pub allowed_image_prefixes: Vec<String>,
     /// Directories a spec's `model.hostPath` must lie in; empty: any path.
     pub allowed_host_paths: Vec<String>,
+    /// Secret (in each ModelDeployment's namespace) and key holding the token agents require of
+    /// every caller (their `--auth-token-file`); `None`: agents require none.
+    pub agent_token: Option<(String, String)>,
 }
+
+/// Where an agent pod finds the token its callers must present.
+pub const AGENT_TOKEN_DIR: &str = "/etc/kvroute/agent-token";
 
 impl Default for AgentDefaults {
     fn default() -> Self {
@@ -53,6 +59,7 @@ impl Default for AgentDefaults {
             gateway_endpoint: None,
             allowed_image_prefixes: Vec::new(),
             allowed_host_paths: Vec::new(),
+            agent_token: None,
         }
     }
 }
@@ -460,6 +467,32 @@ fn pod_template(
     }
     if let Some(n) = engine.max_num_seqs {
         envs.push(env("KVROUTE_MAX_NUM_SEQS", n.to_string()));
+    }
+    if let Some((secret, key)) = &defaults.agent_token {
+        // The whole Secret's key as a file (no subPath), read by the agent at start.
+        volumes.push(Volume {
+            name: "agent-token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                items: Some(vec![KeyToPath {
+                    key: key.clone(),
+                    path: "token".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "agent-token".into(),
+            mount_path: AGENT_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        envs.push(env(
+            "KVROUTE_AUTH_TOKEN_FILE",
+            format!("{AGENT_TOKEN_DIR}/token"),
+        ));
     }
 
     let mut limits = BTreeMap::new();
@@ -987,6 +1020,54 @@ mod tests {
             // Without lists, the same spec is accepted.
             assert!(desired(&bad, &AgentDefaults::default()).is_ok(), "{e}");
         }
+    }
+
+    #[test]
+    fn with_an_agent_token_secret_agents_read_their_token_from_it() {
+        let none = desired(&ModelDeployment::test(), &AgentDefaults::default()).unwrap();
+        let pod = none.workload_pod().unwrap();
+        let c = &pod.containers[0];
+        assert!(c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|e| e.name != "KVROUTE_AUTH_TOKEN_FILE"));
+        let with = AgentDefaults {
+            agent_token: Some(("kvroute-agent-token".into(), "tok".into())),
+            ..AgentDefaults::default()
+        };
+        let d = desired(&ModelDeployment::test(), &with).unwrap();
+        let pod = d.workload_pod().unwrap();
+        let vol = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "agent-token")
+            .expect("a token volume");
+        let secret = vol.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("kvroute-agent-token"));
+        let item = &secret.items.as_ref().unwrap()[0];
+        assert_eq!((item.key.as_str(), item.path.as_str()), ("tok", "token"));
+        let c = &pod.containers[0];
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "agent-token")
+            .unwrap();
+        assert_eq!(mount.mount_path, AGENT_TOKEN_DIR);
+        assert_eq!(mount.read_only, Some(true));
+        let file = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "KVROUTE_AUTH_TOKEN_FILE")
+            .and_then(|e| e.value.clone());
+        assert_eq!(file, Some(format!("{AGENT_TOKEN_DIR}/token")));
     }
 
     #[test]
