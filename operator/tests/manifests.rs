@@ -926,3 +926,40 @@ fn the_grafana_dashboard_is_shipped_and_queries_only_metrics_kvroute_exposes() {
         ["kvroute_gateway_nonexistent_total"]
     );
 }
+
+#[test]
+fn images_are_pulled_by_digest_when_one_is_given() {
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let yaml = template(&[
+        "--set",
+        &format!("image.digest={digest}"),
+        "--set",
+        &format!("agentImage.digest={digest}"),
+        "--set",
+        "image.tag=ignored",
+    ]);
+    let (ok, out) = validate(&yaml);
+    assert!(ok, "{out}");
+    let mut images = 0;
+    for d in docs(&yaml) {
+        if kind_of(&d) != "Deployment" {
+            continue;
+        }
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            c["image"].as_str().unwrap(),
+            format!("kvroute@{digest}"),
+            "{}",
+            d["metadata"]["name"].as_str().unwrap()
+        );
+        images += 1;
+        for a in c["args"].as_sequence().unwrap() {
+            if let Some(agent) = a.as_str().unwrap().strip_prefix("--agent-image=") {
+                assert_eq!(agent, format!("kvroute-agent@{digest}"));
+            }
+        }
+    }
+    assert_eq!(images, 2, "gateway and operator");
+    // By tag otherwise.
+    assert!(template(&[]).contains("image: \"kvroute:0.1.0\""));
+}

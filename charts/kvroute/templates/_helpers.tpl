@@ -26,12 +26,21 @@ app.kubernetes.io/name: {{ include "kvroute.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* An image by digest when one is given (immutable), else by tag. */}}
 {{- define "kvroute.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "kvroute.agentImage" -}}
+{{- if .Values.agentImage.digest -}}
+{{- printf "%s@%s" .Values.agentImage.repository .Values.agentImage.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.agentImage.repository (default .Chart.AppVersion .Values.agentImage.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "kvroute.operatorName" -}}
