@@ -963,3 +963,28 @@ fn images_are_pulled_by_digest_when_one_is_given() {
     // By tag otherwise.
     assert!(template(&[]).contains("image: \"kvroute:0.1.0\""));
 }
+
+#[test]
+fn the_decision_log_value_is_passed_only_when_set() {
+    let gateway_args = |args: &[&str]| -> Vec<String> {
+        docs(&template(args))
+            .into_iter()
+            .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == "kvroute-gateway")
+            .unwrap()["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(!gateway_args(&[])
+        .iter()
+        .any(|a| a.starts_with("--decision-log")));
+    for n in ["0", "500"] {
+        let args = gateway_args(&["--set", &format!("gateway.decisionLog={n}")]);
+        assert!(
+            args.contains(&format!("--decision-log={n}")),
+            "{n}: {args:?}"
+        );
+    }
+}
