@@ -727,6 +727,28 @@ async fn post_raw(addr: SocketAddr, body: hyper::body::Bytes) -> Option<hyper::S
     Some(status)
 }
 
+/// Waits (at most 60 s) until the gateway sees every agent eligible; returns when it started.
+async fn wait_eligible(addr: SocketAddr) -> Instant {
+    let t = Instant::now();
+    while !all_agents_eligible(addr).await {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "agent never eligible"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t
+}
+
+/// A completion request of `len` bytes: a short prompt and a long `user` string.
+fn padded_body(model: &str, len: usize) -> hyper::body::Bytes {
+    let mut body =
+        format!(r#"{{"model":"{model}","prompt":"Hi","max_tokens":2,"user":""#).into_bytes();
+    body.resize(len, b'a');
+    body.extend_from_slice(b"\"}");
+    hyper::body::Bytes::from(body)
+}
+
 /// Whether the gateway's /metrics shows every agent eligible (connected, last report fresh).
 async fn all_agents_eligible(addr: SocketAddr) -> bool {
     let text = kvroute_tests::try_get_text(addr, "/metrics").await.unwrap();
@@ -745,23 +767,9 @@ async fn sixty_four_16_mib_bodies_do_not_stall_capacity_processing() {
         ..AgentOpts::default()
     });
     let gw = Gateway::spawn(&[&agent], &["--max-body-bytes", "32MiB"]).await;
-    let t = Instant::now();
-    while !all_agents_eligible(gw.addr).await {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "agent never eligible"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let t = wait_eligible(gw.addr).await;
     // One 16 MiB body, shared by the 64 requests: a prompt and a 16 MiB `user` string.
-    let mut body = format!(
-        r#"{{"model":"{}","prompt":"Hi","max_tokens":2,"user":""#,
-        agent.model
-    )
-    .into_bytes();
-    body.resize(16 << 20, b'a');
-    body.extend_from_slice(b"\"}");
-    let body = hyper::body::Bytes::from(body);
+    let body = padded_body(&agent.model, 16 << 20);
     let flood: Vec<_> = (0..64)
         .map(|_| tokio::spawn(post_raw(gw.addr, body.clone())))
         .collect();
@@ -814,22 +822,8 @@ async fn a_body_the_gateway_accepts_and_the_agent_refuses_is_answered_413_never_
         ..AgentOpts::default()
     });
     let gw = Gateway::spawn(&[&agent], &["--max-body-bytes", "32MiB"]).await;
-    let t = Instant::now();
-    while !all_agents_eligible(gw.addr).await {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "agent never eligible"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut body = format!(
-        r#"{{"model":"{}","prompt":"Hi","max_tokens":2,"user":""#,
-        agent.model
-    )
-    .into_bytes();
-    body.resize(8 << 20, b'a');
-    body.extend_from_slice(b"\"}");
-    let body = hyper::body::Bytes::from(body);
+    wait_eligible(gw.addr).await;
+    let body = padded_body(&agent.model, 8 << 20);
     let sent: Vec<_> = (0..32)
         .map(|_| tokio::spawn(post_raw(gw.addr, body.clone())))
         .collect();
