@@ -1,5 +1,6 @@
 //! `kvroute sim`: runs a simulation configuration (see `kvroute-sim` and docs/sim.md) and prints
-//! one table line per policy; `--json` writes every figure and the KV-use timelines.
+//! one table line per policy; `--json` writes every figure and the KV-use timelines, `--svg` a
+//! picture of them.
 
 use std::path::PathBuf;
 
@@ -12,6 +13,10 @@ pub struct SimArgs {
     /// Also write the full results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also draw them as an SVG here: KV use and queued requests over time, and the TTFT
+    /// distribution, one line per policy.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     /// Run only these policies (comma-separated), whatever the configuration lists.
     #[arg(long, value_delimiter = ',')]
     pub policy: Vec<String>,
@@ -72,6 +77,10 @@ pub fn run(args: &SimArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .map_err(|e| anyhow::anyhow!("--json {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        let svg = kvroute_sim::plot::svg(&json).map_err(anyhow::Error::msg)?;
+        std::fs::write(path, svg).map_err(|e| anyhow::anyhow!("--svg {}: {e}", path.display()))?;
     }
     Ok(())
 }

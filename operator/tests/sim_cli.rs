@@ -1,4 +1,4 @@
-//! `kvroute sim` as a user runs it: the table on stdout, the JSON file, and clear errors for a
+//! `kvroute sim` as a user runs it: the table on stdout, the JSON and SVG files, and clear errors for a
 //! bad configuration or flag.
 #![allow(clippy::unwrap_used)]
 
@@ -26,11 +26,14 @@ fn prints_a_line_per_policy_and_writes_the_json() {
     let cfg = dir.path().join("sim.json");
     std::fs::write(&cfg, CONFIG).unwrap();
     let out_json = dir.path().join("out.json");
+    let out_svg = dir.path().join("out.svg");
     let out = kvroute()
         .args(["sim", "--config"])
         .arg(&cfg)
         .arg("--json")
         .arg(&out_json)
+        .arg("--svg")
+        .arg(&out_svg)
         .args(["--policy", "kv,round-robin"])
         .output()
         .unwrap();
@@ -61,8 +64,16 @@ fn prints_a_line_per_policy_and_writes_the_json() {
         assert_eq!(r["requests"], 120);
         assert_eq!(r["completed"], 120, "{r}");
         assert!(r["kv_timeline"].as_array().unwrap().len() > 2);
+        let q = r["ttft_quantiles"].as_array().unwrap();
+        assert_eq!(q.len(), 101);
+        assert_eq!(q[50], r["ttft_p50_s"], "the median is the 50th of 101");
     }
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    // The picture: three panels with a line per policy, and both names in the legend.
+    let svg = std::fs::read_to_string(&out_svg).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
+    assert_eq!(svg.matches("<polyline").count(), 6, "{svg}");
+    assert!(svg.contains(">kv</text>") && svg.contains(">round-robin</text>"));
 }
 
 #[test]
@@ -103,6 +114,17 @@ fn bad_input_is_a_clear_error_not_a_panic() {
                 "--seed=-1".into(),
             ],
             "--seed",
+        ),
+        (
+            vec![
+                "--config".into(),
+                cfg.display().to_string(),
+                "--policy".into(),
+                "round-robin".into(),
+                "--svg".into(),
+                "/nonexistent/dir/out.svg".into(),
+            ],
+            "--svg /nonexistent/dir/out.svg",
         ),
         (vec![], "--config"),
     ];

@@ -7,11 +7,13 @@
 //! - [`workload`]: arrivals, lengths, shared prefixes, sessions, trace replay;
 //! - [`step`]: step-time models (GPU roofline, CPU measured);
 //! - [`run`]: the event loop (agents, gateways, reports on their way);
-//! - [`summary`]: goodput, percentiles, the table and the JSON.
+//! - [`summary`]: goodput, percentiles, the table and the JSON;
+//! - [`plot`]: the SVG of the JSON (KV use, queue, TTFT distribution per policy).
 //!
 //! See docs/sim.md.
 
 pub mod config;
+pub mod plot;
 pub mod run;
 pub mod step;
 pub mod summary;

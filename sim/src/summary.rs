@@ -48,6 +48,8 @@ pub struct Summary {
     pub decision_mean_us: f64,
     pub reports: u64,
     pub steps: u64,
+    /// TTFT of completed requests at the quantiles 0, 0.01, …, 1 (empty: none completed).
+    pub ttft_quantiles: Vec<f64>,
 }
 
 /// TTFT (from arrival at the gateway) and TPOT of a completed request.
@@ -131,6 +133,13 @@ impl Summary {
             },
             reports: result.stats.reports,
             steps: result.stats.steps,
+            ttft_quantiles: if ttft.is_empty() {
+                Vec::new()
+            } else {
+                (0..=100)
+                    .map(|k| quantile(&ttft, f64::from(k) / 100.0))
+                    .collect()
+            },
         }
     }
 
@@ -162,6 +171,7 @@ impl Summary {
             "decision_mean_us": self.decision_mean_us,
             "reports": self.reports,
             "steps": self.steps,
+            "ttft_quantiles": self.ttft_quantiles,
             "kv_timeline": result.stats.kv_timeline.iter()
                 .map(|&(t, mean, max, queued)| json!([t, mean, max, queued]))
                 .collect::<Vec<_>>(),
