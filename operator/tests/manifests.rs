@@ -106,6 +106,24 @@ fn kind_of(v: &Value) -> &str {
     v["kind"].as_str().unwrap_or("")
 }
 
+/// The Deployment called `name` in a render.
+fn deployment(yaml: &str, name: &str) -> Value {
+    docs(yaml)
+        .into_iter()
+        .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no Deployment {name}"))
+}
+
+/// The args of a Deployment's first container.
+fn container_args(d: &Value) -> Vec<String> {
+    d["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn helm_lint_passes_and_catches_a_broken_chart() {
     let out = run(Command::new(helm()).args(["lint", "--strict"]).arg(chart()));
@@ -349,16 +367,7 @@ fn the_operators_allow_lists_become_its_flags() {
         "--set",
         "operator.allowedHostPaths={/models}",
     ]);
-    let operator = docs(&yaml)
-        .into_iter()
-        .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == "kvroute-operator")
-        .unwrap();
-    let args: Vec<String> = operator["spec"]["template"]["spec"]["containers"][0]["args"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_string())
-        .collect();
+    let args = container_args(&deployment(&yaml, "kvroute-operator"));
     for want in [
         "--allowed-image-prefix=registry.example/kvroute/",
         "--allowed-image-prefix=mirror.example/",
@@ -546,22 +555,9 @@ fn objects_the_operator_creates_validate_strictly() {
 #[test]
 fn the_agent_token_secret_reaches_the_gateways_and_the_operator() {
     let yaml = template(&["--set", "agentToken.secretName=kvroute-agent-token"]);
-    let deployment = |name: &str| {
-        docs(&yaml)
-            .into_iter()
-            .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == name)
-            .unwrap()
-    };
-    let args = |d: &Value| -> Vec<String> {
-        d["spec"]["template"]["spec"]["containers"][0]["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string())
-            .collect()
-    };
-    let gw = deployment("kvroute-gateway");
-    assert!(args(&gw).contains(&"--agent-token-file=/etc/kvroute/agent-token/token".to_string()));
+    let gw = deployment(&yaml, "kvroute-gateway");
+    assert!(container_args(&gw)
+        .contains(&"--agent-token-file=/etc/kvroute/agent-token/token".to_string()));
     let pod = &gw["spec"]["template"]["spec"];
     let vol = pod["volumes"]
         .as_sequence()
@@ -576,7 +572,7 @@ fn the_agent_token_secret_reaches_the_gateways_and_the_operator() {
         .unwrap()
         .iter()
         .any(|m| m["name"] == "agent-token" && m["mountPath"] == "/etc/kvroute/agent-token"));
-    let op = args(&deployment("kvroute-operator"));
+    let op = container_args(&deployment(&yaml, "kvroute-operator"));
     assert!(op.contains(&"--agent-token-secret=kvroute-agent-token".to_string()));
     assert!(op.contains(&"--agent-token-key=token".to_string()));
     // Off by default.
@@ -966,17 +962,8 @@ fn images_are_pulled_by_digest_when_one_is_given() {
 
 #[test]
 fn the_decision_log_value_is_passed_only_when_set() {
-    let gateway_args = |args: &[&str]| -> Vec<String> {
-        docs(&template(args))
-            .into_iter()
-            .find(|d| kind_of(d) == "Deployment" && d["metadata"]["name"] == "kvroute-gateway")
-            .unwrap()["spec"]["template"]["spec"]["containers"][0]["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string())
-            .collect()
-    };
+    let gateway_args =
+        |args: &[&str]| container_args(&deployment(&template(args), "kvroute-gateway"));
     assert!(!gateway_args(&[])
         .iter()
         .any(|a| a.starts_with("--decision-log")));
