@@ -26,7 +26,7 @@ use super::metrics::Metrics;
 use super::types::{AgentSnapshot, ModelSpecSettings, PromptPlan, QueueEntry, QueueSnapshot};
 use kvroute_contract::dispatch::format_dispatch;
 use kvroute_routing::admission::{AdmissionQueue, EntryId, Full, Priority};
-use kvroute_routing::queue::{QueuePass, Queued};
+use kvroute_routing::queue::QueuePass;
 use kvroute_routing::{
     Cluster, Decision, PolicyConfig, PolicyKind, Reject, Report, ReservationHandle, Route,
     RouteRequest, Slot, SplitMix64,
@@ -822,17 +822,13 @@ impl Router {
                 }
                 _ => None,
             };
-            let q = Queued {
-                model: &w.plan.model,
-                prompt_tokens: w.plan.prompt_tokens,
-                output_tokens: w.plan.output_tokens,
-                block_size: w.plan.block_size,
-                block_hashes: &w.plan.block_hashes,
-                exclude: &w.exclude,
+            let q = route_request(
+                &w.plan,
+                &w.exclude,
                 may_hold,
-                home: w.home.get(),
-                waited_ms: w.queued_at.elapsed().as_millis().min(u128::from(u64::MAX)) as u64,
-            };
+                w.home.get(),
+                w.queued_at.elapsed().as_millis().min(u128::from(u64::MAX)) as u64,
+            );
             let now = self.now_ms();
             let mut held_before = 0;
             let decision = if blocked_model {
@@ -900,13 +896,11 @@ impl Router {
                     // What the estimates read of the request (its claims and holds were already
                     // applied to the candidates' room).
                     let trace = w.trace.then(|| {
-                        let req =
-                            route_request(&w.plan, &w.exclude, may_hold, w.home.get(), q.waited_ms);
                         let filters_req = RouteRequest {
                             claimed: pass.claimed(),
-                            ..req
+                            ..q
                         };
-                        trace_of(&core.cluster, &cfg, &req, &filters_req, now)
+                        trace_of(&core.cluster, &cfg, &q, &filters_req, now)
                     });
                     let hold = self.end_hold(core, w, Some(route.slot));
                     tracing::debug!(

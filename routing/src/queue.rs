@@ -15,27 +15,7 @@
 //! becomes blocked.
 
 use crate::cluster::Cluster;
-use crate::policy::{
-    Decision, HeldPrefixes, PolicyConfig, RandomSource, Reject, RouteRequest, Slot,
-};
-
-/// A queued request as a pass decides it: a [`RouteRequest`] less what the pass supplies (the
-/// claims and held room of the requests before it).
-#[derive(Debug, Clone, Copy)]
-pub struct Queued<'a> {
-    pub model: &'a str,
-    pub prompt_tokens: u64,
-    pub output_tokens: u64,
-    pub block_size: u32,
-    pub block_hashes: &'a [u64],
-    pub exclude: &'a [Slot],
-    /// The request may wait for one agent (see [`RouteRequest::may_hold`]).
-    pub may_hold: bool,
-    /// The agent it waited for at its last decision, if any.
-    pub home: Option<Slot>,
-    /// Milliseconds it has waited in the queue.
-    pub waited_ms: u64,
-}
+use crate::policy::{Decision, HeldPrefixes, PolicyConfig, RandomSource, Reject, RouteRequest};
 
 /// What the pass decided for one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,26 +62,19 @@ impl QueuePass {
         self.blocked.iter().any(|m| m == model)
     }
 
-    /// The [`RouteRequest`] `q` is decided as at this point of the pass.
-    pub fn request<'a>(&'a self, q: &Queued<'a>) -> RouteRequest<'a> {
+    /// `q` as it is decided at this point of the pass: its own `claimed` and `held` are
+    /// replaced by the pass's.
+    pub fn request<'a>(&'a self, q: &RouteRequest<'a>) -> RouteRequest<'a> {
         RouteRequest {
-            model: q.model,
-            prompt_tokens: q.prompt_tokens,
-            output_tokens: q.output_tokens,
-            block_size: q.block_size,
-            block_hashes: q.block_hashes,
-            exclude: q.exclude,
             claimed: &self.claimed,
             held: &self.held,
-            may_hold: q.may_hold,
-            home: q.home,
-            waited_ms: q.waited_ms,
+            ..*q
         }
     }
 
     /// For a request of a blocked model: why it can never be served, if it cannot (it is
     /// refused at once rather than at its deadline); `None`: it waits.
-    pub fn rejection(&self, cluster: &Cluster, q: &Queued<'_>) -> Option<Reject> {
+    pub fn rejection(&self, cluster: &Cluster, q: &RouteRequest<'_>) -> Option<Reject> {
         cluster.rejection(&self.request(q))
     }
 
@@ -113,7 +86,7 @@ impl QueuePass {
         &mut self,
         cluster: &mut Cluster,
         cfg: &PolicyConfig,
-        q: &Queued<'_>,
+        q: &RouteRequest<'_>,
         now_ms: u64,
         rng: &mut dyn RandomSource,
     ) -> Passed {

@@ -1987,22 +1987,10 @@ fn held_requests_of_one_cached_prefix_charge_it_once_per_agent() {
     assert_eq!(h.charge(&route(0, 15, 10), &group), 20);
 }
 
-fn queued<'a>(
-    prompt: u64,
-    output: u64,
-    hashes: &'a [u64],
-    may_hold: bool,
-) -> crate::queue::Queued<'a> {
-    crate::queue::Queued {
-        model: "m",
-        prompt_tokens: prompt,
-        output_tokens: output,
-        block_size: 16,
-        block_hashes: hashes,
-        exclude: &[],
+fn queued<'a>(prompt: u64, output: u64, hashes: &'a [u64], may_hold: bool) -> RouteRequest<'a> {
+    RouteRequest {
         may_hold,
-        home: None,
-        waited_ms: 0,
+        ..req(prompt, output, hashes)
     }
 }
 

@@ -15,9 +15,8 @@ use kvroute_engine::runtime::StepSpeed;
 use kvroute_engine::sched::{SchedConfig, Scheduler, SeqSpec};
 use kvroute_routing::admission::{AdmissionQueue, EntryId, Priority};
 use kvroute_routing::cluster::REPUMP_MS;
-use kvroute_routing::queue::Queued;
 use kvroute_routing::{
-    CacheEvent, Cluster, Decision, PolicyConfig, PolicyKind, Report, Slot, SplitMix64,
+    CacheEvent, Cluster, Decision, PolicyConfig, PolicyKind, Report, RouteRequest, Slot, SplitMix64,
 };
 
 use crate::config::Resolved;
@@ -572,13 +571,15 @@ impl Sim<'_> {
                     continue;
                 }
                 let rec = &self.records[w.req as usize];
-                let q = Queued {
+                let q = RouteRequest {
                     model: MODEL,
                     prompt_tokens: u64::from(rec.prompt_tokens),
                     output_tokens: u64::from(rec.spec.output_tokens),
                     block_size: self.r.cfg.agents.block_size,
                     block_hashes: &w.hashes,
                     exclude: &[],
+                    claimed: &[],
+                    held: &[],
                     may_hold: queued <= max_queue,
                     home: w.home,
                     waited_ms: self.now.saturating_sub(w.queued_ns) / 1_000_000,
