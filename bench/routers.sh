@@ -6,6 +6,10 @@
 # them, and the load generator of the Gateway API Inference Extension, inference-perf (streaming
 # /v1/completions, ignore_eos, closed loop), then reads inference-perf's report (throughput,
 # goodput, TTFT, TPOT) and the agents' /metrics (prefix-cache hits, preemptions), and stops it all.
+# For kvroute's gateway it also reads its decision log (--decision-log 1000, /dashboard/decisions;
+# kept as decisions.json with --keep): of the requests with part of their prompt cached or in
+# flight somewhere, how many went to an agent holding less of it ("moved"; "cold": nothing of it),
+# and the cost term that decided each move.
 #
 # Usage: bench/routers.sh [--rounds N] [--workloads LIST] [--routers LIST] [--requests N]
 #                         [--concurrency N] [--quick] [--out FILE] [--slo-ttft S] [--slo-tpot S]
@@ -311,7 +315,7 @@ start_router() {
       # the other routers have no queue that gives up, and a 429 would not be comparable.
       start router "$GATEWAY_BIN" gateway --auth off --listen "127.0.0.1:$port" --policy "$policy" \
         --agent "http://$H1,grpc://$G1" --agent "http://$H2,grpc://$G2" --queue-timeout 900s --seed 1 \
-        ${extra[@]+"${extra[@]}"} ${KVROUTE_BENCH_GATEWAY_FLAGS:-} ;;
+        --decision-log 1000 ${extra[@]+"${extra[@]}"} ${KVROUTE_BENCH_GATEWAY_FLAGS:-} ;;
     sglang|sglang-tuned)
       [ ${#tuned[@]} = 0 ] || tuned+=(--max-tree-size 10000)
       start router "$BENCH/venv-sglang/bin/python" -m sglang_router.launch_router \
@@ -333,6 +337,7 @@ start_router() {
   esac
   ROUTER_PID=$STARTED_PID
   ROUTER_URL="http://127.0.0.1:$port"
+  ROUTER_KIND="$kind"
   # One example command line per router for the summary (ports and paths differ per run).
   grep -q "^$name: " "$WORK/commands.txt" 2>/dev/null \
     || echo "$name: $(ps -o args= -p "$ROUTER_PID" 2>/dev/null | sed "s|$BENCH/|<bench>/|g; s|$WORK/bin/|target/release/|g")" >>"$WORK/commands.txt"
@@ -341,7 +346,7 @@ start_router() {
 
 SEQ=0
 run_one() { # ROUND WORKLOAD ROUTER
-  local round="$1" w="$2" r="$3" dir rc=0 err=""
+  local round="$1" w="$2" r="$3" dir rc=0 err="" DECISIONS_ARGS=()
   SEQ=$((SEQ + 1))
   dir="$WORK/runs/r$round-$w-$r"
   mkdir -p "$dir"
@@ -367,6 +372,12 @@ run_one() { # ROUND WORKLOAD ROUTER
     CPU_ARGS=(--router_cpu "$(python3 -c "print(round($rcpu1 - $rcpu0, 2))")"
       --agent_cpu "$(python3 -c "print(round($acpu1 - $acpu0, 2))")")
     python3 bench/routers/results.py scrape "http://$H1" "http://$H2" >"$dir/after.json" || true
+    # A kvroute gateway's last decisions, every candidate with its cost terms (--decision-log).
+    DECISIONS_ARGS=()
+    if [ "$ROUTER_KIND" = kvroute ] \
+      && curl -sf "$ROUTER_URL/dashboard/decisions" >"$dir/decisions.json"; then
+      DECISIONS_ARGS=(--decisions "$dir/decisions.json")
+    fi
     if [ ! -f "$dir/report/summary_lifecycle_metrics.json" ]; then
       err="inference-perf exit $rc, no report: $(grep -m1 -iE 'error|exception' "$dir/inference-perf.log" | cut -c1-200)"
     fi
@@ -377,7 +388,7 @@ run_one() { # ROUND WORKLOAD ROUTER
   if [ -z "$err" ]; then
     row="$(python3 bench/routers/results.py row --report "$dir/report" --before "$dir/before.json" \
       --after "$dir/after.json" --router "$r" --workload "$w" --round "$round" --seq "$SEQ" \
-      "${CPU_ARGS[@]}")"
+      "${CPU_ARGS[@]}" ${DECISIONS_ARGS[@]+"${DECISIONS_ARGS[@]}"})"
   else
     echo "  $r: $err (logs: $dir)" >&2
     KEEP=1
@@ -394,7 +405,9 @@ if not r.get("error"):
     print(f"  [round {r['round']}] {r['workload']:<18} {r['router']:<18} "
           f"{f(r['output_tok_per_s'], '{:.1f}')} tok/s, TTFT p50 {f(r['ttft_p50_s'], '{:.2f}')} s, "
           f"hit {f(r['prefix_hit_rate'], '{:.0%}')}, preemptions {r['preemptions']}, "
-          f"{r['completed']} ok / {r['failed']} failed, split {r['agent_requests']}")
+          f"{r['completed']} ok / {r['failed']} failed, split {r['agent_requests']}"
+          + (f", moved {l['moved']}/{l['with_prefix']} ({l['cold']} cold) by {l['moved_by']}"
+             if (l := r.get("locality")) else ""))
 PY
 }
 

@@ -3,7 +3,8 @@
 
   results.py scrape URL...                 the agents' counters now, as one JSON object
   results.py row --report DIR --before F --after F --router R --workload W --round N
-                                           one JSON row: inference-perf's summary + agent deltas
+               [--decisions F]             one JSON row: inference-perf's summary + agent deltas
+                                           (+ where a kvroute gateway put prompts it had cached)
   results.py failed --router R --workload W --round N --error TEXT
                                            a row for a run that produced no report
   results.py table ROWS.jsonl              per workload: medians over rounds, then the raw rows
@@ -133,7 +134,43 @@ def row(args: dict) -> dict:
         # machine the router's share is taken from the agents.
         "router_cpu_s": cpu_arg(args.get("router_cpu")),
         "agent_cpu_s": cpu_arg(args.get("agent_cpu")),
+        "locality": locality(args["decisions"]) if args.get("decisions") else None,
     }
+
+
+def locality(path: str) -> dict | None:
+    """Of a kvroute gateway's routed requests (its /dashboard/decisions, every candidate traced):
+    how many had part of their prompt cached or in flight on some agent, how many of those went to
+    an agent holding less of it than another candidate did ("moved"; nothing of it: "cold"), and
+    the cost term that decided each move. None when the file is missing or not a decision log."""
+    try:
+        with open(path) as f:
+            decisions = json.load(f).get("decisions") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    out = {"routed": 0, "with_prefix": 0, "moved": 0, "cold": 0, "moved_by": {}}
+    for d in decisions:
+        if not isinstance(d, dict) or d.get("outcome") != "routed":
+            continue
+        route = d.get("route")
+        if not isinstance(route, dict):
+            continue
+        cands = [c for c in route.get("candidates") or [] if isinstance(c, dict)]
+        chosen = [c for c in cands if c.get("agent") == route.get("agent")]
+        if not chosen:
+            continue
+        out["routed"] += 1
+        best = max(int(c.get("local_blocks") or 0) for c in cands)
+        mine = int(chosen[0].get("local_blocks") or 0)
+        if best == 0:
+            continue
+        out["with_prefix"] += 1
+        if mine < best:
+            out["moved"] += 1
+            out["cold"] += mine == 0
+            term = (route.get("deciding") or {}).get("term") or "?"
+            out["moved_by"][term] = out["moved_by"].get(term, 0) + 1
+    return out
 
 
 # --- tables -------------------------------------------------------------------------------------
