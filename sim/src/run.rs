@@ -189,6 +189,8 @@ struct Sim<'a> {
     first_turns: u64,
     /// Arrivals scheduled and not yet happened.
     arrivals_ahead: u64,
+    /// Closed loop: first turns to start once the current event is handled.
+    starts_due: u32,
     /// Requests created and not yet ended (checked after every event: a counter, not a walk
     /// over the agents).
     open: u64,
@@ -298,12 +300,23 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
         next_first: 0,
         first_turns,
         arrivals_ahead: 0,
+        starts_due: 0,
         open: 0,
         next_gateway: 0,
         stats: RunStats::default(),
         step: &r.step,
     };
-    sim.schedule_next_first()?;
+    // A closed loop starts its first requests (or sessions) at once; otherwise each arrival
+    // schedules the next.
+    let start = cfg
+        .workload
+        .as_ref()
+        .filter(|_| r.trace.is_none())
+        .and_then(|w| w.arrival.in_flight())
+        .unwrap_or(1);
+    for _ in 0..start {
+        sim.schedule_next_first()?;
+    }
     // Stagger the agents' first reports over one interval.
     let interval = ns(cfg.gateways.report_interval_ms / 1e3).max(1);
     for i in 0..a.count {
@@ -338,12 +351,18 @@ impl Sim<'_> {
         }
         let spec = match (self.trace, &mut self.generator) {
             (Some(t), _) => t[self.next_first as usize],
-            (None, Some(g)) => g.next_request(),
+            (None, Some(g)) => {
+                let mut spec = g.next_request();
+                if self.closed_loop() {
+                    spec.arrival_s = self.now as f64 / NS;
+                }
+                spec
+            }
             (None, None) => return Err("no workload".into()),
         };
         self.next_first += 1;
         let idx = self.new_record(spec)?;
-        self.push(ns(spec.arrival_s), Event::Arrive(idx));
+        self.push(ns(spec.arrival_s).max(self.now), Event::Arrive(idx));
         Ok(())
     }
 
@@ -367,6 +386,25 @@ impl Sim<'_> {
             outcome: Outcome::Pending,
         });
         Ok(idx)
+    }
+
+    /// Whether first turns start when others end (a closed loop) rather than on their own.
+    fn closed_loop(&self) -> bool {
+        self.trace.is_none()
+            && self
+                .r
+                .cfg
+                .workload
+                .as_ref()
+                .is_some_and(|w| w.arrival.in_flight().is_some())
+    }
+
+    /// In a closed loop, a request (or session) ended: the next one starts now (after the event
+    /// being handled, see [`Sim::run_loop`]).
+    fn ended_in_loop(&mut self) {
+        if self.closed_loop() {
+            self.starts_due += 1;
+        }
     }
 
     /// Whether nothing is left to happen besides periodic events.
@@ -404,7 +442,7 @@ impl Sim<'_> {
                 Event::Arrive(idx) => {
                     self.arrivals_ahead -= 1;
                     self.arrive(idx)?;
-                    if self.records[idx as usize].spec.turn == 0 {
+                    if self.records[idx as usize].spec.turn == 0 && !self.closed_loop() {
                         self.schedule_next_first()?;
                     }
                 }
@@ -423,6 +461,10 @@ impl Sim<'_> {
                         self.push(t + ns(self.r.cfg.sample_s), Event::Sample);
                     }
                 }
+            }
+            while self.starts_due > 0 {
+                self.starts_due -= 1;
+                self.schedule_next_first()?;
             }
             if self.finished() {
                 break;
@@ -469,6 +511,8 @@ impl Sim<'_> {
         rec.done_ns = self.now;
         let session = rec.spec.session;
         self.history.remove(&session);
+        // A refused or timed-out turn ends its session.
+        self.ended_in_loop();
     }
 
     /// Asks gateway `g` to look at its queue: at once, or, within `pump_interval_ms` of its
@@ -796,6 +840,7 @@ impl Sim<'_> {
             .and_then(|g| g.next_turn(&spec, self.now as f64 / NS))
         else {
             self.history.remove(&spec.session);
+            self.ended_in_loop();
             return Ok(());
         };
         // The next turn's history: this turn's prompt after the shared prefix, and its answer.

@@ -81,7 +81,14 @@ pub enum Arrival {
         burst_s: f64,
         period_s: f64,
     },
+    /// A closed loop, as a benchmark client runs (inference-perf's `concurrent` load, vLLM's
+    /// `--max-concurrency`): `concurrency` requests (or sessions) start at once, and the next
+    /// starts when one ends (served, refused or timed out).
+    Closed { concurrency: u32 },
 }
+
+/// Largest closed-loop concurrency.
+pub const MAX_CONCURRENCY: u32 = 1_000_000;
 
 impl Arrival {
     pub fn validate(&self) -> Result<(), String> {
@@ -93,6 +100,15 @@ impl Arrival {
             }
         };
         match *self {
+            Arrival::Closed { concurrency } => {
+                if (1..=MAX_CONCURRENCY).contains(&concurrency) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "arrival.concurrency must be in 1..={MAX_CONCURRENCY} (got {concurrency})"
+                    ))
+                }
+            }
             Arrival::Poisson { rate } => pos(rate, "rate"),
             Arrival::Bursty {
                 rate,
@@ -114,10 +130,12 @@ impl Arrival {
         }
     }
 
-    /// The next arrival after `t` seconds.
+    /// The next arrival after `t` seconds (closed loop: `t`; the simulation starts each one when
+    /// another ends, see [`Arrival::in_flight`]).
     pub fn next(&self, t: f64, rng: &mut SplitMix64) -> f64 {
         let gap = |rate: f64, rng: &mut SplitMix64| -(1.0 - unit(rng)).ln() / rate;
         match *self {
+            Arrival::Closed { .. } => t,
             Arrival::Poisson { rate } => t + gap(rate, rng),
             Arrival::Bursty {
                 rate,
@@ -140,6 +158,16 @@ impl Arrival {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Arrival {
+    /// A closed loop's concurrency (`None`: arrivals come on their own).
+    pub fn in_flight(&self) -> Option<u32> {
+        match *self {
+            Arrival::Closed { concurrency } => Some(concurrency),
+            _ => None,
         }
     }
 }

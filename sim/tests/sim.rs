@@ -208,6 +208,63 @@ fn sessions_run_every_turn_and_later_turns_hit_their_history() {
 }
 
 #[test]
+fn a_closed_loop_keeps_its_concurrency_in_flight_and_starts_each_request_as_one_ends() {
+    for (sessions, requests) in [
+        ("", 60u64),
+        (r#", "sessions": {"turns": 3, "think_s": 0}"#, 60),
+    ] {
+        let json = format!(
+            r#"{{
+            "agents": {{"count": 2, "gpu": "h100", "model": "llama-3.1-8b", "kv_blocks": 3000}},
+            "workload": {{
+                "requests": {requests},
+                "arrival": {{"closed": {{"concurrency": 4}}}},
+                "prompt": {{"median": 300, "sigma": 0.5, "max": 1000}},
+                "output": {{"median": 50, "max": 100}}{sessions}
+            }},
+            "policies": ["kv", "round-robin"]
+        }}"#
+        );
+        let r = resolve(&json);
+        for p in [PolicyKind::Kv, PolicyKind::RoundRobin] {
+            let res = run(&r, p).unwrap();
+            assert_eq!(res.records.len(), requests as usize, "{sessions}");
+            assert!(res.records.iter().all(|x| x.outcome == Outcome::Done));
+            // The first four start at once; every later first turn starts when a request ends
+            // (the last turn of its session, with sessions).
+            let firsts: Vec<_> = res.records.iter().filter(|x| x.spec.turn == 0).collect();
+            assert!(firsts[..4].iter().all(|x| x.arrival_ns == 0), "{sessions}");
+            let ends: std::collections::HashSet<u64> =
+                res.records.iter().map(|x| x.done_ns).collect();
+            for x in &firsts[4..] {
+                assert!(
+                    x.arrival_ns > 0 && ends.contains(&x.arrival_ns),
+                    "{sessions}"
+                );
+            }
+            // In flight at any arrival: never more than four (requests, or sessions).
+            let mut events: Vec<(u64, i32)> = Vec::new();
+            for x in &res.records {
+                let last = sessions.is_empty() || x.spec.turn == 2;
+                if x.spec.turn == 0 {
+                    events.push((x.arrival_ns, 1));
+                }
+                if last {
+                    events.push((x.done_ns, -1));
+                }
+            }
+            events.sort();
+            let (mut open, mut most) = (0, 0);
+            for (_, d) in events {
+                open += d;
+                most = most.max(open);
+            }
+            assert_eq!(most, 4, "{sessions}");
+        }
+    }
+}
+
+#[test]
 fn several_gateways_each_route_with_their_own_view() {
     let mut r = resolve(&config(30.0, true, 300));
     r.cfg.gateways.replicas = 3;
@@ -302,6 +359,20 @@ fn bad_configurations_are_refused_with_what_is_wrong() {
         ),
         (with(&["policies"], serde_json::json!([])), "policies"),
         (
+            with(
+                &["workload", "arrival"],
+                serde_json::json!({"closed": {"concurrency": 0}}),
+            ),
+            "arrival.concurrency",
+        ),
+        (
+            with(
+                &["workload", "arrival"],
+                serde_json::json!({"closed": {"concurrency": -3}}),
+            ),
+            "configuration",
+        ),
+        (
             with(&["policies"], serde_json::json!(["fastest"])),
             "unknown policy",
         ),
@@ -372,4 +443,26 @@ fn bad_configurations_are_refused_with_what_is_wrong() {
         .resolve(Path::new("."))
         .unwrap_err();
     assert!(e.contains("missing.jsonl"), "{e}");
+}
+
+#[test]
+fn the_committed_cpu_validation_configurations_load_and_run() {
+    // bench/sim/cpu-2-*.json: the two-agent benchmark's workloads on CPU-measured agents, in a
+    // closed loop (see bench/sim/results-2026-12-07-cpu-validation.txt).
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/sim");
+    for (name, requests) in [
+        ("cpu-2-shared-prefix.json", 64),
+        ("cpu-2-multi-turn.json", 48),
+    ] {
+        let r = SimConfig::load(&dir.join(name)).unwrap();
+        let res = run(&r, PolicyKind::Kv).unwrap();
+        assert_eq!(res.records.len(), requests, "{name}");
+        assert!(
+            res.records.iter().all(|x| x.outcome == Outcome::Done),
+            "{name}"
+        );
+        // Prefixes are reused: the groups' system prompts, or the conversations' history.
+        let s = Summary::of(&res, &r.cfg.slo);
+        assert!(s.prefix_hit_rate > 0.2, "{name}: {s:?}");
+    }
 }
