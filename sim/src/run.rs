@@ -191,6 +191,11 @@ struct Sim<'a> {
     arrivals_ahead: u64,
     /// Closed loop: first turns to start once the current event is handled.
     starts_due: u32,
+    /// Closed loop: when it starts (ns): once every agent has reported, as a benchmark client
+    /// starts once the servers are ready. Started at 0, every first request of the loop would
+    /// go to the one agent that reported first, and a policy that follows prefixes would keep
+    /// every group there.
+    loop_start_ns: u64,
     /// Requests created and not yet ended (checked after every event: a counter, not a walk
     /// over the agents).
     open: u64,
@@ -301,6 +306,8 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
         first_turns,
         arrivals_ahead: 0,
         starts_due: 0,
+        loop_start_ns: ns((cfg.gateways.report_interval_ms + cfg.gateways.report_delay_ms) / 1e3)
+            + 1,
         open: 0,
         next_gateway: 0,
         stats: RunStats::default(),
@@ -354,7 +361,7 @@ impl Sim<'_> {
             (None, Some(g)) => {
                 let mut spec = g.next_request();
                 if self.closed_loop() {
-                    spec.arrival_s = self.now as f64 / NS;
+                    spec.arrival_s = self.now.max(self.loop_start_ns) as f64 / NS;
                 }
                 spec
             }

@@ -220,20 +220,38 @@ fn a_closed_loop_keeps_its_concurrency_in_flight_and_starts_each_request_as_one_
                 "requests": {requests},
                 "arrival": {{"closed": {{"concurrency": 4}}}},
                 "prompt": {{"median": 300, "sigma": 0.5, "max": 1000}},
-                "output": {{"median": 50, "max": 100}}{sessions}
+                "output": {{"median": 50, "max": 100}},
+                "groups": {{"count": 4, "prefix_tokens": 400}}{sessions}
             }},
-            "policies": ["kv", "round-robin"]
+            "policies": ["kv", "round-robin", "cache-aware"]
         }}"#
         );
         let r = resolve(&json);
-        for p in [PolicyKind::Kv, PolicyKind::RoundRobin] {
+        for p in [
+            PolicyKind::Kv,
+            PolicyKind::RoundRobin,
+            PolicyKind::CacheAware,
+        ] {
             let res = run(&r, p).unwrap();
             assert_eq!(res.records.len(), requests as usize, "{sessions}");
             assert!(res.records.iter().all(|x| x.outcome == Outcome::Done));
-            // The first four start at once; every later first turn starts when a request ends
-            // (the last turn of its session, with sessions).
+            // The first four start at once, once both agents have reported (a benchmark starts
+            // when its servers are ready); every later first turn starts when a request ends (the
+            // last turn of its session, with sessions).
             let firsts: Vec<_> = res.records.iter().filter(|x| x.spec.turn == 0).collect();
-            assert!(firsts[..4].iter().all(|x| x.arrival_ns == 0), "{sessions}");
+            let start = firsts[0].arrival_ns;
+            assert!(start > 0 && start < 100_000_000, "{start}");
+            assert!(
+                firsts[..4].iter().all(|x| x.arrival_ns == start),
+                "{sessions}"
+            );
+            // Both agents serve (a loop started before the second agent reported sent every
+            // first request to the first one).
+            let on_first = res.records.iter().filter(|x| x.agent == 0).count();
+            assert!(
+                on_first > 0 && on_first < res.records.len(),
+                "{sessions} {p:?}"
+            );
             let ends: std::collections::HashSet<u64> =
                 res.records.iter().map(|x| x.done_ns).collect();
             for x in &firsts[4..] {
