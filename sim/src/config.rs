@@ -220,6 +220,8 @@ pub struct KvCost {
     pub tpot_slo_s: Option<f64>,
     /// As `kvroute gateway --slo-ttft` (seconds; unset or 0: none).
     pub ttft_slo_s: Option<f64>,
+    /// As `kvroute gateway --cache-first-for` (seconds; unset: the gateway's default, 0: off).
+    pub cache_first_s: Option<f64>,
     pub wait: Option<f64>,
     pub prefill: Option<f64>,
     pub duplicate: Option<f64>,
@@ -446,6 +448,7 @@ impl SimConfig {
         for (t, what) in [
             (self.kv_cost.tpot_slo_s, "tpot_slo_s"),
             (self.kv_cost.ttft_slo_s, "ttft_slo_s"),
+            (self.kv_cost.cache_first_s, "cache_first_s"),
         ] {
             if let Some(t) = t {
                 if !(t.is_finite() && (0.0..=3600.0).contains(&t)) {

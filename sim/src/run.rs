@@ -245,6 +245,12 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
         cost: cfg.kv_cost.weights(),
         tpot_slo_s: cfg.kv_cost.tpot_slo_s.unwrap_or(0.0),
         ttft_slo_ms: (cfg.kv_cost.ttft_slo_s.unwrap_or(0.0) * 1000.0) as u64,
+        cache_first_ms: cfg
+            .kv_cost
+            .cache_first_s
+            .map_or(PolicyConfig::default().cache_first_ms, |s| {
+                (s * 1000.0) as u64
+            }),
         scorers: if policy == PolicyKind::Kv {
             r.kv_scorers
         } else {

@@ -377,6 +377,10 @@ fn bad_configurations_are_refused_with_what_is_wrong() {
         ),
         (with(&["policies"], serde_json::json!([])), "policies"),
         (
+            with(&["kv_cost"], serde_json::json!({"cache_first_s": -1})),
+            "kv_cost.cache_first_s",
+        ),
+        (
             with(
                 &["workload", "arrival"],
                 serde_json::json!({"closed": {"concurrency": 0}}),
