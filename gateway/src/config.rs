@@ -101,6 +101,11 @@ pub struct GatewayArgs {
     /// among the late ones, until `--queue-timeout`).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub slo_ttft: Duration,
+    /// kv policy: how long the blocks of a request that just finished stay kept from other
+    /// requests on its agent, for the next turn of its conversation (a request whose prompt
+    /// continues its prompt), which arrives a few milliseconds after the answer (0 = not kept).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub keep_finished_for: Duration,
     /// kv policy: don't ask an agent to keep the cached prefix of a request waiting for it
     /// (`POST /v1/kvroute/hold`); without holds, requests admitted meanwhile may evict it.
     #[arg(long)]
@@ -319,6 +324,8 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Ask agents to keep waiting requests' cached prefixes (`kv` policy).
     pub prefix_holds: bool,
+    /// How long a finished request's blocks are kept for its conversation's next turn.
+    pub keep_finished_for: Duration,
     /// This replica's dispatcher id: agents acknowledge the requests it sends under it.
     pub gateway_id: String,
     /// Header, body and connection limits of the HTTP server.
@@ -520,6 +527,7 @@ impl GatewayArgs {
             seed,
             max_body_bytes: self.max_body_bytes,
             prefix_holds: !self.no_prefix_holds,
+            keep_finished_for: self.keep_finished_for,
             gateway_id: gateway_id(&self.gateway_name)?,
             http_limits: kvroute_serve::Limits {
                 header_read_timeout: self.header_read_timeout,
@@ -576,6 +584,7 @@ impl GatewayConfig {
             seed: 0x006b_7672_6f75_7465,
             max_body_bytes: kvroute_openai::DEFAULT_MAX_BODY_BYTES,
             prefix_holds: true,
+            keep_finished_for: Duration::ZERO,
             gateway_id: gateway_id("kvroute-gateway").unwrap_or_default(),
             http_limits: kvroute_serve::Limits::default(),
             drain_timeout: Duration::from_secs(30),
@@ -819,6 +828,18 @@ mod tests {
             let e = parse(&[flag, bad]).unwrap_err();
             assert!(e.contains(flag) && e.contains(bad), "{flag} {bad}: {e}");
         }
+    }
+
+    #[test]
+    fn keep_finished_window_is_a_duration_off_by_default() {
+        assert_eq!(parse(&[]).unwrap().keep_finished_for, Duration::ZERO);
+        let cfg = parse(&["--keep-finished-for", "100ms"]).unwrap();
+        assert_eq!(cfg.keep_finished_for, Duration::from_millis(100));
+        for bad in ["soon", ""] {
+            let e = parse(&["--keep-finished-for", bad]).unwrap_err();
+            assert!(e.contains("--keep-finished-for"), "{bad}: {e}");
+        }
+        assert!(parse(&["--keep-finished-for", "-1s"]).is_err());
     }
 
     #[test]

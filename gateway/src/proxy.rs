@@ -99,6 +99,7 @@ pub fn relay(
     idle_timeout: Duration,
     metrics: Arc<Metrics>,
     ttft: Option<TtftProbe>,
+    on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
 ) -> axum::response::Response {
     let (parts, body) = upstream.into_parts();
     let sse = parts
@@ -114,6 +115,7 @@ pub fn relay(
         idle: Box::pin(tokio::time::sleep(idle_timeout)),
         metrics,
         ttft,
+        on_end,
     }));
     *resp.status_mut() = parts.status;
     for (name, value) in &parts.headers {
@@ -137,6 +139,8 @@ struct RelayBody {
     metrics: Arc<Metrics>,
     /// Taken at the first data frame.
     ttft: Option<TtftProbe>,
+    /// Called once the agent's response has ended well (not on a failure mid-stream).
+    on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -198,6 +202,9 @@ impl Body for RelayBody {
             Poll::Ready(Some(Err(e))) => self.fail(e.to_string()),
             Poll::Ready(None) => {
                 self.ended = true;
+                if let Some(f) = self.on_end.take() {
+                    f();
+                }
                 Poll::Ready(None)
             }
             Poll::Pending => {

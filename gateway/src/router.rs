@@ -267,6 +267,8 @@ pub struct Router {
     gateway_id: String,
     /// The shared token agents require (`--agent-token-file`).
     agent_token: Option<Arc<str>>,
+    /// `--keep-finished-for`, in ms (0: finished requests' blocks are not kept).
+    keep_finished_ms: std::sync::atomic::AtomicU64,
 }
 
 /// An admitted request: where to send it and the reservation made for it. Dropped without
@@ -282,6 +284,9 @@ pub struct Admitted {
     pub hold: Option<u64>,
     /// Every candidate of the decision that routed it, when asked for.
     pub trace: Option<Trace>,
+    /// Its prompt's last full block and its blocks in all, kept for a while once it ends
+    /// ([`QueuePass::keep`]).
+    keep: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Admitted {
@@ -325,6 +330,27 @@ impl Admitted {
                     .observe_ttft(slot, epoch, predicted, observed.as_secs_f64());
             }
         })
+    }
+}
+
+impl Admitted {
+    /// What to call when the agent's response has ended: keeps the request's blocks there from
+    /// other requests for `--keep-finished-for` (`None`: not kept).
+    pub fn finish_keeper(&self) -> Option<Box<dyn FnOnce() + Send + Sync>> {
+        let window = self
+            .router
+            .keep_finished_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let (last_hash, blocks) = self.keep?;
+        if window == 0 {
+            return None;
+        }
+        let router = Arc::clone(&self.router);
+        let slot = self.route.slot;
+        Some(Box::new(move || {
+            let until_ms = router.now_ms().saturating_add(window);
+            router.lock().pass.keep(slot, blocks, last_hash, until_ms);
+        }))
     }
 }
 
@@ -376,7 +402,17 @@ impl Router {
             hold_rx: Mutex::new(Some(hold_rx)),
             gateway_id: super::config::gateway_id("kvroute-gateway").unwrap_or_default(),
             agent_token: None,
+            keep_finished_ms: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Keeps a finished request's blocks on its agent from other requests for `window` after its
+    /// response ends, for the next turn of its conversation ([`QueuePass::keep`]); zero: off.
+    pub fn keep_finished_for(&self, window: Duration) {
+        self.keep_finished_ms.store(
+            window.as_millis().min(u128::from(u64::MAX)) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The shared token to send to agents on every call.
@@ -773,6 +809,7 @@ impl Router {
         self.cache_first(core, &mut order);
         let mut pass = std::mem::take(&mut core.pass);
         pass.begin(core.cluster.agents().len());
+        pass.hold_kept(self.now_ms());
         // Holds asked and not yet answered may take up to their `max_free` blocks at any moment,
         // and the agent's reports do not show them yet: count them taken whatever the order (a
         // request ranked ahead of the asking one in this pump would otherwise be sent into that
@@ -924,6 +961,12 @@ impl Router {
                         sent: false,
                         hold,
                         trace,
+                        keep: w.plan.block_hashes.last().map(|&h| {
+                            (
+                                h,
+                                route.need_blocks + route.cached_blocks - route.shared_blocks,
+                            )
+                        }),
                     })
                 }
             };
@@ -1238,6 +1281,91 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("queue depth never {depth}: {:?}", r.queue());
+    }
+
+    #[tokio::test]
+    async fn a_finished_requests_blocks_wait_for_its_next_turn_within_the_window() {
+        let r = router();
+        r.keep_finished_for(Duration::from_secs(600));
+        let a = agent(&r, "a", "m", 30);
+        // A 20-block turn (320 tokens) is routed, answers and ends.
+        let turn = PromptPlan {
+            block_hashes: (1..=20).collect(),
+            ..plan("m", 320)
+        };
+        let mut first = r
+            .admit(
+                turn,
+                Vec::new(),
+                Priority::NORMAL,
+                "t",
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        first.mark_sent();
+        let keeper = first.finish_keeper().expect("kept with a window");
+        // The agent reports the room it freed (all 30 blocks) and the turn's blocks cached.
+        r.on_report(
+            a,
+            Report {
+                agent_id: "a".into(),
+                epoch: 1,
+                model: "m".into(),
+                block_size: 16,
+                total_blocks: 100,
+                free_blocks: 30,
+                max_model_len: 8192,
+                snapshot: true,
+                events: vec![kvroute_routing::CacheEvent::Stored((1..=20).collect())],
+                ..Report::default()
+            },
+        );
+        keeper();
+        drop(first);
+        // A stranger needing 20 blocks sees 10: it waits.
+        let stranger = PromptPlan {
+            block_hashes: (101..=120).collect(),
+            ..plan("m", 320)
+        };
+        let waiting = spawn_admit(&r, stranger, Vec::new(), Priority::NORMAL);
+        until_depth(&r, 1).await;
+        // The next turn (its prompt continues the first's) is not kept out: it is routed.
+        let next = PromptPlan {
+            block_hashes: (1..=22).collect(),
+            ..plan("m", 352)
+        };
+        let routed = tokio::time::timeout(
+            Duration::from_secs(30),
+            r.admit(
+                next,
+                Vec::new(),
+                Priority::NORMAL,
+                "t",
+                Duration::from_secs(600),
+            ),
+        )
+        .await
+        .expect("the next turn is not kept waiting")
+        .unwrap();
+        assert_eq!(routed.route.slot, a);
+        assert!(!waiting.is_finished());
+        waiting.abort();
+        // Without a window nothing is kept.
+        let r = router();
+        let a = agent(&r, "a", "m", 30);
+        let first = r
+            .admit(
+                plan("m", 320),
+                Vec::new(),
+                Priority::NORMAL,
+                "t",
+                Duration::from_secs(600),
+            )
+            .await
+            .unwrap();
+        assert_eq!(first.route.slot, a);
+        assert!(first.finish_keeper().is_none());
     }
 
     #[tokio::test]

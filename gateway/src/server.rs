@@ -134,6 +134,7 @@ impl Gateway {
                 .with_agent_token(config.agent_token.clone()),
         );
         router.set_prefix_holds(config.prefix_holds);
+        router.keep_finished_for(config.keep_finished_for);
         Ok(Arc::new(Self {
             config,
             router,
@@ -537,6 +538,8 @@ impl Gateway {
                             "routed"
                         );
                         self.metrics.count_request(&model, resp.status().as_u16());
+                        // A refusal (4xx) freed nothing to keep.
+                        let ok = resp.status().is_success();
                         let resp = proxy::relay(
                             resp,
                             &admitted.agent_id,
@@ -547,6 +550,7 @@ impl Gateway {
                                 predicted_s: admitted.route.predicted_ttft_s,
                                 calibrate: Some(admitted.ttft_calibrator()),
                             }),
+                            ok.then(|| admitted.finish_keeper()).flatten(),
                         );
                         let mut resp = resp;
                         if let Some(trace) = admitted.trace.take() {

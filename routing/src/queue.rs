@@ -15,7 +15,9 @@
 //! becomes blocked.
 
 use crate::cluster::Cluster;
-use crate::policy::{Decision, HeldPrefixes, PolicyConfig, RandomSource, Reject, RouteRequest};
+use crate::policy::{
+    Decision, HeldPrefixes, PolicyConfig, RandomSource, Reject, RouteRequest, Slot,
+};
 
 /// What the pass decided for one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,14 +28,67 @@ pub struct Passed {
     pub held_before: u64,
 }
 
-/// The state of one queue pass (reused from pass to pass: [`QueuePass::begin`] clears it).
+/// The state of one queue pass (reused from pass to pass: [`QueuePass::begin`] clears it), and
+/// the blocks of finished requests kept from later ones for a while ([`QueuePass::keep`]), which
+/// outlive a pass.
 #[derive(Debug, Default, Clone)]
 pub struct QueuePass {
     claimed: Vec<u64>,
     held: Vec<u64>,
     held_prefixes: HeldPrefixes,
     blocked: Vec<String>,
+    /// By the last full block of the finished request's prompt.
+    kept: std::collections::HashMap<u64, Vec<Kept>>,
+    /// How often what was kept was taken by a next turn (moving average; see [`Self::keep`]).
+    kept_use: KeptUse,
 }
+
+/// How often kept blocks were taken by the next turn they were kept for, rather than expiring:
+/// a moving average over about the last ten, starting at 1. Below [`KeptUse::MIN`] (a workload
+/// without conversations, where keeping only takes room from everyone) only one finished
+/// request in [`KeptUse::PROBE`] is kept, to notice when conversations come back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct KeptUse {
+    rate: f64,
+    offered: u64,
+}
+
+impl Default for KeptUse {
+    fn default() -> Self {
+        Self {
+            rate: 1.0,
+            offered: 0,
+        }
+    }
+}
+
+impl KeptUse {
+    const MIN: f64 = 0.25;
+    const PROBE: u64 = 8;
+    const WEIGHT: f64 = 0.2;
+
+    fn observe(&mut self, used: bool) {
+        let x = if used { 1.0 } else { 0.0 };
+        self.rate += Self::WEIGHT * (x - self.rate);
+    }
+
+    /// Whether the next finished request is kept.
+    fn offer(&mut self) -> bool {
+        self.offered += 1;
+        self.rate >= Self::MIN || self.offered.is_multiple_of(Self::PROBE)
+    }
+}
+
+/// A finished request's blocks on an agent, kept from other requests until `until_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Kept {
+    slot: Slot,
+    blocks: u64,
+    until_ms: u64,
+}
+
+/// Most prompts kept for at once (bounds the memory; later ones are not kept).
+pub const MAX_KEPT: usize = 65_536;
 
 impl QueuePass {
     /// Starts a pass over a cluster of `agents` slots: nothing claimed, held or blocked.
@@ -44,6 +99,94 @@ impl QueuePass {
         self.held.resize(agents, 0);
         self.held_prefixes.clear();
         self.blocked.clear();
+    }
+
+    /// Keeps the `blocks` of a request that just finished on the agent in `slot` from the
+    /// requests of later passes until `until_ms`, except from a request whose prompt continues
+    /// its prompt (holds `last_hash`, its last full block): the next turn of a conversation, or
+    /// of an agent's loop, arrives a few milliseconds after the answer, and in that gap a request
+    /// that was waiting would otherwise take the room the finished one freed and evict the
+    /// history the next turn needs (Continuum's KV time-to-live, for a router). When the next
+    /// turn is routed to that agent, the kept blocks are its own and are let go.
+    ///
+    /// Where kept blocks are seldom taken (no conversations), most finished requests are not kept
+    /// (see [`KeptUse`]).
+    pub fn keep(&mut self, slot: Slot, blocks: u64, last_hash: u64, until_ms: u64) {
+        if blocks == 0 || self.kept.len() >= MAX_KEPT || !self.kept_use.offer() {
+            return;
+        }
+        self.kept.entry(last_hash).or_default().push(Kept {
+            slot,
+            blocks,
+            until_ms,
+        });
+    }
+
+    /// Forgets what was kept until before `now_ms` and holds the rest from this pass's
+    /// requests (call after [`QueuePass::begin`]).
+    pub fn hold_kept(&mut self, now_ms: u64) {
+        if self.kept.is_empty() {
+            return;
+        }
+        let uses = &mut self.kept_use;
+        self.kept.retain(|_, v| {
+            v.retain(|k| {
+                let live = k.until_ms > now_ms;
+                if !live {
+                    uses.observe(false);
+                }
+                live
+            });
+            !v.is_empty()
+        });
+        for k in self.kept.values().flatten() {
+            if let Some(h) = self.held.get_mut(k.slot) {
+                *h = h.saturating_add(k.blocks);
+            }
+        }
+    }
+
+    /// Adds the blocks kept for `hashes`' prompt to the held room, or takes them back.
+    fn own_kept(&mut self, hashes: &[u64], add: bool) {
+        if self.kept.is_empty() {
+            return;
+        }
+        for h in hashes {
+            let Some(v) = self.kept.get(h) else {
+                continue;
+            };
+            for k in v {
+                if let Some(held) = self.held.get_mut(k.slot) {
+                    *held = if add {
+                        held.saturating_add(k.blocks)
+                    } else {
+                        held.saturating_sub(k.blocks)
+                    };
+                }
+            }
+        }
+    }
+
+    /// The blocks kept for `hashes`' prompt on `slot` are its own now: let them go.
+    fn take_kept(&mut self, hashes: &[u64], slot: Slot) {
+        if self.kept.is_empty() {
+            return;
+        }
+        for h in hashes {
+            if let Some(v) = self.kept.get_mut(h) {
+                let uses = &mut self.kept_use;
+                v.retain(|k| {
+                    let taken = k.slot == slot;
+                    if taken {
+                        uses.observe(true);
+                    }
+                    !taken
+                });
+                if v.is_empty() {
+                    self.kept.remove(h);
+                }
+            }
+        }
     }
 
     /// The room held on each agent so far, by slot; a caller may add room taken by what the
@@ -90,7 +233,14 @@ impl QueuePass {
         now_ms: u64,
         rng: &mut dyn RandomSource,
     ) -> Passed {
+        // What was kept for this request (it continues a finished one) is not kept from it.
+        self.own_kept(q.block_hashes, false);
         let decision = cluster.decide(cfg, &self.request(q), now_ms, rng);
+        // Routed to the agent that kept them, they are its own now; the rest stays kept.
+        if let Decision::Route(r) = &decision {
+            self.take_kept(q.block_hashes, r.slot);
+        }
+        self.own_kept(q.block_hashes, true);
         let mut held_before = 0;
         match &decision {
             Decision::Wait => {

@@ -2077,3 +2077,59 @@ fn the_ttft_budget_is_the_target_less_the_time_waited() {
     assert_eq!(late_on_a0(&mut c, 100).0, 0.0);
     assert_eq!(late_on_a0(&mut c, 5_000).0, 0.0);
 }
+
+#[test]
+fn a_finished_requests_blocks_are_kept_for_the_request_that_continues_its_prompt() {
+    // One agent with 20 free blocks; a finished request's 15 are kept until 100 ms.
+    let mut c = cluster(&[(100, 20)]);
+    let cfg = PolicyConfig::default();
+    let mut pass = crate::queue::QueuePass::default();
+    pass.keep(0, 15, 7, 100);
+    pass.begin(c.agents().len());
+    pass.hold_kept(0);
+    assert_eq!(pass.held_mut()[0], 15);
+    // A stranger needing 10 blocks (144 + 16 tokens) sees 5: it waits.
+    let stranger = queued(144, 16, &[1, 2], false);
+    let d = pass.decide(&mut c, &cfg, &stranger, 0, &mut SplitMix64(1));
+    assert_eq!(d.decision, Decision::Wait);
+    assert_eq!(pass.held_mut()[0], 15);
+    // The next turn (its prompt holds the finished prompt's last block) is not kept out.
+    pass.begin(c.agents().len());
+    pass.hold_kept(0);
+    let next_turn = queued(144, 16, &[5, 7], false);
+    let d = pass.decide(&mut c, &cfg, &next_turn, 0, &mut SplitMix64(1));
+    assert!(
+        matches!(d.decision, Decision::Route(r) if r.slot == 0),
+        "{d:?}"
+    );
+    // Routed there, the kept blocks are its own: nothing stays kept, now or in the next pass.
+    assert_eq!(pass.held_mut()[0], 0);
+    pass.begin(c.agents().len());
+    pass.hold_kept(1);
+    assert_eq!(pass.held_mut()[0], 0);
+    // What nobody continues is let go at its deadline.
+    pass.keep(0, 15, 9, 50);
+    pass.begin(c.agents().len());
+    pass.hold_kept(49);
+    assert_eq!(pass.held_mut()[0], 15);
+    pass.begin(c.agents().len());
+    pass.hold_kept(50);
+    assert_eq!(pass.held_mut()[0], 0);
+    // Keeping that is never used stops, but for one finished request in eight.
+    for i in 0..20 {
+        pass.keep(0, 1, 1000 + i, 60);
+        pass.begin(c.agents().len());
+        pass.hold_kept(60);
+    }
+    for i in 0..16 {
+        pass.keep(0, 1, 2000 + i, 1000);
+    }
+    pass.begin(c.agents().len());
+    pass.hold_kept(61);
+    assert_eq!(pass.held_mut()[0], 2);
+    // Nothing to keep: no entry.
+    pass.keep(0, 0, 3000, 1000);
+    pass.begin(c.agents().len());
+    pass.hold_kept(61);
+    assert_eq!(pass.held_mut()[0], 2);
+}

@@ -222,6 +222,8 @@ pub struct KvCost {
     pub ttft_slo_s: Option<f64>,
     /// As `kvroute gateway --cache-first-for` (seconds; unset: the gateway's default, 0: off).
     pub cache_first_s: Option<f64>,
+    /// As `kvroute gateway --keep-finished-for` (seconds; unset or 0: off).
+    pub keep_finished_s: Option<f64>,
     pub wait: Option<f64>,
     pub prefill: Option<f64>,
     pub duplicate: Option<f64>,
@@ -449,6 +451,7 @@ impl SimConfig {
             (self.kv_cost.tpot_slo_s, "tpot_slo_s"),
             (self.kv_cost.ttft_slo_s, "ttft_slo_s"),
             (self.kv_cost.cache_first_s, "cache_first_s"),
+            (self.kv_cost.keep_finished_s, "keep_finished_s"),
         ] {
             if let Some(t) = t {
                 if !(t.is_finite() && (0.0..=3600.0).contains(&t)) {

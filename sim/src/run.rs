@@ -191,6 +191,10 @@ struct Sim<'a> {
     arrivals_ahead: u64,
     /// Closed loop: first turns to start once the current event is handled.
     starts_due: u32,
+    /// `kv_cost.keep_finished_s` in ns (0: off), and what each routed request would keep: its
+    /// prompt's last full block and its blocks ([`QueuePass::keep`]).
+    keep_ns: u64,
+    keep_info: HashMap<u32, (u64, u64)>,
     /// Closed loop: when it starts (ns): once every agent has reported, as a benchmark client
     /// starts once the servers are ready. Started at 0, every first request of the loop would
     /// go to the one agent that reported first, and a policy that follows prefixes would keep
@@ -312,6 +316,12 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
         first_turns,
         arrivals_ahead: 0,
         starts_due: 0,
+        keep_ns: cfg
+            .kv_cost
+            .keep_finished_s
+            .filter(|_| policy == PolicyKind::Kv)
+            .map_or(0, ns),
+        keep_info: HashMap::new(),
         loop_start_ns: ns((cfg.gateways.report_interval_ms + cfg.gateways.report_delay_ms) / 1e3)
             + 1,
         open: 0,
@@ -524,6 +534,7 @@ impl Sim<'_> {
         rec.done_ns = self.now;
         let session = rec.spec.session;
         self.history.remove(&session);
+        self.keep_info.remove(&idx);
         // A refused or timed-out turn ends its session.
         self.ended_in_loop();
     }
@@ -584,7 +595,9 @@ impl Sim<'_> {
         let max_queue = self.r.cfg.gateways.max_queue as usize;
         let net = ns(self.r.cfg.gateways.network_delay_ms / 1e3);
         let cfg = self.policy;
-        let mut routed: Vec<(u32, u32, u64, Vec<u32>, f64)> = Vec::new();
+        // (request, agent, dispatch id, prompt, predicted TTFT, what it keeps when it ends)
+        type Routed = (u32, u32, u64, Vec<u32>, f64, Option<(u64, u64)>);
+        let mut routed: Vec<Routed> = Vec::new();
         let mut ended: Vec<(u32, Outcome)> = Vec::new();
         {
             let gw = &mut self.gateways[g as usize];
@@ -613,6 +626,7 @@ impl Sim<'_> {
                 order.extend(ranked.iter().map(|r| r.1));
             }
             gw.pass.begin(gw.cluster.agents().len());
+            gw.pass.hold_kept(now_ms);
             let queued = gw.queue.len();
             for &id in &order {
                 let Some(w) = gw.queue.get(id) else {
@@ -664,12 +678,19 @@ impl Sim<'_> {
                         let handle = gw.cluster.dispatch(&cfg, &route, &w.hashes, now_ms);
                         let agent = gw.agent_of.get(route.slot).copied().unwrap_or(0);
                         if let Some(w) = gw.queue.remove(id) {
+                            let keep = w.hashes.last().map(|&h| {
+                                (
+                                    h,
+                                    route.need_blocks + route.cached_blocks - route.shared_blocks,
+                                )
+                            });
                             routed.push((
                                 w.req,
                                 agent,
                                 handle.map_or(0, |h| h.id),
                                 w.tokens,
                                 route.predicted_ttft_s,
+                                keep,
                             ));
                         }
                     }
@@ -681,7 +702,10 @@ impl Sim<'_> {
             self.end(req, outcome);
         }
         self.schedule_tick(g, self.now + ns(REPUMP_MS as f64 / 1e3));
-        for (req, agent, id, tokens, predicted) in routed {
+        for (req, agent, id, tokens, predicted, keep) in routed {
+            if let Some(k) = keep.filter(|_| self.keep_ns > 0) {
+                self.keep_info.insert(req, k);
+            }
             let rec = &mut self.records[req as usize];
             rec.dispatched_ns = self.now;
             rec.agent = agent;
@@ -834,15 +858,23 @@ impl Sim<'_> {
             }
         }
         for (_, run) in finished {
-            self.complete(run)?;
+            self.complete(run, a)?;
         }
         self.start_step(a);
         Ok(())
     }
 
     /// A request's last token: record it; a session's next turn is scheduled.
-    fn complete(&mut self, run: SeqRun) -> Result<(), String> {
+    fn complete(&mut self, run: SeqRun, agent: u32) -> Result<(), String> {
         self.open = self.open.saturating_sub(1);
+        // The gateway relays the end of the response before the client sees it.
+        if let Some((last_hash, blocks)) = self.keep_info.remove(&run.req) {
+            let until_ms = (self.now + self.keep_ns) / 1_000_000;
+            let gw = &mut self.gateways[run.gateway as usize];
+            if let Some(&slot) = gw.slot_of.get(agent as usize) {
+                gw.pass.keep(slot, blocks, last_hash, until_ms);
+            }
+        }
         let rec = &mut self.records[run.req as usize];
         rec.outcome = Outcome::Done;
         rec.done_ns = self.now;
