@@ -1232,6 +1232,18 @@ mod tests {
     }
 
     fn report(r: &Arc<Router>, slot: Slot, id: &str, model: &str, free: u64) {
+        report_cached(r, slot, id, model, free, Vec::new());
+    }
+
+    /// A snapshot report whose cache holds `cached`.
+    fn report_cached(
+        r: &Arc<Router>,
+        slot: Slot,
+        id: &str,
+        model: &str,
+        free: u64,
+        cached: Vec<u64>,
+    ) {
         r.on_report(
             slot,
             Report {
@@ -1243,9 +1255,23 @@ mod tests {
                 free_blocks: free,
                 max_model_len: 8192,
                 snapshot: true,
+                events: vec![kvroute_routing::CacheEvent::Stored(cached)],
                 ..Report::default()
             },
         );
+    }
+
+    /// Admits now (a request that fits).
+    async fn admit_now(r: &Arc<Router>, plan: PromptPlan) -> Admitted {
+        r.admit(
+            plan,
+            Vec::new(),
+            Priority::NORMAL,
+            "t",
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap()
     }
 
     fn plan(model: &str, prompt_tokens: u64) -> PromptPlan {
@@ -1293,34 +1319,11 @@ mod tests {
             block_hashes: (1..=20).collect(),
             ..plan("m", 320)
         };
-        let mut first = r
-            .admit(
-                turn,
-                Vec::new(),
-                Priority::NORMAL,
-                "t",
-                Duration::from_secs(600),
-            )
-            .await
-            .unwrap();
+        let mut first = admit_now(&r, turn).await;
         first.mark_sent();
         let keeper = first.finish_keeper().expect("kept with a window");
         // The agent reports the room it freed (all 30 blocks) and the turn's blocks cached.
-        r.on_report(
-            a,
-            Report {
-                agent_id: "a".into(),
-                epoch: 1,
-                model: "m".into(),
-                block_size: 16,
-                total_blocks: 100,
-                free_blocks: 30,
-                max_model_len: 8192,
-                snapshot: true,
-                events: vec![kvroute_routing::CacheEvent::Stored((1..=20).collect())],
-                ..Report::default()
-            },
-        );
+        report_cached(&r, a, "a", "m", 30, (1..=20).collect());
         keeper();
         drop(first);
         // A stranger needing 20 blocks sees 10: it waits.
@@ -1354,16 +1357,7 @@ mod tests {
         // Without a window nothing is kept.
         let r = router();
         let a = agent(&r, "a", "m", 30);
-        let first = r
-            .admit(
-                plan("m", 320),
-                Vec::new(),
-                Priority::NORMAL,
-                "t",
-                Duration::from_secs(600),
-            )
-            .await
-            .unwrap();
+        let first = admit_now(&r, plan("m", 320)).await;
         assert_eq!(first.route.slot, a);
         assert!(first.finish_keeper().is_none());
     }
