@@ -8,11 +8,13 @@
 //!   model is claimed, the model is *blocked* and its later requests only wait;
 //! - a request that waits for one agent (`Hold`) has its blocks counted *held* there, so later
 //!   requests do not take that room (a second held request of the same cached prefix on the same
-//!   agent is charged only what it adds: [`HeldPrefixes`]).
+//!   agent is charged only what it adds: [`HeldPrefixes`]);
+//! - the blocks of a request that just finished are held from every request but the next turn
+//!   of its conversation, for a short window ([`QueuePass::keep`], `--keep-finished-for`).
 //!
 //! The caller owns the queue, the order and what happens to a routed request; this module owns
-//! the bookkeeping between decisions. It allocates only while its buffers grow and when a model
-//! becomes blocked.
+//! the bookkeeping between decisions. A decision allocates only while the pass's buffers grow and
+//! when a model becomes blocked; keeping a finished request's blocks allocates once, when it ends.
 
 use crate::cluster::Cluster;
 use crate::policy::{
