@@ -112,7 +112,7 @@ impl QueuePass {
     /// turn is routed to that agent, the kept blocks are its own and are let go.
     ///
     /// Where kept blocks are seldom taken (no conversations), most finished requests are not kept
-    /// (see [`KeptUse`]).
+    /// (one in eight, to notice when conversations come back).
     pub fn keep(&mut self, slot: Slot, blocks: u64, last_hash: u64, until_ms: u64) {
         if blocks == 0 || self.kept.len() >= MAX_KEPT || !self.kept_use.offer() {
             return;
