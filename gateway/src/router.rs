@@ -1338,19 +1338,9 @@ mod tests {
             block_hashes: (1..=22).collect(),
             ..plan("m", 352)
         };
-        let routed = tokio::time::timeout(
-            Duration::from_secs(30),
-            r.admit(
-                next,
-                Vec::new(),
-                Priority::NORMAL,
-                "t",
-                Duration::from_secs(600),
-            ),
-        )
-        .await
-        .expect("the next turn is not kept waiting")
-        .unwrap();
+        let routed = tokio::time::timeout(Duration::from_secs(30), admit_now(&r, next))
+            .await
+            .expect("the next turn is not kept waiting");
         assert_eq!(routed.route.slot, a);
         assert!(!waiting.is_finished());
         waiting.abort();
