@@ -134,6 +134,13 @@ pub struct AgentLoad {
     pub running: u32,
     /// Requests in the engine's waiting queue: they join the running batch before this one.
     pub waiting: u32,
+    /// Requests this gateway sent there that the agent has not counted yet (in neither
+    /// `running` nor `waiting`): they join the batch before this one too.
+    pub pending: u32,
+    /// Requests per agent of the model, on average (running, waiting and not yet counted): an
+    /// agent with fewer now does not keep fewer while this request's prefill runs, since the
+    /// requests that arrive meanwhile go to it too. 0: not known.
+    pub mean_requests: f64,
     /// Prompt tokens queued ahead of this request there: the engine's waiting queue plus requests
     /// this gateway sent that the agent has not counted yet.
     pub queued_prefill_tokens: u64,
@@ -256,10 +263,12 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
     let duplicate_s = ask.duplicate_tokens.min(ask.uncached_tokens) as f64 / prefill_rate;
     let move_s = ask.moved_tokens.min(ask.uncached_tokens) as f64 / prefill_rate;
     // Every step of this request's decode is longer by each sequence there and the KV it reads:
-    // the running ones, and the waiting ones, which will be running beside it (an agent busy
-    // prefilling a long queue has few running requests now, but not for long), with the prompt
-    // tokens queued there as their KV.
-    let running = running + f64::from(load.waiting);
+    // the running ones, and the waiting ones and those sent there but not counted yet, which
+    // will be running beside it (an agent busy prefilling a long queue has few running requests
+    // now, but not for long), with the prompt tokens queued there as their KV. Leaving out the
+    // ones not counted yet made the agent that was just sent a burst look idle until its next
+    // report, and the next requests followed the burst there.
+    let running = running + f64::from(load.waiting) + f64::from(load.pending);
     let measured = load.decode_step_s > 0.0
         && (load.decode_per_seq_s > 0.0 || load.decode_per_kv_token_s > 0.0);
     let (per_seq, per_token) = if measured {
@@ -272,7 +281,24 @@ pub fn estimate(load: &AgentLoad, ask: &Ask, priors: &Priors, w: &CostWeights) -
     };
     let kv_tokens = (load.running_kv_tokens + load.queued_prefill_tokens) as f64;
     let decode_s = ask.output_tokens as f64 * (running * per_seq + kv_tokens * per_token);
-    let stall_s = running * ask.uncached_tokens as f64 / prefill_rate;
+    // The requests its prefill stalls: those there now, and on an agent with fewer than the
+    // model's mean, for the part of the prompt another agent holds (a recompute a request that
+    // stays where its prefix is does not make), the ones that arrive there meanwhile. By
+    // Little's law an agent holding the mean receives about `mean / (prefill + decode)` requests
+    // per second, the time a request spends there; over this prefill that is `mean * t / (t + d)`
+    // of them (on a GPU, whose prefill is short against its decode, hardly any; on a CPU, whose
+    // prefill of a long conversation takes as long as its decode, most of the mean). Without it,
+    // on bench/routers.sh's multi-turn workload, 6-9 of 33 later turns moved to the idle agent
+    // and recomputed their whole history there; with it, 4.
+    let own_prefill_s = ask.uncached_tokens as f64 / prefill_rate;
+    let own_decode_s =
+        ask.output_tokens as f64 * decode_step_at(load, priors, load.mean_requests.max(1.0));
+    let arriving = if own_prefill_s + own_decode_s > 0.0 {
+        load.mean_requests * own_prefill_s / (own_prefill_s + own_decode_s)
+    } else {
+        0.0
+    };
+    let stall_s = running * own_prefill_s + (arriving - running).max(0.0) * duplicate_s;
     let scale = if load.ttft_scale > 0.0 {
         load.ttft_scale
     } else {
@@ -433,6 +459,8 @@ mod tests {
             room: 50,
             running: 4,
             waiting: 0,
+            pending: 0,
+            mean_requests: 0.0,
             queued_prefill_tokens: 0,
             prefill_tokens_per_s: 1000.0,
             decode_step_s: 0.012,
@@ -506,6 +534,92 @@ mod tests {
             ..ask
         };
         assert_eq!(estimate(&busy, &cached, &p(), &w()).stall_s, 0.0);
+    }
+
+    #[test]
+    fn requests_sent_and_not_yet_counted_weigh_as_running_ones() {
+        let ask = Ask {
+            need_blocks: 1,
+            uncached_tokens: 500,
+            output_tokens: 10,
+            ..Ask::default()
+        };
+        let counted = AgentLoad {
+            running: 3,
+            ..measured()
+        };
+        // Just sent a burst of three: the agent has reported none of them yet.
+        let burst = AgentLoad {
+            running: 0,
+            pending: 3,
+            ..measured()
+        };
+        let (a, b) = (
+            estimate(&counted, &ask, &p(), &w()),
+            estimate(&burst, &ask, &p(), &w()),
+        );
+        assert!(a.decode_s > 0.0 && a.stall_s > 0.0, "{a:?}");
+        assert!((a.decode_s - b.decode_s).abs() < 1e-12, "{a:?} {b:?}");
+        assert!((a.stall_s - b.stall_s).abs() < 1e-12, "{a:?} {b:?}");
+        let idle = AgentLoad {
+            running: 0,
+            ..measured()
+        };
+        assert_eq!(estimate(&idle, &ask, &p(), &w()).stall_s, 0.0);
+    }
+
+    #[test]
+    fn recomputing_a_prefix_held_elsewhere_stalls_the_requests_that_arrive_meanwhile() {
+        // A 790-token conversation another agent holds, asked of an idle agent: 0.79 s of
+        // prefill at 1,000 tokens/s, then 32 steps of about 12 ms.
+        let moved = Ask {
+            need_blocks: 1,
+            uncached_tokens: 790,
+            duplicate_tokens: 790,
+            output_tokens: 32,
+            ..Ask::default()
+        };
+        let idle = |mean: f64| AgentLoad {
+            running: 0,
+            mean_requests: mean,
+            ..measured()
+        };
+        assert_eq!(estimate(&idle(0.0), &moved, &p(), &w()).stall_s, 0.0);
+        let e = estimate(&idle(4.0), &moved, &p(), &w());
+        let t = 0.79;
+        let d = 32.0 * decode_step_at(&idle(4.0), &p(), 4.0);
+        let arriving = 4.0 * t / (t + d);
+        assert!(
+            arriving > 2.0,
+            "most of the mean arrives during a CPU's long prefill"
+        );
+        assert!((e.stall_s - arriving * t).abs() < 1e-9, "{e:?}");
+        // A new prompt nobody holds is computed somewhere whatever the choice: only the
+        // requests there now count.
+        let fresh = Ask {
+            duplicate_tokens: 0,
+            ..moved
+        };
+        assert_eq!(estimate(&idle(4.0), &fresh, &p(), &w()).stall_s, 0.0);
+        // An agent already holding the mean stalls those it holds, no more.
+        let busy = AgentLoad {
+            running: 4,
+            mean_requests: 4.0,
+            ..measured()
+        };
+        assert!((estimate(&busy, &moved, &p(), &w()).stall_s - 4.0 * t).abs() < 1e-9);
+        // A GPU's prefill is short against its decode: hardly anyone arrives meanwhile.
+        let gpu = AgentLoad {
+            prefill_tokens_per_s: 20_000.0,
+            decode_step_s: 0.02,
+            ..idle(4.0)
+        };
+        let long_decode = Ask {
+            output_tokens: 300,
+            ..moved
+        };
+        let g = estimate(&gpu, &long_decode, &p(), &w());
+        assert!(g.stall_s < 0.01 * e.stall_s, "{g:?} {e:?}");
     }
 
     #[test]

@@ -23,10 +23,31 @@ pub struct Cost;
 
 impl Scorer for Cost {
     fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
+        let requests = |c: &Candidate| {
+            let a = ctx.agent(c.slot);
+            f64::from(a.running) + f64::from(a.waiting) + f64::from(a.pending)
+        };
+        // Only while requests of the model queue (in an engine, on their way, or at this
+        // gateway) does an agent with fewer requests than the others take the next ones: with
+        // none queued, an arrival goes wherever it is cheapest and the mean says nothing.
+        let queued = ctx.request.waited_ms > 0
+            || ctx.request.held.iter().any(|&h| h > 0)
+            || candidates.iter().any(|c| {
+                let a = ctx.agent(c.slot);
+                a.waiting > 0 || a.pending > 0
+            });
+        let mean_requests = if queued {
+            candidates.iter().map(requests).sum::<f64>() / candidates.len().max(1) as f64
+        } else {
+            0.0
+        };
         for (o, c) in out.iter_mut().zip(candidates) {
             let a = ctx.agent(c.slot);
             let e = cost::estimate(
-                &load_of(a, c),
+                &AgentLoad {
+                    mean_requests,
+                    ..load_of(a, c)
+                },
                 &ask_of(ctx, a, c),
                 &ctx.config.priors,
                 &ctx.config.cost,
@@ -158,6 +179,8 @@ pub fn load_with_room(a: &AgentView, room: i64) -> AgentLoad {
         room,
         running: a.running,
         waiting: a.waiting,
+        pending: a.pending,
+        mean_requests: 0.0,
         queued_prefill_tokens: a.queued_prefill,
         prefill_tokens_per_s: f64::from(a.prefill_tps),
         decode_step_s: f64::from(a.decode_step_us) / 1e6,
