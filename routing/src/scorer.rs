@@ -150,3 +150,10 @@ pub struct AgentView {
     /// shared with running requests.
     pub credited_pending: u32,
 }
+
+impl AgentView {
+    /// The requests the agent has: running, waiting, and sent by this gateway but not reported.
+    pub fn requests(&self) -> u64 {
+        u64::from(self.running) + u64::from(self.waiting) + u64::from(self.pending)
+    }
+}

@@ -23,21 +23,17 @@ pub struct Cost;
 
 impl Scorer for Cost {
     fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
-        let requests = |c: &Candidate| {
-            let a = ctx.agent(c.slot);
-            f64::from(a.running) + f64::from(a.waiting) + f64::from(a.pending)
-        };
         // Only while requests of the model queue (in an engine, on their way, or at this
         // gateway) does an agent with fewer requests than the others take the next ones: with
         // none queued, an arrival goes wherever it is cheapest and the mean says nothing.
-        let queued = ctx.request.waited_ms > 0
-            || ctx.request.held.iter().any(|&h| h > 0)
-            || candidates.iter().any(|c| {
-                let a = ctx.agent(c.slot);
-                a.waiting > 0 || a.pending > 0
-            });
+        let (requests, engine_queued) = candidates.iter().fold((0u64, false), |(n, q), c| {
+            let a = ctx.agent(c.slot);
+            (n + a.requests(), q || a.waiting > 0 || a.pending > 0)
+        });
+        let queued =
+            ctx.request.waited_ms > 0 || engine_queued || ctx.request.held.iter().any(|&h| h > 0);
         let mean_requests = if queued {
-            candidates.iter().map(requests).sum::<f64>() / candidates.len().max(1) as f64
+            requests as f64 / candidates.len().max(1) as f64
         } else {
             0.0
         };
@@ -101,8 +97,7 @@ pub struct Requests;
 impl Scorer for Requests {
     fn score(&self, ctx: &ScoreContext<'_>, candidates: &[Candidate], out: &mut [f64]) {
         for (o, c) in out.iter_mut().zip(candidates) {
-            let a = ctx.agent(c.slot);
-            *o = -((u64::from(a.running) + u64::from(a.waiting) + u64::from(a.pending)) as f64);
+            *o = -(ctx.agent(c.slot).requests() as f64);
         }
     }
 }
