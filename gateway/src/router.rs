@@ -961,12 +961,7 @@ impl Router {
                         sent: false,
                         hold,
                         trace,
-                        keep: w.plan.block_hashes.last().map(|&h| {
-                            (
-                                h,
-                                route.need_blocks + route.cached_blocks - route.shared_blocks,
-                            )
-                        }),
+                        keep: w.plan.block_hashes.last().map(|&h| (h, route.need_blocks)),
                     })
                 }
             };
@@ -1255,6 +1250,8 @@ mod tests {
                 free_blocks: free,
                 max_model_len: 8192,
                 snapshot: true,
+                // Idle: nothing running holds the cached blocks.
+                cached_evictable_blocks: cached.len() as u64,
                 events: vec![kvroute_routing::CacheEvent::Stored(cached)],
                 ..Report::default()
             },
@@ -1322,8 +1319,24 @@ mod tests {
         let mut first = admit_now(&r, turn).await;
         first.mark_sent();
         let keeper = first.finish_keeper().expect("kept with a window");
-        // The agent reports the room it freed (all 30 blocks) and the turn's blocks cached.
-        report_cached(&r, a, "a", "m", 30, (1..=20).collect());
+        // The agent reports the room it freed (all 30 blocks), the request counted, and the
+        // turn's blocks cached, which nothing running holds.
+        r.on_report(
+            a,
+            Report {
+                agent_id: "a".into(),
+                epoch: 1,
+                model: "m".into(),
+                block_size: 16,
+                total_blocks: 100,
+                free_blocks: 30,
+                max_model_len: 8192,
+                requests_received: 1,
+                cached_evictable_blocks: 20,
+                events: vec![kvroute_routing::CacheEvent::Stored((1..=20).collect())],
+                ..Report::default()
+            },
+        );
         keeper();
         drop(first);
         // A stranger needing 20 blocks sees 10: it waits.
@@ -1342,6 +1355,13 @@ mod tests {
             .await
             .expect("the next turn is not kept waiting");
         assert_eq!(routed.route.slot, a);
+        // When it ends it keeps the room it frees: its need, its cached history included (the
+        // agent counts evictable cached blocks as free), not that history a second time.
+        assert_eq!(routed.route.cached_blocks, 20);
+        assert_eq!(
+            routed.keep.map(|(_, blocks)| blocks),
+            Some(routed.route.need_blocks)
+        );
         assert!(!waiting.is_finished());
         waiting.abort();
         // Without a window nothing is kept.

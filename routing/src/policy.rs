@@ -244,7 +244,9 @@ pub struct RouteRequest<'a> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Route {
     pub slot: Slot,
-    /// Blocks to reserve: blocks(prompt + output) minus cached prefix blocks.
+    /// Blocks to reserve: blocks(prompt + output) minus the cached prefix blocks running
+    /// requests hold (`shared_blocks`); cached blocks no running request holds are counted in
+    /// the agent's free room, so using them takes room too. What the request frees when it ends.
     pub need_blocks: u64,
     /// Leading prompt blocks already cached on the agent.
     pub cached_blocks: u64,

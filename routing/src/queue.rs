@@ -43,6 +43,10 @@ pub struct QueuePass {
     kept: std::collections::HashMap<u64, Vec<Kept>>,
     /// How often what was kept was taken by a next turn (moving average; see [`Self::keep`]).
     kept_use: KeptUse,
+    /// Blocks kept on each agent, by slot (this pass).
+    kept_on: Vec<u64>,
+    /// The agents keeping blocks for the request being decided.
+    owned: Vec<Slot>,
 }
 
 /// How often kept blocks were taken by the next turn they were kept for, rather than expiring:
@@ -87,6 +91,9 @@ struct Kept {
     slot: Slot,
     blocks: u64,
     until_ms: u64,
+    /// A request continuing the prompt was seen (routed elsewhere, or waiting for room): there
+    /// are conversations to keep for, even if this keep ends unused.
+    wanted: bool,
 }
 
 /// Most prompts kept for at once (bounds the memory; later ones are not kept).
@@ -103,16 +110,19 @@ impl QueuePass {
         self.blocked.clear();
     }
 
-    /// Keeps the `blocks` of a request that just finished on the agent in `slot` from the
-    /// requests of later passes until `until_ms`, except from a request whose prompt continues
-    /// its prompt (holds `last_hash`, its last full block): the next turn of a conversation, or
-    /// of an agent's loop, arrives a few milliseconds after the answer, and in that gap a request
-    /// that was waiting would otherwise take the room the finished one freed and evict the
-    /// history the next turn needs (Continuum's KV time-to-live, for a router). When the next
-    /// turn is routed to that agent, the kept blocks are its own and are let go.
+    /// Keeps the `blocks` of a request that just finished on the agent in `slot` (the room it
+    /// frees, [`crate::policy::Route::need_blocks`]) from the requests of later passes until
+    /// `until_ms`, except from the next turns of the agent's conversations: a request whose
+    /// prompt continues a prompt kept there (holds its last full block, `last_hash`). The next
+    /// turn of a conversation, or of an agent's loop, arrives a few milliseconds after the
+    /// answer, and in that gap a request that was waiting would otherwise take the room the
+    /// finished one freed and evict the history the next turn needs (Continuum's KV
+    /// time-to-live, for a router). When the next turn is routed to that agent, the kept blocks
+    /// are its own and are let go.
     ///
-    /// Where kept blocks are seldom taken (no conversations), most finished requests are not kept
-    /// (one in eight, to notice when conversations come back).
+    /// Where kept blocks are seldom wanted (no next turn continues them: no conversations), most
+    /// finished requests are not kept (one in eight, to notice when conversations come back). A
+    /// next turn that waits for room counts as wanting its keep.
     pub fn keep(&mut self, slot: Slot, blocks: u64, last_hash: u64, until_ms: u64) {
         if blocks == 0 || self.kept.len() >= MAX_KEPT || !self.kept_use.offer() {
             return;
@@ -121,6 +131,7 @@ impl QueuePass {
             slot,
             blocks,
             until_ms,
+            wanted: false,
         });
     }
 
@@ -135,37 +146,57 @@ impl QueuePass {
             v.retain(|k| {
                 let live = k.until_ms > now_ms;
                 if !live {
-                    uses.observe(false);
+                    uses.observe(k.wanted);
                 }
                 live
             });
             !v.is_empty()
         });
+        self.kept_on.clear();
+        self.kept_on.resize(self.held.len(), 0);
         for k in self.kept.values().flatten() {
             if let Some(h) = self.held.get_mut(k.slot) {
                 *h = h.saturating_add(k.blocks);
             }
+            if let Some(o) = self.kept_on.get_mut(k.slot) {
+                *o = o.saturating_add(k.blocks);
+            }
         }
     }
 
-    /// Adds the blocks kept for `hashes`' prompt to the held room, or takes them back.
+    /// Takes the blocks kept on the agents that keep blocks for `hashes`' prompt (it continues
+    /// a finished prompt there) back from the held room while it is decided (`add` false), or
+    /// holds them again (`add` true). Not only its own: a next turn whose history is kept there
+    /// may use what is kept for the agent's other conversations, or their next turns, all
+    /// waiting for room the others keep, wait together until the keeps end and then race for
+    /// it. Blocks kept elsewhere stay held from it.
     fn own_kept(&mut self, hashes: &[u64], add: bool) {
         if self.kept.is_empty() {
             return;
         }
-        for h in hashes {
-            let Some(v) = self.kept.get(h) else {
-                continue;
-            };
-            for k in v {
-                if let Some(held) = self.held.get_mut(k.slot) {
-                    *held = if add {
-                        held.saturating_add(k.blocks)
-                    } else {
-                        held.saturating_sub(k.blocks)
-                    };
+        if !add {
+            self.owned.clear();
+            for h in hashes {
+                for k in self.kept.get_mut(h).into_iter().flatten() {
+                    k.wanted = true;
+                    if !self.owned.contains(&k.slot) {
+                        self.owned.push(k.slot);
+                    }
                 }
             }
+        }
+        for &slot in &self.owned {
+            let kept = self.kept_on.get(slot).copied().unwrap_or(0);
+            if let Some(held) = self.held.get_mut(slot) {
+                *held = if add {
+                    held.saturating_add(kept)
+                } else {
+                    held.saturating_sub(kept)
+                };
+            }
+        }
+        if add {
+            self.owned.clear();
         }
     }
 
@@ -177,10 +208,14 @@ impl QueuePass {
         for h in hashes {
             if let Some(v) = self.kept.get_mut(h) {
                 let uses = &mut self.kept_use;
+                let kept_on = &mut self.kept_on;
                 v.retain(|k| {
                     let taken = k.slot == slot;
                     if taken {
                         uses.observe(true);
+                        if let Some(o) = kept_on.get_mut(slot) {
+                            *o = o.saturating_sub(k.blocks);
+                        }
                     }
                     !taken
                 });

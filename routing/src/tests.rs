@@ -2079,6 +2079,63 @@ fn the_ttft_budget_is_the_target_less_the_time_waited() {
 }
 
 #[test]
+fn a_next_turn_may_use_what_is_kept_for_its_agents_other_conversations_but_not_elsewhere() {
+    // Two agents with 40 free blocks each. On agent 0, two conversations finished and keep 15
+    // blocks each; agent 1 keeps 15 for a third.
+    let mut c = cluster(&[(100, 40), (100, 40)]);
+    let cfg = PolicyConfig::default();
+    let mut pass = crate::queue::QueuePass::default();
+    pass.keep(0, 15, 7, 100);
+    pass.keep(0, 15, 8, 100);
+    pass.keep(1, 15, 9, 100);
+    pass.begin(c.agents().len());
+    pass.hold_kept(0);
+    assert_eq!(pass.held_mut(), &[30, 15]);
+    // The first conversation's next turn needs 30 blocks (464 + 16 tokens): with only its own
+    // keep let go, agent 0 would show it 25. It takes its history's agent, the other
+    // conversation's keep included, and leaves agent 1's keep alone.
+    let next_turn = queued(464, 16, &[5, 7], false);
+    let d = pass.decide(&mut c, &cfg, &next_turn, 0, &mut SplitMix64(1));
+    assert!(
+        matches!(d.decision, Decision::Route(r) if r.slot == 0 && r.need_blocks == 30),
+        "{d:?}"
+    );
+    // Its own keep is let go; the other conversation's stays held from the requests after it.
+    assert_eq!(pass.held_mut(), &[15, 15]);
+    // A stranger is kept out of both agents' kept room: 25 free on each after the keeps.
+    let stranger = queued(464, 16, &[1, 2], false);
+    let d = pass.decide(&mut c, &cfg, &stranger, 0, &mut SplitMix64(1));
+    assert_eq!(d.decision, Decision::Wait, "{d:?}");
+    assert_eq!(pass.held_mut(), &[15, 15]);
+}
+
+#[test]
+fn a_next_turn_waiting_for_room_keeps_keeping_on() {
+    // Keeps that end unused turn keeping off (one in eight kept), unless a next turn wanted
+    // them: waiting for room on a full agent, it shows there are conversations to keep for.
+    let mut c = cluster(&[(100, 10)]);
+    let cfg = PolicyConfig::default();
+    let mut pass = crate::queue::QueuePass::default();
+    for i in 0..20u64 {
+        pass.keep(0, 5, 1000 + i, 10 * i + 10);
+        pass.begin(c.agents().len());
+        pass.hold_kept(10 * i);
+        // The next turn needs 30 blocks and the agent has 10: it waits, wanting the keep.
+        let hashes = [1, 1000 + i];
+        let next_turn = queued(464, 16, &hashes, false);
+        let d = pass.decide(&mut c, &cfg, &next_turn, 10 * i, &mut SplitMix64(1));
+        assert_eq!(d.decision, Decision::Wait, "{d:?}");
+    }
+    // All twenty ended unused but wanted: the next eight finished requests are all kept.
+    for i in 0..8u64 {
+        pass.keep(0, 1, 2000 + i, 1_000);
+    }
+    pass.begin(c.agents().len());
+    pass.hold_kept(200);
+    assert_eq!(pass.held_mut()[0], 8);
+}
+
+#[test]
 fn a_finished_requests_blocks_are_kept_for_the_request_that_continues_its_prompt() {
     // One agent with 20 free blocks; a finished request's 15 are kept until 100 ms.
     let mut c = cluster(&[(100, 20)]);

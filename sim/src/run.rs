@@ -678,12 +678,7 @@ impl Sim<'_> {
                         let handle = gw.cluster.dispatch(&cfg, &route, &w.hashes, now_ms);
                         let agent = gw.agent_of.get(route.slot).copied().unwrap_or(0);
                         if let Some(w) = gw.queue.remove(id) {
-                            let keep = w.hashes.last().map(|&h| {
-                                (
-                                    h,
-                                    route.need_blocks + route.cached_blocks - route.shared_blocks,
-                                )
-                            });
+                            let keep = w.hashes.last().map(|&h| (h, route.need_blocks));
                             routed.push((
                                 w.req,
                                 agent,
