@@ -19,7 +19,9 @@
 #   bench/routers.sh --out routers.jsonl                                       # everything, 3 rounds
 #
 # Routers: kv, kv-slo (kv told the benchmark's SLOs: --slo-ttft, --slo-tpot), kv-fifo (kv with
-# the admission queue in arrival order), kv-no-holds (kv without prefix holds), kv-score,
+# the admission queue in arrival order), kv-no-holds (kv without prefix holds), kv-no-keep
+# (kv without keeping a finished turn's blocks for its next turn, and cached prefixes first for
+# 2 s only: the defaults before 2026-12-07), kv-score,
 # round-robin, cache-aware and llm-d (kvroute's gateway running its re-implementations of the
 # peers' policies: a check of those against the peers themselves), and the peers with and
 # without -tuned. KVROUTE_BENCH_GATEWAY_FLAGS adds flags to every kvroute
@@ -39,7 +41,7 @@ CALLER_PWD="$PWD"
 cd "$(dirname "$0")/.."
 
 ALL_WORKLOADS=(shared-prefix shared-prefix-long multi-turn no-sharing mixed-long)
-ALL_ROUTERS=(kv kv-slo kv-fifo kv-no-holds kv-score round-robin cache-aware llm-d sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
+ALL_ROUTERS=(kv kv-slo kv-fifo kv-no-holds kv-no-keep kv-score round-robin cache-aware llm-d sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
 
 ROUNDS=3
 ROUNDS_SET=0
@@ -242,7 +244,7 @@ done
 ROUTERS_RUN=()
 for r in "${RT[@]}"; do
   base="${r%-tuned}"
-  case "$base" in kv|kv-slo|kv-fifo|kv-no-holds|kv-score|round-robin|cache-aware|llm-d) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
+  case "$base" in kv|kv-slo|kv-fifo|kv-no-holds|kv-no-keep|kv-score|round-robin|cache-aware|llm-d) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
 done
 [ ${#ROUTERS_RUN[@]} -gt 0 ] || die "none of the selected routers is available"
 
@@ -301,7 +303,7 @@ start_router() {
     *-tuned) tuned=("${PEER_TUNED[@]}") ;;
   esac
   case "$name" in
-    kv|kv-slo|kv-fifo|kv-no-holds|kv-score|round-robin|cache-aware|llm-d)
+    kv|kv-slo|kv-fifo|kv-no-holds|kv-no-keep|kv-score|round-robin|cache-aware|llm-d)
       kind=kvroute
       local policy="$name" extra=()
       # kv-fifo: the kv policy with the admission queue in arrival order (no cache-first window),
@@ -309,6 +311,9 @@ start_router() {
       [ "$name" = kv-fifo ] && { policy=kv; extra=(--cache-first-for 0); }
       # kv-no-holds: the kv policy without prefix holds, to show what they are worth.
       [ "$name" = kv-no-holds ] && { policy=kv; extra=(--no-prefix-holds); }
+      # kv-no-keep: the kv policy not keeping a finished request's blocks for its conversation's
+      # next turn, cached prefixes first for 2 s (the defaults before 2026-12-07).
+      [ "$name" = kv-no-keep ] && { policy=kv; extra=(--keep-finished-for 0 --cache-first-for 2s); }
       # kv-slo: the kv policy told the benchmark's SLOs (--slo-ttft, --slo-tpot).
       [ "$name" = kv-slo ] && { policy=kv; extra=(--slo-ttft "${SLO_TTFT}s" --slo-tpot "${SLO_TPOT}s"); }
       # The queue timeout is long so that the kv policy's admission queue never answers 429 here:

@@ -89,7 +89,7 @@ pub struct GatewayArgs {
     pub cost_late: f64,
     /// kv policy: how long a queued request may be passed by later ones with more of their
     /// prompt cached on an agent (they take little room and prefill; 0 = arrival order).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub cache_first_for: Duration,
     /// kv policy: the time per output token to keep (e.g. `100ms`; `0s`: none). A request waits
     /// rather than join a batch whose decode step, as the agent measures it, would then be
@@ -104,7 +104,8 @@ pub struct GatewayArgs {
     /// kv policy: how long the blocks of a request that just finished stay kept from other
     /// requests on its agent, for the next turn of its conversation (a request whose prompt
     /// continues its prompt), which arrives a few milliseconds after the answer (0 = not kept).
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    /// Where finished prompts are seldom continued, they are not kept.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub keep_finished_for: Duration,
     /// kv policy: don't ask an agent to keep the cached prefix of a request waiting for it
     /// (`POST /v1/kvroute/hold`); without holds, requests admitted meanwhile may evict it.
@@ -584,7 +585,9 @@ impl GatewayConfig {
             seed: 0x006b_7672_6f75_7465,
             max_body_bytes: kvroute_openai::DEFAULT_MAX_BODY_BYTES,
             prefix_holds: true,
-            keep_finished_for: Duration::ZERO,
+            keep_finished_for: Duration::from_millis(
+                kvroute_routing::queue::DEFAULT_KEEP_FINISHED_MS,
+            ),
             gateway_id: gateway_id("kvroute-gateway").unwrap_or_default(),
             http_limits: kvroute_serve::Limits::default(),
             drain_timeout: Duration::from_secs(30),
@@ -831,10 +834,13 @@ mod tests {
     }
 
     #[test]
-    fn keep_finished_window_is_a_duration_off_by_default() {
-        assert_eq!(parse(&[]).unwrap().keep_finished_for, Duration::ZERO);
-        let cfg = parse(&["--keep-finished-for", "100ms"]).unwrap();
-        assert_eq!(cfg.keep_finished_for, Duration::from_millis(100));
+    fn keep_finished_window_is_a_duration() {
+        let default = Duration::from_millis(kvroute_routing::queue::DEFAULT_KEEP_FINISHED_MS);
+        assert_eq!(parse(&[]).unwrap().keep_finished_for, default);
+        let cfg = parse(&["--keep-finished-for", "250ms"]).unwrap();
+        assert_eq!(cfg.keep_finished_for, Duration::from_millis(250));
+        let off = parse(&["--keep-finished-for", "0"]).unwrap();
+        assert_eq!(off.keep_finished_for, Duration::ZERO);
         for bad in ["soon", ""] {
             let e = parse(&["--keep-finished-for", bad]).unwrap_err();
             assert!(e.contains("--keep-finished-for"), "{bad}: {e}");
@@ -844,7 +850,7 @@ mod tests {
 
     #[test]
     fn cache_first_window_is_a_duration() {
-        assert_eq!(parse(&[]).unwrap().policy.cache_first_ms, 2_000);
+        assert_eq!(parse(&[]).unwrap().policy.cache_first_ms, 30_000);
         let cfg = parse(&["--cache-first-for", "250ms"]).unwrap();
         assert_eq!(cfg.policy.cache_first_ms, 250);
         assert_eq!(

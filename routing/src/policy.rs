@@ -151,7 +151,7 @@ impl Default for PolicyConfig {
             cost: CostWeights::default(),
             priors: Priors::default(),
             stale_after_ms: 3_000,
-            cache_first_ms: 2_000,
+            cache_first_ms: 30_000,
             tpot_slo_s: 0.0,
             ttft_slo_ms: 0,
             scorers: None,

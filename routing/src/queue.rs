@@ -49,28 +49,24 @@ pub struct QueuePass {
     owned: Vec<Slot>,
 }
 
-/// How often kept blocks were taken by the next turn they were kept for, rather than expiring:
-/// a moving average over about the last ten, starting at 1. Below [`KeptUse::MIN`] (a workload
-/// without conversations, where keeping only takes room from everyone) only one finished
-/// request in [`KeptUse::PROBE`] is kept, to notice when conversations come back.
+/// How often a finished request's prompt was continued by a next turn within the window, rather
+/// than ending unwanted: a moving average over about the last ten finished requests, starting
+/// at 1. Below [`KeptUse::MIN`] (a workload without conversations, where keeping only takes room
+/// from everyone) finished requests are not kept, but still watched, to notice when
+/// conversations come back.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct KeptUse {
     rate: f64,
-    offered: u64,
 }
 
 impl Default for KeptUse {
     fn default() -> Self {
-        Self {
-            rate: 1.0,
-            offered: 0,
-        }
+        Self { rate: 1.0 }
     }
 }
 
 impl KeptUse {
     const MIN: f64 = 0.25;
-    const PROBE: u64 = 8;
     const WEIGHT: f64 = 0.2;
 
     fn observe(&mut self, used: bool) {
@@ -78,23 +74,28 @@ impl KeptUse {
         self.rate += Self::WEIGHT * (x - self.rate);
     }
 
-    /// Whether the next finished request is kept.
-    fn offer(&mut self) -> bool {
-        self.offered += 1;
-        self.rate >= Self::MIN || self.offered.is_multiple_of(Self::PROBE)
+    /// Whether finished requests are kept now.
+    fn keeping(&self) -> bool {
+        self.rate >= Self::MIN
     }
 }
 
-/// A finished request's blocks on an agent, kept from other requests until `until_ms`.
+/// A finished request's blocks on an agent, kept from other requests until `until_ms` (or only
+/// watched, `holding` false: kept while conversations are seen).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Kept {
     slot: Slot,
     blocks: u64,
     until_ms: u64,
+    holding: bool,
     /// A request continuing the prompt was seen (routed elsewhere, or waiting for room): there
     /// are conversations to keep for, even if this keep ends unused.
     wanted: bool,
 }
+
+/// How long a finished request's blocks are kept for its next turn unless told otherwise
+/// (milliseconds; `kvroute gateway --keep-finished-for`, the simulator's `keep_finished_s`).
+pub const DEFAULT_KEEP_FINISHED_MS: u64 = 100;
 
 /// Most prompts kept for at once (bounds the memory; later ones are not kept).
 pub const MAX_KEPT: usize = 65_536;
@@ -120,17 +121,18 @@ impl QueuePass {
     /// time-to-live, for a router). When the next turn is routed to that agent, the kept blocks
     /// are its own and are let go.
     ///
-    /// Where kept blocks are seldom wanted (no next turn continues them: no conversations), most
-    /// finished requests are not kept (one in eight, to notice when conversations come back). A
-    /// next turn that waits for room counts as wanting its keep.
+    /// Where finished prompts are seldom continued within the window (no conversations),
+    /// finished requests are only watched, not kept, until they are continued again. A next turn
+    /// that waits for room counts as continuing its prompt.
     pub fn keep(&mut self, slot: Slot, blocks: u64, last_hash: u64, until_ms: u64) {
-        if blocks == 0 || self.kept.len() >= MAX_KEPT || !self.kept_use.offer() {
+        if blocks == 0 || self.kept.len() >= MAX_KEPT {
             return;
         }
         self.kept.entry(last_hash).or_default().push(Kept {
             slot,
             blocks,
             until_ms,
+            holding: self.kept_use.keeping(),
             wanted: false,
         });
     }
@@ -154,7 +156,7 @@ impl QueuePass {
         });
         self.kept_on.clear();
         self.kept_on.resize(self.held.len(), 0);
-        for k in self.kept.values().flatten() {
+        for k in self.kept.values().flatten().filter(|k| k.holding) {
             if let Some(h) = self.held.get_mut(k.slot) {
                 *h = h.saturating_add(k.blocks);
             }
@@ -164,12 +166,12 @@ impl QueuePass {
         }
     }
 
-    /// Takes the blocks kept on the agents that keep blocks for `hashes`' prompt (it continues
-    /// a finished prompt there) back from the held room while it is decided (`add` false), or
-    /// holds them again (`add` true). Not only its own: a next turn whose history is kept there
-    /// may use what is kept for the agent's other conversations, or their next turns, all
-    /// waiting for room the others keep, wait together until the keeps end and then race for
-    /// it. Blocks kept elsewhere stay held from it.
+    /// Takes what the agents keeping blocks for `hashes`' prompt (it continues a prompt that
+    /// finished there) keep back from the held room while it is decided (`add` false), or holds
+    /// it again (`add` true). All they keep, not only its own: when an agent's conversations
+    /// finish a turn together, each next turn otherwise waits for the room the others keep, and
+    /// all of them wait until the keeps end and then race for the room. Blocks kept on other
+    /// agents stay held from it.
     fn own_kept(&mut self, hashes: &[u64], add: bool) {
         if self.kept.is_empty() {
             return;
@@ -179,7 +181,7 @@ impl QueuePass {
             for h in hashes {
                 for k in self.kept.get_mut(h).into_iter().flatten() {
                     k.wanted = true;
-                    if !self.owned.contains(&k.slot) {
+                    if k.holding && !self.owned.contains(&k.slot) {
                         self.owned.push(k.slot);
                     }
                 }
@@ -213,6 +215,8 @@ impl QueuePass {
                     let taken = k.slot == slot;
                     if taken {
                         uses.observe(true);
+                    }
+                    if taken && k.holding {
                         if let Some(o) = kept_on.get_mut(slot) {
                             *o = o.saturating_sub(k.blocks);
                         }

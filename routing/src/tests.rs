@@ -2111,8 +2111,8 @@ fn a_next_turn_may_use_what_is_kept_for_its_agents_other_conversations_but_not_e
 
 #[test]
 fn a_next_turn_waiting_for_room_keeps_keeping_on() {
-    // Keeps that end unused turn keeping off (one in eight kept), unless a next turn wanted
-    // them: waiting for room on a full agent, it shows there are conversations to keep for.
+    // Keeps that end unused turn keeping off, unless a next turn wanted them: waiting for room
+    // on a full agent, it shows there are conversations to keep for.
     let mut c = cluster(&[(100, 10)]);
     let cfg = PolicyConfig::default();
     let mut pass = crate::queue::QueuePass::default();
@@ -2126,7 +2126,7 @@ fn a_next_turn_waiting_for_room_keeps_keeping_on() {
         let d = pass.decide(&mut c, &cfg, &next_turn, 10 * i, &mut SplitMix64(1));
         assert_eq!(d.decision, Decision::Wait, "{d:?}");
     }
-    // All twenty ended unused but wanted: the next eight finished requests are all kept.
+    // All twenty ended unused but wanted: the next eight finished requests are kept.
     for i in 0..8u64 {
         pass.keep(0, 1, 2000 + i, 1_000);
     }
@@ -2172,7 +2172,7 @@ fn a_finished_requests_blocks_are_kept_for_the_request_that_continues_its_prompt
     pass.begin(c.agents().len());
     pass.hold_kept(50);
     assert_eq!(pass.held_mut()[0], 0);
-    // Keeping that is never used stops, but for one finished request in eight.
+    // Keeping that is never used stops: what finishes now is only watched.
     for i in 0..20 {
         pass.keep(0, 1, 1000 + i, 60);
         pass.begin(c.agents().len());
@@ -2183,10 +2183,26 @@ fn a_finished_requests_blocks_are_kept_for_the_request_that_continues_its_prompt
     }
     pass.begin(c.agents().len());
     pass.hold_kept(61);
-    assert_eq!(pass.held_mut()[0], 2);
+    assert_eq!(pass.held_mut()[0], 0);
     // Nothing to keep: no entry.
     pass.keep(0, 0, 3000, 1000);
     pass.begin(c.agents().len());
     pass.hold_kept(61);
-    assert_eq!(pass.held_mut()[0], 2);
+    assert_eq!(pass.held_mut()[0], 0);
+    // Watched prompts continued by their next turns (routed there) turn keeping on again.
+    for i in 0..8 {
+        let hashes = [2000 + i, 4000 + i];
+        let next_turn = queued(32, 16, &hashes, false);
+        pass.begin(c.agents().len());
+        pass.hold_kept(62);
+        let d = pass.decide(&mut c, &cfg, &next_turn, 62, &mut SplitMix64(1));
+        assert!(
+            matches!(d.decision, Decision::Route(r) if r.slot == 0),
+            "{d:?}"
+        );
+    }
+    pass.keep(0, 4, 5000, 1000);
+    pass.begin(c.agents().len());
+    pass.hold_kept(63);
+    assert_eq!(pass.held_mut()[0], 4);
 }

@@ -222,7 +222,7 @@ pub struct KvCost {
     pub ttft_slo_s: Option<f64>,
     /// As `kvroute gateway --cache-first-for` (seconds; unset: the gateway's default, 0: off).
     pub cache_first_s: Option<f64>,
-    /// As `kvroute gateway --keep-finished-for` (seconds; unset or 0: off).
+    /// As `kvroute gateway --keep-finished-for` (seconds; unset: the gateway's default, 0: off).
     pub keep_finished_s: Option<f64>,
     pub wait: Option<f64>,
     pub prefill: Option<f64>,

@@ -316,11 +316,14 @@ pub fn run(r: &Resolved, policy: PolicyKind) -> Result<RunResult, String> {
         first_turns,
         arrivals_ahead: 0,
         starts_due: 0,
-        keep_ns: cfg
-            .kv_cost
-            .keep_finished_s
-            .filter(|_| policy == PolicyKind::Kv)
-            .map_or(0, ns),
+        keep_ns: if policy == PolicyKind::Kv {
+            ns(cfg
+                .kv_cost
+                .keep_finished_s
+                .unwrap_or(kvroute_routing::queue::DEFAULT_KEEP_FINISHED_MS as f64 / 1e3))
+        } else {
+            0
+        },
         keep_info: HashMap::new(),
         loop_start_ns: ns((cfg.gateways.report_interval_ms + cfg.gateways.report_delay_ms) / 1e3)
             + 1,
