@@ -47,6 +47,40 @@ pub struct QueuePass {
     kept_on: Vec<u64>,
     /// The agents keeping blocks for the request being decided.
     owned: Vec<Slot>,
+    /// The last hashes `kept` holds (and perhaps some it held): most of a prompt's hashes are
+    /// ruled out with a bit test rather than a map lookup.
+    kept_filter: KeptFilter,
+}
+
+/// A 4,096-bit filter of hashes (a Bloom filter with one hash function: block hashes are
+/// already uniform): `may_hold` is false for a hash never inserted since the last clear, except
+/// for about one in 4,096 / (hashes inserted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeptFilter([u64; 64]);
+
+impl Default for KeptFilter {
+    fn default() -> Self {
+        Self([0; 64])
+    }
+}
+
+impl KeptFilter {
+    fn bit(h: u64) -> (usize, u64) {
+        let b = (h ^ (h >> 32)) & 4095;
+        ((b / 64) as usize, 1 << (b % 64))
+    }
+
+    fn insert(&mut self, h: u64) {
+        let (word, bit) = Self::bit(h);
+        if let Some(w) = self.0.get_mut(word) {
+            *w |= bit;
+        }
+    }
+
+    fn may_hold(&self, h: u64) -> bool {
+        let (word, bit) = Self::bit(h);
+        self.0.get(word).is_some_and(|w| w & bit != 0)
+    }
 }
 
 /// How often a finished request's prompt was continued by a next turn within the window, rather
@@ -128,6 +162,7 @@ impl QueuePass {
         if blocks == 0 || self.kept.len() >= MAX_KEPT {
             return;
         }
+        self.kept_filter.insert(last_hash);
         self.kept.entry(last_hash).or_default().push(Kept {
             slot,
             blocks,
@@ -154,6 +189,10 @@ impl QueuePass {
             });
             !v.is_empty()
         });
+        self.kept_filter = KeptFilter::default();
+        for &h in self.kept.keys() {
+            self.kept_filter.insert(h);
+        }
         self.kept_on.clear();
         self.kept_on.resize(self.held.len(), 0);
         for k in self.kept.values().flatten().filter(|k| k.holding) {
@@ -178,7 +217,7 @@ impl QueuePass {
         }
         if !add {
             self.owned.clear();
-            for h in hashes {
+            for h in hashes.iter().filter(|&&h| self.kept_filter.may_hold(h)) {
                 for k in self.kept.get_mut(h).into_iter().flatten() {
                     k.wanted = true;
                     if k.holding && !self.owned.contains(&k.slot) {
@@ -207,7 +246,7 @@ impl QueuePass {
         if self.kept.is_empty() {
             return;
         }
-        for h in hashes {
+        for h in hashes.iter().filter(|&&h| self.kept_filter.may_hold(h)) {
             if let Some(v) = self.kept.get_mut(h) {
                 let uses = &mut self.kept_use;
                 let kept_on = &mut self.kept_on;
