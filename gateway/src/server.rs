@@ -307,11 +307,19 @@ impl Gateway {
         caller: auth::Caller,
         body: Bytes,
     ) -> Result<Response, Error> {
-        let value: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| Error::BadRequest {
-                message: format!("request body is not valid JSON: {e}"),
-                param: None,
-            })?;
+        let parse = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b);
+        let value = if body.len() <= kvroute_openai::PARSE_INLINE_MAX_BYTES {
+            parse(&body)
+        } else {
+            let body = body.clone();
+            tokio::task::spawn_blocking(move || parse(&body))
+                .await
+                .map_err(|e| Error::Upstream(format!("request parsing failed: {e}")))?
+        }
+        .map_err(|e| Error::BadRequest {
+            message: format!("request body is not valid JSON: {e}"),
+            param: None,
+        })?;
         if !value.is_object() {
             return Err(Error::BadRequest {
                 message: "request body must be a JSON object".into(),

@@ -555,7 +555,14 @@ async fn generate(
             )
         }
     })?;
-    let req = parse_request(&body, endpoint)?;
+    let req = if body.len() <= kvroute_openai::PARSE_INLINE_MAX_BYTES {
+        parse_request(&body, endpoint)?
+    } else {
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || parse_request(&body, endpoint))
+            .await
+            .map_err(|e| ApiError::internal(format!("request parsing failed: {e}")))??
+    };
     let info = l.backend.info().clone();
     if req.model != info.name {
         return Err(ApiError::model_not_found(&req.model));

@@ -361,6 +361,35 @@ async fn bad_input_table() {
     agent.stop().await.unwrap();
 }
 
+/// Bodies past the size parsed inline are parsed on a blocking thread: malformed or invalid,
+/// they get the same answers, and a valid one is served.
+#[tokio::test]
+async fn large_bodies_parsed_off_the_async_workers_get_the_same_answers() {
+    let agent = start_with(cfg(), 4 << 20, std::time::Duration::from_secs(5)).await;
+    let pad = "a".repeat(kvroute_openai::PARSE_INLINE_MAX_BYTES + 1);
+    let cut = format!(r#"{{"model":"fake-model","prompt":"{pad}"#);
+    let (s, b) = call(
+        agent.http,
+        "POST",
+        "/v1/completions",
+        Some(cut.into_bytes()),
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_json", "{v}");
+    let bad = json!({"model": "fake-model", "prompt": "x", "user": pad, "max_tokens": "ten"});
+    let (s, v) = post_json(agent.http, "/v1/completions", &bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "max_tokens", "{v}");
+    let ok = json!({"model": "fake-model", "prompt": "x", "user": pad, "max_tokens": 2});
+    assert_eq!(
+        post_json(agent.http, "/v1/completions", &ok).await.0,
+        StatusCode::OK
+    );
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn full_engine_queue_is_503() {
     let agent = start(FakeConfig {

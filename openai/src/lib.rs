@@ -13,6 +13,12 @@ use serde_json::{Map, Value};
 /// Largest request body the agent and the gateway accept by default (`--max-body-bytes`).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
+/// Bodies longer than this are parsed on a blocking thread by the servers: parsing megabytes of
+/// JSON on an async worker holds up every other request's bytes and the capacity streams that
+/// share the workers (64 concurrent 16 MiB bodies made an agent's reports late enough for the
+/// gateway to count it stale).
+pub const PARSE_INLINE_MAX_BYTES: usize = 256 << 10;
+
 /// A request that breaks a rule: answered as a 400 `invalid_request_error`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestError {

@@ -278,6 +278,33 @@ async fn bad_input_gets_openai_errors() {
     assert_eq!(resp.status(), 400);
     // Nothing reached the agent.
     assert_eq!(a.state.inner.lock().unwrap().received, 0);
+    // Past the size parsed inline (parsed on a blocking thread), with the default body limit:
+    // the same answer, and still nothing reaches the agent.
+    let gw = gateway(&[&a], |_| {}).await;
+    let cut = format!(
+        r#"{{"model":"default","prompt":"{}"#,
+        "a".repeat(kvroute_openai::PARSE_INLINE_MAX_BYTES + 1)
+    );
+    let resp = c
+        .request(
+            hyper::Request::post(format!("http://{}/v1/completions", gw.addr))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(axum::body::Bytes::from(cut)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{v}"
+    );
+    assert_eq!(a.state.inner.lock().unwrap().received, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
