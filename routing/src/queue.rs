@@ -179,19 +179,24 @@ impl QueuePass {
             return;
         }
         let uses = &mut self.kept_use;
+        let mut expired = false;
         self.kept.retain(|_, v| {
             v.retain(|k| {
                 let live = k.until_ms > now_ms;
                 if !live {
                     uses.observe(k.wanted);
+                    expired = true;
                 }
                 live
             });
             !v.is_empty()
         });
-        self.kept_filter = KeptFilter::default();
-        for &h in self.kept.keys() {
-            self.kept_filter.insert(h);
+        if expired {
+            // Stale bits only cost a lookup; clear them when prompts leave.
+            self.kept_filter = KeptFilter::default();
+            for &h in self.kept.keys() {
+                self.kept_filter.insert(h);
+            }
         }
         self.kept_on.clear();
         self.kept_on.resize(self.held.len(), 0);
