@@ -382,6 +382,8 @@ run_one() { # ROUND WORKLOAD ROUTER
     if [ "$ROUTER_KIND" = kvroute ] \
       && curl -sf "$ROUTER_URL/dashboard/decisions" >"$dir/decisions.json"; then
       DECISIONS_ARGS=(--decisions "$dir/decisions.json")
+      # And its one-a-second samples of every agent's room (free, reserved, cached), for --keep.
+      curl -sf "$ROUTER_URL/dashboard/history" >"$dir/history.json" || true
     fi
     if [ ! -f "$dir/report/summary_lifecycle_metrics.json" ]; then
       err="inference-perf exit $rc, no report: $(grep -m1 -iE 'error|exception' "$dir/inference-perf.log" | cut -c1-200)"

@@ -1143,6 +1143,13 @@ impl Loop {
                         self.rejected += 1;
                         self.pending.fetch_sub(1, Ordering::SeqCst);
                         self.hold_reqs.retain(|&(r, _)| r != id);
+                        // The router routes it again without the hold (and asks for a new one
+                        // if it waits here): kept, it would pin its blocks until its TTL.
+                        if let Some(h) = hold {
+                            if self.sched.release_hold(h) {
+                                self.holds.retain(|x| x.0 != h);
+                            }
+                        }
                         sink(EngineEvent::NoRoom {
                             need: need as u64,
                             room: room as u64,

@@ -646,3 +646,111 @@ fn a_q8_0_kv_cache_holds_more_blocks_in_the_same_memory_and_serves() {
     e.shutdown();
     assert_eq!(d.tokens.len(), 8);
 }
+
+#[test]
+fn a_hold_named_by_a_request_refused_for_room_is_let_go() {
+    // 8 blocks of 16 tokens. A finished prompt leaves 2 full blocks cached; a router holds them
+    // for a request that waits for room here, then sends it naming the hold and asking to be
+    // refused rather than queued. Refused, the request is routed again (perhaps elsewhere)
+    // without the hold: the hold must not keep pinning the blocks until its TTL.
+    let e = engine(8, 512);
+    let updates: Arc<Mutex<Vec<CapacityUpdate>>> = Arc::default();
+    let u2 = Arc::clone(&updates);
+    e.set_capacity_observer(Box::new(move |u| u2.lock().unwrap().push(u.clone())));
+    let prompt = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm \
+                  windowsill and the children play in the garden behind the old stone house, \
+                  where their grandmother grows tomatoes, beans and tall yellow sunflowers";
+    let (_, rx) = submit(&e, prompt, greedy(1));
+    while !matches!(
+        rx.recv_timeout(GUARD).unwrap(),
+        EngineEvent::Finished { .. }
+    ) {}
+    let stored = || -> Vec<u64> {
+        updates
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|u| &u.events)
+            .filter_map(|ev| match ev {
+                kvroute_engine::kv::BlockEvent::Stored(h) => Some(h.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    // The step's update reaches the observer after the request's last event.
+    let deadline = std::time::Instant::now() + GUARD;
+    while stored().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", stored());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let hashes = stored();
+    let (tx, held) = channel();
+    e.hold_prefix(
+        hashes.clone(),
+        8,
+        Duration::from_secs(600),
+        Box::new(move |id, n| {
+            let _ = tx.send((id, n));
+        }),
+    )
+    .unwrap();
+    let (hold, n) = held.recv_timeout(GUARD).unwrap();
+    assert_eq!(n, hashes.len());
+    let free_now = |e: &Engine| {
+        let s = e.stats();
+        (s.capacity.free, s.running, s.waiting)
+    };
+    // The stats follow each step; a hold kept pins its blocks for its whole TTL (600 s), so a
+    // short guard tells the two apart.
+    let wait_for = |want: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while free_now(&e).0 != want {
+            assert!(std::time::Instant::now() < deadline, "{:?}", free_now(&e));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for(8 - n as u64);
+    // Another request takes most of the rest.
+    let (_, busy) = submit(
+        &e,
+        "Hello",
+        SamplingParams {
+            ignore_eos: true,
+            ..greedy(70)
+        },
+    );
+    assert!(matches!(
+        busy.recv_timeout(GUARD).unwrap(),
+        EngineEvent::Started { .. }
+    ));
+    // The held prompt with more output than the room left, naming the hold: refused.
+    let (tx, rx) = channel();
+    e.add_request(
+        GenerateRequest {
+            prompt: Prompt::Text(prompt.into()),
+            params: SamplingParams {
+                ignore_eos: true,
+                ..greedy(60)
+            },
+            cache_key: None,
+            hold: Some(hold),
+            dispatch: None,
+            only_with_room: true,
+        },
+        Box::new(move |ev| tx.send(ev).is_ok()),
+    )
+    .unwrap();
+    assert!(matches!(
+        rx.recv_timeout(GUARD).unwrap(),
+        EngineEvent::NoRoom { .. }
+    ));
+    while !matches!(
+        busy.recv_timeout(GUARD).unwrap(),
+        EngineEvent::Finished { .. }
+    ) {}
+    // Let go with the refusal: every block is free again (still cached, evictable).
+    wait_for(8);
+    assert_eq!(free_now(&e), (8, 0, 0));
+    e.shutdown();
+}
