@@ -19,7 +19,8 @@
 #   bench/routers.sh --out routers.jsonl                                       # everything, 3 rounds
 #
 # Routers: kv, kv-slo (kv told the benchmark's SLOs: --slo-ttft, --slo-tpot), kv-fifo (kv with
-# the admission queue in arrival order), kv-no-holds (kv without prefix holds), kv-no-keep
+# the admission queue in arrival order), kv-cf2 (kv with cached prefixes first for 2 s only),
+# kv-no-holds (kv without prefix holds), kv-no-keep
 # (kv without keeping a finished turn's blocks for its next turn, and cached prefixes first for
 # 2 s only: the defaults before 2026-12-07), kv-score,
 # round-robin, cache-aware and llm-d (kvroute's gateway running its re-implementations of the
@@ -41,7 +42,7 @@ CALLER_PWD="$PWD"
 cd "$(dirname "$0")/.."
 
 ALL_WORKLOADS=(shared-prefix shared-prefix-long multi-turn no-sharing mixed-long)
-ALL_ROUTERS=(kv kv-slo kv-fifo kv-no-holds kv-no-keep kv-score round-robin cache-aware llm-d sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
+ALL_ROUTERS=(kv kv-slo kv-fifo kv-cf2 kv-no-holds kv-no-keep kv-score round-robin cache-aware llm-d sglang sglang-tuned smg smg-tuned vllm-router vllm-router-tuned)
 
 ROUNDS=3
 ROUNDS_SET=0
@@ -244,7 +245,7 @@ done
 ROUTERS_RUN=()
 for r in "${RT[@]}"; do
   base="${r%-tuned}"
-  case "$base" in kv|kv-slo|kv-fifo|kv-no-holds|kv-no-keep|kv-score|round-robin|cache-aware|llm-d) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
+  case "$base" in kv|kv-slo|kv-fifo|kv-cf2|kv-no-holds|kv-no-keep|kv-score|round-robin|cache-aware|llm-d) ROUTERS_RUN+=("$r") ;; *) [ -n "${PEER_OK[$base]:-}" ] && ROUTERS_RUN+=("$r") ;; esac
 done
 [ ${#ROUTERS_RUN[@]} -gt 0 ] || die "none of the selected routers is available"
 
@@ -303,12 +304,15 @@ start_router() {
     *-tuned) tuned=("${PEER_TUNED[@]}") ;;
   esac
   case "$name" in
-    kv|kv-slo|kv-fifo|kv-no-holds|kv-no-keep|kv-score|round-robin|cache-aware|llm-d)
+    kv|kv-slo|kv-fifo|kv-cf2|kv-no-holds|kv-no-keep|kv-score|round-robin|cache-aware|llm-d)
       kind=kvroute
       local policy="$name" extra=()
       # kv-fifo: the kv policy with the admission queue in arrival order (no cache-first window),
       # to show what serving cached prefixes first is worth.
       [ "$name" = kv-fifo ] && { policy=kv; extra=(--cache-first-for 0); }
+      # kv-cf2: the kv policy with cached prefixes first for 2 s only (the window before
+      # 2026-12-07), keeping finished turns' blocks: kv-no-keep without its other change.
+      [ "$name" = kv-cf2 ] && { policy=kv; extra=(--cache-first-for 2s); }
       # kv-no-holds: the kv policy without prefix holds, to show what they are worth.
       [ "$name" = kv-no-holds ] && { policy=kv; extra=(--no-prefix-holds); }
       # kv-no-keep: the kv policy not keeping a finished request's blocks for its conversation's
