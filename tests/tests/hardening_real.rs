@@ -766,7 +766,16 @@ async fn sixty_four_16_mib_bodies_do_not_stall_capacity_processing() {
         extra: vec!["--max-body-bytes".into(), "32MiB".into()],
         ..AgentOpts::default()
     });
-    let gw = Gateway::spawn(&[&agent], &["--max-body-bytes", "32MiB"]).await;
+    // An agent goes stale here after 15 s without a report rather than 3 s: on a 2-core test
+    // machine, 1 GiB of uploads beside the other tests of this binary can delay a heartbeat by
+    // more than 3 s without anything stalling (this failed 2 of 6 clean-clone CI runs that way, at
+    // samples 4 and 5, each time passing alone); capacity processing stalled for the flood (the
+    // bodies parsed on the async workers that carry the capacity stream) is what is caught.
+    let gw = Gateway::spawn(
+        &[&agent],
+        &["--max-body-bytes", "32MiB", "--stale-after", "15s"],
+    )
+    .await;
     let t = wait_eligible(gw.addr).await;
     // One 16 MiB body, shared by the 64 requests: a prompt and a 16 MiB `user` string.
     let body = padded_body(&agent.model, 16 << 20);
