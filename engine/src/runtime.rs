@@ -1146,9 +1146,7 @@ impl Loop {
                         // The router routes it again without the hold (and asks for a new one
                         // if it waits here): kept, it would pin its blocks until its TTL.
                         if let Some(h) = hold {
-                            if self.sched.release_hold(h) {
-                                self.holds.retain(|x| x.0 != h);
-                            }
+                            self.end_hold(h);
                         }
                         sink(EngineEvent::NoRoom {
                             need: need as u64,
@@ -1228,15 +1226,19 @@ impl Loop {
                 }
                 reply(id, n);
             }
-            Cmd::Release(id) => {
-                if self.sched.release_hold(id) {
-                    self.holds.retain(|h| h.0 != id);
-                    *changed = true;
-                }
-            }
+            Cmd::Release(id) => *changed |= self.end_hold(id),
             Cmd::Shutdown => return false,
         }
         true
+    }
+
+    /// Lets hold `id` go now; false when it was not kept.
+    fn end_hold(&mut self, id: u64) -> bool {
+        let kept = self.sched.release_hold(id);
+        if kept {
+            self.holds.retain(|h| h.0 != id);
+        }
+        kept
     }
 
     /// Lets go the holds that expired and those whose request was admitted (it holds the
